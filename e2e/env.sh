@@ -1,0 +1,345 @@
+#!/usr/bin/env bash
+# The yukumo local environment: one script for `make up`, `make down` and the
+# end-to-end tests.
+#
+#   e2e/env.sh up      [--dir D] [--hosts N] [--controllers N] [--no-example]
+#   e2e/env.sh down    [--dir D]
+#   e2e/env.sh status  [--dir D]
+#   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
+#   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
+#   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
+#
+# What `up` starts, all on loopback with generated certificates:
+#   etcd, kube-apiserver (RBAC on, audit log), kube-controller-manager
+#   (garbage collection, namespace deletion), the yukumo Helm chart (CRDs,
+#   ServiceAccounts, RBAC), N simulated hosts (each a network namespace with
+#   its own libvirtd and virtlogd in a private mount namespace), the
+#   controller(s) and one agent per host. The controller and agents run as
+#   processes authenticated with the chart's ServiceAccount tokens, so RBAC is
+#   exercised for real.
+#
+# Every process is recorded in $DIR/pids/NAME.pid and stopped by that PID
+# only; every network namespace is recorded in $DIR/netns. `down` removes all
+# of them and the directory.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export YUKUMO_ROOT=$ROOT
+DIR=${YUKUMO_ENV_DIR:-$ROOT/.yukumo-env}
+HOSTS=3
+CONTROLLERS=1
+EXAMPLE=1
+NAMESPACE=yukumo-system
+SIGNAL=TERM
+
+log() { echo "[env] $*" >&2; }
+die() { echo "[env] error: $*" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Start a background process in its own session, record its PID.
+spawn() { # name, command...
+  local name=$1; shift
+  mkdir -p "$DIR/pids" "$DIR/logs"
+  setsid "$@" >>"$DIR/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/pids/$name.pid"
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# Stop a recorded process by its PID (TERM, then KILL after 10 s).
+stop_proc() { # name [signal]
+  local name=$1 sig=${2:-TERM} pidf="$DIR/pids/$1.pid" pid
+  [ -f "$pidf" ] || return 0
+  pid=$(cat "$pidf")
+  if pid_alive "$pid"; then
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+    if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
+  fi
+  rm -f "$pidf"
+}
+
+wait_for() { # seconds, description, command...
+  local secs=$1 what=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -ge $deadline ] && die "timed out after ${secs}s waiting for $what"
+    sleep 0.5
+  done
+}
+
+gen_pki() {
+  local pki=$DIR/pki
+  mkdir -p "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=yukumo-local-ca" \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  cert() { # name, subject, extfile-content
+    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
+    printf '%s\n' "$3" > "$pki/$1.ext"
+    openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+      -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
+  }
+  cert apiserver "/CN=kube-apiserver" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+extendedKeyUsage=serverAuth"
+  cert admin "/O=system:masters/CN=yukumo-admin" "extendedKeyUsage=clientAuth"
+  cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+}
+
+kubeconfig() { # file, user-kind (cert NAME | token FILE)
+  local file=$1 kind=$2 arg=$3
+  {
+    echo "apiVersion: v1"
+    echo "kind: Config"
+    echo "clusters:"
+    echo "- name: yukumo-local"
+    echo "  cluster:"
+    echo "    server: https://127.0.0.1:$API_PORT"
+    echo "    certificate-authority: $DIR/pki/ca.crt"
+    echo "users:"
+    echo "- name: user"
+    echo "  user:"
+    if [ "$kind" = cert ]; then
+      echo "    client-certificate: $DIR/pki/$arg.crt"
+      echo "    client-key: $DIR/pki/$arg.key"
+    else
+      echo "    tokenFile: $arg"
+    fi
+    echo "contexts:"
+    echo "- name: yukumo-local"
+    echo "  context: {cluster: yukumo-local, user: user}"
+    echo "current-context: yukumo-local"
+  } > "$file"
+}
+
+load_state() {
+  [ -f "$DIR/state" ] || die "no environment at $DIR (run: e2e/env.sh up)"
+  # shellcheck disable=SC1091
+  source "$DIR/state"
+  export KUBECONFIG=$DIR/kubeconfig
+}
+
+start_control_plane() {
+  ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port)
+  {
+    echo "API_PORT=$API_PORT"; echo "ETCD_PORT=$ETCD_PORT"
+  } > "$DIR/state"
+  gen_pki
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  spawn etcd "$YUKUMO_TOOLS_BIN/etcd" --name yukumo-local --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "yukumo-local=http://127.0.0.1:$ETCD_PEER_PORT" --quota-backend-bytes 4294967296 \
+    --log-level warn
+  wait_for 60 etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+
+  cat > "$DIR/audit-policy.yaml" <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+EOF
+  log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+  spawn kube-apiserver "$YUKUMO_TOOLS_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address 127.0.0.1 \
+    --endpoint-reconciler-type none \
+    --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
+    --client-ca-file "$DIR/pki/ca.crt" \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
+    --service-cluster-ip-range 10.250.0.0/24 \
+    --audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/logs/audit.log" \
+    --audit-log-format json --audit-log-maxsize 200 \
+    --enable-priority-and-fairness=false --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 \
+    --v 1
+  kubeconfig "$DIR/kubeconfig" cert admin
+  export KUBECONFIG=$DIR/kubeconfig
+  wait_for 120 kube-apiserver kubectl get --raw /readyz
+
+  kubeconfig "$DIR/kubeconfig-kcm" cert kcm
+  log "starting kube-controller-manager"
+  spawn kube-controller-manager "$YUKUMO_TOOLS_BIN/kube-controller-manager" \
+    --kubeconfig "$DIR/kubeconfig-kcm" --authentication-kubeconfig "$DIR/kubeconfig-kcm" \
+    --authorization-kubeconfig "$DIR/kubeconfig-kcm" \
+    --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
+    --controllers 'garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-certificate-publisher' \
+    --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/ca.crt" \
+    --use-service-account-credentials=false --v 1
+}
+
+install_chart() {
+  log "installing the yukumo Helm chart into namespace $NAMESPACE"
+  kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl label namespace "$NAMESPACE" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
+  helm upgrade --install yukumo "$ROOT/charts/yukumo" -n "$NAMESPACE" \
+    -f "$ROOT/e2e/values-local.yaml" --wait=false >/dev/null
+  wait_for 60 "CRDs established" kubectl wait --for condition=Established --timeout 5s \
+    crd/virtualclusters.yukumo.io crd/networkgroups.yukumo.io crd/volumes.yukumo.io \
+    crd/sites.yukumo.io crd/virtualnodes.yukumo.io crd/hosts.yukumo.io
+  for sa in controller agent; do
+    kubectl -n "$NAMESPACE" create token "yukumo-$sa" --duration 48h > "$DIR/token-$sa"
+    kubeconfig "$DIR/kubeconfig-$sa" token "$DIR/token-$sa"
+  done
+}
+
+start_host() { # name site
+  local name=$1 site=$2 hdir=$DIR/hosts/$1 ns
+  ns="yk$(basename "$DIR" | md5sum | cut -c1-6)-$name"
+  mkdir -p "$hdir"/{run,lib,etc,log,cache}
+  cp -a /etc/libvirt/. "$hdir/etc/" 2>/dev/null || true
+  # No autostarted libvirt networks: yukumo builds each host's networking itself.
+  rm -f "$hdir"/etc/qemu/networks/autostart/*.xml
+  ip netns add "$ns"
+  echo "$ns" >> "$DIR/netns"
+  ip -n "$ns" link set lo up
+  echo "$ns" > "$hdir/netns"
+  log "starting host $name (site $site, netns $ns)"
+  # A private mount namespace with libvirt's state directories bind-mounted
+  # from the host folder: one libvirtd per simulated host.
+  spawn "libvirtd-$name" ip netns exec "$ns" unshare --mount --propagation private sh -c "
+    mount --bind '$hdir/run' /run/libvirt &&
+    mount --bind '$hdir/lib' /var/lib/libvirt &&
+    mount --bind '$hdir/etc' /etc/libvirt &&
+    mount --bind '$hdir/log' /var/log/libvirt &&
+    mount --bind '$hdir/cache' /var/cache/libvirt &&
+    virtlogd -d -p /run/libvirt/virtlogd.pid &&
+    exec libvirtd -p /run/libvirt/libvirtd.pid"
+  wait_for 30 "libvirtd of $name" test -S "$hdir/run/libvirt-sock"
+  echo "HOST_$name=$site" >> "$DIR/state"
+}
+
+agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
+controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-controller"; }
+
+start_agent() { # host
+  local host=$1 site hdir=$DIR/hosts/$1 mport
+  site=$(grep "^HOST_$host=" "$DIR/state" | cut -d= -f2)
+  [ -n "$site" ] || die "unknown host $host"
+  mport=$(free_port)
+  echo "AGENT_METRICS_$host=$mport" >> "$DIR/state"
+  log "starting agent for $host (metrics on 127.0.0.1:$mport)"
+  spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-info}" \
+    "$(agent_binary)" --host-name "$host" --site "$site" \
+    --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
+    --netns "$(cat "$hdir/netns")" --gateway \
+    --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" \
+    --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
+}
+
+start_controller() { # id
+  local id=$1 mport
+  mport=$(free_port)
+  echo "CONTROLLER_METRICS_$id=$mport" >> "$DIR/state"
+  log "starting controller $id (metrics on 127.0.0.1:$mport)"
+  spawn "controller-$id" env KUBECONFIG="$DIR/kubeconfig-controller" RUST_LOG="${RUST_LOG:-info}" \
+    "$(controller_binary)" --namespace "$NAMESPACE" --identity "controller-$id" \
+    --metrics-addr "127.0.0.1:$mport" \
+    --lease-duration "${YUKUMO_LEASE_DURATION:-15s}"
+}
+
+cmd_up() {
+  [ -f "$DIR/state" ] && die "an environment already runs at $DIR (run: make down)"
+  mkdir -p "$DIR"
+  # shellcheck disable=SC1091
+  source "$ROOT/e2e/lib/tools.sh" >/dev/null
+  echo "YUKUMO_TOOLS_BIN=$YUKUMO_TOOLS_BIN" > "$DIR/tools"
+  start_control_plane
+  install_chart
+  local i
+  for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local; done
+  for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
+  for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
+  kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
+  wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
+  if [ "$EXAMPLE" = 1 ]; then
+    kubectl apply -f "$ROOT/examples/quickstart.yaml" >/dev/null
+  fi
+  cmd_status
+  cat <<EOF
+
+yukumo local environment is up ($DIR).
+  export KUBECONFIG=$DIR/kubeconfig
+  kubectl get yukumo                 # every yukumo object
+  kubectl get hosts,sites            # the simulated hosts and their site
+  kubectl explain virtualcluster.spec
+  logs: $DIR/logs/   audit log: $DIR/logs/audit.log
+  stop everything: make down
+EOF
+}
+
+cmd_status() {
+  load_state
+  local f name pid
+  for f in "$DIR"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .pid); pid=$(cat "$f")
+    if pid_alive "$pid"; then echo "  running  $name (pid $pid)"; else echo "  dead     $name (pid $pid)"; fi
+  done
+  kubectl get hosts,sites 2>/dev/null || true
+}
+
+cmd_down() {
+  [ -d "$DIR" ] || { log "nothing at $DIR"; return 0; }
+  local f name hdir pid
+  # yukumo first (agents may still clean up), then hosts, then the control plane.
+  for f in "$DIR"/pids/controller-*.pid "$DIR"/pids/agent-*.pid; do
+    [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"
+  done
+  for hdir in "$DIR"/hosts/*; do
+    [ -d "$hdir" ] || continue
+    name=$(basename "$hdir")
+    stop_proc "libvirtd-$name"
+    # virtlogd daemonized inside the host's mount namespace; its PID file is ours.
+    pid=$(cat "$hdir/run/virtlogd.pid" 2>/dev/null || true)
+    if pid_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+    # any qemu left by a guest of this host (its PID files are in the host's run dir)
+    for f in "$hdir"/run/qemu/*.pid; do
+      [ -e "$f" ] || continue
+      pid=$(cat "$f"); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+    done
+  done
+  stop_proc kube-controller-manager
+  stop_proc kube-apiserver
+  stop_proc etcd
+  for f in "$DIR"/pids/*.pid; do [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"; done
+  if [ -f "$DIR/netns" ]; then
+    while read -r ns; do ip netns del "$ns" 2>/dev/null || true; done < "$DIR/netns"
+  fi
+  rm -rf "$DIR"
+  log "environment at $DIR removed"
+}
+
+main() {
+  local cmd=${1:-}; shift || true
+  local args=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --dir) DIR=$2; shift 2 ;;
+      --hosts) HOSTS=$2; shift 2 ;;
+      --controllers) CONTROLLERS=$2; shift 2 ;;
+      --no-example) EXAMPLE=0; shift ;;
+      --signal) SIGNAL=$2; shift 2 ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  DIR=$(mkdir -p "$(dirname "$DIR")" && cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")
+  case $cmd in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    start-controller) load_state; start_controller "${args[0]}" ;;
+    start-agent) load_state; start_agent "${args[0]}" ;;
+    stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs and caches everything yukumo's tests and `make up` need, so that a
+# fresh machine of this kind needs nothing installed by hand:
+#   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, ...)
+#   - kube-apiserver, kube-controller-manager and etcd, built from Go modules
+#     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
+# Go binaries are cached under $YUKUMO_CACHE (default ~/.cache/yukumo), keyed
+# by version, outside the clone: CI runs in a fresh clone.
+#
+# Usage: e2e/lib/tools.sh            # install what is missing, print the bin dir
+# Sourced: exports YUKUMO_TOOLS_BIN and puts it first on PATH.
+set -euo pipefail
+
+YUKUMO_ROOT=${YUKUMO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+YUKUMO_CACHE=${YUKUMO_CACHE:-$HOME/.cache/yukumo}
+
+K8S_VERSION=$(awk '$1=="k8s.io/kubernetes"{print $2}' "$YUKUMO_ROOT/e2e/tools/k8s/go.mod")
+ETCD_VERSION=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2}' "$YUKUMO_ROOT/e2e/tools/k8s/go.mod")
+HELM_VERSION=$(awk '$1=="require" && $2=="helm.sh/helm/v3"{print $3}' "$YUKUMO_ROOT/e2e/tools/helm/go.mod")
+GO_VERSION=$(go env GOVERSION)
+YUKUMO_TOOLS_BIN="$YUKUMO_CACHE/tools/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-$GO_VERSION/bin"
+
+APT_PACKAGES=(
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+  qemu-system-x86 qemu-utils nftables iproute2 dnsmasq-base busybox-static
+  pkg-config xz-utils cpio genisoimage openssl python3 curl
+)
+
+log() { echo "[tools] $*" >&2; }
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # qemu-utils in the same command keeps qemu-img at the version matching qemu-system.
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+build_go_tools() {
+  if [ -x "$YUKUMO_TOOLS_BIN/kube-apiserver" ] && [ -x "$YUKUMO_TOOLS_BIN/kube-controller-manager" ] \
+     && [ -x "$YUKUMO_TOOLS_BIN/etcd" ] && [ -x "$YUKUMO_TOOLS_BIN/helm" ]; then
+    return 0
+  fi
+  local tmp="$YUKUMO_TOOLS_BIN.tmp.$$"
+  mkdir -p "$tmp"
+  local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local vpkg=k8s.io/component-base/version
+  local kflags="-s -w -X $vpkg.gitVersion=$K8S_VERSION -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
+  log "building kube-apiserver, kube-controller-manager $K8S_VERSION and etcd $ETCD_VERSION (minutes on a cold cache)"
+  (cd "$YUKUMO_ROOT/e2e/tools/k8s" && go build -trimpath -ldflags "$kflags" -o "$tmp/" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  (cd "$YUKUMO_ROOT/e2e/tools/k8s" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
+  log "building helm $HELM_VERSION"
+  (cd "$YUKUMO_ROOT/e2e/tools/helm" && go build -trimpath \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
+  rm -rf "$YUKUMO_TOOLS_BIN"
+  mv "$tmp" "$YUKUMO_TOOLS_BIN"
+}
+
+install_apt
+build_go_tools
+export YUKUMO_TOOLS_BIN
+export PATH="$YUKUMO_TOOLS_BIN:$PATH"
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  echo "$YUKUMO_TOOLS_BIN"
+fi

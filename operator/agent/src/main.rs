@@ -1,0 +1,82 @@
+//! yukumo-agent: the per-host agent.
+//!
+//! It registers its Host (site, capacity from libvirt, underlay addresses,
+//! kernel capabilities probed for real) and heartbeats into the Host's
+//! status. The controller turns a stale heartbeat into `Ready=False`.
+#![forbid(unsafe_code)]
+
+mod hypervisor;
+mod probe;
+mod register;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use kube::Client;
+use prometheus_client::registry::Registry;
+use yukumo_telemetry::{Health, parse_duration};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "yukumo-agent", version, about)]
+pub struct Args {
+    /// Name of this host's Host object (the node name on a real cluster).
+    #[arg(long, env = "NODE_NAME")]
+    pub host_name: String,
+    /// Site the host belongs to.
+    #[arg(long, env = "YUKUMO_SITE")]
+    pub site: String,
+    /// libvirt URI of the host's hypervisor.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// Network namespace (under /run/netns) holding the host's networking;
+    /// default: the agent's own namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The host is attached to the Site's external network (routers, public IPs).
+    #[arg(long)]
+    pub gateway: bool,
+    /// Interface carrying the segments.
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// How often to heartbeat.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// CPUs kept for the host itself.
+    #[arg(long, default_value_t = 0)]
+    pub reserved_cpu: u32,
+    /// Memory (MiB) kept for the host itself.
+    #[arg(long, default_value_t = 256)]
+    pub reserved_memory_mib: u64,
+    /// Address of the /metrics and /healthz endpoint.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Directory for the agent's files (image cache, disks, config disks).
+    #[arg(long, default_value = "/var/lib/yukumo")]
+    pub state_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    yukumo_telemetry::init_tracing();
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.state_dir)?;
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = register::Metrics::register(&mut registry);
+    let health = Health::default();
+    let shutdown = yukumo_telemetry::shutdown_signal();
+    let server = tokio::spawn(yukumo_telemetry::serve(
+        args.metrics_addr,
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let hv = hypervisor::Hypervisor::start(&args.libvirt_uri);
+    tracing::info!(host = %args.host_name, site = %args.site, uri = %args.libvirt_uri, "agent starting");
+    let result = register::run(args, client, hv, metrics, health, shutdown).await;
+    let _ = server.await;
+    tracing::info!("agent stopped");
+    result
+}

@@ -1,0 +1,235 @@
+//! Host registration and heartbeat.
+//!
+//! The agent owns, by server-side apply with its own field manager, the
+//! Host's `spec.site`, `spec.gateway`, `spec.uplink` and every status field
+//! except the controller's `Ready`/`Reconciling`/`Stalled` conditions. Each
+//! heartbeat re-applies the whole agent-owned status (apply semantics would
+//! otherwise drop fields left out), so the Host always shows current facts.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use yukumo_api::common::{Condition, ConditionStatus, Conditions, Resources};
+use yukumo_api::host::{Host, HostCapabilities, HostStatus};
+use yukumo_api::{labels, managers};
+use yukumo_telemetry::Health;
+
+use crate::Args;
+use crate::hypervisor::{Hypervisor, HypervisorInfo};
+
+/// The agent's own condition on its Host.
+pub const HYPERVISOR_READY: &str = "HypervisorReady";
+
+/// Agent metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub heartbeats: Counter,
+    pub heartbeat_errors: Counter,
+    pub rss_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Metrics {
+            heartbeats: Counter::default(),
+            heartbeat_errors: Counter::default(),
+            rss_bytes: Gauge::default(),
+        };
+        r.register("yukumo_agent_heartbeats", "Heartbeats written", m.heartbeats.clone());
+        r.register("yukumo_agent_heartbeat_errors", "Heartbeats that failed", m.heartbeat_errors.clone());
+        r.register("yukumo_agent_resident_memory_bytes", "Resident memory of the agent", m.rss_bytes.clone());
+        m
+    }
+}
+
+/// The Host's spec as the agent declares it.
+pub fn host_spec_patch(args: &Args) -> serde_json::Value {
+    let mut spec = serde_json::json!({ "site": args.site, "gateway": args.gateway });
+    if let Some(u) = &args.uplink {
+        spec["uplink"] = u.clone().into();
+    }
+    serde_json::json!({
+        "apiVersion": Host::api_version(&()),
+        "kind": Host::kind(&()),
+        "metadata": {
+            "name": args.host_name,
+            "labels": { labels::SITE: args.site, labels::MANAGED_BY: labels::MANAGED_BY_VALUE },
+        },
+        "spec": spec,
+    })
+}
+
+/// The agent-owned part of the Host's status, as a pure function of facts.
+pub fn agent_status(
+    args: &Args,
+    info: Result<&HypervisorInfo, String>,
+    caps: &HostCapabilities,
+    addresses: &[String],
+    previous: &[Condition],
+    now: Timestamp,
+) -> HostStatus {
+    let mut conditions: Vec<Condition> = previous
+        .iter()
+        .filter(|c| c.type_ == HYPERVISOR_READY)
+        .cloned()
+        .collect();
+    let (capacity, allocatable, hypervisor) = match &info {
+        Ok(i) => {
+            conditions.set_condition(Condition::new(
+                HYPERVISOR_READY,
+                ConditionStatus::True,
+                "Connected",
+                format!("connected to {}", args.libvirt_uri),
+                None,
+            ));
+            let cap = Resources { cpu: i.cpus, memory_mib: i.memory_mib };
+            let alloc = Resources {
+                cpu: i.cpus.saturating_sub(args.reserved_cpu),
+                memory_mib: i.memory_mib.saturating_sub(args.reserved_memory_mib),
+            };
+            (Some(cap), Some(alloc), Some(i.description.clone()))
+        }
+        Err(e) => {
+            conditions.set_condition(Condition::new(
+                HYPERVISOR_READY,
+                ConditionStatus::False,
+                "LibvirtUnreachable",
+                e.clone(),
+                None,
+            ));
+            (None, None, None)
+        }
+    };
+    let mut caps = caps.clone();
+    if let Ok(i) = &info {
+        caps.kvm = i.kvm;
+    }
+    HostStatus {
+        observed_generation: None,
+        conditions,
+        capacity,
+        allocatable,
+        addresses: addresses.to_vec(),
+        capabilities: Some(caps),
+        last_heartbeat_time: Some(Time(now)),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        hypervisor,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+    }
+}
+
+/// Register the Host, then heartbeat until shutdown.
+pub async fn run(
+    args: Args,
+    client: Client,
+    hv: Hypervisor,
+    metrics: Metrics,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let hosts: Api<Host> = Api::all(client);
+    let pp = PatchParams::apply(managers::AGENT).force();
+    // The site of a Host is immutable (CEL): a mismatch is refused by the API
+    // server with a message naming spec.site, and the agent stops.
+    hosts
+        .patch(&args.host_name, &pp, &Patch::Apply(host_spec_patch(&args)))
+        .await
+        .map_err(|e| anyhow::anyhow!("registering Host {:?} at site {:?}: {e}", args.host_name, args.site))?;
+    tracing::info!(host = %args.host_name, "registered Host");
+
+    let caps = tokio::task::spawn_blocking(crate::probe::capabilities)
+        .await?
+        .unwrap_or_else(|e| HostCapabilities {
+            notes: vec![format!("probe failed: {e}")],
+            ..Default::default()
+        });
+    tracing::info!(notes = ?caps.notes, "kernel capabilities probed");
+
+    let mut previous: Vec<Condition> = Vec::new();
+    let mut interval = tokio::time::interval(args.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        let info = hv.info().await.map_err(|e| e.to_string());
+        if let Err(e) = &info {
+            tracing::warn!(error = %e, "hypervisor unreachable");
+        }
+        let ns = args.netns.clone();
+        let addresses = tokio::task::spawn_blocking(move || crate::probe::underlay_addresses(ns))
+            .await?
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list underlay addresses");
+                Vec::new()
+            });
+        let status = agent_status(&args, info.as_ref().map_err(|e| e.clone()), &caps, &addresses, &previous, Timestamp::now());
+        let patch = serde_json::json!({
+            "apiVersion": Host::api_version(&()),
+            "kind": Host::kind(&()),
+            "status": status,
+        });
+        match hosts.patch_status(&args.host_name, &pp, &Patch::Apply(&patch)).await {
+            Ok(_) => {
+                previous = status.conditions.clone();
+                metrics.heartbeats.inc();
+                health.beat("heartbeat", args.heartbeat_interval * 3);
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                // Deleted by hand: register again, level-triggered.
+                tracing::warn!("Host object is gone; registering again");
+                metrics.heartbeat_errors.inc();
+                if let Err(e) = hosts.patch(&args.host_name, &pp, &Patch::Apply(host_spec_patch(&args))).await {
+                    tracing::warn!(error = %e, "re-registration failed");
+                }
+            }
+            Err(e) => {
+                metrics.heartbeat_errors.inc();
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+        if let Some(rss) = yukumo_telemetry::rss_bytes() {
+            metrics.rss_bytes.set(rss as i64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args() -> Args {
+        Args::parse_from(["yukumo-agent", "--host-name", "h1", "--site", "a", "--reserved-cpu", "1"])
+    }
+
+    #[test]
+    fn status_reflects_hypervisor() {
+        let info = HypervisorInfo { cpus: 4, memory_mib: 8192, description: "libvirt 9.0.0 / QEMU".into(), kvm: false };
+        let now = Timestamp::now();
+        let s = agent_status(&args(), Ok(&info), &HostCapabilities::default(), &["10.1.0.2".into()], &[], now);
+        assert!(s.conditions.is_true(HYPERVISOR_READY));
+        assert_eq!(s.capacity, Some(Resources { cpu: 4, memory_mib: 8192 }));
+        assert_eq!(s.allocatable, Some(Resources { cpu: 3, memory_mib: 8192 - 256 }));
+        assert_eq!(s.addresses, vec!["10.1.0.2".to_string()]);
+        let down = agent_status(&args(), Err("connection refused".into()), &HostCapabilities::default(), &[], &s.conditions, now);
+        assert!(!down.conditions.is_true(HYPERVISOR_READY));
+        assert_eq!(down.capacity, None);
+        assert_eq!(down.conditions[0].reason, "LibvirtUnreachable");
+    }
+
+    #[test]
+    fn spec_patch_names_site() {
+        let p = host_spec_patch(&args());
+        assert_eq!(p["spec"]["site"], "a");
+        assert_eq!(p["metadata"]["labels"]["yukumo.io/site"], "a");
+        assert!(p["spec"].get("schedulable").is_none(), "schedulable belongs to the operator");
+    }
+}

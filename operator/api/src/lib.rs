@@ -1,0 +1,71 @@
+//! The `yukumo.io/v1alpha1` API: every kind yukumo serves, as plain Rust types.
+//!
+//! This crate holds no runtime and no backends (no tokio, no libvirt, no
+//! netlink) so that the controller, the agent, the CRD generator and the tests
+//! can all depend on it. The doc comments on fields become `kubectl explain`
+//! output; the `x_kube(validation = …)` rules become CEL rules the API server
+//! enforces, each naming the field it checks.
+#![forbid(unsafe_code)]
+
+pub mod common;
+pub mod host;
+pub mod networkgroup;
+pub mod quantity;
+pub mod site;
+pub mod virtualcluster;
+pub mod virtualnode;
+pub mod volume;
+
+pub use common::{Condition, ConditionStatus, Conditions, ImageSource, NodeSize, SizeClass};
+pub use host::{Host, HostSpec, HostStatus};
+pub use networkgroup::{NetworkGroup, NetworkGroupSpec, NetworkGroupStatus};
+pub use site::{Site, SiteSpec, SiteStatus};
+pub use virtualcluster::{VirtualCluster, VirtualClusterSpec, VirtualClusterStatus};
+pub use virtualnode::{VirtualNode, VirtualNodeSpec, VirtualNodeStatus};
+pub use volume::{Volume, VolumeSpec, VolumeStatus};
+
+/// The API group of every yukumo kind.
+pub const GROUP: &str = "yukumo.io";
+/// The served (and stored) version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Labels yukumo sets and selects on.
+pub mod labels {
+    /// The Host a VirtualNode is placed on; agents select their VirtualNodes by it.
+    pub const HOST: &str = "yukumo.io/host";
+    /// The Site of a Host or a VirtualNode.
+    pub const SITE: &str = "yukumo.io/site";
+    /// The VirtualCluster a VirtualNode belongs to.
+    pub const CLUSTER: &str = "yukumo.io/cluster";
+    /// The role of a VirtualNode: `frontend` or `worker`.
+    pub const ROLE: &str = "yukumo.io/role";
+    /// The node pool of a worker VirtualNode.
+    pub const POOL: &str = "yukumo.io/pool";
+    /// Marks objects yukumo itself manages.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// Value of [`MANAGED_BY`].
+    pub const MANAGED_BY_VALUE: &str = "yukumo";
+}
+
+/// Field managers for server-side apply: one per component, never shared, so
+/// ownership of every field is visible in `managedFields`.
+pub mod managers {
+    /// The controller's field manager.
+    pub const CONTROLLER: &str = "yukumo-controller";
+    /// The agent's field manager.
+    pub const AGENT: &str = "yukumo-agent";
+}
+
+/// Every kind's CRD, in a stable order (used by the CRD generator and tests).
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    use kube::CustomResourceExt;
+    vec![
+        VirtualCluster::crd(),
+        NetworkGroup::crd(),
+        Volume::crd(),
+        Site::crd(),
+        VirtualNode::crd(),
+        Host::crd(),
+    ]
+}

@@ -1,0 +1,269 @@
+//! NetworkGroup: an isolated L2 network for one tenant or team.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+use crate::virtualcluster::SiteName;
+
+/// An isolated layer-2 network with its own router: DHCP, egress NAT, public
+/// IPs and an inbound firewall. Tenants may reuse the same CIDR.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "yukumo.io",
+    version = "v1alpha1",
+    kind = "NetworkGroup",
+    namespaced,
+    status = "NetworkGroupStatus",
+    shortname = "ng",
+    category = "yukumo",
+    doc = "An isolated L2 network (VLAN or VXLAN segment) with DHCP, NAT, public IPs and a firewall.",
+    printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#,
+    printcolumn = r#"{"name":"Segment","type":"string","jsonPath":".status.segment"}"#,
+    printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.homeSite"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.gateway) || (isIP(self.gateway) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.gateway) && ip(self.gateway) != cidr(self.cidr).ip())"
+).message("gateway must be an address inside cidr, other than the network address").field_path(".gateway"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.dhcp) || !has(self.dhcp.rangeStart) || (isIP(self.dhcp.rangeStart) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.dhcp.rangeStart))"
+).message("dhcp.rangeStart must be an address inside cidr").field_path(".dhcp.rangeStart"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.dhcp) || !has(self.dhcp.rangeEnd) || (isIP(self.dhcp.rangeEnd) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.dhcp.rangeEnd))"
+).message("dhcp.rangeEnd must be an address inside cidr").field_path(".dhcp.rangeEnd"))]
+#[x_kube(validation = kube::core::Rule::new("self.cidr == oldSelf.cidr")
+    .message("cidr is immutable: addresses are already handed out from it").field_path(".cidr"))]
+pub struct NetworkGroupSpec {
+    /// IPv4 network of the group, e.g. `10.0.0.0/24` (prefix /8 to /29).
+    #[x_kube(validation = kube::core::Rule::new(
+        "isCIDR(self) && cidr(self).ip().family() == 4 && cidr(self).prefixLength() >= 8 && cidr(self).prefixLength() <= 29"
+    ).message("cidr must be an IPv4 network with a prefix length between /8 and /29, e.g. 10.0.0.0/24"))]
+    #[x_kube(validation = kube::core::Rule::new("!isCIDR(self) || cidr(self).masked() == cidr(self)")
+        .message("cidr must be a network address (host bits zero), e.g. 10.0.0.0/24 not 10.0.0.1/24"))]
+    #[schemars(length(min = 9, max = 18))]
+    pub cidr: String,
+    /// Router address inside `cidr`; defaults to the first host address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
+    pub gateway: Option<String>,
+    /// The L2 segment that carries the group between hosts.
+    pub segment: SegmentSpec,
+    /// The Site whose gateway host runs the group's router.
+    pub home_site: SiteName,
+    /// Further Sites the group spans (joined by WAN tunnels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub sites: Vec<SiteName>,
+    /// DHCP service for the group (enabled by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpSpec>,
+    /// Masquerade egress traffic to the Site's external network (default `true`).
+    #[serde(default = "default_true")]
+    pub egress_nat: bool,
+    /// Explicit public IP mappings (1:1 NAT) to nodes of the group.
+    #[serde(default, rename = "publicIPs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub public_ips: Vec<PublicIpMapping>,
+    /// Inbound firewall: traffic from outside is dropped unless a rule allows it
+    /// (replies to established connections are always allowed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub firewall: Vec<FirewallRule>,
+    /// MTU of the guests' interfaces (576-9000); defaults to the segment's
+    /// underlay MTU minus the VXLAN overhead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 9000))]
+    pub mtu: Option<u32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Segment technology.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentType {
+    /// 802.1Q VLAN on each host's uplink (needs a kernel with 8021q and a trunk).
+    Vlan,
+    /// VXLAN over the hosts' underlay addresses, unicast with static FDB entries.
+    Vxlan,
+}
+
+/// The segment of a NetworkGroup; `id` is allocated from the Site's range when omitted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.type != 'vlan' || !has(self.id) || (self.id >= 1 && self.id <= 4094)"
+).message("segment.id must be a VLAN id between 1 and 4094").field_path(".id"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.type != 'vxlan' || !has(self.id) || (self.id >= 1 && self.id <= 16777215)"
+).message("segment.id must be a VXLAN VNI between 1 and 16777215").field_path(".id"))]
+#[x_kube(validation = kube::core::Rule::new("self.type == oldSelf.type")
+    .message("segment.type is immutable").field_path(".type"))]
+#[x_kube(validation = kube::core::Rule::new("!has(oldSelf.id) || (has(self.id) && self.id == oldSelf.id)")
+    .message("segment.id cannot change once set").field_path(".id"))]
+pub struct SegmentSpec {
+    /// `vlan` or `vxlan`.
+    #[serde(rename = "type")]
+    pub type_: SegmentType,
+    /// VLAN id (1-4094) or VNI (1-16777215); allocated from the home Site's range when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+}
+
+/// DHCP settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpSpec {
+    /// Serve DHCP on the group (default `true`). Nodes always get static leases
+    /// for their allocated addresses.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// First address of the dynamic pool (inside cidr).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_start: Option<String>,
+    /// Last address of the dynamic pool (inside cidr).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range_end: Option<String>,
+    /// Lease time in seconds (60-604800, default 3600).
+    #[serde(default = "default_lease")]
+    #[schemars(range(min = 60, max = 604800))]
+    pub lease_seconds: u32,
+    /// DNS servers announced to guests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(a, isIP(a))").message("dhcp.dnsServers must be IP addresses"))]
+    pub dns_servers: Vec<String>,
+}
+
+fn default_lease() -> u32 {
+    3600
+}
+
+/// A public IP mapped 1:1 to a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicIpMapping {
+    /// The public address (inside the home Site's pool); allocated when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
+        .message("publicIPs[].address must be an IPv4 address"))]
+    pub address: Option<String>,
+    /// The VirtualNode (same namespace) it maps to.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub node: String,
+}
+
+/// Protocol of a firewall rule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// Which nodes a firewall rule opens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FirewallTarget {
+    /// Only frontends.
+    #[default]
+    Frontend,
+    /// Every node with a public IP.
+    All,
+}
+
+/// Allow inbound traffic from outside to nodes with public IPs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.protocol != 'icmp' || !has(self.ports)")
+    .message("firewall[].ports cannot be given for icmp").field_path(".ports"))]
+pub struct FirewallRule {
+    /// `tcp`, `udp` or `icmp`.
+    pub protocol: Protocol,
+    /// A port (`22`) or range (`8000-8080`), for tcp and udp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^([1-9][0-9]{0,4})(-[1-9][0-9]{0,4})?$"))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.split('-').all(p, int(p) <= 65535) && (size(self.split('-')) == 1 || int(self.split('-')[0]) <= int(self.split('-')[1]))"
+    ).message("firewall[].ports must be a port 1-65535 or an ascending range such as 8000-8080"))]
+    pub ports: Option<String>,
+    /// Source networks allowed (CIDRs); default anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c))").message("firewall[].from must be CIDRs such as 192.0.2.0/24"))]
+    pub from: Vec<String>,
+    /// `Frontend` (default) or `All` nodes with public IPs.
+    #[serde(default)]
+    pub to: FirewallTarget,
+}
+
+/// Observed state of a NetworkGroup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkGroupStatus {
+    /// The `metadata.generation` last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The segment in use, e.g. `vxlan:1001` or `vlan:42`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+    /// The segment id in use (given or allocated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_id: Option<u32>,
+    /// The gateway address in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Where the group's router runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterPlacement>,
+    /// Address and MAC allocated to each node; persisted before use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["node".into()]))]
+    pub allocations: Vec<AddressAllocation>,
+    /// Public IPs in use and the node each maps to.
+    #[serde(default, rename = "publicIPs", skip_serializing_if = "Vec::is_empty")]
+    pub public_ips: Vec<PublicIpStatus>,
+}
+
+/// Where a group's router runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterPlacement {
+    /// Host running the router namespace.
+    pub host: String,
+    /// Site of that host.
+    pub site: String,
+}
+
+/// One node's address on the group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressAllocation {
+    /// VirtualNode name.
+    pub node: String,
+    /// Its IPv4 address.
+    pub ip: String,
+    /// Its MAC address.
+    pub mac: String,
+}
+
+/// A public IP in use.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicIpStatus {
+    /// The public address.
+    pub address: String,
+    /// The VirtualNode it maps to.
+    pub node: String,
+}

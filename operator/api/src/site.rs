@@ -1,0 +1,204 @@
+//! Site: a location with hypervisor hosts, public IPs and WAN tunnels.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, Resources, SecretReference, SizeClass};
+
+/// A location with hypervisor hosts: its public IP pool, segment id ranges,
+/// its gateway's WAN endpoint and the settings of tunnels to other Sites.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "yukumo.io",
+    version = "v1alpha1",
+    kind = "Site",
+    status = "SiteStatus",
+    shortname = "ysite",
+    category = "yukumo",
+    doc = "A location with hypervisor hosts, a public IP pool, segment ranges and WAN tunnel settings.",
+    printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".status.hostsReady","description":"ready/registered hosts"}"#,
+    printcolumn = r#"{"name":"CPU","type":"integer","jsonPath":".status.allocatable.cpu","description":"allocatable CPUs"}"#,
+    printcolumn = r#"{"name":"Memory MiB","type":"integer","jsonPath":".status.allocatable.memoryMiB","description":"allocatable memory"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters (a DNS label)")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.sizeClasses) || self.sizeClasses.all(c, self.sizeClasses.exists_one(d, d.name == c.name))"
+).message("sizeClasses[].name must be unique").field_path(".sizeClasses"))]
+pub struct SiteSpec {
+    /// Free-form description, e.g. the location.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub description: Option<String>,
+    /// Public addresses the Site may hand out: CIDRs (`203.0.113.0/28`) or
+    /// ranges (`203.0.113.10-203.0.113.20`).
+    #[serde(default, rename = "publicIPPool", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(r, isCIDR(r) || (size(r.split('-')) == 2 && isIP(r.split('-')[0]) && isIP(r.split('-')[1])))"
+    ).message("publicIPPool entries must be CIDRs (203.0.113.0/28) or address ranges (203.0.113.10-203.0.113.20)"))]
+    pub public_ip_pool: Vec<String>,
+    /// The external network the public IPs live on (where routers attach).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_network: Option<ExternalNetwork>,
+    /// VLAN ids this Site allocates to NetworkGroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan_range: Option<IdRange>,
+    /// VXLAN VNIs this Site allocates to NetworkGroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.end <= 16777215")
+        .message("vniRange.end must be at most 16777215").field_path(".end"))]
+    pub vni_range: Option<IdRange>,
+    /// The Site gateway's WAN endpoint for tunnels, `address` or `address:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SiteGateway>,
+    /// Settings of the WAN tunnels to other Sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelSettings>,
+    /// Secret holding the Site's credentials (e.g. tunnel keys), read only by agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+    /// Named VM sizes; these override the built-in classes of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub size_classes: Vec<SizeClass>,
+    /// Seconds without a heartbeat after which a Host of this Site is NotReady
+    /// (5-3600, default 40).
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub host_grace_seconds: u32,
+}
+
+fn default_grace() -> u32 {
+    40
+}
+
+/// The network public IPs are routed on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.gateway) || (isIP(self.gateway) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.gateway))"
+).message("externalNetwork.gateway must be an address inside externalNetwork.cidr").field_path(".gateway"))]
+pub struct ExternalNetwork {
+    /// CIDR of the external network.
+    #[x_kube(validation = kube::core::Rule::new("isCIDR(self)").message("externalNetwork.cidr must be a CIDR"))]
+    #[schemars(length(max = 43))]
+    pub cidr: String,
+    /// Upstream gateway on that network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 39))]
+    pub gateway: Option<String>,
+    /// Host interface (or bridge) attached to the external network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15))]
+    pub interface: Option<String>,
+}
+
+/// An inclusive range of segment ids.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.end >= self.start")
+    .message("end must not be below start").field_path(".end"))]
+pub struct IdRange {
+    /// First id.
+    #[schemars(range(min = 1, max = 16777215))]
+    pub start: u32,
+    /// Last id (inclusive).
+    #[schemars(range(min = 1, max = 16777215))]
+    pub end: u32,
+}
+
+/// A Site's WAN gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteGateway {
+    /// WAN endpoint: an IP address, optionally with `:port`.
+    #[x_kube(validation = kube::core::Rule::new(
+        "isIP(self) || (size(self.split(':')) == 2 && isIP(self.split(':')[0]) && int(self.split(':')[1]) > 0 && int(self.split(':')[1]) <= 65535)"
+    ).message("gateway.wanEndpoint must be an IPv4 address, optionally with :port"))]
+    #[schemars(length(max = 64), regex(pattern = "^[0-9a-fA-F.:]+$"))]
+    pub wan_endpoint: String,
+}
+
+/// Tunnel encryption.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    /// Plain VXLAN over the WAN (trusted links only).
+    #[default]
+    None,
+    /// WireGuard (needs kernel support on the gateway hosts).
+    Wireguard,
+}
+
+/// Settings of a Site's WAN tunnels.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelSettings {
+    /// Bandwidth cap per tunnel in Mbit/s (1-100000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub bandwidth_mbps: Option<u32>,
+    /// MTU of the tunnel underlay (1280-9000, default 1500).
+    #[serde(default = "default_mtu")]
+    #[schemars(range(min = 1280, max = 9000))]
+    pub mtu: u32,
+    /// `none` (default) or `wireguard`.
+    #[serde(default)]
+    pub encryption: Encryption,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+/// Observed state of a Site.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteStatus {
+    /// The `metadata.generation` last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (at least one Host ready), `Reconciling`, `Stalled`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Registered Hosts.
+    #[serde(default)]
+    pub hosts: i32,
+    /// Ready Hosts.
+    #[serde(default)]
+    pub ready_hosts: i32,
+    /// Ready over registered hosts, e.g. `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts_ready: Option<String>,
+    /// Names of the registered Hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_names: Vec<String>,
+    /// Total capacity of ready Hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+    /// Total allocatable resources of ready Hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<Resources>,
+    /// State of the tunnel to each peer Site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+}
+
+/// A tunnel to a peer Site.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// Peer Site name.
+    pub site: String,
+    /// `Up`, `Down` or `Pending`.
+    pub state: String,
+    /// Detail, e.g. the last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,367 @@
+//! VirtualCluster: the unit users ask for — a frontend and named node pools.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, ImageSource, NodeSize};
+
+/// A virtual cluster: a frontend VM (gateway role, optional public IP, ssh
+/// entry point) and named pools of worker VMs, on one NetworkGroup, placed on
+/// the hypervisor hosts of one or more Sites.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "yukumo.io",
+    version = "v1alpha1",
+    kind = "VirtualCluster",
+    namespaced,
+    status = "VirtualClusterStatus",
+    shortname = "vc",
+    category = "yukumo",
+    doc = "A virtual cluster: a frontend VM and pools of worker VMs on a private network.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.ready","description":"ready/desired nodes"}"#,
+    printcolumn = r#"{"name":"Running","type":"boolean","jsonPath":".spec.running"}"#,
+    printcolumn = r#"{"name":"Frontend","type":"string","jsonPath":".status.frontend.address"}"#,
+    printcolumn = r#"{"name":"Public IP","type":"string","jsonPath":".status.frontend.publicIP"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: node names and hostnames are derived from it")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.pools) || self.pools.all(p, self.pools.exists_one(q, q.name == p.name))"
+).message("spec.pools: pool names must be unique").field_path(".pools"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.pools) || self.pools.all(p, p.name != 'frontend')"
+).message("spec.pools: a pool may not be named 'frontend'").field_path(".pools"))]
+pub struct VirtualClusterSpec {
+    /// Name of the NetworkGroup (same namespace) the cluster's nodes attach to.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub network_group: String,
+    /// The frontend node: gateway role, ssh entry point, optional public IP.
+    pub frontend: FrontendSpec,
+    /// Named pools of worker nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub pools: Vec<NodePool>,
+    /// SSH public keys installed for the default user on every node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub ssh_keys: Vec<SshKey>,
+    /// Power state: `true` (default) runs every node, `false` stops them all
+    /// and keeps their disks. A reservation overrides this outside its window.
+    #[serde(default = "default_true")]
+    pub running: bool,
+    /// Optional reservation: a start/end time and/or recurring weekly windows
+    /// during which the cluster runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<Reservation>,
+    /// Start order of roles: `FrontendFirst` (default; workers start once the
+    /// frontend is running) or `Parallel`.
+    #[serde(default)]
+    pub start_order: StartOrder,
+    /// What happens to nodes on a host that is lost: `RestartElsewhere`
+    /// (default; volatile nodes are recreated on another host) or `Wait` for
+    /// the host to come back.
+    #[serde(default)]
+    pub recovery: RecoveryPolicy,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An SSH public key in OpenSSH format, e.g. `ssh-ed25519 AAAA… user@host`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct SshKey(
+    #[schemars(
+        length(min = 16, max = 16384),
+        regex(pattern = r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$")
+    )]
+    pub String,
+);
+
+/// The frontend node of a VirtualCluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.publicIPAddress) || self.publicIP"
+).message("frontend.publicIPAddress requires frontend.publicIP: true").field_path(".publicIPAddress"))]
+pub struct FrontendSpec {
+    /// Size: cpu and memory, or a named size class.
+    pub size: NodeSize,
+    /// Boot disk image.
+    pub image: ImageSource,
+    /// Size of the boot disk (a copy-on-write overlay on the image); defaults to the image's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
+    ).message("diskSize must be a positive quantity such as 20Gi"))]
+    pub disk_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// Site to place the frontend at; defaults to the NetworkGroup's home site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub site: Option<String>,
+    /// Place the frontend on a gateway-capable host (default `true`).
+    #[serde(default = "default_true")]
+    pub gateway_host: bool,
+    /// Give the frontend a public IP from the Site's pool.
+    #[serde(default, rename = "publicIP")]
+    pub public_ip: bool,
+    /// A specific public IP to request (must be inside the Site's pool).
+    #[serde(default, rename = "publicIPAddress", skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
+        .message("publicIPAddress must be an IPv4 address"))]
+    pub public_ip_address: Option<String>,
+    /// cloud-init user data for the frontend (at most 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub user_data: Option<String>,
+    /// Volumes (same namespace) attached to the frontend, in order (vdb, vdc, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub volumes: Vec<VolumeAttachment>,
+}
+
+/// A named pool of identical worker nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.volumes) || size(self.volumes) == 0 || self.replicas <= 1"
+).message("pools[].volumes: a volume attaches read-write to one node, so a pool with volumes may have at most 1 replica").field_path(".volumes"))]
+pub struct NodePool {
+    /// Pool name (DNS label); nodes are named `<cluster>-<pool>-<index>`.
+    #[schemars(length(min = 1, max = 15), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Number of nodes (0-1000). Scaling down removes the highest indexes first.
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Size: cpu and memory, or a named size class.
+    pub size: NodeSize,
+    /// Boot disk image; defaults to the frontend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+    /// Size of each node's boot disk overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
+    ).message("diskSize must be a positive quantity such as 20Gi"))]
+    pub disk_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// Sites this pool may be placed at; empty means the NetworkGroup's home site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub sites: Vec<SiteName>,
+    /// cloud-init user data for the pool's nodes (at most 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub user_data: Option<String>,
+    /// Volumes attached to the pool's node (only for pools of one replica).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub volumes: Vec<VolumeAttachment>,
+}
+
+/// A Site name (cluster-scoped object, DNS label).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(transparent)]
+pub struct SiteName(
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub String,
+);
+
+/// A Volume attached to a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeAttachment {
+    /// Name of a Volume in the same namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Order in which roles are started.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StartOrder {
+    /// Start workers once the frontend runs (as the Rocks-style seeds did).
+    #[default]
+    FrontendFirst,
+    /// Start every node at once.
+    Parallel,
+}
+
+/// Handling of nodes whose host is lost.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RecoveryPolicy {
+    /// Recreate the node on another host (its disk overlay is lost; volumes follow).
+    #[default]
+    RestartElsewhere,
+    /// Wait for the host to return.
+    Wait,
+}
+
+/// When a reservation ends: stop the nodes (keeping disks) or delete the cluster's nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum EndAction {
+    /// Power the nodes off, keep their disks.
+    #[default]
+    Stop,
+    /// Delete the nodes and their disks (volumes are kept).
+    Delete,
+}
+
+/// A reserved period, and/or weekly windows, during which the cluster runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.start) || !has(self.end) || timestamp(self.end) > timestamp(self.start)"
+).message("reservation.end must be after reservation.start").field_path(".end"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.start) || has(self.end) || (has(self.weekly) && size(self.weekly) > 0)"
+).message("a reservation needs a start, an end, or at least one weekly window"))]
+pub struct Reservation {
+    /// When the reservation begins (RFC 3339); nodes are created then. Capacity
+    /// is guaranteed from here to `end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Time>,
+    /// When the reservation ends (RFC 3339); then `endAction` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Time>,
+    /// What happens at `end`: `Stop` (default) or `Delete`.
+    #[serde(default)]
+    pub end_action: EndAction,
+    /// Recurring weekly windows during which the cluster runs (e.g. a class
+    /// on Mondays 09:00-12:00). Outside them the cluster is stopped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub weekly: Vec<WeeklyWindow>,
+    /// IANA time zone of the weekly windows, e.g. `Europe/Berlin` (default `UTC`).
+    #[serde(default = "default_tz")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = "^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"))]
+    pub time_zone: String,
+}
+
+fn default_tz() -> String {
+    "UTC".into()
+}
+
+/// Day of the week.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+/// A weekly window, e.g. `days: [Mon]`, `start: "09:00"`, `end: "12:00"`.
+/// An end earlier than the start runs past midnight.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.start != self.end")
+    .message("weekly[].end must differ from weekly[].start").field_path(".end"))]
+pub struct WeeklyWindow {
+    /// Days on which the window starts.
+    #[schemars(length(min = 1, max = 7))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(d, self.exists_one(e, e == d))")
+        .message("weekly[].days must not repeat a day"))]
+    pub days: Vec<Weekday>,
+    /// Start time of day, `HH:MM` (24 h).
+    #[schemars(regex(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// End time of day, `HH:MM` (24 h).
+    #[schemars(regex(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub end: String,
+}
+
+/// Observed state of a VirtualCluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualClusterStatus {
+    /// The `metadata.generation` last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled`, and kind-specific conditions.
+    #[serde(default)]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Ready nodes over desired nodes, e.g. `3/4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Number of nodes that are running and ready.
+    #[serde(default)]
+    pub ready_nodes: i32,
+    /// Number of nodes the spec asks for (frontend included).
+    #[serde(default)]
+    pub desired_nodes: i32,
+    /// Per-node placement and state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSummary>,
+    /// How to reach the frontend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<FrontendEndpoint>,
+    /// The next scheduled power transition from the reservation, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_transition: Option<Transition>,
+}
+
+/// One node of a cluster, as seen in the cluster's status.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    /// VirtualNode name.
+    pub name: String,
+    /// `frontend` or `worker`.
+    pub role: String,
+    /// Host it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Site of that host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Private IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Lifecycle phase of the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+/// How to reach a cluster's frontend.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendEndpoint {
+    /// Private address on the NetworkGroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Public address, when one is assigned.
+    #[serde(default, rename = "publicIP", skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    /// An ssh command line that reaches the frontend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
+}
+
+/// A scheduled power transition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Transition {
+    /// When it happens.
+    pub time: Time,
+    /// `Start`, `Stop` or `Delete`.
+    pub action: String,
+}
+
+impl VirtualClusterSpec {
+    /// Number of nodes the spec asks for, frontend included.
+    pub fn desired_nodes(&self) -> i32 {
+        1 + self.pools.iter().map(|p| p.replicas.max(0)).sum::<i32>()
+    }
+}

@@ -1,0 +1,180 @@
+//! VirtualNode: one VM, written by the controller, realised by its host's agent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, ImageSource, Resources};
+
+/// One VM of a VirtualCluster. Internal: the controller writes the spec (with
+/// every allocation it made), the agent of the host in `spec.host` writes the
+/// status. Owned by its VirtualCluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "yukumo.io",
+    version = "v1alpha1",
+    kind = "VirtualNode",
+    namespaced,
+    status = "VirtualNodeStatus",
+    shortname = "vn",
+    category = "yukumo",
+    doc = "One VM of a VirtualCluster (internal: written by yukumo, readable by users).",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster"}"#,
+    printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+    printcolumn = r#"{"name":"IP","type":"string","jsonPath":".spec.network.ip"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".spec.host"
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.cluster == oldSelf.cluster")
+    .message("cluster is immutable").field_path(".cluster"))]
+#[x_kube(validation = kube::core::Rule::new("!has(oldSelf.network) || (has(self.network) && self.network.mac == oldSelf.network.mac)")
+    .message("network.mac is immutable once allocated").field_path(".network.mac"))]
+pub struct VirtualNodeSpec {
+    /// The owning VirtualCluster.
+    #[schemars(length(min = 1, max = 63))]
+    pub cluster: String,
+    /// `frontend` or `worker`.
+    pub role: NodeRole,
+    /// Node pool name (workers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Index within the pool.
+    #[serde(default)]
+    pub index: u32,
+    /// Guest hostname.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub hostname: String,
+    /// Host the VM is placed on (also the `yukumo.io/host` label); empty until scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Site of that host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Resolved size.
+    pub resources: Resources,
+    /// Boot image.
+    pub image: ImageSource,
+    /// Boot disk size in bytes (0 means the image's size).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Whether the VM should run.
+    #[serde(default)]
+    pub running: bool,
+    /// SSH public keys for the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// cloud-init user data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// The node's allocated network identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NodeNetwork>,
+    /// Volumes attached, with their persisted disk targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<NodeDisk>,
+}
+
+/// Role of a node in its cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Gateway and ssh entry point.
+    Frontend,
+    /// A compute node.
+    Worker,
+}
+
+impl NodeRole {
+    /// The role as used in labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Frontend => "frontend",
+            NodeRole::Worker => "worker",
+        }
+    }
+}
+
+/// A node's identity on its NetworkGroup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetwork {
+    /// NetworkGroup name.
+    pub group: String,
+    /// IPv4 address.
+    pub ip: String,
+    /// Prefix length of the group's CIDR.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: String,
+    /// MAC address.
+    #[schemars(regex(pattern = "^([0-9a-f]{2}:){5}[0-9a-f]{2}$"))]
+    pub mac: String,
+    /// Segment, e.g. `vxlan:1001`.
+    pub segment: String,
+    /// Interface MTU.
+    pub mtu: u32,
+}
+
+/// A volume attached to a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDisk {
+    /// Volume name.
+    pub volume: String,
+    /// Disk target, e.g. `vdb`.
+    pub target: String,
+    /// Read-only attachment.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Lifecycle phase of a VM.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodePhase {
+    /// Not yet placed on a host.
+    #[default]
+    Pending,
+    /// Placed; the agent is preparing disks and the domain.
+    Provisioning,
+    /// The domain runs.
+    Running,
+    /// The domain is defined but shut off.
+    Stopped,
+    /// The agent could not realise the node; see conditions and `lastError`.
+    Failed,
+    /// Being removed from its host.
+    Terminating,
+}
+
+/// Observed state of a VirtualNode (written by its host's agent).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualNodeStatus {
+    /// The `metadata.generation` last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled`, `Scheduled`, `ImagePulled`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: NodePhase,
+    /// Host the domain exists on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// libvirt domain UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_uuid: Option<String>,
+    /// When the domain last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_time: Option<Time>,
+    /// The last error the agent met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}

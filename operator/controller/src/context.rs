@@ -1,0 +1,193 @@
+//! What every reconciler shares: the client, the event recorder, metrics and
+//! health, and the error type with its policy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use yukumo_api::managers;
+use yukumo_telemetry::Health;
+
+/// Errors of the controller. Each has a metric label; permanent ones (bad
+/// spec) are reported as conditions instead and are not errors here.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialization error: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+}
+
+impl Error {
+    /// Label for the `yukumo_reconcile_errors_total` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            Error::Kube(_) => "kube",
+            Error::Serialize(_) => "serialize",
+            Error::MissingField(_) => "missing_field",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub kind: String,
+    pub error: String,
+}
+
+/// Controller metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Family<KindLabel, Counter>,
+    pub errors: Family<ErrorLabel, Counter>,
+    pub duration: Family<KindLabel, Histogram>,
+    pub status_writes: Family<KindLabel, Counter>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            reconciles: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            status_writes: Family::default(),
+            leader: Gauge::default(),
+        };
+        registry.register("yukumo_reconciles", "Reconciles run, by kind", m.reconciles.clone());
+        registry.register("yukumo_reconcile_errors", "Reconcile errors, by kind and error", m.errors.clone());
+        registry.register(
+            "yukumo_reconcile_duration_seconds",
+            "Reconcile duration, by kind",
+            m.duration.clone(),
+        );
+        registry.register("yukumo_status_writes", "Status writes, by kind", m.status_writes.clone());
+        registry.register("yukumo_leader", "1 while this controller holds the leader Lease", m.leader.clone());
+        m
+    }
+}
+
+/// Shared state of all reconcilers.
+pub struct Ctx {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub health: Health,
+}
+
+impl Ctx {
+    pub fn new(client: Client, identity: &str, metrics: Metrics, health: Health) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: managers::CONTROLLER.into(),
+            instance: Some(identity.to_string()),
+        };
+        Arc::new(Ctx {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            health,
+        })
+    }
+
+    /// Start timing a reconcile of `kind`; the guard records duration on drop.
+    pub fn measure(&self, kind: &str) -> ReconcileTimer {
+        let label = KindLabel { kind: kind.into() };
+        self.metrics.reconciles.get_or_create(&label).inc();
+        self.health.beat("reconcile-loop", Duration::from_secs(600));
+        ReconcileTimer {
+            hist: self.metrics.duration.get_or_create(&label).clone(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Publish an Event about `obj`; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "failed to publish event");
+        }
+    }
+
+    /// Server-side apply `status` onto `obj`'s status subresource, as the
+    /// controller's field manager.
+    pub async fn apply_status<K, S>(&self, api: &Api<K>, obj: &K, status: &S) -> Result<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+        S: Serialize,
+    {
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(managers::CONTROLLER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        self.metrics
+            .status_writes
+            .get_or_create(&KindLabel { kind: K::kind(&()).into() })
+            .inc();
+        Ok(())
+    }
+}
+
+/// Records a reconcile's duration when dropped.
+pub struct ReconcileTimer {
+    hist: Histogram,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.hist.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Shared error policy: count, log, back off.
+pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let kind = K::kind(&()).to_string();
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabel {
+            kind: kind.clone(),
+            error: err.metric_label().into(),
+        })
+        .inc();
+    tracing::warn!(%kind, name = %obj.name_any(), error = %err, "reconcile failed; retrying");
+    let backoff = if matches!(err, Error::Kube(kube::Error::Api(e)) if e.code == 409) {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(5)
+    };
+    Action::requeue(backoff)
+}

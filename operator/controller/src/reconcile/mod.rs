@@ -1,0 +1,9 @@
+//! One reconciler per kind. Each observes, decides with pure functions, and
+//! writes status only when something changed.
+
+pub mod host;
+pub mod networkgroup;
+pub mod site;
+pub mod verdict;
+pub mod virtualcluster;
+pub mod volume;

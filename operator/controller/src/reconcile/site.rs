@@ -1,0 +1,69 @@
+//! Site: aggregate its Hosts into status (counts, capacity, allocatable).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use yukumo_api::common::{Conditions, Resources, condition_types as ct};
+use yukumo_api::host::Host;
+use yukumo_api::site::{Site, SiteStatus};
+
+use super::verdict::{Verdict, apply_verdict, reason_changed};
+use crate::context::{Ctx, Result};
+
+/// Pure aggregation of a Site's hosts into its status fields and verdict.
+pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
+    let mut names: Vec<String> = hosts.iter().map(|h| h.name_any()).collect();
+    names.sort();
+    let ready: Vec<&Host> = hosts
+        .iter()
+        .filter(|h| h.status.as_ref().is_some_and(|s| s.conditions.is_true(ct::READY)))
+        .collect();
+    let sum = |f: fn(&yukumo_api::host::HostStatus) -> Option<Resources>| {
+        ready
+            .iter()
+            .filter_map(|h| h.status.as_ref().and_then(f))
+            .fold(Resources::default(), Resources::plus)
+    };
+    let status = SiteStatus {
+        hosts: hosts.len() as i32,
+        ready_hosts: ready.len() as i32,
+        hosts_ready: Some(format!("{}/{}", ready.len(), hosts.len())),
+        host_names: names,
+        capacity: Some(sum(|s| s.capacity)),
+        allocatable: Some(sum(|s| s.allocatable)),
+        ..Default::default()
+    };
+    let verdict = if ready.is_empty() {
+        Verdict::progressing("NoReadyHosts", format!("0/{} hosts ready", hosts.len()))
+    } else {
+        Verdict::ready("HostsReady", format!("{}/{} hosts ready", ready.len(), hosts.len()))
+    };
+    (status, verdict)
+}
+
+pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
+    let _timer = ctx.measure("Site");
+    let hosts = Api::<Host>::all(ctx.client.clone())
+        .list(&ListParams::default().fields(&format!("spec.site={}", site.name_any())))
+        .await?
+        .items;
+    let (agg, verdict) = aggregate(&hosts);
+    let old = site.status.clone().unwrap_or_default();
+    let status = SiteStatus {
+        observed_generation: site.metadata.generation,
+        conditions: apply_verdict(&old.conditions, site.metadata.generation, &verdict),
+        peers: old.peers.clone(),
+        ..agg
+    };
+    if status != old {
+        ctx.apply_status(&Api::<Site>::all(ctx.client.clone()), site.as_ref(), &status).await?;
+    }
+    if reason_changed(&old.conditions, &verdict) {
+        ctx.event(site.as_ref(), EventType::Normal, verdict.reason(), verdict.message().to_string()).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}

@@ -1,0 +1,111 @@
+//! The kstatus conditions (`Ready`, `Reconciling`, `Stalled`) derived from a
+//! reconciler's verdict, as a pure function.
+
+use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
+
+/// What a reconciler concluded about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Desired state reached.
+    Ready { reason: String, message: String },
+    /// Working towards it; nothing for the user to do.
+    Progressing { reason: String, message: String },
+    /// Cannot progress until the spec (or the fleet) changes.
+    Stalled { reason: String, message: String },
+}
+
+impl Verdict {
+    pub fn ready(reason: &str, message: impl Into<String>) -> Self {
+        Verdict::Ready { reason: reason.into(), message: message.into() }
+    }
+    pub fn progressing(reason: &str, message: impl Into<String>) -> Self {
+        Verdict::Progressing { reason: reason.into(), message: message.into() }
+    }
+    pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
+        Verdict::Stalled { reason: reason.into(), message: message.into() }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            Verdict::Ready { reason, .. } | Verdict::Progressing { reason, .. } | Verdict::Stalled { reason, .. } => reason,
+        }
+    }
+    pub fn message(&self) -> &str {
+        match self {
+            Verdict::Ready { message, .. }
+            | Verdict::Progressing { message, .. }
+            | Verdict::Stalled { message, .. } => message,
+        }
+    }
+    pub fn is_stalled(&self) -> bool {
+        matches!(self, Verdict::Stalled { .. })
+    }
+}
+
+/// The condition list after applying `verdict` to `existing`, keeping
+/// transition times of unchanged conditions and any other condition types.
+pub fn apply_verdict(existing: &[Condition], generation: Option<i64>, verdict: &Verdict) -> Vec<Condition> {
+    let mut conds = existing.to_vec();
+    let (ready, reconciling, stalled) = match verdict {
+        Verdict::Ready { .. } => (true, false, false),
+        Verdict::Progressing { .. } => (false, true, false),
+        Verdict::Stalled { .. } => (false, false, true),
+    };
+    let (reason, message) = (verdict.reason(), verdict.message().to_string());
+    let idle = if ready { "Ready" } else { reason };
+    conds.set_condition(Condition::new(
+        ct::READY,
+        ConditionStatus::from_bool(ready),
+        reason,
+        message.clone(),
+        generation,
+    ));
+    conds.set_condition(Condition::new(
+        ct::RECONCILING,
+        ConditionStatus::from_bool(reconciling),
+        if reconciling { reason } else { idle },
+        if reconciling { message.clone() } else { String::new() },
+        generation,
+    ));
+    conds.set_condition(Condition::new(
+        ct::STALLED,
+        ConditionStatus::from_bool(stalled),
+        if stalled { reason } else { idle },
+        if stalled { message } else { String::new() },
+        generation,
+    ));
+    conds
+}
+
+/// Whether the `Ready` reason differs from before: the moment to publish an Event.
+pub fn reason_changed(existing: &[Condition], verdict: &Verdict) -> bool {
+    existing
+        .iter()
+        .find(|c| c.type_ == ct::READY)
+        .is_none_or(|c| c.reason != verdict.reason() || c.message != verdict.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_sets_three_conditions() {
+        let c = apply_verdict(&[], Some(3), &Verdict::stalled("NetworkGroupNotFound", "spec.networkGroup: x not found"));
+        assert_eq!(c.len(), 3);
+        assert!(!c.is_true("Ready"));
+        assert!(c.is_true("Stalled"));
+        assert!(!c.is_true("Reconciling"));
+        assert_eq!(c.get_condition("Ready").unwrap().reason, "NetworkGroupNotFound");
+        assert_eq!(c.get_condition("Ready").unwrap().observed_generation, Some(3));
+    }
+
+    #[test]
+    fn same_verdict_is_idempotent() {
+        let v = Verdict::progressing("Provisioning", "0/4 nodes ready");
+        let a = apply_verdict(&[], Some(1), &v);
+        let b = apply_verdict(&a, Some(1), &v);
+        assert_eq!(a, b);
+        assert!(!reason_changed(&a, &v));
+        assert!(reason_changed(&a, &Verdict::ready("Ready", "")));
+    }
+}
