@@ -119,6 +119,8 @@ load_state() {
   [ -f "$DIR/state" ] || die "no environment at $DIR (run: e2e/env.sh up)"
   # shellcheck disable=SC1091
   source "$DIR/state"
+  # shellcheck disable=SC1091
+  [ -f "$DIR/tools" ] && source "$DIR/tools" && export PATH="$YUKUMO_TOOLS_BIN:$PATH"
   export KUBECONFIG=$DIR/kubeconfig
 }
 
@@ -152,7 +154,7 @@ EOF
     --endpoint-reconciler-type none \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" \
-    --authorization-mode RBAC \
+    --authorization-mode RBAC --allow-privileged=true \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.250.0.0/24 \
@@ -170,7 +172,7 @@ EOF
     --kubeconfig "$DIR/kubeconfig-kcm" --authentication-kubeconfig "$DIR/kubeconfig-kcm" \
     --authorization-kubeconfig "$DIR/kubeconfig-kcm" \
     --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
-    --controllers 'garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-certificate-publisher' \
+    --controllers 'garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,daemonset-controller' \
     --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/ca.crt" \
     --use-service-account-credentials=false --v 1
 }
@@ -205,6 +207,7 @@ start_host() { # name site
   # A private mount namespace with libvirt's state directories bind-mounted
   # from the host folder: one libvirtd per simulated host.
   spawn "libvirtd-$name" ip netns exec "$ns" unshare --mount --propagation private sh -c "
+    mkdir -p /run/libvirt /var/lib/libvirt /etc/libvirt /var/log/libvirt /var/cache/libvirt &&
     mount --bind '$hdir/run' /run/libvirt &&
     mount --bind '$hdir/lib' /var/lib/libvirt &&
     mount --bind '$hdir/etc' /etc/libvirt &&
@@ -213,7 +216,7 @@ start_host() { # name site
     virtlogd -d -p /run/libvirt/virtlogd.pid &&
     exec libvirtd -p /run/libvirt/libvirtd.pid"
   wait_for 30 "libvirtd of $name" test -S "$hdir/run/libvirt-sock"
-  echo "HOST_$name=$site" >> "$DIR/state"
+  echo "$site" > "$hdir/site"
 }
 
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
@@ -221,10 +224,10 @@ controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-contr
 
 start_agent() { # host
   local host=$1 site hdir=$DIR/hosts/$1 mport
-  site=$(grep "^HOST_$host=" "$DIR/state" | cut -d= -f2)
-  [ -n "$site" ] || die "unknown host $host"
+  [ -f "$hdir/site" ] || die "unknown host $host"
+  site=$(cat "$hdir/site")
   mport=$(free_port)
-  echo "AGENT_METRICS_$host=$mport" >> "$DIR/state"
+  mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/agent-$host"
   log "starting agent for $host (metrics on 127.0.0.1:$mport)"
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-info}" \
     "$(agent_binary)" --host-name "$host" --site "$site" \
@@ -237,7 +240,7 @@ start_agent() { # host
 start_controller() { # id
   local id=$1 mport
   mport=$(free_port)
-  echo "CONTROLLER_METRICS_$id=$mport" >> "$DIR/state"
+  mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/controller-$id"
   log "starting controller $id (metrics on 127.0.0.1:$mport)"
   spawn "controller-$id" env KUBECONFIG="$DIR/kubeconfig-controller" RUST_LOG="${RUST_LOG:-info}" \
     "$(controller_binary)" --namespace "$NAMESPACE" --identity "controller-$id" \

@@ -2,7 +2,7 @@
 # Installs and caches everything yukumo's tests and `make up` need, so that a
 # fresh machine of this kind needs nothing installed by hand:
 #   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, ...)
-#   - kube-apiserver, kube-controller-manager and etcd, built from Go modules
+#   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
 # Go binaries are cached under $YUKUMO_CACHE (default ~/.cache/yukumo), keyed
 # by version, outside the clone: CI runs in a fresh clone.
@@ -26,7 +26,7 @@ APT_PACKAGES=(
   pkg-config xz-utils cpio genisoimage openssl python3 curl
 )
 
-log() { echo "[tools] $*" >&2; }
+tools_log() { echo "[tools] $*" >&2; }
 
 install_apt() {
   local missing=()
@@ -34,7 +34,7 @@ install_apt() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing Debian packages: ${missing[*]}"
+  tools_log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   # qemu-utils in the same command keeps qemu-img at the version matching qemu-system.
@@ -43,7 +43,7 @@ install_apt() {
 
 build_go_tools() {
   if [ -x "$YUKUMO_TOOLS_BIN/kube-apiserver" ] && [ -x "$YUKUMO_TOOLS_BIN/kube-controller-manager" ] \
-     && [ -x "$YUKUMO_TOOLS_BIN/etcd" ] && [ -x "$YUKUMO_TOOLS_BIN/helm" ]; then
+     && [ -x "$YUKUMO_TOOLS_BIN/kubectl" ] && [ -x "$YUKUMO_TOOLS_BIN/etcd" ] && [ -x "$YUKUMO_TOOLS_BIN/helm" ]; then
     return 0
   fi
   local tmp="$YUKUMO_TOOLS_BIN.tmp.$$"
@@ -51,11 +51,11 @@ build_go_tools() {
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   local vpkg=k8s.io/component-base/version
   local kflags="-s -w -X $vpkg.gitVersion=$K8S_VERSION -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
-  log "building kube-apiserver, kube-controller-manager $K8S_VERSION and etcd $ETCD_VERSION (minutes on a cold cache)"
+  tools_log "building kube-apiserver, kube-controller-manager, kubectl $K8S_VERSION and etcd $ETCD_VERSION (minutes on a cold cache)"
   (cd "$YUKUMO_ROOT/e2e/tools/k8s" && go build -trimpath -ldflags "$kflags" -o "$tmp/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
   (cd "$YUKUMO_ROOT/e2e/tools/k8s" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
-  log "building helm $HELM_VERSION"
+  tools_log "building helm $HELM_VERSION"
   (cd "$YUKUMO_ROOT/e2e/tools/helm" && go build -trimpath \
       -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
   rm -rf "$YUKUMO_TOOLS_BIN"

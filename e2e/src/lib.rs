@@ -1,1 +1,182 @@
+//! Helpers for yukumo's end-to-end tests.
+//!
+//! The tests run against an environment started by `e2e/run.sh` (real etcd,
+//! kube-apiserver, kube-controller-manager, libvirtd per simulated host, the
+//! yukumo controller and agents as processes). `YUKUMO_ENV_DIR` points at it.
+//! Every wait is bounded and says what it waited for when it gives up.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The environment under test.
+pub struct Env {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+}
+
+impl Env {
+    /// The environment named by `YUKUMO_ENV_DIR`; panics with instructions when unset.
+    pub fn get() -> Env {
+        let dir = std::env::var("YUKUMO_ENV_DIR")
+            .expect("YUKUMO_ENV_DIR is not set: run the e2e tests with e2e/run.sh (or `make e2e`)");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        Env {
+            dir: PathBuf::from(dir),
+            root,
+        }
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Run kubectl as the cluster admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Run kubectl and return stdout, failing with stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl(args);
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// kubectl with stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// Run `e2e/env.sh` with a subcommand against this environment.
+    pub fn env_sh(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new(self.root.join("e2e/env.sh"))
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .context("run e2e/env.sh")?;
+        if !out.status.success() {
+            bail!(
+                "env.sh {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// PID of a process the environment started.
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("pids").join(format!("{name}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The metrics port of a component (`controller-1`, `agent-host-1`).
+    pub fn metrics_port(&self, name: &str) -> Option<u16> {
+        std::fs::read_to_string(self.dir.join("ports").join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// GET http://127.0.0.1:port/path, returning (status, body).
+    pub fn http_get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
+    /// A JSONPath field of an object (empty when absent).
+    pub fn jsonpath(&self, resource: &[&str], path: &str) -> String {
+        let mut args: Vec<&str> = vec!["get"];
+        args.extend_from_slice(resource);
+        let jp = format!("jsonpath={path}");
+        args.extend_from_slice(&["-o", &jp]);
+        let out = self.kubectl(&args);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// Poll `f` every 250 ms until it returns `Some`, or fail after `timeout`
+/// with `what` and the last observation.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> anyhow::Result<(T, Duration)> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        match f() {
+            Ok(v) => return Ok((v, start.elapsed())),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+}
+
+/// Send a signal to a process by PID (only PIDs the environment recorded).
+pub fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Whether a process is alive.
+pub fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+            .unwrap_or(true)
+}
+
+/// The `# expect:` lines at the top of a test manifest.
+pub fn expectations(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# expect: "))
+        .map(|s| s.trim().to_string())
+        .collect()
+}

@@ -55,7 +55,10 @@ impl Hypervisor {
                 }
             })
             .expect("spawn libvirt thread");
-        Hypervisor { tx, uri: uri.to_string() }
+        Hypervisor {
+            tx,
+            uri: uri.to_string(),
+        }
     }
 
     /// Run `f` with a live connection on the libvirt thread.
@@ -66,7 +69,10 @@ impl Hypervisor {
         let (reply, rx) = oneshot::channel();
         let uri = self.uri.clone();
         let job: Job = Box::new(move |conn: &mut Option<Connect>| {
-            let err = |e: virt::error::Error| HypervisorError::Libvirt { uri: uri.clone(), message: e.to_string() };
+            let err = |e: virt::error::Error| HypervisorError::Libvirt {
+                uri: uri.clone(),
+                message: e.to_string(),
+            };
             // Drop a connection libvirt reports dead, then (re)connect.
             if let Some(c) = conn.as_ref()
                 && !c.is_alive().unwrap_or(false)
@@ -97,7 +103,8 @@ impl Hypervisor {
             let lib = c.get_lib_version()?;
             let driver = c.get_type()?;
             let caps = c.get_capabilities()?;
-            let kvm = caps.contains("<domain type='kvm'") && std::path::Path::new("/dev/kvm").exists();
+            let kvm =
+                caps.contains("<domain type='kvm'") && std::path::Path::new("/dev/kvm").exists();
             Ok(HypervisorInfo {
                 cpus: node.cpus,
                 memory_mib: node.memory / 1024,
@@ -105,7 +112,11 @@ impl Hypervisor {
                     "libvirt {} / {} ({})",
                     version_string(lib),
                     driver,
-                    if kvm { "kvm available" } else { "software emulation" }
+                    if kvm {
+                        "KVM advertised"
+                    } else {
+                        "software emulation only"
+                    }
                 ),
                 kvm,
             })
@@ -124,7 +135,7 @@ mod tests {
         let info = h.info().await.expect("test driver");
         assert!(info.cpus > 0);
         assert!(info.memory_mib > 0);
-        assert!(info.description.contains("Test"), "{}", info.description);
+        assert!(info.description.contains("TEST"), "{}", info.description);
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Kernel capability probes, run in a throwaway network namespace so they
 //! never touch the host's own links.
 //!
-//! Each probe really creates the link type (dummy, bridge, 802.1Q VLAN,
+//! Each probe really creates the link type (bridge, 802.1Q VLAN,
 //! VXLAN, WireGuard) with rtnetlink in a fresh namespace of a dedicated
 //! thread; the namespace dies with the thread. What fails is reported with the
 //! kernel's error, so an operator reads *why* a feature is missing.
@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
-use rtnetlink::{LinkBridge, LinkDummy, LinkVlan, LinkVxlan, LinkWireguard};
+use rtnetlink::{LinkBridge, LinkVlan, LinkVxlan, LinkWireguard};
 use yukumo_api::host::HostCapabilities;
 
 async fn probe_links() -> anyhow::Result<HostCapabilities> {
@@ -20,23 +20,32 @@ async fn probe_links() -> anyhow::Result<HostCapabilities> {
         Ok(()) => format!("{what}: ok"),
         Err(e) => format!("{what}: unavailable ({e})"),
     };
-    let dummy = handle.link().add(LinkDummy::new("ykprobe0").build()).execute().await;
-    caps.notes.push(note("dummy", &dummy));
+    let bridge = handle
+        .link()
+        .add(LinkBridge::new("ykprobebr").build())
+        .execute()
+        .await;
+    caps.bridge = bridge.is_ok();
+    caps.notes.push(note("bridge", &bridge));
+    // The VLAN probe needs a parent link: the bridge (dummy may be missing).
     let base = handle
         .link()
         .get()
-        .match_name("ykprobe0")
+        .match_name("ykprobebr")
         .execute()
         .try_next()
         .await
         .ok()
         .flatten()
         .map(|l| l.header.index);
-    let bridge = handle.link().add(LinkBridge::new("ykprobebr").build()).execute().await;
-    caps.bridge = bridge.is_ok();
-    caps.notes.push(note("bridge", &bridge));
     let vlan = match base {
-        Some(idx) => handle.link().add(LinkVlan::new("ykprobe0.10", idx, 10).build()).execute().await,
+        Some(idx) => {
+            handle
+                .link()
+                .add(LinkVlan::new("ykprobebr.10", idx, 10).build())
+                .execute()
+                .await
+        }
         None => Err(rtnetlink::Error::RequestFailed),
     };
     caps.vlan_8021q = vlan.is_ok();
@@ -48,7 +57,11 @@ async fn probe_links() -> anyhow::Result<HostCapabilities> {
         .await;
     caps.vxlan = vxlan.is_ok();
     caps.notes.push(note("vxlan", &vxlan));
-    let wg = handle.link().add(LinkWireguard::new("ykprobewg").build()).execute().await;
+    let wg = handle
+        .link()
+        .add(LinkWireguard::new("ykprobewg").build())
+        .execute()
+        .await;
     caps.wireguard = wg.is_ok();
     caps.notes.push(note("wireguard", &wg));
     Ok(caps)
@@ -59,7 +72,9 @@ pub fn capabilities() -> anyhow::Result<HostCapabilities> {
     std::thread::spawn(|| -> anyhow::Result<HostCapabilities> {
         // unshare(CLONE_NEWNET) moves only this thread into a new namespace.
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(probe_links())
     })
     .join()
@@ -74,7 +89,9 @@ pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<String>> 
             let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(conn);
@@ -126,9 +143,12 @@ mod tests {
         }
         let caps = capabilities().expect("probe");
         assert!(caps.bridge, "a Linux bridge is required: {:?}", caps.notes);
-        assert_eq!(caps.notes.len(), 5, "{:?}", caps.notes);
+        assert_eq!(caps.notes.len(), 4, "{:?}", caps.notes);
         // The probe links must not exist in our own namespace.
         let ours = std::fs::read_dir("/sys/class/net").unwrap();
-        assert!(ours.flatten().all(|e| !e.file_name().to_string_lossy().starts_with("ykprobe")));
+        assert!(
+            ours.flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with("ykprobe"))
+        );
     }
 }

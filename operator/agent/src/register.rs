@@ -40,9 +40,21 @@ impl Metrics {
             heartbeat_errors: Counter::default(),
             rss_bytes: Gauge::default(),
         };
-        r.register("yukumo_agent_heartbeats", "Heartbeats written", m.heartbeats.clone());
-        r.register("yukumo_agent_heartbeat_errors", "Heartbeats that failed", m.heartbeat_errors.clone());
-        r.register("yukumo_agent_resident_memory_bytes", "Resident memory of the agent", m.rss_bytes.clone());
+        r.register(
+            "yukumo_agent_heartbeats",
+            "Heartbeats written",
+            m.heartbeats.clone(),
+        );
+        r.register(
+            "yukumo_agent_heartbeat_errors",
+            "Heartbeats that failed",
+            m.heartbeat_errors.clone(),
+        );
+        r.register(
+            "yukumo_agent_resident_memory_bytes",
+            "Resident memory of the agent",
+            m.rss_bytes.clone(),
+        );
         m
     }
 }
@@ -87,7 +99,10 @@ pub fn agent_status(
                 format!("connected to {}", args.libvirt_uri),
                 None,
             ));
-            let cap = Resources { cpu: i.cpus, memory_mib: i.memory_mib };
+            let cap = Resources {
+                cpu: i.cpus,
+                memory_mib: i.memory_mib,
+            };
             let alloc = Resources {
                 cpu: i.cpus.saturating_sub(args.reserved_cpu),
                 memory_mib: i.memory_mib.saturating_sub(args.reserved_memory_mib),
@@ -119,7 +134,9 @@ pub fn agent_status(
         last_heartbeat_time: Some(Time(now)),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         hypervisor,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|s| s.trim().to_string()),
     }
 }
 
@@ -139,7 +156,13 @@ pub async fn run(
     hosts
         .patch(&args.host_name, &pp, &Patch::Apply(host_spec_patch(&args)))
         .await
-        .map_err(|e| anyhow::anyhow!("registering Host {:?} at site {:?}: {e}", args.host_name, args.site))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "registering Host {:?} at site {:?}: {e}",
+                args.host_name,
+                args.site
+            )
+        })?;
     tracing::info!(host = %args.host_name, "registered Host");
 
     let caps = tokio::task::spawn_blocking(crate::probe::capabilities)
@@ -169,13 +192,23 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot list underlay addresses");
                 Vec::new()
             });
-        let status = agent_status(&args, info.as_ref().map_err(|e| e.clone()), &caps, &addresses, &previous, Timestamp::now());
+        let status = agent_status(
+            &args,
+            info.as_ref().map_err(|e| e.clone()),
+            &caps,
+            &addresses,
+            &previous,
+            Timestamp::now(),
+        );
         let patch = serde_json::json!({
             "apiVersion": Host::api_version(&()),
             "kind": Host::kind(&()),
             "status": status,
         });
-        match hosts.patch_status(&args.host_name, &pp, &Patch::Apply(&patch)).await {
+        match hosts
+            .patch_status(&args.host_name, &pp, &Patch::Apply(&patch))
+            .await
+        {
             Ok(_) => {
                 previous = status.conditions.clone();
                 metrics.heartbeats.inc();
@@ -185,7 +218,10 @@ pub async fn run(
                 // Deleted by hand: register again, level-triggered.
                 tracing::warn!("Host object is gone; registering again");
                 metrics.heartbeat_errors.inc();
-                if let Err(e) = hosts.patch(&args.host_name, &pp, &Patch::Apply(host_spec_patch(&args))).await {
+                if let Err(e) = hosts
+                    .patch(&args.host_name, &pp, &Patch::Apply(host_spec_patch(&args)))
+                    .await
+                {
                     tracing::warn!(error = %e, "re-registration failed");
                 }
             }
@@ -207,19 +243,58 @@ mod tests {
     use clap::Parser;
 
     fn args() -> Args {
-        Args::parse_from(["yukumo-agent", "--host-name", "h1", "--site", "a", "--reserved-cpu", "1"])
+        Args::parse_from([
+            "yukumo-agent",
+            "--host-name",
+            "h1",
+            "--site",
+            "a",
+            "--reserved-cpu",
+            "1",
+        ])
     }
 
     #[test]
     fn status_reflects_hypervisor() {
-        let info = HypervisorInfo { cpus: 4, memory_mib: 8192, description: "libvirt 9.0.0 / QEMU".into(), kvm: false };
+        let info = HypervisorInfo {
+            cpus: 4,
+            memory_mib: 8192,
+            description: "libvirt 9.0.0 / QEMU".into(),
+            kvm: false,
+        };
         let now = Timestamp::now();
-        let s = agent_status(&args(), Ok(&info), &HostCapabilities::default(), &["10.1.0.2".into()], &[], now);
+        let s = agent_status(
+            &args(),
+            Ok(&info),
+            &HostCapabilities::default(),
+            &["10.1.0.2".into()],
+            &[],
+            now,
+        );
         assert!(s.conditions.is_true(HYPERVISOR_READY));
-        assert_eq!(s.capacity, Some(Resources { cpu: 4, memory_mib: 8192 }));
-        assert_eq!(s.allocatable, Some(Resources { cpu: 3, memory_mib: 8192 - 256 }));
+        assert_eq!(
+            s.capacity,
+            Some(Resources {
+                cpu: 4,
+                memory_mib: 8192
+            })
+        );
+        assert_eq!(
+            s.allocatable,
+            Some(Resources {
+                cpu: 3,
+                memory_mib: 8192 - 256
+            })
+        );
         assert_eq!(s.addresses, vec!["10.1.0.2".to_string()]);
-        let down = agent_status(&args(), Err("connection refused".into()), &HostCapabilities::default(), &[], &s.conditions, now);
+        let down = agent_status(
+            &args(),
+            Err("connection refused".into()),
+            &HostCapabilities::default(),
+            &[],
+            &s.conditions,
+            now,
+        );
         assert!(!down.conditions.is_true(HYPERVISOR_READY));
         assert_eq!(down.capacity, None);
         assert_eq!(down.conditions[0].reason, "LibvirtUnreachable");
@@ -230,6 +305,9 @@ mod tests {
         let p = host_spec_patch(&args());
         assert_eq!(p["spec"]["site"], "a");
         assert_eq!(p["metadata"]["labels"]["yukumo.io/site"], "a");
-        assert!(p["spec"].get("schedulable").is_none(), "schedulable belongs to the operator");
+        assert!(
+            p["spec"].get("schedulable").is_none(),
+            "schedulable belongs to the operator"
+        );
     }
 }

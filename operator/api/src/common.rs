@@ -141,6 +141,7 @@ pub struct NodeSize {
     pub cpu: Option<u32>,
     /// Memory as a Kubernetes quantity, e.g. `512Mi` or `8Gi`; must be positive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 32))]
     #[x_kube(validation = kube::core::Rule::new(
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("memory must be a positive quantity such as 512Mi or 8Gi"))]
@@ -149,7 +150,10 @@ pub struct NodeSize {
     /// `sizeClasses` or yukumo's built-ins: small 1 cpu/1Gi, medium 2/4Gi,
     /// large 4/8Gi, xlarge 8/16Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub size_class: Option<String>,
 }
 
@@ -158,12 +162,16 @@ pub struct NodeSize {
 #[serde(rename_all = "camelCase")]
 pub struct SizeClass {
     /// The class name referenced by `sizeClass`.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Virtual CPUs (1-256).
     #[schemars(range(min = 1, max = 256))]
     pub cpu: u32,
     /// Memory as a Kubernetes quantity, e.g. `4Gi`.
+    #[schemars(extend("maxLength" = 32))]
     #[x_kube(validation = kube::core::Rule::new(
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("memory must be a positive quantity such as 512Mi or 8Gi"))]
@@ -172,14 +180,19 @@ pub struct SizeClass {
 
 /// yukumo's built-in size classes, used when a Site defines none of that name.
 pub fn builtin_size_classes() -> Vec<SizeClass> {
-    [("small", 1, "1Gi"), ("medium", 2, "4Gi"), ("large", 4, "8Gi"), ("xlarge", 8, "16Gi")]
-        .into_iter()
-        .map(|(name, cpu, mem)| SizeClass {
-            name: name.to_string(),
-            cpu,
-            memory: Quantity(mem.to_string()),
-        })
-        .collect()
+    [
+        ("small", 1, "1Gi"),
+        ("medium", 2, "4Gi"),
+        ("large", 4, "8Gi"),
+        ("xlarge", 8, "16Gi"),
+    ]
+    .into_iter()
+    .map(|(name, cpu, mem)| SizeClass {
+        name: name.to_string(),
+        cpu,
+        memory: Quantity(mem.to_string()),
+    })
+    .collect()
 }
 
 /// Format of a disk image.
@@ -216,7 +229,10 @@ pub struct SecretReference {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Secret namespace.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub namespace: String,
 }
 
@@ -276,17 +292,44 @@ mod tests {
     #[test]
     fn conditions_sorted_by_type() {
         let mut list = vec![];
-        list.set_condition(Condition::new("Stalled", ConditionStatus::False, "X", "", None));
-        list.set_condition(Condition::new("Ready", ConditionStatus::True, "X", "", None));
+        list.set_condition(Condition::new(
+            "Stalled",
+            ConditionStatus::False,
+            "X",
+            "",
+            None,
+        ));
+        list.set_condition(Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "X",
+            "",
+            None,
+        ));
         assert_eq!(list[0].type_, "Ready");
         assert_eq!(list[1].type_, "Stalled");
     }
 
     #[test]
     fn resources_fit() {
-        let cap = Resources { cpu: 4, memory_mib: 8192 };
-        assert!(cap.fits(Resources { cpu: 4, memory_mib: 8192 }));
-        assert!(!cap.fits(Resources { cpu: 5, memory_mib: 1 }));
-        assert_eq!(cap.plus(cap), Resources { cpu: 8, memory_mib: 16384 });
+        let cap = Resources {
+            cpu: 4,
+            memory_mib: 8192,
+        };
+        assert!(cap.fits(Resources {
+            cpu: 4,
+            memory_mib: 8192
+        }));
+        assert!(!cap.fits(Resources {
+            cpu: 5,
+            memory_mib: 1
+        }));
+        assert_eq!(
+            cap.plus(cap),
+            Resources {
+                cpu: 8,
+                memory_mib: 16384
+            }
+        );
     }
 }

@@ -32,7 +32,10 @@ use crate::common::{Condition, Resources};
     .message("site of a Host is immutable: re-register the host under a new name").field_path(".site"))]
 pub struct HostSpec {
     /// The Site this host belongs to (immutable).
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub site: String,
     /// Whether the host can run routers and frontends with public IPs (it is
     /// attached to the Site's external network).
@@ -67,7 +70,9 @@ pub struct HostCapabilities {
     /// Linux bridges.
     #[serde(default)]
     pub bridge: bool,
-    /// Hardware virtualization (KVM) usable; otherwise guests run under TCG emulation.
+    /// libvirt advertises KVM domains and /dev/kvm exists. (Whether QEMU can
+    /// really use KVM is only known when a guest starts; without it guests run
+    /// under TCG software emulation.)
     #[serde(default)]
     pub kvm: bool,
     /// What each probe found, for operators reading why a feature is missing.

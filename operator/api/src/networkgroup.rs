@@ -28,7 +28,7 @@ use crate::virtualcluster::SiteName;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
-    "!has(self.gateway) || (isIP(self.gateway) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.gateway) && ip(self.gateway) != cidr(self.cidr).ip())"
+    "!has(self.gateway) || (isIP(self.gateway) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.gateway) && self.gateway != string(cidr(self.cidr).ip()))"
 ).message("gateway must be an address inside cidr, other than the network address").field_path(".gateway"))]
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.dhcp) || !has(self.dhcp.rangeStart) || (isIP(self.dhcp.rangeStart) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.dhcp.rangeStart))"
@@ -127,9 +127,11 @@ pub struct DhcpSpec {
     pub enabled: bool,
     /// First address of the dynamic pool (inside cidr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
     pub range_start: Option<String>,
     /// Last address of the dynamic pool (inside cidr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
     pub range_end: Option<String>,
     /// Lease time in seconds (60-604800, default 3600).
     #[serde(default = "default_lease")]
@@ -138,6 +140,7 @@ pub struct DhcpSpec {
     /// DNS servers announced to guests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 45}))]
     #[x_kube(validation = kube::core::Rule::new("self.all(a, isIP(a))").message("dhcp.dnsServers must be IP addresses"))]
     pub dns_servers: Vec<String>,
 }
@@ -152,11 +155,15 @@ fn default_lease() -> u32 {
 pub struct PublicIpMapping {
     /// The public address (inside the home Site's pool); allocated when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
     #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
         .message("publicIPs[].address must be an IPv4 address"))]
     pub address: Option<String>,
     /// The VirtualNode (same namespace) it maps to.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub node: String,
 }
 
@@ -189,7 +196,10 @@ pub struct FirewallRule {
     pub protocol: Protocol,
     /// A port (`22`) or range (`8000-8080`), for tcp and udp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^([1-9][0-9]{0,4})(-[1-9][0-9]{0,4})?$"))]
+    #[schemars(
+        length(max = 11),
+        regex(pattern = "^([1-9][0-9]{0,4})(-[1-9][0-9]{0,4})?$")
+    )]
     #[x_kube(validation = kube::core::Rule::new(
         "self.split('-').all(p, int(p) <= 65535) && (size(self.split('-')) == 1 || int(self.split('-')[0]) <= int(self.split('-')[1]))"
     ).message("firewall[].ports must be a port 1-65535 or an ascending range such as 8000-8080"))]
@@ -197,6 +207,7 @@ pub struct FirewallRule {
     /// Source networks allowed (CIDRs); default anywhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 49}))]
     #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c))").message("firewall[].from must be CIDRs such as 192.0.2.0/24"))]
     pub from: Vec<String>,
     /// `Frontend` (default) or `All` nodes with public IPs.

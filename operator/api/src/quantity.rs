@@ -9,7 +9,11 @@ pub struct QuantityError(pub String);
 
 impl std::fmt::Display for QuantityError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid quantity {:?}: expected a number with an optional suffix such as Mi, Gi or G", self.0)
+        write!(
+            f,
+            "invalid quantity {:?}: expected a number with an optional suffix such as Mi, Gi or G",
+            self.0
+        )
     }
 }
 
@@ -37,7 +41,9 @@ pub fn parse_str(s: &str) -> Result<u64, QuantityError> {
         None => (num, ""),
     };
     let int_part = int_part.trim_start_matches('+');
-    if !int_part.chars().all(|c| c.is_ascii_digit()) || !frac_part.chars().all(|c| c.is_ascii_digit()) {
+    if !int_part.chars().all(|c| c.is_ascii_digit())
+        || !frac_part.chars().all(|c| c.is_ascii_digit())
+    {
         return Err(err());
     }
     // multiplier as (numerator, power-of-ten exponent) so decimals stay exact
@@ -65,11 +71,17 @@ pub fn parse_str(s: &str) -> Result<u64, QuantityError> {
         }
     };
     let digits: String = format!("{int_part}{frac_part}");
-    let mantissa: u128 = if digits.is_empty() { 0 } else { digits.parse().map_err(|_| err())? };
+    let mantissa: u128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().map_err(|_| err())?
+    };
     let exp = exp10 - frac_part.len() as i32;
     let mut value = mantissa.checked_mul(mult).ok_or_else(err)?;
     if exp >= 0 {
-        value = value.checked_mul(10u128.checked_pow(exp as u32).ok_or_else(err)?).ok_or_else(err)?;
+        value = value
+            .checked_mul(10u128.checked_pow(exp as u32).ok_or_else(err)?)
+            .ok_or_else(err)?;
     } else {
         let div = 10u128.checked_pow((-exp) as u32).ok_or_else(err)?;
         value = value.div_ceil(div);

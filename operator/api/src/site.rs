@@ -36,8 +36,12 @@ pub struct SiteSpec {
     pub description: Option<String>,
     /// Public addresses the Site may hand out: CIDRs (`203.0.113.0/28`) or
     /// ranges (`203.0.113.10-203.0.113.20`).
-    #[serde(default, rename = "publicIPPool", skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[serde(
+        default,
+        rename = "publicIPPool",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 31}))]
     #[x_kube(validation = kube::core::Rule::new(
         "self.all(r, isCIDR(r) || (size(r.split('-')) == 2 && isIP(r.split('-')[0]) && isIP(r.split('-')[1])))"
     ).message("publicIPPool entries must be CIDRs (203.0.113.0/28) or address ranges (203.0.113.10-203.0.113.20)"))]
@@ -45,8 +49,10 @@ pub struct SiteSpec {
     /// The external network the public IPs live on (where routers attach).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_network: Option<ExternalNetwork>,
-    /// VLAN ids this Site allocates to NetworkGroups.
+    /// VLAN ids this Site allocates to NetworkGroups (within 1-4094).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.end <= 4094")
+        .message("vlanRange.end must be at most 4094").field_path(".end"))]
     pub vlan_range: Option<IdRange>,
     /// VXLAN VNIs this Site allocates to NetworkGroups.
     #[serde(default, skip_serializing_if = "Option::is_none")]

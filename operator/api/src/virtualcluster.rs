@@ -38,7 +38,10 @@ use crate::common::{Condition, ImageSource, NodeSize};
 ).message("spec.pools: a pool may not be named 'frontend'").field_path(".pools"))]
 pub struct VirtualClusterSpec {
     /// Name of the NetworkGroup (same namespace) the cluster's nodes attach to.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub network_group: String,
     /// The frontend node: gateway role, ssh entry point, optional public IP.
     pub frontend: FrontendSpec,
@@ -79,7 +82,9 @@ fn default_true() -> bool {
 pub struct SshKey(
     #[schemars(
         length(min = 16, max = 16384),
-        regex(pattern = r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$")
+        regex(
+            pattern = r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$"
+        )
     )]
     pub String,
 );
@@ -97,13 +102,17 @@ pub struct FrontendSpec {
     pub image: ImageSource,
     /// Size of the boot disk (a copy-on-write overlay on the image); defaults to the image's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 32))]
     #[x_kube(validation = kube::core::Rule::new(
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("diskSize must be a positive quantity such as 20Gi"))]
     pub disk_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     /// Site to place the frontend at; defaults to the NetworkGroup's home site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub site: Option<String>,
     /// Place the frontend on a gateway-capable host (default `true`).
     #[serde(default = "default_true")]
@@ -112,7 +121,12 @@ pub struct FrontendSpec {
     #[serde(default, rename = "publicIP")]
     pub public_ip: bool,
     /// A specific public IP to request (must be inside the Site's pool).
-    #[serde(default, rename = "publicIPAddress", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "publicIPAddress",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 15))]
     #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
         .message("publicIPAddress must be an IPv4 address"))]
     pub public_ip_address: Option<String>,
@@ -134,7 +148,10 @@ pub struct FrontendSpec {
 ).message("pools[].volumes: a volume attaches read-write to one node, so a pool with volumes may have at most 1 replica").field_path(".volumes"))]
 pub struct NodePool {
     /// Pool name (DNS label); nodes are named `<cluster>-<pool>-<index>`.
-    #[schemars(length(min = 1, max = 15), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Number of nodes (0-1000). Scaling down removes the highest indexes first.
     #[schemars(range(min = 0, max = 1000))]
@@ -146,6 +163,7 @@ pub struct NodePool {
     pub image: Option<ImageSource>,
     /// Size of each node's boot disk overlay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 32))]
     #[x_kube(validation = kube::core::Rule::new(
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("diskSize must be a positive quantity such as 20Gi"))]
@@ -168,7 +186,10 @@ pub struct NodePool {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(transparent)]
 pub struct SiteName(
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub String,
 );
 
@@ -177,7 +198,10 @@ pub struct SiteName(
 #[serde(rename_all = "camelCase")]
 pub struct VolumeAttachment {
     /// Name of a Volume in the same namespace.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Attach read-only.
     #[serde(default)]
@@ -237,11 +261,14 @@ pub struct Reservation {
     /// Recurring weekly windows during which the cluster runs (e.g. a class
     /// on Mondays 09:00-12:00). Outside them the cluster is stopped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     pub weekly: Vec<WeeklyWindow>,
     /// IANA time zone of the weekly windows, e.g. `Europe/Berlin` (default `UTC`).
     #[serde(default = "default_tz")]
-    #[schemars(length(min = 1, max = 64), regex(pattern = "^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"))]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = "^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
+    )]
     pub time_zone: String,
 }
 

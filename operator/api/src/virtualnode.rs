@@ -47,7 +47,10 @@ pub struct VirtualNodeSpec {
     #[serde(default)]
     pub index: u32,
     /// Guest hostname.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub hostname: String,
     /// Host the VM is placed on (also the `yukumo.io/host` label); empty until scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]

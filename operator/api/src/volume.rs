@@ -39,17 +39,24 @@ use crate::common::{Condition, ImageSource};
 ).message("source is immutable: it only seeds a new volume").field_path(".source"))]
 pub struct VolumeSpec {
     /// Capacity, e.g. `20Gi`; may be increased later (online resize), never decreased.
+    #[schemars(extend("maxLength" = 32))]
     #[x_kube(validation = kube::core::Rule::new(
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("size must be a positive quantity such as 20Gi"))]
     pub size: Quantity,
     /// Storage pool the volume lives in (immutable), e.g. `default`.
     #[serde(default = "default_pool")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub pool: String,
     /// Site the volume is placed at; defaults to where its first user runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub site: Option<String>,
     /// Initial content: blank (default), an image, or another volume's snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,7 +69,10 @@ pub struct VolumeSpec {
     pub snapshots: Vec<SnapshotSpec>,
     /// Roll the volume back to this snapshot (of this volume) while detached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub restore_from: Option<String>,
 }
 
@@ -89,10 +99,16 @@ pub struct VolumeSource {
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotReference {
     /// The Volume name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub volume: String,
     /// The snapshot name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -101,7 +117,10 @@ pub struct SnapshotReference {
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotSpec {
     /// Snapshot name (DNS label).
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 

@@ -71,19 +71,37 @@ impl Metrics {
         let m = Metrics {
             reconciles: Family::default(),
             errors: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
             status_writes: Family::default(),
             leader: Gauge::default(),
         };
-        registry.register("yukumo_reconciles", "Reconciles run, by kind", m.reconciles.clone());
-        registry.register("yukumo_reconcile_errors", "Reconcile errors, by kind and error", m.errors.clone());
+        registry.register(
+            "yukumo_reconciles",
+            "Reconciles run, by kind",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "yukumo_reconcile_errors",
+            "Reconcile errors, by kind and error",
+            m.errors.clone(),
+        );
         registry.register(
             "yukumo_reconcile_duration_seconds",
             "Reconcile duration, by kind",
             m.duration.clone(),
         );
-        registry.register("yukumo_status_writes", "Status writes, by kind", m.status_writes.clone());
-        registry.register("yukumo_leader", "1 while this controller holds the leader Lease", m.leader.clone());
+        registry.register(
+            "yukumo_status_writes",
+            "Status writes, by kind",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "yukumo_leader",
+            "1 while this controller holds the leader Lease",
+            m.leader.clone(),
+        );
         m
     }
 }
@@ -122,7 +140,13 @@ impl Ctx {
     }
 
     /// Publish an Event about `obj`; failures are logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -155,7 +179,9 @@ impl Ctx {
         .await?;
         self.metrics
             .status_writes
-            .get_or_create(&KindLabel { kind: K::kind(&()).into() })
+            .get_or_create(&KindLabel {
+                kind: K::kind(&()).into(),
+            })
             .inc();
         Ok(())
     }
@@ -174,7 +200,11 @@ impl Drop for ReconcileTimer {
 }
 
 /// Shared error policy: count, log, back off.
-pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, err: &Error, ctx: Arc<Ctx>) -> Action {
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Ctx>,
+) -> Action {
     let kind = K::kind(&()).to_string();
     ctx.metrics
         .errors

@@ -69,17 +69,26 @@ impl LeaderElector {
                 };
                 return match self.api.create(&PostParams::default(), &lease).await {
                     Ok(_) => Ok(Attempt::Leading),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(String::new())),
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        Ok(Attempt::Following(String::new()))
+                    }
                     Err(e) => Err(e),
                 };
             }
         };
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
-        let rv = current.metadata.resource_version.clone().unwrap_or_default();
+        let rv = current
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
         let record_key = format!(
             "{holder}|{}",
-            spec.renew_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+            spec.renew_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default()
         );
         // Track when this process last saw the record change.
         let changed = self.observed.as_ref().is_none_or(|(k, _)| *k != record_key);
@@ -100,11 +109,19 @@ impl LeaderElector {
             return Ok(Attempt::Following(holder));
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!held_by_me);
-        let acquire = if held_by_me { spec.acquire_time.clone() } else { None };
+        let acquire = if held_by_me {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
         let mut lease = current;
         lease.spec = Some(self.spec(transitions, acquire));
         lease.metadata.resource_version = Some(rv);
-        match self.api.replace(LEASE_NAME, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(LEASE_NAME, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(Attempt::Leading),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(holder)),
             Err(e) => Err(e),
@@ -116,14 +133,18 @@ impl LeaderElector {
         let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
             return Ok(());
         };
-        let Some(spec) = lease.spec.as_mut() else { return Ok(()) };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
         if spec.holder_identity.as_deref() != Some(&self.identity) {
             return Ok(());
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        self.api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
+        self.api
+            .replace(LEASE_NAME, &PostParams::default(), &lease)
+            .await?;
         Ok(())
     }
 }

@@ -150,15 +150,19 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
     let vc_store = vc_controller.store();
     let vc_store2 = vc_store.clone();
     let vcs = vc_controller
-        .watches(Api::<NetworkGroup>::all(client.clone()), wc.clone(), move |ng| {
-            let (ns, name) = (ng.namespace(), ng.name_any());
-            vc_store
-                .state()
-                .into_iter()
-                .filter(|vc| vc.namespace() == ns && vc.spec.network_group == name)
-                .map(|vc| ObjectRef::from_obj(vc.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<NetworkGroup>::all(client.clone()),
+            wc.clone(),
+            move |ng| {
+                let (ns, name) = (ng.namespace(), ng.name_any());
+                vc_store
+                    .state()
+                    .into_iter()
+                    .filter(|vc| vc.namespace() == ns && vc.spec.network_group == name)
+                    .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .watches(Api::<Volume>::all(client.clone()), wc.clone(), move |vol| {
             let (ns, name) = (vol.namespace(), vol.name_any());
             vc_store2
@@ -178,12 +182,20 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(stopper(stop.clone()))
-        .run(reconcile::virtualcluster::reconcile, error_policy, ctx.clone())
+        .run(
+            reconcile::virtualcluster::reconcile,
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
 
     let ngs = Controller::new(Api::<NetworkGroup>::all(client.clone()), wc.clone())
         .graceful_shutdown_on(stopper(stop.clone()))
-        .run(reconcile::networkgroup::reconcile, error_policy, ctx.clone())
+        .run(
+            reconcile::networkgroup::reconcile,
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
 
     let vols = Controller::new(Api::<Volume>::all(client.clone()), wc.clone())

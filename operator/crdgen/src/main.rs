@@ -34,14 +34,9 @@ fn render() -> anyhow::Result<Vec<(String, String, String)>> {
     Ok(out)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let check = args.iter().any(|a| a == "--check");
-    let root = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+/// Write (or with `check`, compare) the generated files under `root`;
+/// returns the files that differ.
+fn sync(root: &Path, check: bool) -> anyhow::Result<(usize, Vec<PathBuf>)> {
     let crd_dir = root.join("crds");
     let chart_dir = root.join("charts/yukumo/templates/crds");
     let files = render()?;
@@ -56,7 +51,8 @@ fn main() -> anyhow::Result<()> {
                 }
             } else {
                 std::fs::create_dir_all(dir)?;
-                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
         }
     }
@@ -73,18 +69,52 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok((files.len(), drift))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let check = args.iter().any(|a| a == "--check");
+    let root = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    let (kinds, drift) = sync(&root, check)?;
     if !drift.is_empty() {
-        let list: Vec<String> = drift.iter().map(|p: &PathBuf| display(p)).collect();
-        bail!("CRDs drifted from the Rust types; run `make crds` and commit:\n  {}", list.join("\n  "));
+        let list: Vec<String> = drift.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "CRDs drifted from the Rust types; run `make crds` and commit:\n  {}",
+            list.join("\n  ")
+        );
     }
     if check {
-        println!("crds: {} kinds, no drift", files.len());
+        println!("crds: {kinds} kinds, no drift");
     } else {
-        println!("crds: wrote {} kinds to {} and {}", files.len(), crd_dir.display(), chart_dir.display());
+        println!("crds: wrote {kinds} kinds under {}", root.display());
     }
     Ok(())
 }
 
-fn display(p: &Path) -> String {
-    p.display().to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed CRDs must match the Rust types (regenerate with `make crds`).
+    #[test]
+    fn committed_crds_match_the_types() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let (kinds, drift) = sync(&root, true).unwrap();
+        assert_eq!(kinds, 6);
+        assert!(drift.is_empty(), "drifted: {drift:?}; run `make crds`");
+    }
+
+    #[test]
+    fn chart_copy_is_kept_on_uninstall_and_optional() {
+        for (_, plain, chart) in render().unwrap() {
+            assert!(!plain.contains("helm.sh"));
+            assert!(chart.contains("helm.sh/resource-policy: keep"));
+            assert!(chart.contains("{{- if .Values.crds.install }}"));
+        }
+    }
 }

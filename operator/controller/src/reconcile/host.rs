@@ -23,17 +23,25 @@ use crate::context::{Ctx, Result};
 /// The agent's condition saying its hypervisor connection works.
 pub const HYPERVISOR_READY: &str = "HypervisorReady";
 
-
 /// Pure liveness decision. Returns the verdict and, when the host is fresh,
 /// how long until it would turn stale (to requeue exactly then).
 pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, Option<Duration>) {
     let Some(site) = site else {
-        return (Verdict::stalled("SiteNotFound", format!("spec.site: Site {:?} not found", host.spec.site)), None);
+        return (
+            Verdict::stalled(
+                "SiteNotFound",
+                format!("spec.site: Site {:?} not found", host.spec.site),
+            ),
+            None,
+        );
     };
     let grace = Duration::from_secs(site.spec.host_grace_seconds as u64);
     let status = host.status.clone().unwrap_or_default();
     let Some(beat) = status.last_heartbeat_time else {
-        return (Verdict::progressing("AwaitingHeartbeat", "the agent has not reported yet"), None);
+        return (
+            Verdict::progressing("AwaitingHeartbeat", "the agent has not reported yet"),
+            None,
+        );
     };
     let age = now.duration_since(beat.0);
     let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
@@ -41,21 +49,32 @@ pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, O
         return (
             Verdict::stalled(
                 "HeartbeatLost",
-                format!("no heartbeat from the agent for {}s (grace {}s)", age.as_secs(), grace.as_secs()),
+                format!(
+                    "no heartbeat from the agent for {}s (grace {}s)",
+                    age.as_secs(),
+                    grace.as_secs()
+                ),
             ),
             None,
         );
     }
     let remaining = grace - age;
     match status.conditions.get_condition(HYPERVISOR_READY) {
-        Some(c) if c.status == ConditionStatus::True => {
-            (Verdict::ready("AgentHeartbeating", "agent and hypervisor are healthy"), Some(remaining))
-        }
+        Some(c) if c.status == ConditionStatus::True => (
+            Verdict::ready("AgentHeartbeating", "agent and hypervisor are healthy"),
+            Some(remaining),
+        ),
         Some(c) => (
             Verdict::stalled("HypervisorNotReady", format!("{}: {}", c.reason, c.message)),
             Some(remaining),
         ),
-        None => (Verdict::progressing("AwaitingHeartbeat", "the agent has not reported its hypervisor"), Some(remaining)),
+        None => (
+            Verdict::progressing(
+                "AwaitingHeartbeat",
+                "the agent has not reported its hypervisor",
+            ),
+            Some(remaining),
+        ),
     }
 }
 
@@ -68,9 +87,15 @@ fn own_conditions(all: &[Condition]) -> Vec<Condition> {
 
 pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("Host");
-    let site = Api::<Site>::all(ctx.client.clone()).get_opt(&host.spec.site).await?;
+    let site = Api::<Site>::all(ctx.client.clone())
+        .get_opt(&host.spec.site)
+        .await?;
     let (verdict, remaining) = liveness(&host, site.as_ref(), Timestamp::now());
-    let existing = host.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let existing = host
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
     let mine = own_conditions(&existing);
     let updated = own_conditions(&apply_verdict(&mine, host.metadata.generation, &verdict));
     if updated != mine {
@@ -83,8 +108,18 @@ pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
         tracing::info!(host = %host.name_any(), reason = verdict.reason(), "host readiness changed");
     }
     if reason_changed(&mine, &verdict) && !matches!(verdict.reason(), "AwaitingHeartbeat") {
-        let t = if verdict.is_stalled() { EventType::Warning } else { EventType::Normal };
-        ctx.event(host.as_ref(), t, verdict.reason(), verdict.message().to_string()).await;
+        let t = if verdict.is_stalled() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(
+            host.as_ref(),
+            t,
+            verdict.reason(),
+            verdict.message().to_string(),
+        )
+        .await;
     }
     // Requeue exactly when the heartbeat would go stale.
     Ok(match remaining {
@@ -100,11 +135,23 @@ mod tests {
     use yukumo_api::host::{HostSpec, HostStatus};
 
     fn host(beat_secs_ago: Option<i64>, hyp: Option<ConditionStatus>, now: Timestamp) -> Host {
-        let mut h = Host::new("h1", HostSpec { site: "a".into(), gateway: false, schedulable: true, uplink: None });
-        let mut st = HostStatus::default();
-        st.last_heartbeat_time = beat_secs_ago.map(|s| Time(now - k8s_openapi::jiff::SignedDuration::from_secs(s)));
+        let mut h = Host::new(
+            "h1",
+            HostSpec {
+                site: "a".into(),
+                gateway: false,
+                schedulable: true,
+                uplink: None,
+            },
+        );
+        let mut st = HostStatus {
+            last_heartbeat_time: beat_secs_ago
+                .map(|s| Time(now - k8s_openapi::jiff::SignedDuration::from_secs(s))),
+            ..Default::default()
+        };
         if let Some(s) = hyp {
-            st.conditions.push(Condition::new(HYPERVISOR_READY, s, "Connected", "", None));
+            st.conditions
+                .push(Condition::new(HYPERVISOR_READY, s, "Connected", "", None));
         }
         h.status = Some(st);
         h
@@ -121,7 +168,11 @@ mod tests {
     #[test]
     fn fresh_heartbeat_is_ready_and_requeues_at_expiry() {
         let now = Timestamp::now();
-        let (v, rem) = liveness(&host(Some(10), Some(ConditionStatus::True), now), Some(&site(40)), now);
+        let (v, rem) = liveness(
+            &host(Some(10), Some(ConditionStatus::True), now),
+            Some(&site(40)),
+            now,
+        );
         assert_eq!(v.reason(), "AgentHeartbeating");
         assert_eq!(rem, Some(Duration::from_secs(30)));
     }
@@ -129,7 +180,11 @@ mod tests {
     #[test]
     fn stale_heartbeat_is_lost() {
         let now = Timestamp::now();
-        let (v, rem) = liveness(&host(Some(41), Some(ConditionStatus::True), now), Some(&site(40)), now);
+        let (v, rem) = liveness(
+            &host(Some(41), Some(ConditionStatus::True), now),
+            Some(&site(40)),
+            now,
+        );
         assert_eq!(v.reason(), "HeartbeatLost");
         assert!(v.is_stalled());
         assert_eq!(rem, None);
@@ -138,7 +193,11 @@ mod tests {
     #[test]
     fn hypervisor_down_or_site_missing() {
         let now = Timestamp::now();
-        let (v, _) = liveness(&host(Some(1), Some(ConditionStatus::False), now), Some(&site(40)), now);
+        let (v, _) = liveness(
+            &host(Some(1), Some(ConditionStatus::False), now),
+            Some(&site(40)),
+            now,
+        );
         assert_eq!(v.reason(), "HypervisorNotReady");
         let (v, _) = liveness(&host(Some(1), Some(ConditionStatus::True), now), None, now);
         assert_eq!(v.reason(), "SiteNotFound");

@@ -48,11 +48,17 @@ pub fn in_pool(pool: &[String], ip: Ipv4Addr) -> bool {
 pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
     let find = |n: &str| sites.iter().find(|s| s.metadata.name.as_deref() == Some(n));
     let Some(home) = find(&spec.home_site.0) else {
-        return Verdict::stalled("SiteNotFound", format!("spec.homeSite: Site {:?} not found", spec.home_site.0));
+        return Verdict::stalled(
+            "SiteNotFound",
+            format!("spec.homeSite: Site {:?} not found", spec.home_site.0),
+        );
     };
     for s in &spec.sites {
         if find(&s.0).is_none() {
-            return Verdict::stalled("SiteNotFound", format!("spec.sites: Site {:?} not found", s.0));
+            return Verdict::stalled(
+                "SiteNotFound",
+                format!("spec.sites: Site {:?} not found", s.0),
+            );
         }
     }
     if let Some(id) = spec.segment.id {
@@ -74,14 +80,19 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
             None => {
                 return Verdict::stalled(
                     "SegmentOutOfRange",
-                    format!("spec.segment.id: Site {:?} defines no {what}", spec.home_site.0),
+                    format!(
+                        "spec.segment.id: Site {:?} defines no {what}",
+                        spec.home_site.0
+                    ),
                 );
             }
         }
     }
     for (i, p) in spec.public_ips.iter().enumerate() {
         if let Some(addr) = &p.address {
-            let Ok(ip) = addr.parse::<Ipv4Addr>() else { continue };
+            let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                continue;
+            };
             if !in_pool(&home.spec.public_ip_pool, ip) {
                 return Verdict::stalled(
                     "PublicIPOutsidePool",
@@ -104,12 +115,18 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
             );
         }
     }
-    Verdict::progressing("ReferencesResolved", "sites resolved; waiting for segment allocation and router placement")
+    Verdict::progressing(
+        "ReferencesResolved",
+        "sites resolved; waiting for segment allocation and router placement",
+    )
 }
 
 pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("NetworkGroup");
-    let sites = Api::<Site>::all(ctx.client.clone()).list(&Default::default()).await?.items;
+    let sites = Api::<Site>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
     let verdict = validate(&ng.spec, &sites);
     let old = ng.status.clone().unwrap_or_default();
     let gateway = ng
@@ -131,11 +148,29 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         ..old.clone()
     };
     if status != old {
-        ctx.apply_status(&Api::<NetworkGroup>::namespaced(ctx.client.clone(), &ng.namespace().unwrap_or_default()), ng.as_ref(), &status).await?;
+        ctx.apply_status(
+            &Api::<NetworkGroup>::namespaced(
+                ctx.client.clone(),
+                &ng.namespace().unwrap_or_default(),
+            ),
+            ng.as_ref(),
+            &status,
+        )
+        .await?;
     }
     if reason_changed(&old.conditions, &verdict) {
-        let t = if verdict.is_stalled() { EventType::Warning } else { EventType::Normal };
-        ctx.event(ng.as_ref(), t, verdict.reason(), verdict.message().to_string()).await;
+        let t = if verdict.is_stalled() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(
+            ng.as_ref(),
+            t,
+            verdict.reason(),
+            verdict.message().to_string(),
+        )
+        .await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -146,12 +181,18 @@ mod tests {
 
     #[test]
     fn pools_and_gateways() {
-        let pool = vec!["203.0.113.0/28".to_string(), "198.51.100.10-198.51.100.20".to_string()];
+        let pool = vec![
+            "203.0.113.0/28".to_string(),
+            "198.51.100.10-198.51.100.20".to_string(),
+        ];
         assert!(in_pool(&pool, "203.0.113.5".parse().unwrap()));
         assert!(!in_pool(&pool, "203.0.113.16".parse().unwrap()));
         assert!(in_pool(&pool, "198.51.100.20".parse().unwrap()));
         assert!(!in_pool(&pool, "198.51.100.21".parse().unwrap()));
-        assert_eq!(default_gateway("10.0.0.0/24"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            default_gateway("10.0.0.0/24"),
+            Some("10.0.0.1".parse().unwrap())
+        );
     }
 
     #[test]
@@ -169,8 +210,14 @@ mod tests {
         assert_eq!(v.reason(), "SegmentOutOfRange");
         assert!(v.message().contains("spec.segment.id"));
         spec.segment.id = Some(1500);
-        assert_eq!(validate(&spec, std::slice::from_ref(&site)).reason(), "ReferencesResolved");
+        assert_eq!(
+            validate(&spec, std::slice::from_ref(&site)).reason(),
+            "ReferencesResolved"
+        );
         spec.segment.type_ = SegmentType::Vlan;
-        assert_eq!(validate(&spec, std::slice::from_ref(&site)).reason(), "SegmentOutOfRange");
+        assert_eq!(
+            validate(&spec, std::slice::from_ref(&site)).reason(),
+            "SegmentOutOfRange"
+        );
     }
 }

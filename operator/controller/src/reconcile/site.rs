@@ -20,7 +20,11 @@ pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
     names.sort();
     let ready: Vec<&Host> = hosts
         .iter()
-        .filter(|h| h.status.as_ref().is_some_and(|s| s.conditions.is_true(ct::READY)))
+        .filter(|h| {
+            h.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.is_true(ct::READY))
+        })
         .collect();
     let sum = |f: fn(&yukumo_api::host::HostStatus) -> Option<Resources>| {
         ready
@@ -40,7 +44,10 @@ pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
     let verdict = if ready.is_empty() {
         Verdict::progressing("NoReadyHosts", format!("0/{} hosts ready", hosts.len()))
     } else {
-        Verdict::ready("HostsReady", format!("{}/{} hosts ready", ready.len(), hosts.len()))
+        Verdict::ready(
+            "HostsReady",
+            format!("{}/{} hosts ready", ready.len(), hosts.len()),
+        )
     };
     (status, verdict)
 }
@@ -60,10 +67,21 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         ..agg
     };
     if status != old {
-        ctx.apply_status(&Api::<Site>::all(ctx.client.clone()), site.as_ref(), &status).await?;
+        ctx.apply_status(
+            &Api::<Site>::all(ctx.client.clone()),
+            site.as_ref(),
+            &status,
+        )
+        .await?;
     }
     if reason_changed(&old.conditions, &verdict) {
-        ctx.event(site.as_ref(), EventType::Normal, verdict.reason(), verdict.message().to_string()).await;
+        ctx.event(
+            site.as_ref(),
+            EventType::Normal,
+            verdict.reason(),
+            verdict.message().to_string(),
+        )
+        .await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }

@@ -16,17 +16,28 @@ pub enum Verdict {
 
 impl Verdict {
     pub fn ready(reason: &str, message: impl Into<String>) -> Self {
-        Verdict::Ready { reason: reason.into(), message: message.into() }
+        Verdict::Ready {
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
     pub fn progressing(reason: &str, message: impl Into<String>) -> Self {
-        Verdict::Progressing { reason: reason.into(), message: message.into() }
+        Verdict::Progressing {
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
     pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
-        Verdict::Stalled { reason: reason.into(), message: message.into() }
+        Verdict::Stalled {
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
     pub fn reason(&self) -> &str {
         match self {
-            Verdict::Ready { reason, .. } | Verdict::Progressing { reason, .. } | Verdict::Stalled { reason, .. } => reason,
+            Verdict::Ready { reason, .. }
+            | Verdict::Progressing { reason, .. }
+            | Verdict::Stalled { reason, .. } => reason,
         }
     }
     pub fn message(&self) -> &str {
@@ -43,7 +54,11 @@ impl Verdict {
 
 /// The condition list after applying `verdict` to `existing`, keeping
 /// transition times of unchanged conditions and any other condition types.
-pub fn apply_verdict(existing: &[Condition], generation: Option<i64>, verdict: &Verdict) -> Vec<Condition> {
+pub fn apply_verdict(
+    existing: &[Condition],
+    generation: Option<i64>,
+    verdict: &Verdict,
+) -> Vec<Condition> {
     let mut conds = existing.to_vec();
     let (ready, reconciling, stalled) = match verdict {
         Verdict::Ready { .. } => (true, false, false),
@@ -63,7 +78,11 @@ pub fn apply_verdict(existing: &[Condition], generation: Option<i64>, verdict: &
         ct::RECONCILING,
         ConditionStatus::from_bool(reconciling),
         if reconciling { reason } else { idle },
-        if reconciling { message.clone() } else { String::new() },
+        if reconciling {
+            message.clone()
+        } else {
+            String::new()
+        },
         generation,
     ));
     conds.set_condition(Condition::new(
@@ -90,13 +109,23 @@ mod tests {
 
     #[test]
     fn stalled_sets_three_conditions() {
-        let c = apply_verdict(&[], Some(3), &Verdict::stalled("NetworkGroupNotFound", "spec.networkGroup: x not found"));
+        let c = apply_verdict(
+            &[],
+            Some(3),
+            &Verdict::stalled("NetworkGroupNotFound", "spec.networkGroup: x not found"),
+        );
         assert_eq!(c.len(), 3);
         assert!(!c.is_true("Ready"));
         assert!(c.is_true("Stalled"));
         assert!(!c.is_true("Reconciling"));
-        assert_eq!(c.get_condition("Ready").unwrap().reason, "NetworkGroupNotFound");
-        assert_eq!(c.get_condition("Ready").unwrap().observed_generation, Some(3));
+        assert_eq!(
+            c.get_condition("Ready").unwrap().reason,
+            "NetworkGroupNotFound"
+        );
+        assert_eq!(
+            c.get_condition("Ready").unwrap().observed_generation,
+            Some(3)
+        );
     }
 
     #[test]

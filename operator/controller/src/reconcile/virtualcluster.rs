@@ -9,10 +9,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
 use yukumo_api::common::{NodeSize, builtin_size_classes};
 use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{VirtualCluster, VirtualClusterSpec, VirtualClusterStatus};
@@ -43,9 +43,13 @@ fn named_sites(spec: &VirtualClusterSpec) -> Vec<(String, String)> {
 }
 
 fn size_class_known(size: &NodeSize, sites: &[Site]) -> bool {
-    let Some(class) = &size.size_class else { return true };
+    let Some(class) = &size.size_class else {
+        return true;
+    };
     builtin_size_classes().iter().any(|c| &c.name == class)
-        || sites.iter().any(|s| s.spec.size_classes.iter().any(|c| &c.name == class))
+        || sites
+            .iter()
+            .any(|s| s.spec.size_classes.iter().any(|c| &c.name == class))
 }
 
 /// Pure validation of a cluster against the objects it refers to.
@@ -53,10 +57,17 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
     let Some(ng) = &obs.network_group else {
         return Verdict::stalled(
             "NetworkGroupNotFound",
-            format!("spec.networkGroup: NetworkGroup {:?} not found in namespace {vc_ns}", spec.network_group),
+            format!(
+                "spec.networkGroup: NetworkGroup {:?} not found in namespace {vc_ns}",
+                spec.network_group
+            ),
         );
     };
-    let site_names: HashSet<&str> = obs.sites.iter().map(|s| s.metadata.name.as_deref().unwrap_or("")).collect();
+    let site_names: HashSet<&str> = obs
+        .sites
+        .iter()
+        .map(|s| s.metadata.name.as_deref().unwrap_or(""))
+        .collect();
     if !site_names.contains(ng.spec.home_site.0.as_str()) {
         return Verdict::stalled(
             "SiteNotFound",
@@ -85,12 +96,19 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
         .volumes
         .iter()
         .map(|v| ("spec.frontend.volumes", v))
-        .chain(spec.pools.iter().flat_map(|p| p.volumes.iter().map(|v| ("spec.pools[].volumes", v))));
+        .chain(
+            spec.pools
+                .iter()
+                .flat_map(|p| p.volumes.iter().map(|v| ("spec.pools[].volumes", v))),
+        );
     for (field, v) in attachments {
         if !seen.insert(v.name.as_str()) {
             return Verdict::stalled(
                 "VolumeAttachedTwice",
-                format!("{field}: Volume {:?} is attached to more than one node of this cluster", v.name),
+                format!(
+                    "{field}: Volume {:?} is attached to more than one node of this cluster",
+                    v.name
+                ),
             );
         }
     }
@@ -119,7 +137,10 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
     {
         return Verdict::stalled(
             "InvalidTimeZone",
-            format!("spec.reservation.timeZone: {:?} is not a known IANA time zone", r.time_zone),
+            format!(
+                "spec.reservation.timeZone: {:?} is not a known IANA time zone",
+                r.time_zone
+            ),
         );
     }
     Verdict::progressing(
@@ -133,12 +154,20 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
 
 pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("VirtualCluster");
-    let ns = vc.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = vc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let ngs: Api<NetworkGroup> = Api::namespaced(ctx.client.clone(), &ns);
     let vols: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
     let sites: Api<Site> = Api::all(ctx.client.clone());
     let mut volumes = Vec::new();
-    for v in vc.spec.frontend.volumes.iter().chain(vc.spec.pools.iter().flat_map(|p| p.volumes.iter())) {
+    for v in vc
+        .spec
+        .frontend
+        .volumes
+        .iter()
+        .chain(vc.spec.pools.iter().flat_map(|p| p.volumes.iter()))
+    {
         volumes.push((v.name.clone(), vols.get_opt(&v.name).await?.is_some()));
     }
     let observed = Observed {
@@ -157,11 +186,26 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         ..old.clone()
     };
     if status != old {
-        ctx.apply_status(&Api::<VirtualCluster>::namespaced(ctx.client.clone(), &ns), vc.as_ref(), &status).await?;
+        ctx.apply_status(
+            &Api::<VirtualCluster>::namespaced(ctx.client.clone(), &ns),
+            vc.as_ref(),
+            &status,
+        )
+        .await?;
     }
     if reason_changed(&old.conditions, &verdict) {
-        let type_ = if verdict.is_stalled() { EventType::Warning } else { EventType::Normal };
-        ctx.event(vc.as_ref(), type_, verdict.reason(), verdict.message().to_string()).await;
+        let type_ = if verdict.is_stalled() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(
+            vc.as_ref(),
+            type_,
+            verdict.reason(),
+            verdict.message().to_string(),
+        )
+        .await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -175,12 +219,22 @@ mod tests {
     use yukumo_api::virtualcluster::{FrontendSpec, NodePool, SiteName, VolumeAttachment};
 
     fn spec() -> VirtualClusterSpec {
-        let size = NodeSize { cpu: Some(1), memory: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity("256Mi".into())), size_class: None };
+        let size = NodeSize {
+            cpu: Some(1),
+            memory: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "256Mi".into(),
+            )),
+            size_class: None,
+        };
         VirtualClusterSpec {
             network_group: "net".into(),
             frontend: FrontendSpec {
                 size: size.clone(),
-                image: ImageSource { url: "file:///x".into(), checksum: format!("sha256:{}", "0".repeat(64)), format: Default::default() },
+                image: ImageSource {
+                    url: "file:///x".into(),
+                    checksum: format!("sha256:{}", "0".repeat(64)),
+                    format: Default::default(),
+                },
                 disk_size: None,
                 site: None,
                 gateway_host: true,
@@ -208,7 +262,10 @@ mod tests {
     }
 
     fn site(name: &str) -> Site {
-        let mut s = Site::new(name, serde_json::from_value::<SiteSpec>(serde_json::json!({})).unwrap());
+        let mut s = Site::new(
+            name,
+            serde_json::from_value::<SiteSpec>(serde_json::json!({})).unwrap(),
+        );
         s.metadata.name = Some(name.into());
         s
     }
@@ -219,7 +276,10 @@ mod tests {
             NetworkGroupSpec {
                 cidr: "10.0.0.0/24".into(),
                 gateway: None,
-                segment: SegmentSpec { type_: SegmentType::Vxlan, id: None },
+                segment: SegmentSpec {
+                    type_: SegmentType::Vxlan,
+                    id: None,
+                },
                 home_site: SiteName(home.into()),
                 sites: vec![],
                 dhcp: None,
@@ -233,7 +293,15 @@ mod tests {
 
     #[test]
     fn missing_network_group_is_stalled_naming_the_field() {
-        let v = validate("t1", &spec(), &Observed { network_group: None, volumes: vec![], sites: vec![site("a")] });
+        let v = validate(
+            "t1",
+            &spec(),
+            &Observed {
+                network_group: None,
+                volumes: vec![],
+                sites: vec![site("a")],
+            },
+        );
         assert!(v.is_stalled());
         assert_eq!(v.reason(), "NetworkGroupNotFound");
         assert!(v.message().contains("spec.networkGroup"));
@@ -243,12 +311,20 @@ mod tests {
     fn unknown_site_and_size_class() {
         let mut s = spec();
         s.pools[0].sites = vec![SiteName("b".into())];
-        let obs = Observed { network_group: Some(ng("a")), volumes: vec![], sites: vec![site("a")] };
+        let obs = Observed {
+            network_group: Some(ng("a")),
+            volumes: vec![],
+            sites: vec![site("a")],
+        };
         let v = validate("t1", &s, &obs);
         assert_eq!(v.reason(), "SiteNotFound");
         assert!(v.message().contains("spec.pools[0].sites"));
         let mut s = spec();
-        s.frontend.size = NodeSize { cpu: None, memory: None, size_class: Some("huge".into()) };
+        s.frontend.size = NodeSize {
+            cpu: None,
+            memory: None,
+            size_class: Some("huge".into()),
+        };
         assert_eq!(validate("t1", &s, &obs).reason(), "UnknownSizeClass");
         s.frontend.size.size_class = Some("large".into());
         assert_eq!(validate("t1", &s, &obs).reason(), "ReferencesResolved");
@@ -257,12 +333,26 @@ mod tests {
     #[test]
     fn volumes_must_exist_and_attach_once() {
         let mut s = spec();
-        s.frontend.volumes = vec![VolumeAttachment { name: "data".into(), read_only: false }];
-        let obs = Observed { network_group: Some(ng("a")), volumes: vec![("data".into(), false)], sites: vec![site("a")] };
+        s.frontend.volumes = vec![VolumeAttachment {
+            name: "data".into(),
+            read_only: false,
+        }];
+        let obs = Observed {
+            network_group: Some(ng("a")),
+            volumes: vec![("data".into(), false)],
+            sites: vec![site("a")],
+        };
         assert_eq!(validate("t1", &s, &obs).reason(), "VolumeNotFound");
         s.pools[0].replicas = 1;
-        s.pools[0].volumes = vec![VolumeAttachment { name: "data".into(), read_only: false }];
-        let obs = Observed { network_group: Some(ng("a")), volumes: vec![("data".into(), true)], sites: vec![site("a")] };
+        s.pools[0].volumes = vec![VolumeAttachment {
+            name: "data".into(),
+            read_only: false,
+        }];
+        let obs = Observed {
+            network_group: Some(ng("a")),
+            volumes: vec![("data".into(), true)],
+            sites: vec![site("a")],
+        };
         assert_eq!(validate("t1", &s, &obs).reason(), "VolumeAttachedTwice");
     }
 }

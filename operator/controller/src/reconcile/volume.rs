@@ -15,25 +15,45 @@ use crate::context::{Ctx, Error, Result};
 
 pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("Volume");
-    let ns = vol.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
-    let mut verdict = Verdict::progressing("ReferencesResolved", "waiting for placement on a host's storage pool");
+    let ns = vol
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let mut verdict = Verdict::progressing(
+        "ReferencesResolved",
+        "waiting for placement on a host's storage pool",
+    );
     if let Some(site) = &vol.spec.site
-        && Api::<Site>::all(ctx.client.clone()).get_opt(site).await?.is_none()
+        && Api::<Site>::all(ctx.client.clone())
+            .get_opt(site)
+            .await?
+            .is_none()
     {
-        verdict = Verdict::stalled("SiteNotFound", format!("spec.site: Site {site:?} not found"));
+        verdict = Verdict::stalled(
+            "SiteNotFound",
+            format!("spec.site: Site {site:?} not found"),
+        );
     }
     if let Some(snap) = vol.spec.source.as_ref().and_then(|s| s.snapshot.as_ref()) {
-        match Api::<Volume>::namespaced(ctx.client.clone(), &ns).get_opt(&snap.volume).await? {
+        match Api::<Volume>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&snap.volume)
+            .await?
+        {
             None => {
                 verdict = Verdict::stalled(
                     "SourceNotFound",
-                    format!("spec.source.snapshot.volume: Volume {:?} not found in namespace {ns}", snap.volume),
+                    format!(
+                        "spec.source.snapshot.volume: Volume {:?} not found in namespace {ns}",
+                        snap.volume
+                    ),
                 )
             }
             Some(src) if !src.spec.snapshots.iter().any(|s| s.name == snap.name) => {
                 verdict = Verdict::stalled(
                     "SourceNotFound",
-                    format!("spec.source.snapshot.name: Volume {:?} has no snapshot {:?}", snap.volume, snap.name),
+                    format!(
+                        "spec.source.snapshot.name: Volume {:?} has no snapshot {:?}",
+                        snap.volume, snap.name
+                    ),
                 )
             }
             Some(_) => {}
@@ -42,7 +62,10 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
     if let Some(r) = &vol.spec.restore_from
         && !vol.spec.snapshots.iter().any(|s| &s.name == r)
     {
-        verdict = Verdict::stalled("SnapshotNotFound", format!("spec.restoreFrom: no snapshot {r:?} in spec.snapshots"));
+        verdict = Verdict::stalled(
+            "SnapshotNotFound",
+            format!("spec.restoreFrom: no snapshot {r:?} in spec.snapshots"),
+        );
     }
     let old = vol.status.clone().unwrap_or_default();
     let status = VolumeStatus {
@@ -51,11 +74,26 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         ..old.clone()
     };
     if status != old {
-        ctx.apply_status(&Api::<Volume>::namespaced(ctx.client.clone(), &ns), vol.as_ref(), &status).await?;
+        ctx.apply_status(
+            &Api::<Volume>::namespaced(ctx.client.clone(), &ns),
+            vol.as_ref(),
+            &status,
+        )
+        .await?;
     }
     if reason_changed(&old.conditions, &verdict) {
-        let t = if verdict.is_stalled() { EventType::Warning } else { EventType::Normal };
-        ctx.event(vol.as_ref(), t, verdict.reason(), verdict.message().to_string()).await;
+        let t = if verdict.is_stalled() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.event(
+            vol.as_ref(),
+            t,
+            verdict.reason(),
+            verdict.message().to_string(),
+        )
+        .await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }

@@ -1,0 +1,706 @@
+//! Foundation end-to-end tests: CRDs, validation, RBAC, the chart, hosts,
+//! heartbeats and leader election against a real control plane.
+//!
+//! Run with `make e2e` (or `e2e/run.sh`), which starts the environment.
+//! The tests share one environment and run one at a time; each restores what
+//! it stops.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use yukumo_e2e::{Env, alive, expectations, signal, wait_for};
+
+fn json(env: &Env, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["-o", "json"]);
+    let out = env.kubectl_ok(&a).expect("kubectl get");
+    serde_json::from_str(&out).expect("json")
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+fn ensure_namespace(env: &Env, ns: &str) {
+    let out = env.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn yaml_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn crds_are_established_with_printer_columns_and_categories() {
+    let env = Env::get();
+    for crd in [
+        "virtualclusters",
+        "networkgroups",
+        "volumes",
+        "sites",
+        "virtualnodes",
+        "hosts",
+    ] {
+        let name = format!("crd/{crd}.yukumo.io");
+        let established = env.jsonpath(
+            &[&name],
+            "{.status.conditions[?(@.type==\"Established\")].status}",
+        );
+        assert_eq!(established, "True", "{name} not established");
+        let cats = env.jsonpath(&[&name], "{.spec.names.categories}");
+        assert!(
+            cats.contains("yukumo"),
+            "{name} lacks the yukumo category: {cats}"
+        );
+    }
+    // `kubectl explain` shows the doc comments.
+    let explain = env
+        .kubectl_ok(&["explain", "virtualcluster.spec.frontend.publicIP"])
+        .unwrap();
+    assert!(
+        explain.contains("public IP from the Site's pool"),
+        "{explain}"
+    );
+    let explain = env
+        .kubectl_ok(&["explain", "networkgroup.spec.segment.id"])
+        .unwrap();
+    assert!(explain.contains("VNI"), "{explain}");
+}
+
+#[test]
+fn every_example_is_accepted_and_reconciled() {
+    let env = Env::get();
+    let files = yaml_files(&env.root.join("examples"));
+    assert!(
+        files.len() >= 6,
+        "expected at least 6 examples, found {}",
+        files.len()
+    );
+    for f in &files {
+        let path = f.to_string_lossy();
+        env.kubectl_ok(&["apply", "-f", &path])
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        env.kubectl_ok(&["get", "-f", &path])
+            .unwrap_or_else(|e| panic!("{path} not stored: {e}"));
+    }
+    // The controller resolves the quickstart's references and says so honestly.
+    let (vc, took) = wait_for(Duration::from_secs(30), "quickstart reconciled", || {
+        let vc = json(&env, &["-n", "demo", "get", "virtualcluster", "quickstart"]);
+        match condition(&vc, "Ready") {
+            Some((s, r, _)) if s == "False" && r == "ReferencesResolved" => Ok(vc),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!("quickstart reconciled in {took:?}");
+    assert_eq!(vc["status"]["ready"], "0/4");
+    assert_eq!(vc["status"]["desiredNodes"], 4);
+    assert_eq!(
+        vc["status"]["observedGeneration"],
+        vc["metadata"]["generation"]
+    );
+    let ng = json(&env, &["-n", "demo", "get", "networkgroup", "demo-net"]);
+    assert_eq!(ng["status"]["gateway"], "10.0.0.1");
+    // The intercloud example spans two Sites.
+    wait_for(Duration::from_secs(30), "intercloud reconciled", || {
+        let vc = json(
+            &env,
+            &["-n", "intercloud", "get", "virtualcluster", "intercloud"],
+        );
+        match condition(&vc, "Ready") {
+            Some((_, r, _)) if r == "ReferencesResolved" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    let ng = json(
+        &env,
+        &["-n", "intercloud", "get", "networkgroup", "intercloud-net"],
+    );
+    assert_eq!(ng["status"]["segment"], "vxlan:10042");
+    for ns in ["demo", "hadoop", "intercloud", "course-hpc101", "lab"] {
+        env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+            .unwrap();
+    }
+    env.kubectl_ok(&["delete", "site", "site-a", "site-b"])
+        .unwrap();
+}
+
+#[test]
+fn invalid_manifests_are_rejected_naming_the_field() {
+    let env = Env::get();
+    ensure_namespace(&env, "invalid");
+    let files = yaml_files(&env.root.join("e2e/invalid"));
+    assert!(
+        files.len() >= 25,
+        "need at least 25 invalid manifests, have {}",
+        files.len()
+    );
+    let mut failures = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let expect = expectations(&text);
+        assert!(
+            !expect.is_empty(),
+            "{} has no '# expect:' line",
+            f.display()
+        );
+        let out = env.kubectl_stdin(&["create", "-f", "-"], &text);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            failures.push(format!("{}: was accepted", f.display()));
+            let _ = env.kubectl_stdin(&["delete", "-f", "-"], &text);
+            continue;
+        }
+        for e in &expect {
+            if !err.contains(e.as_str()) {
+                failures.push(format!("{}: error lacks {e:?}: {err}", f.display()));
+            }
+        }
+        // Nothing half-applied.
+        let get = env.kubectl_stdin(&["get", "-f", "-"], &text);
+        if get.status.success() {
+            failures.push(format!("{}: object exists after rejection", f.display()));
+        }
+    }
+    println!(
+        "{} invalid manifests, {} failures",
+        files.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn immutable_fields_refuse_changes() {
+    let env = Env::get();
+    ensure_namespace(&env, "invalid");
+    let files = yaml_files(&env.root.join("e2e/immutable"));
+    assert!(files.len() >= 6);
+    let mut failures = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let expect = expectations(&text);
+        let (first, second) = text.split_once("\n---\n").expect("two documents");
+        let out = env.kubectl_stdin(&["create", "-f", "-"], first);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env.kubectl_stdin(&["replace", "-f", "-"], second);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            failures.push(format!("{}: change was accepted", f.display()));
+        } else {
+            for e in &expect {
+                if !err.contains(e.as_str()) {
+                    failures.push(format!("{}: error lacks {e:?}: {err}", f.display()));
+                }
+            }
+        }
+        let out = env.kubectl_stdin(&["delete", "-f", "-", "--wait=true"], first);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
+    let env = Env::get();
+    let ctl = "system:serviceaccount:yukumo-system:yukumo-controller";
+    let agent = "system:serviceaccount:yukumo-system:yukumo-agent";
+    // (who, verb, resource, namespace or "" for all, expected)
+    let table: &[(&str, &str, &str, &str, bool)] = &[
+        (ctl, "watch", "virtualclusters.yukumo.io", "", true),
+        (ctl, "patch", "virtualclusters.yukumo.io/status", "", true),
+        (ctl, "create", "virtualnodes.yukumo.io", "", true),
+        (ctl, "delete", "virtualnodes.yukumo.io", "", true),
+        (ctl, "patch", "hosts.yukumo.io/status", "", true),
+        (
+            ctl,
+            "update",
+            "leases.coordination.k8s.io",
+            "yukumo-system",
+            true,
+        ),
+        (ctl, "create", "events.events.k8s.io", "", true),
+        (
+            ctl,
+            "update",
+            "leases.coordination.k8s.io",
+            "default",
+            false,
+        ),
+        (ctl, "get", "secrets", "yukumo-system", false),
+        (ctl, "list", "secrets", "", false),
+        (ctl, "create", "pods", "", false),
+        (ctl, "delete", "hosts.yukumo.io", "", false),
+        (ctl, "delete", "virtualclusters.yukumo.io", "", false),
+        (agent, "create", "hosts.yukumo.io", "", true),
+        (agent, "patch", "hosts.yukumo.io/status", "", true),
+        (agent, "watch", "virtualnodes.yukumo.io", "", true),
+        (agent, "patch", "virtualnodes.yukumo.io/status", "", true),
+        (agent, "list", "networkgroups.yukumo.io", "", true),
+        (
+            agent,
+            "get",
+            "secrets/yukumo-site-credentials",
+            "yukumo-system",
+            true,
+        ),
+        (agent, "patch", "virtualnodes.yukumo.io", "", false),
+        (agent, "update", "virtualnodes.yukumo.io", "", false),
+        (agent, "delete", "virtualnodes.yukumo.io", "", false),
+        (agent, "patch", "virtualclusters.yukumo.io", "", false),
+        (agent, "patch", "networkgroups.yukumo.io", "", false),
+        (
+            agent,
+            "patch",
+            "virtualclusters.yukumo.io/status",
+            "",
+            false,
+        ),
+        (agent, "delete", "hosts.yukumo.io", "", false),
+        (agent, "get", "secrets/other-secret", "yukumo-system", false),
+        (agent, "list", "secrets", "yukumo-system", false),
+        (agent, "get", "secrets", "default", false),
+        (
+            agent,
+            "update",
+            "leases.coordination.k8s.io",
+            "yukumo-system",
+            false,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (who, verb, res, ns, expected) in table {
+        let mut args = vec!["auth", "can-i", verb, res, "--as", who];
+        if ns.is_empty() {
+            args.push("--all-namespaces");
+        } else {
+            args.extend_from_slice(&["-n", ns]);
+        }
+        let out = env.kubectl(&args);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let got = answer == "yes";
+        if got != *expected {
+            wrong.push(format!(
+                "{who} {verb} {res} in {ns:?}: got {answer:?}, want {expected}"
+            ));
+        }
+    }
+    println!("{} can-i checks", table.len());
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn chart_is_installed_in_the_control_plane() {
+    let env = Env::get();
+    let bin = std::fs::read_to_string(env.dir.join("tools")).unwrap();
+    let bin = bin.trim().trim_start_matches("YUKUMO_TOOLS_BIN=");
+    let out = std::process::Command::new(format!("{bin}/helm"))
+        .args(["status", "yukumo", "-n", "yukumo-system", "--kubeconfig"])
+        .arg(env.kubeconfig())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("STATUS: deployed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replicas = env.jsonpath(
+        &["-n", "yukumo-system", "deployment/yukumo-controller"],
+        "{.spec.replicas}",
+    );
+    assert_eq!(replicas, "2");
+    env.kubectl_ok(&[
+        "-n",
+        "yukumo-system",
+        "get",
+        "daemonset/yukumo-agent",
+        "service/yukumo-controller-metrics",
+    ])
+    .unwrap();
+    // The CRDs belong to the release, so `helm upgrade` upgrades them.
+    let owner = env.jsonpath(
+        &["crd/hosts.yukumo.io"],
+        "{.metadata.annotations.meta\\.helm\\.sh/release-name}",
+    );
+    assert_eq!(owner, "yukumo");
+}
+
+#[test]
+fn controller_reports_bad_references_with_conditions_and_events() {
+    let env = Env::get();
+    ensure_namespace(&env, "refs");
+    ensure_namespace(&env, "refs-other");
+    let vc = "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {name: orphan, namespace: refs}
+spec:
+  networkGroup: shared-net
+  frontend:
+    size: {cpu: 1, memory: 256Mi}
+    image: {url: 'file:///img.qcow2', checksum: 'sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc'}
+  pools:
+  - {name: worker, replicas: 1, size: {sizeClass: enormous}}
+";
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], vc);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reason = |env: &Env| {
+        let v = json(env, &["-n", "refs", "get", "vc", "orphan"]);
+        condition(&v, "Ready").unwrap_or_default()
+    };
+    let ((_, _, msg), took) = wait_for(Duration::from_secs(30), "NetworkGroupNotFound", || {
+        let c = reason(&env);
+        if c.1 == "NetworkGroupNotFound" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    println!("NetworkGroupNotFound reported in {took:?}: {msg}");
+    assert!(msg.contains("spec.networkGroup"));
+    let v = json(&env, &["-n", "refs", "get", "vc", "orphan"]);
+    assert_eq!(condition(&v, "Stalled").unwrap().0, "True");
+    wait_for(Duration::from_secs(20), "a Warning event", || {
+        let ev = env
+            .kubectl_ok(&["-n", "refs", "get", "events", "-o", "json"])
+            .map_err(|e| e.to_string())?;
+        if ev.contains("NetworkGroupNotFound") && ev.contains("Warning") {
+            Ok(())
+        } else {
+            Err("no event yet".into())
+        }
+    })
+    .unwrap();
+    // A NetworkGroup of that name in another namespace does not count.
+    let ng = |ns: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1\nkind: NetworkGroup\nmetadata: {{name: shared-net, namespace: {ns}}}\nspec: {{cidr: 10.9.0.0/24, segment: {{type: vxlan}}, homeSite: local}}\n"
+        )
+    };
+    assert!(
+        env.kubectl_stdin(&["apply", "-f", "-"], &ng("refs-other"))
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        reason(&env).1,
+        "NetworkGroupNotFound",
+        "must not resolve across namespaces"
+    );
+    // In its own namespace it resolves; then the unknown size class is next.
+    assert!(
+        env.kubectl_stdin(&["apply", "-f", "-"], &ng("refs"))
+            .status
+            .success()
+    );
+    let (c, _) = wait_for(Duration::from_secs(30), "UnknownSizeClass", || {
+        let c = reason(&env);
+        if c.1 == "UnknownSizeClass" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    assert!(c.2.contains("spec.pools[0].size.sizeClass"), "{}", c.2);
+    // A segment id outside the Site's range is reported on the NetworkGroup.
+    let bad_ng = "apiVersion: yukumo.io/v1alpha1\nkind: NetworkGroup\nmetadata: {name: far-net, namespace: refs}\nspec: {cidr: 10.8.0.0/24, segment: {type: vxlan, id: 5000}, homeSite: local}\n";
+    assert!(
+        env.kubectl_stdin(&["apply", "-f", "-"], bad_ng)
+            .status
+            .success()
+    );
+    let (c, _) = wait_for(Duration::from_secs(30), "SegmentOutOfRange", || {
+        let v = json(&env, &["-n", "refs", "get", "ng", "far-net"]);
+        let c = condition(&v, "Ready").unwrap_or_default();
+        if c.1 == "SegmentOutOfRange" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    assert!(
+        c.2.contains("spec.segment.id") && c.2.contains("1000-1999"),
+        "{}",
+        c.2
+    );
+    for ns in ["refs", "refs-other"] {
+        env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+            .unwrap();
+    }
+}
+
+#[test]
+fn hosts_register_with_real_facts_and_serve_health() {
+    let env = Env::get();
+    for h in ["host-1", "host-2"] {
+        let host = json(&env, &["get", "host", h]);
+        assert_eq!(condition(&host, "Ready").unwrap().0, "True", "{h}");
+        assert_eq!(
+            condition(&host, "HypervisorReady").unwrap().0,
+            "True",
+            "{h}"
+        );
+        assert!(host["status"]["capacity"]["cpu"].as_u64().unwrap() >= 1);
+        assert!(host["status"]["capacity"]["memoryMiB"].as_u64().unwrap() >= 256);
+        let caps = &host["status"]["capabilities"];
+        assert_eq!(caps["bridge"], true, "{caps}");
+        assert_eq!(caps["notes"].as_array().unwrap().len(), 4, "{caps}");
+        assert!(
+            host["status"]["hypervisor"]
+                .as_str()
+                .unwrap()
+                .contains("libvirt")
+        );
+        assert_eq!(host["metadata"]["labels"]["yukumo.io/site"], "local");
+    }
+    let site = json(&env, &["get", "site", "local"]);
+    assert_eq!(site["status"]["hostsReady"], "2/2");
+    assert_eq!(condition(&site, "Ready").unwrap().0, "True");
+    let port = env.metrics_port("controller-1").unwrap();
+    let (code, body) = env.http_get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("yukumo_reconciles_total"), "{body}");
+    assert!(body.contains("yukumo_leader 1"), "{body}");
+    assert_eq!(env.http_get(port, "/healthz").unwrap().0, 200);
+    let port = env.metrics_port("agent-host-1").unwrap();
+    let (code, body) = env.http_get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("yukumo_agent_heartbeats_total"), "{body}");
+    assert_eq!(env.http_get(port, "/healthz").unwrap().0, 200);
+}
+
+#[test]
+fn killed_agent_makes_its_host_not_ready_within_the_grace() {
+    let env = Env::get();
+    let grace = 6;
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        &format!("{{\"spec\":{{\"hostGraceSeconds\":{grace}}}}}"),
+    ])
+    .unwrap();
+    let pid = env.pid("agent-host-2").expect("agent-host-2 runs");
+    signal(pid, "KILL");
+    let (_, took) = wait_for(Duration::from_secs(grace + 15), "host-2 NotReady", || {
+        let h = json(&env, &["get", "host", "host-2"]);
+        match condition(&h, "Ready") {
+            Some((s, r, _)) if s == "False" && r == "HeartbeatLost" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!(
+        "host-2 NotReady {:.1}s after kill -9 of its agent (grace {grace}s, heartbeat 2s)",
+        took.as_secs_f64()
+    );
+    assert!(took <= Duration::from_secs(grace + 2 + 3), "took {took:?}");
+    wait_for(Duration::from_secs(15), "site shows 1/2", || {
+        let s = json(&env, &["get", "site", "local"]);
+        if s["status"]["hostsReady"] == "1/2" {
+            Ok(())
+        } else {
+            Err(s["status"]["hostsReady"].to_string())
+        }
+    })
+    .unwrap();
+    env.env_sh(&["start-agent", "host-2"]).unwrap();
+    let (_, took) = wait_for(Duration::from_secs(30), "host-2 Ready again", || {
+        let h = json(&env, &["get", "host", "host-2"]);
+        match condition(&h, "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!(
+        "host-2 Ready again {:.1}s after the agent restarted",
+        took.as_secs_f64()
+    );
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"hostGraceSeconds\":20}}",
+    ])
+    .unwrap();
+}
+
+#[test]
+fn sigterm_stops_an_agent_cleanly() {
+    let env = Env::get();
+    let pid = env.pid("agent-host-1").expect("agent-host-1 runs");
+    signal(pid, "TERM");
+    let (_, took) = wait_for(Duration::from_secs(10), "agent exit", || {
+        if alive(pid) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    println!("agent exited {:.2}s after SIGTERM", took.as_secs_f64());
+    let log = std::fs::read_to_string(env.dir.join("logs/agent-host-1.log")).unwrap();
+    assert!(log.contains("agent stopped"), "no clean stop in log");
+    env.env_sh(&["start-agent", "host-1"]).unwrap();
+    wait_for(Duration::from_secs(30), "host-1 heartbeating", || {
+        let h = json(&env, &["get", "host", "host-1"]);
+        match condition(&h, "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+}
+
+fn lease_holder(env: &Env) -> String {
+    env.jsonpath(
+        &["-n", "yukumo-system", "lease", "yukumo-controller"],
+        "{.spec.holderIdentity}",
+    )
+}
+
+fn leader_gauge(env: &Env, name: &str) -> Option<String> {
+    let port = env.metrics_port(name)?;
+    let (_, body) = env.http_get(port, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.starts_with("yukumo_leader "))
+        .map(|l| l.trim_start_matches("yukumo_leader ").to_string())
+}
+
+#[test]
+fn two_controllers_elect_one_leader_and_hand_over() {
+    let env = Env::get();
+    assert_eq!(lease_holder(&env), "controller-1");
+    env.env_sh(&["start-controller", "2"]).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "controller-2 serving metrics",
+        || leader_gauge(&env, "controller-2").ok_or_else(|| "no metrics yet".to_string()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(leader_gauge(&env, "controller-1").as_deref(), Some("1"));
+    assert_eq!(
+        leader_gauge(&env, "controller-2").as_deref(),
+        Some("0"),
+        "exactly one leader"
+    );
+    assert_eq!(lease_holder(&env), "controller-1");
+
+    // kill -9 the leader: the standby takes over after the lease duration (6s here).
+    signal(env.pid("controller-1").unwrap(), "KILL");
+    let (_, took) = wait_for(Duration::from_secs(25), "controller-2 leading", || {
+        let h = lease_holder(&env);
+        if h == "controller-2" && leader_gauge(&env, "controller-2").as_deref() == Some("1") {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    })
+    .unwrap();
+    println!(
+        "handover after kill -9 of the leader: {:.1}s (lease 6s)",
+        took.as_secs_f64()
+    );
+    assert!(took <= Duration::from_secs(6 + 2 + 5), "took {took:?}");
+
+    // The new leader reconciles.
+    ensure_namespace(&env, "handover");
+    let vc = "apiVersion: yukumo.io/v1alpha1\nkind: VirtualCluster\nmetadata: {name: after, namespace: handover}\nspec:\n  networkGroup: nowhere\n  frontend:\n    size: {sizeClass: small}\n    image: {url: 'file:///img.qcow2', checksum: 'sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd'}\n";
+    assert!(
+        env.kubectl_stdin(&["apply", "-f", "-"], vc)
+            .status
+            .success()
+    );
+    wait_for(Duration::from_secs(20), "new leader reconciles", || {
+        let v = json(&env, &["-n", "handover", "get", "vc", "after"]);
+        condition(&v, "Ready")
+            .filter(|c| c.1 == "NetworkGroupNotFound")
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .unwrap();
+
+    // SIGTERM releases the Lease: a restarted controller-1 leads at once.
+    let pid2 = env.pid("controller-2").unwrap();
+    signal(pid2, "TERM");
+    wait_for(Duration::from_secs(10), "controller-2 exit", || {
+        if alive(pid2) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        lease_holder(&env),
+        "",
+        "a clean shutdown releases the Lease"
+    );
+    env.env_sh(&["start-controller", "1"]).unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(20),
+        "controller-1 leading again",
+        || {
+            let h = lease_holder(&env);
+            if h == "controller-1" { Ok(()) } else { Err(h) }
+        },
+    )
+    .unwrap();
+    println!(
+        "restarted controller-1 acquired the released Lease in {:.1}s",
+        took.as_secs_f64()
+    );
+    let log = std::fs::read_to_string(env.dir.join("logs/controller-2.log")).unwrap();
+    assert!(log.contains("released the Lease") && log.contains("controller stopped"));
+    env.kubectl_ok(&["delete", "namespace", "handover", "--wait=false"])
+        .unwrap();
+}
