@@ -174,7 +174,7 @@ EOF
     --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
     --controllers 'garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,daemonset-controller' \
     --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/ca.crt" \
-    --use-service-account-credentials=false --v 1
+    --use-service-account-credentials=true --v 1
 }
 
 install_chart() {

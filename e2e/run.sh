@@ -12,7 +12,7 @@ cleanup() {
     echo "e2e failed; last lines of each component log:" >&2
     for f in "$YUKUMO_ENV_DIR"/logs/*.log; do
       case $f in *audit.log) continue ;; esac
-      echo "--- $f" >&2; tail -n 15 "$f" >&2
+      echo "--- $f" >&2; tail -n 15 "$f" | cut -c1-400 >&2
     done
   fi
   "$ROOT/e2e/env.sh" down --dir "$YUKUMO_ENV_DIR" || true

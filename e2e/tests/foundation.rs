@@ -304,7 +304,11 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
     ];
     let mut wrong = Vec::new();
     for (who, verb, res, ns, expected) in table {
-        let mut args = vec!["auth", "can-i", verb, res, "--as", who];
+        let mut args = vec!["auth", "can-i", verb, "--as", who];
+        match res.split_once("/status") {
+            Some((r, _)) => args.extend_from_slice(&[r, "--subresource", "status"]),
+            None => args.push(res),
+        }
         if ns.is_empty() {
             args.push("--all-namespaces");
         } else {

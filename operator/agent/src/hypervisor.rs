@@ -15,7 +15,6 @@ pub struct HypervisorInfo {
     pub cpus: u32,
     pub memory_mib: u64,
     pub description: String,
-    pub kvm: bool,
 }
 
 type Job = Box<dyn FnOnce(&mut Option<Connect>) + Send>;
@@ -96,32 +95,36 @@ impl Hypervisor {
         rx.await.map_err(|_| HypervisorError::ThreadGone)?
     }
 
-    /// Capacity and description of the hypervisor.
+    /// Capacity and description of the hypervisor (cheap calls only).
     pub async fn info(&self) -> Result<HypervisorInfo, HypervisorError> {
         self.call(|c| {
             let node = c.get_node_info()?;
             let lib = c.get_lib_version()?;
             let driver = c.get_type()?;
-            let caps = c.get_capabilities()?;
-            let kvm =
-                caps.contains("<domain type='kvm'") && std::path::Path::new("/dev/kvm").exists();
             Ok(HypervisorInfo {
                 cpus: node.cpus,
                 memory_mib: node.memory / 1024,
-                description: format!(
-                    "libvirt {} / {} ({})",
-                    version_string(lib),
-                    driver,
-                    if kvm {
-                        "KVM advertised"
-                    } else {
-                        "software emulation only"
-                    }
-                ),
-                kvm,
+                description: format!("libvirt {} / {}", version_string(lib), driver),
             })
         })
         .await
+    }
+
+    /// Whether libvirt advertises KVM domains. Reading the capabilities makes
+    /// libvirt probe the host (seconds under QEMU), so this runs once, off the
+    /// heartbeat path.
+    pub async fn kvm_advertised(&self) -> Result<bool, HypervisorError> {
+        self.call(|c| {
+            let caps = c.get_capabilities()?;
+            Ok(caps.contains("<domain type='kvm'") && std::path::Path::new("/dev/kvm").exists())
+        })
+        .await
+    }
+
+    /// A cheap liveness call (capabilities probing is expensive, so the
+    /// heartbeat refreshes full facts only now and then).
+    pub async fn ping(&self) -> Result<(), HypervisorError> {
+        self.call(|c| c.get_lib_version().map(|_| ())).await
     }
 }
 
@@ -136,6 +139,7 @@ mod tests {
         assert!(info.cpus > 0);
         assert!(info.memory_mib > 0);
         assert!(info.description.contains("TEST"), "{}", info.description);
+        h.ping().await.unwrap();
     }
 
     #[tokio::test]

@@ -25,6 +25,9 @@ use crate::hypervisor::{Hypervisor, HypervisorInfo};
 /// The agent's own condition on its Host.
 pub const HYPERVISOR_READY: &str = "HypervisorReady";
 
+/// How often the heartbeat re-reads the hypervisor's full facts.
+const INFO_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Agent metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -120,10 +123,7 @@ pub fn agent_status(
             (None, None, None)
         }
     };
-    let mut caps = caps.clone();
-    if let Ok(i) = &info {
-        caps.kvm = i.kvm;
-    }
+    let caps = caps.clone();
     HostStatus {
         observed_generation: None,
         conditions,
@@ -173,7 +173,22 @@ pub async fn run(
         });
     tracing::info!(notes = ?caps.notes, "kernel capabilities probed");
 
+    // KVM support is slow to read from libvirt: learn it in the background
+    // and report it from the next heartbeat on.
+    let kvm = std::sync::Arc::new(std::sync::OnceLock::new());
+    {
+        let (hv, kvm) = (hv.clone(), kvm.clone());
+        tokio::spawn(async move {
+            match hv.kvm_advertised().await {
+                Ok(k) => {
+                    let _ = kvm.set(k);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read hypervisor capabilities"),
+            }
+        });
+    }
     let mut previous: Vec<Condition> = Vec::new();
+    let mut cached: Option<(std::time::Instant, HypervisorInfo)> = None;
     let mut interval = tokio::time::interval(args.heartbeat_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,7 +196,22 @@ pub async fn run(
             _ = interval.tick() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        let info = hv.info().await.map_err(|e| e.to_string());
+        // Full facts at start and every minute; a cheap ping in between.
+        let stale = cached
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= INFO_REFRESH);
+        let info = if stale {
+            hv.info()
+                .await
+                .inspect(|i| cached = Some((std::time::Instant::now(), i.clone())))
+        } else {
+            let (_, i) = cached.clone().expect("cached");
+            hv.ping().await.map(|()| i)
+        };
+        let info = info.map_err(|e| {
+            cached = None;
+            e.to_string()
+        });
         if let Err(e) = &info {
             tracing::warn!(error = %e, "hypervisor unreachable");
         }
@@ -192,6 +222,10 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot list underlay addresses");
                 Vec::new()
             });
+        let caps = HostCapabilities {
+            kvm: kvm.get().copied().unwrap_or(false),
+            ..caps.clone()
+        };
         let status = agent_status(
             &args,
             info.as_ref().map_err(|e| e.clone()),
@@ -260,7 +294,6 @@ mod tests {
             cpus: 4,
             memory_mib: 8192,
             description: "libvirt 9.0.0 / QEMU".into(),
-            kvm: false,
         };
         let now = Timestamp::now();
         let s = agent_status(

@@ -19,7 +19,12 @@ pub fn init_tracing() {
     if std::env::var("YUKUMO_LOG_FORMAT").as_deref() == Ok("json") {
         fmt().json().with_env_filter(filter).init();
     } else {
-        fmt().with_env_filter(filter).with_target(false).init();
+        use std::io::IsTerminal;
+        fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
     }
 }
 
