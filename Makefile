@@ -16,8 +16,10 @@ tools:
 build: tools
 	$(CARGO) build --release --workspace --bins
 
-crds:
-	$(CARGO) run -q --release -p yukumo-crdgen
+# Every cargo command selects the whole workspace, so features unify the same
+# way and dependencies are compiled once for build, unit and e2e.
+crds: build
+	target/release/yukumo-crdgen
 
 up: build
 	e2e/env.sh up
@@ -34,9 +36,8 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-unit:
-	$(CARGO) test --release --workspace --exclude yukumo-e2e
-	$(CARGO) run -q --release -p yukumo-crdgen -- --check
+unit: tools
+	$(CARGO) test --release --workspace --lib --bins   # includes the CRD drift check
 
 chart: tools
 	e2e/chart-test.sh

@@ -233,7 +233,7 @@ start_agent() { # host
     "$(agent_binary)" --host-name "$host" --site "$site" \
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
     --netns "$(cat "$hdir/netns")" --gateway \
-    --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" \
+    --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and caches everything yukumo's tests and `make up` need, so that a
 # fresh machine of this kind needs nothing installed by hand:
-#   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, ...)
+#   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, a Debian
+#     kernel and syslinux for the tiny test guest, ...)
 #   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
 # Go binaries are cached under $YUKUMO_CACHE (default ~/.cache/yukumo), keyed
@@ -24,6 +25,7 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils nftables iproute2 dnsmasq-base busybox-static
   pkg-config xz-utils cpio genisoimage openssl python3 curl
+  linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod
 )
 
 tools_log() { echo "[tools] $*" >&2; }

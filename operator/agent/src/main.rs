@@ -46,6 +46,10 @@ pub struct Args {
     /// CPUs kept for the host itself.
     #[arg(long, default_value_t = 0)]
     pub reserved_cpu: u32,
+    /// vCPUs offered per physical CPU (after the reserve), e.g. 4 for hosts
+    /// that run many small, mostly idle guests.
+    #[arg(long, default_value_t = 1.0)]
+    pub cpu_overcommit: f64,
     /// Memory (MiB) kept for the host itself.
     #[arg(long, default_value_t = 256)]
     pub reserved_memory_mib: u64,

@@ -107,7 +107,9 @@ pub fn agent_status(
                 memory_mib: i.memory_mib,
             };
             let alloc = Resources {
-                cpu: i.cpus.saturating_sub(args.reserved_cpu),
+                cpu: (f64::from(i.cpus.saturating_sub(args.reserved_cpu))
+                    * args.cpu_overcommit.max(0.0))
+                .floor() as u32,
                 memory_mib: i.memory_mib.saturating_sub(args.reserved_memory_mib),
             };
             (Some(cap), Some(alloc), Some(i.description.clone()))

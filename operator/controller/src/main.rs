@@ -9,6 +9,7 @@
 mod context;
 mod leader;
 mod reconcile;
+mod scheduler;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
-use yukumo_api::{Host, NetworkGroup, Site, VirtualCluster, Volume};
+use yukumo_api::{Host, NetworkGroup, Site, VirtualCluster, VirtualNode, Volume};
 use yukumo_telemetry::{Health, parse_duration};
 
 use crate::context::{Ctx, Metrics, error_policy};
@@ -150,6 +151,7 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
     let vc_store = vc_controller.store();
     let vc_store2 = vc_store.clone();
     let vcs = vc_controller
+        .owns(Api::<VirtualNode>::all(client.clone()), wc.clone())
         .watches(
             Api::<NetworkGroup>::all(client.clone()),
             wc.clone(),

@@ -3,6 +3,7 @@
 
 pub mod host;
 pub mod networkgroup;
+pub mod nodes;
 pub mod site;
 pub mod verdict;
 pub mod virtualcluster;

@@ -1,25 +1,32 @@
-//! VirtualCluster: validate what the spec refers to, and report it.
+//! VirtualCluster: validate what the spec refers to, place its nodes, and
+//! report it.
 //!
 //! References are checked against the API (same namespace for namespaced
 //! kinds, so one tenant can never name another tenant's NetworkGroup or
 //! Volume). What the schema cannot say becomes a `Stalled` condition naming
 //! the field, and an Event.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use yukumo_api::common::{NodeSize, builtin_size_classes};
+use kube::{Resource, ResourceExt};
+use yukumo_api::common::{Conditions, NodeSize, Resources, builtin_size_classes, condition_types};
+use yukumo_api::host::Host;
 use yukumo_api::site::Site;
-use yukumo_api::virtualcluster::{VirtualCluster, VirtualClusterSpec, VirtualClusterStatus};
-use yukumo_api::{NetworkGroup, Volume};
+use yukumo_api::virtualcluster::{
+    FrontendEndpoint, NodeSummary, VirtualCluster, VirtualClusterSpec, VirtualClusterStatus,
+};
+use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
+use yukumo_api::{NetworkGroup, Volume, labels, managers};
 
+use super::nodes::{DesiredNode, desired_nodes, should_run};
 use super::verdict::{Verdict, apply_verdict, reason_changed};
 use crate::context::{Ctx, Error, Result};
+use crate::scheduler::{HostView, Placement, Request, place};
 
 /// What the referenced objects look like, fetched once per reconcile.
 pub struct Observed {
@@ -146,10 +153,206 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
     Verdict::progressing(
         "ReferencesResolved",
         format!(
-            "references resolved; 0/{} nodes ready (nodes are created by the scheduler)",
+            "references resolved; {} nodes to place",
             spec.desired_nodes()
         ),
     )
+}
+
+/// What converging a cluster's VirtualNodes found.
+struct NodesOutcome {
+    nodes: Vec<VirtualNode>,
+    unschedulable: Vec<String>,
+}
+
+fn node_labels(vc_name: &str, d: &DesiredNode, host: &str, site: &str) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (labels::CLUSTER.to_string(), vc_name.to_string()),
+        (labels::ROLE.to_string(), d.spec.role.as_str().to_string()),
+        (labels::HOST.to_string(), host.to_string()),
+        (labels::SITE.to_string(), site.to_string()),
+        (
+            labels::MANAGED_BY.to_string(),
+            labels::MANAGED_BY_VALUE.to_string(),
+        ),
+    ]);
+    if let Some(p) = &d.spec.pool {
+        l.insert(labels::POOL.to_string(), p.clone());
+    }
+    l
+}
+
+fn host_views(hosts: &[Host], all_nodes: &[VirtualNode]) -> Vec<HostView> {
+    hosts
+        .iter()
+        .map(|h| {
+            let name = h.name_any();
+            let used = all_nodes
+                .iter()
+                .filter(|n| n.spec.host.as_deref() == Some(name.as_str()))
+                .map(|n| n.spec.resources)
+                .fold(Resources::default(), Resources::plus);
+            let status = h.status.clone().unwrap_or_default();
+            HostView {
+                site: h.spec.site.clone(),
+                gateway: h.spec.gateway,
+                ready: status.conditions.is_true(condition_types::READY),
+                schedulable: h.spec.schedulable,
+                allocatable: status.allocatable.unwrap_or_default(),
+                used,
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Create, update and delete the cluster's VirtualNodes. Placement is
+/// persisted in the VirtualNode (spec.host and its label) when it is created,
+/// and never changes while the host exists.
+async fn converge_nodes(
+    ctx: &Ctx,
+    vc: &VirtualCluster,
+    ns: &str,
+    desired: Vec<DesiredNode>,
+    mine: Vec<VirtualNode>,
+) -> Result<NodesOutcome> {
+    let api: Api<VirtualNode> = Api::namespaced(ctx.client.clone(), ns);
+    let all_nodes = Api::<VirtualNode>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    let hosts = Api::<Host>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items;
+    let mut views = host_views(&hosts, &all_nodes);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for n in &mine {
+        if let Some(h) = &n.spec.host {
+            *counts.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let vc_name = vc.name_any();
+    let owner = vc
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let frontend_running = mine.iter().any(|n| {
+        n.spec.role == NodeRole::Frontend
+            && n.status
+                .as_ref()
+                .is_some_and(|s| s.phase == NodePhase::Running)
+    });
+    let pp = PatchParams::apply(managers::CONTROLLER).force();
+    let mut nodes = Vec::new();
+    let mut unschedulable = Vec::new();
+    for d in &desired {
+        let existing = mine.iter().find(|n| n.name_any() == d.name);
+        let placement = match existing.and_then(|n| n.spec.host.clone().zip(n.spec.site.clone())) {
+            Some((host, site)) => Placement::Host { host, site },
+            None => place(
+                &Request {
+                    node: d.name.clone(),
+                    sites: d.sites.clone(),
+                    need: d.spec.resources,
+                    gateway: d.gateway,
+                },
+                &mut views,
+                &mut counts,
+            ),
+        };
+        let (host, site) = match placement {
+            Placement::Host { host, site } => (host, site),
+            Placement::Unschedulable(msg) => {
+                unschedulable.push(msg);
+                continue;
+            }
+        };
+        let mut spec = d.spec.clone();
+        spec.host = Some(host.clone());
+        spec.site = Some(site.clone());
+        spec.running = should_run(
+            vc.spec.running,
+            spec.role,
+            vc.spec.start_order,
+            frontend_running,
+        );
+        if let Some(n) = existing {
+            // Keep what the controller allocated earlier (network identity, disks).
+            spec.network = n.spec.network.clone();
+            spec.disks = n.spec.disks.clone();
+        }
+        let labels = node_labels(&vc_name, d, &host, &site);
+        let unchanged = existing.is_some_and(|n| {
+            n.spec == spec
+                && labels.iter().all(|(k, v)| n.labels().get(k) == Some(v))
+                && n.owner_references().iter().any(|o| o.uid == owner.uid)
+        });
+        if unchanged {
+            nodes.push(existing.cloned().expect("existing"));
+            continue;
+        }
+        let vn = VirtualNode {
+            metadata: ObjectMeta {
+                name: Some(d.name.clone()),
+                namespace: Some(ns.to_string()),
+                labels: Some(labels),
+                owner_references: Some(vec![owner.clone()]),
+                ..Default::default()
+            },
+            spec,
+            status: None,
+        };
+        let applied = api.patch(&d.name, &pp, &Patch::Apply(&vn)).await?;
+        if existing.is_none() {
+            ctx.event(
+                vc,
+                EventType::Normal,
+                "NodeScheduled",
+                format!("{} placed on host {host} (site {site})", d.name),
+            )
+            .await;
+        }
+        nodes.push(applied);
+    }
+    // Scale down: remove nodes no longer desired (the highest indexes).
+    for n in &mine {
+        if !desired.iter().any(|d| d.name == n.name_any())
+            && n.metadata.deletion_timestamp.is_none()
+        {
+            api.delete(&n.name_any(), &Default::default()).await?;
+            ctx.event(
+                vc,
+                EventType::Normal,
+                "NodeRemoved",
+                format!("{} removed (scaled down)", n.name_any()),
+            )
+            .await;
+        }
+    }
+    Ok(NodesOutcome {
+        nodes,
+        unschedulable,
+    })
+}
+
+fn summary(n: &VirtualNode) -> NodeSummary {
+    NodeSummary {
+        name: n.name_any(),
+        role: n.spec.role.as_str().to_string(),
+        host: n.spec.host.clone(),
+        site: n.spec.site.clone(),
+        ip: n.spec.network.as_ref().map(|net| net.ip.clone()),
+        phase: Some(format!(
+            "{:?}",
+            n.status.as_ref().map(|s| s.phase).unwrap_or_default()
+        )),
+    }
+}
+
+fn node_ready(n: &VirtualNode) -> bool {
+    n.status
+        .as_ref()
+        .is_some_and(|s| s.conditions.is_true(condition_types::READY))
 }
 
 pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action> {
@@ -175,15 +378,89 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         volumes,
         sites: sites.list(&Default::default()).await?.items,
     };
-    let verdict = validate(&ns, &vc.spec, &observed);
+    let mut verdict = validate(&ns, &vc.spec, &observed);
     let old = vc.status.clone().unwrap_or_default();
+    let desired_count = vc.spec.desired_nodes();
+    let mut nodes_status = old.nodes.clone();
+    let mut ready_nodes = old.ready_nodes;
+    let mut requeue = Duration::from_secs(300);
+    if let (false, Some(ng)) = (verdict.is_stalled(), observed.network_group.as_ref()) {
+        match desired_nodes(&vc, ng, &observed.sites) {
+            Err(v) => verdict = v,
+            Ok(desired) => {
+                let mine = Api::<VirtualNode>::namespaced(ctx.client.clone(), &ns)
+                    .list(&ListParams::default().labels(&format!(
+                        "{}={}",
+                        labels::CLUSTER,
+                        vc.name_any()
+                    )))
+                    .await?
+                    .items
+                    .into_iter()
+                    // Only nodes this cluster object owns: a cluster recreated
+                    // under the same name never adopts its predecessor's nodes.
+                    .filter(|n| {
+                        n.owner_references()
+                            .iter()
+                            .any(|o| Some(&o.uid) == vc.metadata.uid.as_ref())
+                    })
+                    .collect();
+                let outcome = converge_nodes(&ctx, &vc, &ns, desired, mine).await?;
+                nodes_status = outcome.nodes.iter().map(summary).collect();
+                let stopped = outcome
+                    .nodes
+                    .iter()
+                    .filter(|n| {
+                        n.status
+                            .as_ref()
+                            .is_some_and(|s| s.phase == NodePhase::Stopped)
+                    })
+                    .count() as i32;
+                ready_nodes = outcome.nodes.iter().filter(|n| node_ready(n)).count() as i32;
+                verdict = if !outcome.unschedulable.is_empty() {
+                    requeue = Duration::from_secs(10);
+                    Verdict::stalled("Unschedulable", outcome.unschedulable.join("; "))
+                } else if !vc.spec.running {
+                    if stopped == desired_count {
+                        Verdict::ready("Stopped", format!("all {desired_count} nodes stopped"))
+                    } else {
+                        Verdict::progressing(
+                            "Stopping",
+                            format!("{stopped}/{desired_count} nodes stopped"),
+                        )
+                    }
+                } else if ready_nodes == desired_count {
+                    Verdict::ready(
+                        "AllNodesReady",
+                        format!("{ready_nodes}/{desired_count} nodes ready"),
+                    )
+                } else {
+                    Verdict::progressing(
+                        "NodesStarting",
+                        format!("{ready_nodes}/{desired_count} nodes ready"),
+                    )
+                };
+            }
+        }
+    }
+    let frontend = nodes_status
+        .iter()
+        .find(|n| n.role == "frontend")
+        .and_then(|n| n.ip.clone())
+        .map(|ip| FrontendEndpoint {
+            ssh: Some(format!("ssh root@{ip}")),
+            address: Some(ip),
+            public_ip: None,
+        });
     let status = VirtualClusterStatus {
         observed_generation: vc.metadata.generation,
         conditions: apply_verdict(&old.conditions, vc.metadata.generation, &verdict),
-        desired_nodes: vc.spec.desired_nodes(),
-        ready_nodes: old.ready_nodes,
-        ready: Some(format!("{}/{}", old.ready_nodes, vc.spec.desired_nodes())),
-        ..old.clone()
+        desired_nodes: desired_count,
+        ready_nodes,
+        ready: Some(format!("{ready_nodes}/{desired_count}")),
+        nodes: nodes_status,
+        frontend: frontend.or(old.frontend.clone()),
+        next_transition: old.next_transition.clone(),
     };
     if status != old {
         ctx.apply_status(
@@ -207,7 +484,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         )
         .await;
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(requeue))
 }
 
 #[cfg(test)]

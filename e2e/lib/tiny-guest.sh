@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Builds yukumo's tiny test guest: a bootable qcow2 disk image (FAT file
+# system with syslinux, the Debian kernel of this machine and a busybox
+# initramfs) that boots to userspace in seconds under TCG. Its init reads the
+# NoCloud config disk (label cidata) like cloud-init does, sets the hostname,
+# installs the ssh keys and reports on the serial console:
+#   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
+# then brings up eth0 with DHCP when the config asks for it, and idles.
+#
+# Output: $YUKUMO_CACHE/images/yukumo-tiny-guest-<kernel>.qcow2 (cached);
+# prints "<path> sha256:<hex>".
+set -euo pipefail
+YUKUMO_CACHE=${YUKUMO_CACHE:-$HOME/.cache/yukumo}
+KVER=$(find /lib/modules -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+[ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || { echo "tiny-guest: no Debian kernel in /boot (install linux-image-amd64)" >&2; exit 1; }
+OUT_DIR=$YUKUMO_CACHE/images
+OUT=$OUT_DIR/yukumo-tiny-guest-$KVER.qcow2
+SCRIPT_SUM=$(sha256sum "$0" | cut -c1-12)
+OUT=${OUT%.qcow2}-$SCRIPT_SUM.qcow2
+if [ ! -f "$OUT" ]; then
+  mkdir -p "$OUT_DIR"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  root=$work/root
+  mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc,tmp,root/.ssh,cidata,lib/modules,usr/bin,usr/sbin,run,var/run}
+  cp /bin/busybox "$root/bin/busybox"
+  # Kernel modules for virtio disks and NICs and ISO 9660, in dependency order.
+  for m in virtio_pci virtio_blk virtio_net isofs; do
+    modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}'
+  done | awk '!seen[$0]++' > "$work/mods"
+  : > "$root/lib/modules/order"
+  while read -r ko; do
+    name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
+    case $ko in
+      *.xz) xz -dc "$ko" > "$root/lib/modules/$name" ;;
+      *.zst) zstd -dcq "$ko" > "$root/lib/modules/$name" ;;
+      *) cp "$ko" "$root/lib/modules/$name" ;;
+    esac
+    echo "$name" >> "$root/lib/modules/order"
+  done < "$work/mods"
+  cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec >/dev/ttyS0 2>&1
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m 2>/dev/null; done
+found=""
+# Disks appear asynchronously after the driver loads: look for up to 10 s.
+for _ in $(seq 1 50); do
+  for d in /dev/vd[b-z] /dev/sr0; do
+    [ -b "$d" ] || continue
+    if mount -t iso9660 -o ro "$d" /cidata 2>/dev/null; then
+      if [ -f /cidata/meta-data ]; then found=$d; break; fi
+      umount /cidata
+    fi
+  done
+  [ -n "$found" ] && break
+  sleep 0.2
+done
+if [ -z "$found" ]; then
+  echo "YUKUMO-GUEST error=no-config-disk disks=$(ls /dev/vd* 2>/dev/null | tr "\n" " ") modules=$(cut -d" " -f1 /proc/modules | tr "\n" " ") fs=$(grep -c iso9660 /proc/filesystems)"
+else
+  h=$(sed -n 's/^local-hostname: *//p' /cidata/meta-data | head -n 1)
+  id=$(sed -n 's/^instance-id: *//p' /cidata/meta-data | head -n 1)
+  [ -n "$h" ] && hostname "$h"
+  sed -n 's/^ *- *\(ssh-[^ ]* .*\)$/\1/p; s/^ *- *\(ecdsa-[^ ]* .*\)$/\1/p' /cidata/user-data > /root/.ssh/authorized_keys
+  n=$(grep -c . /root/.ssh/authorized_keys || true)
+  k0=$(head -n 1 /root/.ssh/authorized_keys | tr -d '\n' | sha256sum | cut -c1-64)
+  echo "YUKUMO-GUEST hostname=$(hostname) instance=$id sshkeys=$n sshkey0=$k0"
+  if grep -q 'dhcp4: *true' /cidata/network-config 2>/dev/null; then
+    ip link set eth0 up
+    udhcpc -i eth0 -t 20 -T 1 -n -q -s /bin/tiny-dhcp && echo "YUKUMO-GUEST dhcp=$(ip -4 -o addr show eth0 | awk '{print $4}')"
+  fi
+fi
+echo "YUKUMO-GUEST ready"
+while true; do sleep 3600; done
+INIT
+  cat > "$root/bin/tiny-dhcp" <<'DHCP'
+#!/bin/sh
+case $1 in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    ;;
+esac
+DHCP
+  chmod +x "$root/init" "$root/bin/tiny-dhcp"
+  (cd "$root" && find . | sort | cpio -o -H newc --quiet | gzip -9n) > "$work/initrd.gz"
+  cat > "$work/syslinux.cfg" <<'CFG'
+DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL vmlinuz
+  INITRD initrd.gz
+  APPEND console=ttyS0 quiet rdinit=/init panic=5
+CFG
+  mkfs.vfat -C -i 59554b55 -n YUKUMOTINY "$work/disk.raw" 49152 >/dev/null
+  syslinux --install "$work/disk.raw"
+  mcopy -i "$work/disk.raw" "/boot/vmlinuz-$KVER" ::/vmlinuz
+  mcopy -i "$work/disk.raw" "$work/initrd.gz" ::/initrd.gz
+  mcopy -i "$work/disk.raw" "$work/syslinux.cfg" ::/syslinux.cfg
+  qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$OUT.tmp"
+  mv "$OUT.tmp" "$OUT"
+fi
+echo "$OUT sha256:$(sha256sum "$OUT" | cut -c1-64)"

@@ -1,0 +1,253 @@
+//! Scheduling end-to-end tests: VirtualClusters become VirtualNodes placed
+//! on the simulated hosts, with owner references, spread, scale up/down,
+//! start order, capacity errors and garbage collection.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use yukumo_e2e::{Env, wait_for};
+
+fn json(env: &Env, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["-o", "json"]);
+    serde_json::from_str(&env.kubectl_ok(&a).expect("kubectl get")).expect("json")
+}
+
+fn ready_reason(env: &Env, ns: &str, vc: &str) -> (String, String) {
+    let v = json(env, &["-n", ns, "get", "vc", vc]);
+    v["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| {
+            (
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn nodes(env: &Env, ns: &str, vc: &str) -> Vec<Value> {
+    let list = json(
+        env,
+        &[
+            "-n",
+            ns,
+            "get",
+            "vn",
+            "-l",
+            &format!("yukumo.io/cluster={vc}"),
+        ],
+    );
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn setup(env: &Env, ns: &str) {
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\napiVersion: yukumo.io/v1alpha1\nkind: NetworkGroup\nmetadata: {{name: net, namespace: {ns}}}\nspec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}\n"
+    );
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], &text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn cluster(ns: &str, name: &str, workers: u32, worker_mem: &str) -> String {
+    format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  networkGroup: net
+  frontend:
+    size: {{cpu: 1, memory: 128Mi}}
+    image: {{url: 'file:///img.qcow2', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}}
+  pools:
+  - {{name: worker, replicas: {workers}, size: {{cpu: 1, memory: {worker_mem}}}}}
+"
+    )
+}
+
+fn apply(env: &Env, text: &str) {
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_count(env: &Env, ns: &str, vc: &str, n: usize) -> Vec<Value> {
+    let (v, took) = wait_for(
+        Duration::from_secs(30),
+        &format!("{n} nodes of {vc}"),
+        || {
+            let ns_nodes: Vec<Value> = nodes(env, ns, vc)
+                .into_iter()
+                .filter(|n| n["metadata"]["deletionTimestamp"].is_null())
+                .collect();
+            if ns_nodes.len() == n {
+                Ok(ns_nodes)
+            } else {
+                Err(format!("{} nodes", ns_nodes.len()))
+            }
+        },
+    )
+    .unwrap();
+    println!("{vc}: {n} nodes after {took:?}");
+    v
+}
+
+#[test]
+fn nodes_are_placed_spread_owned_and_scaled() {
+    let env = Env::get();
+    let ns = "sched";
+    setup(&env, ns);
+    apply(&env, &cluster(ns, "spread", 3, "128Mi"));
+    let ns_nodes = wait_count(&env, ns, "spread", 4);
+    let vc = json(&env, &["-n", ns, "get", "vc", "spread"]);
+    let uid = vc["metadata"]["uid"].as_str().unwrap().to_string();
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for n in &ns_nodes {
+        let name = n["metadata"]["name"].as_str().unwrap();
+        let host = n["spec"]["host"].as_str().expect("placed");
+        assert_eq!(
+            n["metadata"]["labels"]["yukumo.io/host"], host,
+            "{name}: label matches spec.host"
+        );
+        assert_eq!(
+            n["metadata"]["ownerReferences"][0]["uid"],
+            uid.as_str(),
+            "{name}: owned by its cluster"
+        );
+        assert_eq!(n["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(n["spec"]["resources"]["memoryMiB"], 128);
+        *per_host.entry(host.to_string()).or_default() += 1;
+        // FrontendFirst: workers wait for the frontend to run.
+        let is_frontend = name == "spread-frontend";
+        assert_eq!(n["spec"]["running"], is_frontend, "{name}");
+    }
+    assert_eq!(per_host.len(), 2, "spread over both hosts: {per_host:?}");
+    assert!(per_host.values().all(|c| *c == 2), "{per_host:?}");
+    let names: Vec<String> = ns_nodes
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "spread-frontend",
+        "spread-worker-0",
+        "spread-worker-1",
+        "spread-worker-2",
+    ] {
+        assert!(names.contains(&want.to_string()), "{names:?}");
+    }
+    assert_eq!(ready_reason(&env, ns, "spread").0, "NodesStarting");
+
+    // Placement is persisted: a controller restart changes nothing.
+    let before: BTreeMap<String, String> = ns_nodes
+        .iter()
+        .map(|n| {
+            (
+                n["metadata"]["name"].as_str().unwrap().to_string(),
+                n["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let pid = env.pid("controller-1").expect("controller-1");
+    yukumo_e2e::signal(pid, "KILL");
+    env.env_sh(&["start-controller", "1"]).unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let after: BTreeMap<String, String> = nodes(&env, ns, "spread")
+        .iter()
+        .map(|n| {
+            (
+                n["metadata"]["name"].as_str().unwrap().to_string(),
+                n["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        before, after,
+        "a restarted controller must not rewrite placed nodes"
+    );
+
+    // Scale 3 -> 5 -> 2 workers: the highest indexes go first.
+    apply(&env, &cluster(ns, "spread", 5, "128Mi"));
+    wait_count(&env, ns, "spread", 6);
+    apply(&env, &cluster(ns, "spread", 2, "128Mi"));
+    let left = wait_count(&env, ns, "spread", 3);
+    let mut names: Vec<String> = left
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["spread-frontend", "spread-worker-0", "spread-worker-1"]
+    );
+
+    // Deleting the cluster garbage-collects its nodes (owner references).
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "spread"])
+        .unwrap();
+    wait_count(&env, ns, "spread", 0);
+
+    // Recreated under the same name: fresh nodes owned by the new object.
+    apply(&env, &cluster(ns, "spread", 1, "128Mi"));
+    let fresh = wait_count(&env, ns, "spread", 2);
+    let new_uid = json(&env, &["-n", ns, "get", "vc", "spread"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_uid, uid);
+    assert!(
+        fresh
+            .iter()
+            .all(|n| n["metadata"]["ownerReferences"][0]["uid"] == new_uid.as_str())
+    );
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn a_cluster_that_does_not_fit_says_which_resource_and_where() {
+    let env = Env::get();
+    let ns = "toobig";
+    setup(&env, ns);
+    apply(&env, &cluster(ns, "huge", 1, "512Gi"));
+    let ((reason, msg), took) = wait_for(Duration::from_secs(30), "Unschedulable", || {
+        let r = ready_reason(&env, ns, "huge");
+        if r.0 == "Unschedulable" {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .unwrap();
+    println!("{reason} after {took:?}: {msg}");
+    assert!(
+        msg.contains("huge-worker-0 needs 1 cpu and 524288 MiB at site local"),
+        "{msg}"
+    );
+    assert!(msg.contains("insufficient free cpu or memory"), "{msg}");
+    // The frontend that fits is placed; the worker is not.
+    let ns_nodes = wait_count(&env, ns, "huge", 1);
+    assert_eq!(ns_nodes[0]["metadata"]["name"], "huge-frontend");
+    let events = env
+        .kubectl_ok(&["-n", ns, "get", "events", "-o", "json"])
+        .unwrap();
+    assert!(events.contains("Unschedulable"), "an Event says so");
+    // Capacity appears (the spec shrinks): it is placed without further action.
+    apply(&env, &cluster(ns, "huge", 1, "128Mi"));
+    wait_count(&env, ns, "huge", 2);
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}

@@ -1,0 +1,222 @@
+//! Placement of VirtualNodes on Hosts, as pure functions.
+//!
+//! A node goes to a Ready, schedulable Host of one of its allowed Sites whose
+//! free allocatable resources (allocatable minus what placed VirtualNodes
+//! use) fit it; among those, the host with the fewest nodes of the same
+//! cluster (spread), then the most free memory, then the name (determinism).
+//! Frontends that ask for a gateway host only go to gateway-capable hosts.
+
+use std::collections::BTreeMap;
+
+use yukumo_api::common::Resources;
+
+/// What the scheduler knows about one Host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    pub name: String,
+    pub site: String,
+    pub gateway: bool,
+    pub ready: bool,
+    pub schedulable: bool,
+    pub allocatable: Resources,
+    pub used: Resources,
+}
+
+impl HostView {
+    fn free(&self) -> Resources {
+        Resources {
+            cpu: self.allocatable.cpu.saturating_sub(self.used.cpu),
+            memory_mib: self
+                .allocatable
+                .memory_mib
+                .saturating_sub(self.used.memory_mib),
+        }
+    }
+}
+
+/// One node to place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub node: String,
+    pub sites: Vec<String>,
+    pub need: Resources,
+    pub gateway: bool,
+}
+
+/// The outcome for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Host { host: String, site: String },
+    Unschedulable(String),
+}
+
+/// Place `req` on one of `hosts`, charging the chosen host. `cluster_nodes`
+/// counts this cluster's nodes per host (updated on success) for spreading.
+pub fn place(
+    req: &Request,
+    hosts: &mut [HostView],
+    cluster_nodes: &mut BTreeMap<String, u32>,
+) -> Placement {
+    let mut why: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let mut best: Option<usize> = None;
+    for (i, h) in hosts.iter().enumerate() {
+        let reason = if !req.sites.contains(&h.site) {
+            Some("other site")
+        } else if !h.ready {
+            Some("not Ready")
+        } else if !h.schedulable {
+            Some("cordoned")
+        } else if req.gateway && !h.gateway {
+            Some("not a gateway host")
+        } else if !h.free().fits(req.need) {
+            Some("insufficient free cpu or memory")
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            if r != "other site" {
+                why.entry(r).or_default().push(h.name.clone());
+            }
+            continue;
+        }
+        let key = |h: &HostView| {
+            (
+                cluster_nodes.get(&h.name).copied().unwrap_or(0),
+                std::cmp::Reverse(h.free().memory_mib),
+                h.name.clone(),
+            )
+        };
+        if best.is_none_or(|b| key(h) < key(&hosts[b])) {
+            best = Some(i);
+        }
+    }
+    match best {
+        Some(i) => {
+            let h = &mut hosts[i];
+            h.used = h.used.plus(req.need);
+            *cluster_nodes.entry(h.name.clone()).or_default() += 1;
+            Placement::Host {
+                host: h.name.clone(),
+                site: h.site.clone(),
+            }
+        }
+        None => {
+            let mut detail: Vec<String> = why
+                .iter()
+                .map(|(r, hs)| format!("{}: {r}", hs.join(", ")))
+                .collect();
+            if detail.is_empty() {
+                detail.push("no hosts registered".into());
+            }
+            Placement::Unschedulable(format!(
+                "{} needs {} cpu and {} MiB{} at site {}; {}",
+                req.node,
+                req.need.cpu,
+                req.need.memory_mib,
+                if req.gateway {
+                    " on a gateway host"
+                } else {
+                    ""
+                },
+                req.sites.join("/"),
+                detail.join("; ")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cpu: u32, mem: u64) -> HostView {
+        HostView {
+            name: name.into(),
+            site: "a".into(),
+            gateway: false,
+            ready: true,
+            schedulable: true,
+            allocatable: Resources {
+                cpu,
+                memory_mib: mem,
+            },
+            used: Resources::default(),
+        }
+    }
+
+    fn req(node: &str, cpu: u32, mem: u64) -> Request {
+        Request {
+            node: node.into(),
+            sites: vec!["a".into()],
+            need: Resources {
+                cpu,
+                memory_mib: mem,
+            },
+            gateway: false,
+        }
+    }
+
+    #[test]
+    fn spreads_a_cluster_over_hosts() {
+        let mut hosts = vec![
+            host("h1", 8, 8192),
+            host("h2", 8, 8192),
+            host("h3", 8, 8192),
+        ];
+        let mut counts = BTreeMap::new();
+        let placed: Vec<String> = (0..6)
+            .map(
+                |i| match place(&req(&format!("n{i}"), 1, 256), &mut hosts, &mut counts) {
+                    Placement::Host { host, .. } => host,
+                    p => panic!("{p:?}"),
+                },
+            )
+            .collect();
+        for h in ["h1", "h2", "h3"] {
+            assert_eq!(placed.iter().filter(|p| *p == h).count(), 2, "{placed:?}");
+        }
+    }
+
+    #[test]
+    fn respects_capacity_and_says_why_not() {
+        let mut hosts = vec![host("h1", 2, 1024), host("h2", 2, 1024)];
+        hosts[1].ready = false;
+        let mut counts = BTreeMap::new();
+        assert!(matches!(
+            place(&req("n0", 2, 1024), &mut hosts, &mut counts),
+            Placement::Host { .. }
+        ));
+        match place(&req("n1", 1, 512), &mut hosts, &mut counts) {
+            Placement::Unschedulable(msg) => {
+                assert!(
+                    msg.contains("n1 needs 1 cpu and 512 MiB at site a"),
+                    "{msg}"
+                );
+                assert!(msg.contains("h1: insufficient free cpu or memory"), "{msg}");
+                assert!(msg.contains("h2: not Ready"), "{msg}");
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn gateway_and_site_constraints() {
+        let mut hosts = vec![host("h1", 8, 8192), host("h2", 8, 8192)];
+        hosts[1].gateway = true;
+        let mut counts = BTreeMap::new();
+        let mut r = req("fe", 1, 256);
+        r.gateway = true;
+        assert_eq!(
+            place(&r, &mut hosts, &mut counts),
+            Placement::Host {
+                host: "h2".into(),
+                site: "a".into()
+            }
+        );
+        let mut r = req("w", 1, 256);
+        r.sites = vec!["b".into()];
+        assert!(
+            matches!(place(&r, &mut hosts, &mut counts), Placement::Unschedulable(m) if m.contains("no hosts registered"))
+        );
+    }
+}
