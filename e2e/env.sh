@@ -199,6 +199,9 @@ start_host() { # name site
   cp -a /etc/libvirt/. "$hdir/etc/" 2>/dev/null || true
   # No autostarted libvirt networks: yukumo builds each host's networking itself.
   rm -f "$hdir"/etc/qemu/networks/autostart/*.xml
+  # Guests' files live under the environment's directory: QEMU runs as root
+  # there, without a security driver (simulated hosts only).
+  printf 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n' >> "$hdir/etc/qemu.conf"
   ip netns add "$ns"
   echo "$ns" >> "$DIR/netns"
   ip -n "$ns" link set lo up
@@ -233,7 +236,7 @@ start_agent() { # host
     "$(agent_binary)" --host-name "$host" --site "$site" \
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
     --netns "$(cat "$hdir/netns")" --gateway \
-    --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 \
+    --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
 }
 
@@ -263,7 +266,12 @@ cmd_up() {
   kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
   wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
   if [ "$EXAMPLE" = 1 ]; then
-    kubectl apply -f "$ROOT/examples/quickstart.yaml" >/dev/null
+    # The quickstart boots the tiny guest built from this machine's kernel:
+    # point it at that image and its checksum.
+    local img sum
+    read -r img sum < <("$ROOT/e2e/lib/tiny-guest.sh")
+    sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
+        -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$ROOT/examples/quickstart.yaml" | kubectl apply -f - >/dev/null
   fi
   cmd_status
   cat <<EOF
@@ -272,6 +280,7 @@ yukumo local environment is up ($DIR).
   export KUBECONFIG=$DIR/kubeconfig
   kubectl get yukumo                 # every yukumo object
   kubectl get hosts,sites            # the simulated hosts and their site
+  kubectl -n demo get vc,vn          # the quickstart cluster and its VMs
   kubectl explain virtualcluster.spec
   logs: $DIR/logs/   audit log: $DIR/logs/audit.log
   stop everything: make down

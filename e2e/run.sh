@@ -25,6 +25,9 @@ source "$ROOT/e2e/lib/tools.sh" >/dev/null   # puts the pinned kubectl/helm firs
 # Fast heartbeats and a short lease keep the failure tests quick.
 export YUKUMO_HEARTBEAT=2s YUKUMO_LEASE_DURATION=6s
 "$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example
+# The tiny guest image the guest tests boot ("<path> sha256:<hex>").
+YUKUMO_TINY_IMAGE=$("$ROOT/e2e/lib/tiny-guest.sh")
+export YUKUMO_TINY_IMAGE
 # --workspace with --test '*': the same feature unification as `make build`,
 # so nothing is compiled twice; '*' selects the integration tests (e2e/tests).
 cargo test --release --workspace --test '*' -- --test-threads=1 "$@"

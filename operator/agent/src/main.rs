@@ -2,9 +2,11 @@
 //!
 //! It registers its Host (site, capacity from libvirt, underlay addresses,
 //! kernel capabilities probed for real) and heartbeats into the Host's
-//! status. The controller turns a stale heartbeat into `Ready=False`.
+//! status (the controller turns a stale heartbeat into `Ready=False`), and
+//! turns the VirtualNodes placed on its host into libvirt domains.
 #![forbid(unsafe_code)]
 
+mod compute;
 mod hypervisor;
 mod probe;
 mod register;
@@ -53,6 +55,14 @@ pub struct Args {
     /// Memory (MiB) kept for the host itself.
     #[arg(long, default_value_t = 256)]
     pub reserved_memory_mib: u64,
+    /// libvirt domain type of guests: `kvm`, or `qemu` for software emulation
+    /// (TCG) where KVM is not usable.
+    #[arg(long, default_value = "kvm", value_parser = ["kvm", "qemu"])]
+    pub domain_type: String,
+    /// How often to compare libvirt's domains with the VirtualNodes (one list
+    /// call per pass) and sweep orphans.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
@@ -79,7 +89,21 @@ async fn main() -> anyhow::Result<()> {
     ));
     let hv = hypervisor::Hypervisor::start(&args.libvirt_uri);
     tracing::info!(host = %args.host_name, site = %args.site, uri = %args.libvirt_uri, "agent starting");
+    let compute = compute::reconcile::ComputeCtx::new(
+        client.clone(),
+        &args.host_name,
+        hv.clone(),
+        args.state_dir.clone(),
+        &args.domain_type,
+        health.clone(),
+    )?;
+    let compute_task = tokio::spawn(compute::reconcile::run(
+        compute,
+        args.resync_interval,
+        shutdown.clone(),
+    ));
     let result = register::run(args, client, hv, metrics, health, shutdown).await;
+    let _ = compute_task.await;
     let _ = server.await;
     tracing::info!("agent stopped");
     result

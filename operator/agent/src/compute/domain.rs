@@ -1,0 +1,188 @@
+//! Domain XML, rendered purely from a VirtualNode and its host paths.
+//!
+//! The domain's UUID is the VirtualNode's uid and its metadata carries a
+//! yukumo marker (uid, namespace, name, and a hash of the rendered spec), so
+//! the agent can tell its own domains from anything else on the host, a
+//! recreated node (new uid) never adopts an old domain, and a restart with
+//! nothing changed redefines nothing.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use yukumo_api::virtualnode::VirtualNode;
+
+/// The XML namespace of yukumo's domain metadata.
+pub const METADATA_NS: &str = "https://yukumo.io/xmlns/node/v1";
+
+/// Where a node's files live on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePaths {
+    pub dir: PathBuf,
+    pub root_disk: PathBuf,
+    pub config_iso: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl NodePaths {
+    pub fn new(state_dir: &Path, uid: &str) -> Self {
+        let dir = state_dir.join("nodes").join(uid);
+        NodePaths {
+            root_disk: dir.join("root.qcow2"),
+            config_iso: dir.join("cidata.iso"),
+            console_log: dir.join("console.log"),
+            dir,
+        }
+    }
+}
+
+/// libvirt domain name of a node.
+pub fn domain_name(namespace: &str, name: &str) -> String {
+    format!("yk-{namespace}-{name}")
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The domain XML (without the hash attribute) and its hash.
+pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String, String) {
+    let ns = vn.metadata.namespace.clone().unwrap_or_default();
+    let name = vn.metadata.name.clone().unwrap_or_default();
+    let uid = vn.metadata.uid.clone().unwrap_or_default();
+    let body = format!(
+        r#"  <memory unit='MiB'>{mem}</memory>
+  <vcpu>{cpu}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{root}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{iso}'/>
+      <target dev='vdb' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <serial type='file'>
+      <source path='{console}' append='on'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+"#,
+        mem = vn.spec.resources.memory_mib,
+        cpu = vn.spec.resources.cpu,
+        root = esc(&paths.root_disk.to_string_lossy()),
+        iso = esc(&paths.config_iso.to_string_lossy()),
+        console = esc(&paths.console_log.to_string_lossy()),
+    );
+    let hash = {
+        let mut h = Sha256::new();
+        h.update(domain_type.as_bytes());
+        h.update(body.as_bytes());
+        format!("{:x}", h.finalize())[..16].to_string()
+    };
+    let xml = format!(
+        r#"<domain type='{dtype}'>
+  <name>{dname}</name>
+  <uuid>{uid}</uuid>
+  <metadata>
+    <yukumo:node xmlns:yukumo='{METADATA_NS}' uid='{uid}' namespace='{nse}' name='{namee}' hash='{hash}'/>
+  </metadata>
+{body}</domain>
+"#,
+        dtype = esc(domain_type),
+        dname = esc(&domain_name(&ns, &name)),
+        uid = esc(&uid),
+        nse = esc(&ns),
+        namee = esc(&name),
+    );
+    (xml, hash)
+}
+
+/// The yukumo marker found in a domain's XML: (uid, namespace, name, hash).
+pub fn marker(xml: &str) -> Option<(String, String, String, String)> {
+    let start = xml.find("<yukumo:node ")?;
+    let tag = &xml[start..start + xml[start..].find("/>")?];
+    let attr = |k: &str| -> Option<String> {
+        for q in ['\'', '"'] {
+            let pat = format!(" {k}={q}");
+            if let Some(i) = tag.find(&pat) {
+                let rest = &tag[i + pat.len()..];
+                return Some(rest[..rest.find(q)?].to_string());
+            }
+        }
+        None
+    };
+    Some((
+        attr("uid")?,
+        attr("namespace")?,
+        attr("name")?,
+        attr("hash")?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vn(mem: u64) -> VirtualNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualNode",
+            "metadata": {"name": "qs-worker-0", "namespace": "demo", "uid": "6f1c7e4a-0000-4000-8000-000000000001"},
+            "spec": {"cluster": "qs", "role": "worker", "hostname": "qs-worker-0",
+                     "resources": {"cpu": 1, "memoryMiB": mem},
+                     "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn deterministic_with_marker() {
+        let p = NodePaths::new(
+            Path::new("/var/lib/yukumo"),
+            "6f1c7e4a-0000-4000-8000-000000000001",
+        );
+        let (a, ha) = render(&vn(192), &p, "qemu");
+        let (b, hb) = render(&vn(192), &p, "qemu");
+        assert_eq!((a.clone(), ha.clone()), (b, hb));
+        assert!(a.contains("<uuid>6f1c7e4a-0000-4000-8000-000000000001</uuid>"));
+        assert!(a.contains("<name>yk-demo-qs-worker-0</name>"));
+        assert!(a.contains("<memory unit='MiB'>192</memory>"));
+        let (uid, ns, name, hash) = marker(&a).unwrap();
+        assert_eq!(
+            (uid.as_str(), ns.as_str(), name.as_str()),
+            (
+                "6f1c7e4a-0000-4000-8000-000000000001",
+                "demo",
+                "qs-worker-0"
+            )
+        );
+        assert_eq!(hash, ha);
+        let (_, h2) = render(&vn(256), &p, "qemu");
+        assert_ne!(h2, ha, "a spec change changes the hash");
+    }
+
+    #[test]
+    fn marker_survives_libvirt_reformatting() {
+        let xml = r#"<domain><metadata><yukumo:node xmlns:yukumo="https://yukumo.io/xmlns/node/v1" uid="u1" namespace="n" name="x" hash="h"/></metadata></domain>"#;
+        assert_eq!(
+            marker(xml),
+            Some(("u1".into(), "n".into(), "x".into(), "h".into()))
+        );
+        assert_eq!(marker("<domain><name>other</name></domain>"), None);
+    }
+}
