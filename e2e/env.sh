@@ -194,7 +194,7 @@ install_chart() {
 
 start_host() { # name site
   local name=$1 site=$2 hdir=$DIR/hosts/$1 ns
-  ns="yk$(basename "$DIR" | md5sum | cut -c1-6)-$name"
+  ns="yk$(echo "$DIR" | md5sum | cut -c1-6)-$name"
   mkdir -p "$hdir"/{run,lib,etc,log,cache}
   cp -a /etc/libvirt/. "$hdir/etc/" 2>/dev/null || true
   # No autostarted libvirt networks: yukumo builds each host's networking itself.
