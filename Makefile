@@ -13,8 +13,10 @@ all: build
 tools:
 	@e2e/lib/tools.sh >/dev/null
 
+# --all-targets: binaries and test binaries are built in one pass with one
+# feature set (dev-dependencies included), so `unit` and `e2e` compile nothing.
 build: tools
-	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release --workspace --all-targets
 
 # Every cargo command selects the whole workspace, so features unify the same
 # way and dependencies are compiled once for build, unit and e2e.
@@ -30,13 +32,13 @@ down:
 status:
 	e2e/env.sh status
 
-test: tools lint unit chart e2e
+test: tools lint build unit chart e2e
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-unit: tools
+unit: build
 	$(CARGO) test --release --workspace --lib --bins   # includes the CRD drift check
 
 chart: tools

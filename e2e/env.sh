@@ -7,6 +7,7 @@
 #   e2e/env.sh status  [--dir D]
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
 #   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
+#   e2e/env.sh start-libvirtd HOST [--dir D]   (process "libvirtd-HOST")
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
 #
 # What `up` starts, all on loopback with generated certificates:
@@ -206,7 +207,17 @@ start_host() { # name site
   echo "$ns" >> "$DIR/netns"
   ip -n "$ns" link set lo up
   echo "$ns" > "$hdir/netns"
+  echo "$site" > "$hdir/site"
   log "starting host $name (site $site, netns $ns)"
+  start_libvirtd "$name"
+}
+
+
+# (Re)start the libvirtd of an existing simulated host, in its namespaces.
+start_libvirtd() { # name
+  local name=$1 hdir=$DIR/hosts/$1 ns
+  ns=$(cat "$hdir/netns")
+  rm -f "$hdir/run/libvirt-sock"
   # A private mount namespace with libvirt's state directories bind-mounted
   # from the host folder: one libvirtd per simulated host.
   spawn "libvirtd-$name" ip netns exec "$ns" unshare --mount --propagation private sh -c "
@@ -216,10 +227,9 @@ start_host() { # name site
     mount --bind '$hdir/etc' /etc/libvirt &&
     mount --bind '$hdir/log' /var/log/libvirt &&
     mount --bind '$hdir/cache' /var/cache/libvirt &&
-    virtlogd -d -p /run/libvirt/virtlogd.pid &&
+    { virtlogd -d -p /run/libvirt/virtlogd.pid || true; } &&
     exec libvirtd -p /run/libvirt/libvirtd.pid"
   wait_for 30 "libvirtd of $name" test -S "$hdir/run/libvirt-sock"
-  echo "$site" > "$hdir/site"
 }
 
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
@@ -349,6 +359,7 @@ main() {
     status) cmd_status ;;
     start-controller) load_state; start_controller "${args[0]}" ;;
     start-agent) load_state; start_agent "${args[0]}" ;;
+    start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
     *) sed -n '2,12p' "$0"; exit 2 ;;
   esac

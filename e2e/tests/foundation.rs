@@ -144,7 +144,9 @@ fn every_example_is_accepted_and_reconciled() {
             || {
                 let vc = json(&env, &["-n", ns, "get", "virtualcluster", name]);
                 match condition(&vc, "Ready") {
-                    Some((_, r, m)) if ["NodesStarting", "Unschedulable"].contains(&r.as_str()) => {
+                    Some((_, r, m))
+                        if ["NodesStarting", "Unschedulable", "Stopped"].contains(&r.as_str()) =>
+                    {
                         Ok(format!("{r}: {m}"))
                     }
                     other => Err(format!("{other:?}")),

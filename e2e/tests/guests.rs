@@ -163,10 +163,73 @@ spec:
         took.as_secs_f64()
     );
 
+    // Stop the cluster (disks kept), then start it again.
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "vc",
+        "tiny",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"running\":false}}",
+    ])
+    .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(60), "cluster stopped", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
+        let stopped = vc["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["reason"] == "Stopped" && c["status"] == "True")
+        });
+        if stopped {
+            Ok(())
+        } else {
+            Err(vc["status"]["conditions"].to_string())
+        }
+    })
+    .unwrap();
+    println!("cluster stopped in {:.1}s", took.as_secs_f64());
+    for n in &nodes {
+        let (host, uid) = (
+            n["spec"]["host"].as_str().unwrap(),
+            n["metadata"]["uid"].as_str().unwrap(),
+        );
+        assert_eq!(virsh(&env, host, &["domstate", uid]).trim(), "shut off");
+        assert!(
+            env.dir
+                .join(format!("hosts/{host}/agent/nodes/{uid}/root.qcow2"))
+                .exists(),
+            "disk kept"
+        );
+    }
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "vc",
+        "tiny",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"running\":true}}",
+    ])
+    .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(120), "cluster running again", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
+        if vc["status"]["ready"] == "3/3" {
+            Ok(())
+        } else {
+            Err(vc["status"]["ready"].to_string())
+        }
+    })
+    .unwrap();
+    println!("cluster started again in {:.1}s", took.as_secs_f64());
+
     // Deleting the cluster removes every domain and file from every host.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "tiny", "--wait=true"])
         .unwrap();
-    let (_, took) = wait_for(Duration::from_secs(60), "domains and files gone", || {
+    let (_, took) = wait_for(Duration::from_secs(90), "domains and files gone", || {
         for h in ["host-1", "host-2"] {
             let list = virsh(&env, h, &["list", "--all", "--name"]);
             if list.lines().any(|l| l.starts_with("yk-")) {
@@ -242,7 +305,7 @@ spec:
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| !n.starts_with("sha256-") || n.contains(&"1".repeat(64)))
+                    .filter(|n| n.contains(&"1".repeat(64)))
                     .collect()
             })
             .unwrap_or_default();
@@ -250,4 +313,144 @@ spec:
     }
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
+}
+
+#[test]
+fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
+    let env = Env::get();
+    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
+    let (path, checksum) = tiny.trim().split_once(' ').unwrap();
+    let grace = 6;
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        &format!("{{\"spec\":{{\"hostGraceSeconds\":{grace}}}}}"),
+    ])
+    .unwrap();
+    let ns = "hostloss";
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: lossy, namespace: {ns}}}
+spec:
+  networkGroup: net
+  startOrder: Parallel
+  frontend:
+    size: {{cpu: 1, memory: 160Mi}}
+    image: {{url: 'file://{path}', checksum: '{checksum}'}}
+  pools:
+  - {{name: worker, replicas: 1, size: {{cpu: 1, memory: 160Mi}}}}
+"
+    );
+    assert!(
+        env.kubectl_stdin(&["apply", "-f", "-"], &text)
+            .status
+            .success()
+    );
+    wait_for(Duration::from_secs(240), "2/2 ready", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "lossy"]);
+        if vc["status"]["ready"] == "2/2" {
+            Ok(())
+        } else {
+            Err(vc["status"]["ready"].to_string())
+        }
+    })
+    .unwrap();
+    let nodes = json(&env, &["-n", ns, "get", "vn"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let victim = nodes
+        .iter()
+        .find(|n| n["spec"]["host"] == "host-2")
+        .expect("a node on host-2")
+        .clone();
+    let vname = victim["metadata"]["name"].as_str().unwrap().to_string();
+    let old_uid = victim["metadata"]["uid"].as_str().unwrap().to_string();
+
+    // Lose host-2: its agent and its libvirtd die (its guest keeps running, unfenced).
+    env.env_sh(&["stop", "agent-host-2", "--signal", "KILL"])
+        .unwrap();
+    env.env_sh(&["stop", "libvirtd-host-2", "--signal", "KILL"])
+        .unwrap();
+    let (new_uid, took) = wait_for(
+        Duration::from_secs(grace + 120),
+        "node running on host-1",
+        || {
+            let out = env.kubectl(&["-n", ns, "get", "vn", &vname, "-o", "json"]);
+            let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let ready = n["status"]["phase"] == "Running" && n["spec"]["host"] == "host-1";
+            let uid = n["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            if ready && uid != old_uid {
+                Ok(uid)
+            } else {
+                Err(format!("{} {}", n["spec"]["host"], n["status"]["phase"]))
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "{vname} running on host-1 {:.1}s after host-2 was lost (grace {grace}s)",
+        took.as_secs_f64()
+    );
+    wait_for(Duration::from_secs(60), "guest up on host-1", || {
+        if console(&env, "host-1", &new_uid).contains(&format!("hostname={vname} ")) {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .unwrap();
+
+    // host-2 returns: its stale domain is removed by the orphan sweep.
+    env.env_sh(&["start-libvirtd", "host-2"]).unwrap();
+    env.env_sh(&["start-agent", "host-2"]).unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(60),
+        "stale domain swept on host-2",
+        || {
+            let list = virsh(&env, "host-2", &["list", "--all", "--uuid"]);
+            if list.contains(&old_uid) {
+                Err(list)
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "stale domain of {vname} removed from host-2 {:.1}s after it returned",
+        took.as_secs_f64()
+    );
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"hostGraceSeconds\":20}}",
+    ])
+    .unwrap();
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+    wait_for(Duration::from_secs(30), "host-2 Ready again", || {
+        let h = json(&env, &["get", "host", "host-2"]);
+        let ok = h["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        if ok { Ok(()) } else { Err("not ready".into()) }
+    })
+    .unwrap();
 }

@@ -251,3 +251,84 @@ fn a_cluster_that_does_not_fit_says_which_resource_and_where() {
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_reservation_starts_and_ends_on_time() {
+    let env = Env::get();
+    let ns = "reserved";
+    setup(&env, ns);
+    // Whole seconds, as the API stores them.
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let start = std::time::UNIX_EPOCH + Duration::from_secs(now_secs + 30);
+    let end = start + Duration::from_secs(30);
+    let text = format!(
+        "{}  reservation: {{start: '{}', end: '{}', endAction: Delete}}\n",
+        cluster(ns, "window", 1, "128Mi"),
+        rfc3339(start),
+        rfc3339(end)
+    );
+    apply(&env, &text);
+    let (reason, _) = wait_for(Duration::from_secs(20), "ReservationPending", || {
+        let r = ready_reason(&env, ns, "window");
+        if r.0 == "ReservationPending" {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .unwrap();
+    println!("before start: {reason:?}");
+    let vc = json(&env, &["-n", ns, "get", "vc", "window"]);
+    assert_eq!(vc["status"]["nextTransition"]["action"], "Start");
+    assert!(
+        nodes(&env, ns, "window").is_empty(),
+        "no nodes before the reservation starts"
+    );
+    // Nodes appear at the start, not before (whole seconds: the API's timestamps).
+    wait_count(&env, ns, "window", 2);
+    let late = std::time::SystemTime::now()
+        .duration_since(start)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_else(|e| -e.duration().as_secs_f64());
+    println!("nodes created {late:.1}s after the reservation start");
+    assert!(
+        late > -1.0 && late < 5.0,
+        "created {late:.1}s from the start"
+    );
+    let vc = json(&env, &["-n", ns, "get", "vc", "window"]);
+    assert_eq!(vc["status"]["nextTransition"]["action"], "Delete");
+    // And go at the end.
+    wait_for(Duration::from_secs(60), "nodes deleted at the end", || {
+        let n = nodes(&env, ns, "window")
+            .into_iter()
+            .filter(|n| n["metadata"]["deletionTimestamp"].is_null())
+            .count();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} nodes"))
+        }
+    })
+    .unwrap();
+    let late = std::time::SystemTime::now()
+        .duration_since(end)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(-1.0);
+    println!("nodes deleted {late:.1}s after the reservation end");
+    assert!(late > -1.0 && late < 5.0, "deleted {late:.1}s from the end");
+    assert_eq!(ready_reason(&env, ns, "window").0, "ReservationEnded");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}

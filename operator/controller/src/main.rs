@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -139,6 +139,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Hash of what the VirtualCluster reconciler needs from a Host: its readiness.
+fn host_readiness(h: &Host) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let ready = h
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    ready
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+        .hash(&mut hasher);
+    h.spec.schedulable.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Run every reconciler until `stop` turns true.
 async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
@@ -150,6 +165,7 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
     let vc_controller = Controller::new(Api::<VirtualCluster>::all(client.clone()), wc.clone());
     let vc_store = vc_controller.store();
     let vc_store2 = vc_store.clone();
+    let vc_store3 = vc_store.clone();
     let vcs = vc_controller
         .owns(Api::<VirtualNode>::all(client.clone()), wc.clone())
         .watches(
@@ -183,6 +199,28 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
                 .map(|vc| ObjectRef::from_obj(vc.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .watches_stream(
+            // Only a change of a Host's readiness matters here, not every heartbeat.
+            watcher(Api::<Host>::all(client.clone()), wc.clone())
+                .touched_objects()
+                .predicate_filter(host_readiness, Default::default()),
+            move |host| {
+                // Host readiness changes matter to the clusters with nodes there.
+                let name = host.name_any();
+                vc_store3
+                    .state()
+                    .into_iter()
+                    .filter(|vc| {
+                        vc.status.as_ref().is_some_and(|s| {
+                            s.nodes
+                                .iter()
+                                .any(|n| n.host.as_deref() == Some(name.as_str()))
+                        })
+                    })
+                    .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(
             reconcile::virtualcluster::reconcile,

@@ -17,6 +17,9 @@ pub struct HostView {
     pub site: String,
     pub gateway: bool,
     pub ready: bool,
+    /// The host stopped heartbeating for longer than its grace: its nodes are
+    /// candidates for recovery elsewhere.
+    pub lost: bool,
     pub schedulable: bool,
     pub allocatable: Resources,
     pub used: Resources,
@@ -135,6 +138,7 @@ mod tests {
             site: "a".into(),
             gateway: false,
             ready: true,
+            lost: false,
             schedulable: true,
             allocatable: Resources {
                 cpu,

@@ -27,6 +27,9 @@ pub enum ImageError {
     Io(#[from] std::io::Error),
 }
 
+/// Prefix of in-progress downloads: `.partial-<checksum hex>-<random>`.
+pub const PARTIAL_PREFIX: &str = ".partial-";
+
 /// The cache under `<state>/images`.
 #[derive(Clone)]
 pub struct ImageCache {
@@ -72,7 +75,11 @@ fn fetch_verified(dir: &Path, image: &ImageSource) -> Result<PathBuf, ImageError
         url: image.url.clone(),
         reason,
     };
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let prefix = format!(
+        "{PARTIAL_PREFIX}{}-",
+        image.checksum.trim_start_matches("sha256:")
+    );
+    let tmp = tempfile::Builder::new().prefix(&prefix).tempfile_in(dir)?;
     if let Some(local) = image.url.strip_prefix("file://") {
         std::fs::copy(local, tmp.path()).map_err(|e| fetch_err(e.to_string()))?;
     } else {

@@ -240,8 +240,35 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         remove_node(&ctx, &uid).await?;
         return Ok(Action::await_change());
     }
+    // A node that should not run and has no domain yet is simply off: its
+    // image and disks are prepared when it is first asked to run.
+    if !vn.spec.running {
+        let id = uid.clone();
+        let defined = ctx
+            .hv
+            .call(move |c| Ok(Domain::lookup_by_uuid_string(c, &id).is_ok()))
+            .await?;
+        if !defined {
+            let status = status_with(
+                &vn,
+                NodePhase::Stopped,
+                (false, "Stopped", "powered off; not yet created".into()),
+            );
+            ctx.write_status(
+                &vn,
+                &VirtualNodeStatus {
+                    last_error: None,
+                    boot_time: None,
+                    ..status
+                },
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    }
     let paths = NodePaths::new(&ctx.state_dir, &uid);
-    std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+    // The image first (it may take long); the node's directory, disks and
+    // domain then follow within moments, so the sweep's age guard holds.
     let image = match ctx.images.ensure(&vn.spec.image).await {
         Ok(p) => p,
         Err(e) => {
@@ -270,6 +297,7 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         yukumo_api::common::ImageFormat::Qcow2 => "qcow2",
         yukumo_api::common::ImageFormat::Raw => "raw",
     };
+    std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
     ensure_root_disk(&paths, &image, format, vn.spec.disk_bytes)?;
     ensure_config_disk(&paths, &vn)?;
 
@@ -439,7 +467,7 @@ async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNo
         }
         wanted.insert(uid.clone());
         let drift = match domains.get(&uid) {
-            None => true,
+            None => vn.spec.running,
             Some((_, active)) => *active != vn.spec.running,
         };
         if drift && vn.metadata.deletion_timestamp.is_none() {
@@ -447,7 +475,7 @@ async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNo
             let _ = tx.send(ObjectRef::from_obj(vn));
         }
     }
-    for uid in stale_node_dirs(ctx, &wanted, Duration::from_secs(60)) {
+    for uid in stale_node_dirs(ctx, &wanted, Duration::from_secs(15)) {
         if !domains.contains_key(&uid) {
             tracing::info!(%uid, "removing files of a node that is gone");
             let dir = NodePaths::new(&ctx.state_dir, &uid).dir;

@@ -4,6 +4,7 @@
 pub mod host;
 pub mod networkgroup;
 pub mod nodes;
+pub mod reservation;
 pub mod site;
 pub mod verdict;
 pub mod virtualcluster;

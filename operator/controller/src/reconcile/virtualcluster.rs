@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -18,12 +19,14 @@ use yukumo_api::common::{Conditions, NodeSize, Resources, builtin_size_classes, 
 use yukumo_api::host::Host;
 use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{
-    FrontendEndpoint, NodeSummary, VirtualCluster, VirtualClusterSpec, VirtualClusterStatus,
+    FrontendEndpoint, NodeSummary, RecoveryPolicy, Transition, VirtualCluster, VirtualClusterSpec,
+    VirtualClusterStatus,
 };
 use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
 use yukumo_api::{NetworkGroup, Volume, labels, managers};
 
 use super::nodes::{DesiredNode, desired_nodes, should_run};
+use super::reservation;
 use super::verdict::{Verdict, apply_verdict, reason_changed};
 use crate::context::{Ctx, Error, Result};
 use crate::scheduler::{HostView, Placement, Request, place};
@@ -163,6 +166,7 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
 struct NodesOutcome {
     nodes: Vec<VirtualNode>,
     unschedulable: Vec<String>,
+    recovering: Vec<String>,
 }
 
 fn node_labels(vc_name: &str, d: &DesiredNode, host: &str, site: &str) -> BTreeMap<String, String> {
@@ -193,10 +197,15 @@ fn host_views(hosts: &[Host], all_nodes: &[VirtualNode]) -> Vec<HostView> {
                 .map(|n| n.spec.resources)
                 .fold(Resources::default(), Resources::plus);
             let status = h.status.clone().unwrap_or_default();
+            let lost = status
+                .conditions
+                .get_condition(condition_types::READY)
+                .is_some_and(|c| c.reason == "HeartbeatLost");
             HostView {
                 site: h.spec.site.clone(),
                 gateway: h.spec.gateway,
                 ready: status.conditions.is_true(condition_types::READY),
+                lost,
                 schedulable: h.spec.schedulable,
                 allocatable: status.allocatable.unwrap_or_default(),
                 used,
@@ -215,6 +224,7 @@ async fn converge_nodes(
     ns: &str,
     desired: Vec<DesiredNode>,
     mine: Vec<VirtualNode>,
+    cluster_running: bool,
 ) -> Result<NodesOutcome> {
     let api: Api<VirtualNode> = Api::namespaced(ctx.client.clone(), ns);
     let all_nodes = Api::<VirtualNode>::all(ctx.client.clone())
@@ -245,8 +255,36 @@ async fn converge_nodes(
     let pp = PatchParams::apply(managers::CONTROLLER).force();
     let mut nodes = Vec::new();
     let mut unschedulable = Vec::new();
+    let mut recovering = Vec::new();
     for d in &desired {
-        let existing = mine.iter().find(|n| n.name_any() == d.name);
+        let mut existing = mine.iter().find(|n| n.name_any() == d.name);
+        // Host loss: with RestartElsewhere, a node on a lost (or vanished)
+        // host is deleted and placed anew; the lost host's agent removes the
+        // stale domain when it returns (its VirtualNode uid is gone).
+        if let Some(n) = existing
+            && let Some(h) = &n.spec.host
+            && vc.spec.recovery == RecoveryPolicy::RestartElsewhere
+            && views.iter().find(|v| &v.name == h).is_none_or(|v| v.lost)
+        {
+            if n.metadata.deletion_timestamp.is_none() {
+                api.delete(&n.name_any(), &Default::default()).await?;
+                ctx.event(
+                    vc,
+                    EventType::Warning,
+                    "NodeRecovering",
+                    format!(
+                        "{} was on lost host {h}; placing it again elsewhere",
+                        n.name_any()
+                    ),
+                )
+                .await;
+            }
+            recovering.push(n.name_any());
+            existing = None;
+        }
+        if recovering.contains(&d.name) {
+            continue;
+        }
         let placement = match existing.and_then(|n| n.spec.host.clone().zip(n.spec.site.clone())) {
             Some((host, site)) => Placement::Host { host, site },
             None => place(
@@ -271,7 +309,7 @@ async fn converge_nodes(
         spec.host = Some(host.clone());
         spec.site = Some(site.clone());
         spec.running = should_run(
-            vc.spec.running,
+            cluster_running,
             spec.role,
             vc.spec.start_order,
             frontend_running,
@@ -332,6 +370,7 @@ async fn converge_nodes(
     Ok(NodesOutcome {
         nodes,
         unschedulable,
+        recovering,
     })
 }
 
@@ -384,8 +423,28 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
     let mut nodes_status = old.nodes.clone();
     let mut ready_nodes = old.ready_nodes;
     let mut requeue = Duration::from_secs(300);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let power =
+        reservation::plan(vc.spec.reservation.as_ref(), now).unwrap_or(reservation::PowerPlan {
+            exists: false,
+            run: false,
+            next: None,
+            why: "invalid reservation",
+        });
+    let running_now = vc.spec.running && power.run;
+    let mut desired_count = if power.exists { desired_count } else { 0 };
+    let next_transition = power.next.map(|(t, action)| Transition {
+        time: Time(t),
+        action: action.to_string(),
+    });
+    if let Some((t, _)) = power.next {
+        // Requeue exactly at the next boundary of the reservation.
+        let wait = Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO);
+        requeue = requeue.min(wait + Duration::from_millis(200));
+    }
     if let (false, Some(ng)) = (verdict.is_stalled(), observed.network_group.as_ref()) {
-        match desired_nodes(&vc, ng, &observed.sites) {
+        match desired_nodes(&vc, ng, &observed.sites).map(|d| if power.exists { d } else { vec![] })
+        {
             Err(v) => verdict = v,
             Ok(desired) => {
                 let mine = Api::<VirtualNode>::namespaced(ctx.client.clone(), &ns)
@@ -405,7 +464,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                             .any(|o| Some(&o.uid) == vc.metadata.uid.as_ref())
                     })
                     .collect();
-                let outcome = converge_nodes(&ctx, &vc, &ns, desired, mine).await?;
+                let outcome = converge_nodes(&ctx, &vc, &ns, desired, mine, running_now).await?;
                 nodes_status = outcome.nodes.iter().map(summary).collect();
                 let stopped = outcome
                     .nodes
@@ -417,12 +476,43 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     })
                     .count() as i32;
                 ready_nodes = outcome.nodes.iter().filter(|n| node_ready(n)).count() as i32;
-                verdict = if !outcome.unschedulable.is_empty() {
+                verdict = if !outcome.recovering.is_empty() {
+                    requeue = Duration::from_secs(1);
+                    Verdict::progressing(
+                        "RecoveringNodes",
+                        format!(
+                            "placing again after host loss: {}",
+                            outcome.recovering.join(", ")
+                        ),
+                    )
+                } else if !outcome.unschedulable.is_empty() {
                     requeue = Duration::from_secs(10);
                     Verdict::stalled("Unschedulable", outcome.unschedulable.join("; "))
-                } else if !vc.spec.running {
+                } else if !power.exists {
+                    desired_count = 0;
+                    match power.next {
+                        Some((t, _)) => Verdict::progressing(
+                            "ReservationPending",
+                            format!("nodes are created at {t}"),
+                        ),
+                        None => Verdict::ready(
+                            "ReservationEnded",
+                            "the reservation ended; its nodes were deleted",
+                        ),
+                    }
+                } else if !running_now {
                     if stopped == desired_count {
-                        Verdict::ready("Stopped", format!("all {desired_count} nodes stopped"))
+                        Verdict::ready(
+                            "Stopped",
+                            format!(
+                                "all {desired_count} nodes stopped ({})",
+                                if vc.spec.running {
+                                    power.why
+                                } else {
+                                    "spec.running is false"
+                                }
+                            ),
+                        )
                     } else {
                         Verdict::progressing(
                             "Stopping",
@@ -460,7 +550,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         ready: Some(format!("{ready_nodes}/{desired_count}")),
         nodes: nodes_status,
         frontend: frontend.or(old.frontend.clone()),
-        next_transition: old.next_transition.clone(),
+        next_transition,
     };
     if status != old {
         ctx.apply_status(
