@@ -138,6 +138,37 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `kubectl get … -o json`, parsed; panics with kubectl's error.
+    pub fn get_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&a).expect("kubectl get")).expect("json")
+    }
+
+    /// Set the `local` Site's host grace period.
+    pub fn set_site_grace(&self, seconds: u64) {
+        let patch = format!("{{\"spec\":{{\"hostGraceSeconds\":{seconds}}}}}");
+        self.kubectl_ok(&["patch", "site", "local", "--type", "merge", "-p", &patch])
+            .expect("patch site");
+    }
+}
+
+/// (status, reason, message) of a condition in an object's status.
+pub fn condition(obj: &serde_json::Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
 /// Poll `f` every 250 ms until it returns `Some`, or fail after `timeout`
 /// with `what` and the last observation.
 pub fn wait_for<T>(

@@ -8,27 +8,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use yukumo_e2e::{Env, alive, expectations, signal, wait_for};
+use yukumo_e2e::{Env, alive, condition, expectations, signal, wait_for};
 
 fn json(env: &Env, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend_from_slice(&["-o", "json"]);
-    let out = env.kubectl_ok(&a).expect("kubectl get");
-    serde_json::from_str(&out).expect("json")
-}
-
-fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or("").to_string(),
-                c["reason"].as_str().unwrap_or("").to_string(),
-                c["message"].as_str().unwrap_or("").to_string(),
-            )
-        })
+    env.get_json(args)
 }
 
 fn ensure_namespace(env: &Env, ns: &str) {
@@ -548,17 +531,8 @@ fn hosts_register_with_real_facts_and_serve_health() {
 #[test]
 fn killed_agent_makes_its_host_not_ready_within_the_grace() {
     let env = Env::get();
-    let grace = 6;
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        &format!("{{\"spec\":{{\"hostGraceSeconds\":{grace}}}}}"),
-    ])
-    .unwrap();
+    let grace: u64 = 6;
+    env.set_site_grace(grace);
     let pid = env.pid("agent-host-2").expect("agent-host-2 runs");
     signal(pid, "KILL");
     let (_, took) = wait_for(Duration::from_secs(grace + 15), "host-2 NotReady", || {
@@ -596,16 +570,7 @@ fn killed_agent_makes_its_host_not_ready_within_the_grace() {
         "host-2 Ready again {:.1}s after the agent restarted",
         took.as_secs_f64()
     );
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        "{\"spec\":{\"hostGraceSeconds\":20}}",
-    ])
-    .unwrap();
+    env.set_site_grace(20);
 }
 
 #[test]

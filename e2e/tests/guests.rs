@@ -12,9 +12,61 @@ const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHl5a3Vtby1ndWVzdC10ZXN0LWtleS0wMDAwMDAwMDAw e2e@yukumo";
 
 fn json(env: &Env, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend_from_slice(&["-o", "json"]);
-    serde_json::from_str(&env.kubectl_ok(&a).expect("kubectl get")).expect("json")
+    env.get_json(args)
+}
+
+/// The tiny guest image built by e2e/run.sh: (path, checksum).
+fn tiny_image() -> (String, String) {
+    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
+    let (path, checksum) = tiny.trim().split_once(' ').expect("<path> <checksum>");
+    (path.to_string(), checksum.to_string())
+}
+
+/// A namespace, a NetworkGroup and a VirtualCluster of tiny guests:
+/// `spec_extra` holds extra spec lines, `checksum` overrides the image's.
+fn tiny_cluster(
+    ns: &str,
+    name: &str,
+    spec_extra: &str,
+    workers: u32,
+    memory: &str,
+    checksum: Option<&str>,
+) -> String {
+    let (path, real) = tiny_image();
+    let checksum = checksum.unwrap_or(&real);
+    let pools = if workers == 0 {
+        String::new()
+    } else {
+        format!(
+            "  pools:\n  - {{name: worker, replicas: {workers}, size: {{cpu: 1, memory: {memory}}}}}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  networkGroup: net
+{spec_extra}  frontend:
+    size: {{cpu: 1, memory: {memory}}}
+    image: {{url: 'file://{path}', checksum: '{checksum}'}}
+{pools}"
+    )
+}
+
+fn apply(env: &Env, text: &str) {
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -53,34 +105,17 @@ fn console(env: &Env, host: &str, uid: &str) -> String {
 #[test]
 fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     let env = Env::get();
-    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
-    let (path, checksum) = tiny.trim().split_once(' ').unwrap();
     let ns = "guests";
-    let text = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
-apiVersion: yukumo.io/v1alpha1
-kind: NetworkGroup
-metadata: {{name: net, namespace: {ns}}}
-spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
----
-apiVersion: yukumo.io/v1alpha1
-kind: VirtualCluster
-metadata: {{name: tiny, namespace: {ns}}}
-spec:
-  networkGroup: net
-  sshKeys: ['{KEY}']
-  frontend:
-    size: {{cpu: 1, memory: 160Mi}}
-    image: {{url: 'file://{path}', checksum: '{checksum}'}}
-  pools:
-  - {{name: worker, replicas: 2, size: {{cpu: 1, memory: 160Mi}}}}
-"
-    );
-    let out = env.kubectl_stdin(&["apply", "-f", "-"], &text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    apply(
+        &env,
+        &tiny_cluster(
+            ns,
+            "tiny",
+            &format!("  sshKeys: ['{KEY}']\n"),
+            2,
+            "160Mi",
+            None,
+        ),
     );
     let (_, took) = wait_for(Duration::from_secs(240), "all 3 nodes ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
@@ -257,32 +292,9 @@ spec:
 #[test]
 fn a_wrong_image_checksum_is_reported_and_leaves_no_file() {
     let env = Env::get();
-    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
-    let (path, _) = tiny.trim().split_once(' ').unwrap();
     let ns = "badimage";
     let wrong = format!("sha256:{}", "1".repeat(64));
-    let text = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
-apiVersion: yukumo.io/v1alpha1
-kind: NetworkGroup
-metadata: {{name: net, namespace: {ns}}}
-spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
----
-apiVersion: yukumo.io/v1alpha1
-kind: VirtualCluster
-metadata: {{name: bad, namespace: {ns}}}
-spec:
-  networkGroup: net
-  frontend:
-    size: {{cpu: 1, memory: 160Mi}}
-    image: {{url: 'file://{path}', checksum: '{wrong}'}}
-"
-    );
-    assert!(
-        env.kubectl_stdin(&["apply", "-f", "-"], &text)
-            .status
-            .success()
-    );
+    apply(&env, &tiny_cluster(ns, "bad", "", 0, "160Mi", Some(&wrong)));
     let (msg, _) = wait_for(Duration::from_secs(60), "ImagePullFailed", || {
         let out = env.kubectl(&["-n", ns, "get", "vn", "bad-frontend", "-o", "json"]);
         let vn: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -318,44 +330,12 @@ spec:
 #[test]
 fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
     let env = Env::get();
-    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
-    let (path, checksum) = tiny.trim().split_once(' ').unwrap();
-    let grace = 6;
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        &format!("{{\"spec\":{{\"hostGraceSeconds\":{grace}}}}}"),
-    ])
-    .unwrap();
+    let grace: u64 = 6;
+    env.set_site_grace(grace);
     let ns = "hostloss";
-    let text = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
-apiVersion: yukumo.io/v1alpha1
-kind: NetworkGroup
-metadata: {{name: net, namespace: {ns}}}
-spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
----
-apiVersion: yukumo.io/v1alpha1
-kind: VirtualCluster
-metadata: {{name: lossy, namespace: {ns}}}
-spec:
-  networkGroup: net
-  startOrder: Parallel
-  frontend:
-    size: {{cpu: 1, memory: 160Mi}}
-    image: {{url: 'file://{path}', checksum: '{checksum}'}}
-  pools:
-  - {{name: worker, replicas: 1, size: {{cpu: 1, memory: 160Mi}}}}
-"
-    );
-    assert!(
-        env.kubectl_stdin(&["apply", "-f", "-"], &text)
-            .status
-            .success()
+    apply(
+        &env,
+        &tiny_cluster(ns, "lossy", "  startOrder: Parallel\n", 1, "160Mi", None),
     );
     wait_for(Duration::from_secs(240), "2/2 ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "lossy"]);
@@ -432,16 +412,7 @@ spec:
         "stale domain of {vname} removed from host-2 {:.1}s after it returned",
         took.as_secs_f64()
     );
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        "{\"spec\":{\"hostGraceSeconds\":20}}",
-    ])
-    .unwrap();
+    env.set_site_grace(20);
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
     wait_for(Duration::from_secs(30), "host-2 Ready again", || {
@@ -451,6 +422,113 @@ spec:
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         });
         if ok { Ok(()) } else { Err("not ready".into()) }
+    })
+    .unwrap();
+}
+
+/// PIDs of the running qemu processes of a host, by domain name.
+fn qemu_pids(env: &Env, host: &str) -> BTreeMap<String, String> {
+    let dir = env.dir.join(format!("hosts/{host}/run/qemu"));
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let dom = name.strip_suffix(".pid")?.to_string();
+                    let pid = std::fs::read_to_string(e.path()).ok()?.trim().to_string();
+                    std::path::Path::new(&format!("/proc/{pid}"))
+                        .exists()
+                        .then_some((dom, pid))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_restarts() {
+    let env = Env::get();
+    let ns = "crashy";
+    apply(
+        &env,
+        &tiny_cluster(ns, "ten", "  startOrder: Parallel\n", 9, "128Mi", None),
+    );
+    // Mid-apply: some domains run, others do not yet.
+    wait_for(Duration::from_secs(120), "a first domain running", || {
+        let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} running"))
+        }
+    })
+    .unwrap();
+    for p in ["controller-1", "agent-host-1", "agent-host-2"] {
+        env.env_sh(&["stop", p, "--signal", "KILL"]).unwrap();
+    }
+    let before: BTreeMap<String, String> = ["host-1", "host-2"]
+        .iter()
+        .flat_map(|h| qemu_pids(&env, h))
+        .collect();
+    println!(
+        "killed controller and agents with {} of 10 domains running",
+        before.len()
+    );
+    env.env_sh(&["start-controller", "1"]).unwrap();
+    env.env_sh(&["start-agent", "host-1"]).unwrap();
+    env.env_sh(&["start-agent", "host-2"]).unwrap();
+    let (_, took) = wait_for(Duration::from_secs(300), "10/10 ready", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "ten"]);
+        if vc["status"]["ready"] == "10/10" {
+            Ok(())
+        } else {
+            Err(vc["status"]["ready"].to_string())
+        }
+    })
+    .unwrap();
+    println!(
+        "converged to 10/10 {:.1}s after the restart",
+        took.as_secs_f64()
+    );
+    let after: BTreeMap<String, String> = ["host-1", "host-2"]
+        .iter()
+        .flat_map(|h| qemu_pids(&env, h))
+        .collect();
+    for (dom, pid) in &before {
+        assert_eq!(
+            after.get(dom),
+            Some(pid),
+            "{dom} was restarted (qemu pid changed)"
+        );
+    }
+    // No duplicates, nothing leaked: one domain and one directory per node.
+    let nodes = json(&env, &["-n", ns, "get", "vn"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert_eq!(nodes.len(), 10);
+    for h in ["host-1", "host-2"] {
+        let mine: Vec<&Value> = nodes.iter().filter(|n| n["spec"]["host"] == h).collect();
+        let doms: Vec<String> = virsh(&env, h, &["list", "--all", "--name"])
+            .lines()
+            .filter(|l| l.starts_with("yk-"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(doms.len(), mine.len(), "{h}: domains {doms:?}");
+        let dirs = std::fs::read_dir(env.dir.join(format!("hosts/{h}/agent/nodes")))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, mine.len(), "{h}: node directories");
+    }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+    wait_for(Duration::from_secs(90), "guests gone", || {
+        let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} qemu left"))
+        }
     })
     .unwrap();
 }

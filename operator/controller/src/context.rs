@@ -159,6 +159,26 @@ impl Ctx {
         }
     }
 
+    /// Publish an Event for a verdict whose reason or message differs from the
+    /// previous `Ready` condition (Warning when stalled): one Event per change,
+    /// none on a re-reconcile with nothing new.
+    pub async fn announce<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        previous: &[yukumo_api::Condition],
+        verdict: &crate::reconcile::verdict::Verdict,
+    ) {
+        if crate::reconcile::verdict::reason_changed(previous, verdict) {
+            let t = if verdict.is_stalled() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            self.event(obj, t, verdict.reason(), verdict.message().to_string())
+                .await;
+        }
+    }
+
     /// Server-side apply `status` onto `obj`'s status subresource, as the
     /// controller's field manager.
     pub async fn apply_status<K, S>(&self, api: &Api<K>, obj: &K, status: &S) -> Result<()>

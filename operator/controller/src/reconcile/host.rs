@@ -12,12 +12,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
 use yukumo_api::host::Host;
 use yukumo_api::site::Site;
 
-use super::verdict::{Verdict, apply_verdict, reason_changed};
+use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Result};
 
 /// The agent's condition saying its hypervisor connection works.
@@ -107,19 +106,8 @@ pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
         .await?;
         tracing::info!(host = %host.name_any(), reason = verdict.reason(), "host readiness changed");
     }
-    if reason_changed(&mine, &verdict) && !matches!(verdict.reason(), "AwaitingHeartbeat") {
-        let t = if verdict.is_stalled() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(
-            host.as_ref(),
-            t,
-            verdict.reason(),
-            verdict.message().to_string(),
-        )
-        .await;
+    if !matches!(verdict.reason(), "AwaitingHeartbeat") {
+        ctx.announce(host.as_ref(), &mine, &verdict).await;
     }
     // Requeue exactly when the heartbeat would go stale.
     Ok(match remaining {

@@ -8,11 +8,10 @@ use std::time::Duration;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use yukumo_api::networkgroup::{NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, SegmentType};
 use yukumo_api::site::Site;
 
-use super::verdict::{Verdict, apply_verdict, reason_changed};
+use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Result};
 
 /// Parse `a.b.c.d/p` into (network, prefix).
@@ -158,20 +157,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         )
         .await?;
     }
-    if reason_changed(&old.conditions, &verdict) {
-        let t = if verdict.is_stalled() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(
-            ng.as_ref(),
-            t,
-            verdict.reason(),
-            verdict.message().to_string(),
-        )
-        .await;
-    }
+    ctx.announce(ng.as_ref(), &old.conditions, &verdict).await;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 

@@ -27,7 +27,7 @@ use yukumo_api::{NetworkGroup, Volume, labels, managers};
 
 use super::nodes::{DesiredNode, desired_nodes, should_run};
 use super::reservation;
-use super::verdict::{Verdict, apply_verdict, reason_changed};
+use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Error, Result};
 use crate::scheduler::{HostView, Placement, Request, place};
 
@@ -560,20 +560,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         )
         .await?;
     }
-    if reason_changed(&old.conditions, &verdict) {
-        let type_ = if verdict.is_stalled() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(
-            vc.as_ref(),
-            type_,
-            verdict.reason(),
-            verdict.message().to_string(),
-        )
-        .await;
-    }
+    ctx.announce(vc.as_ref(), &old.conditions, &verdict).await;
     Ok(Action::requeue(requeue))
 }
 

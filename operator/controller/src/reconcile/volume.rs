@@ -6,11 +6,10 @@ use std::time::Duration;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use yukumo_api::site::Site;
 use yukumo_api::volume::{Volume, VolumeStatus};
 
-use super::verdict::{Verdict, apply_verdict, reason_changed};
+use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Error, Result};
 
 pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
@@ -81,19 +80,6 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         )
         .await?;
     }
-    if reason_changed(&old.conditions, &verdict) {
-        let t = if verdict.is_stalled() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        ctx.event(
-            vol.as_ref(),
-            t,
-            verdict.reason(),
-            verdict.message().to_string(),
-        )
-        .await;
-    }
+    ctx.announce(vol.as_ref(), &old.conditions, &verdict).await;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
