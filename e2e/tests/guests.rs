@@ -434,7 +434,12 @@ fn qemu_pids(env: &Env, host: &str) -> BTreeMap<String, String> {
             d.flatten()
                 .filter_map(|e| {
                     let name = e.file_name().to_string_lossy().to_string();
-                    let dom = name.strip_suffix(".pid")?.to_string();
+                    // Guests' PID files are named after their domain (yk-…);
+                    // driver.pid is libvirt's own.
+                    let dom = name
+                        .strip_suffix(".pid")
+                        .filter(|d| d.starts_with("yk-"))?
+                        .to_string();
                     let pid = std::fs::read_to_string(e.path()).ok()?.trim().to_string();
                     std::path::Path::new(&format!("/proc/{pid}"))
                         .exists()
@@ -520,7 +525,7 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
             .count();
         assert_eq!(dirs, mine.len(), "{h}: node directories");
     }
-    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "ten", "--wait=true"])
         .unwrap();
     wait_for(Duration::from_secs(90), "guests gone", || {
         let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();

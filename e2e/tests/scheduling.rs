@@ -152,10 +152,9 @@ fn nodes_are_placed_spread_owned_and_scaled() {
         .map(|n| {
             (
                 n["metadata"]["name"].as_str().unwrap().to_string(),
-                n["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
+                // Generation and spec: what the controller writes (agents
+                // write status, which bumps only resourceVersion).
+                format!("{} {}", n["metadata"]["generation"], n["spec"]),
             )
         })
         .collect();
@@ -168,10 +167,9 @@ fn nodes_are_placed_spread_owned_and_scaled() {
         .map(|n| {
             (
                 n["metadata"]["name"].as_str().unwrap().to_string(),
-                n["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
+                // Generation and spec: what the controller writes (agents
+                // write status, which bumps only resourceVersion).
+                format!("{} {}", n["metadata"]["generation"], n["spec"]),
             )
         })
         .collect();
