@@ -98,6 +98,30 @@ impl ComputeCtx {
         }
     }
 
+    /// Mark the node Failed with `reason`, and publish a Warning Event when
+    /// that is news (the condition changed), not on every retry.
+    async fn report_failure(
+        &self,
+        vn: &VirtualNode,
+        reason: &str,
+        message: String,
+    ) -> Result<(), Error> {
+        let status = status_with(vn, NodePhase::Failed, (false, reason, message.clone()));
+        let changed = vn.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
+        self.write_status(
+            vn,
+            &VirtualNodeStatus {
+                last_error: Some(message.clone()),
+                ..status
+            },
+        )
+        .await?;
+        if changed {
+            self.event(vn, EventType::Warning, reason, message).await;
+        }
+        Ok(())
+    }
+
     async fn write_status(
         &self,
         vn: &VirtualNode,
@@ -276,20 +300,7 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
                 ImageError::Io(_) => "ImageCacheError",
                 _ => "ImagePullFailed",
             };
-            let status = status_with(&vn, NodePhase::Failed, (false, reason, e.to_string()));
-            let changed = vn.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
-            ctx.write_status(
-                &vn,
-                &VirtualNodeStatus {
-                    last_error: Some(e.to_string()),
-                    ..status
-                },
-            )
-            .await?;
-            if changed {
-                ctx.event(&vn, EventType::Warning, reason, e.to_string())
-                    .await;
-            }
+            ctx.report_failure(&vn, reason, e.to_string()).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
@@ -357,21 +368,8 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            let status = status_with(
-                &vn,
-                NodePhase::Failed,
-                (false, "DomainFailed", e.to_string()),
-            );
-            ctx.write_status(
-                &vn,
-                &VirtualNodeStatus {
-                    last_error: Some(e.to_string()),
-                    ..status
-                },
-            )
-            .await?;
-            ctx.event(&vn, EventType::Warning, "DomainFailed", e.to_string())
-                .await;
+            ctx.report_failure(&vn, "DomainFailed", e.to_string())
+                .await?;
             return Ok(Action::requeue(Duration::from_secs(15)));
         }
     };
