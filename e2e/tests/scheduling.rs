@@ -62,6 +62,7 @@ kind: VirtualCluster
 metadata: {{name: {name}, namespace: {ns}}}
 spec:
   networkGroup: net
+  startOrder: Parallel
   frontend:
     size: {{cpu: 1, memory: 128Mi}}
     image: {{url: 'file:///img.qcow2', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}}
@@ -126,9 +127,9 @@ fn nodes_are_placed_spread_owned_and_scaled() {
         assert_eq!(n["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(n["spec"]["resources"]["memoryMiB"], 128);
         *per_host.entry(host.to_string()).or_default() += 1;
-        // FrontendFirst: workers wait for the frontend to run.
-        let is_frontend = name == "spread-frontend";
-        assert_eq!(n["spec"]["running"], is_frontend, "{name}");
+        // Parallel: every node may run at once (FrontendFirst is covered
+        // with real guests in guests.rs).
+        assert_eq!(n["spec"]["running"], true, "{name}");
     }
     assert_eq!(per_host.len(), 2, "spread over both hosts: {per_host:?}");
     assert!(per_host.values().all(|c| *c == 2), "{per_host:?}");
@@ -327,6 +328,103 @@ fn a_reservation_starts_and_ends_on_time() {
     println!("nodes deleted {late:.1}s after the reservation end");
     assert!(late > -1.0 && late < 5.0, "deleted {late:.1}s from the end");
     assert_eq!(ready_reason(&env, ns, "window").0, "ReservationEnded");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+fn allocatable_mib(env: &Env) -> u64 {
+    let site = json(env, &["get", "site", "local"]);
+    site["status"]["allocatable"]["memoryMiB"]
+        .as_u64()
+        .expect("site allocatable memory")
+}
+
+fn dated_cluster(ns: &str, name: &str, worker_mib: u64, start: u64, end: u64) -> String {
+    format!(
+        "{}  reservation: {{start: '{}', end: '{}', endAction: Delete}}\n",
+        cluster(ns, name, 1, &format!("{worker_mib}Mi")),
+        rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(start)),
+        rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(end))
+    )
+}
+
+fn wait_reason(env: &Env, ns: &str, vc: &str, want: &str) -> String {
+    let ((_, msg), took) = wait_for(Duration::from_secs(30), &format!("{vc} {want}"), || {
+        let r = ready_reason(env, ns, vc);
+        if r.0 == want {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .unwrap();
+    println!("{vc}: {want} after {took:?}: {msg}");
+    msg
+}
+
+#[test]
+fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
+    let env = Env::get();
+    let ns = "overbook";
+    setup(&env, ns);
+    // Each reservation takes 60% of the site's memory: one fits, two overlapping do not.
+    let big = allocatable_mib(&env) * 6 / 10;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (a_start, a_end) = (now + 600, now + 1200);
+    apply(&env, &dated_cluster(ns, "first", big, a_start, a_end));
+    wait_reason(&env, ns, "first", "ReservationPending");
+    let first = json(&env, &["-n", ns, "get", "vc", "first"]);
+    assert!(
+        first["status"]["capacityAdmittedAt"].is_string(),
+        "the first reservation is admitted: {}",
+        first["status"]
+    );
+    // Overlapping the second half of the first: refused, naming site, resource, window.
+    apply(
+        &env,
+        &dated_cluster(ns, "second", big, a_start + 300, a_end + 300),
+    );
+    let msg = wait_reason(&env, ns, "second", "InsufficientCapacity");
+    assert!(msg.contains("site local"), "{msg}");
+    assert!(msg.contains("memory short by"), "{msg}");
+    assert!(
+        msg.contains(&rfc3339(
+            std::time::UNIX_EPOCH + Duration::from_secs(a_start + 300)
+        )),
+        "the window is named: {msg}"
+    );
+    let second = json(&env, &["-n", ns, "get", "vc", "second"]);
+    assert!(second["status"]["capacityAdmittedAt"].is_null());
+    assert!(
+        yukumo_e2e::condition(&second, "Ready").is_some_and(|c| c.0 == "False"),
+        "Ready=False"
+    );
+    let events = env
+        .kubectl_ok(&["-n", ns, "get", "events", "-o", "json"])
+        .unwrap();
+    assert!(events.contains("InsufficientCapacity"), "an Event says so");
+    // Back to back with the first (ending when it starts): admitted.
+    apply(
+        &env,
+        &dated_cluster(ns, "third", big, a_start - 300, a_start),
+    );
+    wait_reason(&env, ns, "third", "ReservationPending");
+    // The first is cancelled: the second now fits and is admitted on its retry.
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "first"])
+        .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(30), "second admitted", || {
+        let r = ready_reason(&env, ns, "second");
+        if r.0 == "ReservationPending" {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .unwrap();
+    println!("second admitted {took:?} after the first was deleted");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

@@ -49,6 +49,15 @@ pub mod labels {
 
 /// Field managers for server-side apply: one per component, never shared, so
 /// ownership of every field is visible in `managedFields`.
+/// Finalizers yukumo sets.
+pub mod finalizers {
+    /// On every VirtualNode, set by the controller when it creates the node
+    /// and removed by the host's agent once the domain, overlay and config
+    /// disk are gone (or by the controller when the host is lost: its agent
+    /// sweeps the stale domain when it returns).
+    pub const HOST_CLEANUP: &str = "yukumo.io/host-cleanup";
+}
+
 pub mod managers {
     /// The controller's field manager.
     pub const CONTROLLER: &str = "yukumo-controller";

@@ -337,6 +337,12 @@ pub struct VirtualClusterStatus {
     /// The next scheduled power transition from the reservation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_transition: Option<Transition>,
+    /// When the dated reservation's capacity was admitted: checked against
+    /// its sites' capacity and the reservations admitted before it, for its
+    /// whole window. Once set, the guarantee holds; later reservations that
+    /// would overbook are refused (`Ready=False`, `InsufficientCapacity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_admitted_at: Option<Time>,
 }
 
 /// One node of a cluster, as seen in the cluster's status.

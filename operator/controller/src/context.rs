@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,7 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use yukumo_api::managers;
+use yukumo_api::{Host, NetworkGroup, Site, VirtualCluster, VirtualNode, Volume, managers};
 use yukumo_telemetry::Health;
 
 /// Errors of the controller. Each has a metric label; permanent ones (bad
@@ -106,16 +107,97 @@ impl Metrics {
     }
 }
 
+/// Reflector caches of every kind the reconcilers read, filled by one watch
+/// each (reads never list the API server). Reconcilers start only once every
+/// store holds a complete initial list.
+#[derive(Clone)]
+pub struct Stores {
+    pub clusters: Store<VirtualCluster>,
+    pub nodes: Store<VirtualNode>,
+    pub hosts: Store<Host>,
+    pub sites: Store<Site>,
+    pub network_groups: Store<NetworkGroup>,
+    pub volumes: Store<Volume>,
+}
+
+impl Stores {
+    pub fn site(&self, name: &str) -> Option<Arc<Site>> {
+        self.sites.get(&ObjectRef::new(name))
+    }
+    pub fn all_sites(&self) -> Vec<Site> {
+        let mut v: Vec<Site> = self.sites.state().iter().map(|s| (**s).clone()).collect();
+        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        v
+    }
+    pub fn network_group(&self, ns: &str, name: &str) -> Option<Arc<NetworkGroup>> {
+        self.network_groups.get(&ObjectRef::new(name).within(ns))
+    }
+    pub fn volume_exists(&self, ns: &str, name: &str) -> bool {
+        self.volumes.get(&ObjectRef::new(name).within(ns)).is_some()
+    }
+}
+
+/// A VirtualNode written by the controller that its store may not show yet.
+#[derive(Debug, Clone)]
+pub struct PendingNode {
+    pub owner_uid: String,
+    pub host: String,
+    pub site: String,
+    pub resources: yukumo_api::common::Resources,
+    pub since: Instant,
+}
+
+/// What placement decisions must see before the stores catch up: nodes just
+/// written and reservations just admitted. Held (locked) while a reconciler
+/// places nodes or admits a reservation, so two clusters never take the same
+/// capacity.
+#[derive(Debug, Default)]
+pub struct Placements {
+    /// By (namespace, name).
+    pub nodes: std::collections::HashMap<(String, String), PendingNode>,
+    /// Uids of clusters admitted but maybe not yet shown so by the store.
+    pub admitted: std::collections::HashMap<String, Instant>,
+}
+
+impl Placements {
+    /// Forget what the stores now show (and anything older than a minute).
+    pub fn prune(&mut self, stores: &Stores) {
+        self.nodes.retain(|(ns, name), p| {
+            let in_store = stores
+                .nodes
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|n| {
+                    n.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .any(|o| o.uid == p.owner_uid)
+                });
+            !in_store && p.since.elapsed() < Duration::from_secs(60)
+        });
+        self.admitted
+            .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+    }
+}
+
 /// Shared state of all reconcilers.
 pub struct Ctx {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub health: Health,
+    pub stores: Stores,
+    pub placements: tokio::sync::Mutex<Placements>,
 }
 
 impl Ctx {
-    pub fn new(client: Client, identity: &str, metrics: Metrics, health: Health) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        metrics: Metrics,
+        health: Health,
+        stores: Stores,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: managers::CONTROLLER.into(),
             instance: Some(identity.to_string()),
@@ -125,6 +207,8 @@ impl Ctx {
             client,
             metrics,
             health,
+            stores,
+            placements: Default::default(),
         })
     }
 

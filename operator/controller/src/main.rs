@@ -11,6 +11,7 @@ mod leader;
 mod reconcile;
 mod scheduler;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,8 @@ use std::time::Duration;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::controller::Controller;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
@@ -27,7 +28,7 @@ use tokio::sync::watch;
 use yukumo_api::{Host, NetworkGroup, Site, VirtualCluster, VirtualNode, Volume};
 use yukumo_telemetry::{Health, parse_duration};
 
-use crate::context::{Ctx, Metrics, error_policy};
+use crate::context::{Ctx, Metrics, Stores, error_policy};
 use crate::leader::{Attempt, LeaderElector};
 
 #[derive(Parser, Debug)]
@@ -66,7 +67,6 @@ async fn main() -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    let ctx = Ctx::new(client.clone(), &identity, metrics.clone(), health.clone());
     tracing::info!(%identity, namespace = %args.namespace, "controller starting");
 
     let mut elector = LeaderElector::new(
@@ -99,7 +99,13 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%identity, "became leader");
         metrics.leader.set(1);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let controllers = tokio::spawn(run_controllers(ctx.clone(), stop_rx));
+        let controllers = tokio::spawn(run_controllers(
+            client.clone(),
+            identity.clone(),
+            metrics.clone(),
+            health.clone(),
+            stop_rx,
+        ));
         // Renew; stop leading if a renewal has not succeeded within the lease duration.
         let mut last_renew = tokio::time::Instant::now();
         let lost = loop {
@@ -140,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Hash of what the VirtualCluster reconciler needs from a Host: its readiness.
-fn host_readiness(h: &Host) -> Option<u64> {
+fn host_readiness(h: &Host) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     let ready = h
@@ -151,39 +157,164 @@ fn host_readiness(h: &Host) -> Option<u64> {
         .map(|c| (format!("{:?}", c.status), c.reason.clone()))
         .hash(&mut hasher);
     h.spec.schedulable.hash(&mut hasher);
-    Some(hasher.finish())
+    hasher.finish()
+}
+
+/// Hash of what a Site aggregates from a Host: readiness and resources.
+fn host_summary(h: &Host) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    host_readiness(h).hash(&mut hasher);
+    h.spec.site.hash(&mut hasher);
+    if let Some(s) = &h.status {
+        serde_json::to_string(&(s.capacity, s.allocatable))
+            .unwrap_or_default()
+            .hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Pass on only the objects whose `key` changed since last seen (a heartbeat
+/// that changes nothing else triggers nothing).
+fn changed_only<K: ResourceExt + Send + Sync + 'static>(
+    stream: impl futures::Stream<Item = Arc<K>> + Send + 'static,
+    key: fn(&K) -> u64,
+) -> impl futures::Stream<Item = Arc<K>> + Send + 'static {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    stream.filter(move |obj| {
+        let k = key(obj);
+        let changed = seen.insert(obj.name_any(), k) != Some(k);
+        futures::future::ready(changed)
+    })
+}
+
+/// Buffer of each shared reflector's subscribers.
+const SUBSCRIBER_BUFFER: usize = 4096;
+
+/// A shared reflector for `K`: its store, its writer (to subscribe), and the
+/// watch stream that fills it (must be polled).
+fn shared_reflector<K>(
+    client: &Client,
+    wc: &watcher::Config,
+) -> (
+    Store<K>,
+    reflector::store::Writer<K>,
+    impl FnOnce(reflector::store::Writer<K>) -> tokio::task::JoinHandle<()>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store_shared::<K>(SUBSCRIBER_BUFFER);
+    let api = Api::<K>::all(client.clone());
+    let wc = wc.clone();
+    let start = move |writer| {
+        tokio::spawn(
+            watcher(api, wc)
+                .default_backoff()
+                // Nothing reads managedFields: not keeping them roughly
+                // halves the memory of the caches.
+                .modify(|o| o.managed_fields_mut().clear())
+                .reflect_shared(writer)
+                .for_each(|_| futures::future::ready(())),
+        )
+    };
+    (store, writer, start)
 }
 
 /// Run every reconciler until `stop` turns true.
-async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
-    let client = ctx.client.clone();
+async fn run_controllers(
+    client: Client,
+    identity: String,
+    metrics: Metrics,
+    health: Health,
+    stop: watch::Receiver<bool>,
+) {
     let stopper = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let wc = watcher::Config::default().any_semantic();
 
-    let vc_controller = Controller::new(Api::<VirtualCluster>::all(client.clone()), wc.clone());
-    let vc_store = vc_controller.store();
+    // One watch per kind, shared by every reconciler that reads it.
+    let (vc_store, vc_w, vc_start) = shared_reflector::<VirtualCluster>(&client, &wc);
+    let (vn_store, vn_w, vn_start) = shared_reflector::<VirtualNode>(&client, &wc);
+    let (host_store, host_w, host_start) = shared_reflector::<Host>(&client, &wc);
+    let (site_store, site_w, site_start) = shared_reflector::<Site>(&client, &wc);
+    let (ng_store, ng_w, ng_start) = shared_reflector::<NetworkGroup>(&client, &wc);
+    let (vol_store, vol_w, vol_start) = shared_reflector::<Volume>(&client, &wc);
+    // Writers made by `store_shared` always hand out subscriptions.
+    const SHARED: &str = "a shared store's writer subscribes";
+    let vc_for = vc_w.subscribe().expect(SHARED);
+    let vn_owned = vn_w.subscribe().expect(SHARED);
+    let host_for_vc = host_w.subscribe().expect(SHARED);
+    let host_for_site = host_w.subscribe().expect(SHARED);
+    let host_for = host_w.subscribe().expect(SHARED);
+    let site_for = site_w.subscribe().expect(SHARED);
+    let site_for_host = site_w.subscribe().expect(SHARED);
+    let ng_for_vc = ng_w.subscribe().expect(SHARED);
+    let ng_for = ng_w.subscribe().expect(SHARED);
+    let vol_for_vc = vol_w.subscribe().expect(SHARED);
+    let vol_for = vol_w.subscribe().expect(SHARED);
+    let reflectors = [
+        vc_start(vc_w),
+        vn_start(vn_w),
+        host_start(host_w),
+        site_start(site_w),
+        ng_start(ng_w),
+        vol_start(vol_w),
+    ];
+    let stores = Stores {
+        clusters: vc_store.clone(),
+        nodes: vn_store.clone(),
+        hosts: host_store.clone(),
+        sites: site_store.clone(),
+        network_groups: ng_store.clone(),
+        volumes: vol_store.clone(),
+    };
+    // Nothing is decided on a partial view of the fleet.
+    let ready = async {
+        let _ = tokio::join!(
+            vc_store.wait_until_ready(),
+            vn_store.wait_until_ready(),
+            host_store.wait_until_ready(),
+            site_store.wait_until_ready(),
+            ng_store.wait_until_ready(),
+            vol_store.wait_until_ready(),
+        );
+    };
+    let mut stop_rx = stop.clone();
+    tokio::select! {
+        _ = ready => tracing::info!("caches synced"),
+        _ = stop_rx.wait_for(|s| *s) => {
+            for r in reflectors { r.abort(); }
+            return;
+        }
+    }
+    let ctx = Ctx::new(client.clone(), &identity, metrics, health, stores);
+
     let vc_store2 = vc_store.clone();
     let vc_store3 = vc_store.clone();
-    let vcs = vc_controller
-        .owns(Api::<VirtualNode>::all(client.clone()), wc.clone())
-        .watches(
-            Api::<NetworkGroup>::all(client.clone()),
-            wc.clone(),
-            move |ng| {
-                let (ns, name) = (ng.namespace(), ng.name_any());
-                vc_store
-                    .state()
-                    .into_iter()
-                    .filter(|vc| vc.namespace() == ns && vc.spec.network_group == name)
-                    .map(|vc| ObjectRef::from_obj(vc.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches(Api::<Volume>::all(client.clone()), wc.clone(), move |vol| {
-            let (ns, name) = (vol.namespace(), vol.name_any());
+    let vc_store4 = vc_store.clone();
+    let vcs = Controller::for_shared_stream(vc_for, vc_store)
+        .with_config(controller::Config::default().debounce(Duration::from_millis(250)))
+        .owns_shared_stream(vn_owned)
+        .watches_shared_stream(ng_for_vc, move |ng| {
+            let (ns, name) = (ng.namespace(), ng.name_any());
             vc_store2
+                .state()
+                .into_iter()
+                .filter(|vc| vc.namespace() == ns && vc.spec.network_group == name)
+                .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(vol_for_vc, move |vol| {
+            let (ns, name) = (vol.namespace(), vol.name_any());
+            vc_store3
                 .state()
                 .into_iter()
                 .filter(|vc| {
@@ -199,22 +330,22 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
                 .map(|vc| ObjectRef::from_obj(vc.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(
+        .watches_shared_stream(
             // Only a change of a Host's readiness matters here, not every heartbeat.
-            watcher(Api::<Host>::all(client.clone()), wc.clone())
-                .touched_objects()
-                .predicate_filter(host_readiness, Default::default()),
+            changed_only(host_for_vc, host_readiness),
             move |host| {
-                // Host readiness changes matter to the clusters with nodes there.
+                // Host readiness changes matter to the clusters with nodes
+                // there, and to clusters waiting for capacity.
                 let name = host.name_any();
-                vc_store3
+                vc_store4
                     .state()
                     .into_iter()
                     .filter(|vc| {
-                        vc.status.as_ref().is_some_and(|s| {
-                            s.nodes
-                                .iter()
-                                .any(|n| n.host.as_deref() == Some(name.as_str()))
+                        vc.status.as_ref().is_none_or(|s| {
+                            s.ready_nodes < s.desired_nodes
+                                || s.nodes
+                                    .iter()
+                                    .any(|n| n.host.as_deref() == Some(name.as_str()))
                         })
                     })
                     .map(|vc| ObjectRef::from_obj(vc.as_ref()))
@@ -229,7 +360,7 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
         )
         .for_each(|_| futures::future::ready(()));
 
-    let ngs = Controller::new(Api::<NetworkGroup>::all(client.clone()), wc.clone())
+    let ngs = Controller::for_shared_stream(ng_for, ng_store)
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(
             reconcile::networkgroup::reconcile,
@@ -238,25 +369,24 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
         )
         .for_each(|_| futures::future::ready(()));
 
-    let vols = Controller::new(Api::<Volume>::all(client.clone()), wc.clone())
+    let vols = Controller::for_shared_stream(vol_for, vol_store)
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(reconcile::volume::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    let sites = Controller::new(Api::<Site>::all(client.clone()), wc.clone())
-        .watches(Api::<Host>::all(client.clone()), wc.clone(), |h| {
+    let sites = Controller::for_shared_stream(site_for, site_store)
+        .watches_shared_stream(changed_only(host_for_site, host_summary), |h| {
             Some(ObjectRef::<Site>::new(&h.spec.site))
         })
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(reconcile::site::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    let host_controller = Controller::new(Api::<Host>::all(client.clone()), wc.clone());
-    let host_store = host_controller.store();
-    let hosts = host_controller
-        .watches(Api::<Site>::all(client.clone()), wc.clone(), move |site| {
+    let host_store2 = host_store.clone();
+    let hosts = Controller::for_shared_stream(host_for, host_store)
+        .watches_shared_stream(site_for_host, move |site| {
             let name = site.name_any();
-            host_store
+            host_store2
                 .state()
                 .into_iter()
                 .filter(|h| h.spec.site == name)
@@ -268,5 +398,8 @@ async fn run_controllers(ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
         .for_each(|_| futures::future::ready(()));
 
     tokio::join!(vcs, ngs, vols, sites, hosts);
+    for r in reflectors {
+        r.abort();
+    }
     tracing::info!("reconcilers stopped");
 }

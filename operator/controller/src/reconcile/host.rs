@@ -13,8 +13,10 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
+use yukumo_api::finalizers;
 use yukumo_api::host::Host;
 use yukumo_api::site::Site;
+use yukumo_api::virtualnode::VirtualNode;
 
 use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Result};
@@ -86,10 +88,8 @@ fn own_conditions(all: &[Condition]) -> Vec<Condition> {
 
 pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("Host");
-    let site = Api::<Site>::all(ctx.client.clone())
-        .get_opt(&host.spec.site)
-        .await?;
-    let (verdict, remaining) = liveness(&host, site.as_ref(), Timestamp::now());
+    let site = ctx.stores.site(&host.spec.site);
+    let (verdict, remaining) = liveness(&host, site.as_deref(), Timestamp::now());
     let existing = host
         .status
         .as_ref()
@@ -108,6 +108,27 @@ pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     if !matches!(verdict.reason(), "AwaitingHeartbeat") {
         ctx.announce(host.as_ref(), &mine, &verdict).await;
+    }
+    if verdict.reason() == "HeartbeatLost" {
+        // Nodes deleted while their host is lost cannot be cleaned up there
+        // now: release them (the returning agent sweeps their domains).
+        let name = host.name_any();
+        for vn in ctx.stores.nodes.state() {
+            if vn.spec.host.as_deref() == Some(name.as_str())
+                && vn.metadata.deletion_timestamp.is_some()
+                && vn
+                    .finalizers()
+                    .iter()
+                    .any(|f| f == finalizers::HOST_CLEANUP)
+            {
+                let api = Api::<VirtualNode>::namespaced(
+                    ctx.client.clone(),
+                    &vn.namespace().unwrap_or_default(),
+                );
+                super::virtualcluster::release_finalizer(&api, &vn.name_any()).await?;
+                tracing::info!(node = %vn.name_any(), host = %name, "released a deleted node of a lost host");
+            }
+        }
     }
     // Requeue exactly when the heartbeat would go stale.
     Ok(match remaining {

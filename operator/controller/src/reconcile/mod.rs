@@ -1,6 +1,7 @@
 //! One reconciler per kind. Each observes, decides with pure functions, and
 //! writes status only when something changed.
 
+pub mod capacity;
 pub mod host;
 pub mod networkgroup;
 pub mod nodes;

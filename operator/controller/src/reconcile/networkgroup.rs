@@ -122,10 +122,7 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
 
 pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("NetworkGroup");
-    let sites = Api::<Site>::all(ctx.client.clone())
-        .list(&Default::default())
-        .await?
-        .items;
+    let sites = ctx.stores.all_sites();
     let verdict = validate(&ng.spec, &sites);
     let old = ng.status.clone().unwrap_or_default();
     let gateway = ng

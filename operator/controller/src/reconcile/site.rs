@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
@@ -54,10 +54,15 @@ pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
 
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("Site");
-    let hosts = Api::<Host>::all(ctx.client.clone())
-        .list(&ListParams::default().fields(&format!("spec.site={}", site.name_any())))
-        .await?
-        .items;
+    let name = site.name_any();
+    let hosts: Vec<Host> = ctx
+        .stores
+        .hosts
+        .state()
+        .iter()
+        .filter(|h| h.spec.site == name)
+        .map(|h| (**h).clone())
+        .collect();
     let (agg, verdict) = aggregate(&hosts);
     let old = site.status.clone().unwrap_or_default();
     let status = SiteStatus {

@@ -6,12 +6,14 @@
 //! Volume). What the schema cannot say becomes a `Stalled` condition naming
 //! the field, and an Event.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -19,16 +21,17 @@ use yukumo_api::common::{Conditions, NodeSize, Resources, builtin_size_classes, 
 use yukumo_api::host::Host;
 use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{
-    FrontendEndpoint, NodeSummary, RecoveryPolicy, Transition, VirtualCluster, VirtualClusterSpec,
-    VirtualClusterStatus,
+    EndAction, FrontendEndpoint, NodeSummary, RecoveryPolicy, Reservation, Transition,
+    VirtualCluster, VirtualClusterSpec, VirtualClusterStatus,
 };
 use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
-use yukumo_api::{NetworkGroup, Volume, labels, managers};
+use yukumo_api::{NetworkGroup, finalizers, labels, managers};
 
+use super::capacity;
 use super::nodes::{DesiredNode, desired_nodes, should_run};
 use super::reservation;
 use super::verdict::{Verdict, apply_verdict};
-use crate::context::{Ctx, Error, Result};
+use crate::context::{Ctx, Error, PendingNode, Result};
 use crate::scheduler::{HostView, Placement, Request, place};
 
 /// What the referenced objects look like, fetched once per reconcile.
@@ -164,7 +167,10 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
 
 /// What converging a cluster's VirtualNodes found.
 struct NodesOutcome {
+    /// The cluster's nodes, in the order of the desired nodes.
     nodes: Vec<VirtualNode>,
+    /// Workers not created yet: they wait for the frontend to run.
+    waiting: Vec<String>,
     unschedulable: Vec<String>,
     recovering: Vec<String>,
 }
@@ -186,16 +192,27 @@ fn node_labels(vc_name: &str, d: &DesiredNode, host: &str, site: &str) -> BTreeM
     l
 }
 
-fn host_views(hosts: &[Host], all_nodes: &[VirtualNode]) -> Vec<HostView> {
+fn host_views(
+    hosts: &[Arc<Host>],
+    all_nodes: &[Arc<VirtualNode>],
+    pending: &HashMap<(String, String), PendingNode>,
+) -> Vec<HostView> {
+    let mut used: HashMap<&str, Resources> = HashMap::new();
+    for n in all_nodes {
+        if let Some(h) = n.spec.host.as_deref() {
+            let e = used.entry(h).or_default();
+            *e = e.plus(n.spec.resources);
+        }
+    }
+    // Written but not yet in the store.
+    for p in pending.values() {
+        let e = used.entry(p.host.as_str()).or_default();
+        *e = e.plus(p.resources);
+    }
     hosts
         .iter()
         .map(|h| {
             let name = h.name_any();
-            let used = all_nodes
-                .iter()
-                .filter(|n| n.spec.host.as_deref() == Some(name.as_str()))
-                .map(|n| n.spec.resources)
-                .fold(Resources::default(), Resources::plus);
             let status = h.status.clone().unwrap_or_default();
             let lost = status
                 .conditions
@@ -208,170 +225,348 @@ fn host_views(hosts: &[Host], all_nodes: &[VirtualNode]) -> Vec<HostView> {
                 lost,
                 schedulable: h.spec.schedulable,
                 allocatable: status.allocatable.unwrap_or_default(),
-                used,
+                used: used.get(name.as_str()).copied().unwrap_or_default(),
                 name,
             }
         })
         .collect()
 }
 
+/// A write decided while holding the placement lock, done after releasing it.
+enum Write {
+    /// Server-side apply of a node (created when `new`).
+    Apply { vn: Box<VirtualNode>, new: bool },
+    /// Delete a node; `recovering` tells why (host loss or scale-down).
+    Delete { name: String, recovering: bool },
+}
+
 /// Create, update and delete the cluster's VirtualNodes. Placement is
 /// persisted in the VirtualNode (spec.host and its label) when it is created,
-/// and never changes while the host exists.
+/// and never changes while the host exists. Decisions are taken under the
+/// placement lock against the stores plus what was just written (so two
+/// clusters never take the same capacity); the writes then run concurrently.
 async fn converge_nodes(
     ctx: &Ctx,
     vc: &VirtualCluster,
     ns: &str,
     desired: Vec<DesiredNode>,
-    mine: Vec<VirtualNode>,
     cluster_running: bool,
 ) -> Result<NodesOutcome> {
     let api: Api<VirtualNode> = Api::namespaced(ctx.client.clone(), ns);
-    let all_nodes = Api::<VirtualNode>::all(ctx.client.clone())
-        .list(&Default::default())
-        .await?
-        .items;
-    let hosts = Api::<Host>::all(ctx.client.clone())
-        .list(&Default::default())
-        .await?
-        .items;
-    let mut views = host_views(&hosts, &all_nodes);
-    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-    for n in &mine {
-        if let Some(h) = &n.spec.host {
-            *counts.entry(h.clone()).or_default() += 1;
-        }
-    }
     let vc_name = vc.name_any();
     let owner = vc
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
-    let frontend_running = mine.iter().any(|n| {
-        n.spec.role == NodeRole::Frontend
-            && n.status
-                .as_ref()
-                .is_some_and(|s| s.phase == NodePhase::Running)
-    });
-    let pp = PatchParams::apply(managers::CONTROLLER).force();
     let mut nodes = Vec::new();
     let mut unschedulable = Vec::new();
     let mut recovering = Vec::new();
-    for d in &desired {
-        let mut existing = mine.iter().find(|n| n.name_any() == d.name);
-        // Host loss: with RestartElsewhere, a node on a lost (or vanished)
-        // host is deleted and placed anew; the lost host's agent removes the
-        // stale domain when it returns (its VirtualNode uid is gone).
-        if let Some(n) = existing
-            && let Some(h) = &n.spec.host
-            && vc.spec.recovery == RecoveryPolicy::RestartElsewhere
-            && views.iter().find(|v| &v.name == h).is_none_or(|v| v.lost)
-        {
-            if n.metadata.deletion_timestamp.is_none() {
-                api.delete(&n.name_any(), &Default::default()).await?;
-                ctx.event(
-                    vc,
-                    EventType::Warning,
-                    "NodeRecovering",
-                    format!(
-                        "{} was on lost host {h}; placing it again elsewhere",
-                        n.name_any()
-                    ),
-                )
-                .await;
+    let mut waiting = Vec::new();
+    let mut writes = Vec::new();
+    {
+        let mut pending = ctx.placements.lock().await;
+        pending.prune(&ctx.stores);
+        let all_nodes: Vec<Arc<VirtualNode>> = ctx.stores.nodes.state();
+        // Only nodes this cluster object owns: a cluster recreated under the
+        // same name never adopts its predecessor's nodes.
+        let mine: Vec<&VirtualNode> = all_nodes
+            .iter()
+            .map(|n| n.as_ref())
+            .filter(|n| {
+                n.namespace().as_deref() == Some(ns)
+                    && n.owner_references().iter().any(|o| o.uid == owner.uid)
+            })
+            .collect();
+        let hosts: Vec<Arc<Host>> = ctx.stores.hosts.state();
+        let mut views = host_views(&hosts, &all_nodes, &pending.nodes);
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for n in &mine {
+            if let Some(h) = &n.spec.host {
+                *counts.entry(h.clone()).or_default() += 1;
             }
-            recovering.push(n.name_any());
-            existing = None;
         }
-        if recovering.contains(&d.name) {
-            continue;
-        }
-        let placement = match existing.and_then(|n| n.spec.host.clone().zip(n.spec.site.clone())) {
-            Some((host, site)) => Placement::Host { host, site },
-            None => place(
-                &Request {
-                    node: d.name.clone(),
-                    sites: d.sites.clone(),
-                    need: d.spec.resources,
-                    gateway: d.gateway,
-                },
-                &mut views,
-                &mut counts,
-            ),
-        };
-        let (host, site) = match placement {
-            Placement::Host { host, site } => (host, site),
-            Placement::Unschedulable(msg) => {
-                unschedulable.push(msg);
+        let frontend_running = mine.iter().any(|n| {
+            n.spec.role == NodeRole::Frontend
+                && n.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == NodePhase::Running)
+        });
+        for d in &desired {
+            let key = (ns.to_string(), d.name.clone());
+            let existing = mine.iter().copied().find(|n| n.name_any() == d.name);
+            // Host loss: with RestartElsewhere, a node on a lost (or vanished)
+            // host is deleted and placed anew; the lost host's agent removes the
+            // stale domain when it returns (its VirtualNode uid is gone).
+            if let Some(n) = existing
+                && let Some(h) = &n.spec.host
+                && vc.spec.recovery == RecoveryPolicy::RestartElsewhere
+                && views.iter().find(|v| &v.name == h).is_none_or(|v| v.lost)
+            {
+                if n.metadata.deletion_timestamp.is_none()
+                    || n.finalizers().iter().any(|f| f == finalizers::HOST_CLEANUP)
+                {
+                    // Nobody on the lost host can clean up now: the node's
+                    // finalizer goes with it (the returning agent sweeps).
+                    writes.push(Write::Delete {
+                        name: n.name_any(),
+                        recovering: true,
+                    });
+                    pending.nodes.remove(&key);
+                }
+                recovering.push(format!("{} (was on {h})", n.name_any()));
                 continue;
             }
-        };
-        let mut spec = d.spec.clone();
-        spec.host = Some(host.clone());
-        spec.site = Some(site.clone());
-        spec.running = should_run(
-            cluster_running,
-            spec.role,
-            vc.spec.start_order,
-            frontend_running,
-        );
-        if let Some(n) = existing {
-            // Keep what the controller allocated earlier (network identity, disks).
-            spec.network = n.spec.network.clone();
-            spec.disks = n.spec.disks.clone();
+            if existing.is_some_and(|n| n.metadata.deletion_timestamp.is_some()) {
+                // Being deleted (recovery or recreation); placed anew once gone.
+                recovering.push(d.name.clone());
+                continue;
+            }
+            let mut spec = d.spec.clone();
+            spec.running = should_run(
+                cluster_running,
+                spec.role,
+                vc.spec.start_order,
+                frontend_running,
+            );
+            // A worker that may not start yet is created when it may (creating
+            // it stopped and patching it later would cost a write per node);
+            // it is placed now all the same, to say early if it cannot be.
+            let deferred = existing.is_none() && cluster_running && !spec.running;
+            let just_written = pending
+                .nodes
+                .get(&key)
+                .filter(|p| p.owner_uid == owner.uid)
+                .map(|p| (p.host.clone(), p.site.clone()));
+            let placement = match existing
+                .and_then(|n| n.spec.host.clone().zip(n.spec.site.clone()))
+                .or(just_written)
+            {
+                Some((host, site)) => Placement::Host { host, site },
+                None => place(
+                    &Request {
+                        node: d.name.clone(),
+                        sites: d.sites.clone(),
+                        need: d.spec.resources,
+                        gateway: d.gateway,
+                    },
+                    &mut views,
+                    &mut counts,
+                ),
+            };
+            let (host, site) = match placement {
+                Placement::Host { host, site } => (host, site),
+                Placement::Unschedulable(msg) => {
+                    unschedulable.push(msg);
+                    continue;
+                }
+            };
+            if deferred {
+                waiting.push(d.name.clone());
+                continue;
+            }
+            spec.host = Some(host.clone());
+            spec.site = Some(site.clone());
+            if let Some(n) = existing {
+                // Keep what the controller allocated earlier (network identity, disks).
+                spec.network = n.spec.network.clone();
+                spec.disks = n.spec.disks.clone();
+            }
+            let labels = node_labels(&vc_name, d, &host, &site);
+            let unchanged = existing.is_some_and(|n| {
+                n.spec == spec
+                    && n.finalizers().iter().any(|f| f == finalizers::HOST_CLEANUP)
+                    && labels.iter().all(|(k, v)| n.labels().get(k) == Some(v))
+                    && n.owner_references().iter().any(|o| o.uid == owner.uid)
+            });
+            if unchanged {
+                nodes.push(existing.cloned().expect("existing"));
+                continue;
+            }
+            pending.nodes.insert(
+                key,
+                PendingNode {
+                    owner_uid: owner.uid.clone(),
+                    host: host.clone(),
+                    site: site.clone(),
+                    resources: spec.resources,
+                    since: std::time::Instant::now(),
+                },
+            );
+            writes.push(Write::Apply {
+                new: existing.is_none(),
+                vn: Box::new(VirtualNode {
+                    metadata: ObjectMeta {
+                        name: Some(d.name.clone()),
+                        namespace: Some(ns.to_string()),
+                        labels: Some(labels),
+                        owner_references: Some(vec![owner.clone()]),
+                        finalizers: Some(vec![finalizers::HOST_CLEANUP.to_string()]),
+                        ..Default::default()
+                    },
+                    spec,
+                    status: None,
+                }),
+            });
         }
-        let labels = node_labels(&vc_name, d, &host, &site);
-        let unchanged = existing.is_some_and(|n| {
-            n.spec == spec
-                && labels.iter().all(|(k, v)| n.labels().get(k) == Some(v))
-                && n.owner_references().iter().any(|o| o.uid == owner.uid)
-        });
-        if unchanged {
-            nodes.push(existing.cloned().expect("existing"));
-            continue;
+        // Scale down: remove nodes no longer desired (the highest indexes).
+        for n in &mine {
+            if !desired.iter().any(|d| d.name == n.name_any())
+                && n.metadata.deletion_timestamp.is_none()
+            {
+                writes.push(Write::Delete {
+                    name: n.name_any(),
+                    recovering: false,
+                });
+            }
         }
-        let vn = VirtualNode {
-            metadata: ObjectMeta {
-                name: Some(d.name.clone()),
-                namespace: Some(ns.to_string()),
-                labels: Some(labels),
-                owner_references: Some(vec![owner.clone()]),
-                ..Default::default()
-            },
-            spec,
-            status: None,
-        };
-        let applied = api.patch(&d.name, &pp, &Patch::Apply(&vn)).await?;
-        if existing.is_none() {
-            ctx.event(
-                vc,
-                EventType::Normal,
-                "NodeScheduled",
-                format!("{} placed on host {host} (site {site})", d.name),
-            )
-            .await;
-        }
-        nodes.push(applied);
     }
-    // Scale down: remove nodes no longer desired (the highest indexes).
-    for n in &mine {
-        if !desired.iter().any(|d| d.name == n.name_any())
-            && n.metadata.deletion_timestamp.is_none()
-        {
-            api.delete(&n.name_any(), &Default::default()).await?;
-            ctx.event(
-                vc,
-                EventType::Normal,
-                "NodeRemoved",
-                format!("{} removed (scaled down)", n.name_any()),
-            )
-            .await;
+    // The writes, a bounded number at a time.
+    let pp = PatchParams::apply(managers::CONTROLLER).force();
+    let results: Vec<Result<(Write, Option<VirtualNode>)>> =
+        futures::stream::iter(writes.into_iter().map(|w| {
+            let (api, pp) = (api.clone(), pp.clone());
+            async move {
+                match &w {
+                    Write::Apply { vn, .. } => {
+                        let applied = api.patch(&vn.name_any(), &pp, &Patch::Apply(vn)).await?;
+                        Ok((w, Some(applied)))
+                    }
+                    Write::Delete { name, recovering } => {
+                        if *recovering {
+                            release_finalizer(&api, name).await?;
+                        }
+                        match api.delete(name, &Default::default()).await {
+                            Ok(_) => {}
+                            Err(kube::Error::Api(e)) if e.code == 404 => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        Ok((w, None))
+                    }
+                }
+            }
+        }))
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut scheduled, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok((Write::Apply { new, .. }, Some(applied))) => {
+                if new {
+                    scheduled.push(format!(
+                        "{}→{}",
+                        applied.name_any(),
+                        applied.spec.host.as_deref().unwrap_or("?")
+                    ));
+                }
+                nodes.push(applied);
+            }
+            Ok((Write::Delete { name, recovering }, _)) => {
+                if recovering {
+                    moved.push(name)
+                } else {
+                    removed.push(name)
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
+    // One Event per kind of change and reconcile, not one per node.
+    for (list, type_, reason, what) in [
+        (
+            &mut scheduled,
+            EventType::Normal,
+            "NodesScheduled",
+            "placed",
+        ),
+        (
+            &mut removed,
+            EventType::Normal,
+            "NodesRemoved",
+            "removed (scaled down)",
+        ),
+        (
+            &mut moved,
+            EventType::Warning,
+            "NodesRecovering",
+            "were on a lost host; placing them again elsewhere",
+        ),
+    ] {
+        if !list.is_empty() {
+            list.sort();
+            ctx.event(vc, type_, reason, abbreviated(what, list)).await;
+        }
+    }
+    if let Some(e) = first_error {
+        // Placements of failed writes stay pending (so the retry keeps them)
+        // until the store shows them or they expire.
+        return Err(e);
+    }
+    let order: HashMap<&str, usize> = desired
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    nodes.sort_by_key(|n| order.get(n.name_any().as_str()).copied());
     Ok(NodesOutcome {
         nodes,
+        waiting,
         unschedulable,
         recovering,
     })
+}
+
+/// Remove the host-cleanup finalizer of a node whose host is lost.
+pub async fn release_finalizer(api: &Api<VirtualNode>, name: &str) -> Result<()> {
+    let Some(vn) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if !vn
+        .finalizers()
+        .iter()
+        .any(|f| f == finalizers::HOST_CLEANUP)
+    {
+        return Ok(());
+    }
+    let keep: Vec<&String> = vn
+        .finalizers()
+        .iter()
+        .filter(|f| *f != finalizers::HOST_CLEANUP)
+        .collect();
+    let patch = serde_json::json!({
+        "metadata": { "finalizers": keep, "resourceVersion": vn.resource_version() }
+    });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes in flight at once per reconcile.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// "3 nodes placed: a→h1, b→h2, …" with at most 10 names.
+fn abbreviated(what: &str, names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        "{} node{} {what}: {}{}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 fn summary(n: &VirtualNode) -> NodeSummary {
@@ -394,31 +589,162 @@ fn node_ready(n: &VirtualNode) -> bool {
         .is_some_and(|s| s.conditions.is_true(condition_types::READY))
 }
 
+/// Whether a reservation is dated (has a start or an end) and so holds
+/// capacity for a window that is admitted once.
+fn dated(r: Option<&Reservation>) -> bool {
+    r.is_some_and(|r| r.start.is_some() || r.end.is_some())
+}
+
+/// The window a dated reservation holds capacity for; `None` once it no
+/// longer holds any (ended with `endAction: Delete`).
+fn capacity_window(
+    r: &Reservation,
+    admitted: Option<Timestamp>,
+    now: Timestamp,
+) -> Option<capacity::Window> {
+    let start = r.start.as_ref().map(|t| t.0).or(admitted).unwrap_or(now);
+    let end = match r.end_action {
+        EndAction::Delete => r.end.as_ref().map(|t| t.0),
+        // Stopped nodes keep their hosts.
+        EndAction::Stop => None,
+    };
+    if end.is_some_and(|e| e <= now) {
+        return None;
+    }
+    Some(capacity::Window {
+        start: start.max(now),
+        end,
+    })
+}
+
+fn demand(desired: &[DesiredNode]) -> Vec<capacity::Demand> {
+    desired
+        .iter()
+        .map(|d| capacity::Demand {
+            sites: d.sites.clone(),
+            need: d.spec.resources,
+        })
+        .collect()
+}
+
+/// Admit `vc`'s dated reservation against its sites' capacity (see
+/// [`capacity`]); the error names site, resource and window.
+async fn admit_reservation(
+    ctx: &Ctx,
+    vc: &VirtualCluster,
+    desired: &[DesiredNode],
+    now: Timestamp,
+) -> Result<(), String> {
+    let Some(r) = vc.spec.reservation.as_ref() else {
+        return Ok(());
+    };
+    let Some(window) = capacity_window(r, None, now) else {
+        return Ok(());
+    };
+    let uid = vc.metadata.uid.clone().unwrap_or_default();
+    let mut pending = ctx.placements.lock().await;
+    pending.prune(&ctx.stores);
+    let sites = ctx.stores.all_sites();
+    let mut capacity_by_site: BTreeMap<String, Resources> = BTreeMap::new();
+    for h in ctx.stores.hosts.state() {
+        let st = h.status.clone().unwrap_or_default();
+        if h.spec.schedulable && st.conditions.is_true(condition_types::READY) {
+            let e = capacity_by_site.entry(h.spec.site.clone()).or_default();
+            *e = e.plus(st.allocatable.unwrap_or_default());
+        }
+    }
+    // Other clusters holding a dated, admitted reservation count by their
+    // whole demand in their window; every other cluster by what it has placed.
+    let mut others = Vec::new();
+    let mut reserved_uids = HashSet::new();
+    for other in ctx.stores.clusters.state() {
+        let ouid = other.metadata.uid.clone().unwrap_or_default();
+        if ouid == uid || !dated(other.spec.reservation.as_ref()) {
+            continue;
+        }
+        let admitted_at = other
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity_admitted_at.as_ref())
+            .map(|t| t.0);
+        if admitted_at.is_none() && !pending.admitted.contains_key(&ouid) {
+            continue;
+        }
+        reserved_uids.insert(ouid);
+        let (Some(or), Some(ons)) = (other.spec.reservation.as_ref(), other.namespace()) else {
+            continue;
+        };
+        let Some(window) = capacity_window(or, admitted_at, now) else {
+            continue;
+        };
+        let Some(ong) = ctx.stores.network_group(&ons, &other.spec.network_group) else {
+            continue;
+        };
+        if let Ok(d) = desired_nodes(&other, &ong, &sites) {
+            others.push(capacity::Admitted {
+                window,
+                demand: demand(&d),
+            });
+        }
+    }
+    let mut permanent: BTreeMap<String, Resources> = BTreeMap::new();
+    let owner_of = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
+        refs.iter()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone())
+            .unwrap_or_default()
+    };
+    for n in ctx.stores.nodes.state() {
+        let o = owner_of(n.owner_references());
+        if o == uid || reserved_uids.contains(&o) {
+            continue;
+        }
+        if let Some(site) = &n.spec.site {
+            let e = permanent.entry(site.clone()).or_default();
+            *e = e.plus(n.spec.resources);
+        }
+    }
+    for p in pending.nodes.values() {
+        if p.owner_uid != uid && !reserved_uids.contains(&p.owner_uid) {
+            let e = permanent.entry(p.site.clone()).or_default();
+            *e = e.plus(p.resources);
+        }
+    }
+    capacity::admit(
+        &window,
+        &demand(desired),
+        &capacity_by_site,
+        &permanent,
+        &others,
+    )?;
+    pending.admitted.insert(uid, std::time::Instant::now());
+    Ok(())
+}
+
 pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("VirtualCluster");
     let ns = vc
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let ngs: Api<NetworkGroup> = Api::namespaced(ctx.client.clone(), &ns);
-    let vols: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
-    let sites: Api<Site> = Api::all(ctx.client.clone());
-    let mut volumes = Vec::new();
-    for v in vc
+    let volumes = vc
         .spec
         .frontend
         .volumes
         .iter()
         .chain(vc.spec.pools.iter().flat_map(|p| p.volumes.iter()))
-    {
-        volumes.push((v.name.clone(), vols.get_opt(&v.name).await?.is_some()));
-    }
+        .map(|v| (v.name.clone(), ctx.stores.volume_exists(&ns, &v.name)))
+        .collect();
     let observed = Observed {
-        network_group: ngs.get_opt(&vc.spec.network_group).await?,
+        network_group: ctx
+            .stores
+            .network_group(&ns, &vc.spec.network_group)
+            .map(|n| (*n).clone()),
         volumes,
-        sites: sites.list(&Default::default()).await?.items,
+        sites: ctx.stores.all_sites(),
     };
     let mut verdict = validate(&ns, &vc.spec, &observed);
     let old = vc.status.clone().unwrap_or_default();
+    let mut capacity_admitted_at = old.capacity_admitted_at.clone();
     let desired_count = vc.spec.desired_nodes();
     let mut nodes_status = old.nodes.clone();
     let mut ready_nodes = old.ready_nodes;
@@ -443,29 +769,33 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         requeue = requeue.min(wait + Duration::from_millis(200));
     }
     if let (false, Some(ng)) = (verdict.is_stalled(), observed.network_group.as_ref()) {
-        match desired_nodes(&vc, ng, &observed.sites).map(|d| if power.exists { d } else { vec![] })
+        let mut desired = desired_nodes(&vc, ng, &observed.sites);
+        if let Ok(all) = &desired
+            && capacity_admitted_at.is_none()
+            && dated(vc.spec.reservation.as_ref())
         {
-            Err(v) => verdict = v,
+            match admit_reservation(&ctx, &vc, all, now).await {
+                Ok(()) => capacity_admitted_at = Some(Time(now)),
+                Err(msg) => desired = Err(Verdict::stalled("InsufficientCapacity", msg)),
+            }
+        }
+        match desired.map(|d| if power.exists { d } else { vec![] }) {
+            Err(v) => {
+                if v.reason() == "InsufficientCapacity" {
+                    // Capacity may be freed by other clusters at any time.
+                    requeue = requeue.min(Duration::from_secs(10));
+                }
+                verdict = v
+            }
             Ok(desired) => {
-                let mine = Api::<VirtualNode>::namespaced(ctx.client.clone(), &ns)
-                    .list(&ListParams::default().labels(&format!(
-                        "{}={}",
-                        labels::CLUSTER,
-                        vc.name_any()
-                    )))
-                    .await?
-                    .items
-                    .into_iter()
-                    // Only nodes this cluster object owns: a cluster recreated
-                    // under the same name never adopts its predecessor's nodes.
-                    .filter(|n| {
-                        n.owner_references()
-                            .iter()
-                            .any(|o| Some(&o.uid) == vc.metadata.uid.as_ref())
-                    })
-                    .collect();
-                let outcome = converge_nodes(&ctx, &vc, &ns, desired, mine, running_now).await?;
+                let outcome = converge_nodes(&ctx, &vc, &ns, desired, running_now).await?;
                 nodes_status = outcome.nodes.iter().map(summary).collect();
+                nodes_status.extend(outcome.waiting.iter().map(|name| NodeSummary {
+                    name: name.clone(),
+                    role: NodeRole::Worker.as_str().to_string(),
+                    phase: Some("WaitingForFrontend".into()),
+                    ..Default::default()
+                }));
                 let stopped = outcome
                     .nodes
                     .iter()
@@ -551,6 +881,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         nodes: nodes_status,
         frontend: frontend.or(old.frontend.clone()),
         next_transition,
+        capacity_admitted_at,
     };
     if status != old {
         ctx.apply_status(
