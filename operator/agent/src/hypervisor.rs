@@ -3,11 +3,23 @@
 //! libvirt calls block, so every call runs on this thread and callers await a
 //! reply; one connection per agent for its whole life (closed on drop), so
 //! long runs keep the number of libvirt connections flat.
+//!
+//! With events ([`Hypervisor::start_with_events`]) the thread also keeps the
+//! connection open on its own (a liveness check every second, a reconnect
+//! when libvirt went away) and registers a domain lifecycle callback on every
+//! connection it opens, so events keep flowing across libvirtd restarts.
+
+#[allow(unsafe_code)]
+pub mod events;
 
 use std::sync::mpsc;
+use std::time::Duration;
 
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use virt::connect::Connect;
+
+pub use events::{HvEvent, Lifecycle};
 
 /// Facts about the hypervisor the Host reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +29,81 @@ pub struct HypervisorInfo {
     pub description: String,
 }
 
-type Job = Box<dyn FnOnce(&mut Option<Connect>) + Send>;
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// How often the libvirt thread checks its connection when it delivers events.
+const KEEPALIVE_TICK: Duration = Duration::from_secs(1);
+
+/// The connection as the libvirt thread holds it.
+struct Conn {
+    uri: String,
+    conn: Option<Connect>,
+    /// Where lifecycle events go (`None`: no events).
+    events: Option<UnboundedSender<HvEvent>>,
+    registration: Option<events::Registration>,
+    opened: u64,
+    /// The last background reconnect error (logged when it changes).
+    last_error: Option<String>,
+}
+
+impl Conn {
+    /// The live connection: drops one libvirt reports dead, then (re)connects
+    /// and registers the event callback on the new connection.
+    fn ensure(&mut self) -> Result<&Connect, virt::error::Error> {
+        if let Some(c) = self.conn.as_ref()
+            && !c.is_alive().unwrap_or(false)
+        {
+            tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
+            self.close();
+        }
+        if self.conn.is_none() {
+            let c = Connect::open(Some(&self.uri))?;
+            if let Some(tx) = &self.events {
+                match events::register_lifecycle(&c, tx.clone()) {
+                    Ok(r) => {
+                        tracing::info!(uri = %self.uri, "libvirt domain lifecycle events registered");
+                        self.registration = Some(r);
+                    }
+                    Err(e) => {
+                        tracing::warn!(uri = %self.uri, error = %e, "cannot register domain events; relying on the resync")
+                    }
+                }
+                if self.opened > 0 {
+                    let _ = tx.send(HvEvent::Reconnected);
+                }
+            }
+            self.opened += 1;
+            self.conn = Some(c);
+        }
+        Ok(self.conn.as_ref().expect("connected"))
+    }
+
+    /// Background tick: keep the connection (and so the events) alive.
+    fn keep_connected(&mut self) {
+        let error = self.ensure().err().map(|e| e.to_string());
+        if error != self.last_error {
+            match &error {
+                Some(e) => {
+                    tracing::warn!(uri = %self.uri, error = %e, "cannot connect to libvirt; retrying")
+                }
+                None if self.last_error.is_some() => {
+                    tracing::info!(uri = %self.uri, "connected to libvirt again")
+                }
+                None => {}
+            }
+            self.last_error = error;
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            if let Some(r) = self.registration.take() {
+                r.deregister(&c);
+            }
+            let _ = c.close();
+        }
+    }
+}
 
 /// Handle to the libvirt thread.
 #[derive(Clone)]
@@ -39,19 +125,58 @@ fn version_string(v: u32) -> String {
 }
 
 impl Hypervisor {
-    /// Start the thread; it connects lazily and reconnects after failures.
+    /// Start the thread without events; it connects lazily and reconnects
+    /// after failures.
+    #[cfg(test)]
     pub fn start(uri: &str) -> Self {
+        Self::spawn(uri, None)
+    }
+
+    /// Start the thread delivering domain lifecycle events to `events`: it
+    /// registers libvirt's event loop (before any connection is opened),
+    /// connects at once and keeps connected, re-registering the callback on
+    /// each new connection and sending [`HvEvent::Reconnected`] after a gap.
+    pub fn start_with_events(uri: &str, events: UnboundedSender<HvEvent>) -> Self {
+        let events = events::ensure_event_loop().then_some(events);
+        Self::spawn(uri, events)
+    }
+
+    fn spawn(uri: &str, events: Option<UnboundedSender<HvEvent>>) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let tick = events.is_some();
+        let mut state = Conn {
+            uri: uri.to_string(),
+            conn: None,
+            events,
+            registration: None,
+            opened: 0,
+            last_error: None,
+        };
         std::thread::Builder::new()
             .name("libvirt".into())
             .spawn(move || {
-                let mut conn: Option<Connect> = None;
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
+                if tick {
+                    state.keep_connected();
                 }
-                if let Some(mut c) = conn.take() {
-                    let _ = c.close();
+                loop {
+                    let job = if tick {
+                        match rx.recv_timeout(KEEPALIVE_TICK) {
+                            Ok(job) => Some(job),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match rx.recv() {
+                            Ok(job) => Some(job),
+                            Err(_) => break,
+                        }
+                    };
+                    match job {
+                        Some(job) => job(&mut state),
+                        None => state.keep_connected(),
+                    }
                 }
+                state.close();
             })
             .expect("spawn libvirt thread");
         Hypervisor {
@@ -67,28 +192,14 @@ impl Hypervisor {
     ) -> Result<T, HypervisorError> {
         let (reply, rx) = oneshot::channel();
         let uri = self.uri.clone();
-        let job: Job = Box::new(move |conn: &mut Option<Connect>| {
-            let err = |e: virt::error::Error| HypervisorError::Libvirt {
-                uri: uri.clone(),
-                message: e.to_string(),
-            };
-            // Drop a connection libvirt reports dead, then (re)connect.
-            if let Some(c) = conn.as_ref()
-                && !c.is_alive().unwrap_or(false)
-                && let Some(mut c) = conn.take()
-            {
-                let _ = c.close();
-            }
-            if conn.is_none() {
-                match Connect::open(Some(&uri)) {
-                    Ok(c) => *conn = Some(c),
-                    Err(e) => {
-                        let _ = reply.send(Err(err(e)));
-                        return;
-                    }
-                }
-            }
-            let result = f(conn.as_ref().expect("connected")).map_err(err);
+        let job: Job = Box::new(move |conn: &mut Conn| {
+            let result = conn
+                .ensure()
+                .and_then(f)
+                .map_err(|e| HypervisorError::Libvirt {
+                    uri: uri.clone(),
+                    message: e.to_string(),
+                });
             let _ = reply.send(result);
         });
         self.tx.send(job).map_err(|_| HypervisorError::ThreadGone)?;
@@ -147,6 +258,95 @@ mod tests {
         let h = Hypervisor::start("qemu:///system?socket=/nonexistent/libvirt-sock");
         let e = h.info().await.unwrap_err().to_string();
         assert!(e.contains("/nonexistent/libvirt-sock"), "{e}");
+    }
+
+    /// Wait (at most 5 s) until `want` arrives, skipping other events.
+    async fn wait_for(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<HvEvent>,
+        want: HvEvent,
+    ) -> Result<(), tokio::time::error::Elapsed> {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if rx.recv().await.expect("event channel open") == want {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Lifecycle events of a domain of the test driver, through a reconnect.
+    #[tokio::test]
+    async fn lifecycle_events_are_delivered_and_survive_a_reconnect() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let h = Hypervisor::start_with_events("test:///default", tx);
+        // The test driver's state lives while a connection is open: this one
+        // keeps the domain across the agent's reconnect.
+        let mut keep = Connect::open(Some("test:///default")).unwrap();
+        let name = format!("yk-events-{}", std::process::id());
+        let xml = format!(
+            "<domain type='test'><name>{name}</name><memory>1024</memory>\
+             <os><type>hvm</type></os></domain>"
+        );
+        let uuid = h
+            .call(move |c| {
+                let d = virt::domain::Domain::define_xml(c, &xml)?;
+                d.create()?;
+                d.get_uuid_string()
+            })
+            .await
+            .unwrap();
+        let destroy = |h: &Hypervisor, uuid: &str| {
+            let id = uuid.to_string();
+            let h = h.clone();
+            async move {
+                h.call(move |c| {
+                    let d = virt::domain::Domain::lookup_by_uuid_string(c, &id)?;
+                    d.destroy()?;
+                    d.create()
+                })
+                .await
+                .unwrap();
+            }
+        };
+        destroy(&h, &uuid).await;
+        let stopped = HvEvent::Lifecycle {
+            uuid: uuid.clone(),
+            event: Lifecycle::Stopped,
+            detail: virt::sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED as i32,
+        };
+        wait_for(&mut rx, stopped.clone())
+            .await
+            .expect("stopped event within 5s");
+        // Close the connection as a dead one would be: the next open
+        // registers the callback again and says so.
+        h.tx.send(Box::new(|c: &mut Conn| c.close())).unwrap();
+        destroy(&h, &uuid).await;
+        wait_for(&mut rx, HvEvent::Reconnected)
+            .await
+            .expect("reconnected");
+        wait_for(&mut rx, stopped)
+            .await
+            .expect("stopped event after the reconnect");
+        let id = uuid.clone();
+        h.call(move |c| {
+            let d = virt::domain::Domain::lookup_by_uuid_string(c, &id)?;
+            d.destroy()?;
+            d.undefine()
+        })
+        .await
+        .unwrap();
+        wait_for(
+            &mut rx,
+            HvEvent::Lifecycle {
+                uuid,
+                event: Lifecycle::Undefined,
+                detail: 0,
+            },
+        )
+        .await
+        .expect("undefined event");
+        keep.close().unwrap();
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! kernel capabilities probed for real) and heartbeats into the Host's
 //! status (the controller turns a stale heartbeat into `Ready=False`), and
 //! turns the VirtualNodes placed on its host into libvirt domains.
-#![forbid(unsafe_code)]
+// Unsafe code is allowed in one module only: libvirt's domain event
+// callback (`hypervisor::events`), which the virt crate does not wrap.
+#![deny(unsafe_code)]
 
 mod compute;
 mod hypervisor;
@@ -60,9 +62,15 @@ pub struct Args {
     #[arg(long, default_value = "kvm", value_parser = ["kvm", "qemu"])]
     pub domain_type: String,
     /// How often to compare libvirt's domains with the VirtualNodes (one list
-    /// call per pass) and sweep orphans.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// call per pass), sweep orphans and bound the image cache. libvirt's
+    /// domain lifecycle events queue a changed domain's node at once; this
+    /// is the backstop.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// Bound of the image cache (e.g. `20Gi`, `500Mi`, or bytes): beyond
+    /// it, the least recently used images no node uses are evicted.
+    #[arg(long, default_value = "20Gi", value_parser = compute::images::parse_size)]
+    pub image_cache_max_bytes: u64,
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
@@ -87,19 +95,22 @@ async fn main() -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    let hv = hypervisor::Hypervisor::start(&args.libvirt_uri);
+    // Domain lifecycle events (a domain stopped, crashed or undefined by
+    // hand) reach the compute reconciler through this channel.
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hv = hypervisor::Hypervisor::start_with_events(&args.libvirt_uri, events_tx);
     tracing::info!(host = %args.host_name, site = %args.site, uri = %args.libvirt_uri, "agent starting");
     let compute = compute::reconcile::ComputeCtx::new(
         client.clone(),
-        &args.host_name,
         hv.clone(),
-        args.state_dir.clone(),
-        &args.domain_type,
+        &args,
+        &metrics,
         health.clone(),
     )?;
     let compute_task = tokio::spawn(compute::reconcile::run(
         compute,
         args.resync_interval,
+        Some(events_rx),
         shutdown.clone(),
     ));
     let result = register::run(args, client, hv, metrics, health, shutdown).await;

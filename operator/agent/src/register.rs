@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -20,6 +22,7 @@ use yukumo_api::{labels, managers};
 use yukumo_telemetry::Health;
 
 use crate::Args;
+use crate::compute::images::CacheMetrics;
 use crate::hypervisor::{Hypervisor, HypervisorInfo};
 
 /// The agent's own condition on its Host.
@@ -28,12 +31,42 @@ pub const HYPERVISOR_READY: &str = "HypervisorReady";
 /// How often the heartbeat re-reads the hypervisor's full facts.
 const INFO_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Label of a libvirt domain lifecycle event (`stopped`, `crashed`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: String,
+}
+
 /// Agent metrics.
 #[derive(Clone)]
 pub struct Metrics {
     pub heartbeats: Counter,
     pub heartbeat_errors: Counter,
     pub rss_bytes: Gauge,
+    pub libvirt_events: Family<EventLabel, Counter>,
+    /// Mutating libvirt calls (define, start, destroy, undefine), by op.
+    pub libvirt_mutations: Family<OpLabel, Counter>,
+    /// Forced full resyncs (SIGHUP) done.
+    pub full_resyncs: Counter,
+    pub images: CacheMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
+}
+
+impl Metrics {
+    /// Count the mutating libvirt calls a step made.
+    pub fn mutated(&self, ops: &[&'static str]) {
+        for op in ops {
+            self.libvirt_mutations
+                .get_or_create(&OpLabel {
+                    op: (*op).to_string(),
+                })
+                .inc();
+        }
+    }
 }
 
 impl Metrics {
@@ -42,6 +75,10 @@ impl Metrics {
             heartbeats: Counter::default(),
             heartbeat_errors: Counter::default(),
             rss_bytes: Gauge::default(),
+            libvirt_events: Family::default(),
+            libvirt_mutations: Family::default(),
+            full_resyncs: Counter::default(),
+            images: CacheMetrics::default(),
         };
         r.register(
             "yukumo_agent_heartbeats",
@@ -57,6 +94,36 @@ impl Metrics {
             "yukumo_agent_resident_memory_bytes",
             "Resident memory of the agent",
             m.rss_bytes.clone(),
+        );
+        r.register(
+            "yukumo_agent_libvirt_domain_events",
+            "libvirt domain lifecycle events received, by event",
+            m.libvirt_events.clone(),
+        );
+        r.register(
+            "yukumo_agent_libvirt_mutations",
+            "Mutating libvirt calls (define, start, destroy, undefine), by op",
+            m.libvirt_mutations.clone(),
+        );
+        r.register(
+            "yukumo_agent_full_resyncs",
+            "Forced full resyncs (SIGHUP) done",
+            m.full_resyncs.clone(),
+        );
+        r.register(
+            "yukumo_agent_image_evictions",
+            "Unused images evicted from the image cache",
+            m.images.evictions.clone(),
+        );
+        r.register(
+            "yukumo_agent_image_evicted_bytes",
+            "Bytes freed by image cache evictions",
+            m.images.evicted_bytes.clone(),
+        );
+        r.register(
+            "yukumo_agent_image_cache_bytes",
+            "Size of the image cache's files",
+            m.images.bytes.clone(),
         );
         m
     }

@@ -3,14 +3,26 @@
 //! renamed into place atomically, so a reader never sees a partial or
 //! unverified image and a failed fetch leaves no file behind. Concurrent
 //! requests for the same image wait for one fetch.
+//!
+//! The cache is bounded: when its files exceed `max_bytes` (after a fetch,
+//! and on each resync), verified images that nothing uses are evicted, least
+//! recently used first. An image is in use while a node's overlay disk
+//! (`<state>/nodes/*/*.qcow2`) has it as backing file (read from the qcow2
+//! header), while a VirtualNode placed here refers to it, and while its
+//! per-image lock is held (a fetch, or the overlay creation that follows it:
+//! [`CachedImage`] holds the lock).
 
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use yukumo_api::common::ImageSource;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,44 +42,342 @@ pub enum ImageError {
 /// Prefix of in-progress downloads: `.partial-<checksum hex>-<random>`.
 pub const PARTIAL_PREFIX: &str = ".partial-";
 
+/// Image cache metrics.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    pub evictions: Counter,
+    pub evicted_bytes: Counter,
+    pub bytes: Gauge,
+}
+
 /// The cache under `<state>/images`.
 #[derive(Clone)]
 pub struct ImageCache {
     dir: PathBuf,
+    /// `<state>/nodes`: the node directories holding the overlays.
+    nodes_dir: PathBuf,
+    max_bytes: u64,
+    /// Per-image locks, by file name.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+    /// File names of the images VirtualNodes placed here refer to (as of the
+    /// last resync).
+    wanted: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// One eviction pass at a time.
+    evicting: Arc<Mutex<()>>,
+    metrics: CacheMetrics,
+}
+
+/// A verified image in the cache. While this is held, the image's lock is
+/// held: no fetch of it runs and it is never evicted (hold it until the
+/// overlay that uses it exists).
+pub struct CachedImage {
+    pub path: PathBuf,
+    _lock: OwnedMutexGuard<()>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// Size of the cache's files before the pass.
+    pub total_bytes: u64,
+    /// File names of the evicted images.
+    pub evicted: Vec<String>,
+    pub freed_bytes: u64,
+}
+
+/// A cached image's file name for a checksum (`sha256:<hex>` → `sha256-<hex>`).
+fn file_name_for(checksum: &str) -> String {
+    checksum.replace(':', "-")
 }
 
 impl ImageCache {
-    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+    pub fn new(state_dir: &Path, max_bytes: u64, metrics: CacheMetrics) -> std::io::Result<Self> {
         let dir = state_dir.join("images");
         std::fs::create_dir_all(&dir)?;
         Ok(ImageCache {
             dir,
+            nodes_dir: state_dir.join("nodes"),
+            max_bytes,
             locks: Arc::default(),
+            wanted: Arc::default(),
+            evicting: Arc::default(),
+            metrics,
         })
     }
 
-    /// Where a verified image with this checksum lives.
-    pub fn path_for(&self, checksum: &str) -> PathBuf {
-        self.dir.join(checksum.replace(':', "-"))
+    async fn lock_for(&self, name: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().await;
+        locks.entry(name.to_string()).or_default().clone()
     }
 
-    /// The verified local copy of `image`, fetching it if needed.
-    pub async fn ensure(&self, image: &ImageSource) -> Result<PathBuf, ImageError> {
-        let path = self.path_for(&image.checksum);
-        let lock = {
-            let mut locks = self.locks.lock().await;
-            locks.entry(image.checksum.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
+    /// The verified local copy of `image`, fetching it if needed (then
+    /// evicting unused images if the cache outgrew its bound). A cache hit
+    /// marks the image used now (its mtime), for the LRU order.
+    pub async fn ensure(&self, image: &ImageSource) -> Result<CachedImage, ImageError> {
+        let name = file_name_for(&image.checksum);
+        let lock = self.lock_for(&name).await.lock_owned().await;
+        let path = self.dir.join(&name);
         if path.exists() {
-            return Ok(path);
+            touch(&path);
+            return Ok(CachedImage { path, _lock: lock });
         }
-        let (dir, image) = (self.dir.clone(), image.clone());
-        tokio::task::spawn_blocking(move || fetch_verified(&dir, &image))
+        let (dir, src) = (self.dir.clone(), image.clone());
+        let path = tokio::task::spawn_blocking(move || fetch_verified(&dir, &src))
             .await
-            .map_err(|e| ImageError::Io(std::io::Error::other(e)))?
+            .map_err(|e| ImageError::Io(std::io::Error::other(e)))??;
+        tracing::info!(image = %image.url, checksum = %image.checksum, "image fetched and verified");
+        // This image's lock is held: it is not a candidate.
+        if let Err(e) = self.evict().await {
+            tracing::warn!(error = %e, "image cache eviction failed");
+        }
+        Ok(CachedImage { path, _lock: lock })
     }
+
+    /// Record the checksums of the images VirtualNodes placed here refer to;
+    /// they are never evicted.
+    pub fn set_wanted<'a>(&self, checksums: impl IntoIterator<Item = &'a str>) {
+        let names = checksums.into_iter().map(file_name_for).collect();
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// If the cache is over its bound, evict the least recently used
+    /// verified images that are not in use until it is within the bound (or
+    /// nothing more can go).
+    pub async fn evict(&self) -> std::io::Result<Eviction> {
+        let _one = self.evicting.lock().await;
+        let dir = self.dir.clone();
+        let files = tokio::task::spawn_blocking(move || cache_files(&dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        self.metrics
+            .bytes
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        let mut out = Eviction {
+            total_bytes: total,
+            ..Default::default()
+        };
+        if total <= self.max_bytes {
+            return Ok(out);
+        }
+        // Take the lock of every verified image without waiting: one held
+        // is being fetched or used for an overlay right now. Holding them,
+        // no new overlay on a candidate can appear while the overlays are
+        // read below.
+        let mut candidates = Vec::new();
+        {
+            let mut locks = self.locks.lock().await;
+            for f in files.into_iter().filter(|f| f.verified) {
+                let lock = locks.entry(f.name.clone()).or_default().clone();
+                if let Ok(guard) = lock.try_lock_owned() {
+                    candidates.push((f, guard));
+                }
+            }
+        }
+        let wanted = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (dir, nodes_dir, max) = (self.dir.clone(), self.nodes_dir.clone(), self.max_bytes);
+        let evicted = tokio::task::spawn_blocking(move || {
+            let in_use = images_in_use(&nodes_dir)?;
+            candidates.sort_by_key(|(f, _)| f.used);
+            let mut remaining = total;
+            let mut evicted = Vec::new();
+            for (f, _guard) in candidates {
+                if remaining <= max {
+                    break;
+                }
+                if in_use.contains(&f.name) || wanted.contains(&f.name) {
+                    continue;
+                }
+                match std::fs::remove_file(dir.join(&f.name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                remaining = remaining.saturating_sub(f.size);
+                evicted.push((f.name, f.size));
+            }
+            Ok::<_, std::io::Error>(evicted)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        for (name, size) in evicted {
+            tracing::info!(image = %name, bytes = size, "evicted unused image from the cache");
+            self.metrics.evictions.inc();
+            self.metrics.evicted_bytes.inc_by(size);
+            out.freed_bytes += size;
+            out.evicted.push(name);
+        }
+        let left = total - out.freed_bytes;
+        self.metrics
+            .bytes
+            .set(i64::try_from(left).unwrap_or(i64::MAX));
+        if left > self.max_bytes {
+            tracing::warn!(
+                bytes = left,
+                max = self.max_bytes,
+                "image cache over its bound; the rest is in use"
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Mark a cached image used now (its mtime orders the eviction).
+fn touch(path: &Path) {
+    let touched = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!(path = %path.display(), error = %e, "cannot touch cached image");
+    }
+}
+
+/// One file of the cache directory.
+#[derive(Debug)]
+struct CacheFile {
+    name: String,
+    size: u64,
+    /// Last use (mtime).
+    used: SystemTime,
+    /// A verified image (not an in-progress download).
+    verified: bool,
+}
+
+fn cache_files(dir: &Path) -> std::io::Result<Vec<CacheFile>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(meta) = entry.metadata() else {
+            continue; // removed meanwhile
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        out.push(CacheFile {
+            verified: !name.starts_with('.'),
+            size: meta.len(),
+            used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// File names of the images that node overlays (`<nodes>/*/*.qcow2`, also
+/// one being created) have as backing file. An overlay that cannot be read
+/// is an error: evicting then could remove an image in use.
+pub fn images_in_use(nodes_dir: &Path) -> std::io::Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    let nodes = match std::fs::read_dir(nodes_dir) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for node in nodes {
+        let node = node?.path();
+        let files = match std::fs::read_dir(&node) {
+            Ok(f) => f,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for file in files {
+            let path = file?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if !(name.ends_with(".qcow2") || name.ends_with(".qcow2.tmp")) {
+                continue;
+            }
+            match qcow2_backing_file(&path) {
+                Ok(Some(backing)) => {
+                    if let Some(n) = backing.file_name() {
+                        out.insert(n.to_string_lossy().into_owned());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("reading {}: {e}", path.display()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The backing file name recorded in a qcow2 header (`None`: no backing
+/// file, or not a qcow2 file). The header starts with the magic `QFI\xfb`,
+/// then the version (u32), the backing file name's offset (u64, big endian,
+/// byte 8) and its length (u32, byte 16).
+pub fn qcow2_backing_file(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut header = [0u8; 20];
+    match f.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if &header[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    // qcow2 limits the name to 1023 bytes.
+    if len > 1023 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("qcow2 backing file name of {len} bytes"),
+        ));
+    }
+    let mut name = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut name)?;
+    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(&name))))
+}
+
+/// Parse a size: plain bytes, or a number with a binary (`Ki`, `Mi`, `Gi`,
+/// `Ti`) or decimal (`K`, `M`, `G`, `T`) suffix, optionally followed by `B`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 20Gi, 500Mi or bytes"))?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix('B').unwrap_or(unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "invalid size unit in {s:?}: use Ki, Mi, Gi, Ti, K, M, G or T"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn fetch_verified(dir: &Path, image: &ImageSource) -> Result<PathBuf, ImageError> {
@@ -137,6 +447,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn src(path: &Path, checksum: String) -> ImageSource {
         ImageSource {
@@ -152,12 +463,15 @@ mod tests {
         let origin = state.path().join("origin.img");
         std::fs::write(&origin, b"a tiny image").unwrap();
         let good = format!("sha256:{}", sha256_file(&origin).unwrap());
-        let cache = ImageCache::new(state.path()).unwrap();
+        let cache = ImageCache::new(state.path(), u64::MAX, Default::default()).unwrap();
         let img = src(&origin, good.clone());
-        let (a, b) = tokio::join!(cache.ensure(&img), cache.ensure(&img));
-        assert_eq!(a.unwrap(), b.unwrap());
+        let path = |r: Result<CachedImage, ImageError>| r.unwrap().path;
+        let (a, b) = tokio::join!(async { path(cache.ensure(&img).await) }, async {
+            path(cache.ensure(&img).await)
+        });
+        assert_eq!(a, b);
         let bad = format!("sha256:{}", "0".repeat(64));
-        let err = cache.ensure(&src(&origin, bad)).await.unwrap_err();
+        let err = cache.ensure(&src(&origin, bad)).await.err().unwrap();
         assert!(matches!(err, ImageError::Checksum { .. }), "{err}");
         let files: Vec<_> = std::fs::read_dir(state.path().join("images"))
             .unwrap()
@@ -166,5 +480,178 @@ mod tests {
         assert_eq!(files.len(), 1, "only the verified image remains: {files:?}");
         let missing = cache.ensure(&src(&state.path().join("nope"), good)).await;
         assert!(missing.is_ok(), "cached by checksum already");
+    }
+
+    /// An image of `size` bytes placed in the cache as if fetched, last used
+    /// at `used` seconds after the epoch; its source points at a copy.
+    fn put(state: &Path, tag: &str, size: usize, used: u64) -> (ImageSource, PathBuf) {
+        let origin = state.join(format!("origin-{tag}"));
+        let mut content = tag.as_bytes().to_vec();
+        content.resize(size, b'.');
+        std::fs::write(&origin, &content).unwrap();
+        let checksum = format!("sha256:{}", sha256_file(&origin).unwrap());
+        let path = state.join("images").join(file_name_for(&checksum));
+        std::fs::write(&path, &content).unwrap();
+        set_used(&path, used);
+        (src(&origin, checksum), path)
+    }
+
+    fn set_used(path: &Path, secs: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs))
+            .unwrap();
+    }
+
+    fn name(p: &Path) -> String {
+        p.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    /// An overlay on `image` in a node directory: made with qemu-img when it
+    /// is installed (as the reconciler makes it), else a hand-written qcow2
+    /// header naming the backing file.
+    fn overlay(state: &Path, uid: &str, image: &Path) -> PathBuf {
+        let dir = state.join("nodes").join(uid);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image)
+            .arg(&root)
+            .arg("1M")
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("qemu-img unavailable: writing a qcow2 header by hand");
+            let backing = image.as_os_str().as_bytes();
+            let mut h = vec![0u8; 512];
+            h[..4].copy_from_slice(b"QFI\xfb");
+            h[4..8].copy_from_slice(&3u32.to_be_bytes());
+            h[8..16].copy_from_slice(&104u64.to_be_bytes());
+            h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+            h[104..104 + backing.len()].copy_from_slice(backing);
+            std::fs::write(&root, h).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn qcow2_header_names_the_backing_file() {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(state.path().join("images")).unwrap();
+        let (_, image) = put(state.path(), "base", 4096, 0);
+        let root = overlay(state.path(), "n1", &image);
+        assert_eq!(qcow2_backing_file(&root).unwrap(), Some(image.clone()));
+        // Not qcow2, or too short: no backing file.
+        let other = state.path().join("nodes/n1/cidata.iso");
+        std::fs::write(&other, b"raw").unwrap();
+        assert_eq!(qcow2_backing_file(&other).unwrap(), None);
+        let used = images_in_use(&state.path().join("nodes")).unwrap();
+        assert_eq!(used, HashSet::from([name(&image)]));
+        assert!(
+            images_in_use(&state.path().join("no-nodes"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_bound_evicts_the_least_recently_used_unused_image() {
+        let state = tempfile::tempdir().unwrap();
+        let metrics = CacheMetrics::default();
+        let cache = ImageCache::new(state.path(), 250, metrics.clone()).unwrap();
+        let (a, pa) = put(state.path(), "a", 100, 1);
+        let (_, pb) = put(state.path(), "b", 100, 2);
+        let (_, pc) = put(state.path(), "c", 100, 3);
+        // A download in progress counts towards the size but is never evicted.
+        let partial = state
+            .path()
+            .join("images")
+            .join(format!("{PARTIAL_PREFIX}x-1"));
+        std::fs::write(&partial, [0u8; 10]).unwrap();
+        // Using `a` makes `b` the least recently used.
+        drop(cache.ensure(&a).await.unwrap());
+        let ev = cache.evict().await.unwrap();
+        assert_eq!(ev.total_bytes, 310);
+        assert_eq!(ev.evicted, vec![name(&pb)]);
+        assert_eq!(ev.freed_bytes, 100);
+        assert!(pa.exists() && !pb.exists() && pc.exists() && partial.exists());
+        assert_eq!(metrics.evictions.get(), 1);
+        assert_eq!(metrics.evicted_bytes.get(), 100);
+        assert_eq!(metrics.bytes.get(), 210);
+        // Within the bound now: a second pass evicts nothing.
+        assert!(cache.evict().await.unwrap().evicted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_image_in_use_is_never_evicted() {
+        let state = tempfile::tempdir().unwrap();
+        // A bound of 0: everything unused goes.
+        let cache = ImageCache::new(state.path(), 0, Default::default()).unwrap();
+        let (_, overlaid) = put(state.path(), "overlaid", 100, 1);
+        let (wanted, pw) = put(state.path(), "wanted", 100, 2);
+        let (held, ph) = put(state.path(), "held", 100, 3);
+        let (_, unused) = put(state.path(), "unused", 100, 4);
+        overlay(state.path(), "node-1", &overlaid);
+        cache.set_wanted([wanted.checksum.as_str()]);
+        // Held as during an overlay creation.
+        let guard = cache.ensure(&held).await.unwrap();
+        let ev = cache.evict().await.unwrap();
+        assert_eq!(ev.evicted, vec![name(&unused)]);
+        assert!(overlaid.exists() && pw.exists() && ph.exists() && !unused.exists());
+        // Released and no longer wanted, the two go; the overlaid one stays.
+        drop(guard);
+        cache.set_wanted([]);
+        let mut ev = cache.evict().await.unwrap().evicted;
+        ev.sort();
+        let mut want = vec![name(&pw), name(&ph)];
+        want.sort();
+        assert_eq!(ev, want);
+        assert!(overlaid.exists());
+        // An unreadable overlay stops eviction rather than guessing.
+        let bad = state.path().join("nodes/node-2");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::create_dir(bad.join("root.qcow2")).unwrap();
+        let (_, extra) = put(state.path(), "extra", 100, 5);
+        assert!(cache.evict().await.is_err());
+        assert!(extra.exists());
+    }
+
+    #[tokio::test]
+    async fn under_the_bound_nothing_is_evicted_and_a_fetch_evicts_after() {
+        let state = tempfile::tempdir().unwrap();
+        let metrics = CacheMetrics::default();
+        let cache = ImageCache::new(state.path(), 300, metrics.clone()).unwrap();
+        let (_, p1) = put(state.path(), "one", 100, 1);
+        let (_, p2) = put(state.path(), "two", 100, 2);
+        let ev = cache.evict().await.unwrap();
+        assert_eq!((ev.total_bytes, ev.evicted.len()), (200, 0));
+        assert_eq!(metrics.evictions.get(), 0);
+        // Fetching a third and fourth image goes over the bound: the oldest
+        // unused image goes, never the one just fetched.
+        let (three, p3) = put(state.path(), "three", 100, 3);
+        std::fs::remove_file(&p3).unwrap();
+        drop(cache.ensure(&three).await.unwrap());
+        assert!(p1.exists() && p2.exists() && p3.exists());
+        let (four, p4) = put(state.path(), "four", 100, 0);
+        std::fs::remove_file(&p4).unwrap();
+        drop(cache.ensure(&four).await.unwrap());
+        assert!(!p1.exists() && p2.exists() && p3.exists() && p4.exists());
+        assert_eq!(metrics.evictions.get(), 1);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20Gi"), Ok(20 << 30));
+        assert_eq!(parse_size("500Mi"), Ok(500 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size(" 7 Ti "), Ok(7 << 40));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5Xi").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999Ti").is_err());
     }
 }

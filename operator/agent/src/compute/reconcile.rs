@@ -1,6 +1,11 @@
 //! The agent's VirtualNode reconciler: image, disks, config disk, domain,
 //! power, status — and the resync that notices drift and sweeps orphans.
 //!
+//! libvirt's domain lifecycle events (a domain stopped, crashed or undefined
+//! by hand) queue the node whose uid is the domain's UUID at once; the
+//! periodic resync is the backstop (events lost across a reconnect trigger
+//! an immediate resync).
+//!
 //! Level-triggered both ways: what a VirtualNode placed here asks for is
 //! created; a domain carrying yukumo's marker whose VirtualNode is gone is
 //! destroyed with its files; nothing without the marker is touched.
@@ -23,13 +28,15 @@ use tokio::sync::{mpsc, watch};
 use virt::domain::Domain;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
 use yukumo_api::virtualnode::{NodePhase, VirtualNode, VirtualNodeStatus};
-use yukumo_api::{labels, managers};
+use yukumo_api::{finalizers, labels, managers};
 use yukumo_telemetry::Health;
 
 use super::domain::{self, NodePaths};
 use super::guestconfig;
 use super::images::{ImageCache, ImageError};
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::Args;
+use crate::hypervisor::{HvEvent, Hypervisor, HypervisorError, Lifecycle};
+use crate::register::{EventLabel, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,6 +60,7 @@ pub struct ComputeCtx {
     pub domain_type: String,
     pub recorder: Recorder,
     pub health: Health,
+    pub metrics: Metrics,
     /// Boot times this agent wrote, by node uid: the watch cache may hand a
     /// reconcile an object older than our last status write, and a boot time
     /// must never be lost to that race. (The API keeps it across restarts.)
@@ -62,25 +70,29 @@ pub struct ComputeCtx {
 impl ComputeCtx {
     pub fn new(
         client: Client,
-        host: &str,
         hv: Hypervisor,
-        state_dir: PathBuf,
-        domain_type: &str,
+        args: &Args,
+        metrics: &Metrics,
         health: Health,
     ) -> std::io::Result<Arc<Self>> {
         let reporter = Reporter {
             controller: managers::AGENT.into(),
-            instance: Some(host.to_string()),
+            instance: Some(args.host_name.clone()),
         };
         Ok(Arc::new(ComputeCtx {
             recorder: Recorder::new(client.clone(), reporter),
-            images: ImageCache::new(&state_dir)?,
+            images: ImageCache::new(
+                &args.state_dir,
+                args.image_cache_max_bytes,
+                metrics.images.clone(),
+            )?,
             client,
-            host: host.to_string(),
+            host: args.host_name.clone(),
             hv,
-            state_dir,
-            domain_type: domain_type.to_string(),
+            state_dir: args.state_dir.clone(),
+            domain_type: args.domain_type.clone(),
             health,
+            metrics: metrics.clone(),
             boot_times: Default::default(),
         }))
     }
@@ -223,22 +235,29 @@ struct DomainOutcome {
     active: bool,
     started: bool,
     defined: bool,
+    /// The mutating libvirt calls made.
+    ops: Vec<&'static str>,
 }
 
 /// Remove a domain (by UUID) and its files. Idempotent.
 async fn remove_node(ctx: &ComputeCtx, uid: &str) -> Result<(), Error> {
     let id = uid.to_string();
-    ctx.hv
+    let ops = ctx
+        .hv
         .call(move |c| {
+            let mut ops = Vec::new();
             if let Ok(d) = Domain::lookup_by_uuid_string(c, &id) {
                 if d.is_active().unwrap_or(false) {
                     d.destroy()?;
+                    ops.push("destroy");
                 }
                 d.undefine()?;
+                ops.push("undefine");
             }
-            Ok(())
+            Ok(ops)
         })
         .await?;
+    ctx.metrics.mutated(&ops);
     ctx.boot_times
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -246,6 +265,54 @@ async fn remove_node(ctx: &ComputeCtx, uid: &str) -> Result<(), Error> {
     let dir = NodePaths::new(&ctx.state_dir, uid).dir;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::Disk(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Once the host holds nothing of a deleted node, let the deletion finish:
+/// remove the host-cleanup finalizer (the only change of a VirtualNode
+/// outside its status that the agent may make; an admission policy refuses
+/// any other).
+async fn release_finalizer(ctx: &ComputeCtx, vn: &VirtualNode) -> Result<(), Error> {
+    let api: Api<VirtualNode> =
+        Api::namespaced(ctx.client.clone(), &vn.namespace().unwrap_or_default());
+    let mut current = vn.clone();
+    // The cached object may be stale: on a conflict, read it and try again.
+    for _ in 0..3 {
+        if !current
+            .finalizers()
+            .iter()
+            .any(|f| f == finalizers::HOST_CLEANUP)
+        {
+            return Ok(());
+        }
+        let keep: Vec<&String> = current
+            .finalizers()
+            .iter()
+            .filter(|f| *f != finalizers::HOST_CLEANUP)
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": { "finalizers": keep, "resourceVersion": current.resource_version() }
+        });
+        match api
+            .patch(
+                &vn.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(node = %vn.name_any(), "host cleaned up; finalizer released");
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&vn.name_any()).await? {
+                Some(fresh) => current = fresh,
+                None => return Ok(()),
+            },
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -262,6 +329,9 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         || vn.spec.host.as_deref() != Some(ctx.host.as_str())
     {
         remove_node(&ctx, &uid).await?;
+        if vn.metadata.deletion_timestamp.is_some() {
+            release_finalizer(&ctx, &vn).await?;
+        }
         return Ok(Action::await_change());
     }
     // A node that should not run and has no domain yet is simply off: its
@@ -309,7 +379,9 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         yukumo_api::common::ImageFormat::Raw => "raw",
     };
     std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
-    ensure_root_disk(&paths, &image, format, vn.spec.disk_bytes)?;
+    // Holding `image` keeps it from eviction until the overlay on it exists.
+    ensure_root_disk(&paths, &image.path, format, vn.spec.disk_bytes)?;
+    drop(image);
     ensure_config_disk(&paths, &vn)?;
 
     let (xml, hash) = domain::render(&vn, &paths, &ctx.domain_type);
@@ -322,6 +394,7 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         .hv
         .call(move |c| {
             let mut defined = false;
+            let mut ops = Vec::new();
             let dom = match Domain::lookup_by_uuid_string(c, &id) {
                 Ok(d) => {
                     let current = d.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
@@ -340,8 +413,10 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
                         if domain::marker(&old_xml).is_some_and(|m| m.0 != id) {
                             if old.is_active()? {
                                 old.destroy()?;
+                                ops.push("destroy");
                             }
                             old.undefine()?;
+                            ops.push("undefine");
                         }
                     }
                     defined = true;
@@ -350,18 +425,24 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
             };
             let mut active = dom.is_active()?;
             let mut started = false;
+            if defined {
+                ops.push("define");
+            }
             if running && !active {
                 dom.create()?;
+                ops.push("start");
                 started = true;
                 active = true;
             } else if !running && active {
                 dom.destroy()?;
+                ops.push("destroy");
                 active = false;
             }
             Ok(DomainOutcome {
                 active,
                 started,
                 defined,
+                ops,
             })
         })
         .await;
@@ -373,18 +454,28 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
             return Ok(Action::requeue(Duration::from_secs(15)));
         }
     };
+    ctx.metrics.mutated(&outcome.ops);
     if outcome.defined {
         tracing::info!(node = %vn.name_any(), "domain defined");
     }
     if outcome.started {
         tracing::info!(node = %vn.name_any(), "domain started");
-        ctx.event(
-            &vn,
-            EventType::Normal,
-            "Started",
-            format!("domain started on {}", ctx.host),
-        )
-        .await;
+        // The first boot is in the status; a start of a node that had booted
+        // before (found stopped or crashed, or powered on again) is news.
+        if vn.status.as_ref().is_some_and(|s| s.boot_time.is_some())
+            || vn
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == NodePhase::Stopped)
+        {
+            ctx.event(
+                &vn,
+                EventType::Normal,
+                "Started",
+                format!("domain started again on {}", ctx.host),
+            )
+            .await;
+        }
     }
     let (phase, ready) = if outcome.active {
         (
@@ -398,20 +489,39 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         )
     };
     let old_boot = vn.status.as_ref().and_then(|s| s.boot_time.clone());
+    let boot_time = boot_time(&ctx.boot_times, &uid, &outcome, old_boot);
     let status = VirtualNodeStatus {
         domain_uuid: Some(uid.clone()),
-        boot_time: if outcome.started {
-            Some(Time(Timestamp::now()))
-        } else if outcome.active {
-            old_boot
-        } else {
-            None
-        },
+        boot_time,
         last_error: None,
         ..status_with(&vn, phase, ready)
     };
     ctx.write_status(&vn, &status).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The boot time to report: now for a domain just started, else the one this
+/// agent wrote last (a reconcile soon after a start may see a cached object
+/// without it), else the object's; none for a domain that is off.
+fn boot_time(
+    written: &std::sync::Mutex<HashMap<String, Time>>,
+    uid: &str,
+    outcome: &DomainOutcome,
+    old_boot: Option<Time>,
+) -> Option<Time> {
+    let mut written = written.lock().unwrap_or_else(|e| e.into_inner());
+    if outcome.started {
+        // Whole seconds, as the API stores them: a finer time would never
+        // equal the stored one and cost a second, no-op status write.
+        let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
+        written.insert(uid.to_string(), now.clone());
+        Some(now)
+    } else if outcome.active {
+        written.get(uid).cloned().or(old_boot)
+    } else {
+        written.remove(uid);
+        None
+    }
 }
 
 pub fn error_policy(vn: Arc<VirtualNode>, err: &Error, _ctx: Arc<ComputeCtx>) -> Action {
@@ -422,7 +532,7 @@ pub fn error_policy(vn: Arc<VirtualNode>, err: &Error, _ctx: Arc<ComputeCtx>) ->
 /// One pass of the resync: two libvirt calls list every domain (active and
 /// inactive); nodes whose domain is missing or in the wrong power state are
 /// queued; yukumo-marked domains whose node is gone are removed.
-async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNode>>) {
+async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNode>>, full: bool) {
     // An authoritative list (one read) rather than the watch cache: an orphan
     // sweep must never act on a cache that is still filling.
     let api = Api::<VirtualNode>::all(ctx.client.clone());
@@ -455,6 +565,16 @@ async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNo
             return;
         }
     };
+    // Images the nodes here refer to stay cached; then bound the cache.
+    ctx.images.set_wanted(
+        nodes
+            .iter()
+            .filter(|vn| vn.spec.host.as_deref() == Some(ctx.host.as_str()))
+            .map(|vn| vn.spec.image.checksum.as_str()),
+    );
+    if let Err(e) = ctx.images.evict().await {
+        tracing::warn!(error = %e, "resync: image cache eviction failed");
+    }
     let mut wanted = HashSet::new();
     for vn in &nodes {
         let Some(uid) = vn.metadata.uid.clone() else {
@@ -468,7 +588,11 @@ async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNo
             None => vn.spec.running,
             Some((_, active)) => *active != vn.spec.running,
         };
-        if drift && vn.metadata.deletion_timestamp.is_none() {
+        if full {
+            // A forced full resync reconciles every node (with nothing to
+            // do, that is reads only).
+            let _ = tx.send(ObjectRef::from_obj(vn));
+        } else if drift && vn.metadata.deletion_timestamp.is_none() {
             tracing::info!(node = %vn.name_any(), "resync: domain missing or in the wrong power state");
             let _ = tx.send(ObjectRef::from_obj(vn));
         }
@@ -521,24 +645,118 @@ fn stale_node_dirs(ctx: &ComputeCtx, wanted: &HashSet<String>, min_age: Duration
         .collect()
 }
 
-/// Run the reconciler for the VirtualNodes placed on this host until shutdown.
+/// Whether a lifecycle event may mean the domain no longer matches its node:
+/// stopped, shut down, crashed, undefined or paused (by hand, or by the
+/// agent itself, which a reconcile confirms at once). `started`, `defined`
+/// and `resumed` follow the agent's own start, where a reconcile right away
+/// would only race the watch with a stale object; a domain started by hand
+/// is the resync's.
+fn needs_reconcile(event: Lifecycle) -> bool {
+    matches!(
+        event,
+        Lifecycle::Stopped
+            | Lifecycle::Shutdown
+            | Lifecycle::Crashed
+            | Lifecycle::Undefined
+            | Lifecycle::Suspended
+            | Lifecycle::PmSuspended
+    )
+}
+
+/// Turn libvirt events into reconcile requests: a domain's UUID is its
+/// VirtualNode's uid, looked up in the controller's cache of the nodes
+/// placed here (a domain of no such node is the resync's to sweep).
+async fn forward_events(
+    ctx: Arc<ComputeCtx>,
+    mut events: mpsc::UnboundedReceiver<HvEvent>,
+    store: kube::runtime::reflector::Store<VirtualNode>,
+    tx: mpsc::UnboundedSender<ObjectRef<VirtualNode>>,
+    resync_now: Arc<tokio::sync::Notify>,
+) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            HvEvent::Lifecycle {
+                uuid,
+                event,
+                detail,
+            } => {
+                ctx.metrics
+                    .libvirt_events
+                    .get_or_create(&EventLabel {
+                        event: event.as_str().into(),
+                    })
+                    .inc();
+                let node = store.find(|vn| vn.metadata.uid.as_deref() == Some(uuid.as_str()));
+                match node {
+                    Some(vn) if needs_reconcile(event) => {
+                        tracing::info!(
+                            node = %vn.name_any(),
+                            event = event.as_str(),
+                            detail,
+                            "libvirt domain event; reconciling"
+                        );
+                        let _ = tx.send(ObjectRef::from_obj(&*vn));
+                    }
+                    _ => tracing::debug!(
+                        %uuid,
+                        event = event.as_str(),
+                        detail,
+                        known = node.is_some(),
+                        "libvirt domain event"
+                    ),
+                }
+            }
+            HvEvent::Reconnected => {
+                tracing::info!("libvirt reconnected; resyncing now (events may have been missed)");
+                resync_now.notify_one();
+            }
+        }
+    }
+}
+
+/// Run the reconciler for the VirtualNodes placed on this host until
+/// shutdown; `events` (libvirt's domain events) queue nodes between resyncs.
 pub async fn run(
     ctx: Arc<ComputeCtx>,
     resync_every: Duration,
+    events: Option<mpsc::UnboundedReceiver<HvEvent>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api = Api::<VirtualNode>::all(ctx.client.clone());
     let wc = watcher::Config::default().labels(&format!("{}={}", labels::HOST, ctx.host));
     let controller = Controller::new(api, wc);
     let (tx, rx) = mpsc::unbounded_channel();
+    let resync_now = Arc::new(tokio::sync::Notify::new());
+    let events_task = events.map(|events| {
+        tokio::spawn(forward_events(
+            ctx.clone(),
+            events,
+            controller.store(),
+            tx.clone(),
+            resync_now.clone(),
+        ))
+    });
     let resync_ctx = ctx.clone();
     let mut resync_shutdown = shutdown.clone();
     let resync_task = tokio::spawn(async move {
         tracing::info!(every = ?resync_every, "resync of domains started");
+        // SIGHUP forces a full resync: every node of this host is reconciled.
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut full = false;
         loop {
-            resync(&resync_ctx, &tx).await;
+            resync(&resync_ctx, &tx, full).await;
+            if full {
+                resync_ctx.metrics.full_resyncs.inc();
+            }
+            full = false;
             tokio::select! {
                 _ = tokio::time::sleep(resync_every) => {}
+                _ = resync_now.notified() => {}
+                Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: full resync");
+                    full = true;
+                }
                 _ = resync_shutdown.wait_for(|s| *s) => break,
             }
         }
@@ -552,10 +770,70 @@ pub async fn run(
         .for_each(|_| futures::future::ready(()))
         .await;
     resync_task.abort();
+    if let Some(t) = events_task {
+        t.abort();
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(active: bool, started: bool) -> DomainOutcome {
+        DomainOutcome {
+            active,
+            started,
+            defined: false,
+            ops: vec![],
+        }
+    }
+
+    #[test]
+    fn a_boot_time_written_survives_a_stale_object() {
+        let written = std::sync::Mutex::default();
+        let old = Some(Time(Timestamp::UNIX_EPOCH));
+        let started = boot_time(&written, "u", &outcome(true, true), old.clone());
+        assert!(started.is_some() && started != old);
+        // A reconcile right after, on a cached object without it (or with
+        // the previous boot's): what was written wins.
+        assert_eq!(
+            boot_time(&written, "u", &outcome(true, false), None),
+            started
+        );
+        assert_eq!(
+            boot_time(&written, "u", &outcome(true, false), old.clone()),
+            started
+        );
+        assert_eq!(
+            boot_time(&written, "u", &outcome(false, false), started),
+            None
+        );
+        // Off, then running again without a start of ours (an agent restart
+        // forgets too): the object's.
+        assert_eq!(
+            boot_time(&written, "u", &outcome(true, false), old.clone()),
+            old
+        );
+    }
+
+    #[test]
+    fn events_that_queue_a_reconcile() {
+        for e in [
+            Lifecycle::Stopped,
+            Lifecycle::Crashed,
+            Lifecycle::Undefined,
+            Lifecycle::Shutdown,
+        ] {
+            assert!(needs_reconcile(e), "{e:?}");
+        }
+        for e in [Lifecycle::Started, Lifecycle::Defined, Lifecycle::Resumed] {
+            assert!(!needs_reconcile(e), "{e:?}");
+        }
+    }
 }
