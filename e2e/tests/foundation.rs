@@ -291,7 +291,9 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
             "yukumo-system",
             true,
         ),
-        (agent, "patch", "virtualnodes.yukumo.io", "", false),
+        // Patch, yes, but the admission policy allows only finalizer removal
+        // (agent_may_only_release_a_virtualnodes_finalizer).
+        (agent, "patch", "virtualnodes.yukumo.io", "", true),
         (agent, "update", "virtualnodes.yukumo.io", "", false),
         (agent, "delete", "virtualnodes.yukumo.io", "", false),
         (agent, "patch", "virtualclusters.yukumo.io", "", false),
@@ -338,6 +340,91 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
     }
     println!("{} can-i checks", table.len());
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn agent_may_only_release_a_virtualnodes_finalizer() {
+    let env = Env::get();
+    let agent = "system:serviceaccount:yukumo-system:yukumo-agent";
+    let vn = "apiVersion: v1\nkind: Namespace\nmetadata: {name: policy}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualNode
+metadata:
+  name: n1
+  namespace: policy
+  labels: {yukumo.io/host: nowhere}
+  finalizers: [yukumo.io/host-cleanup, example.com/keep]
+spec:
+  cluster: c
+  role: worker
+  hostname: n1
+  host: nowhere
+  resources: {cpu: 1, memoryMiB: 64}
+  image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
+";
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], vn);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patch_as_agent = |p: &str| {
+        env.kubectl(&[
+            "-n", "policy", "patch", "vn", "n1", "--type", "merge", "-p", p, "--as", agent,
+        ])
+    };
+    for (patch, want) in [
+        (
+            r#"{"spec":{"running":true}}"#,
+            "may not change a VirtualNode's spec",
+        ),
+        (
+            r#"{"metadata":{"labels":{"yukumo.io/host":"elsewhere"}}}"#,
+            "labels, annotations or owners",
+        ),
+        (
+            r#"{"metadata":{"finalizers":["yukumo.io/host-cleanup","example.com/keep","example.com/new"]}}"#,
+            "may only remove finalizers",
+        ),
+    ] {
+        // A policy is enforced once the API server has loaded it (moments
+        // after the chart is installed).
+        let (err, _) = wait_for(Duration::from_secs(15), "policy enforced", || {
+            let out = patch_as_agent(patch);
+            if out.status.success() {
+                Err(format!("{patch} was allowed"))
+            } else {
+                Ok(String::from_utf8_lossy(&out.stderr).to_string())
+            }
+        })
+        .unwrap();
+        assert!(err.contains(want), "{patch}: {err}");
+    }
+    // Removing its finalizer is allowed.
+    let out = patch_as_agent(r#"{"metadata":{"finalizers":["example.com/keep"]}}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (The admin releases the other one; the node is then deleted.)
+    env.kubectl_ok(&[
+        "-n",
+        "policy",
+        "patch",
+        "vn",
+        "n1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":[]}}"#,
+    ])
+    .unwrap();
+    env.kubectl_ok(&["delete", "namespace", "policy", "--wait=false"])
+        .unwrap();
+    println!(
+        "agent: 3 forbidden patches refused by the admission policy, finalizer removal allowed"
+    );
 }
 
 #[test]
