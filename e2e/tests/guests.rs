@@ -537,3 +537,91 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
     })
     .unwrap();
 }
+
+/// Seconds since the epoch, now.
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `date -u` formatting of an epoch second.
+fn utc(secs: u64, fmt: &str) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), fmt])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_weekly_window_powers_the_cluster_on_and_off_at_its_boundaries() {
+    let env = Env::get();
+    let ns = "weekly";
+    // A one-minute window starting at the next minute boundary (at least 10 s
+    // ahead, so the state before it is observed), in UTC on today's weekday.
+    let now = epoch() as u64;
+    let mut t0 = (now / 60 + 1) * 60;
+    if t0 - now < 10 {
+        t0 += 60;
+    }
+    let t1 = t0 + 60;
+    let day = utc(t0, "+%a");
+    let extra = format!(
+        "  reservation: {{timeZone: UTC, weekly: [{{days: [{day}], start: '{}', end: '{}'}}]}}\n",
+        utc(t0, "+%H:%M"),
+        utc(t1, "+%H:%M")
+    );
+    apply(&env, &tiny_cluster(ns, "weekly", &extra, 0, "128Mi", None));
+    let phase = |env: &Env| -> String {
+        let out = env.kubectl(&["-n", ns, "get", "vn", "weekly-frontend", "-o", "json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_default()["status"]["phase"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    // Before the window: the node exists, its domain is defined but stopped.
+    wait_for(Duration::from_secs(30), "defined and stopped", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "weekly"]);
+        let next = vc["status"]["nextTransition"]["action"].clone();
+        match (phase(&env).as_str(), next.as_str()) {
+            ("Stopped", Some("Start")) => Ok(()),
+            (p, n) => Err(format!("phase {p:?}, next {n:?}")),
+        }
+    })
+    .unwrap();
+    assert!(epoch() < t0 as f64, "observed before the window opened");
+    // At the start boundary it powers on...
+    wait_for(
+        Duration::from_secs(90),
+        "running in the window",
+        || match phase(&env).as_str() {
+            "Running" => Ok(()),
+            p => Err(p.to_string()),
+        },
+    )
+    .unwrap();
+    let on = epoch() - t0 as f64;
+    println!("powered on {on:.1}s after the window start");
+    assert!(on > -1.0 && on < 10.0, "on {on:.1}s from the start");
+    let vc = json(&env, &["-n", ns, "get", "vc", "weekly"]);
+    assert_eq!(vc["status"]["nextTransition"]["action"], "Stop");
+    // ... and off at the end boundary.
+    wait_for(
+        Duration::from_secs(90),
+        "stopped after the window",
+        || match phase(&env).as_str() {
+            "Stopped" => Ok(()),
+            p => Err(p.to_string()),
+        },
+    )
+    .unwrap();
+    let off = epoch() - t1 as f64;
+    println!("powered off {off:.1}s after the window end");
+    assert!(off > -1.0 && off < 15.0, "off {off:.1}s from the end");
+    let vc = json(&env, &["-n", ns, "get", "vc", "weekly"]);
+    assert_eq!(vc["status"]["nextTransition"]["action"], "Start");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
