@@ -2,11 +2,12 @@
 #   make up      build, start the local environment, apply the quickstart
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end
+#   make bench   the compute benchmark (figures and ratios; target/bench/compute.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
 
-.PHONY: all tools build crds up down status test lint unit chart e2e clean
+.PHONY: all tools build crds up down status test lint unit chart e2e bench clean
 
 all: build
 
@@ -46,6 +47,9 @@ chart: tools
 
 e2e: build
 	e2e/run.sh
+
+bench: build
+	e2e/bench.sh
 
 clean: down
 	$(CARGO) clean

@@ -8,6 +8,7 @@
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
 #   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
 #   e2e/env.sh start-libvirtd HOST [--dir D]   (process "libvirtd-HOST")
+#   e2e/env.sh start-test-agent HOST SITE [--dir D]  (agent on test:///default)
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
 #
 # What `up` starts, all on loopback with generated certificates:
@@ -250,6 +251,20 @@ start_agent() { # host
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
 }
 
+# An agent on its own in-process libvirt test driver (test:///default): a
+# host for scale benchmarks, with no guests, network namespace or libvirtd.
+start_test_agent() { # name site
+  local host=$1 site=$2 hdir=$DIR/hosts/$1 mport
+  mkdir -p "$hdir"
+  echo "$site" > "$hdir/site"
+  mport=$(free_port)
+  mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/agent-$host"
+  spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-warn}" \
+    "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri test:///default \
+    --heartbeat-interval "${YUKUMO_HEARTBEAT:-10s}" --cpu-overcommit 8 --domain-type qemu \
+    --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
+}
+
 start_controller() { # id
   local id=$1 mport
   mport=$(free_port)
@@ -359,9 +374,10 @@ main() {
     status) cmd_status ;;
     start-controller) load_state; start_controller "${args[0]}" ;;
     start-agent) load_state; start_agent "${args[0]}" ;;
+    start-test-agent) load_state; start_test_agent "${args[0]}" "${args[1]}" ;;
     start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
   esac
 }
 

@@ -1,0 +1,860 @@
+//! yukumo-bench: the compute benchmark behind `make bench` (run by
+//! `e2e/bench.sh`, which starts the environment it measures).
+//!
+//! Part 1, scale: 10 VirtualClusters × 200 nodes on the agents of site
+//! `bench` (each on its own in-process `test:///default` hypervisor), from
+//! apply to every cluster Ready; the baseline in the same run is raw
+//! define+start of as many domains on the test driver plus raw creation of as
+//! many objects with the kube client (same write concurrency as the
+//! controller). API writes are counted from the API server's own metrics.
+//! Then a 60 s steady state (writes counted), a forced full resync of every
+//! agent (SIGHUP; mutating libvirt calls counted from the agents' metrics),
+//! and peak RSS of the controller and the agents.
+//!
+//! Part 2, real guests: 10 tiny guests on the simulated libvirt hosts, from
+//! apply to every guest's userspace printing its config on its console,
+//! against raw `virsh define` + `start` of the same domains (same XML, fresh
+//! overlays, the same config disks) to userspace.
+//!
+//! Prints figures with their targets and writes them as JSON (`--out`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use yukumo_api::{VirtualCluster, VirtualNode};
+use yukumo_e2e::Env;
+
+struct Opts {
+    out: PathBuf,
+    clusters: usize,
+    nodes_per_cluster: usize,
+    steady_secs: u64,
+    real_guests: usize,
+    skip_real: bool,
+}
+
+fn opts() -> Result<Opts> {
+    let mut o = Opts {
+        out: PathBuf::from("target/bench/compute.json"),
+        clusters: 10,
+        nodes_per_cluster: 200,
+        steady_secs: 60,
+        real_guests: 10,
+        skip_real: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().context(format!("{a} needs a value"));
+        match a.as_str() {
+            "--out" => o.out = PathBuf::from(val()?),
+            "--clusters" => o.clusters = val()?.parse()?,
+            "--nodes-per-cluster" => o.nodes_per_cluster = val()?.parse()?,
+            "--steady-secs" => o.steady_secs = val()?.parse()?,
+            "--real-guests" => o.real_guests = val()?.parse()?,
+            "--skip-real" => o.skip_real = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Writes the API server counted, by resource, from `apiserver_request_total`.
+async fn api_writes(_client: &Client) -> Result<BTreeMap<String, f64>> {
+    let text =
+        tokio::task::spawn_blocking(|| sh("kubectl", &["get", "--raw", "/metrics"])).await??;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let verb = label("verb");
+        if ![
+            "POST",
+            "PUT",
+            "PATCH",
+            "DELETE",
+            "DELETECOLLECTION",
+            "APPLY",
+        ]
+        .contains(&verb.as_str())
+        {
+            continue;
+        }
+        let (group, resource) = (label("group"), label("resource"));
+        let key = if group == "yukumo.io" || resource == "events" {
+            resource
+        } else {
+            continue;
+        };
+        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+/// Writes by yukumo's reconcilers: its kinds and Events, without Host
+/// heartbeats (a fixed rate per host by design, reported separately).
+fn reconciler_writes(m: &BTreeMap<String, f64>) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.as_str() != "hosts")
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    b.iter()
+        .map(|(k, v)| (k.clone(), v - a.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v != 0.0)
+        .collect()
+}
+
+/// Peak resident memory (VmHWM) of a process, in MB.
+fn peak_rss_mb(pid: i32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(cmd).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let out = sh("sha256sum", &[&p.to_string_lossy()])?;
+    Ok(format!(
+        "sha256:{}",
+        out.split_whitespace().next().unwrap_or_default()
+    ))
+}
+
+/// A domain like the agent's (disk overlay, config cdrom, serial log), for
+/// the raw libvirt baseline.
+fn baseline_domain_xml(i: usize, dir: &Path) -> String {
+    let uuid = format!("00000000-0000-4000-8000-{i:012}");
+    let d = dir.to_string_lossy();
+    format!(
+        "<domain type='qemu'><name>raw-{i}</name><uuid>{uuid}</uuid>
+<memory unit='MiB'>16</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+<features><acpi/></features><on_crash>restart</on_crash>
+<devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{d}/raw-{i}/root.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{d}/raw-{i}/config.iso'/><target dev='sda' bus='sata'/><readonly/></disk>
+<serial type='file'><source path='{d}/raw-{i}/console.log' append='on'/><target port='0'/></serial>
+</devices></domain>"
+    )
+}
+
+/// Baseline part 1: raw define + start of `n` domains on an in-process test driver.
+fn raw_libvirt(n: usize) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    let mut conn = virt::connect::Connect::open(Some("test:///default"))?;
+    for i in 0..n {
+        let d = virt::domain::Domain::define_xml(&conn, &baseline_domain_xml(i, dir.path()))?;
+        d.create()?;
+    }
+    let took = t.elapsed();
+    conn.close()?;
+    Ok(took)
+}
+
+/// A VirtualNode as the controller writes it, but placed on no host.
+fn baseline_node(ns: &str, i: usize, image: &Value) -> Result<VirtualNode> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualNode",
+        "metadata": {"name": format!("raw-{i}"), "namespace": ns,
+                     "labels": {"yukumo.io/host": "baseline-nowhere", "yukumo.io/cluster": "raw"}},
+        "spec": {"cluster": "raw", "role": "worker", "pool": "worker", "index": i,
+                 "hostname": format!("raw-{i}"), "host": "baseline-nowhere", "site": "bench",
+                 "resources": {"cpu": 1, "memoryMiB": 16}, "image": image, "running": true}
+    }))?)
+}
+
+/// Baseline part 2: raw creation of `n` objects with the kube client, 16 at a time.
+async fn raw_objects(client: &Client, n: usize, image: &Value) -> Result<Duration> {
+    let ns = "bench-baseline";
+    apply_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"
+    ))?;
+    let api: Api<VirtualNode> = Api::namespaced(client.clone(), ns);
+    let nodes: Vec<VirtualNode> = (0..n)
+        .map(|i| baseline_node(ns, i, image))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let results: Vec<Result<VirtualNode, kube::Error>> = futures::stream::iter(nodes)
+        .map(|vn| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &vn).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let took = t.elapsed();
+    for r in results {
+        r?;
+    }
+    sh("kubectl", &["delete", "namespace", ns, "--wait=false"])?;
+    Ok(took)
+}
+
+fn apply_yaml(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    child
+        .stdin
+        .as_mut()
+        .context("stdin")?
+        .write_all(text.as_bytes())?;
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("kubectl apply failed");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cluster_yaml(
+    ns: &str,
+    name: &str,
+    site: &str,
+    workers: usize,
+    memory: &str,
+    image_url: &str,
+    checksum: &str,
+    parallel: bool,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec: {{cidr: 10.0.0.0/16, segment: {{type: vxlan}}, homeSite: {site}}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  networkGroup: net
+  startOrder: {}
+  frontend:
+    size: {{cpu: 1, memory: {memory}}}
+    gatewayHost: false
+    image: {{url: '{image_url}', checksum: '{checksum}'}}
+  pools:
+  - {{name: worker, replicas: {workers}, size: {{cpu: 1, memory: {memory}}}}}
+",
+        if parallel {
+            "Parallel"
+        } else {
+            "FrontendFirst"
+        }
+    )
+}
+
+fn ready(vc: &VirtualCluster) -> bool {
+    vc.status.as_ref().is_some_and(|s| {
+        s.desired_nodes > 0
+            && s.ready_nodes == s.desired_nodes
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && format!("{:?}", c.status) == "True")
+    })
+}
+
+/// Sum of a counter family over the agents' /metrics.
+fn agents_metric(env: &Env, agents: &[String], name: &str) -> f64 {
+    agents
+        .iter()
+        .filter_map(|a| env.metrics_port(&format!("agent-{a}")))
+        .filter_map(|port| env.http_get(port, "/metrics").ok())
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+struct Scale {
+    vms: usize,
+    converge_s: f64,
+    baseline_libvirt_s: f64,
+    baseline_objects_s: f64,
+    api_writes: BTreeMap<String, f64>,
+    steady_writes: BTreeMap<String, f64>,
+    heartbeats_per_s: f64,
+    resync_mutations: f64,
+    resync_nodes: usize,
+    controller_rss_mb: f64,
+    agent_rss_mb: f64,
+}
+
+async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
+    let agents: Vec<String> = (1..=std::env::var("YUKUMO_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20usize))
+        .map(|i| format!("bench-{i}"))
+        .collect();
+    let vms = o.clusters * o.nodes_per_cluster;
+    let work = tempfile::tempdir()?;
+    let image = work.path().join("bench.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &image.to_string_lossy(),
+            "64M",
+        ],
+    )?;
+    let checksum = sha256_file(&image)?;
+    let url = format!("file://{}", image.display());
+    let image_json = json!({"url": url, "checksum": checksum});
+
+    println!("baseline: raw define+start of {vms} domains on test:///default ...");
+    let baseline_libvirt = raw_libvirt(vms)?;
+    println!("  {:.2} s", baseline_libvirt.as_secs_f64());
+    println!("baseline: raw creation of {vms} VirtualNode objects (16 in flight) ...");
+    let baseline_objects = raw_objects(client, vms, &image_json).await?;
+    println!("  {:.2} s", baseline_objects.as_secs_f64());
+
+    let before = api_writes(client).await?;
+    println!(
+        "apply {} VirtualClusters x {} nodes on {} agents ...",
+        o.clusters,
+        o.nodes_per_cluster,
+        agents.len()
+    );
+    let t = Instant::now();
+    for c in 0..o.clusters {
+        apply_yaml(&cluster_yaml(
+            &format!("bench-{c}"),
+            "scale",
+            "bench",
+            o.nodes_per_cluster - 1,
+            "16Mi",
+            &url,
+            &checksum,
+            false,
+        ))?;
+    }
+    let vcs: Api<VirtualCluster> = Api::all(client.clone());
+    let lp = ListParams::default();
+    let deadline = Duration::from_secs(900);
+    let mut last_print = Instant::now();
+    loop {
+        let list = vcs.list(&lp).await?;
+        let mine: Vec<&VirtualCluster> = list
+            .items
+            .iter()
+            .filter(|v| v.namespace().is_some_and(|n| n.starts_with("bench-")))
+            .collect();
+        let done = mine.iter().filter(|v| ready(v)).count();
+        if done == o.clusters {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(10) {
+            let nodes: i32 = mine
+                .iter()
+                .filter_map(|v| v.status.as_ref().map(|s| s.ready_nodes))
+                .sum();
+            println!(
+                "  {:.0} s: {done}/{} clusters ready, {nodes}/{vms} nodes",
+                t.elapsed().as_secs_f64(),
+                o.clusters
+            );
+            last_print = Instant::now();
+        }
+        if t.elapsed() > deadline {
+            bail!("not converged after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let converge = t.elapsed();
+    println!("  all Ready after {:.2} s", converge.as_secs_f64());
+    // Let the last status writes land before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = api_writes(client).await?;
+    let writes = delta(&before, &after);
+    let audit = audit_breakdown(env);
+    println!("  VirtualNode writes in the audit log (who verb subresource code): {audit:?}");
+
+    println!("steady state: {} s ...", o.steady_secs);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s0 = api_writes(client).await?;
+    tokio::time::sleep(Duration::from_secs(o.steady_secs)).await;
+    let s1 = api_writes(client).await?;
+    let steady = delta(&s0, &s1);
+    let heartbeats_per_s = steady.get("hosts").copied().unwrap_or(0.0) / o.steady_secs as f64;
+
+    println!("forced full resync (SIGHUP) of every agent ...");
+    let m0 = agents_metric(env, &agents, "yukumo_agent_libvirt_mutations_total");
+    let r0 = agents_metric(env, &agents, "yukumo_agent_full_resyncs_total");
+    for a in &agents {
+        if let Some(pid) = env.pid(&format!("agent-{a}")) {
+            yukumo_e2e::signal(pid, "HUP");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let m1 = agents_metric(env, &agents, "yukumo_agent_libvirt_mutations_total");
+    let resynced = (agents_metric(env, &agents, "yukumo_agent_full_resyncs_total") - r0) as usize;
+    let controller_rss = env
+        .pid("controller-1")
+        .and_then(peak_rss_mb)
+        .unwrap_or(f64::NAN);
+    let agent_rss = agents
+        .iter()
+        .filter_map(|a| env.pid(&format!("agent-{a}")).and_then(peak_rss_mb))
+        .fold(0.0, f64::max);
+
+    println!("cleanup: deleting the clusters ...");
+    for c in 0..o.clusters {
+        sh(
+            "kubectl",
+            &["delete", "namespace", &format!("bench-{c}"), "--wait=false"],
+        )?;
+    }
+    Ok(Scale {
+        vms,
+        converge_s: converge.as_secs_f64(),
+        baseline_libvirt_s: baseline_libvirt.as_secs_f64(),
+        baseline_objects_s: baseline_objects.as_secs_f64(),
+        api_writes: writes,
+        steady_writes: steady,
+        heartbeats_per_s,
+        resync_mutations: m1 - m0,
+        resync_nodes: resynced,
+        controller_rss_mb: controller_rss,
+        agent_rss_mb: agent_rss,
+    })
+}
+
+/// Writes of VirtualNodes in the audit log, by who, verb and subresource.
+fn audit_breakdown(env: &Env) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(env.dir.join("logs/audit.log")) else {
+        return out;
+    };
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["objectRef"]["resource"] != "virtualnodes"
+            || !v["objectRef"]["namespace"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("bench-") && n != "bench-baseline")
+        {
+            continue;
+        }
+        let who = v["user"]["username"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let key = format!(
+            "{who} {} {} {}",
+            v["verb"].as_str().unwrap_or(""),
+            v["objectRef"]["subresource"].as_str().unwrap_or("-"),
+            v["responseStatus"]["code"]
+        );
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
+fn virsh(env: &Env, host: &str, args: &[&str]) -> Result<String> {
+    let uri = format!(
+        "qemu:///system?socket={}",
+        env.dir
+            .join(format!("hosts/{host}/run/libvirt-sock"))
+            .display()
+    );
+    let mut a = vec!["-c", uri.as_str()];
+    a.extend_from_slice(args);
+    sh("virsh", &a)
+}
+
+/// Seconds until every console log has the guest's userspace line.
+fn wait_consoles(consoles: &[PathBuf], since: Instant, limit: Duration) -> Result<f64> {
+    loop {
+        let up = consoles
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(p).is_ok_and(|s| s.contains("YUKUMO-GUEST hostname="))
+            })
+            .count();
+        if up == consoles.len() {
+            return Ok(since.elapsed().as_secs_f64());
+        }
+        if since.elapsed() > limit {
+            bail!("{up}/{} guests reached userspace", consoles.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One captured domain: its host, XML, and files.
+struct Captured {
+    host: String,
+    xml: String,
+    dir: PathBuf,
+    backing: String,
+    size: u64,
+}
+
+/// Apply a cluster of `n` tiny guests on the simulated hosts and time it to
+/// userspace; returns the time and the domains as defined.
+async fn yukumo_guests(
+    env: &Env,
+    client: &Client,
+    n: usize,
+    run: &str,
+) -> Result<(f64, Vec<Captured>)> {
+    let tiny = std::env::var("YUKUMO_TINY_IMAGE").context("YUKUMO_TINY_IMAGE")?;
+    let (path, checksum) = tiny.trim().split_once(' ').context("<path> <sum>")?;
+    let ns = format!("bench-real-{run}");
+    let t = Instant::now();
+    apply_yaml(&cluster_yaml(
+        &ns,
+        "real",
+        "local",
+        n - 1,
+        "128Mi",
+        &format!("file://{path}"),
+        checksum,
+        true,
+    ))?;
+    let api: Api<VirtualNode> = Api::namespaced(client.clone(), &ns);
+    let consoles = loop {
+        let nodes = api.list(&ListParams::default()).await?.items;
+        let placed: Vec<PathBuf> = nodes
+            .iter()
+            .filter_map(|vn| {
+                Some(env.dir.join(format!(
+                    "hosts/{}/agent/nodes/{}/console.log",
+                    vn.spec.host.as_ref()?,
+                    vn.metadata.uid.as_ref()?
+                )))
+            })
+            .collect();
+        if placed.len() == n {
+            break placed;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("{}/{n} nodes placed", placed.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = wait_consoles(&consoles, t, Duration::from_secs(600))?;
+    let mut captured = Vec::new();
+    for vn in api.list(&ListParams::default()).await?.items {
+        let host = vn.spec.host.clone().context("host")?;
+        let uid = vn.metadata.uid.clone().context("uid")?;
+        let name = virsh(env, &host, &["domname", &uid])?.trim().to_string();
+        let xml = virsh(env, &host, &["dumpxml", "--inactive", &name])?;
+        let dir = env.dir.join(format!("hosts/{host}/agent/nodes/{uid}"));
+        let info: Value = serde_json::from_str(&sh(
+            "qemu-img",
+            &[
+                "info",
+                "-U",
+                "--output=json",
+                &dir.join("root.qcow2").to_string_lossy(),
+            ],
+        )?)?;
+        captured.push(Captured {
+            host,
+            xml,
+            dir,
+            backing: info["backing-filename"]
+                .as_str()
+                .context("backing file")?
+                .to_string(),
+            size: info["virtual-size"].as_u64().context("size")?,
+        });
+    }
+    // Copy what the raw baseline reuses (config disks) before deletion.
+    sh("kubectl", &["delete", "namespace", &ns, "--wait=true"])?;
+    Ok((took, captured))
+}
+
+/// The raw baseline: the same domains, defined and started with virsh.
+fn raw_guests(env: &Env, captured: &[Captured], configs: &[PathBuf]) -> Result<f64> {
+    let base = env.dir.join("bench-raw");
+    let mut defs = Vec::new();
+    for (i, c) in captured.iter().enumerate() {
+        let dir = base.join(format!("{i}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&configs[i], dir.join("cidata.iso"))?;
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &c.backing,
+                &dir.join("root.qcow2").to_string_lossy(),
+                &c.size.to_string(),
+            ],
+        )?;
+        // Same domain, other name/uuid/paths, without yukumo's marker.
+        let mut xml = c
+            .xml
+            .replace(&c.dir.to_string_lossy().to_string(), &dir.to_string_lossy());
+        if let (Some(a), Some(b)) = (xml.find("<metadata>"), xml.find("</metadata>")) {
+            xml.replace_range(a..b + "</metadata>".len(), "");
+        }
+        let name_start = xml.find("<name>").context("name")? + 6;
+        let name_end = xml.find("</name>").context("name")?;
+        xml.replace_range(name_start..name_end, &format!("bench-raw-{i}"));
+        let uuid_start = xml.find("<uuid>").context("uuid")? + 6;
+        let uuid_end = xml.find("</uuid>").context("uuid")?;
+        xml.replace_range(
+            uuid_start..uuid_end,
+            &format!("00000000-0000-4000-9000-{i:012}"),
+        );
+        let file = dir.join("domain.xml");
+        std::fs::write(&file, xml)?;
+        defs.push((c.host.clone(), file, dir.join("console.log"), i));
+    }
+    let t = Instant::now();
+    for (host, file, _, i) in &defs {
+        virsh(env, host, &["define", &file.to_string_lossy()])?;
+        virsh(env, host, &["start", &format!("bench-raw-{i}")])?;
+    }
+    let consoles: Vec<PathBuf> = defs.iter().map(|d| d.2.clone()).collect();
+    let took = wait_consoles(&consoles, t, Duration::from_secs(600));
+    for (host, _, _, i) in &defs {
+        let name = format!("bench-raw-{i}");
+        let _ = virsh(env, host, &["destroy", &name]);
+        let _ = virsh(env, host, &["undefine", &name]);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    took
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let o = opts()?;
+    let env = Env::get();
+    let client = Client::try_default().await?;
+    let s = scale(&env, &client, &o).await?;
+    let baseline_s = s.baseline_libvirt_s + s.baseline_objects_s;
+    let total_writes = reconciler_writes(&s.api_writes);
+    let steady = reconciler_writes(&s.steady_writes);
+
+    let mut real: Option<(f64, f64)> = None;
+    if !o.skip_real {
+        println!(
+            "real guests: warm-up run of {} tiny guests ...",
+            o.real_guests
+        );
+        let (_, _) = yukumo_guests(&env, &client, o.real_guests, "warmup").await?;
+        println!("real guests: yukumo, apply -> userspace ...");
+        let (t_yk, captured) = yukumo_guests_keep_configs(&env, &client, o.real_guests).await?;
+        println!("  {t_yk:.1} s");
+        println!("real guests: raw virsh define+start -> userspace ...");
+        let t_raw = raw_guests(&env, &captured.0, &captured.1)?;
+        println!("  {t_raw:.1} s");
+        real = Some((t_yk, t_raw));
+    }
+
+    let result = json!({
+        "vms": s.vms,
+        "agents": std::env::var("YUKUMO_BENCH_AGENTS").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(20),
+        "converge_s": s.converge_s,
+        "baseline_s": baseline_s,
+        "baseline_libvirt_s": s.baseline_libvirt_s,
+        "baseline_objects_s": s.baseline_objects_s,
+        "converge_ratio": s.converge_s / baseline_s,
+        "vms_per_second": s.vms as f64 / s.converge_s,
+        "api_writes_per_vm": total_writes / s.vms as f64,
+        "api_writes_by_resource": s.api_writes,
+        "steady_state_writes": steady.abs(),
+        "steady_state_secs": o.steady_secs,
+        "host_heartbeat_writes_per_s": s.heartbeats_per_s,
+        "resync_mutating_libvirt_calls": s.resync_mutations,
+        "resync_agents": s.resync_nodes,
+        "controller_rss_mb": s.controller_rss_mb,
+        "agent_rss_mb": s.agent_rss_mb,
+        "real_guests": if real.is_some() { o.real_guests } else { 0 },
+        "real_guest_s": real.map(|r| r.0),
+        "real_guest_baseline_s": real.map(|r| r.1),
+        "real_guest_ratio": real.map(|r| r.0 / r.1),
+    });
+    println!();
+    println!("== yukumo compute benchmark ==");
+    let row = |what: &str, value: String, target: &str| {
+        println!("{what:<44} {value:>14}   target {target}");
+    };
+    row(
+        &format!("converge {} VMs (apply -> all Ready)", s.vms),
+        format!("{:.2} s", s.converge_s),
+        "",
+    );
+    row(
+        "baseline (raw define+start + raw creates)",
+        format!("{baseline_s:.2} s"),
+        "",
+    );
+    row(
+        "converge / baseline",
+        format!("{:.2}x", s.converge_s / baseline_s),
+        "<= 1.5x",
+    );
+    row(
+        "VMs per second",
+        format!("{:.1}", s.vms as f64 / s.converge_s),
+        ">= 16",
+    );
+    row(
+        "API writes per VM",
+        format!("{:.2}", total_writes / s.vms as f64),
+        "<= 3",
+    );
+    println!("   by resource: {:?}", s.api_writes);
+    row(
+        &format!("writes in {} s steady state", o.steady_secs),
+        format!("{}", steady.abs()),
+        "0",
+    );
+    println!(
+        "   (host heartbeats, by design: {:.2} writes/s)",
+        s.heartbeats_per_s
+    );
+    row(
+        "mutating libvirt calls, forced full resync",
+        format!("{}", s.resync_mutations),
+        "0",
+    );
+    row(
+        "controller peak RSS",
+        format!("{:.1} MB", s.controller_rss_mb),
+        "<= 64 MB",
+    );
+    row(
+        &format!("agent peak RSS ({} VMs each)", s.vms / 20),
+        format!("{:.1} MB", s.agent_rss_mb),
+        "<= 24 MB",
+    );
+    if let Some((a, b)) = real {
+        row(
+            &format!("{} real guests to userspace: yukumo", o.real_guests),
+            format!("{a:.1} s"),
+            "",
+        );
+        row("  raw virsh define+start", format!("{b:.1} s"), "");
+        row("  ratio", format!("{:.2}x", a / b), "<= 1.2x");
+    }
+    if let Some(dir) = o.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&o.out, serde_json::to_string_pretty(&result)?)?;
+    println!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// The measured yukumo run: like [`yukumo_guests`], keeping copies of the
+/// config disks for the raw baseline.
+async fn yukumo_guests_keep_configs(
+    env: &Env,
+    client: &Client,
+    n: usize,
+) -> Result<(f64, (Vec<Captured>, Vec<PathBuf>))> {
+    let keep = env.dir.join("bench-configs");
+    std::fs::create_dir_all(&keep)?;
+    // Copy config disks as soon as the guests are up (before deletion).
+    let copier = {
+        let keep = keep.clone();
+        let dir = env.dir.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let api: Api<VirtualNode> = Api::namespaced(client, "bench-real-measured");
+            let mut copied: HashMap<String, PathBuf> = HashMap::new();
+            for _ in 0..6000 {
+                if let Ok(list) = api.list(&ListParams::default()).await {
+                    for vn in list.items {
+                        let (Some(h), Some(u)) = (vn.spec.host.clone(), vn.metadata.uid.clone())
+                        else {
+                            continue;
+                        };
+                        let src = dir.join(format!("hosts/{h}/agent/nodes/{u}/cidata.iso"));
+                        if !copied.contains_key(&u) && src.exists() {
+                            let dst = keep.join(format!("{u}.iso"));
+                            if std::fs::copy(&src, &dst).is_ok() {
+                                copied.insert(u, dst);
+                            }
+                        }
+                    }
+                }
+                if copied.len() >= n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            copied
+        })
+    };
+    let (took, captured) = yukumo_guests(env, client, n, "measured").await?;
+    let copied = copier.await?;
+    let configs = captured
+        .iter()
+        .map(|c| {
+            let uid = c
+                .dir
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            copied
+                .get(&uid)
+                .cloned()
+                .with_context(|| format!("config disk of {uid} not copied"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((took, (captured, configs)))
+}
