@@ -125,10 +125,16 @@ fn delta(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<Strin
 
 /// Peak resident memory (VmHWM) of a process, in MB.
 fn peak_rss_mb(pid: i32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// A memory figure of /proc/<pid>/status, in MB (`RssAnon:`: the process's
+/// own heap and stacks, without the shared libraries' pages).
+fn status_mb(pid: i32, field: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = s
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -323,6 +329,8 @@ struct Scale {
     resync_nodes: usize,
     controller_rss_mb: f64,
     agent_rss_mb: f64,
+    controller_anon_mb: f64,
+    agent_anon_mb: f64,
 }
 
 async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
@@ -445,6 +453,17 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
         .iter()
         .filter_map(|a| env.pid(&format!("agent-{a}")).and_then(peak_rss_mb))
         .fold(0.0, f64::max);
+    let controller_anon = env
+        .pid("controller-1")
+        .and_then(|p| status_mb(p, "RssAnon:"))
+        .unwrap_or(f64::NAN);
+    let agent_anon = agents
+        .iter()
+        .filter_map(|a| {
+            env.pid(&format!("agent-{a}"))
+                .and_then(|p| status_mb(p, "RssAnon:"))
+        })
+        .fold(0.0, f64::max);
 
     println!("cleanup: deleting the clusters ...");
     for c in 0..o.clusters {
@@ -465,6 +484,8 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
         resync_nodes: resynced,
         controller_rss_mb: controller_rss,
         agent_rss_mb: agent_rss,
+        controller_anon_mb: controller_anon,
+        agent_anon_mb: agent_anon,
     })
 }
 
@@ -722,6 +743,8 @@ async fn main() -> Result<()> {
         "resync_agents": s.resync_nodes,
         "controller_rss_mb": s.controller_rss_mb,
         "agent_rss_mb": s.agent_rss_mb,
+        "controller_rss_anon_mb": s.controller_anon_mb,
+        "agent_rss_anon_mb": s.agent_anon_mb,
         "real_guests": if real.is_some() { o.real_guests } else { 0 },
         "real_guest_s": real.map(|r| r.0),
         "real_guest_baseline_s": real.map(|r| r.1),
@@ -781,6 +804,10 @@ async fn main() -> Result<()> {
         &format!("agent peak RSS ({} VMs each)", s.vms / 20),
         format!("{:.1} MB", s.agent_rss_mb),
         "<= 24 MB",
+    );
+    println!(
+        "   (anonymous RSS at the end, without shared libraries: controller {:.1} MB, agent {:.1} MB)",
+        s.controller_anon_mb, s.agent_anon_mb
     );
     if let Some((a, b)) = real {
         row(

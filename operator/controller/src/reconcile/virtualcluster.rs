@@ -232,6 +232,9 @@ fn host_views(
         .collect()
 }
 
+/// A write done (with the node as applied), or the node's name and the error.
+type WriteResult = std::result::Result<(Write, Option<VirtualNode>), (String, Error)>;
+
 /// A write decided while holding the placement lock, done after releasing it.
 enum Write {
     /// Server-side apply of a node (created when `new`).
@@ -261,6 +264,7 @@ async fn converge_nodes(
     let mut unschedulable = Vec::new();
     let mut recovering = Vec::new();
     let mut waiting = Vec::new();
+    let mut waiting_for_cache = 0usize;
     let mut writes = Vec::new();
     {
         let mut pending = ctx.placements.lock().await;
@@ -336,6 +340,12 @@ async fn converge_nodes(
                 .get(&key)
                 .filter(|p| p.owner_uid == owner.uid)
                 .map(|p| (p.host.clone(), p.site.clone()));
+            if existing.is_none() && just_written.is_some() {
+                // Written moments ago; the cache will show it (and trigger
+                // this cluster again): writing it twice would be waste.
+                waiting_for_cache += 1;
+                continue;
+            }
             let placement = match existing
                 .and_then(|n| n.spec.host.clone().zip(n.spec.site.clone()))
                 .or(just_written)
@@ -421,34 +431,41 @@ async fn converge_nodes(
     }
     // The writes, a bounded number at a time.
     let pp = PatchParams::apply(managers::CONTROLLER).force();
-    let results: Vec<Result<(Write, Option<VirtualNode>)>> =
-        futures::stream::iter(writes.into_iter().map(|w| {
-            let (api, pp) = (api.clone(), pp.clone());
-            async move {
+    let results: Vec<WriteResult> = futures::stream::iter(writes.into_iter().map(|w| {
+        let (api, pp) = (api.clone(), pp.clone());
+        async move {
+            let name = match &w {
+                Write::Apply { vn, .. } => vn.name_any(),
+                Write::Delete { name, .. } => name.clone(),
+            };
+            let done: Result<Option<VirtualNode>> = async {
                 match &w {
                     Write::Apply { vn, .. } => {
-                        let applied = api.patch(&vn.name_any(), &pp, &Patch::Apply(vn)).await?;
-                        Ok((w, Some(applied)))
+                        Ok(Some(api.patch(&name, &pp, &Patch::Apply(vn)).await?))
                     }
-                    Write::Delete { name, recovering } => {
+                    Write::Delete { recovering, .. } => {
                         if *recovering {
-                            release_finalizer(&api, name).await?;
+                            release_finalizer(&api, &name).await?;
                         }
-                        match api.delete(name, &Default::default()).await {
+                        match api.delete(&name, &Default::default()).await {
                             Ok(_) => {}
                             Err(kube::Error::Api(e)) if e.code == 404 => {}
                             Err(e) => return Err(e.into()),
                         }
-                        Ok((w, None))
+                        Ok(None)
                     }
                 }
             }
-        }))
-        .buffer_unordered(WRITE_CONCURRENCY)
-        .collect()
-        .await;
+            .await;
+            done.map(|applied| (w, applied)).map_err(|e| (name, e))
+        }
+    }))
+    .buffer_unordered(WRITE_CONCURRENCY)
+    .collect()
+    .await;
     let (mut scheduled, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
     let mut first_error = None;
+    let mut failed = Vec::new();
     for r in results {
         match r {
             Ok((Write::Apply { new, .. }, Some(applied))) => {
@@ -469,7 +486,8 @@ async fn converge_nodes(
                 }
             }
             Ok(_) => {}
-            Err(e) => {
+            Err((name, e)) => {
+                failed.push(name);
                 first_error.get_or_insert(e);
             }
         }
@@ -501,9 +519,15 @@ async fn converge_nodes(
         }
     }
     if let Some(e) = first_error {
-        // Placements of failed writes stay pending (so the retry keeps them)
-        // until the store shows them or they expire.
+        // Failed writes are decided again on the retry.
+        let mut pending = ctx.placements.lock().await;
+        for name in failed {
+            pending.nodes.remove(&(ns.to_string(), name));
+        }
         return Err(e);
+    }
+    if waiting_for_cache > 0 {
+        tracing::debug!(cluster = %vc_name, nodes = waiting_for_cache, "written nodes not yet in the cache");
     }
     let order: HashMap<&str, usize> = desired
         .iter()
