@@ -378,11 +378,20 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         yukumo_api::common::ImageFormat::Qcow2 => "qcow2",
         yukumo_api::common::ImageFormat::Raw => "raw",
     };
-    std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+    // The disks are made by child processes (qemu-img, genisoimage): on the
+    // blocking pool, so heartbeats and other nodes' reconciles never wait.
     // Holding `image` keeps it from eviction until the overlay on it exists.
-    ensure_root_disk(&paths, &image.path, format, vn.spec.disk_bytes)?;
-    drop(image);
-    ensure_config_disk(&paths, &vn)?;
+    {
+        let (paths, vn, size) = (paths.clone(), vn.clone(), vn.spec.disk_bytes);
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+            ensure_root_disk(&paths, &image.path, format, size)?;
+            drop(image);
+            ensure_config_disk(&paths, &vn)
+        })
+        .await
+        .map_err(|e| Error::Disk(format!("disk preparation task: {e}")))??;
+    }
 
     let (xml, hash) = domain::render(&vn, &paths, &ctx.domain_type);
     let running = vn.spec.running;
