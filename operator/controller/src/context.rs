@@ -157,6 +157,9 @@ pub struct Placements {
     pub nodes: std::collections::HashMap<(String, String), PendingNode>,
     /// Uids of clusters admitted but maybe not yet shown so by the store.
     pub admitted: std::collections::HashMap<String, Instant>,
+    /// Segment ids chosen, by NetworkGroup `namespace/name`: (`site/type`,
+    /// id, when); the caches show them moments later.
+    pub segments: std::collections::HashMap<String, (String, u32, Instant)>,
 }
 
 impl Placements {
@@ -177,6 +180,16 @@ impl Placements {
         });
         self.admitted
             .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        // A chosen segment id is pending until the cache shows it in the
+        // group's status; a group gone from the cache holds nothing.
+        self.segments.retain(|key, (_, id, t)| {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            let shown = stores
+                .network_groups
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|g| g.status.as_ref().and_then(|s| s.segment_id) == Some(*id));
+            shown == Some(false) && t.elapsed() < Duration::from_secs(60)
+        });
     }
 }
 

@@ -1,6 +1,7 @@
 //! NetworkGroup: check the Sites it names and that a given segment id and
 //! public IPs fall inside the home Site's ranges.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use yukumo_api::networkgroup::{NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, SegmentType};
-use yukumo_api::site::Site;
+use yukumo_api::site::{IdRange, Site};
 
 use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Result};
@@ -41,6 +42,62 @@ pub fn in_pool(pool: &[String], ip: Ipv4Addr) -> bool {
             false
         }
     })
+}
+
+/// The segment id of a NetworkGroup: the spec's (if no other group of the
+/// same Site and type holds it), else the one allocated before, else the
+/// lowest free id of the home Site's range. `taken` maps the ids other groups
+/// of that Site and type hold to their `namespace/name`. Errors name the field
+/// or the range.
+pub fn choose_segment(
+    spec: &NetworkGroupSpec,
+    previous: Option<u32>,
+    range: Option<IdRange>,
+    taken: &BTreeMap<u32, String>,
+) -> Result<u32, Verdict> {
+    let what = match spec.segment.type_ {
+        SegmentType::Vlan => "vlanRange",
+        SegmentType::Vxlan => "vniRange",
+    };
+    let site = &spec.home_site.0;
+    if let Some(id) = spec.segment.id {
+        return match taken.get(&id) {
+            Some(other) => Err(Verdict::stalled(
+                "SegmentIdInUse",
+                format!(
+                    "spec.segment.id: {id} is already used by NetworkGroup {other} at Site {site:?}"
+                ),
+            )),
+            None => Ok(id),
+        };
+    }
+    let Some(r) = range else {
+        return Err(Verdict::stalled(
+            "NoSegmentRange",
+            format!(
+                "spec.segment: Site {site:?} defines no {what}; give it one or set spec.segment.id"
+            ),
+        ));
+    };
+    if let Some(id) = previous
+        && (r.start..=r.end).contains(&id)
+        && !taken.contains_key(&id)
+    {
+        return Ok(id);
+    }
+    (r.start..=r.end)
+        .find(|id| !taken.contains_key(id))
+        .ok_or_else(|| {
+            Verdict::stalled(
+                "SegmentRangeExhausted",
+                format!(
+                    "spec.segment: all {} ids of Site {site:?} {what} {}-{} are in use",
+                    r.end - r.start + 1,
+                    r.start,
+                    r.end
+                ),
+            )
+        })
 }
 
 /// Pure validation of a NetworkGroup against the Sites.
@@ -123,14 +180,75 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
 pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("NetworkGroup");
     let sites = ctx.stores.all_sites();
-    let verdict = validate(&ng.spec, &sites);
+    let mut verdict = validate(&ng.spec, &sites);
     let old = ng.status.clone().unwrap_or_default();
     let gateway = ng
         .spec
         .gateway
         .clone()
         .or_else(|| default_gateway(&ng.spec.cidr).map(|g| g.to_string()));
-    let segment_id = ng.spec.segment.id.or(old.segment_id);
+    // Segment ids are unique per Site and type: chosen under the placement
+    // lock against the cache plus choices not yet in it, and persisted in the
+    // status before any host uses them.
+    let mut segment_id = old.segment_id.filter(|_| verdict.is_stalled());
+    let mut pending = ctx.placements.lock().await;
+    if !verdict.is_stalled() {
+        pending.prune(&ctx.stores);
+        let key = format!("{}/{}", ng.namespace().unwrap_or_default(), ng.name_any());
+        let uid = ng.metadata.uid.clone().unwrap_or_default();
+        let same = |o: &NetworkGroup| {
+            o.spec.home_site == ng.spec.home_site && o.spec.segment.type_ == ng.spec.segment.type_
+        };
+        let mut taken: BTreeMap<u32, String> = BTreeMap::new();
+        for o in ctx.stores.network_groups.state() {
+            if o.metadata.uid.as_deref() == Some(uid.as_str()) || !same(&o) {
+                continue;
+            }
+            // What a group holds is what was allocated to it (its status),
+            // not an id its spec asks for and was refused.
+            if let Some(id) = o.status.as_ref().and_then(|s| s.segment_id) {
+                taken.insert(
+                    id,
+                    format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()),
+                );
+            }
+        }
+        let kind_key = format!("{}/{:?}", ng.spec.home_site.0, ng.spec.segment.type_);
+        for (other, (k, id, _)) in &pending.segments {
+            if other != &key && k == &kind_key {
+                taken.insert(*id, other.clone());
+            }
+        }
+        let home = sites
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(ng.spec.home_site.0.as_str()));
+        let range = home.and_then(|h| match ng.spec.segment.type_ {
+            SegmentType::Vlan => h.spec.vlan_range,
+            SegmentType::Vxlan => h.spec.vni_range,
+        });
+        match choose_segment(&ng.spec, old.segment_id, range, &taken) {
+            Ok(id) => {
+                segment_id = Some(id);
+                verdict = Verdict::progressing(
+                    "SegmentAllocated",
+                    format!(
+                        "segment {}:{id} allocated; address allocation, router placement and the dataplane are not implemented yet",
+                        match ng.spec.segment.type_ {
+                            SegmentType::Vlan => "vlan",
+                            SegmentType::Vxlan => "vxlan",
+                        }
+                    ),
+                );
+                pending
+                    .segments
+                    .insert(key, (kind_key, id, std::time::Instant::now()));
+            }
+            Err(v) => {
+                verdict = v;
+                segment_id = None;
+            }
+        }
+    }
     let kind = match ng.spec.segment.type_ {
         SegmentType::Vlan => "vlan",
         SegmentType::Vxlan => "vxlan",
@@ -154,13 +272,60 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         )
         .await?;
     }
+    drop(pending);
     ctx.announce(ng.as_ref(), &old.conditions, &verdict).await;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // An exhausted range frees up when another group goes.
+    Ok(Action::requeue(Duration::from_secs(
+        if verdict.reason() == "SegmentRangeExhausted" {
+            10
+        } else {
+            300
+        },
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_ids_are_unique_per_site_and_named_when_not() {
+        let mut spec: NetworkGroupSpec = serde_json::from_value(serde_json::json!({
+            "cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"
+        }))
+        .unwrap();
+        let range = Some(IdRange {
+            start: 1000,
+            end: 1002,
+        });
+        let mut taken = BTreeMap::new();
+        assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1000));
+        taken.insert(1000, "t1/net".to_string());
+        assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1001));
+        // What was allocated before is kept.
+        assert_eq!(choose_segment(&spec, Some(1002), range, &taken), Ok(1002));
+        taken.insert(1001, "t2/net".to_string());
+        taken.insert(1002, "t3/net".to_string());
+        let v = choose_segment(&spec, None, range, &taken).unwrap_err();
+        assert_eq!(v.reason(), "SegmentRangeExhausted");
+        assert!(
+            v.message()
+                .contains("all 3 ids of Site \"a\" vniRange 1000-1002"),
+            "{}",
+            v.message()
+        );
+        let v = choose_segment(&spec, None, None, &taken).unwrap_err();
+        assert_eq!(v.reason(), "NoSegmentRange");
+        spec.segment.id = Some(1001);
+        let v = choose_segment(&spec, None, range, &taken).unwrap_err();
+        assert_eq!(v.reason(), "SegmentIdInUse");
+        assert!(
+            v.message()
+                .contains("spec.segment.id: 1001 is already used by NetworkGroup t2/net")
+        );
+        spec.segment.id = Some(1500);
+        assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1500));
+    }
 
     #[test]
     fn pools_and_gateways() {
