@@ -80,6 +80,16 @@ impl Env {
         child.wait_with_output().expect("kubectl output")
     }
 
+    /// `kubectl apply -f -` of `text`; panics with kubectl's error on failure.
+    pub fn apply(&self, text: &str) {
+        let out = self.kubectl_stdin(&["apply", "-f", "-"], text);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Run `e2e/env.sh` with a subcommand against this environment.
     pub fn env_sh(&self, args: &[&str]) -> anyhow::Result<()> {
         let out = Command::new(self.root.join("e2e/env.sh"))

@@ -60,15 +60,6 @@ spec:
     )
 }
 
-fn apply(env: &Env, text: &str) {
-    let out = env.kubectl_stdin(&["apply", "-f", "-"], text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn sha256_hex(s: &str) -> String {
     let out = std::process::Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
@@ -106,17 +97,14 @@ fn console(env: &Env, host: &str, uid: &str) -> String {
 fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     let env = Env::get();
     let ns = "guests";
-    apply(
-        &env,
-        &tiny_cluster(
-            ns,
-            "tiny",
-            &format!("  sshKeys: ['{KEY}']\n"),
-            2,
-            "160Mi",
-            None,
-        ),
-    );
+    env.apply(&tiny_cluster(
+        ns,
+        "tiny",
+        &format!("  sshKeys: ['{KEY}']\n"),
+        2,
+        "160Mi",
+        None,
+    ));
     let (_, took) = wait_for(Duration::from_secs(240), "all 3 nodes ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
         let ready = vc["status"]["ready"].as_str().unwrap_or("").to_string();
@@ -294,7 +282,7 @@ fn a_wrong_image_checksum_is_reported_and_leaves_no_file() {
     let env = Env::get();
     let ns = "badimage";
     let wrong = format!("sha256:{}", "1".repeat(64));
-    apply(&env, &tiny_cluster(ns, "bad", "", 0, "160Mi", Some(&wrong)));
+    env.apply(&tiny_cluster(ns, "bad", "", 0, "160Mi", Some(&wrong)));
     let (msg, _) = wait_for(Duration::from_secs(60), "ImagePullFailed", || {
         let out = env.kubectl(&["-n", ns, "get", "vn", "bad-frontend", "-o", "json"]);
         let vn: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -333,10 +321,14 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
     let grace: u64 = 6;
     env.set_site_grace(grace);
     let ns = "hostloss";
-    apply(
-        &env,
-        &tiny_cluster(ns, "lossy", "  startOrder: Parallel\n", 1, "160Mi", None),
-    );
+    env.apply(&tiny_cluster(
+        ns,
+        "lossy",
+        "  startOrder: Parallel\n",
+        1,
+        "160Mi",
+        None,
+    ));
     wait_for(Duration::from_secs(240), "2/2 ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "lossy"]);
         if vc["status"]["ready"] == "2/2" {
@@ -454,10 +446,14 @@ fn qemu_pids(env: &Env, host: &str) -> BTreeMap<String, String> {
 fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_restarts() {
     let env = Env::get();
     let ns = "crashy";
-    apply(
-        &env,
-        &tiny_cluster(ns, "ten", "  startOrder: Parallel\n", 9, "128Mi", None),
-    );
+    env.apply(&tiny_cluster(
+        ns,
+        "ten",
+        "  startOrder: Parallel\n",
+        9,
+        "128Mi",
+        None,
+    ));
     // Mid-apply: some domains run, others do not yet.
     wait_for(Duration::from_secs(120), "a first domain running", || {
         let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();
@@ -573,7 +569,7 @@ fn a_weekly_window_powers_the_cluster_on_and_off_at_its_boundaries() {
         utc(t0, "+%H:%M"),
         utc(t1, "+%H:%M")
     );
-    apply(&env, &tiny_cluster(ns, "weekly", &extra, 0, "128Mi", None));
+    env.apply(&tiny_cluster(ns, "weekly", &extra, 0, "128Mi", None));
     let phase = |env: &Env| -> String {
         let out = env.kubectl(&["-n", ns, "get", "vn", "weekly-frontend", "-o", "json"]);
         serde_json::from_slice::<Value>(&out.stdout).unwrap_or_default()["status"]["phase"]

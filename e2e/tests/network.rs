@@ -5,15 +5,6 @@ use std::time::Duration;
 use serde_json::Value;
 use yukumo_e2e::{Env, condition, wait_for};
 
-fn apply(env: &Env, text: &str) {
-    let out = env.kubectl_stdin(&["apply", "-f", "-"], text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn ng(name: &str, extra: &str) -> String {
     format!(
         "---\napiVersion: yukumo.io/v1alpha1\nkind: NetworkGroup\nmetadata: {{name: {name}, namespace: segs}}\nspec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan{extra}}}, homeSite: segs}}\n"
@@ -45,23 +36,22 @@ fn wait_reason(env: &Env, name: &str, want: &str) -> (String, Option<u64>) {
 fn segment_ids_are_allocated_once_unique_per_site_and_refused_when_exhausted_or_taken() {
     let env = Env::get();
     // A Site with room for two VXLAN groups.
-    apply(
-        &env,
+    env.apply(
         "apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {name: segs}\nspec: {vniRange: {start: 5000, end: 5001}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: segs}\n",
     );
-    apply(&env, &(ng("a", "") + &ng("b", "")));
+    env.apply(&(ng("a", "") + &ng("b", "")));
     let (_, a) = wait_reason(&env, "a", "SegmentAllocated");
     let (_, b) = wait_reason(&env, "b", "SegmentAllocated");
     let (a, b) = (a.expect("a has a VNI"), b.expect("b has a VNI"));
     assert_ne!(a, b, "two groups of one Site never share a VNI");
     assert!((5000..=5001).contains(&a) && (5000..=5001).contains(&b));
     // A third: the range is exhausted, said with the Site and the range.
-    apply(&env, &ng("c", ""));
+    env.apply(&ng("c", ""));
     let (msg, id) = wait_reason(&env, "c", "SegmentRangeExhausted");
     assert!(msg.contains("vniRange 5000-5001"), "{msg}");
     assert_eq!(id, None);
     // An explicit id another group holds: refused, naming that group.
-    apply(&env, &ng("d", &format!(", id: {a}")));
+    env.apply(&ng("d", &format!(", id: {a}")));
     let (msg, _) = wait_reason(&env, "d", "SegmentIdInUse");
     assert!(msg.contains("segs/a"), "{msg}");
     wait_for(Duration::from_secs(10), "Events for both", || {

@@ -72,15 +72,6 @@ spec:
     )
 }
 
-fn apply(env: &Env, text: &str) {
-    let out = env.kubectl_stdin(&["apply", "-f", "-"], text);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn wait_count(env: &Env, ns: &str, vc: &str, n: usize) -> Vec<Value> {
     let (v, took) = wait_for(
         Duration::from_secs(30),
@@ -107,7 +98,7 @@ fn nodes_are_placed_spread_owned_and_scaled() {
     let env = Env::get();
     let ns = "sched";
     setup(&env, ns);
-    apply(&env, &cluster(ns, "spread", 3, "128Mi"));
+    env.apply(&cluster(ns, "spread", 3, "128Mi"));
     let ns_nodes = wait_count(&env, ns, "spread", 4);
     let vc = json(&env, &["-n", ns, "get", "vc", "spread"]);
     let uid = vc["metadata"]["uid"].as_str().unwrap().to_string();
@@ -180,9 +171,9 @@ fn nodes_are_placed_spread_owned_and_scaled() {
     );
 
     // Scale 3 -> 5 -> 2 workers: the highest indexes go first.
-    apply(&env, &cluster(ns, "spread", 5, "128Mi"));
+    env.apply(&cluster(ns, "spread", 5, "128Mi"));
     wait_count(&env, ns, "spread", 6);
-    apply(&env, &cluster(ns, "spread", 2, "128Mi"));
+    env.apply(&cluster(ns, "spread", 2, "128Mi"));
     let left = wait_count(&env, ns, "spread", 3);
     let mut names: Vec<String> = left
         .iter()
@@ -200,7 +191,7 @@ fn nodes_are_placed_spread_owned_and_scaled() {
     wait_count(&env, ns, "spread", 0);
 
     // Recreated under the same name: fresh nodes owned by the new object.
-    apply(&env, &cluster(ns, "spread", 1, "128Mi"));
+    env.apply(&cluster(ns, "spread", 1, "128Mi"));
     let fresh = wait_count(&env, ns, "spread", 2);
     let new_uid = json(&env, &["-n", ns, "get", "vc", "spread"])["metadata"]["uid"]
         .as_str()
@@ -221,7 +212,7 @@ fn a_cluster_that_does_not_fit_says_which_resource_and_where() {
     let env = Env::get();
     let ns = "toobig";
     setup(&env, ns);
-    apply(&env, &cluster(ns, "huge", 1, "512Gi"));
+    env.apply(&cluster(ns, "huge", 1, "512Gi"));
     let ((reason, msg), took) = wait_for(Duration::from_secs(30), "Unschedulable", || {
         let r = ready_reason(&env, ns, "huge");
         if r.0 == "Unschedulable" {
@@ -245,7 +236,7 @@ fn a_cluster_that_does_not_fit_says_which_resource_and_where() {
         .unwrap();
     assert!(events.contains("Unschedulable"), "an Event says so");
     // Capacity appears (the spec shrinks): it is placed without further action.
-    apply(&env, &cluster(ns, "huge", 1, "128Mi"));
+    env.apply(&cluster(ns, "huge", 1, "128Mi"));
     wait_count(&env, ns, "huge", 2);
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
@@ -278,7 +269,7 @@ fn a_reservation_starts_and_ends_on_time() {
         rfc3339(start),
         rfc3339(end)
     );
-    apply(&env, &text);
+    env.apply(&text);
     let (reason, _) = wait_for(Duration::from_secs(20), "ReservationPending", || {
         let r = ready_reason(&env, ns, "window");
         if r.0 == "ReservationPending" {
@@ -374,7 +365,7 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
         .unwrap()
         .as_secs();
     let (a_start, a_end) = (now + 600, now + 1200);
-    apply(&env, &dated_cluster(ns, "first", big, a_start, a_end));
+    env.apply(&dated_cluster(ns, "first", big, a_start, a_end));
     wait_reason(&env, ns, "first", "ReservationPending");
     let first = json(&env, &["-n", ns, "get", "vc", "first"]);
     assert!(
@@ -383,10 +374,13 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
         first["status"]
     );
     // Overlapping the second half of the first: refused, naming site, resource, window.
-    apply(
-        &env,
-        &dated_cluster(ns, "second", big, a_start + 300, a_end + 300),
-    );
+    env.apply(&dated_cluster(
+        ns,
+        "second",
+        big,
+        a_start + 300,
+        a_end + 300,
+    ));
     let msg = wait_reason(&env, ns, "second", "InsufficientCapacity");
     assert!(msg.contains("site local"), "{msg}");
     assert!(msg.contains("memory short by"), "{msg}");
@@ -407,10 +401,7 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
         .unwrap();
     assert!(events.contains("InsufficientCapacity"), "an Event says so");
     // Back to back with the first (ending when it starts): admitted.
-    apply(
-        &env,
-        &dated_cluster(ns, "third", big, a_start - 300, a_start),
-    );
+    env.apply(&dated_cluster(ns, "third", big, a_start - 300, a_start));
     wait_reason(&env, ns, "third", "ReservationPending");
     // The first is cancelled: the second now fits and is admitted on its retry.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "first"])

@@ -56,6 +56,24 @@ pub mod finalizers {
     /// disk are gone (or by the controller when the host is lost: its agent
     /// sweeps the stale domain when it returns).
     pub const HOST_CLEANUP: &str = "yukumo.io/host-cleanup";
+
+    /// The merge patch that removes `finalizer` from an object with
+    /// `current` finalizers at `resource_version` (optimistic concurrency:
+    /// a concurrent change makes it fail with a conflict rather than undo
+    /// that change); `None` when there is nothing to remove.
+    pub fn removal_patch(
+        current: &[String],
+        finalizer: &str,
+        resource_version: Option<String>,
+    ) -> Option<serde_json::Value> {
+        if !current.iter().any(|f| f == finalizer) {
+            return None;
+        }
+        let keep: Vec<&String> = current.iter().filter(|f| *f != finalizer).collect();
+        Some(serde_json::json!({
+            "metadata": { "finalizers": keep, "resourceVersion": resource_version }
+        }))
+    }
 }
 
 pub mod managers {
@@ -78,4 +96,20 @@ pub fn crds()
         VirtualNode::crd(),
         Host::crd(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finalizers::{HOST_CLEANUP, removal_patch};
+
+    #[test]
+    fn finalizer_removal_keeps_others_and_pins_the_version() {
+        let current = vec![HOST_CLEANUP.to_string(), "example.com/keep".to_string()];
+        let p = removal_patch(&current, HOST_CLEANUP, Some("42".into())).unwrap();
+        assert_eq!(
+            p,
+            serde_json::json!({"metadata": {"finalizers": ["example.com/keep"], "resourceVersion": "42"}})
+        );
+        assert_eq!(removal_patch(&current[1..], HOST_CLEANUP, None), None);
+    }
 }

@@ -279,21 +279,13 @@ async fn release_finalizer(ctx: &ComputeCtx, vn: &VirtualNode) -> Result<(), Err
     let mut current = vn.clone();
     // The cached object may be stale: on a conflict, read it and try again.
     for _ in 0..3 {
-        if !current
-            .finalizers()
-            .iter()
-            .any(|f| f == finalizers::HOST_CLEANUP)
-        {
+        let Some(patch) = finalizers::removal_patch(
+            current.finalizers(),
+            finalizers::HOST_CLEANUP,
+            current.resource_version(),
+        ) else {
             return Ok(());
-        }
-        let keep: Vec<&String> = current
-            .finalizers()
-            .iter()
-            .filter(|f| *f != finalizers::HOST_CLEANUP)
-            .collect();
-        let patch = serde_json::json!({
-            "metadata": { "finalizers": keep, "resourceVersion": current.resource_version() }
-        });
+        };
         match api
             .patch(
                 &vn.name_any(),

@@ -548,21 +548,13 @@ pub async fn release_finalizer(api: &Api<VirtualNode>, name: &str) -> Result<()>
     let Some(vn) = api.get_opt(name).await? else {
         return Ok(());
     };
-    if !vn
-        .finalizers()
-        .iter()
-        .any(|f| f == finalizers::HOST_CLEANUP)
-    {
+    let Some(patch) = finalizers::removal_patch(
+        vn.finalizers(),
+        finalizers::HOST_CLEANUP,
+        vn.resource_version(),
+    ) else {
         return Ok(());
-    }
-    let keep: Vec<&String> = vn
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizers::HOST_CLEANUP)
-        .collect();
-    let patch = serde_json::json!({
-        "metadata": { "finalizers": keep, "resourceVersion": vn.resource_version() }
-    });
+    };
     match api
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
