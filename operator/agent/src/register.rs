@@ -303,11 +303,7 @@ pub async fn run(
             &previous,
             Timestamp::now(),
         );
-        let patch = serde_json::json!({
-            "apiVersion": Host::api_version(&()),
-            "kind": Host::kind(&()),
-            "status": status,
-        });
+        let patch = yukumo_api::status_apply_patch::<Host, _>(&status);
         match hosts
             .patch_status(&args.host_name, &pp, &Patch::Apply(&patch))
             .await

@@ -76,6 +76,20 @@ pub mod finalizers {
     }
 }
 
+/// The server-side apply body that sets `status` on an object of kind `K`
+/// (for its status subresource): what every yukumo component writes.
+pub fn status_apply_patch<K, S>(status: &S) -> serde_json::Value
+where
+    K: kube::Resource<DynamicType = ()>,
+    S: serde::Serialize,
+{
+    serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    })
+}
+
 pub mod managers {
     /// The controller's field manager.
     pub const CONTROLLER: &str = "yukumo-controller";
@@ -101,6 +115,15 @@ pub fn crds()
 #[cfg(test)]
 mod tests {
     use super::finalizers::{HOST_CLEANUP, removal_patch};
+
+    #[test]
+    fn status_patch_names_the_kind() {
+        let p = super::status_apply_patch::<super::Host, _>(&serde_json::json!({"a": 1}));
+        assert_eq!(
+            p,
+            serde_json::json!({"apiVersion": "yukumo.io/v1alpha1", "kind": "Host", "status": {"a": 1}})
+        );
+    }
 
     #[test]
     fn finalizer_removal_keeps_others_and_pins_the_version() {

@@ -283,11 +283,7 @@ impl Ctx {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
         S: Serialize,
     {
-        let patch = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": status,
-        });
+        let patch = yukumo_api::status_apply_patch::<K, S>(status);
         api.patch_status(
             &obj.name_any(),
             &PatchParams::apply(managers::CONTROLLER).force(),

@@ -144,11 +144,7 @@ impl ComputeCtx {
         }
         let api: Api<VirtualNode> =
             Api::namespaced(self.client.clone(), &vn.namespace().unwrap_or_default());
-        let patch = serde_json::json!({
-            "apiVersion": VirtualNode::api_version(&()),
-            "kind": VirtualNode::kind(&()),
-            "status": status,
-        });
+        let patch = yukumo_api::status_apply_patch::<VirtualNode, _>(status);
         api.patch_status(
             &vn.name_any(),
             &PatchParams::apply(managers::AGENT).force(),
