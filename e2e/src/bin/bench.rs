@@ -65,7 +65,7 @@ fn opts() -> Result<Opts> {
 }
 
 /// Writes the API server counted, by resource, from `apiserver_request_total`.
-async fn api_writes(_client: &Client) -> Result<BTreeMap<String, f64>> {
+async fn api_writes() -> Result<BTreeMap<String, f64>> {
     let text =
         tokio::task::spawn_blocking(|| sh("kubectl", &["get", "--raw", "/metrics"])).await??;
     let mut out = BTreeMap::new();
@@ -317,6 +317,14 @@ fn agents_metric(env: &Env, agents: &[String], name: &str) -> f64 {
         .sum()
 }
 
+/// The agents `e2e/bench.sh` started (`bench-1` … `bench-N`).
+fn agent_count() -> usize {
+    std::env::var("YUKUMO_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
 struct Scale {
     vms: usize,
     converge_s: f64,
@@ -334,12 +342,7 @@ struct Scale {
 }
 
 async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
-    let agents: Vec<String> = (1..=std::env::var("YUKUMO_BENCH_AGENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20usize))
-        .map(|i| format!("bench-{i}"))
-        .collect();
+    let agents: Vec<String> = (1..=agent_count()).map(|i| format!("bench-{i}")).collect();
     let vms = o.clusters * o.nodes_per_cluster;
     let work = tempfile::tempdir()?;
     let image = work.path().join("bench.qcow2");
@@ -365,7 +368,7 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
     let baseline_objects = raw_objects(client, vms, &image_json).await?;
     println!("  {:.2} s", baseline_objects.as_secs_f64());
 
-    let before = api_writes(client).await?;
+    let before = api_writes().await?;
     println!(
         "apply {} VirtualClusters x {} nodes on {} agents ...",
         o.clusters,
@@ -421,16 +424,16 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
     println!("  all Ready after {:.2} s", converge.as_secs_f64());
     // Let the last status writes land before counting.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = api_writes(client).await?;
+    let after = api_writes().await?;
     let writes = delta(&before, &after);
     let audit = audit_breakdown(env);
     println!("  VirtualNode writes in the audit log (who verb subresource code): {audit:?}");
 
     println!("steady state: {} s ...", o.steady_secs);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s0 = api_writes(client).await?;
+    let s0 = api_writes().await?;
     tokio::time::sleep(Duration::from_secs(o.steady_secs)).await;
-    let s1 = api_writes(client).await?;
+    let s1 = api_writes().await?;
     let steady = delta(&s0, &s1);
     let heartbeats_per_s = steady.get("hosts").copied().unwrap_or(0.0) / o.steady_secs as f64;
 
@@ -487,6 +490,16 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
         controller_anon_mb: controller_anon,
         agent_anon_mb: agent_anon,
     })
+}
+
+/// A node's directory on a simulated host: `hosts/<host>/agent/nodes/<uid>`.
+fn node_dir(dir: &Path, host: &str, uid: &str) -> PathBuf {
+    dir.join(format!("hosts/{host}/agent/nodes/{uid}"))
+}
+
+/// A file in a node's directory.
+fn node_file(dir: &Path, host: &str, uid: &str, file: &str) -> PathBuf {
+    node_dir(dir, host, uid).join(file)
 }
 
 /// Writes of VirtualNodes in the audit log, by who, verb and subresource.
@@ -592,11 +605,12 @@ async fn yukumo_guests(
         let placed: Vec<PathBuf> = nodes
             .iter()
             .filter_map(|vn| {
-                Some(env.dir.join(format!(
-                    "hosts/{}/agent/nodes/{}/console.log",
+                Some(node_file(
+                    &env.dir,
                     vn.spec.host.as_ref()?,
-                    vn.metadata.uid.as_ref()?
-                )))
+                    vn.metadata.uid.as_ref()?,
+                    "console.log",
+                ))
             })
             .collect();
         if placed.len() == n {
@@ -614,7 +628,7 @@ async fn yukumo_guests(
         let uid = vn.metadata.uid.clone().context("uid")?;
         let name = virsh(env, &host, &["domname", &uid])?.trim().to_string();
         let xml = virsh(env, &host, &["dumpxml", "--inactive", &name])?;
-        let dir = env.dir.join(format!("hosts/{host}/agent/nodes/{uid}"));
+        let dir = node_dir(&env.dir, &host, &uid);
         let info: Value = serde_json::from_str(&sh(
             "qemu-img",
             &[
@@ -709,6 +723,7 @@ async fn main() -> Result<()> {
     let total_writes = reconciler_writes(&s.api_writes);
     let steady = reconciler_writes(&s.steady_writes);
 
+    let agents = agent_count();
     let mut real: Option<(f64, f64)> = None;
     if !o.skip_real {
         println!(
@@ -727,7 +742,7 @@ async fn main() -> Result<()> {
 
     let result = json!({
         "vms": s.vms,
-        "agents": std::env::var("YUKUMO_BENCH_AGENTS").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(20),
+        "agents": agents,
         "converge_s": s.converge_s,
         "baseline_s": baseline_s,
         "baseline_libvirt_s": s.baseline_libvirt_s,
@@ -801,7 +816,7 @@ async fn main() -> Result<()> {
         "<= 64 MB",
     );
     row(
-        &format!("agent peak RSS ({} VMs each)", s.vms / 20),
+        &format!("agent peak RSS ({} VMs each)", s.vms / agents.max(1)),
         format!("{:.1} MB", s.agent_rss_mb),
         "<= 24 MB",
     );
@@ -850,7 +865,7 @@ async fn yukumo_guests_keep_configs(
                         else {
                             continue;
                         };
-                        let src = dir.join(format!("hosts/{h}/agent/nodes/{u}/cidata.iso"));
+                        let src = node_file(&dir, &h, &u, "cidata.iso");
                         if !copied.contains_key(&u) && src.exists() {
                             let dst = keep.join(format!("{u}.iso"));
                             if std::fs::copy(&src, &dst).is_ok() {
