@@ -194,9 +194,49 @@ install_chart() {
   done
 }
 
-start_host() { # name site
+netns_prefix() { echo "yk$(echo "$DIR" | md5sum | cut -c1-6)"; }
+
+# The environment's own networks, each a namespace with one bridge (never
+# the machine's real interface): the underlay the hosts' VXLAN tunnels run
+# over (10.255.0.0/24), and the "outside world" of the Site's external
+# network (203.0.113.0/24): its gateway 203.0.113.1 and a client namespace
+# at 203.0.113.200 stand for the internet.
+start_fabric() {
+  local p; p=$(netns_prefix)
+  for n in ul out client; do
+    ip netns add "$p-$n"
+    echo "$p-$n" >> "$DIR/netns"
+    ip -n "$p-$n" link set lo up
+  done
+  ip -n "$p-ul" link add br0 type bridge
+  ip -n "$p-ul" link set br0 up
+  ip -n "$p-out" link add br0 type bridge
+  ip -n "$p-out" addr add 203.0.113.1/24 dev br0
+  ip -n "$p-out" link set br0 up
+  ip -n "$p-out" link add client type veth peer name eth0 netns "$p-client"
+  ip -n "$p-out" link set client master br0 up
+  ip -n "$p-client" addr add 203.0.113.200/24 dev eth0
+  ip -n "$p-client" link set eth0 up
+  ip -n "$p-client" route add default via 203.0.113.1
+}
+
+# Attach simulated host number I (namespace NS) to the underlay and the
+# external network: ul0 (10.255.0.I) and ext0 (no address; routers' WAN
+# legs are macvlans on it).
+attach_host() { # ns index
+  local ns=$1 i=$2 p; p=$(netns_prefix)
+  ip -n "$p-ul" link add "h$i" type veth peer name ul0 netns "$ns"
+  ip -n "$p-ul" link set "h$i" master br0 up
+  ip -n "$ns" addr add "10.255.0.$i/24" dev ul0
+  ip -n "$ns" link set ul0 up
+  ip -n "$p-out" link add "h$i" type veth peer name ext0 netns "$ns"
+  ip -n "$p-out" link set "h$i" master br0 up
+  ip -n "$ns" link set ext0 up
+}
+
+start_host() { # name site [index]
   local name=$1 site=$2 hdir=$DIR/hosts/$1 ns
-  ns="yk$(echo "$DIR" | md5sum | cut -c1-6)-$name"
+  ns="$(netns_prefix)-$name"
   mkdir -p "$hdir"/{run,lib,etc,log,cache}
   cp -a /etc/libvirt/. "$hdir/etc/" 2>/dev/null || true
   # No autostarted libvirt networks: yukumo builds each host's networking itself.
@@ -207,6 +247,7 @@ start_host() { # name site
   ip netns add "$ns"
   echo "$ns" >> "$DIR/netns"
   ip -n "$ns" link set lo up
+  [ -n "${3:-}" ] && attach_host "$ns" "$3"
   echo "$ns" > "$hdir/netns"
   echo "$site" > "$hdir/site"
   log "starting host $name (site $site, netns $ns)"
@@ -246,7 +287,7 @@ start_agent() { # host
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-info}" \
     "$(agent_binary)" --host-name "$host" --site "$site" \
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
-    --netns "$(cat "$hdir/netns")" --gateway \
+    --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
 }
@@ -260,7 +301,7 @@ start_test_agent() { # name site
   mport=$(free_port)
   mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/agent-$host"
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-warn}" \
-    "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri test:///default \
+    "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri test:///default --no-network \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-10s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
 }
@@ -285,7 +326,8 @@ cmd_up() {
   start_control_plane
   install_chart
   local i
-  for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local; done
+  start_fabric
+  for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
   for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
   kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
@@ -343,6 +385,17 @@ cmd_down() {
       pid=$(cat "$f"); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
     done
   done
+  # Routers the agents made: their DHCP servers (PID files in the agents'
+  # state), then their namespaces (named after the hosts' namespaces).
+  for f in "$DIR"/hosts/*/agent/net/*/dnsmasq.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f"); pid_alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
+  done
+  if [ -f "$DIR/netns" ]; then
+    while read -r ns; do
+      for r in /run/netns/"$ns"-r*; do [ -e "$r" ] && ip netns del "$(basename "$r")" 2>/dev/null || true; done
+    done < "$DIR/netns"
+  fi
   stop_proc kube-controller-manager
   stop_proc kube-apiserver
   stop_proc etcd

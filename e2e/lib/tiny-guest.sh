@@ -5,7 +5,8 @@
 # NoCloud config disk (label cidata) like cloud-init does, sets the hostname,
 # installs the ssh keys and reports on the serial console:
 #   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
-# then brings up eth0 with DHCP when the config asks for it, and idles.
+# then brings up eth0 with DHCP when the config asks for it, runs a root
+# shell on its second serial port (ttyS1), and idles.
 #
 # Output: $YUKUMO_CACHE/images/yukumo-tiny-guest-<kernel>.qcow2 (cached);
 # prints "<path> sha256:<hex>".
@@ -25,7 +26,7 @@ if [ ! -f "$OUT" ]; then
   mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc,tmp,root/.ssh,cidata,lib/modules,usr/bin,usr/sbin,run,var/run}
   cp /bin/busybox "$root/bin/busybox"
   # Kernel modules for virtio disks and NICs and ISO 9660, in dependency order.
-  for m in virtio_pci virtio_blk virtio_net isofs; do
+  for m in virtio_pci virtio_blk virtio_net isofs 8021q; do
     modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}'
   done | awk '!seen[$0]++' > "$work/mods"
   : > "$root/lib/modules/order"
@@ -74,6 +75,12 @@ else
     ip link set eth0 up
     udhcpc -i eth0 -t 20 -T 1 -n -q -s /bin/tiny-dhcp && echo "YUKUMO-GUEST dhcp=$(ip -4 -o addr show eth0 | awk '{print $4}')"
   fi
+fi
+# A root shell on the second serial port (ttyS1), for tests to drive the
+# guest from the host side without any network.
+if [ -c /dev/ttyS1 ]; then
+  stty -F /dev/ttyS1 -echo -onlcr 2>/dev/null
+  (while true; do sh </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
 fi
 echo "YUKUMO-GUEST ready"
 while true; do sleep 3600; done

@@ -221,3 +221,43 @@ pub fn expectations(text: &str) -> Vec<String> {
         .map(|s| s.trim().to_string())
         .collect()
 }
+
+/// Run a shell command inside a tiny guest through its second serial port
+/// (the root shell on ttyS1, a unix socket on the host): returns the output
+/// and the exit status. One command at a time per guest.
+pub fn guest_sh(socket: &Path, cmd: &str, timeout: Duration) -> anyhow::Result<(String, i32)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let marker = format!(
+        "END{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    // The marker is split in the command so an echo of it never matches.
+    s.write_all(format!("{cmd}\necho \"__{marker}\"\"__$?\"\n").as_bytes())?;
+    let pat = format!("__{marker}__");
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while start.elapsed() < timeout {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(e.into()),
+        }
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(i) = text.find(&pat) {
+            let rest = &text[i + pat.len()..];
+            if let Some(nl) = rest.find('\n') {
+                let code = rest[..nl].trim().parse().unwrap_or(-1);
+                return Ok((text[..i].to_string(), code));
+            }
+        }
+    }
+    bail!("guest command timed out after {timeout:?}: {cmd}")
+}

@@ -40,8 +40,9 @@ fn segment_ids_are_allocated_once_unique_per_site_and_refused_when_exhausted_or_
         "apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {name: segs}\nspec: {vniRange: {start: 5000, end: 5001}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: segs}\n",
     );
     env.apply(&(ng("a", "") + &ng("b", "")));
-    let (_, a) = wait_reason(&env, "a", "SegmentAllocated");
-    let (_, b) = wait_reason(&env, "b", "SegmentAllocated");
+    // The Site has no hosts: the ids are allocated, the router cannot be placed.
+    let (_, a) = wait_reason(&env, "a", "NoGatewayHost");
+    let (_, b) = wait_reason(&env, "b", "NoGatewayHost");
     let (a, b) = (a.expect("a has a VNI"), b.expect("b has a VNI"));
     assert_ne!(a, b, "two groups of one Site never share a VNI");
     assert!((5000..=5001).contains(&a) && (5000..=5001).contains(&b));
@@ -75,7 +76,7 @@ fn segment_ids_are_allocated_once_unique_per_site_and_refused_when_exhausted_or_
     // When a goes, its VNI is free again: c gets it.
     env.kubectl_ok(&["-n", "segs", "delete", "ng", "a", "d"])
         .unwrap();
-    let (_, c) = wait_reason(&env, "c", "SegmentAllocated");
+    let (_, c) = wait_reason(&env, "c", "NoGatewayHost");
     assert_eq!(c, Some(a));
     env.kubectl_ok(&["delete", "namespace", "segs", "--wait=false"])
         .unwrap();

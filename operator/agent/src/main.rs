@@ -10,6 +10,7 @@
 
 mod compute;
 mod hypervisor;
+mod network;
 mod probe;
 mod register;
 
@@ -71,6 +72,18 @@ pub struct Args {
     /// it, the least recently used images no node uses are evicted.
     #[arg(long, default_value = "20Gi", value_parser = compute::images::parse_size)]
     pub image_cache_max_bytes: u64,
+    /// How often the network reconciler verifies the kernel state (router
+    /// namespaces, their tables and DHCP servers) besides reacting to
+    /// `ip monitor` / `nft monitor` events of the host's namespace.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub network_verify_interval: Duration,
+    /// Underlay (VXLAN tunnel endpoint) address; default: the first IPv4
+    /// address of `--uplink`, else of the host's namespace.
+    #[arg(long)]
+    pub underlay_address: Option<std::net::Ipv4Addr>,
+    /// Manage no networking (scale tests on the libvirt test driver).
+    #[arg(long)]
+    pub no_network: bool,
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
@@ -100,13 +113,49 @@ async fn main() -> anyhow::Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hv = hypervisor::Hypervisor::start_with_events(&args.libvirt_uri, events_tx);
     tracing::info!(host = %args.host_name, site = %args.site, uri = %args.libvirt_uri, "agent starting");
+    let net_state = std::sync::Arc::new(network::NetState::default());
     let compute = compute::reconcile::ComputeCtx::new(
         client.clone(),
         hv.clone(),
         &args,
         &metrics,
         health.clone(),
+        (!args.no_network).then(|| net_state.clone()),
     )?;
+    let network_task = if args.no_network {
+        None
+    } else {
+        let underlay = match args.underlay_address {
+            Some(a) => Some(a),
+            None => probe::underlay_addresses(args.netns.clone())?
+                .iter()
+                .find_map(|a| a.parse().ok()),
+        };
+        tracing::info!(?underlay, "network dataplane");
+        let cfg = network::NetConfig {
+            host: args.host_name.clone(),
+            site: args.site.clone(),
+            verify_interval: args.network_verify_interval,
+            dataplane: network::dataplane::Dataplane {
+                router_prefix: match &args.netns {
+                    Some(ns) => format!("{ns}-"),
+                    None => "yk-".to_string(),
+                },
+                netns: args.netns.clone(),
+                underlay,
+                uplink: args.uplink.clone(),
+                state_dir: args.state_dir.clone(),
+            },
+        };
+        Some(tokio::spawn(network::run(
+            client.clone(),
+            cfg,
+            net_state.clone(),
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )))
+    };
     let compute_task = tokio::spawn(compute::reconcile::run(
         compute,
         args.resync_interval,
@@ -115,6 +164,9 @@ async fn main() -> anyhow::Result<()> {
     ));
     let result = register::run(args, client, hv, metrics, health, shutdown).await;
     let _ = compute_task.await;
+    if let Some(t) = network_task {
+        let _ = t.await;
+    }
     let _ = server.await;
     tracing::info!("agent stopped");
     result

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub libvirt_mutations: Family<OpLabel, Counter>,
     /// Forced full resyncs (SIGHUP) done.
     pub full_resyncs: Counter,
+    /// Kernel changes made by the network reconciler (links, FDB entries,
+    /// tables, addresses, namespaces, DHCP servers): 0 on a converged host.
+    pub network_changes: Counter,
+    /// Network passes that failed (retried).
+    pub network_errors: Counter,
     pub images: CacheMetrics,
 }
 
@@ -78,8 +83,20 @@ impl Metrics {
             libvirt_events: Family::default(),
             libvirt_mutations: Family::default(),
             full_resyncs: Counter::default(),
+            network_changes: Counter::default(),
+            network_errors: Counter::default(),
             images: CacheMetrics::default(),
         };
+        r.register(
+            "yukumo_agent_network_changes",
+            "Kernel changes made by the network reconciler",
+            m.network_changes.clone(),
+        );
+        r.register(
+            "yukumo_agent_network_errors",
+            "Network reconcile passes that failed",
+            m.network_errors.clone(),
+        );
         r.register(
             "yukumo_agent_heartbeats",
             "Heartbeats written",

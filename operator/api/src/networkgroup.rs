@@ -245,6 +245,23 @@ pub struct NetworkGroupStatus {
     /// Public IPs in use and the node each maps to.
     #[serde(default, rename = "publicIPs", skip_serializing_if = "Vec::is_empty")]
     pub public_ips: Vec<PublicIpStatus>,
+    /// Hosts the segment spans (those with members or the router) and their
+    /// underlay addresses: each host's VXLAN device floods to the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<SegmentHost>,
+    /// MTU of the guests' interfaces on this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// A host the segment spans.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentHost {
+    /// Host name.
+    pub name: String,
+    /// Its underlay address (VXLAN tunnel endpoint).
+    pub underlay: String,
 }
 
 /// Where a group's router runs.
@@ -255,6 +272,10 @@ pub struct RouterPlacement {
     pub host: String,
     /// Site of that host.
     pub site: String,
+    /// The router's own address on the Site's external network (from the
+    /// Site's public pool): egress traffic is masqueraded to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// One node's address on the group.
@@ -267,6 +288,9 @@ pub struct AddressAllocation {
     pub ip: String,
     /// Its MAC address.
     pub mac: String,
+    /// `frontend` or `worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A public IP in use.

@@ -160,6 +160,8 @@ pub struct Placements {
     /// Segment ids chosen, by NetworkGroup `namespace/name`: (`site/type`,
     /// id, when); the caches show them moments later.
     pub segments: std::collections::HashMap<String, (String, u32, Instant)>,
+    /// Public IPs granted, by address: (NetworkGroup `namespace/name`, when).
+    pub public_ips: std::collections::HashMap<String, (String, Instant)>,
 }
 
 impl Placements {
@@ -188,6 +190,19 @@ impl Placements {
                 .network_groups
                 .get(&ObjectRef::new(name).within(ns))
                 .map(|g| g.status.as_ref().and_then(|s| s.segment_id) == Some(*id));
+            shown == Some(false) && t.elapsed() < Duration::from_secs(60)
+        });
+        self.public_ips.retain(|addr, (key, t)| {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            let shown = stores
+                .network_groups
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|g| {
+                    g.status.as_ref().is_some_and(|s| {
+                        s.public_ips.iter().any(|p| &p.address == addr)
+                            || s.router.as_ref().and_then(|r| r.address.as_ref()) == Some(addr)
+                    })
+                });
             shown == Some(false) && t.elapsed() < Duration::from_secs(60)
         });
     }

@@ -188,6 +188,27 @@ fn changed_only<K: ResourceExt + Send + Sync + 'static>(
     })
 }
 
+/// VirtualNode events that change a NetworkGroup's view: a node appearing,
+/// going, or moving host (not its status updates).
+fn node_network_changes(
+    stream: impl futures::Stream<Item = Arc<VirtualNode>> + Send + 'static,
+) -> impl futures::Stream<Item = Arc<VirtualNode>> + Send + 'static {
+    use std::hash::{Hash, Hasher};
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    stream.filter(move |vn| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            &vn.metadata.uid,
+            &vn.spec.host,
+            vn.spec.network.as_ref().map(|n| &n.group),
+            vn.metadata.deletion_timestamp.is_some(),
+        )
+            .hash(&mut h);
+        let key = (vn.namespace().unwrap_or_default(), vn.name_any());
+        futures::future::ready(seen.insert(key, h.finish()) != Some(h.finish()))
+    })
+}
+
 /// Buffer of each shared reflector's subscribers.
 const SUBSCRIBER_BUFFER: usize = 4096;
 
@@ -259,6 +280,9 @@ async fn run_controllers(
     let ng_for_vc = ng_w.subscribe().expect(SHARED);
     let ng_for = ng_w.subscribe().expect(SHARED);
     let vol_for_vc = vol_w.subscribe().expect(SHARED);
+    let vc_for_ng = vc_w.subscribe().expect(SHARED);
+    let vn_for_ng = vn_w.subscribe().expect(SHARED);
+    let host_for_ng = host_w.subscribe().expect(SHARED);
     let vol_for = vol_w.subscribe().expect(SHARED);
     let reflectors = [
         vc_start(vc_w),
@@ -360,7 +384,27 @@ async fn run_controllers(
         )
         .for_each(|_| futures::future::ready(()));
 
+    // A group's addresses follow its clusters' specs, its span follows
+    // where their nodes run, and its router follows gateway hosts' readiness.
+    let ng_store2 = ng_store.clone();
     let ngs = Controller::for_shared_stream(ng_for, ng_store)
+        .with_config(controller::Config::default().debounce(Duration::from_millis(100)))
+        .watches_shared_stream(vc_for_ng, |vc| {
+            Some(ObjectRef::<NetworkGroup>::new(&vc.spec.network_group).within(&vc.namespace()?))
+        })
+        .watches_shared_stream(node_network_changes(vn_for_ng), |vn| {
+            let group = vn.spec.network.as_ref()?.group.clone();
+            Some(ObjectRef::<NetworkGroup>::new(&group).within(&vn.namespace()?))
+        })
+        .watches_shared_stream(changed_only(host_for_ng, host_readiness), move |h| {
+            let site = h.spec.site.clone();
+            ng_store2
+                .state()
+                .into_iter()
+                .filter(|g| g.spec.home_site.0 == site)
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(
             reconcile::networkgroup::reconcile,

@@ -21,6 +21,8 @@ pub struct HostView {
     /// candidates for recovery elsewhere.
     pub lost: bool,
     pub schedulable: bool,
+    /// The kernel has 802.1Q VLAN sub-interfaces.
+    pub vlan: bool,
     pub allocatable: Resources,
     pub used: Resources,
 }
@@ -44,6 +46,8 @@ pub struct Request {
     pub sites: Vec<String>,
     pub need: Resources,
     pub gateway: bool,
+    /// Needs a kernel with 802.1Q VLANs (the node's group is a VLAN segment).
+    pub vlan: bool,
 }
 
 /// The outcome for one node.
@@ -71,6 +75,8 @@ pub fn place(
             Some("cordoned")
         } else if req.gateway && !h.gateway {
             Some("not a gateway host")
+        } else if req.vlan && !h.vlan {
+            Some("no 802.1Q VLAN support (the NetworkGroup is a vlan segment)")
         } else if !h.free().fits(req.need) {
             Some("insufficient free cpu or memory")
         } else {
@@ -138,6 +144,7 @@ mod tests {
             site: "a".into(),
             gateway: false,
             ready: true,
+            vlan: false,
             lost: false,
             schedulable: true,
             allocatable: Resources {
@@ -157,6 +164,7 @@ mod tests {
                 memory_mib: mem,
             },
             gateway: false,
+            vlan: false,
         }
     }
 

@@ -14,6 +14,9 @@ use yukumo_api::virtualnode::VirtualNode;
 /// The XML namespace of yukumo's domain metadata.
 pub const METADATA_NS: &str = "https://yukumo.io/xmlns/node/v1";
 
+/// Where guests' second serial ports (ttyS1) listen.
+pub const CONTROL_DIR: &str = "/run/yukumo";
+
 /// Where a node's files live on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePaths {
@@ -21,6 +24,8 @@ pub struct NodePaths {
     pub root_disk: PathBuf,
     pub config_iso: PathBuf,
     pub console_log: PathBuf,
+    /// The guest's second serial port (ttyS1), for operators.
+    pub control_socket: PathBuf,
 }
 
 impl NodePaths {
@@ -30,6 +35,9 @@ impl NodePaths {
             root_disk: dir.join("root.qcow2"),
             config_iso: dir.join("cidata.iso"),
             console_log: dir.join("console.log"),
+            // Unix socket paths are limited to 108 bytes: a short fixed
+            // directory, not the (arbitrarily deep) state directory.
+            control_socket: PathBuf::from(CONTROL_DIR).join(format!("{uid}.sock")),
             dir,
         }
     }
@@ -46,6 +54,28 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
+}
+
+/// The guest's NIC on its group's bridge: the allocated MAC, a tap named
+/// after the node's uid (the anti-spoofing rules key on it) and the group's MTU.
+fn nic(vn: &VirtualNode) -> String {
+    let (Some(net), Some(uid)) = (&vn.spec.network, &vn.metadata.uid) else {
+        return String::new();
+    };
+    let Some(id) = net
+        .segment
+        .split_once(':')
+        .and_then(|(_, id)| id.parse::<u32>().ok())
+    else {
+        return String::new();
+    };
+    format!(
+        "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{br}'/>\n      <target dev='{tap}'/>\n      <model type='virtio'/>\n      <mtu size='{mtu}'/>\n    </interface>\n",
+        mac = esc(&net.mac),
+        br = crate::network::plan::bridge_name(id),
+        tap = crate::network::plan::tap_name(uid),
+        mtu = net.mtu,
+    )
 }
 
 /// The domain XML (without the hash attribute) and its hash.
@@ -80,7 +110,11 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
       <source path='{console}' append='on'/>
       <target port='0'/>
     </serial>
-    <memballoon model='none'/>
+    <serial type='unix'>
+      <source mode='bind' path='{control}'/>
+      <target port='1'/>
+    </serial>
+{nic}    <memballoon model='none'/>
   </devices>
 "#,
         mem = vn.spec.resources.memory_mib,
@@ -88,6 +122,8 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
         root = esc(&paths.root_disk.to_string_lossy()),
         iso = esc(&paths.config_iso.to_string_lossy()),
         console = esc(&paths.console_log.to_string_lossy()),
+        control = esc(&paths.control_socket.to_string_lossy()),
+        nic = nic(vn),
     );
     let hash = {
         let mut h = Sha256::new();

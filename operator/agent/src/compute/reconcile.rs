@@ -65,6 +65,8 @@ pub struct ComputeCtx {
     /// reconcile an object older than our last status write, and a boot time
     /// must never be lost to that race. (The API keeps it across restarts.)
     boot_times: std::sync::Mutex<HashMap<String, Time>>,
+    /// The host's network (None: networking is not managed here).
+    pub net: Option<Arc<crate::network::NetState>>,
 }
 
 impl ComputeCtx {
@@ -74,6 +76,7 @@ impl ComputeCtx {
         args: &Args,
         metrics: &Metrics,
         health: Health,
+        net: Option<Arc<crate::network::NetState>>,
     ) -> std::io::Result<Arc<Self>> {
         let reporter = Reporter {
             controller: managers::AGENT.into(),
@@ -94,6 +97,7 @@ impl ComputeCtx {
             health,
             metrics: metrics.clone(),
             boot_times: Default::default(),
+            net,
         }))
     }
 
@@ -258,9 +262,10 @@ async fn remove_node(ctx: &ComputeCtx, uid: &str) -> Result<(), Error> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(uid);
-    let dir = NodePaths::new(&ctx.state_dir, uid).dir;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::Disk(e.to_string()))?;
+    let paths = NodePaths::new(&ctx.state_dir, uid);
+    let _ = std::fs::remove_file(&paths.control_socket);
+    if paths.dir.exists() {
+        std::fs::remove_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
     }
     Ok(())
 }
@@ -373,6 +378,9 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         let (paths, vn, size) = (paths.clone(), vn.clone(), vn.spec.disk_bytes);
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+            if let Some(d) = paths.control_socket.parent() {
+                std::fs::create_dir_all(d).map_err(|e| Error::Disk(e.to_string()))?;
+            }
             ensure_root_disk(&paths, &image.path, format, size)?;
             drop(image);
             ensure_config_disk(&paths, &vn)
@@ -381,6 +389,22 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
         .map_err(|e| Error::Disk(format!("disk preparation task: {e}")))??;
     }
 
+    // A guest joins its group's bridge: wait for the network reconciler to
+    // have made it (it runs on the same change of the node).
+    if let (Some(net), Some(n), Some(segment_id)) = (
+        &ctx.net,
+        &vn.spec.network,
+        vn.spec
+            .network
+            .as_ref()
+            .and_then(|n| n.segment.split_once(':'))
+            .and_then(|(_, id)| id.parse::<u32>().ok()),
+    ) && vn.spec.running
+        && !net.has_bridge(&crate::network::plan::bridge_name(segment_id))
+    {
+        tracing::debug!(node = %vn.name_any(), group = %n.group, "waiting for the group's bridge");
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let (xml, hash) = domain::render(&vn, &paths, &ctx.domain_type);
     let running = vn.spec.running;
     let (id, dname) = (

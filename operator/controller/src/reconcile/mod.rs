@@ -3,6 +3,7 @@
 
 pub mod capacity;
 pub mod host;
+pub mod ipam;
 pub mod networkgroup;
 pub mod nodes;
 pub mod reservation;

@@ -1,16 +1,26 @@
 //! NetworkGroup: check the Sites it names and that a given segment id and
 //! public IPs fall inside the home Site's ranges.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use yukumo_api::networkgroup::{NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, SegmentType};
+use yukumo_api::common::{Conditions, condition_types};
+use yukumo_api::managers;
+use yukumo_api::networkgroup::{
+    NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, RouterPlacement, SegmentHost, SegmentType,
+};
 use yukumo_api::site::{IdRange, Site};
+use yukumo_api::{Host, VirtualCluster, VirtualNode};
+
+use super::ipam::{
+    Member, PublicWant, allocate_addresses, allocate_public, node_addresses, pool_addresses,
+};
+use super::nodes::node_name;
 
 use super::verdict::{Verdict, apply_verdict};
 use crate::context::{Ctx, Result};
@@ -177,8 +187,102 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
     )
 }
 
+/// The MTU guests get when the spec gives none: a 1500-byte underlay minus
+/// the 50 bytes of VXLAN encapsulation.
+pub const DEFAULT_MTU: u32 = 1450;
+
+/// The first IPv4 address a Host reports: its underlay (tunnel endpoint).
+fn underlay_of(h: &Host) -> Option<String> {
+    h.status.as_ref().and_then(|s| {
+        s.addresses
+            .iter()
+            .find(|a| a.parse::<Ipv4Addr>().is_ok())
+            .cloned()
+    })
+}
+
+fn host_ready(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .is_some_and(|s| s.conditions.is_true(condition_types::READY))
+}
+
+/// The router's host: the current one while it is a Ready gateway host of the
+/// home Site, else the Ready gateway host there with the fewest routers.
+pub fn place_router(
+    current: Option<&str>,
+    candidates: &[(String, bool)],
+    routers_per_host: &BTreeMap<String, usize>,
+) -> Option<String> {
+    if let Some(c) = current
+        && candidates.iter().any(|(h, ready)| h == c && *ready)
+    {
+        return Some(c.to_string());
+    }
+    candidates
+        .iter()
+        .filter(|(_, ready)| *ready)
+        .min_by_key(|(h, _)| (routers_per_host.get(h).copied().unwrap_or(0), h.clone()))
+        .map(|(h, _)| h.clone())
+}
+
+/// The nodes of every cluster on this group (by spec, whether created yet or
+/// not), and the public IPs their frontends ask for.
+fn members(ng: &NetworkGroup, clusters: &[Arc<VirtualCluster>]) -> (Vec<Member>, Vec<PublicWant>) {
+    let ns = ng.namespace();
+    let name = ng.name_any();
+    let mut out = Vec::new();
+    let mut wants = Vec::new();
+    for vc in clusters {
+        if vc.namespace() != ns || vc.spec.network_group != name {
+            continue;
+        }
+        let c = vc.name_any();
+        let fe = node_name(&c, None, 0);
+        if vc.spec.frontend.public_ip {
+            wants.push(PublicWant {
+                node: Some(fe.clone()),
+                address: vc.spec.frontend.public_ip_address.clone(),
+                field: format!("VirtualCluster {c} spec.frontend.publicIP"),
+            });
+        }
+        out.push(Member {
+            node: fe,
+            role: "frontend".into(),
+        });
+        for p in &vc.spec.pools {
+            for i in 0..p.replicas.max(0) as u32 {
+                out.push(Member {
+                    node: node_name(&c, Some(&p.name), i),
+                    role: "worker".into(),
+                });
+            }
+        }
+    }
+    for (i, p) in ng.spec.public_ips.iter().enumerate() {
+        wants.push(PublicWant {
+            node: Some(p.node.clone()),
+            address: p.address.clone(),
+            field: format!("spec.publicIPs[{i}]"),
+        });
+    }
+    (out, wants)
+}
+
 pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("NetworkGroup");
+    let ns = ng.namespace().unwrap_or_default();
+    let api = Api::<NetworkGroup>::namespaced(ctx.client.clone(), &ns);
+    // Allocations are read fresh from the API server (not the cache) and
+    // written back with that resourceVersion as a precondition: two passes
+    // can never hand out the same address from a stale view.
+    let Some(fresh) = api.get_opt(&ng.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    if fresh.metadata.uid != ng.metadata.uid || fresh.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ng = Arc::new(fresh);
     let sites = ctx.stores.all_sites();
     let mut verdict = validate(&ng.spec, &sites);
     let old = ng.status.clone().unwrap_or_default();
@@ -187,21 +291,32 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         .gateway
         .clone()
         .or_else(|| default_gateway(&ng.spec.cidr).map(|g| g.to_string()));
-    // Segment ids are unique per Site and type: chosen under the placement
-    // lock against the cache plus choices not yet in it, and persisted in the
-    // status before any host uses them.
-    let mut segment_id = old.segment_id.filter(|_| verdict.is_stalled());
+    let home = sites
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(ng.spec.home_site.0.as_str()))
+        .cloned();
+    let key = format!("{ns}/{}", ng.name_any());
+    let mut status = NetworkGroupStatus {
+        observed_generation: ng.metadata.generation,
+        gateway: gateway.clone(),
+        mtu: Some(ng.spec.mtu.unwrap_or(DEFAULT_MTU)),
+        ..old.clone()
+    };
+    let mut problems: Vec<(&str, String)> = Vec::new();
     let mut pending = ctx.placements.lock().await;
     if !verdict.is_stalled() {
         pending.prune(&ctx.stores);
-        let key = format!("{}/{}", ng.namespace().unwrap_or_default(), ng.name_any());
         let uid = ng.metadata.uid.clone().unwrap_or_default();
         let same = |o: &NetworkGroup| {
             o.spec.home_site == ng.spec.home_site && o.spec.segment.type_ == ng.spec.segment.type_
         };
+        let all_groups = ctx.stores.network_groups.state();
+        // Segment ids are unique per Site and type: chosen under the placement
+        // lock against the cache plus choices not yet in it, and persisted in
+        // the status before any host uses them.
         let mut taken: BTreeMap<u32, String> = BTreeMap::new();
-        for o in ctx.stores.network_groups.state() {
-            if o.metadata.uid.as_deref() == Some(uid.as_str()) || !same(&o) {
+        for o in &all_groups {
+            if o.metadata.uid.as_deref() == Some(uid.as_str()) || !same(o) {
                 continue;
             }
             // What a group holds is what was allocated to it (its status),
@@ -219,69 +334,312 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
                 taken.insert(*id, other.clone());
             }
         }
-        let home = sites
-            .iter()
-            .find(|s| s.metadata.name.as_deref() == Some(ng.spec.home_site.0.as_str()));
-        let range = home.and_then(|h| match ng.spec.segment.type_ {
+        let range = home.as_ref().and_then(|h| match ng.spec.segment.type_ {
             SegmentType::Vlan => h.spec.vlan_range,
             SegmentType::Vxlan => h.spec.vni_range,
         });
         match choose_segment(&ng.spec, old.segment_id, range, &taken) {
             Ok(id) => {
-                segment_id = Some(id);
-                verdict = Verdict::progressing(
-                    "SegmentAllocated",
-                    format!(
-                        "segment {}:{id} allocated; address allocation, router placement and the dataplane are not implemented yet",
-                        match ng.spec.segment.type_ {
-                            SegmentType::Vlan => "vlan",
-                            SegmentType::Vxlan => "vxlan",
-                        }
-                    ),
-                );
+                status.segment_id = Some(id);
                 pending
                     .segments
-                    .insert(key, (kind_key, id, std::time::Instant::now()));
+                    .insert(key.clone(), (kind_key, id, std::time::Instant::now()));
             }
             Err(v) => {
                 verdict = v;
-                segment_id = None;
+                status.segment_id = None;
             }
         }
     }
-    let kind = match ng.spec.segment.type_ {
-        SegmentType::Vlan => "vlan",
-        SegmentType::Vxlan => "vxlan",
-    };
-    let status = NetworkGroupStatus {
-        observed_generation: ng.metadata.generation,
-        conditions: apply_verdict(&old.conditions, ng.metadata.generation, &verdict),
-        gateway,
-        segment_id,
-        segment: segment_id.map(|id| format!("{kind}:{id}")),
-        ..old.clone()
-    };
-    if status != old {
-        ctx.apply_status(
-            &Api::<NetworkGroup>::namespaced(
-                ctx.client.clone(),
-                &ng.namespace().unwrap_or_default(),
+    let hosts = ctx.stores.hosts.state();
+    let site_hosts: Vec<&Arc<Host>> = hosts
+        .iter()
+        .filter(|h| h.spec.site == ng.spec.home_site.0)
+        .collect();
+    if !verdict.is_stalled() && ng.spec.segment.type_ == SegmentType::Vlan {
+        let capable = site_hosts.iter().any(|h| {
+            h.status
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .is_some_and(|c| c.vlan_8021q)
+        });
+        if !capable {
+            let notes: Vec<String> = site_hosts
+                .iter()
+                .map(|h| {
+                    let note = h
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.capabilities.as_ref())
+                        .and_then(|c| c.notes.iter().find(|n| n.starts_with("vlan")).cloned())
+                        .unwrap_or_else(|| "not probed".into());
+                    format!("{}: {note}", h.name_any())
+                })
+                .collect();
+            verdict = Verdict::stalled(
+                "NoCapableHost",
+                format!(
+                    "spec.segment.type: vlan needs hosts whose kernel has 802.1Q VLANs; no host of Site {:?} has ({})",
+                    ng.spec.home_site.0,
+                    if notes.is_empty() {
+                        "no hosts".to_string()
+                    } else {
+                        notes.join("; ")
+                    }
+                ),
+            );
+        }
+    }
+    if !verdict.is_stalled() {
+        // Addresses: one per node of every cluster on the group, kept while
+        // the node's VirtualNode exists.
+        let clusters = ctx.stores.clusters.state();
+        let (wanted, public_wants) = members(&ng, &clusters);
+        let nodes = ctx.stores.nodes.state();
+        let group_nodes: Vec<&Arc<VirtualNode>> = nodes
+            .iter()
+            .filter(|n| {
+                n.namespace().as_deref() == Some(ns.as_str())
+                    && n.spec
+                        .network
+                        .as_ref()
+                        .is_some_and(|net| net.group == ng.name_any())
+            })
+            .collect();
+        let present: BTreeSet<String> = group_nodes.iter().map(|n| n.name_any()).collect();
+        let gw: Ipv4Addr = gateway
+            .as_deref()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let dynamic = ng.spec.dhcp.as_ref().and_then(|d| {
+            Some((
+                d.range_start.as_deref()?.parse().ok()?,
+                d.range_end.as_deref()?.parse().ok()?,
+            ))
+        });
+        let usable = node_addresses(&ng.spec.cidr, gw, dynamic);
+        let addrs = allocate_addresses(
+            &ns,
+            &ng.name_any(),
+            &usable,
+            &old.allocations,
+            &wanted,
+            &present,
+        );
+        if !addrs.unallocated.is_empty() {
+            problems.push((
+                "AddressesExhausted",
+                format!(
+                    "spec.cidr: {} has {} addresses for nodes and all are in use; no address for {}",
+                    ng.spec.cidr,
+                    usable.len(),
+                    addrs.unallocated.join(", ")
+                ),
+            ));
+        }
+        status.allocations = addrs.allocations;
+        // Public IPs: unique per Site, under the placement lock.
+        let mut taken_public: BTreeMap<String, String> = BTreeMap::new();
+        for o in &all_groups_of_site(&ctx, &ng) {
+            if o.metadata.uid == ng.metadata.uid {
+                continue;
+            }
+            let holder = format!(
+                "NetworkGroup {}/{}",
+                o.namespace().unwrap_or_default(),
+                o.name_any()
+            );
+            if let Some(s) = &o.status {
+                for p in &s.public_ips {
+                    taken_public.insert(p.address.clone(), holder.clone());
+                }
+                if let Some(a) = s.router.as_ref().and_then(|r| r.address.clone()) {
+                    taken_public.insert(a, holder.clone());
+                }
+            }
+        }
+        for (addr, (holder, _)) in &pending.public_ips {
+            if holder != &key {
+                taken_public.insert(addr.clone(), format!("NetworkGroup {holder}"));
+            }
+        }
+        let external = home.as_ref().and_then(|h| h.spec.external_network.clone());
+        let ext_gw = external
+            .as_ref()
+            .and_then(|e| e.gateway.as_deref())
+            .and_then(|g| g.parse().ok());
+        let pool = home
+            .as_ref()
+            .map(|h| pool_addresses(&h.spec.public_ip_pool, ext_gw, 1 << 20))
+            .unwrap_or_default();
+        let mut wants = Vec::new();
+        if external.is_some() {
+            wants.push(PublicWant {
+                node: None,
+                address: None,
+                field: "router".into(),
+            });
+        }
+        // Only nodes that exist on the group can be mapped.
+        for w in public_wants {
+            let n = w.node.clone().unwrap_or_default();
+            if status.allocations.iter().any(|a| a.node == n) {
+                wants.push(w);
+            } else if w.field.starts_with("spec.publicIPs") {
+                problems.push((
+                    "PublicIPNodeUnknown",
+                    format!("{}.node: {n} is not a node on this NetworkGroup", w.field),
+                ));
+            }
+        }
+        let grant = allocate_public(
+            &wants,
+            old.router.as_ref().and_then(|r| r.address.as_deref()),
+            &old.public_ips,
+            &pool,
+            &taken_public,
+        );
+        for (field, why) in &grant.refused {
+            let reason = if why.contains("no free address") {
+                "PublicIPPoolExhausted"
+            } else {
+                "PublicIPConflict"
+            };
+            problems.push((reason, format!("{field}: {why}")));
+        }
+        let now = std::time::Instant::now();
+        for a in grant
+            .nodes
+            .iter()
+            .map(|p| p.address.clone())
+            .chain(grant.router.clone())
+        {
+            pending.public_ips.insert(a, (key.clone(), now));
+        }
+        status.public_ips = grant.nodes;
+        // The router: a Ready gateway host of the home Site.
+        let candidates: Vec<(String, bool)> = site_hosts
+            .iter()
+            .filter(|h| h.spec.gateway)
+            .map(|h| (h.name_any(), host_ready(h)))
+            .collect();
+        let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+        for o in ctx.stores.network_groups.state() {
+            if o.metadata.uid == ng.metadata.uid {
+                continue;
+            }
+            if let Some(r) = o.status.as_ref().and_then(|s| s.router.as_ref()) {
+                *per_host.entry(r.host.clone()).or_default() += 1;
+            }
+        }
+        let current = old.router.as_ref().map(|r| r.host.as_str());
+        match place_router(current, &candidates, &per_host) {
+            Some(h) => {
+                status.router = Some(RouterPlacement {
+                    host: h,
+                    site: ng.spec.home_site.0.clone(),
+                    address: grant.router.clone(),
+                });
+            }
+            None => {
+                problems.push((
+                    "NoGatewayHost",
+                    format!(
+                        "spec.homeSite: Site {:?} has no Ready gateway host for the router",
+                        ng.spec.home_site.0
+                    ),
+                ));
+                if let Some(r) = status.router.as_mut() {
+                    r.address = grant.router.clone();
+                }
+            }
+        }
+        // The hosts the segment spans: members' hosts and the router's.
+        let mut span: BTreeSet<String> = group_nodes
+            .iter()
+            .filter_map(|n| n.spec.host.clone())
+            .collect();
+        if let Some(r) = &status.router {
+            span.insert(r.host.clone());
+        }
+        status.hosts = span
+            .into_iter()
+            .filter_map(|name| {
+                let h = hosts.iter().find(|h| h.name_any() == name)?;
+                Some(SegmentHost {
+                    underlay: underlay_of(h)?,
+                    name,
+                })
+            })
+            .collect();
+        verdict = match problems.first() {
+            Some((reason, _)) => Verdict::stalled(
+                reason,
+                problems
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             ),
-            ng.as_ref(),
-            &status,
+            None => Verdict::ready(
+                "Allocated",
+                format!(
+                    "segment {}, {} node addresses, {} public IPs, router on {}",
+                    segment_name(&ng, status.segment_id),
+                    status.allocations.len(),
+                    status.public_ips.len(),
+                    status
+                        .router
+                        .as_ref()
+                        .map(|r| r.host.as_str())
+                        .unwrap_or("-")
+                ),
+            ),
+        };
+    }
+    status.segment = status.segment_id.map(|id| segment_name(&ng, Some(id)));
+    status.conditions = apply_verdict(&old.conditions, ng.metadata.generation, &verdict);
+    if status != old {
+        let mut patch = yukumo_api::status_apply_patch::<NetworkGroup, _>(&status);
+        patch["metadata"] = serde_json::json!({
+            "resourceVersion": ng.metadata.resource_version,
+        });
+        api.patch_status(
+            &ng.name_any(),
+            &PatchParams::apply(managers::CONTROLLER).force(),
+            &Patch::Apply(&patch),
         )
         .await?;
     }
     drop(pending);
     ctx.announce(ng.as_ref(), &old.conditions, &verdict).await;
-    // An exhausted range frees up when another group goes.
-    Ok(Action::requeue(Duration::from_secs(
-        if verdict.reason() == "SegmentRangeExhausted" {
-            10
-        } else {
-            300
-        },
-    )))
+    // Exhausted ranges and pools free up when other groups go.
+    let retry = matches!(
+        verdict.reason(),
+        "SegmentRangeExhausted" | "PublicIPPoolExhausted" | "PublicIPConflict" | "NoGatewayHost"
+    );
+    Ok(Action::requeue(Duration::from_secs(if retry {
+        10
+    } else {
+        300
+    })))
+}
+
+fn segment_name(ng: &NetworkGroup, id: Option<u32>) -> String {
+    let kind = match ng.spec.segment.type_ {
+        SegmentType::Vlan => "vlan",
+        SegmentType::Vxlan => "vxlan",
+    };
+    format!("{kind}:{}", id.unwrap_or(0))
+}
+
+fn all_groups_of_site(ctx: &Ctx, ng: &NetworkGroup) -> Vec<Arc<NetworkGroup>> {
+    ctx.stores
+        .network_groups
+        .state()
+        .into_iter()
+        .filter(|o| o.spec.home_site == ng.spec.home_site)
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use yukumo_api::common::{NodeSize, Resources, builtin_size_classes};
 use yukumo_api::quantity::{bytes_to_mib, parse_quantity};
 use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{StartOrder, VirtualCluster};
-use yukumo_api::virtualnode::{NodeRole, VirtualNodeSpec};
+use yukumo_api::virtualnode::{NodeNetwork, NodeRole, VirtualNodeSpec};
 
 use super::verdict::Verdict;
 
@@ -18,6 +18,8 @@ pub struct DesiredNode {
     pub sites: Vec<String>,
     /// Place on a gateway-capable host.
     pub gateway: bool,
+    /// Place on a host with 802.1Q VLANs (a vlan group).
+    pub vlan: bool,
     /// Its spec, without placement (`host`, `site`) and power (`running`).
     pub spec: VirtualNodeSpec,
 }
@@ -74,6 +76,23 @@ fn disk_bytes(
     }
 }
 
+/// A node's identity on its group, once the group has allocated it an
+/// address and a segment (`None` until then: the node waits).
+pub fn node_network(ng: &NetworkGroup, node: &str) -> Option<NodeNetwork> {
+    let status = ng.status.as_ref()?;
+    let a = status.allocations.iter().find(|a| a.node == node)?;
+    let prefix = ng.spec.cidr.split_once('/')?.1.parse().ok()?;
+    Some(NodeNetwork {
+        group: ng.metadata.name.clone()?,
+        ip: a.ip.clone(),
+        prefix,
+        gateway: status.gateway.clone()?,
+        mac: a.mac.clone(),
+        segment: status.segment.clone()?,
+        mtu: status.mtu.unwrap_or(1450),
+    })
+}
+
 /// Every node the cluster asks for, frontend first, pools in order.
 pub fn desired_nodes(
     vc: &VirtualCluster,
@@ -95,18 +114,21 @@ pub fn desired_nodes(
     };
     let ssh_keys: Vec<String> = spec.ssh_keys.iter().map(|k| k.0.clone()).collect();
     let mut out = Vec::new();
+    let network = |node: &str| node_network(ng, node);
+    let vlan = ng.spec.segment.type_ == yukumo_api::networkgroup::SegmentType::Vlan;
 
     let fe_sites = vec![spec.frontend.site.clone().unwrap_or_else(|| home.clone())];
     let fe_name = node_name(&cluster, None, 0);
     out.push(DesiredNode {
         name: fe_name.clone(),
         gateway: spec.frontend.gateway_host,
+        vlan,
         spec: VirtualNodeSpec {
             cluster: cluster.clone(),
             role: NodeRole::Frontend,
             pool: None,
             index: 0,
-            hostname: fe_name,
+            hostname: fe_name.clone(),
             host: None,
             site: None,
             resources: resolve_size(&spec.frontend.size, &pick(&fe_sites), "spec.frontend.size")?,
@@ -115,7 +137,7 @@ pub fn desired_nodes(
             running: false,
             ssh_keys: ssh_keys.clone(),
             user_data: spec.frontend.user_data.clone(),
-            network: None,
+            network: network(&fe_name),
             disks: vec![],
         },
         sites: fe_sites,
@@ -135,12 +157,13 @@ pub fn desired_nodes(
                 name: name.clone(),
                 sites: sites_for_pool.clone(),
                 gateway: false,
+                vlan,
                 spec: VirtualNodeSpec {
                     cluster: cluster.clone(),
                     role: NodeRole::Worker,
                     pool: Some(pool.name.clone()),
                     index: i,
-                    hostname: name,
+                    hostname: name.clone(),
                     host: None,
                     site: None,
                     resources,
@@ -152,7 +175,7 @@ pub fn desired_nodes(
                     running: false,
                     ssh_keys: ssh_keys.clone(),
                     user_data: pool.user_data.clone(),
-                    network: None,
+                    network: network(&name),
                     disks: vec![],
                 },
             });

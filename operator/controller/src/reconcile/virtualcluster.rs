@@ -171,6 +171,8 @@ struct NodesOutcome {
     nodes: Vec<VirtualNode>,
     /// Workers not created yet: they wait for the frontend to run.
     waiting: Vec<String>,
+    /// Nodes not created yet: their NetworkGroup has no address for them yet.
+    waiting_network: Vec<String>,
     unschedulable: Vec<String>,
     recovering: Vec<String>,
 }
@@ -224,6 +226,7 @@ fn host_views(
                 ready: status.conditions.is_true(condition_types::READY),
                 lost,
                 schedulable: h.spec.schedulable,
+                vlan: status.capabilities.as_ref().is_some_and(|c| c.vlan_8021q),
                 allocatable: status.allocatable.unwrap_or_default(),
                 used: used.get(name.as_str()).copied().unwrap_or_default(),
                 name,
@@ -264,6 +267,7 @@ async fn converge_nodes(
     let mut unschedulable = Vec::new();
     let mut recovering = Vec::new();
     let mut waiting = Vec::new();
+    let mut waiting_network = Vec::new();
     let mut waiting_for_cache = 0usize;
     let mut writes = Vec::new();
     {
@@ -357,6 +361,7 @@ async fn converge_nodes(
                         sites: d.sites.clone(),
                         need: d.spec.resources,
                         gateway: d.gateway,
+                        vlan: d.vlan,
                     },
                     &mut views,
                     &mut counts,
@@ -376,9 +381,17 @@ async fn converge_nodes(
             spec.host = Some(host.clone());
             spec.site = Some(site.clone());
             if let Some(n) = existing {
-                // Keep what the controller allocated earlier (network identity, disks).
-                spec.network = n.spec.network.clone();
+                // Keep what the controller allocated earlier (disks), and the
+                // network identity unless the group now has one for a node
+                // that had none.
+                if spec.network.is_none() {
+                    spec.network = n.spec.network.clone();
+                }
                 spec.disks = n.spec.disks.clone();
+            } else if spec.network.is_none() {
+                // Created only once its group has given it an address.
+                waiting_network.push(d.name.clone());
+                continue;
             }
             let labels = node_labels(&vc_name, d, &host, &site);
             let unchanged = existing.is_some_and(|n| {
@@ -538,6 +551,7 @@ async fn converge_nodes(
     Ok(NodesOutcome {
         nodes,
         waiting,
+        waiting_network,
         unschedulable,
         recovering,
     })
@@ -812,6 +826,20 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     phase: Some("WaitingForFrontend".into()),
                     ..Default::default()
                 }));
+                nodes_status.extend(outcome.waiting_network.iter().map(|name| {
+                    NodeSummary {
+                        name: name.clone(),
+                        role: if name.ends_with("-frontend") {
+                            NodeRole::Frontend
+                        } else {
+                            NodeRole::Worker
+                        }
+                        .as_str()
+                        .to_string(),
+                        phase: Some("WaitingForAddress".into()),
+                        ..Default::default()
+                    }
+                }));
                 let stopped = outcome
                     .nodes
                     .iter()
@@ -834,6 +862,23 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                 } else if !outcome.unschedulable.is_empty() {
                     requeue = Duration::from_secs(10);
                     Verdict::stalled("Unschedulable", outcome.unschedulable.join("; "))
+                } else if !outcome.waiting_network.is_empty() {
+                    // The group's status change triggers this cluster again.
+                    let why = ng
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                        .filter(|c| c.status != yukumo_api::common::ConditionStatus::True)
+                        .map(|c| format!(" (NetworkGroup {}: {})", c.reason, c.message))
+                        .unwrap_or_default();
+                    Verdict::progressing(
+                        "WaitingForNetwork",
+                        format!(
+                            "NetworkGroup {:?} has no address yet for {}{why}",
+                            vc.spec.network_group,
+                            outcome.waiting_network.join(", ")
+                        ),
+                    )
                 } else if !power.exists {
                     desired_count = 0;
                     match power.next {

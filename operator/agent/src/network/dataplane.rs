@@ -1,0 +1,689 @@
+//! Applying a [`HostPlan`] to the kernel, diff-based and level-triggered.
+//!
+//! Every pass reads what exists (links, FDB entries, addresses, routes, the
+//! yukumo nft tables, the DHCP servers) and changes only what differs from
+//! the plan; a pass over a converged host changes nothing. Links are changed
+//! with one `ip -batch` per namespace, FDB entries with one `bridge -batch`,
+//! and each nft table is replaced in one transaction (`nft -f`: create,
+//! delete, define) so no packet ever meets a half-built or empty table.
+//! Only names with yukumo's prefixes (`yk…` links, `<prefix>r<id>`
+//! namespaces, `yukumo` tables) are ever touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use yukumo_api::networkgroup::SegmentType;
+
+use super::plan::{
+    HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT, rule_count, ruleset_hash,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{cmd}: {msg}")]
+    Command { cmd: String, msg: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, NetError>;
+
+/// Where the dataplane lives on this host.
+#[derive(Debug, Clone)]
+pub struct Dataplane {
+    /// The host's network namespace (simulated hosts); `None`: our own.
+    pub netns: Option<String>,
+    /// Prefix of router namespace names.
+    pub router_prefix: String,
+    pub underlay: Option<std::net::Ipv4Addr>,
+    pub uplink: Option<String>,
+    pub state_dir: PathBuf,
+}
+
+/// What one pass changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub links: usize,
+    pub fdb: usize,
+    pub tables: usize,
+    pub addresses: usize,
+    pub namespaces: usize,
+    pub dhcp: usize,
+}
+
+impl Changes {
+    pub fn total(&self) -> usize {
+        self.links + self.fdb + self.tables + self.addresses + self.namespaces + self.dhcp
+    }
+}
+
+/// Run `prog args` in namespace `ns` (a name under /run/netns) or here.
+pub async fn run_in(
+    ns: Option<&str>,
+    prog: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(prog);
+            c
+        }
+        None => Command::new(prog),
+    };
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| NetError::Command {
+        cmd: prog.to_string(),
+        msg: e.to_string(),
+    })?;
+    if let Some(input) = stdin {
+        let mut si = child.stdin.take().expect("piped stdin");
+        si.write_all(input.as_bytes()).await?;
+        drop(si);
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        return Err(NetError::Command {
+            cmd: format!("{prog} {}", args.join(" ")),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct LinkInfoData {
+    id: Option<u32>,
+    local: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct LinkInfo {
+    info_kind: Option<String>,
+    #[serde(default)]
+    info_data: Option<LinkInfoData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Link {
+    ifname: String,
+    #[serde(default)]
+    flags: Vec<String>,
+    mtu: Option<u32>,
+    master: Option<String>,
+    #[serde(default)]
+    linkinfo: Option<LinkInfo>,
+}
+
+impl Link {
+    fn up(&self) -> bool {
+        self.flags.iter().any(|f| f == "UP")
+    }
+    fn kind(&self) -> Option<&str> {
+        self.linkinfo.as_ref()?.info_kind.as_deref()
+    }
+}
+
+async fn links(ns: Option<&str>) -> Result<BTreeMap<String, Link>> {
+    let out = run_in(ns, "ip", &["-j", "-d", "link", "show"], None).await?;
+    let v: Vec<Link> = serde_json::from_str(&out).map_err(|e| NetError::Command {
+        cmd: "ip -j link".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(v.into_iter().map(|l| (l.ifname.clone(), l)).collect())
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrInfo {
+    local: String,
+    prefixlen: u8,
+    #[serde(default)]
+    family: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrLink {
+    ifname: String,
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+async fn addresses(ns: Option<&str>) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    let out = run_in(ns, "ip", &["-j", "addr", "show"], None).await?;
+    let v: Vec<AddrLink> = serde_json::from_str(&out).map_err(|e| NetError::Command {
+        cmd: "ip -j addr".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(v.into_iter()
+        .map(|l| {
+            let set = l
+                .addr_info
+                .iter()
+                .filter(|a| a.family == "inet")
+                .map(|a| format!("{}/{}", a.local, a.prefixlen))
+                .collect();
+            (l.ifname, set)
+        })
+        .collect())
+}
+
+#[derive(Debug, Deserialize)]
+struct Fdb {
+    mac: String,
+    ifname: String,
+    dst: Option<String>,
+}
+
+async fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut input = lines.join("\n");
+    input.push('\n');
+    run_in(ns, "ip", &["-batch", "-"], Some(&input))
+        .await
+        .map(|_| ())
+}
+
+/// Whether the yukumo table `family` in `ns` is the rendered one: present,
+/// with its hash comment and every rule (a hand-flushed table has none).
+async fn table_current(ns: Option<&str>, family: &str, ruleset: &str) -> bool {
+    let Ok(out) = run_in(ns, "nft", &["list", "table", family, "yukumo"], None).await else {
+        return false;
+    };
+    listed_hash(&out) == ruleset_hash(ruleset) && listed_rule_count(&out) == rule_count(ruleset)
+}
+
+/// The hash in the `comment "yukumo:<hash>"` of a listed table.
+fn listed_hash(listing: &str) -> Option<&str> {
+    ruleset_hash(listing)
+}
+
+/// Rules of a listed table: the lines one level inside a chain, without the
+/// chain headers and map declarations.
+fn listed_rule_count(listing: &str) -> usize {
+    listing
+        .lines()
+        .filter_map(|l| l.strip_prefix("\t\t"))
+        .filter(|l| !l.starts_with('\t') && !l.starts_with(' '))
+        .filter(|l| {
+            !["type ", "elements", "policy ", "flags "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .count()
+}
+
+/// Replace the yukumo table `family` in `ns` in one transaction.
+async fn replace_table(ns: Option<&str>, family: &str, ruleset: &str) -> Result<()> {
+    let script = format!("table {family} yukumo {{}}\ndelete table {family} yukumo\n{ruleset}");
+    run_in(ns, "nft", &["-f", "-"], Some(&script))
+        .await
+        .map(|_| ())
+}
+
+async fn delete_table(ns: Option<&str>, family: &str) -> Result<bool> {
+    let present = run_in(ns, "nft", &["list", "table", family, "yukumo"], None)
+        .await
+        .is_ok();
+    if present {
+        run_in(ns, "nft", &["delete", "table", family, "yukumo"], None).await?;
+    }
+    Ok(present)
+}
+
+fn is_ours(name: &str) -> bool {
+    ["ykbr", "ykvx", "ykvl", "ykgw"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+fn netns_inode(name: &str) -> Option<u64> {
+    std::fs::metadata(format!("/run/netns/{name}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+fn pid_netns_inode(pid: i32) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+impl Dataplane {
+    fn ns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    fn router_dir(&self, netns: &str) -> PathBuf {
+        self.state_dir.join("net").join(netns)
+    }
+
+    /// Router namespaces of this host that exist now.
+    pub fn existing_routers(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir("/run/netns") else {
+            return vec![];
+        };
+        let mut out: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.strip_prefix(&self.router_prefix)
+                    .and_then(|rest| rest.strip_prefix('r'))
+                    .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Bring the host to `plan`; returns what was changed.
+    pub async fn apply(&self, plan: &HostPlan) -> Result<Changes> {
+        let mut ch = Changes::default();
+        let ns = self.ns();
+        let have = links(ns).await?;
+        // 1. Links of the host namespace: stale ones go, segments come.
+        let mut batch = Vec::new();
+        let wanted: BTreeSet<String> = plan
+            .segments
+            .values()
+            .flat_map(|s| [s.bridge.clone(), s.link.clone()])
+            .chain(plan.routers.values().map(|r| r.host_veth.clone()))
+            .collect();
+        for name in have.keys() {
+            if is_ours(name) && !wanted.contains(name) {
+                batch.push(format!("link del {name}"));
+            }
+        }
+        for s in plan.segments.values() {
+            match have.get(&s.bridge) {
+                None => {
+                    batch.push(format!("link add {} type bridge", s.bridge));
+                    batch.push(format!("link set {} mtu {} up", s.bridge, s.mtu));
+                }
+                Some(l) if !l.up() || l.mtu != Some(s.mtu) => {
+                    batch.push(format!("link set {} mtu {} up", s.bridge, s.mtu));
+                }
+                _ => {}
+            }
+            let link_ok = have.get(&s.link).is_some_and(|l| {
+                let data = l.linkinfo.as_ref().and_then(|i| i.info_data.as_ref());
+                match s.kind {
+                    SegmentType::Vxlan => {
+                        l.kind() == Some("vxlan")
+                            && data.and_then(|d| d.id) == Some(s.id)
+                            && data.and_then(|d| d.local.clone())
+                                == self.underlay.map(|u| u.to_string())
+                    }
+                    SegmentType::Vlan => l.kind() == Some("vlan"),
+                }
+            });
+            if !link_ok {
+                if have.contains_key(&s.link) {
+                    batch.push(format!("link del {}", s.link));
+                }
+                match s.kind {
+                    SegmentType::Vxlan => {
+                        let mut l = format!(
+                            "link add {} type vxlan id {} dstport {VXLAN_PORT} nolearning",
+                            s.link, s.id
+                        );
+                        if let Some(u) = self.underlay {
+                            l.push_str(&format!(" local {u}"));
+                        }
+                        if let Some(up) = &self.uplink {
+                            l.push_str(&format!(" dev {up}"));
+                        }
+                        batch.push(l);
+                    }
+                    SegmentType::Vlan => {
+                        let Some(up) = &self.uplink else { continue };
+                        batch.push(format!(
+                            "link add {} link {up} type vlan id {}",
+                            s.link, s.id
+                        ));
+                    }
+                }
+                batch.push(format!(
+                    "link set {} master {} mtu {} up",
+                    s.link, s.bridge, s.mtu
+                ));
+            } else if let Some(l) = have.get(&s.link)
+                && (l.master.as_deref() != Some(s.bridge.as_str())
+                    || !l.up()
+                    || l.mtu != Some(s.mtu))
+            {
+                batch.push(format!(
+                    "link set {} master {} mtu {} up",
+                    s.link, s.bridge, s.mtu
+                ));
+            }
+        }
+        ch.links += batch.len();
+        ip_batch(ns, &batch).await?;
+
+        // 2. FDB: one all-zero entry per remote host of each VXLAN segment
+        // (head-end replication, no multicast, no learning).
+        self.apply_fdb(plan, &mut ch).await?;
+
+        // 3. Routers (before guest taps: their veths join the bridges too).
+        let existing = self.existing_routers();
+        for r in plan.routers.values() {
+            self.apply_router(r, &mut ch).await?;
+        }
+        for name in existing {
+            if !plan.routers.values().any(|r| r.netns == name) {
+                self.remove_router(&name).await?;
+                ch.namespaces += 1;
+            }
+        }
+
+        // 4. Taps: re-joined to their bridge if it was recreated.
+        let have = links(ns).await?;
+        let mut batch = Vec::new();
+        for t in &plan.taps {
+            if let Some(l) = have.get(&t.name)
+                && l.master.as_deref() != Some(t.bridge.as_str())
+                && have.contains_key(&t.bridge)
+            {
+                batch.push(format!("link set {} master {} up", t.name, t.bridge));
+            }
+        }
+        ch.links += batch.len();
+        ip_batch(ns, &batch).await?;
+
+        // 5. Anti-spoofing table.
+        if plan.taps.is_empty() && plan.segments.is_empty() {
+            if delete_table(ns, "bridge").await? {
+                ch.tables += 1;
+            }
+        } else if !table_current(ns, "bridge", &plan.guard).await {
+            replace_table(ns, "bridge", &plan.guard).await?;
+            ch.tables += 1;
+        }
+        Ok(ch)
+    }
+
+    async fn apply_fdb(&self, plan: &HostPlan, ch: &mut Changes) -> Result<()> {
+        let ns = self.ns();
+        let out = run_in(ns, "bridge", &["-j", "fdb", "show"], None).await?;
+        let entries: Vec<Fdb> = serde_json::from_str(&out).unwrap_or_default();
+        let mut have: BTreeSet<(String, String)> = BTreeSet::new();
+        for e in entries {
+            if e.mac == "00:00:00:00:00:00"
+                && e.ifname.starts_with("ykvx")
+                && let Some(d) = e.dst
+            {
+                have.insert((e.ifname, d));
+            }
+        }
+        let want: BTreeSet<(String, String)> = plan
+            .segments
+            .values()
+            .filter(|s| s.kind == SegmentType::Vxlan)
+            .flat_map(|s| s.remotes.iter().map(|r| (s.link.clone(), r.to_string())))
+            .collect();
+        let mut batch = Vec::new();
+        for (dev, dst) in have.difference(&want) {
+            // Entries of a link that is going away go with it.
+            if plan.segments.values().any(|s| &s.link == dev) {
+                batch.push(format!(
+                    "fdb del 00:00:00:00:00:00 dev {dev} dst {dst} self"
+                ));
+            }
+        }
+        for (dev, dst) in want.difference(&have) {
+            batch.push(format!(
+                "fdb append 00:00:00:00:00:00 dev {dev} dst {dst} self permanent"
+            ));
+        }
+        if !batch.is_empty() {
+            ch.fdb += batch.len();
+            let mut input = batch.join("\n");
+            input.push('\n');
+            run_in(ns, "bridge", &["-batch", "-"], Some(&input)).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_router(&self, r: &RouterPlan, ch: &mut Changes) -> Result<()> {
+        let host_ns = self.ns();
+        let rns = Some(r.netns.as_str());
+        // A DHCP server left in a namespace deleted by hand keeps that
+        // namespace (and its WAN addresses) alive: it goes first.
+        let pid_file = self.router_dir(&r.netns).join("dnsmasq.pid");
+        if let Some(pid) = read_pid(&pid_file).filter(|p| is_our_dnsmasq(*p, &pid_file))
+            && pid_netns_inode(pid) != netns_inode(&r.netns)
+        {
+            stop_pid(pid).await;
+            ch.dhcp += 1;
+        }
+        if netns_inode(&r.netns).is_none() {
+            run_in(None, "ip", &["netns", "add", &r.netns], None).await?;
+            ip_batch(rns, &["link set lo up".to_string()]).await?;
+            ch.namespaces += 1;
+        }
+        let forwarding = run_in(rns, "sysctl", &["-n", "net.ipv4.ip_forward"], None).await?;
+        if forwarding.trim() != "1" {
+            run_in(rns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], None).await?;
+        }
+        let inner = links(rns).await?;
+        let host = links(host_ns).await?;
+        let mut host_batch = Vec::new();
+        let mut batch = Vec::new();
+        // The LAN leg: a veth from the group's bridge into the namespace.
+        if !inner.contains_key(ROUTER_LAN) || !host.contains_key(&r.host_veth) {
+            if host.contains_key(&r.host_veth) {
+                host_batch.push(format!("link del {}", r.host_veth));
+            }
+            if inner.contains_key(ROUTER_LAN) {
+                batch.push(format!("link del {ROUTER_LAN}"));
+            }
+            ip_batch(rns, &batch).await?;
+            batch.clear();
+            host_batch.push(format!(
+                "link add {} mtu {} type veth peer name {ROUTER_LAN} mtu {} netns {}",
+                r.host_veth, r.mtu, r.mtu, r.netns
+            ));
+            host_batch.push(format!("link set {} master {} up", r.host_veth, r.bridge));
+            batch.push(format!("link set {ROUTER_LAN} up"));
+        } else {
+            let hv = &host[&r.host_veth];
+            if hv.master.as_deref() != Some(r.bridge.as_str()) || !hv.up() {
+                host_batch.push(format!("link set {} master {} up", r.host_veth, r.bridge));
+            }
+            let lan = &inner[ROUTER_LAN];
+            if !lan.up() || lan.mtu != Some(r.mtu) {
+                batch.push(format!("link set {ROUTER_LAN} mtu {} up", r.mtu));
+            }
+        }
+        // The WAN leg: a macvlan on the host's external interface.
+        match &r.wan {
+            Some(w) if !inner.contains_key(ROUTER_WAN) => {
+                host_batch.push(format!(
+                    "link add {ROUTER_WAN} link {} netns {} type macvlan mode bridge",
+                    w.parent, r.netns
+                ));
+                batch.push(format!("link set {ROUTER_WAN} up"));
+            }
+            Some(_) if !inner[ROUTER_WAN].up() => batch.push(format!("link set {ROUTER_WAN} up")),
+            Some(_) => {}
+            None if inner.contains_key(ROUTER_WAN) => batch.push(format!("link del {ROUTER_WAN}")),
+            None => {}
+        }
+        ch.links += host_batch.len() + batch.len();
+        ip_batch(host_ns, &host_batch).await?;
+        ip_batch(rns, &batch).await?;
+        // Addresses and the default route.
+        let have_addrs = addresses(rns).await?;
+        let mut batch = Vec::new();
+        let mut want: Vec<(&str, BTreeSet<String>)> =
+            vec![(ROUTER_LAN, BTreeSet::from([r.lan.clone()]))];
+        if let Some(w) = &r.wan {
+            want.push((ROUTER_WAN, w.addresses.iter().cloned().collect()));
+        }
+        for (dev, addrs) in &want {
+            let cur = have_addrs.get(*dev).cloned().unwrap_or_default();
+            for a in cur.difference(addrs) {
+                batch.push(format!("addr del {a} dev {dev}"));
+            }
+            for a in addrs.difference(&cur) {
+                batch.push(format!("addr add {a} dev {dev}"));
+            }
+        }
+        ch.addresses += batch.len();
+        if let Some(gw) = r.wan.as_ref().and_then(|w| w.gateway.as_ref()) {
+            let routes = run_in(rns, "ip", &["-j", "route", "show", "default"], None).await?;
+            let ok = serde_json::from_str::<serde_json::Value>(&routes)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|a| {
+                    a.iter().any(|r| {
+                        r["gateway"].as_str() == Some(gw) && r["dev"].as_str() == Some(ROUTER_WAN)
+                    })
+                });
+            if !ok {
+                batch.push(format!("route replace default via {gw} dev {ROUTER_WAN}"));
+                ch.addresses += 1;
+            }
+        }
+        ip_batch(rns, &batch).await?;
+        // NAT and firewall.
+        if !table_current(rns, "ip", &r.ruleset).await {
+            replace_table(rns, "ip", &r.ruleset).await?;
+            ch.tables += 1;
+        }
+        // DHCP.
+        self.apply_dhcp(r, ch).await
+    }
+
+    async fn apply_dhcp(&self, r: &RouterPlan, ch: &mut Changes) -> Result<()> {
+        let dir = self.router_dir(&r.netns);
+        let pid_file = dir.join("dnsmasq.pid");
+        let running = read_pid(&pid_file).filter(|pid| {
+            is_our_dnsmasq(*pid, &pid_file) && pid_netns_inode(*pid) == netns_inode(&r.netns)
+        });
+        let Some(d) = &r.dhcp else {
+            if let Some(pid) = running {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                ch.dhcp += 1;
+            }
+            return Ok(());
+        };
+        std::fs::create_dir_all(&dir)?;
+        let hosts_file = dir.join("hosts");
+        let args_file = dir.join("args");
+        let mut args: Vec<String> = vec![
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--pid-file={}", pid_file.display()),
+            format!("--dhcp-leasefile={}", dir.join("leases").display()),
+            format!("--dhcp-hostsfile={}", hosts_file.display()),
+        ];
+        args.extend(d.args.iter().cloned());
+        let args_text = args.join("\n");
+        let hosts_changed =
+            std::fs::read_to_string(&hosts_file).ok().as_deref() != Some(d.hosts.as_str());
+        if hosts_changed {
+            write_atomic(&hosts_file, &d.hosts)?;
+        }
+        let args_same =
+            std::fs::read_to_string(&args_file).ok().as_deref() == Some(args_text.as_str());
+        match running {
+            Some(pid) if args_same => {
+                if hosts_changed {
+                    // dnsmasq rereads its hosts file on SIGHUP.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGHUP,
+                    );
+                    ch.dhcp += 1;
+                }
+            }
+            other => {
+                if let Some(pid) = other {
+                    stop_pid(pid).await;
+                }
+                write_atomic(&args_file, &args_text)?;
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_in(Some(&r.netns), "dnsmasq", &refs, None).await?;
+                ch.dhcp += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_router(&self, netns: &str) -> Result<()> {
+        let dir = self.router_dir(netns);
+        let pid_file = dir.join("dnsmasq.pid");
+        if let Some(pid) = read_pid(&pid_file).filter(|p| is_our_dnsmasq(*p, &pid_file)) {
+            stop_pid(pid).await;
+        }
+        run_in(None, "ip", &["netns", "del", netns], None).await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A dnsmasq we started: its command line names our pid file.
+fn is_our_dnsmasq(pid: i32, pid_file: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("dnsmasq") && c.contains(&*pid_file.to_string_lossy())
+        })
+        .unwrap_or(false)
+}
+
+async fn stop_pid(pid: i32) {
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if nix::sys::signal::kill(p, None).is_err() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_table_is_compared_by_hash_and_rule_count() {
+        let listing = "table ip yukumo {\n\tcomment \"yukumo:0123456789abcdef\"\n\tmap to_private {\n\t\ttype ipv4_addr : ipv4_addr\n\t\telements = { 1.1.1.1 : 10.0.0.1,\n\t\t\t     1.1.1.2 : 10.0.0.2 }\n\t}\n\tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tct state established,related accept\n\t\tiifname \"lo\" accept\n\t}\n}\n";
+        assert_eq!(listed_hash(listing), Some("0123456789abcdef"));
+        assert_eq!(listed_rule_count(listing), 2);
+        let flushed = listing.replace("\t\tct state established,related accept\n", "");
+        assert_eq!(listed_rule_count(&flushed), 1);
+    }
+}

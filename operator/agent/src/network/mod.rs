@@ -1,0 +1,231 @@
+//! The host's network: per NetworkGroup present here a bridge and its
+//! segment link, guest taps guarded by nftables, and the routers this host
+//! runs. One level-triggered loop renders a [`plan::HostPlan`] from the
+//! watched NetworkGroups, this host's VirtualNodes and its Site, and applies
+//! it with [`dataplane::Dataplane`]. It runs on every change of those
+//! objects, on every kernel change `ip monitor` and `nft monitor` report in
+//! the host's namespace, and every `verify_interval` as a backstop (router
+//! namespaces, hand-flushed tables inside them).
+
+pub mod dataplane;
+pub mod plan;
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use yukumo_api::{NetworkGroup, Site, VirtualNode, labels};
+use yukumo_telemetry::Health;
+
+use crate::register::Metrics;
+
+/// What the compute side needs to know: the bridges that exist now (a guest
+/// attached to its group's bridge is started only once that bridge exists).
+#[derive(Default)]
+pub struct NetState {
+    bridges: RwLock<HashSet<String>>,
+}
+
+impl NetState {
+    pub fn has_bridge(&self, name: &str) -> bool {
+        self.bridges.read().expect("poisoned").contains(name)
+    }
+}
+
+pub struct NetConfig {
+    pub host: String,
+    pub site: String,
+    pub dataplane: dataplane::Dataplane,
+    pub verify_interval: Duration,
+}
+
+/// Follow a monitor command's output, poking the loop on every line.
+fn spawn_monitor(
+    ns: Option<String>,
+    prog: &'static str,
+    args: &'static [&'static str],
+    tx: mpsc::Sender<()>,
+) {
+    tokio::spawn(async move {
+        loop {
+            // setpriv: the monitor dies with the agent, even on kill -9.
+            let mut cmd = tokio::process::Command::new("setpriv");
+            cmd.args(["--pdeathsig", "KILL"]);
+            if let Some(ns) = &ns {
+                cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}"));
+            }
+            cmd.arg(prog);
+            cmd.args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true);
+            if let Ok(mut child) = cmd.spawn()
+                && let Some(out) = child.stdout.take()
+            {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(_)) = lines.next_line().await {
+                    let _ = tx.try_send(());
+                }
+                let _ = child.kill().await;
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+pub async fn run(
+    client: Client,
+    cfg: NetConfig,
+    state: Arc<NetState>,
+    metrics: Metrics,
+    health: Health,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let (ng_store, ng_writer) = reflector::store::<NetworkGroup>();
+    let (vn_store, vn_writer) = reflector::store::<VirtualNode>();
+    let (site_store, site_writer) = reflector::store::<Site>();
+    let ngs = reflector(
+        ng_writer,
+        watcher(
+            Api::<NetworkGroup>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each({
+        let tx = tx.clone();
+        move |_| {
+            let _ = tx.try_send(());
+            futures::future::ready(())
+        }
+    });
+    let vns = reflector(
+        vn_writer,
+        watcher(
+            Api::<VirtualNode>::all(client.clone()),
+            watcher::Config::default()
+                .labels(&format!("{}={}", labels::HOST, cfg.host))
+                .any_semantic(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each({
+        let tx = tx.clone();
+        move |_| {
+            let _ = tx.try_send(());
+            futures::future::ready(())
+        }
+    });
+    let sites = reflector(
+        site_writer,
+        watcher(
+            Api::<Site>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", cfg.site)),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each({
+        let tx = tx.clone();
+        move |_| {
+            let _ = tx.try_send(());
+            futures::future::ready(())
+        }
+    });
+    let watches = tokio::spawn(async move {
+        tokio::join!(ngs, vns, sites);
+    });
+    spawn_monitor(
+        cfg.dataplane.netns.clone(),
+        "ip",
+        &["monitor", "link"],
+        tx.clone(),
+    );
+    spawn_monitor(
+        cfg.dataplane.netns.clone(),
+        "nft",
+        &["monitor", "ruleset"],
+        tx.clone(),
+    );
+    let _ = tokio::join!(ng_store.wait_until_ready(), vn_store.wait_until_ready());
+    tracing::info!(host = %cfg.host, "network reconciler started");
+    let mut tick = tokio::time::interval(cfg.verify_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
+    let mut last_error: Option<String> = None;
+    loop {
+        let poked = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = tick.tick() => false,
+            _ = rx.recv() => true,
+        };
+        if poked {
+            // Let a burst of changes settle into one pass.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
+        }
+        health.beat("network-reconcile", cfg.verify_interval * 5);
+        let groups = ng_store.state();
+        let nodes = vn_store.state();
+        let site = site_store.state().into_iter().next();
+        let external = site.as_ref().and_then(|s| s.spec.external_network.clone());
+        let prefix = cfg.dataplane.router_prefix.clone();
+        let p = plan::plan(&plan::Inputs {
+            host: &cfg.host,
+            netns_prefix: &prefix,
+            groups: &groups,
+            nodes: &nodes,
+            external: external.as_ref(),
+            underlay: cfg.dataplane.underlay,
+        });
+        let started = Instant::now();
+        match cfg.dataplane.apply(&p).await {
+            Ok(ch) => {
+                let n = ch.total();
+                if n > 0 {
+                    metrics.network_changes.inc_by(n as u64);
+                    if first {
+                        tracing::info!(
+                            ?ch,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "network converged"
+                        );
+                    } else {
+                        tracing::info!(
+                            ?ch,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "network repaired or updated"
+                        );
+                    }
+                }
+                *state.bridges.write().expect("poisoned") =
+                    p.segments.values().map(|s| s.bridge.clone()).collect();
+                first = false;
+                last_error = None;
+            }
+            Err(e) => {
+                metrics.network_errors.inc();
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!(error = %msg, "network pass failed; retrying");
+                }
+                last_error = Some(msg);
+                // Retry soon, not at the next tick.
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    watches.abort();
+}
