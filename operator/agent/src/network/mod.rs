@@ -44,6 +44,16 @@ pub struct NetConfig {
     pub verify_interval: Duration,
 }
 
+/// Drive a watch stream, poking the loop on every item it yields.
+async fn poke_on<T>(stream: impl futures::Stream<Item = T>, tx: mpsc::Sender<()>) {
+    stream
+        .for_each(|_| {
+            let _ = tx.try_send(());
+            futures::future::ready(())
+        })
+        .await
+}
+
 /// Follow a monitor command's output, poking the loop on every line.
 fn spawn_monitor(
     ns: Option<String>,
@@ -101,14 +111,7 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .applied_objects()
-    .for_each({
-        let tx = tx.clone();
-        move |_| {
-            let _ = tx.try_send(());
-            futures::future::ready(())
-        }
-    });
+    .applied_objects();
     let vns = reflector(
         vn_writer,
         watcher(
@@ -119,14 +122,7 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .touched_objects()
-    .for_each({
-        let tx = tx.clone();
-        move |_| {
-            let _ = tx.try_send(());
-            futures::future::ready(())
-        }
-    });
+    .touched_objects();
     let sites = reflector(
         site_writer,
         watcher(
@@ -135,17 +131,12 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .applied_objects()
-    .for_each({
-        let tx = tx.clone();
-        move |_| {
-            let _ = tx.try_send(());
-            futures::future::ready(())
-        }
-    });
-    let watches = tokio::spawn(async move {
-        tokio::join!(ngs, vns, sites);
-    });
+    .applied_objects();
+    let watches = tokio::spawn(futures::future::join3(
+        poke_on(ngs, tx.clone()),
+        poke_on(vns, tx.clone()),
+        poke_on(sites, tx.clone()),
+    ));
     spawn_monitor(
         cfg.dataplane.netns.clone(),
         "ip",

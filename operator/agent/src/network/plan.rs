@@ -510,9 +510,12 @@ mod tests {
         })
     }
 
-    #[test]
-    fn host_plan_is_deterministic_and_complete() {
-        let groups = vec![ng(status())];
+    /// One group with a router on h1, a worker on h1, the external network.
+    fn fixture() -> (
+        Vec<Arc<NetworkGroup>>,
+        Vec<Arc<VirtualNode>>,
+        ExternalNetwork,
+    ) {
         let nodes = vec![vn(
             "c-w-0",
             "0123abcd-ef45-6789",
@@ -524,6 +527,12 @@ mod tests {
             gateway: Some("203.0.113.1".into()),
             interface: Some("ext0".into()),
         };
+        (vec![ng(status())], nodes, ext)
+    }
+
+    #[test]
+    fn host_plan_is_deterministic_and_complete() {
+        let (groups, nodes, ext) = fixture();
         let inp = Inputs {
             host: "h1",
             netns_prefix: "yk-",
@@ -593,18 +602,7 @@ mod tests {
             eprintln!("skipped: nft -c needs CAP_NET_ADMIN");
             return;
         }
-        let groups = vec![ng(status())];
-        let nodes = vec![vn(
-            "c-w-0",
-            "0123abcd-ef45-6789",
-            "10.0.0.9",
-            "02:00:00:00:00:09",
-        )];
-        let ext = ExternalNetwork {
-            cidr: "203.0.113.0/24".into(),
-            gateway: Some("203.0.113.1".into()),
-            interface: Some("ext0".into()),
-        };
+        let (groups, nodes, ext) = fixture();
         let p = plan(&Inputs {
             host: "h1",
             netns_prefix: "yk-",

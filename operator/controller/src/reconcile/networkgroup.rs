@@ -304,13 +304,13 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     };
     let mut problems: Vec<(&str, String)> = Vec::new();
     let mut pending = ctx.placements.lock().await;
+    let all_groups = ctx.stores.network_groups.state();
     if !verdict.is_stalled() {
         pending.prune(&ctx.stores);
         let uid = ng.metadata.uid.clone().unwrap_or_default();
         let same = |o: &NetworkGroup| {
             o.spec.home_site == ng.spec.home_site && o.spec.segment.type_ == ng.spec.segment.type_
         };
-        let all_groups = ctx.stores.network_groups.state();
         // Segment ids are unique per Site and type: chosen under the placement
         // lock against the cache plus choices not yet in it, and persisted in
         // the status before any host uses them.
@@ -440,8 +440,8 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         status.allocations = addrs.allocations;
         // Public IPs: unique per Site, under the placement lock.
         let mut taken_public: BTreeMap<String, String> = BTreeMap::new();
-        for o in &all_groups_of_site(&ctx, &ng) {
-            if o.metadata.uid == ng.metadata.uid {
+        for o in &all_groups {
+            if o.metadata.uid == ng.metadata.uid || o.spec.home_site != ng.spec.home_site {
                 continue;
             }
             let holder = format!(
@@ -524,7 +524,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
             .map(|h| (h.name_any(), host_ready(h)))
             .collect();
         let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
-        for o in ctx.stores.network_groups.state() {
+        for o in &all_groups {
             if o.metadata.uid == ng.metadata.uid {
                 continue;
             }
@@ -631,15 +631,6 @@ fn segment_name(ng: &NetworkGroup, id: Option<u32>) -> String {
         SegmentType::Vxlan => "vxlan",
     };
     format!("{kind}:{}", id.unwrap_or(0))
-}
-
-fn all_groups_of_site(ctx: &Ctx, ng: &NetworkGroup) -> Vec<Arc<NetworkGroup>> {
-    ctx.stores
-        .network_groups
-        .state()
-        .into_iter()
-        .filter(|o| o.spec.home_site == ng.spec.home_site)
-        .collect()
 }
 
 #[cfg(test)]
