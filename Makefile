@@ -2,7 +2,7 @@
 #   make up      build, start the local environment, apply the quickstart
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end
-#   make bench   the compute benchmark (figures and ratios; target/bench/compute.json)
+#   make bench   the compute and network benchmarks (figures and ratios; target/bench/{compute,network}.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# `make bench`: the compute benchmark. Starts a private environment (its own
-# directory and ports) with 2 simulated libvirt hosts for real guests and 20
-# agents on their own in-process test:///default hypervisors (site "bench"),
-# runs target/release/yukumo-bench against it, and removes the environment
+# `make bench`: the compute and network benchmarks.
+#
+# Compute: starts a private environment (its own directory and ports) with 2
+# simulated libvirt hosts for real guests and 20 agents on their own
+# in-process test:///default hypervisors (site "bench"), runs
+# target/release/yukumo-bench against it, and removes the environment
 # afterwards, also on failure. Results: target/bench/compute.json.
+# Network: target/release/yukumo-netbench programs 1,000 NetworkGroups with
+# 10,000 public-IP mappings into one simulated router host (namespaces it
+# creates and removes itself) against raw ip/nft batches.
+# Results: target/bench/network.json. YUKUMO_BENCH_ONLY=network|compute runs one.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$ROOT/target/bench"
+if [ "${YUKUMO_BENCH_ONLY:-}" != compute ]; then
+  "$ROOT/target/release/yukumo-netbench" --out "$ROOT/target/bench/network.json"
+fi
+[ "${YUKUMO_BENCH_ONLY:-}" = network ] && exit 0
 WORK=$(mktemp -d /tmp/yukumo-bench.XXXXXX)
 export YUKUMO_ENV_DIR=$WORK/env
 AGENTS=${YUKUMO_BENCH_AGENTS:-20}

@@ -454,12 +454,18 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     // Repair of hand-made damage, each within 5 s.
     let hns = host_ns(&env, &aw.host);
     let seg = ng_status(&env, "neta")["segmentId"].as_u64().unwrap();
-    in_ns(&hns, &["nft", "flush", "ruleset"]);
+    assert!(
+        in_ns(&hns, &["nft", "flush", "ruleset"]).1,
+        "flushed the host"
+    );
     wait_repaired("nft flush ruleset on a host", || {
         let (t, ok) = in_ns(&hns, &["nft", "list", "table", "bridge", "yukumo"]);
         ok && t.contains(&aw.mac)
     });
-    in_ns(&hns, &["ip", "link", "del", &format!("ykbr{seg}")]);
+    assert!(
+        in_ns(&hns, &["ip", "link", "del", &format!("ykbr{seg}")]).1,
+        "deleted the bridge"
+    );
     wait_repaired("a deleted bridge", || {
         in_ns(&hns, &["ip", "link", "show", &format!("ykbr{seg}")]).1
             && in_ns(
@@ -476,14 +482,22 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         aw.pings(&afe.ip),
         "traffic flows again after the bridge was rebuilt"
     );
-    in_ns(&router_ns, &["nft", "flush", "ruleset"]);
+    assert!(
+        in_ns(&router_ns, &["nft", "flush", "ruleset"]).1,
+        "flushed the router"
+    );
     wait_repaired("nft flush ruleset in a router namespace", || {
         let (t, ok) = in_ns(&router_ns, &["nft", "list", "table", "ip", "yukumo"]);
         ok && t.contains(&pub_a)
     });
-    let _ = Command::new("ip")
-        .args(["netns", "del", &router_ns])
-        .status();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &router_ns])
+            .status()
+            .unwrap()
+            .success(),
+        "deleted the router namespace"
+    );
     // The agent recreates the namespace (the old one lives on only while
     // its DHCP server holds it; the agent stops that server) and traffic to
     // the public IP flows through the new one.

@@ -136,16 +136,16 @@ async fn main() -> anyhow::Result<()> {
             host: args.host_name.clone(),
             site: args.site.clone(),
             verify_interval: args.network_verify_interval,
-            dataplane: network::dataplane::Dataplane {
-                router_prefix: match &args.netns {
+            dataplane: network::dataplane::Dataplane::new(
+                args.netns.clone(),
+                match &args.netns {
                     Some(ns) => format!("{ns}-"),
                     None => "yk-".to_string(),
                 },
-                netns: args.netns.clone(),
                 underlay,
-                uplink: args.uplink.clone(),
-                state_dir: args.state_dir.clone(),
-            },
+                args.uplink.clone(),
+                args.state_dir.clone(),
+            ),
         };
         Some(tokio::spawn(network::run(
             client.clone(),

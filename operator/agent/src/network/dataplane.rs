@@ -9,10 +9,15 @@
 //! Only names with yukumo's prefixes (`yk…` links, `<prefix>r<id>`
 //! namespaces, `yukumo` tables) are ever touched.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::StreamExt;
 
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -20,7 +25,7 @@ use tokio::process::Command;
 use yukumo_api::networkgroup::SegmentType;
 
 use super::plan::{
-    HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT, rule_count, ruleset_hash,
+    DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT, rule_count, ruleset_hash,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +38,8 @@ pub enum NetError {
 
 type Result<T> = std::result::Result<T, NetError>;
 
-/// Where the dataplane lives on this host.
-#[derive(Debug, Clone)]
+/// Where the dataplane lives on this host, and what it last applied.
+#[derive(Debug)]
 pub struct Dataplane {
     /// The host's network namespace (simulated hosts); `None`: our own.
     pub netns: Option<String>,
@@ -43,6 +48,36 @@ pub struct Dataplane {
     pub underlay: Option<std::net::Ipv4Addr>,
     pub uplink: Option<String>,
     pub state_dir: PathBuf,
+    /// Router namespace -> hash of the plan last applied to it in full.
+    applied: Mutex<HashMap<String, u64>>,
+    /// Where the next verification slice of routers starts.
+    cursor: AtomicUsize,
+}
+
+/// What a pass looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Something changed (a watched object, a kernel event): the host
+    /// namespace is read and repaired in full; a router is applied when its
+    /// plan changed, its namespace is missing or its veth is not on its
+    /// bridge.
+    Changed,
+    /// The periodic backstop: as `Changed`, and [`ROUTERS_PER_VERIFY`]
+    /// routers (round robin) are read and repaired in full, so hand-made
+    /// damage inside a router namespace is found within
+    /// `interval × ceil(routers / ROUTERS_PER_VERIFY)`.
+    Verify,
+}
+
+/// Routers read in full per verification pass.
+pub const ROUTERS_PER_VERIFY: usize = 64;
+/// Routers applied at once (their commands are mostly process spawns).
+pub const ROUTER_CONCURRENCY: usize = 4;
+
+fn router_hash(r: &RouterPlan) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{r:?}").hash(&mut h);
+    h.finish()
 }
 
 /// What one pass changed.
@@ -60,6 +95,15 @@ impl Changes {
     pub fn total(&self) -> usize {
         self.links + self.fdb + self.tables + self.addresses + self.namespaces + self.dhcp
     }
+
+    fn add(&mut self, o: &Changes) {
+        self.links += o.links;
+        self.fdb += o.fdb;
+        self.tables += o.tables;
+        self.addresses += o.addresses;
+        self.namespaces += o.namespaces;
+        self.dhcp += o.dhcp;
+    }
 }
 
 /// Run `prog args` in namespace `ns` (a name under /run/netns) or here.
@@ -70,6 +114,12 @@ pub async fn run_in(
     stdin: Option<&str>,
 ) -> Result<String> {
     let mut cmd = match ns {
+        // iproute2 enters the namespace itself: one exec instead of two.
+        Some(ns) if prog == "ip" || prog == "bridge" => {
+            let mut c = Command::new(prog);
+            c.args(["-n", ns]);
+            c
+        }
         Some(ns) => {
             let mut c = Command::new("nsenter");
             c.arg(format!("--net=/run/netns/{ns}")).arg(prog);
@@ -188,7 +238,7 @@ struct Fdb {
     dst: Option<String>,
 }
 
-async fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<()> {
+pub async fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
@@ -229,7 +279,7 @@ fn listed_rule_count(listing: &str) -> usize {
 }
 
 /// Replace the yukumo table `family` in `ns` in one transaction.
-async fn replace_table(ns: Option<&str>, family: &str, ruleset: &str) -> Result<()> {
+pub async fn replace_table(ns: Option<&str>, family: &str, ruleset: &str) -> Result<()> {
     let script = format!("table {family} yukumo {{}}\ndelete table {family} yukumo\n{ruleset}");
     run_in(ns, "nft", &["-f", "-"], Some(&script))
         .await
@@ -265,11 +315,29 @@ fn pid_netns_inode(pid: i32) -> Option<u64> {
 }
 
 impl Dataplane {
+    pub fn new(
+        netns: Option<String>,
+        router_prefix: String,
+        underlay: Option<std::net::Ipv4Addr>,
+        uplink: Option<String>,
+        state_dir: PathBuf,
+    ) -> Dataplane {
+        Dataplane {
+            netns,
+            router_prefix,
+            underlay,
+            uplink,
+            state_dir,
+            applied: Mutex::default(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
     fn ns(&self) -> Option<&str> {
         self.netns.as_deref()
     }
 
-    fn router_dir(&self, netns: &str) -> PathBuf {
+    pub fn router_dir(&self, netns: &str) -> PathBuf {
         self.state_dir.join("net").join(netns)
     }
 
@@ -292,7 +360,7 @@ impl Dataplane {
     }
 
     /// Bring the host to `plan`; returns what was changed.
-    pub async fn apply(&self, plan: &HostPlan) -> Result<Changes> {
+    pub async fn apply(&self, plan: &HostPlan, pass: Pass) -> Result<Changes> {
         let mut ch = Changes::default();
         let ns = self.ns();
         let have = links(ns).await?;
@@ -381,15 +449,117 @@ impl Dataplane {
         self.apply_fdb(plan, &mut ch).await?;
 
         // 3. Routers (before guest taps: their veths join the bridges too).
-        let existing = self.existing_routers();
-        for r in plan.routers.values() {
-            self.apply_router(r, &mut ch).await?;
-        }
-        for name in existing {
-            if !plan.routers.values().any(|r| r.netns == name) {
-                self.remove_router(&name).await?;
-                ch.namespaces += 1;
+        // New ones get their namespace and both legs in two batches for all
+        // of them; each is then finished on its own.
+        let existing: BTreeSet<String> = self.existing_routers().into_iter().collect();
+        let fresh: Vec<&RouterPlan> = plan
+            .routers
+            .values()
+            .filter(|r| !existing.contains(&r.netns))
+            .collect();
+        if !fresh.is_empty() {
+            let mut netns_batch = Vec::new();
+            let mut legs = Vec::new();
+            let have = links(ns).await?;
+            for r in &fresh {
+                self.stop_stale_dhcp(r, &mut ch).await;
+                netns_batch.push(format!("netns add {}", r.netns));
+                if have.contains_key(&r.host_veth) {
+                    legs.push(format!("link del {}", r.host_veth));
+                }
+                legs.extend(veth_commands(r));
+                if let Some(w) = &r.wan {
+                    legs.push(macvlan_command(r, &w.parent));
+                }
             }
+            ip_batch(None, &netns_batch).await?;
+            ch.namespaces += netns_batch.len();
+            ch.links += legs.len();
+            ip_batch(ns, &legs).await?;
+        }
+        let host_links = links(ns).await?;
+        let verify: BTreeSet<&str> = if pass == Pass::Verify && !plan.routers.is_empty() {
+            let n = plan.routers.len();
+            let start = self.cursor.fetch_add(ROUTERS_PER_VERIFY, Ordering::Relaxed) % n;
+            plan.routers
+                .values()
+                .cycle()
+                .skip(start)
+                .take(ROUTERS_PER_VERIFY.min(n))
+                .map(|r| r.netns.as_str())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let todo: Vec<(&RouterPlan, u64, bool)> = {
+            let applied = self.applied.lock().expect("poisoned");
+            plan.routers
+                .values()
+                .filter_map(|r| {
+                    let h = router_hash(r);
+                    let fresh = !existing.contains(&r.netns);
+                    let veth_ok = host_links
+                        .get(&r.host_veth)
+                        .is_some_and(|l| l.up() && l.master.as_deref() == Some(r.bridge.as_str()));
+                    let due = fresh
+                        || !veth_ok
+                        || verify.contains(r.netns.as_str())
+                        || applied.get(&r.netns) != Some(&h);
+                    due.then_some((r, h, fresh))
+                })
+                .collect()
+        };
+        // A plain loop, not a closure: the futures hold no closure across
+        // await points (closures over references there are not `Send`).
+        let mut jobs = Vec::with_capacity(todo.len());
+        for (r, h, fresh) in todo {
+            jobs.push(self.router_job(r, h, fresh, &host_links));
+        }
+        let results: Vec<(&RouterPlan, u64, Result<Changes>)> = futures::stream::iter(jobs)
+            .buffer_unordered(ROUTER_CONCURRENCY)
+            .collect()
+            .await;
+        let mut failed = None;
+        {
+            let mut applied = self.applied.lock().expect("poisoned");
+            for (r, h, res) in results {
+                match res {
+                    Ok(c) => {
+                        ch.add(&c);
+                        applied.insert(r.netns.clone(), h);
+                    }
+                    Err(e) => {
+                        applied.remove(&r.netns);
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let stale: Vec<&String> = existing
+            .iter()
+            .filter(|name| !plan.routers.values().any(|r| &r.netns == *name))
+            .collect();
+        let mut jobs = Vec::with_capacity(stale.len());
+        for name in stale {
+            jobs.push(self.remove_router(name));
+        }
+        let removed: Vec<Result<String>> = futures::stream::iter(jobs)
+            .buffer_unordered(ROUTER_CONCURRENCY)
+            .collect()
+            .await;
+        for res in removed {
+            match res {
+                Ok(name) => {
+                    self.applied.lock().expect("poisoned").remove(&name);
+                    ch.namespaces += 1;
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
 
         // 4. Taps: re-joined to their bridge if it was recreated.
@@ -460,11 +630,20 @@ impl Dataplane {
         Ok(())
     }
 
-    async fn apply_router(&self, r: &RouterPlan, ch: &mut Changes) -> Result<()> {
-        let host_ns = self.ns();
-        let rns = Some(r.netns.as_str());
-        // A DHCP server left in a namespace deleted by hand keeps that
-        // namespace (and its WAN addresses) alive: it goes first.
+    async fn router_job<'a>(
+        &self,
+        r: &'a RouterPlan,
+        hash: u64,
+        fresh: bool,
+        host: &BTreeMap<String, Link>,
+    ) -> (&'a RouterPlan, u64, Result<Changes>) {
+        (r, hash, self.apply_router(r, fresh, host).await)
+    }
+
+    /// Stop a DHCP server left running in a router namespace that was
+    /// deleted by hand (it keeps that namespace, and its WAN addresses,
+    /// alive).
+    async fn stop_stale_dhcp(&self, r: &RouterPlan, ch: &mut Changes) {
         let pid_file = self.router_dir(&r.netns).join("dnsmasq.pid");
         if let Some(pid) = read_pid(&pid_file).filter(|p| is_our_dnsmasq(*p, &pid_file))
             && pid_netns_inode(pid) != netns_inode(&r.netns)
@@ -472,34 +651,57 @@ impl Dataplane {
             stop_pid(pid).await;
             ch.dhcp += 1;
         }
-        if netns_inode(&r.netns).is_none() {
-            run_in(None, "ip", &["netns", "add", &r.netns], None).await?;
-            ip_batch(rns, &["link set lo up".to_string()]).await?;
-            ch.namespaces += 1;
+    }
+
+    /// Bring one router to its plan. `fresh`: this pass just made its
+    /// namespace and both legs, so nothing inside it is read.
+    async fn apply_router(
+        &self,
+        r: &RouterPlan,
+        fresh: bool,
+        host: &BTreeMap<String, Link>,
+    ) -> Result<Changes> {
+        let mut ch = Changes::default();
+        let host_ns = self.ns();
+        let rns = Some(r.netns.as_str());
+        let mut empty = fresh;
+        if !fresh {
+            self.stop_stale_dhcp(r, &mut ch).await;
+            if netns_inode(&r.netns).is_none() {
+                run_in(None, "ip", &["netns", "add", &r.netns], None).await?;
+                ch.namespaces += 1;
+                empty = true;
+            }
         }
-        let forwarding = run_in(rns, "sysctl", &["-n", "net.ipv4.ip_forward"], None).await?;
-        if forwarding.trim() != "1" {
-            run_in(rns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], None).await?;
+        if empty
+            || sysctl_in(&r.netns, "net/ipv4/ip_forward", None)
+                .await?
+                .trim()
+                != "1"
+        {
+            sysctl_in(&r.netns, "net/ipv4/ip_forward", Some("1")).await?;
         }
-        let inner = links(rns).await?;
-        let host = links(host_ns).await?;
+        let inner = if empty {
+            BTreeMap::new()
+        } else {
+            links(rns).await?
+        };
         let mut host_batch = Vec::new();
         let mut batch = Vec::new();
+        if empty {
+            batch.push("link set lo up".to_string());
+        }
         // The LAN leg: a veth from the group's bridge into the namespace.
-        if !inner.contains_key(ROUTER_LAN) || !host.contains_key(&r.host_veth) {
+        if fresh {
+            batch.push(format!("link set {ROUTER_LAN} up"));
+        } else if !inner.contains_key(ROUTER_LAN) || !host.contains_key(&r.host_veth) {
             if host.contains_key(&r.host_veth) {
                 host_batch.push(format!("link del {}", r.host_veth));
             }
             if inner.contains_key(ROUTER_LAN) {
-                batch.push(format!("link del {ROUTER_LAN}"));
+                ip_batch(rns, &[format!("link del {ROUTER_LAN}")]).await?;
             }
-            ip_batch(rns, &batch).await?;
-            batch.clear();
-            host_batch.push(format!(
-                "link add {} mtu {} type veth peer name {ROUTER_LAN} mtu {} netns {}",
-                r.host_veth, r.mtu, r.mtu, r.netns
-            ));
-            host_batch.push(format!("link set {} master {} up", r.host_veth, r.bridge));
+            host_batch.extend(veth_commands(r));
             batch.push(format!("link set {ROUTER_LAN} up"));
         } else {
             let hv = &host[&r.host_veth];
@@ -513,11 +715,9 @@ impl Dataplane {
         }
         // The WAN leg: a macvlan on the host's external interface.
         match &r.wan {
+            Some(_) if fresh => batch.push(format!("link set {ROUTER_WAN} up")),
             Some(w) if !inner.contains_key(ROUTER_WAN) => {
-                host_batch.push(format!(
-                    "link add {ROUTER_WAN} link {} netns {} type macvlan mode bridge",
-                    w.parent, r.netns
-                ));
+                host_batch.push(macvlan_command(r, &w.parent));
                 batch.push(format!("link set {ROUTER_WAN} up"));
             }
             Some(_) if !inner[ROUTER_WAN].up() => batch.push(format!("link set {ROUTER_WAN} up")),
@@ -527,10 +727,18 @@ impl Dataplane {
         }
         ch.links += host_batch.len() + batch.len();
         ip_batch(host_ns, &host_batch).await?;
-        ip_batch(rns, &batch).await?;
-        // Addresses and the default route.
-        let have_addrs = addresses(rns).await?;
-        let mut batch = Vec::new();
+        // Addresses and the default route: in an empty namespace in the
+        // same batch as its links, otherwise diffed against what is there
+        // now (a recreated leg has lost its addresses).
+        if !empty {
+            ip_batch(rns, &batch).await?;
+            batch.clear();
+        }
+        let have_addrs = if empty {
+            BTreeMap::new()
+        } else {
+            addresses(rns).await?
+        };
         let mut want: Vec<(&str, BTreeSet<String>)> =
             vec![(ROUTER_LAN, BTreeSet::from([r.lan.clone()]))];
         if let Some(w) = &r.wan {
@@ -540,22 +748,26 @@ impl Dataplane {
             let cur = have_addrs.get(*dev).cloned().unwrap_or_default();
             for a in cur.difference(addrs) {
                 batch.push(format!("addr del {a} dev {dev}"));
+                ch.addresses += 1;
             }
             for a in addrs.difference(&cur) {
                 batch.push(format!("addr add {a} dev {dev}"));
+                ch.addresses += 1;
             }
         }
-        ch.addresses += batch.len();
         if let Some(gw) = r.wan.as_ref().and_then(|w| w.gateway.as_ref()) {
-            let routes = run_in(rns, "ip", &["-j", "route", "show", "default"], None).await?;
-            let ok = serde_json::from_str::<serde_json::Value>(&routes)
-                .ok()
-                .and_then(|v| v.as_array().cloned())
-                .is_some_and(|a| {
-                    a.iter().any(|r| {
-                        r["gateway"].as_str() == Some(gw) && r["dev"].as_str() == Some(ROUTER_WAN)
+            let ok = !empty && {
+                let routes = run_in(rns, "ip", &["-j", "route", "show", "default"], None).await?;
+                serde_json::from_str::<serde_json::Value>(&routes)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .is_some_and(|a| {
+                        a.iter().any(|r| {
+                            r["gateway"].as_str() == Some(gw)
+                                && r["dev"].as_str() == Some(ROUTER_WAN)
+                        })
                     })
-                });
+            };
             if !ok {
                 batch.push(format!("route replace default via {gw} dev {ROUTER_WAN}"));
                 ch.addresses += 1;
@@ -563,12 +775,28 @@ impl Dataplane {
         }
         ip_batch(rns, &batch).await?;
         // NAT and firewall.
-        if !table_current(rns, "ip", &r.ruleset).await {
+        if empty || !table_current(rns, "ip", &r.ruleset).await {
             replace_table(rns, "ip", &r.ruleset).await?;
             ch.tables += 1;
         }
         // DHCP.
-        self.apply_dhcp(r, ch).await
+        self.apply_dhcp(r, &mut ch).await?;
+        Ok(ch)
+    }
+
+    /// The DHCP server's command line for a router, and where its files
+    /// are (`<state>/net/<netns>/`: pid, leases, hosts, args).
+    pub fn dnsmasq_args(&self, r: &RouterPlan, d: &DhcpPlan) -> Vec<String> {
+        let dir = self.router_dir(&r.netns);
+        let mut args: Vec<String> = vec![
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            format!("--dhcp-leasefile={}", dir.join("leases").display()),
+            format!("--dhcp-hostsfile={}", dir.join("hosts").display()),
+        ];
+        args.extend(d.args.iter().cloned());
+        args
     }
 
     async fn apply_dhcp(&self, r: &RouterPlan, ch: &mut Changes) -> Result<()> {
@@ -590,14 +818,7 @@ impl Dataplane {
         std::fs::create_dir_all(&dir)?;
         let hosts_file = dir.join("hosts");
         let args_file = dir.join("args");
-        let mut args: Vec<String> = vec![
-            "--conf-file=/dev/null".into(),
-            "--user=root".into(),
-            format!("--pid-file={}", pid_file.display()),
-            format!("--dhcp-leasefile={}", dir.join("leases").display()),
-            format!("--dhcp-hostsfile={}", hosts_file.display()),
-        ];
-        args.extend(d.args.iter().cloned());
+        let args = self.dnsmasq_args(r, d);
         let args_text = args.join("\n");
         let hosts_changed =
             std::fs::read_to_string(&hosts_file).ok().as_deref() != Some(d.hosts.as_str());
@@ -630,7 +851,7 @@ impl Dataplane {
         Ok(())
     }
 
-    async fn remove_router(&self, netns: &str) -> Result<()> {
+    async fn remove_router(&self, netns: &str) -> Result<String> {
         let dir = self.router_dir(netns);
         let pid_file = dir.join("dnsmasq.pid");
         if let Some(pid) = read_pid(&pid_file).filter(|p| is_our_dnsmasq(*p, &pid_file)) {
@@ -638,8 +859,59 @@ impl Dataplane {
         }
         run_in(None, "ip", &["netns", "del", netns], None).await?;
         let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
+        Ok(netns.to_string())
     }
+}
+
+/// A router's LAN leg: a veth from its group's bridge into its namespace.
+fn veth_commands(r: &RouterPlan) -> [String; 2] {
+    [
+        format!(
+            "link add {} mtu {} type veth peer name {ROUTER_LAN} mtu {} address {} netns {}",
+            r.host_veth, r.mtu, r.mtu, r.lan_mac, r.netns
+        ),
+        format!("link set {} master {} up", r.host_veth, r.bridge),
+    ]
+}
+
+/// A router's WAN leg: a macvlan on the host's external interface.
+fn macvlan_command(r: &RouterPlan, parent: &str) -> String {
+    format!(
+        "link add {ROUTER_WAN} link {parent} address {} netns {} type macvlan mode bridge",
+        r.wan_mac, r.netns
+    )
+}
+
+/// Read (`value` None) or write a sysctl under /proc/sys of namespace `ns`,
+/// from a short-lived thread that enters it: no process spawned.
+pub async fn sysctl_in(ns: &str, key: &str, value: Option<&str>) -> Result<String> {
+    let (ns, key, value) = (ns.to_string(), key.to_string(), value.map(str::to_string));
+    let what = format!("sysctl {key} in {ns}");
+    let res = tokio::task::spawn_blocking(move || {
+        std::thread::scope(|sc| {
+            sc.spawn(|| -> std::io::Result<String> {
+                let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let path = format!("/proc/sys/{key}");
+                match &value {
+                    Some(v) => std::fs::write(&path, v).map(|_| v.clone()),
+                    None => std::fs::read_to_string(&path),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
+        })
+    })
+    .await
+    .map_err(|e| NetError::Command {
+        cmd: what.clone(),
+        msg: e.to_string(),
+    })?;
+    res.map_err(|e| NetError::Command {
+        cmd: what,
+        msg: e.to_string(),
+    })
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
@@ -662,11 +934,23 @@ fn is_our_dnsmasq(pid: i32, pid_file: &Path) -> bool {
         .unwrap_or(false)
 }
 
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            st.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 async fn stop_pid(pid: i32) {
     let p = nix::unistd::Pid::from_raw(pid);
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
     for _ in 0..50 {
-        if nix::sys::signal::kill(p, None).is_err() {
+        // Gone, or a zombie (dnsmasq daemonizes: it is not our child, and
+        // whoever reaps it may be slow).
+        if nix::sys::signal::kill(p, None).is_err() || is_zombie(pid) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

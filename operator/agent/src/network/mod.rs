@@ -4,11 +4,11 @@
 //! watched NetworkGroups, this host's VirtualNodes and its Site, and applies
 //! it with [`dataplane::Dataplane`]. It runs on every change of those
 //! objects, on every kernel change `ip monitor` and `nft monitor` report in
-//! the host's namespace, and every `verify_interval` as a backstop (router
-//! namespaces, hand-flushed tables inside them).
+//! the host's namespace, and every `verify_interval` as a backstop that also
+//! reads up to [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in full
+//! (hand-made damage inside them).
 
-pub mod dataplane;
-pub mod plan;
+pub use yukumo_agent::network::{dataplane, plan};
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -181,7 +181,12 @@ pub async fn run(
             underlay: cfg.dataplane.underlay,
         });
         let started = Instant::now();
-        match cfg.dataplane.apply(&p).await {
+        let pass = if poked {
+            dataplane::Pass::Changed
+        } else {
+            dataplane::Pass::Verify
+        };
+        match cfg.dataplane.apply(&p, pass).await {
             Ok(ch) => {
                 let n = ch.total();
                 if n > 0 {

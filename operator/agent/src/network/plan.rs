@@ -99,6 +99,11 @@ pub struct RouterPlan {
     pub bridge: String,
     /// Gateway `address/prefix` on the segment.
     pub lan: String,
+    /// MACs of the two legs, derived from the group: a router rebuilt or
+    /// moved answers with the same MAC, so no guest's or upstream
+    /// neighbour cache points at a MAC that no longer exists.
+    pub lan_mac: String,
+    pub wan_mac: String,
     pub mtu: u32,
     pub wan: Option<WanPlan>,
     /// The complete `table ip yukumo` of the router namespace.
@@ -130,6 +135,15 @@ fn hash_of(s: &str) -> String {
     let mut h = Sha256::new();
     h.update(s.as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// A locally administered unicast MAC derived from `seed`.
+fn derived_mac(seed: &str) -> String {
+    let h = Sha256::digest(seed.as_bytes());
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[0], h[1], h[2], h[3], h[4]
+    )
 }
 
 fn prefix_of(cidr: &str) -> Option<u8> {
@@ -260,9 +274,12 @@ fn router_plan(inp: &Inputs, g: &NetworkGroup, id: u32, mtu: u32) -> Option<Rout
     };
     let ruleset = router_ruleset(g, &maps, router_addr.as_deref().filter(|_| wan.is_some()));
     let dhcp = dhcp_plan(g, &gw, prefix, mtu);
+    let group = format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any());
     Some(RouterPlan {
         id,
-        group: format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any()),
+        lan_mac: derived_mac(&format!("yukumo-router-lan:{group}")),
+        wan_mac: derived_mac(&format!("yukumo-router-wan:{group}")),
+        group,
         netns: router_netns(inp.netns_prefix, id),
         host_veth: router_veth_name(id),
         bridge: bridge_name(id),
@@ -584,6 +601,25 @@ mod tests {
         );
         assert_eq!(ruleset_hash(&r.ruleset).map(str::len), Some(16));
         assert!(rule_count(&p.guard) >= 7, "{}", p.guard);
+        // The router's legs have MACs of their own, locally administered,
+        // the same on any host that runs it (a moved router keeps them).
+        assert!(r.lan_mac.starts_with("02:") && r.wan_mac.starts_with("02:"));
+        assert_ne!(r.lan_mac, r.wan_mac);
+        let moved = Inputs {
+            host: "h9",
+            netns_prefix: "h9-",
+            nodes: &[],
+            ..inp
+        };
+        let mut g = (*groups[0]).clone();
+        g.status.as_mut().unwrap().router.as_mut().unwrap().host = "h9".into();
+        let moved_groups = [Arc::new(g)];
+        let moved = plan(&Inputs {
+            groups: &moved_groups,
+            ..moved
+        });
+        let m = &moved.routers[&1000];
+        assert_eq!((&m.lan_mac, &m.wan_mac), (&r.lan_mac, &r.wan_mac));
         // Another host with no member and no router has nothing.
         let other = Inputs {
             host: "h9",
