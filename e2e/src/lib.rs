@@ -32,6 +32,21 @@ impl Env {
         }
     }
 
+    /// The simulated hosts (with libvirtd and networking), sorted:
+    /// `host-1`, `host-2`, ... (test-driver agents are not among them).
+    pub fn hosts(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.join("hosts"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().join("netns").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig")
     }

@@ -422,7 +422,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let mut procs = vec!["controller-1".to_string()];
-    for h in ["host-1", "host-2"] {
+    for h in env.hosts() {
         procs.push(format!("agent-{h}"));
     }
     for name in &procs {
@@ -432,8 +432,8 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     }
     std::thread::sleep(Duration::from_millis(500));
     env.env_sh(&["start-controller", "1"]).unwrap();
-    for h in ["host-1", "host-2"] {
-        env.env_sh(&["start-agent", h]).unwrap();
+    for h in env.hosts() {
+        env.env_sh(&["start-agent", &h]).unwrap();
     }
     let out = outside_ping.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -448,7 +448,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         "guest -> guest lost packets: {guest_ping}"
     );
     println!(
-        "kill -9 of controller and both agents: 0/100 lost outside->public IP, 0/100 lost guest->guest"
+        "kill -9 of the controller and every agent: 0/100 lost outside->public IP, 0/100 lost guest->guest"
     );
 
     // Repair of hand-made damage, each within 5 s.
@@ -522,6 +522,20 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     // Stop and start: the same nodes come back with the same addresses,
     // by DHCP in the new boot.
     let before = guests(&env, "neta");
+    let boots: BTreeMap<String, (usize, usize)> = before
+        .iter()
+        .map(|(name, g)| {
+            let c = console(&env, g);
+            let line = format!("YUKUMO-GUEST dhcp={}/24", g.ip);
+            (
+                name.clone(),
+                (
+                    c.matches(&line).count(),
+                    c.matches("YUKUMO-GUEST ready").count(),
+                ),
+            )
+        })
+        .collect();
     set_running(&env, "neta", false);
     wait_for(Duration::from_secs(90), "neta stopped", || {
         let vc = env.get_json(&["-n", "neta", "get", "vc", "c"]);
@@ -533,27 +547,28 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     .unwrap();
     set_running(&env, "neta", true);
     for (name, g) in &before {
-        let (out, took) = wait_for(
+        // The console log is appended across boots: the new boot's DHCP
+        // line is one more.
+        let line = format!("YUKUMO-GUEST dhcp={}/24", g.ip);
+        let (_, took) = wait_for(
             Duration::from_secs(180),
             &format!("{name} booted again with its address"),
-            || match guest_sh(
-                &g.socket(),
-                "cut -d. -f1 /proc/uptime; ip -4 -o addr show eth0",
-                Duration::from_secs(5),
-            ) {
-                Ok((out, 0)) if out.contains(&format!("{}/24", g.ip)) => Ok(out),
-                Ok((out, rc)) => Err(format!("rc {rc}: {out}")),
-                Err(e) => Err(e.to_string()),
+            || {
+                let c = console(&env, g);
+                let (dhcp, ready) = (
+                    c.matches(&line).count(),
+                    c.matches("YUKUMO-GUEST ready").count(),
+                );
+                if dhcp > boots[name].0 && ready > boots[name].1 {
+                    Ok(())
+                } else {
+                    Err(format!("{dhcp} DHCP lines, {ready} boots"))
+                }
             },
         )
         .unwrap();
-        let uptime: u64 = out
-            .lines()
-            .find_map(|l| l.trim().parse().ok())
-            .unwrap_or(u64::MAX);
-        assert!(uptime < 300, "{name} was not restarted (uptime {uptime} s)");
         println!(
-            "stop/start: {name} back on {} with {} ({:.1}s after start)",
+            "stop/start: {name} booted again on {} and got {} by DHCP ({:.1}s after start)",
             g.host,
             g.ip,
             took.as_secs_f64()
@@ -598,12 +613,12 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     // file or DHCP server on any host.
     env.kubectl_ok(&["delete", "namespace", "neta", "netb", "--wait=false"])
         .unwrap();
-    let hosts = ["host-1", "host-2"];
+    let hosts = env.hosts();
     let (_, took) = wait_for(
         Duration::from_secs(120),
         "nothing left on the hosts",
         || {
-            for h in hosts {
+            for h in &hosts {
                 let hns = host_ns(&env, h);
                 let (links, _) = in_ns(&hns, &["ip", "-o", "link", "show"]);
                 if let Some(l) = links.lines().find(|l| l.contains(": yk")) {
@@ -650,6 +665,129 @@ fn set_running(env: &Env, ns: &str, running: bool) {
         "-p",
         &format!("{{\"spec\":{{\"running\":{running}}}}}"),
     ])
+    .unwrap();
+}
+
+/// A router host is lost (its agent killed, its external and underlay
+/// links down): the group's router moves to another gateway host, egress
+/// and DNAT work again through it, and when the host returns its stale
+/// router namespace is removed.
+#[test]
+fn a_router_moves_when_its_host_is_lost() {
+    let env = Env::get();
+    let grace: u64 = 6;
+    env.set_site_grace(grace);
+    let p = prefix(&env);
+    let client = format!("{p}-client");
+    env.apply(&tenant("netmove"));
+    let gs = wait_dhcp(&env, "netmove");
+    let st = ng_status(&env, "netmove");
+    let seg = st["segmentId"].as_u64().unwrap();
+    let lost = st["router"]["host"].as_str().unwrap().to_string();
+    let pub_ip = st["publicIPs"][0]["address"].as_str().unwrap().to_string();
+    // A guest that is not on the router's host probes egress.
+    let probe = gs
+        .values()
+        .find(|g| g.host != lost)
+        .expect("a guest off the router's host")
+        .clone();
+    let fe = gs["c-frontend"].clone();
+    assert!(probe.pings("203.0.113.1"), "egress before the loss");
+
+    let lost_ns = host_ns(&env, &lost);
+    env.env_sh(&["stop", &format!("agent-{lost}"), "--signal", "KILL"])
+        .unwrap();
+    for l in ["ext0", "ul0"] {
+        assert!(in_ns(&lost_ns, &["ip", "link", "set", l, "down"]).1);
+    }
+    let start = Instant::now();
+    let (moved_to, took) = wait_for(
+        Duration::from_secs(grace + 60),
+        "the router on another host",
+        || {
+            let h = ng_status(&env, "netmove")["router"]["host"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if !h.is_empty() && h != lost {
+                Ok(h)
+            } else {
+                Err(h)
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "router moved from {lost} to {moved_to} {:.1}s after the host was lost (grace {grace}s)",
+        took.as_secs_f64()
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "egress through the new router",
+        || {
+            if probe.sh("ping -c 1 -W 1 203.0.113.1 >/dev/null").1 == 0 {
+                Ok(())
+            } else {
+                Err("no reply".into())
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "egress from {} ({}) works again {:.1}s after the loss",
+        probe.ip,
+        probe.host,
+        start.elapsed().as_secs_f64()
+    );
+    if fe.host != lost {
+        let (_, took) = wait_for(
+            Duration::from_secs(30),
+            "DNAT through the new router",
+            || {
+                if in_ns(&client, &["busybox", "ping", "-c", "1", "-W", "1", &pub_ip]).1 {
+                    Ok(())
+                } else {
+                    Err("no reply".into())
+                }
+            },
+        )
+        .unwrap();
+        println!(
+            "the outside reaches {pub_ip} (frontend on {}) through the new router ({:.1}s more)",
+            fe.host,
+            took.as_secs_f64()
+        );
+    }
+
+    // The host returns: its agent removes the router it no longer runs.
+    for l in ["ext0", "ul0"] {
+        assert!(in_ns(&lost_ns, &["ip", "link", "set", l, "up"]).1);
+    }
+    env.env_sh(&["start-agent", &lost]).unwrap();
+    let stale = format!("/run/netns/{lost_ns}-r{seg}");
+    let (_, took) = wait_for(Duration::from_secs(60), "the stale router removed", || {
+        if std::path::Path::new(&stale).exists() {
+            Err(stale.clone())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    println!(
+        "{lost} returned: its stale router namespace was removed after {:.1}s",
+        took.as_secs_f64()
+    );
+    assert!(probe.pings("203.0.113.1"), "egress still works");
+    env.set_site_grace(20);
+    env.kubectl_ok(&["delete", "namespace", "netmove", "--wait=false"])
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the lost host Ready again", || {
+        let h = env.get_json(&["get", "host", &lost]);
+        match condition(&h, "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(()),
+            c => Err(format!("{c:?}")),
+        }
+    })
     .unwrap();
 }
 

@@ -253,7 +253,7 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     env.kubectl_ok(&["-n", ns, "delete", "vc", "tiny", "--wait=true"])
         .unwrap();
     let (_, took) = wait_for(Duration::from_secs(90), "domains and files gone", || {
-        for h in ["host-1", "host-2"] {
+        for h in env.hosts().iter().map(String::as_str) {
             let list = virsh(&env, h, &["list", "--all", "--name"]);
             if list.lines().any(|l| l.starts_with("yk-")) {
                 return Err(format!("{h}: {list}"));
@@ -299,7 +299,7 @@ fn a_wrong_image_checksum_is_reported_and_leaves_no_file() {
     .unwrap();
     println!("ImagePullFailed: {msg}");
     assert!(msg.contains("checksum mismatch"), "{msg}");
-    for h in ["host-1", "host-2"] {
+    for h in env.hosts().iter().map(String::as_str) {
         let images = env.dir.join(format!("hosts/{h}/agent/images"));
         let bad: Vec<_> = std::fs::read_dir(&images)
             .map(|d| {
@@ -342,29 +342,33 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
         .as_array()
         .cloned()
         .unwrap();
+    // The worker's host is lost (the frontend is on a gateway host, and
+    // every host here is one: any other host can take the worker).
     let victim = nodes
         .iter()
-        .find(|n| n["spec"]["host"] == "host-2")
-        .expect("a node on host-2")
+        .find(|n| n["spec"]["role"] != "frontend")
+        .expect("a worker")
         .clone();
     let vname = victim["metadata"]["name"].as_str().unwrap().to_string();
     let old_uid = victim["metadata"]["uid"].as_str().unwrap().to_string();
+    let lost = victim["spec"]["host"].as_str().unwrap().to_string();
 
-    // Lose host-2: its agent and its libvirtd die (its guest keeps running, unfenced).
-    env.env_sh(&["stop", "agent-host-2", "--signal", "KILL"])
+    // Lose the host: its agent and its libvirtd die (its guest keeps running, unfenced).
+    env.env_sh(&["stop", &format!("agent-{lost}"), "--signal", "KILL"])
         .unwrap();
-    env.env_sh(&["stop", "libvirtd-host-2", "--signal", "KILL"])
+    env.env_sh(&["stop", &format!("libvirtd-{lost}"), "--signal", "KILL"])
         .unwrap();
-    let (new_uid, took) = wait_for(
+    let ((new_uid, new_host), took) = wait_for(
         Duration::from_secs(grace + 120),
-        "node running on host-1",
+        "node running on another host",
         || {
             let out = env.kubectl(&["-n", ns, "get", "vn", &vname, "-o", "json"]);
             let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let ready = n["status"]["phase"] == "Running" && n["spec"]["host"] == "host-1";
+            let host = n["spec"]["host"].as_str().unwrap_or("").to_string();
+            let ready = n["status"]["phase"] == "Running" && !host.is_empty() && host != lost;
             let uid = n["metadata"]["uid"].as_str().unwrap_or("").to_string();
             if ready && uid != old_uid {
-                Ok(uid)
+                Ok((uid, host))
             } else {
                 Err(format!("{} {}", n["spec"]["host"], n["status"]["phase"]))
             }
@@ -372,11 +376,11 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
     )
     .unwrap();
     println!(
-        "{vname} running on host-1 {:.1}s after host-2 was lost (grace {grace}s)",
+        "{vname} running on {new_host} {:.1}s after {lost} was lost (grace {grace}s)",
         took.as_secs_f64()
     );
-    wait_for(Duration::from_secs(60), "guest up on host-1", || {
-        if console(&env, "host-1", &new_uid).contains(&format!("hostname={vname} ")) {
+    wait_for(Duration::from_secs(60), "guest up on its new host", || {
+        if console(&env, &new_host, &new_uid).contains(&format!("hostname={vname} ")) {
             Ok(())
         } else {
             Err("not yet".into())
@@ -384,14 +388,14 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
     })
     .unwrap();
 
-    // host-2 returns: its stale domain is removed by the orphan sweep.
-    env.env_sh(&["start-libvirtd", "host-2"]).unwrap();
-    env.env_sh(&["start-agent", "host-2"]).unwrap();
+    // The host returns: its stale domain is removed by the orphan sweep.
+    env.env_sh(&["start-libvirtd", &lost]).unwrap();
+    env.env_sh(&["start-agent", &lost]).unwrap();
     let (_, took) = wait_for(
         Duration::from_secs(60),
-        "stale domain swept on host-2",
+        "stale domain swept on the returned host",
         || {
-            let list = virsh(&env, "host-2", &["list", "--all", "--uuid"]);
+            let list = virsh(&env, &lost, &["list", "--all", "--uuid"]);
             if list.contains(&old_uid) {
                 Err(list)
             } else {
@@ -401,14 +405,14 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
     )
     .unwrap();
     println!(
-        "stale domain of {vname} removed from host-2 {:.1}s after it returned",
+        "stale domain of {vname} removed from {lost} {:.1}s after it returned",
         took.as_secs_f64()
     );
     env.set_site_grace(20);
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
-    wait_for(Duration::from_secs(30), "host-2 Ready again", || {
-        let h = json(&env, &["get", "host", "host-2"]);
+    wait_for(Duration::from_secs(30), "the lost host Ready again", || {
+        let h = json(&env, &["get", "host", &lost]);
         let ok = h["status"]["conditions"].as_array().is_some_and(|cs| {
             cs.iter()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
@@ -446,6 +450,7 @@ fn qemu_pids(env: &Env, host: &str) -> BTreeMap<String, String> {
 fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_restarts() {
     let env = Env::get();
     let ns = "crashy";
+    let hosts = env.hosts();
     env.apply(&tiny_cluster(
         ns,
         "ten",
@@ -456,7 +461,7 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
     ));
     // Mid-apply: some domains run, others do not yet.
     wait_for(Duration::from_secs(120), "a first domain running", || {
-        let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();
+        let n: usize = hosts.iter().map(|h| qemu_pids(&env, h).len()).sum();
         if n >= 1 {
             Ok(())
         } else {
@@ -464,20 +469,21 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
         }
     })
     .unwrap();
-    for p in ["controller-1", "agent-host-1", "agent-host-2"] {
-        env.env_sh(&["stop", p, "--signal", "KILL"]).unwrap();
+    env.env_sh(&["stop", "controller-1", "--signal", "KILL"])
+        .unwrap();
+    for h in &hosts {
+        env.env_sh(&["stop", &format!("agent-{h}"), "--signal", "KILL"])
+            .unwrap();
     }
-    let before: BTreeMap<String, String> = ["host-1", "host-2"]
-        .iter()
-        .flat_map(|h| qemu_pids(&env, h))
-        .collect();
+    let before: BTreeMap<String, String> = hosts.iter().flat_map(|h| qemu_pids(&env, h)).collect();
     println!(
         "killed controller and agents with {} of 10 domains running",
         before.len()
     );
     env.env_sh(&["start-controller", "1"]).unwrap();
-    env.env_sh(&["start-agent", "host-1"]).unwrap();
-    env.env_sh(&["start-agent", "host-2"]).unwrap();
+    for h in &hosts {
+        env.env_sh(&["start-agent", h]).unwrap();
+    }
     let (_, took) = wait_for(Duration::from_secs(300), "10/10 ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "ten"]);
         if vc["status"]["ready"] == "10/10" {
@@ -491,10 +497,7 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
         "converged to 10/10 {:.1}s after the restart",
         took.as_secs_f64()
     );
-    let after: BTreeMap<String, String> = ["host-1", "host-2"]
-        .iter()
-        .flat_map(|h| qemu_pids(&env, h))
-        .collect();
+    let after: BTreeMap<String, String> = hosts.iter().flat_map(|h| qemu_pids(&env, h)).collect();
     for (dom, pid) in &before {
         assert_eq!(
             after.get(dom),
@@ -508,7 +511,7 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
         .cloned()
         .unwrap();
     assert_eq!(nodes.len(), 10);
-    for h in ["host-1", "host-2"] {
+    for h in hosts.iter().map(String::as_str) {
         let mine: Vec<&Value> = nodes.iter().filter(|n| n["spec"]["host"] == h).collect();
         let doms: Vec<String> = virsh(&env, h, &["list", "--all", "--name"])
             .lines()
@@ -524,7 +527,7 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
     env.kubectl_ok(&["-n", ns, "delete", "vc", "ten", "--wait=true"])
         .unwrap();
     wait_for(Duration::from_secs(90), "guests gone", || {
-        let n = qemu_pids(&env, "host-1").len() + qemu_pids(&env, "host-2").len();
+        let n: usize = hosts.iter().map(|h| qemu_pids(&env, h).len()).sum();
         if n == 0 {
             Ok(())
         } else {

@@ -122,8 +122,18 @@ fn nodes_are_placed_spread_owned_and_scaled() {
         // with real guests in guests.rs).
         assert_eq!(n["spec"]["running"], true, "{name}");
     }
-    assert_eq!(per_host.len(), 2, "spread over both hosts: {per_host:?}");
-    assert!(per_host.values().all(|c| *c == 2), "{per_host:?}");
+    // 4 nodes over the hosts: as even as it gets.
+    let hosts = env.hosts().len();
+    assert_eq!(
+        per_host.len(),
+        hosts.min(4),
+        "spread over the hosts: {per_host:?}"
+    );
+    let (lo, hi) = (
+        per_host.values().min().unwrap(),
+        per_host.values().max().unwrap(),
+    );
+    assert!(hi - lo <= 1, "{per_host:?}");
     let names: Vec<String> = ns_nodes
         .iter()
         .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())

@@ -185,16 +185,23 @@ pub fn desired_nodes(
 }
 
 /// Whether a node should run now: the cluster's power state, and with
-/// `FrontendFirst`, workers wait until the frontend runs.
+/// `FrontendFirst`, workers wait until the frontend runs before they start.
+/// The order gates starting only: a worker already told to run keeps
+/// running when its frontend stops (its host lost, say) until the cluster
+/// itself is stopped.
 pub fn should_run(
     cluster_running: bool,
     role: NodeRole,
     order: StartOrder,
     frontend_running: bool,
+    already_running: bool,
 ) -> bool {
     match role {
         NodeRole::Frontend => cluster_running,
-        NodeRole::Worker => cluster_running && (order == StartOrder::Parallel || frontend_running),
+        NodeRole::Worker => {
+            cluster_running
+                && (order == StartOrder::Parallel || frontend_running || already_running)
+        }
     }
 }
 
@@ -292,10 +299,21 @@ mod tests {
     #[test]
     fn start_order() {
         use NodeRole::*;
-        assert!(should_run(true, Frontend, StartOrder::FrontendFirst, false));
-        assert!(!should_run(true, Worker, StartOrder::FrontendFirst, false));
-        assert!(should_run(true, Worker, StartOrder::FrontendFirst, true));
-        assert!(should_run(true, Worker, StartOrder::Parallel, false));
-        assert!(!should_run(false, Frontend, StartOrder::Parallel, true));
+        let ff = StartOrder::FrontendFirst;
+        assert!(should_run(true, Frontend, ff, false, false));
+        assert!(!should_run(true, Worker, ff, false, false));
+        assert!(should_run(true, Worker, ff, true, false));
+        assert!(should_run(true, Worker, StartOrder::Parallel, false, false));
+        assert!(!should_run(
+            false,
+            Frontend,
+            StartOrder::Parallel,
+            true,
+            true
+        ));
+        // A running worker is not stopped because its frontend stopped...
+        assert!(should_run(true, Worker, ff, false, true));
+        // ...but it is when the cluster is.
+        assert!(!should_run(false, Worker, ff, true, true));
     }
 }

@@ -334,6 +334,7 @@ async fn converge_nodes(
                 spec.role,
                 vc.spec.start_order,
                 frontend_running,
+                existing.is_some_and(|n| n.spec.running),
             );
             // A worker that may not start yet is created when it may (creating
             // it stopped and patching it later would cost a write per node);
