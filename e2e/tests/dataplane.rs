@@ -679,20 +679,39 @@ fn a_router_moves_when_its_host_is_lost() {
     env.set_site_grace(grace);
     let p = prefix(&env);
     let client = format!("{p}-client");
-    env.apply(&tenant("netmove"));
+    // Both nodes get a public IP (the worker's by `spec.publicIPs`) and
+    // answer pings from outside, so DNAT can be shown through the new router
+    // to whichever node is not on the lost host.
+    let yaml = tenant("netmove").replace(
+        "  - {protocol: icmp}\n",
+        "  - {protocol: icmp, to: All}\n  publicIPs:\n  - {node: c-w-0}\n",
+    );
+    assert!(yaml.contains("publicIPs:\n  - {node: c-w-0}"), "{yaml}");
+    env.apply(&yaml);
     let gs = wait_dhcp(&env, "netmove");
     let st = ng_status(&env, "netmove");
     let seg = st["segmentId"].as_u64().unwrap();
     let lost = st["router"]["host"].as_str().unwrap().to_string();
-    let pub_ip = st["publicIPs"][0]["address"].as_str().unwrap().to_string();
-    // A guest that is not on the router's host probes egress.
-    let probe = gs
-        .values()
-        .find(|g| g.host != lost)
-        .expect("a guest off the router's host")
-        .clone();
-    let fe = gs["c-frontend"].clone();
+    // A guest that is not on the router's host probes egress, and is
+    // probed through its public IP.
+    let (probe_name, probe) = gs
+        .iter()
+        .find(|(_, g)| g.host != lost)
+        .map(|(n, g)| (n.clone(), g.clone()))
+        .expect("a guest off the router's host");
+    let pub_ip = st["publicIPs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == probe_name.as_str())
+        .and_then(|p| p["address"].as_str())
+        .unwrap_or_else(|| panic!("no public IP for {probe_name}: {st}"))
+        .to_string();
     assert!(probe.pings("203.0.113.1"), "egress before the loss");
+    assert!(
+        in_ns(&client, &["busybox", "ping", "-c", "1", "-W", "2", &pub_ip]).1,
+        "DNAT to {probe_name} before the loss"
+    );
 
     let lost_ns = host_ns(&env, &lost);
     env.env_sh(&["stop", &format!("agent-{lost}"), "--signal", "KILL"])
@@ -739,25 +758,23 @@ fn a_router_moves_when_its_host_is_lost() {
         probe.host,
         start.elapsed().as_secs_f64()
     );
-    if fe.host != lost {
-        let (_, took) = wait_for(
-            Duration::from_secs(30),
-            "DNAT through the new router",
-            || {
-                if in_ns(&client, &["busybox", "ping", "-c", "1", "-W", "1", &pub_ip]).1 {
-                    Ok(())
-                } else {
-                    Err("no reply".into())
-                }
-            },
-        )
-        .unwrap();
-        println!(
-            "the outside reaches {pub_ip} (frontend on {}) through the new router ({:.1}s more)",
-            fe.host,
-            took.as_secs_f64()
-        );
-    }
+    let (_, took) = wait_for(
+        Duration::from_secs(30),
+        "DNAT through the new router",
+        || {
+            if in_ns(&client, &["busybox", "ping", "-c", "1", "-W", "1", &pub_ip]).1 {
+                Ok(())
+            } else {
+                Err("no reply".into())
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "the outside reaches {pub_ip} ({probe_name} on {}) through the new router ({:.1}s more)",
+        probe.host,
+        took.as_secs_f64()
+    );
 
     // The host returns: its agent removes the router it no longer runs.
     for l in ["ext0", "ul0"] {
