@@ -163,6 +163,33 @@ pub fn host_spec_patch(args: &Args) -> serde_json::Value {
     })
 }
 
+/// What the host offers of what its kernel can do: 802.1Q only with an
+/// uplink to carry the tagged segments (the scheduler and the router
+/// placement keep VLAN groups on hosts that offer it), and no networking at
+/// all with `--no-network`.
+pub fn offered_capabilities(
+    mut caps: HostCapabilities,
+    uplink: Option<&str>,
+    no_network: bool,
+) -> HostCapabilities {
+    let why = if no_network {
+        Some("the agent manages no networking (--no-network)")
+    } else if uplink.is_none() {
+        Some("the kernel has it, but the agent has no --uplink to carry tagged segments")
+    } else {
+        None
+    };
+    if let Some(why) = why
+        && caps.vlan_8021q
+    {
+        caps.vlan_8021q = false;
+        for n in caps.notes.iter_mut().filter(|n| n.starts_with("vlan")) {
+            *n = format!("vlan 802.1q: not offered ({why})");
+        }
+    }
+    caps
+}
+
 /// The agent-owned part of the Host's status, as a pure function of facts.
 pub fn agent_status(
     args: &Args,
@@ -257,6 +284,7 @@ pub async fn run(
             notes: vec![format!("probe failed: {e}")],
             ..Default::default()
         });
+    let caps = offered_capabilities(caps, args.uplink.as_deref(), args.no_network);
     tracing::info!(notes = ?caps.notes, "kernel capabilities probed");
 
     // KVM support is slow to read from libvirt: learn it in the background
@@ -413,6 +441,33 @@ mod tests {
         assert!(!down.conditions.is_true(HYPERVISOR_READY));
         assert_eq!(down.capacity, None);
         assert_eq!(down.conditions[0].reason, "LibvirtUnreachable");
+    }
+
+    #[test]
+    fn vlan_is_offered_only_with_an_uplink() {
+        let kernel = HostCapabilities {
+            vlan_8021q: true,
+            notes: vec!["bridge: ok".into(), "vlan 802.1q: ok".into()],
+            ..Default::default()
+        };
+        let with = offered_capabilities(kernel.clone(), Some("ul0"), false);
+        assert!(with.vlan_8021q);
+        assert_eq!(with.notes, kernel.notes);
+        let without = offered_capabilities(kernel.clone(), None, false);
+        assert!(!without.vlan_8021q);
+        assert!(
+            without.notes[1].starts_with("vlan 802.1q: not offered")
+                && without.notes[1].contains("--uplink"),
+            "{:?}",
+            without.notes
+        );
+        assert!(!offered_capabilities(kernel, Some("ul0"), true).vlan_8021q);
+        // A kernel without 802.1Q keeps its own note (the kernel's error).
+        let missing = HostCapabilities {
+            notes: vec!["vlan 802.1q: unavailable (EOPNOTSUPP)".into()],
+            ..Default::default()
+        };
+        assert_eq!(offered_capabilities(missing.clone(), None, false), missing);
     }
 
     #[test]

@@ -74,8 +74,9 @@ pub struct NetworkGroupSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 128))]
     pub firewall: Vec<FirewallRule>,
-    /// MTU of the guests' interfaces (576-9000); defaults to the segment's
-    /// underlay MTU minus the VXLAN overhead.
+    /// MTU of the guests' interfaces (576-9000); defaults to 1450 on VXLAN
+    /// (a 1500-byte underlay minus the 50 bytes of encapsulation) and 1500 on
+    /// a VLAN (the tag travels in the uplink's frame).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 576, max = 9000))]
     pub mtu: Option<u32>,

@@ -62,17 +62,13 @@ fn nic(vn: &VirtualNode) -> String {
     let (Some(net), Some(uid)) = (&vn.spec.network, &vn.metadata.uid) else {
         return String::new();
     };
-    let Some(id) = net
-        .segment
-        .split_once(':')
-        .and_then(|(_, id)| id.parse::<u32>().ok())
-    else {
+    let Some(bridge) = crate::network::plan::bridge_of_segment(&net.segment) else {
         return String::new();
     };
     format!(
         "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{br}'/>\n      <target dev='{tap}'/>\n      <model type='virtio'/>\n      <mtu size='{mtu}'/>\n    </interface>\n",
         mac = esc(&net.mac),
-        br = crate::network::plan::bridge_name(id),
+        br = bridge,
         tap = crate::network::plan::tap_name(uid),
         mtu = net.mtu,
     )

@@ -391,16 +391,15 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
 
     // A guest joins its group's bridge: wait for the network reconciler to
     // have made it (it runs on the same change of the node).
-    if let (Some(net), Some(n), Some(segment_id)) = (
+    if let (Some(net), Some(n), Some(bridge)) = (
         &ctx.net,
         &vn.spec.network,
         vn.spec
             .network
             .as_ref()
-            .and_then(|n| n.segment.split_once(':'))
-            .and_then(|(_, id)| id.parse::<u32>().ok()),
+            .and_then(|n| crate::network::plan::bridge_of_segment(&n.segment)),
     ) && vn.spec.running
-        && !net.has_bridge(&crate::network::plan::bridge_name(segment_id))
+        && !net.has_bridge(&bridge)
     {
         tracing::debug!(node = %vn.name_any(), group = %n.group, "waiting for the group's bridge");
         return Ok(Action::requeue(Duration::from_millis(500)));

@@ -157,8 +157,10 @@ pub async fn run_in(
 
 #[derive(Debug, Deserialize, Default)]
 struct LinkInfoData {
+    /// VXLAN VNI or 802.1Q VLAN id.
     id: Option<u32>,
     local: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -175,6 +177,8 @@ struct Link {
     flags: Vec<String>,
     mtu: Option<u32>,
     master: Option<String>,
+    /// The parent of a VLAN sub-interface or macvlan.
+    link: Option<String>,
     #[serde(default)]
     linkinfo: Option<LinkInfo>,
 }
@@ -296,8 +300,11 @@ async fn delete_table(ns: Option<&str>, family: &str) -> Result<bool> {
     Ok(present)
 }
 
+/// Links yukumo makes in a host namespace: bridges (`ykbr` VXLAN, `ykbv`
+/// VLAN groups), segment links (`ykvx`, `ykvl`) and router veths (`ykgw`,
+/// `ykgv`). Guest taps (`ykt`) belong to libvirt.
 fn is_ours(name: &str) -> bool {
-    ["ykbr", "ykvx", "ykvl", "ykgw"]
+    ["ykbr", "ykbv", "ykvx", "ykvl", "ykgw", "ykgv"]
         .iter()
         .any(|p| name.starts_with(p))
 }
@@ -351,7 +358,7 @@ impl Dataplane {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| {
                 n.strip_prefix(&self.router_prefix)
-                    .and_then(|rest| rest.strip_prefix('r'))
+                    .and_then(|rest| rest.strip_prefix('r').or_else(|| rest.strip_prefix('v')))
                     .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
             })
             .collect();
@@ -397,7 +404,13 @@ impl Dataplane {
                             && data.and_then(|d| d.local.clone())
                                 == self.underlay.map(|u| u.to_string())
                     }
-                    SegmentType::Vlan => l.kind() == Some("vlan"),
+                    SegmentType::Vlan => {
+                        l.kind() == Some("vlan")
+                            && data.and_then(|d| d.id) == Some(s.id)
+                            && data.and_then(|d| d.protocol.as_deref()) == Some("802.1Q")
+                            && l.link.is_some()
+                            && l.link == self.uplink
+                    }
                 }
             });
             if !link_ok {
@@ -419,9 +432,20 @@ impl Dataplane {
                         batch.push(l);
                     }
                     SegmentType::Vlan => {
-                        let Some(up) = &self.uplink else { continue };
+                        // The Host does not offer 802.1Q without an uplink
+                        // (register.rs), so the scheduler keeps VLAN groups
+                        // away; a group planned here anyway is an error.
+                        let Some(up) = &self.uplink else {
+                            return Err(NetError::Command {
+                                cmd: format!("link add {}", s.link),
+                                msg: format!(
+                                    "VLAN segment {} needs an uplink (--uplink) to carry it",
+                                    s.id
+                                ),
+                            });
+                        };
                         batch.push(format!(
-                            "link add {} link {up} type vlan id {}",
+                            "link add {} link {up} type vlan protocol 802.1Q id {}",
                             s.link, s.id
                         ));
                     }

@@ -25,8 +25,24 @@ pub const ROUTER_WAN: &str = "wan0";
 /// VXLAN UDP port.
 pub const VXLAN_PORT: u16 = 4789;
 
-pub fn bridge_name(id: u32) -> String {
-    format!("ykbr{id}")
+/// The group's bridge on a host. VLAN ids and VNIs are allocated from
+/// separate ranges and may be equal, so the two kinds never share a name.
+pub fn bridge_name(kind: SegmentType, id: u32) -> String {
+    match kind {
+        SegmentType::Vxlan => format!("ykbr{id}"),
+        SegmentType::Vlan => format!("ykbv{id}"),
+    }
+}
+/// The bridge of a VirtualNode's `spec.network.segment` (`vxlan:1000`,
+/// `vlan:100`).
+pub fn bridge_of_segment(segment: &str) -> Option<String> {
+    let (kind, id) = segment.split_once(':')?;
+    let id = id.parse().ok()?;
+    match kind {
+        "vxlan" => Some(bridge_name(SegmentType::Vxlan, id)),
+        "vlan" => Some(bridge_name(SegmentType::Vlan, id)),
+        _ => None,
+    }
 }
 pub fn segment_link_name(kind: SegmentType, id: u32) -> String {
     match kind {
@@ -34,8 +50,11 @@ pub fn segment_link_name(kind: SegmentType, id: u32) -> String {
         SegmentType::Vlan => format!("ykvl{id}"),
     }
 }
-pub fn router_veth_name(id: u32) -> String {
-    format!("ykgw{id}")
+pub fn router_veth_name(kind: SegmentType, id: u32) -> String {
+    match kind {
+        SegmentType::Vxlan => format!("ykgw{id}"),
+        SegmentType::Vlan => format!("ykgv{id}"),
+    }
 }
 /// The guest tap of a node: `ykt` and the first 12 hex digits of its uid.
 pub fn tap_name(uid: &str) -> String {
@@ -46,8 +65,12 @@ pub fn tap_name(uid: &str) -> String {
         .collect();
     format!("ykt{hex}")
 }
-pub fn router_netns(prefix: &str, id: u32) -> String {
-    format!("{prefix}r{id}")
+/// A router's namespace: `<prefix>r<VNI>` or `<prefix>v<VLAN id>`.
+pub fn router_netns(prefix: &str, kind: SegmentType, id: u32) -> String {
+    match kind {
+        SegmentType::Vxlan => format!("{prefix}r{id}"),
+        SegmentType::Vlan => format!("{prefix}v{id}"),
+    }
 }
 
 /// One segment present on this host.
@@ -114,9 +137,11 @@ pub struct RouterPlan {
 /// Everything this host should have.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostPlan {
-    pub segments: BTreeMap<u32, SegmentPlan>,
+    /// By bridge name.
+    pub segments: BTreeMap<String, SegmentPlan>,
     pub taps: Vec<TapPlan>,
-    pub routers: BTreeMap<u32, RouterPlan>,
+    /// By namespace name.
+    pub routers: BTreeMap<String, RouterPlan>,
     /// The complete `table bridge yukumo` of the host.
     pub guard: String,
 }
@@ -191,28 +216,28 @@ pub fn plan(inp: &Inputs) -> HostPlan {
             SegmentType::Vlan => BTreeSet::new(),
         };
         out.segments.insert(
-            id,
+            bridge_name(kind, id),
             SegmentPlan {
                 id,
                 kind,
-                bridge: bridge_name(id),
+                bridge: bridge_name(kind, id),
                 link: segment_link_name(kind, id),
                 mtu,
                 remotes,
             },
         );
-        if router_here && let Some(r) = router_plan(inp, g, id, mtu) {
-            out.routers.insert(id, r);
+        if router_here && let Some(r) = router_plan(inp, g, kind, id, mtu) {
+            out.routers.insert(r.netns.clone(), r);
         }
     }
     // Taps of this host's nodes on segments it has.
-    let by_group: BTreeMap<String, u32> = inp
+    let by_group: BTreeMap<String, String> = inp
         .groups
         .iter()
         .filter_map(|g| {
             Some((
                 key(&g.namespace().unwrap_or_default(), &g.name_any()),
-                g.status.as_ref()?.segment_id?,
+                bridge_name(g.spec.segment.type_, g.status.as_ref()?.segment_id?),
             ))
         })
         .collect();
@@ -220,12 +245,13 @@ pub fn plan(inp: &Inputs) -> HostPlan {
         let (Some(net), Some(uid)) = (&n.spec.network, &n.metadata.uid) else {
             continue;
         };
-        let Some(id) = by_group.get(&key(&n.namespace().unwrap_or_default(), &net.group)) else {
+        let Some(bridge) = by_group.get(&key(&n.namespace().unwrap_or_default(), &net.group))
+        else {
             continue;
         };
         out.taps.push(TapPlan {
             name: tap_name(uid),
-            bridge: bridge_name(*id),
+            bridge: bridge.clone(),
             mac: net.mac.clone(),
             ip: net.ip.clone(),
         });
@@ -235,7 +261,13 @@ pub fn plan(inp: &Inputs) -> HostPlan {
     out
 }
 
-fn router_plan(inp: &Inputs, g: &NetworkGroup, id: u32, mtu: u32) -> Option<RouterPlan> {
+fn router_plan(
+    inp: &Inputs,
+    g: &NetworkGroup,
+    kind: SegmentType,
+    id: u32,
+    mtu: u32,
+) -> Option<RouterPlan> {
     let st = g.status.as_ref()?;
     let gw = st.gateway.clone()?;
     let prefix = prefix_of(&g.spec.cidr)?;
@@ -280,9 +312,9 @@ fn router_plan(inp: &Inputs, g: &NetworkGroup, id: u32, mtu: u32) -> Option<Rout
         lan_mac: derived_mac(&format!("yukumo-router-lan:{group}")),
         wan_mac: derived_mac(&format!("yukumo-router-wan:{group}")),
         group,
-        netns: router_netns(inp.netns_prefix, id),
-        host_veth: router_veth_name(id),
-        bridge: bridge_name(id),
+        netns: router_netns(inp.netns_prefix, kind, id),
+        host_veth: router_veth_name(kind, id),
+        bridge: bridge_name(kind, id),
         lan: format!("{gw}/{prefix}"),
         mtu,
         wan,
@@ -560,7 +592,7 @@ mod tests {
         };
         let p = plan(&inp);
         assert_eq!(p, plan(&inp), "pure and deterministic");
-        let seg = &p.segments[&1000];
+        let seg = &p.segments["ykbr1000"];
         assert_eq!(
             (seg.bridge.as_str(), seg.link.as_str()),
             ("ykbr1000", "ykvx1000")
@@ -575,7 +607,7 @@ mod tests {
         assert_eq!(p.taps[0].name, "ykt0123abcdef45");
         assert!(p.guard.contains("ether saddr != 02:00:00:00:00:09 drop"));
         assert!(p.guard.contains("ip saddr 10.0.0.9 accept"));
-        let r = &p.routers[&1000];
+        let r = &p.routers["yk-r1000"];
         assert_eq!(r.netns, "yk-r1000");
         assert_eq!(r.lan, "10.0.0.1/24");
         let wan = r.wan.as_ref().unwrap();
@@ -618,7 +650,7 @@ mod tests {
             groups: &moved_groups,
             ..moved
         });
-        let m = &moved.routers[&1000];
+        let m = &moved.routers["h9-r1000"];
         assert_eq!((&m.lan_mac, &m.wan_mac), (&r.lan_mac, &r.wan_mac));
         // Another host with no member and no router has nothing.
         let other = Inputs {
@@ -627,6 +659,72 @@ mod tests {
             ..inp
         };
         assert_eq!(plan(&other).segments.len(), 0);
+    }
+
+    /// A VLAN group and a VXLAN group may hold the same id (separate
+    /// ranges): their bridges, links, router veths and namespaces differ.
+    #[test]
+    fn a_vlan_and_a_vxlan_group_with_the_same_id_share_no_name() {
+        let (groups, _, ext) = fixture();
+        let mut vlan = (*groups[0]).clone();
+        vlan.metadata.name = Some("lan".into());
+        vlan.metadata.uid = Some("g2".into());
+        vlan.spec.segment.type_ = SegmentType::Vlan;
+        vlan.status.as_mut().unwrap().segment = Some("vlan:1000".into());
+        let both = vec![groups[0].clone(), Arc::new(vlan)];
+        let mut on_lan = (*vn(
+            "c-w-1",
+            "4567abcd-ef45-6789",
+            "10.0.0.8",
+            "02:00:00:00:00:08",
+        ))
+        .clone();
+        on_lan.spec.network.as_mut().unwrap().group = "lan".into();
+        on_lan.spec.network.as_mut().unwrap().segment = "vlan:1000".into();
+        let nodes = vec![Arc::new(on_lan.clone())];
+        let p = plan(&Inputs {
+            host: "h1",
+            netns_prefix: "yk-",
+            groups: &both,
+            nodes: &nodes,
+            external: Some(&ext),
+            underlay: Some("10.255.0.1".parse().unwrap()),
+        });
+        let names: Vec<(&str, &str)> = p
+            .segments
+            .values()
+            .map(|s| (s.bridge.as_str(), s.link.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("ykbr1000", "ykvx1000"), ("ykbv1000", "ykvl1000")]
+        );
+        assert!(
+            p.segments["ykbv1000"].remotes.is_empty(),
+            "no FDB on a VLAN"
+        );
+        let routers: Vec<(&str, &str, &str)> = p
+            .routers
+            .values()
+            .map(|r| (r.netns.as_str(), r.host_veth.as_str(), r.bridge.as_str()))
+            .collect();
+        assert_eq!(
+            routers,
+            vec![
+                ("yk-r1000", "ykgw1000", "ykbr1000"),
+                ("yk-v1000", "ykgv1000", "ykbv1000")
+            ]
+        );
+        assert_eq!(
+            p.taps[0].bridge, "ykbv1000",
+            "the node joins its own group's bridge"
+        );
+        assert_eq!(
+            bridge_of_segment(&on_lan.spec.network.unwrap().segment).as_deref(),
+            Some("ykbv1000")
+        );
+        assert_eq!(bridge_of_segment("vxlan:7").as_deref(), Some("ykbr7"));
+        assert_eq!(bridge_of_segment("geneve:7"), None);
     }
 
     /// The rendered tables are valid nftables (checked by `nft -c`, which
@@ -647,7 +745,11 @@ mod tests {
             external: Some(&ext),
             underlay: None,
         });
-        for table in [&p.guard, &p.routers[&1000].ruleset, &guard_ruleset(&[])] {
+        for table in [
+            &p.guard,
+            &p.routers["yk-r1000"].ruleset,
+            &guard_ruleset(&[]),
+        ] {
             let mut child = match std::process::Command::new("nft")
                 .args(["-c", "-f", "-"])
                 .stdin(std::process::Stdio::piped())

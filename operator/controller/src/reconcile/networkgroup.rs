@@ -187,9 +187,23 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
     )
 }
 
-/// The MTU guests get when the spec gives none: a 1500-byte underlay minus
-/// the 50 bytes of VXLAN encapsulation.
-pub const DEFAULT_MTU: u32 = 1450;
+/// The MTU guests get when the spec gives none: on VXLAN a 1500-byte
+/// underlay minus the 50 bytes of encapsulation; on a VLAN the tag travels
+/// in the uplink's own frame, so the full 1500.
+pub fn default_mtu(kind: SegmentType) -> u32 {
+    match kind {
+        SegmentType::Vxlan => 1450,
+        SegmentType::Vlan => 1500,
+    }
+}
+
+/// Whether a Host offers 802.1Q VLAN segments (kernel and uplink).
+fn offers_vlan(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .is_some_and(|c| c.vlan_8021q)
+}
 
 /// The first IPv4 address a Host reports: its underlay (tunnel endpoint).
 fn underlay_of(h: &Host) -> Option<String> {
@@ -205,6 +219,17 @@ fn host_ready(h: &Host) -> bool {
     h.status
         .as_ref()
         .is_some_and(|s| s.conditions.is_true(condition_types::READY))
+}
+
+/// Hosts that may run a group's router, with their readiness: the gateway
+/// hosts of its home Site (`site_hosts`), for a VLAN group only those that
+/// offer 802.1Q (the router joins the segment too).
+pub fn router_candidates(site_hosts: &[&Arc<Host>], kind: SegmentType) -> Vec<(String, bool)> {
+    site_hosts
+        .iter()
+        .filter(|h| h.spec.gateway && (kind != SegmentType::Vlan || offers_vlan(h)))
+        .map(|h| (h.name_any(), host_ready(h)))
+        .collect()
 }
 
 /// The router's host: the current one while it is a Ready gateway host of the
@@ -299,7 +324,11 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     let mut status = NetworkGroupStatus {
         observed_generation: ng.metadata.generation,
         gateway: gateway.clone(),
-        mtu: Some(ng.spec.mtu.unwrap_or(DEFAULT_MTU)),
+        mtu: Some(
+            ng.spec
+                .mtu
+                .unwrap_or_else(|| default_mtu(ng.spec.segment.type_)),
+        ),
         ..old.clone()
     };
     let mut problems: Vec<(&str, String)> = Vec::new();
@@ -357,12 +386,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         .filter(|h| h.spec.site == ng.spec.home_site.0)
         .collect();
     if !verdict.is_stalled() && ng.spec.segment.type_ == SegmentType::Vlan {
-        let capable = site_hosts.iter().any(|h| {
-            h.status
-                .as_ref()
-                .and_then(|s| s.capabilities.as_ref())
-                .is_some_and(|c| c.vlan_8021q)
-        });
+        let capable = site_hosts.iter().any(|h| offers_vlan(h));
         if !capable {
             let notes: Vec<String> = site_hosts
                 .iter()
@@ -518,11 +542,8 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         }
         status.public_ips = grant.nodes;
         // The router: a Ready gateway host of the home Site.
-        let candidates: Vec<(String, bool)> = site_hosts
-            .iter()
-            .filter(|h| h.spec.gateway)
-            .map(|h| (h.name_any(), host_ready(h)))
-            .collect();
+        let vlan = ng.spec.segment.type_ == SegmentType::Vlan;
+        let candidates = router_candidates(&site_hosts, ng.spec.segment.type_);
         let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
         for o in &all_groups {
             if o.metadata.uid == ng.metadata.uid {
@@ -545,8 +566,9 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
                 problems.push((
                     "NoGatewayHost",
                     format!(
-                        "spec.homeSite: Site {:?} has no Ready gateway host for the router",
-                        ng.spec.home_site.0
+                        "spec.homeSite: Site {:?} has no Ready gateway host{} for the router",
+                        ng.spec.home_site.0,
+                        if vlan { " with 802.1Q" } else { "" }
                     ),
                 ));
                 if let Some(r) = status.router.as_mut() {
@@ -674,6 +696,50 @@ mod tests {
         );
         spec.segment.id = Some(1500);
         assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1500));
+    }
+
+    #[test]
+    fn a_vlan_router_goes_only_to_a_gateway_host_that_offers_8021q() {
+        let host = |name: &str, gateway: bool, vlan: bool| {
+            Arc::new(
+                serde_json::from_value::<Host>(serde_json::json!({
+                    "apiVersion": "yukumo.io/v1alpha1", "kind": "Host", "metadata": {"name": name},
+                    "spec": {"site": "a", "gateway": gateway},
+                    "status": {"capabilities": {"vlan8021q": vlan, "vxlan": true, "bridge": true},
+                               "conditions": [{"type": "Ready", "status": "True", "reason": "Heartbeat",
+                                               "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+                }))
+                .unwrap(),
+            )
+        };
+        let hosts = [
+            host("plain", true, false),
+            host("vlan-worker", false, true),
+            host("vlan-gw", true, true),
+        ];
+        let refs: Vec<&Arc<Host>> = hosts.iter().collect();
+        let names = |kind| {
+            router_candidates(&refs, kind)
+                .into_iter()
+                .map(|(h, ready)| {
+                    assert!(ready);
+                    h
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(SegmentType::Vxlan), vec!["plain", "vlan-gw"]);
+        assert_eq!(names(SegmentType::Vlan), vec!["vlan-gw"]);
+        assert_eq!(
+            place_router(
+                Some("plain"),
+                &router_candidates(&refs, SegmentType::Vlan),
+                &BTreeMap::new()
+            ),
+            Some("vlan-gw".to_string()),
+            "a VLAN router on a host without 802.1Q moves"
+        );
+        assert_eq!(default_mtu(SegmentType::Vxlan), 1450);
+        assert_eq!(default_mtu(SegmentType::Vlan), 1500);
     }
 
     #[test]
