@@ -165,6 +165,25 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
     )
 }
 
+/// Where users reach the frontend: its private address and the public IP
+/// its group mapped to it, if any (ssh goes to the public one then).
+pub fn frontend_endpoint(
+    nodes: &[NodeSummary],
+    group: Option<&NetworkGroup>,
+) -> Option<FrontendEndpoint> {
+    let fe = nodes.iter().find(|n| n.role == "frontend")?;
+    let ip = fe.ip.clone()?;
+    let public_ip = group
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| s.public_ips.iter().find(|p| p.node == fe.name))
+        .map(|p| p.address.clone());
+    Some(FrontendEndpoint {
+        ssh: Some(format!("ssh root@{}", public_ip.as_deref().unwrap_or(&ip))),
+        address: Some(ip),
+        public_ip,
+    })
+}
+
 /// What converging a cluster's VirtualNodes found.
 struct NodesOutcome {
     /// The cluster's nodes, in the order of the desired nodes.
@@ -925,15 +944,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
             }
         }
     }
-    let frontend = nodes_status
-        .iter()
-        .find(|n| n.role == "frontend")
-        .and_then(|n| n.ip.clone())
-        .map(|ip| FrontendEndpoint {
-            ssh: Some(format!("ssh root@{ip}")),
-            address: Some(ip),
-            public_ip: None,
-        });
+    let frontend = frontend_endpoint(&nodes_status, observed.network_group.as_ref());
     let status = VirtualClusterStatus {
         observed_generation: vc.metadata.generation,
         conditions: apply_verdict(&old.conditions, vc.metadata.generation, &verdict),
@@ -1101,5 +1112,39 @@ mod tests {
             sites: vec![site("a")],
         };
         assert_eq!(validate("t1", &s, &obs).reason(), "VolumeAttachedTwice");
+    }
+
+    #[test]
+    fn the_frontend_endpoint_names_its_public_ip() {
+        let nodes = vec![
+            NodeSummary {
+                name: "c-w-0".into(),
+                role: "worker".into(),
+                ip: Some("10.0.0.9".into()),
+                ..Default::default()
+            },
+            NodeSummary {
+                name: "c-frontend".into(),
+                role: "frontend".into(),
+                ip: Some("10.0.0.7".into()),
+                ..Default::default()
+            },
+        ];
+        let private = frontend_endpoint(&nodes, Some(&ng("a"))).unwrap();
+        assert_eq!(private.address.as_deref(), Some("10.0.0.7"));
+        assert_eq!(private.public_ip, None);
+        assert_eq!(private.ssh.as_deref(), Some("ssh root@10.0.0.7"));
+        let mut g = ng("a");
+        g.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "publicIPs": [{"address": "203.0.113.17", "node": "c-frontend"},
+                              {"address": "203.0.113.18", "node": "c-w-0"}]
+            }))
+            .unwrap(),
+        );
+        let public = frontend_endpoint(&nodes, Some(&g)).unwrap();
+        assert_eq!(public.public_ip.as_deref(), Some("203.0.113.17"));
+        assert_eq!(public.ssh.as_deref(), Some("ssh root@203.0.113.17"));
+        assert_eq!(frontend_endpoint(&nodes[..1], Some(&g)), None);
     }
 }
