@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use yukumo_api::networkgroup::SegmentType;
 
+use super::garp;
 use super::plan::{
     DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT, rule_count, ruleset_hash,
 };
@@ -107,45 +108,56 @@ impl Changes {
 }
 
 /// Run `prog args` in namespace `ns` (a name under /run/netns) or here.
+///
+/// iproute2 enters a namespace itself (`-n`); any other program is spawned
+/// from a short-lived thread that entered the namespace (a child inherits
+/// its thread's namespaces): one exec, where `nsenter` would be two. The
+/// nft transaction of a mapping change is mostly process start-up, so this
+/// is a fifth of its cost.
 pub async fn run_in(
     ns: Option<&str>,
     prog: &str,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String> {
-    let mut cmd = match ns {
-        // iproute2 enters the namespace itself: one exec instead of two.
-        Some(ns) if prog == "ip" || prog == "bridge" => {
-            let mut c = Command::new(prog);
-            c.args(["-n", ns]);
-            c
+    let out = match ns {
+        Some(ns) if prog != "ip" && prog != "bridge" => {
+            let (ns, prog_s) = (ns.to_string(), prog.to_string());
+            let args_s: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let input = stdin.map(str::to_string);
+            tokio::task::spawn_blocking(move || spawn_in_netns(&ns, &prog_s, &args_s, input))
+                .await
+                .map_err(|e| NetError::Command {
+                    cmd: prog.to_string(),
+                    msg: e.to_string(),
+                })??
         }
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg(prog);
-            c
+        _ => {
+            let mut cmd = Command::new(prog);
+            if let Some(ns) = ns {
+                cmd.args(["-n", ns]);
+            }
+            cmd.args(args)
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd.spawn().map_err(|e| NetError::Command {
+                cmd: prog.to_string(),
+                msg: e.to_string(),
+            })?;
+            if let Some(input) = stdin {
+                let mut si = child.stdin.take().expect("piped stdin");
+                si.write_all(input.as_bytes()).await?;
+                drop(si);
+            }
+            child.wait_with_output().await?
         }
-        None => Command::new(prog),
     };
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| NetError::Command {
-        cmd: prog.to_string(),
-        msg: e.to_string(),
-    })?;
-    if let Some(input) = stdin {
-        let mut si = child.stdin.take().expect("piped stdin");
-        si.write_all(input.as_bytes()).await?;
-        drop(si);
-    }
-    let out = child.wait_with_output().await?;
     if !out.status.success() {
         return Err(NetError::Command {
             cmd: format!("{prog} {}", args.join(" ")),
@@ -153,6 +165,71 @@ pub async fn run_in(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run `f` (blocking) on a scoped thread that entered namespace `ns`
+/// first: what it opens, and every process it spawns, is in `ns`; the
+/// calling thread keeps its own namespace.
+fn in_netns<T: Send>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
+    })
+}
+
+/// Gratuitous ARP for `addrs` on a router's WAN leg. Best effort: a
+/// failure is logged, and the neighbours learn the address on first use.
+async fn announce_in(netns: &str, mac: [u8; 6], addrs: Vec<std::net::Ipv4Addr>) {
+    let ns = netns.to_string();
+    let res = tokio::task::spawn_blocking(move || {
+        in_netns(&ns, || garp::announce(ROUTER_WAN, mac, &addrs))
+    })
+    .await;
+    match res {
+        Ok(Ok(n)) => tracing::debug!(router = %netns, announced = n, "gratuitous ARP"),
+        Ok(Err(e)) => tracing::warn!(router = %netns, error = %e, "gratuitous ARP failed"),
+        Err(e) => tracing::warn!(router = %netns, error = %e, "gratuitous ARP failed"),
+    }
+}
+
+/// Spawn `prog` inside namespace `ns` and wait for it (blocking).
+fn spawn_in_netns(
+    ns: &str,
+    prog: &str,
+    args: &[String],
+    stdin: Option<String>,
+) -> Result<std::process::Output> {
+    in_netns(ns, || {
+        let mut child = std::process::Command::new(prog)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(input) = &stdin {
+            use std::io::Write;
+            let mut si = child.stdin.take().expect("piped stdin");
+            si.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .map_err(|e| NetError::Command {
+        cmd: format!("{prog} (in {ns})"),
+        msg: e.to_string(),
+    })
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -768,6 +845,8 @@ impl Dataplane {
         if let Some(w) = &r.wan {
             want.push((ROUTER_WAN, w.addresses.iter().cloned().collect()));
         }
+        // External addresses this pass adds: announced once NAT is in place.
+        let mut announce: Vec<std::net::Ipv4Addr> = Vec::new();
         for (dev, addrs) in &want {
             let cur = have_addrs.get(*dev).cloned().unwrap_or_default();
             for a in cur.difference(addrs) {
@@ -777,6 +856,11 @@ impl Dataplane {
             for a in addrs.difference(&cur) {
                 batch.push(format!("addr add {a} dev {dev}"));
                 ch.addresses += 1;
+                if *dev == ROUTER_WAN
+                    && let Some(ip) = a.split('/').next().and_then(|ip| ip.parse().ok())
+                {
+                    announce.push(ip);
+                }
             }
         }
         if let Some(gw) = r.wan.as_ref().and_then(|w| w.gateway.as_ref()) {
@@ -802,6 +886,11 @@ impl Dataplane {
         if empty || !table_current(rns, "ip", &r.ruleset).await {
             replace_table(rns, "ip", &r.ruleset).await?;
             ch.tables += 1;
+        }
+        if let Some(mac) = garp::parse_mac(&r.wan_mac)
+            && !announce.is_empty()
+        {
+            announce_in(&r.netns, mac, announce).await;
         }
         // DHCP.
         self.apply_dhcp(r, &mut ch).await?;
@@ -912,19 +1001,12 @@ pub async fn sysctl_in(ns: &str, key: &str, value: Option<&str>) -> Result<Strin
     let (ns, key, value) = (ns.to_string(), key.to_string(), value.map(str::to_string));
     let what = format!("sysctl {key} in {ns}");
     let res = tokio::task::spawn_blocking(move || {
-        std::thread::scope(|sc| {
-            sc.spawn(|| -> std::io::Result<String> {
-                let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                let path = format!("/proc/sys/{key}");
-                match &value {
-                    Some(v) => std::fs::write(&path, v).map(|_| v.clone()),
-                    None => std::fs::read_to_string(&path),
-                }
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
+        in_netns(&ns, || {
+            let path = format!("/proc/sys/{key}");
+            match &value {
+                Some(v) => std::fs::write(&path, v).map(|_| v.clone()),
+                None => std::fs::read_to_string(&path),
+            }
         })
     })
     .await
