@@ -1,5 +1,6 @@
 # yukumo — the targets the README names.
 #   make up      build, start the local environment, apply the quickstart
+#                (VM_HOSTS=2: and two VM hosts whose kernel has 802.1Q VLANs)
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end
 #   make bench   the compute and network benchmarks (figures and ratios; target/bench/{compute,network}.json)
@@ -24,8 +25,10 @@ build: tools
 crds: build
 	target/release/yukumo-crdgen
 
+# VM_HOSTS=N adds N VM hosts (a kernel with 802.1Q VLANs: e2e/lib/vm-host.sh).
+VM_HOSTS ?= 0
 up: build
-	e2e/env.sh up
+	e2e/env.sh up --vm-hosts $(VM_HOSTS)
 
 down:
 	e2e/env.sh down

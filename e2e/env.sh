@@ -2,13 +2,16 @@
 # The yukumo local environment: one script for `make up`, `make down` and the
 # end-to-end tests.
 #
-#   e2e/env.sh up      [--dir D] [--hosts N] [--controllers N] [--no-example]
+#   e2e/env.sh up      [--dir D] [--hosts N] [--vm-hosts N] [--controllers N] [--no-example]
 #   e2e/env.sh down    [--dir D]
 #   e2e/env.sh status  [--dir D]
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
 #   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
 #   e2e/env.sh start-libvirtd HOST [--dir D]   (process "libvirtd-HOST")
 #   e2e/env.sh start-test-agent HOST SITE [--dir D]  (agent on test:///default)
+#   e2e/env.sh start-vm-host HOST SITE INDEX [--dir D] (process "vm-HOST":
+#              a VM with a kernel of its own, e2e/lib/vm-host.sh)
+#   e2e/env.sh stop-vm-host HOST [--dir D]
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
 #
 # What `up` starts, all on loopback with generated certificates:
@@ -29,6 +32,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export YUKUMO_ROOT=$ROOT
 DIR=${YUKUMO_ENV_DIR:-$ROOT/.yukumo-env}
 HOSTS=3
+VM_HOSTS=0
 CONTROLLERS=1
 EXAMPLE=1
 NAMESPACE=yukumo-system
@@ -83,7 +87,7 @@ gen_pki() {
       -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
   }
   cert apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+    "subjectAltName=IP:127.0.0.1,IP:$VM_API_ADDR,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth"
   cert admin "/O=system:masters/CN=yukumo-admin" "extendedKeyUsage=clientAuth"
   cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
@@ -91,15 +95,21 @@ extendedKeyUsage=serverAuth"
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 }
 
-kubeconfig() { # file, user-kind (cert NAME | token FILE)
-  local file=$1 kind=$2 arg=$3
+# VM hosts reach the API server at this address of their management
+# network (QEMU user networking, restricted: a guestfwd to 127.0.0.1 is its
+# only way out).
+VM_API_ADDR=10.0.2.100
+VM_API_PORT=6443
+
+kubeconfig() { # file, user-kind (cert NAME | token FILE), arg [server]
+  local file=$1 kind=$2 arg=$3 server=${4:-https://127.0.0.1:$API_PORT}
   {
     echo "apiVersion: v1"
     echo "kind: Config"
     echo "clusters:"
     echo "- name: yukumo-local"
     echo "  cluster:"
-    echo "    server: https://127.0.0.1:$API_PORT"
+    echo "    server: $server"
     echo "    certificate-authority: $DIR/pki/ca.crt"
     echo "users:"
     echo "- name: user"
@@ -192,6 +202,7 @@ install_chart() {
     kubectl -n "$NAMESPACE" create token "yukumo-$sa" --duration 48h > "$DIR/token-$sa"
     kubeconfig "$DIR/kubeconfig-$sa" token "$DIR/token-$sa"
   done
+  kubeconfig "$DIR/kubeconfig-agent-vm" token "$DIR/token-agent" "https://$VM_API_ADDR:$VM_API_PORT"
 }
 
 netns_prefix() { echo "yk$(echo "$DIR" | md5sum | cut -c1-6)"; }
@@ -274,6 +285,9 @@ start_libvirtd() { # name
   wait_for 30 "libvirtd of $name" test -S "$hdir/run/libvirt-sock"
 }
 
+# shellcheck source=lib/vm-host.sh
+source "$ROOT/e2e/lib/vm-host.sh"
+
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
 controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-controller"; }
 
@@ -330,6 +344,8 @@ cmd_up() {
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
   for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
+  # VM hosts (802.1Q VLAN segments): underlay addresses from 10.255.0.11 on.
+  for i in $(seq 1 "$VM_HOSTS"); do start_vm_host "vmhost-$i" local $((10 + i)); done
   kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
   wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
   if [ "$EXAMPLE" = 1 ]; then
@@ -373,6 +389,9 @@ cmd_down() {
     [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"
   done
   for hdir in "$DIR"/hosts/*; do
+    [ -f "$hdir/vm" ] && stop_vm_host "$(basename "$hdir")"
+  done
+  for hdir in "$DIR"/hosts/*; do
     [ -d "$hdir" ] || continue
     name=$(basename "$hdir")
     stop_proc "libvirtd-$name"
@@ -414,6 +433,7 @@ main() {
     case $1 in
       --dir) DIR=$2; shift 2 ;;
       --hosts) HOSTS=$2; shift 2 ;;
+      --vm-hosts) VM_HOSTS=$2; shift 2 ;;
       --controllers) CONTROLLERS=$2; shift 2 ;;
       --no-example) EXAMPLE=0; shift ;;
       --signal) SIGNAL=$2; shift 2 ;;
@@ -429,8 +449,10 @@ main() {
     start-agent) load_state; start_agent "${args[0]}" ;;
     start-test-agent) load_state; start_test_agent "${args[0]}" "${args[1]}" ;;
     start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
+    start-vm-host) load_state; start_vm_host "${args[0]}" "${args[1]}" "${args[2]}" ;;
+    stop-vm-host) load_state; stop_vm_host "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 }
 

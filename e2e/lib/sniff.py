@@ -7,7 +7,9 @@ Prints one JSON object per frame: dir ("rx": received by this namespace
 from the interface, for a guest's tap what the guest sent; "tx": sent out
 of it, towards the guest), src/dst MAC, vlan (the 802.1Q id, also when the
 kernel moved the tag into packet metadata), type (the ethertype after any
-tag), and for IPv4 src_ip/dst_ip/proto/sport/dport, for ARP op/spa/tpa.
+tag), vlans (every 802.1Q/802.1ad id of the frame, outermost first), and
+for IPv4 src_ip/dst_ip/proto/sport/dport, for IPv6 src_ip6/dst_ip6/
+next_header (and icmp6_type), for ARP op/spa/tpa.
 Used by the e2e tests to prove what does and does not reach a guest; it
 stops by itself after SECONDS.
 """
@@ -33,16 +35,18 @@ def decode(data, aux, pkttype):
     if len(data) < 14:
         return None
     f = {"dir": "tx" if pkttype == PACKET_OUTGOING else "rx",
-         "dst": mac(data[0:6]), "src": mac(data[6:12]), "vlan": None}
+         "dst": mac(data[0:6]), "src": mac(data[6:12]), "vlan": None, "vlans": []}
     (etype,) = struct.unpack("!H", data[12:14])
     off = 14
     if aux is not None:
         status, _, _, _, _, tci, _ = struct.unpack("IIIHHHH", aux[:20])
         if status & TP_STATUS_VLAN_VALID:
             f["vlan"] = tci & 0x0FFF
+            f["vlans"].append(tci & 0x0FFF)
     while etype in (0x8100, 0x88A8) and len(data) >= off + 4:
         (tci, etype) = struct.unpack("!HH", data[off:off + 4])
         f["vlan"] = tci & 0x0FFF
+        f["vlans"].append(tci & 0x0FFF)
         off += 4
     f["type"] = etype
     p = data[off:]
@@ -53,6 +57,12 @@ def decode(data, aux, pkttype):
         f["dst_ip"] = socket.inet_ntoa(p[16:20])
         if p[9] in (6, 17) and len(p) >= ihl + 4:
             f["sport"], f["dport"] = struct.unpack("!HH", p[ihl:ihl + 4])
+    elif etype == 0x86DD and len(p) >= 40:
+        f["next_header"] = p[6]
+        f["src_ip6"] = socket.inet_ntop(socket.AF_INET6, p[8:24])
+        f["dst_ip6"] = socket.inet_ntop(socket.AF_INET6, p[24:40])
+        if p[6] == 58 and len(p) >= 41:
+            f["icmp6_type"] = p[40]
     elif etype == 0x0806 and len(p) >= 28:
         (f["op"],) = struct.unpack("!H", p[6:8])
         f["spa"] = socket.inet_ntoa(p[14:18])

@@ -6,7 +6,8 @@
 # installs the ssh keys and reports on the serial console:
 #   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
 # then brings up eth0 with DHCP when the config asks for it, runs a root
-# shell on its second serial port (ttyS1), and idles.
+# shell on its second serial port (ttyS1), and idles. Besides busybox it has
+# rawsend (e2e/lib/rawsend.c), which sends a raw Ethernet frame given in hex.
 #
 # Output: $YUKUMO_CACHE/images/yukumo-tiny-guest-<kernel>.qcow2 (cached);
 # prints "<path> sha256:<hex>".
@@ -16,7 +17,8 @@ KVER=$(find /lib/modules -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | so
 [ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || { echo "tiny-guest: no Debian kernel in /boot (install linux-image-amd64)" >&2; exit 1; }
 OUT_DIR=$YUKUMO_CACHE/images
 OUT=$OUT_DIR/yukumo-tiny-guest-$KVER.qcow2
-SCRIPT_SUM=$(sha256sum "$0" | cut -c1-12)
+RAWSEND=$(dirname "$0")/rawsend.c
+SCRIPT_SUM=$(cat "$0" "$RAWSEND" | sha256sum | cut -c1-12)
 OUT=${OUT%.qcow2}-$SCRIPT_SUM.qcow2
 if [ ! -f "$OUT" ]; then
   mkdir -p "$OUT_DIR"
@@ -25,6 +27,8 @@ if [ ! -f "$OUT" ]; then
   root=$work/root
   mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc,tmp,root/.ssh,cidata,lib/modules,usr/bin,usr/sbin,run,var/run}
   cp /bin/busybox "$root/bin/busybox"
+  # rawsend: a frame as a hostile tenant would send it (tests of the guard).
+  gcc -static -Os -s -o "$root/bin/rawsend" "$RAWSEND"
   # Kernel modules for virtio disks and NICs and ISO 9660, in dependency order.
   for m in virtio_pci virtio_blk virtio_net isofs 8021q; do
     modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}'

@@ -25,7 +25,8 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils nftables iproute2 dnsmasq-base busybox-static
   pkg-config xz-utils cpio genisoimage openssl python3 curl
-  linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod
+  linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
+  gcc libc6-dev
 )
 
 tools_log() { echo "[tools] $*" >&2; }

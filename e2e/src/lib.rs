@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod net;
+
+/// The tiny guest image built by e2e/run.sh: (path, checksum).
+pub fn tiny_image() -> (String, String) {
+    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
+    let (path, checksum) = tiny.trim().split_once(' ').expect("<path> <checksum>");
+    (path.to_string(), checksum.to_string())
+}
+
 /// The environment under test.
 pub struct Env {
     pub dir: PathBuf,

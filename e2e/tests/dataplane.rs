@@ -15,13 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use yukumo_e2e::{Env, condition, guest_sh, wait_for};
-
-fn tiny_image() -> (String, String) {
-    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
-    let (path, checksum) = tiny.trim().split_once(' ').expect("<path> <checksum>");
-    (path.to_string(), checksum.to_string())
-}
+use yukumo_agent::network::plan::tap_name;
+use yukumo_e2e::net::{Sniffer, first_peer_listener, in_ns, router_advertisement, wait_repaired};
+use yukumo_e2e::{Env, condition, guest_sh, tiny_image, wait_for};
 
 fn tenant(ns: &str) -> String {
     let (path, sum) = tiny_image();
@@ -76,35 +72,6 @@ impl Guest {
     fn pings(&self, ip: &str) -> bool {
         self.sh(&format!("ping -c 2 -W 2 {ip} >/dev/null")).1 == 0
     }
-}
-
-fn prefix(env: &Env) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("echo '{}' | md5sum | cut -c1-6", env.dir.display()))
-        .output()
-        .unwrap();
-    format!("yk{}", String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn host_ns(env: &Env, host: &str) -> String {
-    std::fs::read_to_string(env.dir.join(format!("hosts/{host}/netns")))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-/// Run a command in a namespace; (stdout, success).
-fn in_ns(ns: &str, cmd: &[&str]) -> (String, bool) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-        out.status.success(),
-    )
 }
 
 fn guests(env: &Env, ns: &str) -> BTreeMap<String, Guest> {
@@ -163,89 +130,14 @@ fn wait_dhcp(env: &Env, ns: &str) -> BTreeMap<String, Guest> {
     gs
 }
 
-fn tap(uid: &str) -> String {
-    format!(
-        "ykt{}",
-        uid.chars()
-            .filter(|c| c.is_ascii_hexdigit())
-            .take(12)
-            .collect::<String>()
-    )
-}
-
-/// Frames crossing one interface of a host namespace, recorded for a
-/// bounded time by `e2e/lib/sniff.py` (one JSON object per frame).
-struct Sniffer {
-    child: std::process::Child,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-}
-
-impl Sniffer {
-    fn start(ns: &str, ifname: &str, seconds: u32) -> Sniffer {
-        use std::io::BufRead;
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/lib/sniff.py");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", script, ifname])
-            .arg(seconds.to_string())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert!(first.contains("ready"), "sniffer on {ns}/{ifname}: {first}");
-        Sniffer { child, lines }
-    }
-
-    /// Every frame seen, once the sniffer stopped by itself.
-    fn frames(mut self) -> Vec<Value> {
-        let frames = self
-            .lines
-            .by_ref()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
-        let _ = self.child.wait();
-        frames
-    }
-}
-
 fn ng_status(env: &Env, ns: &str) -> Value {
     env.get_json(&["-n", ns, "get", "ng", "net"])["status"].clone()
-}
-
-/// A TCP listener in the outside namespace that reports its first peer.
-fn outside_listener(ns: &str, port: u16) -> std::process::Child {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c"])
-        .arg(format!(
-            "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('203.0.113.1',{port}));s.listen();s.settimeout(30);c,a=s.accept();print(a[0],flush=True);c.close()"
-        ))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_repaired(what: &str, check: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
-        if check() {
-            let took = start.elapsed();
-            println!("{what}: repaired after {took:?}");
-            assert!(
-                took <= Duration::from_secs(5),
-                "{what}: repair took {took:?} (> 5 s)"
-            );
-            return took;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: not repaired within 15 s");
 }
 
 #[test]
 fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repair() {
     let env = Env::get();
-    let p = prefix(&env);
+    let p = env.netns_prefix();
     let (outside, client) = (format!("{p}-out"), format!("{p}-client"));
     env.apply(&(tenant("neta") + "---\n" + &tenant("netb")));
     let a = wait_dhcp(&env, "neta");
@@ -288,7 +180,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         .as_str()
         .unwrap()
         .to_string();
-    let l = outside_listener(&outside, 7777);
+    let l = first_peer_listener(&outside, "203.0.113.1", 7777);
     std::thread::sleep(Duration::from_millis(500));
     aw.sh("echo hi | nc 203.0.113.1 7777");
     let out = l.wait_with_output().unwrap();
@@ -346,10 +238,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     ));
     let router_ns = format!(
         "{}-r{}",
-        host_ns(
-            &env,
-            ng_status(&env, "neta")["router"]["host"].as_str().unwrap()
-        ),
+        env.host_netns(ng_status(&env, "neta")["router"]["host"].as_str().unwrap()),
         ng_status(&env, "neta")["segmentId"]
     );
     let (neigh, _) = in_ns(&router_ns, &["ip", "neigh", "show", &afe.ip]);
@@ -364,9 +253,9 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     // A rogue DHCP server, 802.1Q-tagged frames and IPv6 from the worker:
     // seen leaving the attacker (its tap, on its host), never reaching the
     // victim (the frontend's tap, on the other host).
-    let (att_tap, vic_tap) = (tap(&aw.uid), tap(&afe.uid));
-    let att = Sniffer::start(&host_ns(&env, &aw.host), &att_tap, 20);
-    let vic = Sniffer::start(&host_ns(&env, &afe.host), &vic_tap, 20);
+    let (att_tap, vic_tap) = (tap_name(&aw.uid), tap_name(&afe.uid));
+    let att = Sniffer::start(&env.host_netns(&aw.host), &att_tap, 30);
+    let vic = Sniffer::start(&env.host_netns(&afe.host), &vic_tap, 30);
     aw.sh(concat!(
         "printf 'start 10.0.0.200\\nend 10.0.0.210\\ninterface eth0\\nlease_file /tmp/rogue.leases\\n",
         "option subnet 255.255.255.0\\noption router 10.0.0.66\\n' > /tmp/rogue.conf; ",
@@ -381,14 +270,21 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         "ping -c 3 -W 1 10.0.5.3 >/dev/null; ping6 -c 3 -I eth0 ff02::1 >/dev/null; ",
         "vconfig rem eth0.5 >/dev/null; kill $(pidof udhcpd); true"
     ));
+    // A crafted IPv6 router advertisement (rawsend: the frame as given),
+    // offering 2001:db8:bad::/64 and itself as the default router.
+    let ra = router_advertisement(&aw.mac, [0x2001, 0xdb8, 0xbad, 0]);
+    let (out, rc) = aw.sh(&format!("rawsend eth0 {ra} 3"));
+    assert_eq!(rc, 0, "rawsend: {out}");
     let (att, vic) = (att.frames(), vic.frames());
     let rogue_dhcp = |f: &Value| f["src"] == aw.mac.as_str() && f["sport"] == 67;
     let tagged = |f: &Value| f["src"] == aw.mac.as_str() && !f["vlan"].is_null();
     let ipv6 = |f: &Value| f["src"] == aw.mac.as_str() && f["type"] == 0x86dd;
+    let router_adv = |f: &Value| ipv6(f) && f["icmp6_type"] == 134;
     for (what, is) in [
         ("rogue DHCP replies", &rogue_dhcp as &dyn Fn(&Value) -> bool),
         ("802.1Q-tagged frames", &tagged),
         ("IPv6 frames", &ipv6),
+        ("IPv6 router advertisements", &router_adv),
     ] {
         let sent = att.iter().filter(|f| f["dir"] == "rx" && is(f)).count();
         let leaked = vic.iter().filter(|f| is(f)).count();
@@ -406,6 +302,17 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     }
     assert!(afe.pings("10.0.0.1"), "the victim keeps working");
     println!("rogue DHCP: the victim's 3 leases all came from 10.0.0.1 with its own address");
+    // Its addresses, and any IPv6 default route via eth0 (::/0 in the
+    // kernel's route table).
+    let (v6, _) = afe.sh(concat!(
+        "ip -6 addr show dev eth0; ",
+        "awk '$1==\"00000000000000000000000000000000\" && $2==\"00\" && $10==\"eth0\" {print \"default-route\"}' /proc/net/ipv6_route"
+    ));
+    assert!(
+        !v6.contains("2001:db8:bad") && !v6.contains("default-route"),
+        "the victim took the rogue advertisement: {v6}"
+    );
+    println!("rogue RA: the victim has no address in 2001:db8:bad::/64 and no IPv6 default route");
 
     // Zero loss while every agent and the controller are killed -9 and
     // restarted: a guest-to-guest ping and an outside-to-public-IP ping.
@@ -452,7 +359,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     );
 
     // Repair of hand-made damage, each within 5 s.
-    let hns = host_ns(&env, &aw.host);
+    let hns = env.host_netns(&aw.host);
     let seg = ng_status(&env, "neta")["segmentId"].as_u64().unwrap();
     assert!(
         in_ns(&hns, &["nft", "flush", "ruleset"]).1,
@@ -619,7 +526,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         "nothing left on the hosts",
         || {
             for h in &hosts {
-                let hns = host_ns(&env, h);
+                let hns = env.host_netns(h);
                 let (links, _) = in_ns(&hns, &["ip", "-o", "link", "show"]);
                 if let Some(l) = links.lines().find(|l| l.contains(": yk")) {
                     return Err(format!("{h}: link {l}"));
@@ -677,7 +584,7 @@ fn a_router_moves_when_its_host_is_lost() {
     let env = Env::get();
     let grace: u64 = 6;
     env.set_site_grace(grace);
-    let p = prefix(&env);
+    let p = env.netns_prefix();
     let client = format!("{p}-client");
     // Both nodes get a public IP (the worker's by `spec.publicIPs`) and
     // answer pings from outside, so DNAT can be shown through the new router
@@ -713,7 +620,7 @@ fn a_router_moves_when_its_host_is_lost() {
         "DNAT to {probe_name} before the loss"
     );
 
-    let lost_ns = host_ns(&env, &lost);
+    let lost_ns = env.host_netns(&lost);
     env.env_sh(&["stop", &format!("agent-{lost}"), "--signal", "KILL"])
         .unwrap();
     for l in ["ext0", "ul0"] {

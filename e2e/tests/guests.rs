@@ -6,20 +6,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use yukumo_e2e::{Env, wait_for};
+use yukumo_e2e::{Env, tiny_image, wait_for};
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHl5a3Vtby1ndWVzdC10ZXN0LWtleS0wMDAwMDAwMDAw e2e@yukumo";
 
 fn json(env: &Env, args: &[&str]) -> Value {
     env.get_json(args)
-}
-
-/// The tiny guest image built by e2e/run.sh: (path, checksum).
-fn tiny_image() -> (String, String) {
-    let tiny = std::env::var("YUKUMO_TINY_IMAGE").expect("YUKUMO_TINY_IMAGE (set by e2e/run.sh)");
-    let (path, checksum) = tiny.trim().split_once(' ').expect("<path> <checksum>");
-    (path.to_string(), checksum.to_string())
 }
 
 /// A namespace, a NetworkGroup and a VirtualCluster of tiny guests:

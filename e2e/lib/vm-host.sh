@@ -1,0 +1,104 @@
+# Sourced by e2e/env.sh: VM hosts.
+#
+# A VM host is a TCG virtual machine with the Debian kernel of /boot (it has
+# 802.1Q VLAN sub-interfaces; this machine's kernel has not) and this
+# machine's root file system, read-only over 9p (e2e/lib/vm-host-initrd.sh).
+# It runs a yukumo agent of its own, on libvirt's test driver: its guests
+# are defined and "run" in libvirt but not booted (a TCG guest inside a TCG
+# VM would take minutes), so a test gives each of them a network endpoint
+# by hand: a namespace inside the VM behind a veth named like the guest's
+# tap. Everything else is the real agent on a real kernel: the Host and its
+# probed capabilities, bridges, VLAN and VXLAN links, the anti-spoofing
+# table, router namespaces with NAT, firewall and dnsmasq.
+#
+# Its NICs:
+#   mgmt0  QEMU user networking with restrict=on: its only way out is a
+#          guestfwd of $VM_API_ADDR:$VM_API_PORT to the API server on
+#          127.0.0.1 (a socat per connection), and a hostfwd of the agent's
+#          metrics port to 127.0.0.1 of this machine;
+#   ul0    on the environment's underlay bridge, 10.255.0.INDEX: the uplink
+#          that carries the tagged VLAN segments (and VXLAN);
+#   ext0   on the environment's outside bridge (the Site's external network).
+# A root shell on its second serial port is the unix socket named in
+# $DIR/hosts/NAME/shell; its console, with the agent's log, is
+# $DIR/logs/vm-NAME-console.log. Everything it holds lives in its memory: stopping
+# its QEMU (process "vm-NAME") removes the host and all its state at once.
+
+start_vm_host() { # name site index (index: 10..250, the underlay address)
+  local name=$1 site=$2 i=$3 hdir=$DIR/hosts/$1 p kernel initrd mport sock mac
+  p=$(netns_prefix)
+  read -r kernel initrd < <("$ROOT/e2e/lib/vm-host-initrd.sh") || die "cannot build the VM host initramfs"
+  mkdir -p "$hdir" /run/yukumo
+  echo "$site" > "$hdir/site"
+  echo "$i" > "$hdir/vm"
+  mport=$(free_port)
+  mkdir -p "$DIR/ports"
+  echo "$mport" > "$DIR/ports/agent-$name"
+  sock=/run/yukumo/$p-$name.sock
+  echo "$sock" > "$hdir/shell"
+  mac=$(printf '52:54:00:79:%02x' "$i")
+  cat > "$hdir/vm.sh" <<EOF
+#!/bin/sh
+# Runs inside VM host $name (written by e2e/env.sh start-vm-host).
+hostname $name
+for d in /sys/class/net/*; do
+  case \$(cat "\$d/address") in
+    $mac:01) ip link set "\${d##*/}" name mgmt0 ;;
+    $mac:02) ip link set "\${d##*/}" name ul0 ;;
+    $mac:03) ip link set "\${d##*/}" name ext0 ;;
+  esac
+done
+ip link set lo up
+ip addr add 10.0.2.15/24 dev mgmt0 && ip link set mgmt0 up
+ip addr add 10.255.0.$i/24 dev ul0 && ip link set ul0 up
+ip link set ext0 up
+modprobe -a 8021q bridge vxlan veth macvlan nf_tables
+mkdir -p /run/netns /run/yukumo-agent
+if [ -c /dev/ttyS1 ]; then
+  stty -F /dev/ttyS1 -echo -onlcr 2>/dev/null
+  (while true; do PS1= PS2= sh </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
+fi
+echo "YUKUMO-VM-HOST ready \$(uname -r)"
+while true; do
+  KUBECONFIG=$DIR/kubeconfig-agent-vm RUST_LOG=${RUST_LOG:-info} $(agent_binary) \\
+    --host-name $name --site $site --libvirt-uri test:///default \\
+    --gateway --uplink ul0 --underlay-address 10.255.0.$i \\
+    --heartbeat-interval ${YUKUMO_HEARTBEAT:-5s} --cpu-overcommit 8 --domain-type qemu \\
+    --metrics-addr 10.0.2.15:9464 --state-dir /run/yukumo-agent
+  echo "YUKUMO-VM-HOST agent exited with \$?"
+  sleep 1
+done
+EOF
+  log "starting VM host $name (site $site, underlay 10.255.0.$i, ${kernel##*/})"
+  spawn "vm-$name" qemu-system-x86_64 -machine q35,accel=tcg -m 1024 -smp 1 \
+    -nodefaults -display none -no-reboot \
+    -kernel "$kernel" -initrd "$initrd" \
+    -append "console=ttyS0 quiet panic=-1 rdinit=/init yk.init=$hdir/vm.sh" \
+    -fsdev local,id=root,path=/,security_model=none,readonly=on,multidevs=remap \
+    -device virtio-9p-pci,fsdev=root,mount_tag=hostroot \
+    -netdev "user,id=mgmt,restrict=on,net=10.0.2.0/24,guestfwd=tcp:$VM_API_ADDR:$VM_API_PORT-cmd:socat - TCP:127.0.0.1:$API_PORT,hostfwd=tcp:127.0.0.1:$mport-10.0.2.15:9464" \
+    -device "virtio-net-pci,netdev=mgmt,mac=$mac:01" \
+    -netdev "tap,id=ul,ifname=${p}v${i}u,script=no,downscript=no" \
+    -device "virtio-net-pci,netdev=ul,mac=$mac:02" \
+    -netdev "tap,id=ext,ifname=${p}v${i}e,script=no,downscript=no" \
+    -device "virtio-net-pci,netdev=ext,mac=$mac:03" \
+    -serial "file:$DIR/logs/vm-$name-console.log" \
+    -serial "unix:$sock,server=on,wait=off"
+  # QEMU makes its taps in the namespace it runs in (this one, where its
+  # user networking reaches 127.0.0.1): they move to the environment's
+  # underlay and outside bridges at once, before the VM's kernel is up.
+  wait_for 30 "the taps of VM host $name" ip link show "${p}v${i}e"
+  ip link set "${p}v${i}u" netns "$p-ul"
+  ip -n "$p-ul" link set "${p}v${i}u" master br0 up
+  ip link set "${p}v${i}e" netns "$p-out"
+  ip -n "$p-out" link set "${p}v${i}e" master br0 up
+}
+
+# Stop a VM host: its QEMU, by PID (the VM and everything in it go with it).
+stop_vm_host() { # name
+  local name=$1 sock
+  stop_proc "vm-$name" KILL
+  sock=$(cat "$DIR/hosts/$name/shell" 2>/dev/null || true)
+  [ -n "$sock" ] && rm -f "$sock"
+  rm -rf "${DIR:?}/hosts/$name" "$DIR/ports/agent-$name"
+}
