@@ -17,8 +17,11 @@ KVER=$(find /lib/modules -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | so
 [ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || { echo "tiny-guest: no Debian kernel in /boot (install linux-image-amd64)" >&2; exit 1; }
 OUT_DIR=$YUKUMO_CACHE/images
 OUT=$OUT_DIR/yukumo-tiny-guest-$KVER.qcow2
-RAWSEND=$(dirname "$0")/rawsend.c
-SCRIPT_SUM=$(cat "$0" "$RAWSEND" | sha256sum | cut -c1-12)
+LIB=$(dirname "$0")
+RAWSEND=$LIB/rawsend.c
+# shellcheck source=initramfs-modules.sh
+source "$LIB/initramfs-modules.sh"
+SCRIPT_SUM=$(cat "$0" "$RAWSEND" "$LIB/initramfs-modules.sh" | sha256sum | cut -c1-12)
 OUT=${OUT%.qcow2}-$SCRIPT_SUM.qcow2
 if [ ! -f "$OUT" ]; then
   mkdir -p "$OUT_DIR"
@@ -29,20 +32,8 @@ if [ ! -f "$OUT" ]; then
   cp /bin/busybox "$root/bin/busybox"
   # rawsend: a frame as a hostile tenant would send it (tests of the guard).
   gcc -static -Os -s -o "$root/bin/rawsend" "$RAWSEND"
-  # Kernel modules for virtio disks and NICs and ISO 9660, in dependency order.
-  for m in virtio_pci virtio_blk virtio_net isofs 8021q; do
-    modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}'
-  done | awk '!seen[$0]++' > "$work/mods"
-  : > "$root/lib/modules/order"
-  while read -r ko; do
-    name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
-    case $ko in
-      *.xz) xz -dc "$ko" > "$root/lib/modules/$name" ;;
-      *.zst) zstd -dcq "$ko" > "$root/lib/modules/$name" ;;
-      *) cp "$ko" "$root/lib/modules/$name" ;;
-    esac
-    echo "$name" >> "$root/lib/modules/order"
-  done < "$work/mods"
+  # Kernel modules for virtio disks and NICs and ISO 9660.
+  initramfs_modules "$KVER" "$root" virtio_pci virtio_blk virtio_net isofs 8021q
   cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s

@@ -21,7 +21,10 @@ for v in $(find /lib/modules -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null 
   [ -f "/boot/vmlinuz-$v" ] && KVER=$v
 done
 [ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || { echo "vm-host-initrd: no Debian kernel in /boot (install linux-image-amd64)" >&2; exit 1; }
-SCRIPT_SUM=$(sha256sum "$0" | cut -c1-12)
+LIB=$(dirname "$0")
+# shellcheck source=initramfs-modules.sh
+source "$LIB/initramfs-modules.sh"
+SCRIPT_SUM=$(cat "$0" "$LIB/initramfs-modules.sh" | sha256sum | cut -c1-12)
 OUT=$YUKUMO_CACHE/images/yukumo-vm-host-$KVER-$SCRIPT_SUM.initrd.gz
 if [ ! -f "$OUT" ]; then
   mkdir -p "$(dirname "$OUT")"
@@ -30,19 +33,7 @@ if [ ! -f "$OUT" ]; then
   root=$work/root
   mkdir -p "$root"/{bin,proc,sys,dev,newroot,lib/modules}
   cp /bin/busybox "$root/bin/busybox"
-  for m in virtio_pci virtio_net 9p 9pnet_virtio; do
-    modprobe -S "$KVER" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}'
-  done | awk '!seen[$0]++' > "$work/mods"
-  : > "$root/lib/modules/order"
-  while read -r ko; do
-    name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
-    case $ko in
-      *.xz) xz -dc "$ko" > "$root/lib/modules/$name" ;;
-      *.zst) zstd -dcq "$ko" > "$root/lib/modules/$name" ;;
-      *) cp "$ko" "$root/lib/modules/$name" ;;
-    esac
-    echo "$name" >> "$root/lib/modules/order"
-  done < "$work/mods"
+  initramfs_modules "$KVER" "$root" virtio_pci virtio_net 9p 9pnet_virtio
   cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
