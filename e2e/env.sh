@@ -403,6 +403,10 @@ cmd_down() {
       [ -e "$f" ] || continue
       pid=$(cat "$f"); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
     done
+    # and the serial-console sockets of this host's guests (named by uid)
+    for f in "$hdir"/agent/nodes/*; do
+      [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock"
+    done
   done
   # Routers the agents made: their DHCP servers (PID files in the agents'
   # state), then their namespaces (named after the hosts' namespaces).

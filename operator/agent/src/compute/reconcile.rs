@@ -620,8 +620,9 @@ async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNo
     for uid in stale_node_dirs(ctx, &wanted, Duration::from_secs(15)) {
         if !domains.contains_key(&uid) {
             tracing::info!(%uid, "removing files of a node that is gone");
-            let dir = NodePaths::new(&ctx.state_dir, &uid).dir;
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            let paths = NodePaths::new(&ctx.state_dir, &uid);
+            let _ = std::fs::remove_file(&paths.control_socket);
+            if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
                 tracing::warn!(%uid, error = %e, "cannot remove node files");
             }
         }
