@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use yukumo_agent::network::plan::tap_name;
-use yukumo_e2e::net::{Sniffer, first_peer_listener, in_ns, router_advertisement, wait_repaired};
+use yukumo_e2e::net::{
+    Sniffer, first_peer_listener, in_ns, router_advertisement, udp_frame, wait_repaired,
+};
 use yukumo_e2e::{Env, condition, guest_sh, tiny_image, wait_for};
 
 fn tenant(ns: &str) -> String {
@@ -174,6 +176,26 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
         );
     }
     println!("ping matrix: 3 in-group pairs reach each other, cross-group pairs do not");
+    // Every guest's port: pinned to its MAC, no learning, no flooding of
+    // unknown unicast to it.
+    for g in [afe, aw, bfe, bw] {
+        let hns = env.host_netns(&g.host);
+        let t = tap_name(&g.uid);
+        let (port, _) = in_ns(&hns, &["bridge", "-d", "link", "show", "dev", &t]);
+        assert!(
+            port.contains("learning off") && port.contains(" flood off"),
+            "{t}: {port}"
+        );
+        let (fdb, _) = in_ns(&hns, &["bridge", "fdb", "show", "dev", &t]);
+        assert!(
+            fdb.lines()
+                .any(|l| l.starts_with(&g.mac) && l.ends_with(" static")),
+            "{t}: {fdb}"
+        );
+    }
+    println!(
+        "bridge ports: each guest's tap pinned to its MAC, learning and unknown-unicast flooding off"
+    );
 
     // Egress: the outside sees the router's address (SNAT).
     let router_a = ng_status(&env, "neta")["router"]["address"]
@@ -275,16 +297,31 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     let ra = router_advertisement(&aw.mac, [0x2001, 0xdb8, 0xbad, 0]);
     let (out, rc) = aw.sh(&format!("rawsend eth0 {ra} 3"));
     assert_eq!(rc, 0, "rawsend: {out}");
+    // Unicast to a MAC no bridge knows (from the worker's own MAC and IP, so
+    // the guard lets it out): flooded across the segment, but never to a
+    // guest's port.
+    let unknown = "02:00:00:99:99:99";
+    let frame = udp_frame(
+        unknown,
+        &aw.mac,
+        aw.ip.parse().unwrap(),
+        afe.ip.parse().unwrap(),
+        9,
+    );
+    let (out, rc) = aw.sh(&format!("rawsend eth0 {frame} 3"));
+    assert_eq!(rc, 0, "rawsend: {out}");
     let (att, vic) = (att.frames(), vic.frames());
     let rogue_dhcp = |f: &Value| f["src"] == aw.mac.as_str() && f["sport"] == 67;
     let tagged = |f: &Value| f["src"] == aw.mac.as_str() && !f["vlan"].is_null();
     let ipv6 = |f: &Value| f["src"] == aw.mac.as_str() && f["type"] == 0x86dd;
     let router_adv = |f: &Value| ipv6(f) && f["icmp6_type"] == 134;
+    let unknown_unicast = |f: &Value| f["src"] == aw.mac.as_str() && f["dst"] == unknown;
     for (what, is) in [
         ("rogue DHCP replies", &rogue_dhcp as &dyn Fn(&Value) -> bool),
         ("802.1Q-tagged frames", &tagged),
         ("IPv6 frames", &ipv6),
         ("IPv6 router advertisements", &router_adv),
+        ("frames to an unknown MAC", &unknown_unicast),
     ] {
         let sent = att.iter().filter(|f| f["dir"] == "rx" && is(f)).count();
         let leaked = vic.iter().filter(|f| is(f)).count();

@@ -303,7 +303,6 @@ async fn baseline(f: &Fabric, dp: &Dataplane, p: &HostPlan) -> Result<()> {
         }
     }
     dataplane::ip_batch(host, &links).await?;
-    run_in(host, "bridge", &["-batch", "-"], Some(&fdb)).await?;
     let netns: Vec<String> = p
         .routers
         .values()
@@ -317,6 +316,11 @@ async fn baseline(f: &Fabric, dp: &Dataplane, p: &HostPlan) -> Result<()> {
             r.host_veth, r.mtu, r.mtu, r.lan_mac, r.netns
         ));
         legs.push(format!("link set {} master {} up", r.host_veth, r.bridge));
+        fdb.push_str(&format!(
+            "link set dev {v} learning off flood off\nfdb replace {} dev {v} master static\n",
+            r.lan_mac,
+            v = r.host_veth
+        ));
         if let Some(w) = &r.wan {
             legs.push(format!(
                 "link add wan0 link {} address {} netns {} type macvlan mode bridge",
@@ -325,6 +329,7 @@ async fn baseline(f: &Fabric, dp: &Dataplane, p: &HostPlan) -> Result<()> {
         }
     }
     dataplane::ip_batch(host, &legs).await?;
+    run_in(host, "bridge", &["-batch", "-"], Some(&fdb)).await?;
     let mut jobs = Vec::new();
     for r in p.routers.values() {
         jobs.push(baseline_router(dp, r));
@@ -386,6 +391,23 @@ async fn fingerprint(f: &Fabric, dp: &Dataplane) -> Result<BTreeMap<String, Stri
         .filter(|l| l.starts_with("00:00:00:00:00:00"))
         .count();
     out.insert("fdb all-zero entries".into(), fdb_n.to_string());
+    let pinned = fdb
+        .lines()
+        .filter(|l| l.contains(" dev ykgw") && l.contains(" master ") && l.ends_with(" static"))
+        .count();
+    out.insert(
+        "router ports pinned to their MAC".into(),
+        pinned.to_string(),
+    );
+    let ports = run_in(Some(&f.host), "bridge", &["-d", "link", "show"], None).await?;
+    let quiet = ports
+        .lines()
+        .filter(|l| l.contains("learning off") && l.contains(" flood off"))
+        .count();
+    out.insert(
+        "ports with learning and flooding off".into(),
+        quiet.to_string(),
+    );
     let routers = f.routers();
     out.insert("router namespaces".into(), routers.len().to_string());
     let mut alive = 0;

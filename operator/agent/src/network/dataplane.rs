@@ -317,6 +317,17 @@ struct Fdb {
     mac: String,
     ifname: String,
     dst: Option<String>,
+    master: Option<String>,
+    state: Option<String>,
+}
+
+/// A bridge port as `bridge -j -d link show` lists it.
+#[derive(Debug, Deserialize)]
+struct Port {
+    ifname: String,
+    master: Option<String>,
+    learning: Option<bool>,
+    flood: Option<bool>,
 }
 
 pub async fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<()> {
@@ -545,10 +556,6 @@ impl Dataplane {
         ch.links += batch.len();
         ip_batch(ns, &batch).await?;
 
-        // 2. FDB: one all-zero entry per remote host of each VXLAN segment
-        // (head-end replication, no multicast, no learning).
-        self.apply_fdb(plan, &mut ch).await?;
-
         // 3. Routers (before guest taps: their veths join the bridges too).
         // New ones get their namespace and both legs in two batches for all
         // of them; each is then finished on its own.
@@ -677,7 +684,11 @@ impl Dataplane {
         ch.links += batch.len();
         ip_batch(ns, &batch).await?;
 
-        // 5. Anti-spoofing table.
+        // 5. The bridges' forwarding: VXLAN remotes, and the ports of guests
+        // and routers pinned to their own MACs.
+        self.apply_bridge(plan, &mut ch).await?;
+
+        // 6. Anti-spoofing table.
         if plan.taps.is_empty() && plan.segments.is_empty() {
             if delete_table(ns, "bridge").await? {
                 ch.tables += 1;
@@ -689,17 +700,30 @@ impl Dataplane {
         Ok(ch)
     }
 
-    async fn apply_fdb(&self, plan: &HostPlan, ch: &mut Changes) -> Result<()> {
+    /// The bridges' forwarding state, read once and changed in one
+    /// `bridge -batch`:
+    /// - one all-zero FDB entry per remote host of each VXLAN segment
+    ///   (head-end replication, no multicast, no learning on the VTEP);
+    /// - every guest tap and router veth: a static entry for its own MAC,
+    ///   learning off and unknown-unicast flooding off. A unicast frame is
+    ///   delivered to a guest only if it is addressed to that guest (never
+    ///   flooded to every guest of the group after an entry aged out), and
+    ///   nothing a guest sends moves another MAC to its port. Broadcast and
+    ///   multicast (ARP, DHCP) still reach every port.
+    async fn apply_bridge(&self, plan: &HostPlan, ch: &mut Changes) -> Result<()> {
         let ns = self.ns();
         let out = run_in(ns, "bridge", &["-j", "fdb", "show"], None).await?;
         let entries: Vec<Fdb> = serde_json::from_str(&out).unwrap_or_default();
         let mut have: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut pinned: BTreeSet<(String, String)> = BTreeSet::new();
         for e in entries {
             if e.mac == "00:00:00:00:00:00"
                 && e.ifname.starts_with("ykvx")
                 && let Some(d) = e.dst
             {
                 have.insert((e.ifname, d));
+            } else if e.master.is_some() && e.state.as_deref() == Some("static") {
+                pinned.insert((e.ifname, e.mac));
             }
         }
         let want: BTreeSet<(String, String)> = plan
@@ -722,8 +746,43 @@ impl Dataplane {
                 "fdb append 00:00:00:00:00:00 dev {dev} dst {dst} self permanent"
             ));
         }
+        ch.fdb += batch.len();
+        // Guests' and routers' ports, where they are on their bridge.
+        let out = run_in(ns, "bridge", &["-j", "-d", "link", "show"], None).await?;
+        let ports: BTreeMap<String, Port> = serde_json::from_str::<Vec<Port>>(&out)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| (p.ifname.clone(), p))
+            .collect();
+        let own: Vec<(&str, &str, &str)> = plan
+            .taps
+            .iter()
+            .map(|t| (t.name.as_str(), t.bridge.as_str(), t.mac.as_str()))
+            .chain(
+                plan.routers
+                    .values()
+                    .map(|r| (r.host_veth.as_str(), r.bridge.as_str(), r.lan_mac.as_str())),
+            )
+            .collect();
+        let mut port_changes = 0;
+        for (port, bridge, mac) in own {
+            let Some(p) = ports
+                .get(port)
+                .filter(|p| p.master.as_deref() == Some(bridge))
+            else {
+                continue;
+            };
+            if p.learning != Some(false) || p.flood != Some(false) {
+                batch.push(format!("link set dev {port} learning off flood off"));
+                port_changes += 1;
+            }
+            if !pinned.contains(&(port.to_string(), mac.to_string())) {
+                batch.push(format!("fdb replace {mac} dev {port} master static"));
+                port_changes += 1;
+            }
+        }
+        ch.links += port_changes;
         if !batch.is_empty() {
-            ch.fdb += batch.len();
             let mut input = batch.join("\n");
             input.push('\n');
             run_in(ns, "bridge", &["-batch", "-"], Some(&input)).await?;
