@@ -11,4 +11,5 @@ pub mod network {
     pub mod dataplane;
     pub mod garp;
     pub mod plan;
+    pub mod watch;
 }

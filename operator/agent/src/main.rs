@@ -97,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
     yukumo_telemetry::init_tracing();
     let args = Args::parse();
     std::fs::create_dir_all(&args.state_dir)?;
+    // Two netlink sockets per router namespace (network::watch): a host
+    // with many routers needs more descriptors than the usual soft limit.
+    raise_fd_limit();
     let client = Client::try_default().await?;
     let mut registry = Registry::default();
     let metrics = register::Metrics::register(&mut registry);
@@ -170,4 +173,18 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.await;
     tracing::info!("agent stopped");
     result
+}
+
+/// Raise the soft limit of open files to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
 }

@@ -28,6 +28,7 @@ use super::garp;
 use super::plan::{
     DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT, rule_count, ruleset_hash,
 };
+use super::watch::RouterWatches;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -51,6 +52,9 @@ pub struct Dataplane {
     pub state_dir: PathBuf,
     /// Router namespace -> hash of the plan last applied to it in full.
     applied: Mutex<HashMap<String, u64>>,
+    /// Kernel events from inside the router namespaces (the agent; none in
+    /// benchmarks): a router something changed in is applied in full.
+    watches: Option<std::sync::Arc<RouterWatches>>,
     /// Where the next verification slice of routers starts.
     cursor: AtomicUsize,
 }
@@ -174,9 +178,16 @@ fn in_netns<T: Send>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send,
 ) -> std::io::Result<T> {
+    in_netns_file(std::fs::File::open(format!("/run/netns/{ns}"))?, f)
+}
+
+/// [`in_netns`] for a namespace already opened (`/run/netns/<name>`).
+pub(crate) fn in_netns_file<T: Send>(
+    file: std::fs::File,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     std::thread::scope(|sc| {
         sc.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from)?;
             f()
@@ -424,8 +435,16 @@ impl Dataplane {
             uplink,
             state_dir,
             applied: Mutex::default(),
+            watches: None,
             cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// Follow kernel events inside the router namespaces (see
+    /// [`super::watch`]).
+    pub fn with_watches(mut self, w: std::sync::Arc<RouterWatches>) -> Dataplane {
+        self.watches = Some(w);
+        self
     }
 
     fn ns(&self) -> Option<&str> {
@@ -458,6 +477,16 @@ impl Dataplane {
     pub async fn apply(&self, plan: &HostPlan, pass: Pass) -> Result<Changes> {
         let mut ch = Changes::default();
         let ns = self.ns();
+        let planned: Vec<String> = plan.routers.keys().cloned().collect();
+        // Watches of namespaces that went away or were replaced are dropped
+        // first: their sockets would keep the old namespace alive.
+        let dirty = match &self.watches {
+            Some(w) => {
+                self.report_unwatched(w.sync(&planned).await);
+                w.take_dirty()
+            }
+            None => BTreeSet::new(),
+        };
         let have = links(ns).await?;
         // 1. Links of the host namespace: stale ones go, segments come.
         let mut batch = Vec::new();
@@ -612,6 +641,7 @@ impl Dataplane {
                     let due = fresh
                         || !veth_ok
                         || verify.contains(r.netns.as_str())
+                        || dirty.contains(&r.netns)
                         || applied.get(&r.netns) != Some(&h);
                     due.then_some((r, h, fresh))
                 })
@@ -665,6 +695,10 @@ impl Dataplane {
                     failed.get_or_insert(e);
                 }
             }
+        }
+        if let Some(w) = &self.watches {
+            // New routers are watched from now on.
+            self.report_unwatched(w.sync(&planned).await);
         }
         if let Some(e) = failed {
             return Err(e);
@@ -797,7 +831,21 @@ impl Dataplane {
         fresh: bool,
         host: &BTreeMap<String, Link>,
     ) -> (&'a RouterPlan, u64, Result<Changes>) {
-        (r, hash, self.apply_router(r, fresh, host).await)
+        // What the agent changes in the router is not news to its watch.
+        if let Some(w) = &self.watches {
+            w.begin(&r.netns);
+        }
+        let res = self.apply_router(r, fresh, host).await;
+        if let Some(w) = &self.watches {
+            w.end(&r.netns);
+        }
+        (r, hash, res)
+    }
+
+    fn report_unwatched(&self, failed: Vec<(String, String)>) {
+        for (router, error) in failed {
+            tracing::warn!(%router, %error, "cannot watch the router's namespace; the verification backstop covers it");
+        }
     }
 
     /// Stop a DHCP server left running in a router namespace that was

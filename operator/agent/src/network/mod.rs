@@ -4,11 +4,14 @@
 //! watched NetworkGroups, this host's VirtualNodes and its Site, and applies
 //! it with [`dataplane::Dataplane`]. It runs on every change of those
 //! objects, on every kernel change `ip monitor` and `nft monitor` report in
-//! the host's namespace, and every `verify_interval` as a backstop that also
-//! reads up to [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in full
-//! (hand-made damage inside them).
+//! the host's namespace, on every link, address, route or nftables change
+//! inside a router namespace that the agent did not make (netlink sockets in
+//! each, [`watch`]: that router is applied in full), on every name coming
+//! or going under /run/netns, and every `verify_interval` as a backstop that
+//! also reads up to [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in
+//! full.
 
-pub use yukumo_agent::network::{dataplane, plan};
+pub use yukumo_agent::network::{dataplane, plan, watch};
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -100,6 +103,14 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
+    // Kernel events inside router namespaces, and names coming and going
+    // under /run/netns, queue their routers (`watch`).
+    let watches = watch::RouterWatches::new(tx.clone());
+    if let Err(e) = watches.watch_netns_dir() {
+        tracing::warn!(error = %e, "cannot watch /run/netns; the verification backstop covers deleted router namespaces");
+    }
+    let mut cfg = cfg;
+    cfg.dataplane = cfg.dataplane.with_watches(watches.clone());
     let (ng_store, ng_writer) = reflector::store::<NetworkGroup>();
     let (vn_store, vn_writer) = reflector::store::<VirtualNode>();
     let (site_store, site_writer) = reflector::store::<Site>();

@@ -1,0 +1,366 @@
+//! Kernel events from inside the router namespaces: hand-made damage there
+//! (an address, a link or a route deleted, a table flushed) queues that one
+//! router for repair at once, instead of waiting for the verification
+//! backstop to reach it (it reads [`super::dataplane::ROUTERS_PER_VERIFY`]
+//! routers per tick, so on a host with many routers a full round takes
+//! many ticks).
+//!
+//! Per router, two netlink sockets are opened inside its namespace (a
+//! socket stays in the namespace it was created in): `NETLINK_ROUTE`
+//! subscribed to link, IPv4 address and IPv4 route changes, and
+//! `NETLINK_NETFILTER` subscribed to nftables changes. No process runs per
+//! router. What the agent itself changes must not queue the router again:
+//! while the dataplane applies a router it marks it as applying
+//! ([`RouterWatches::begin`]) and, once done, drains its sockets
+//! ([`RouterWatches::end`]); the kernel queues a change's notifications
+//! before the command that made it returns, so everything the agent caused
+//! is read there and dropped. A hand-made change in that window is left to
+//! the verification backstop.
+//!
+//! The sockets hold their namespace alive: a watch whose namespace name was
+//! deleted or now names another namespace is dropped before the router is
+//! rebuilt ([`RouterWatches::sync`]), so the old namespace (and its
+//! addresses on the external network) goes away.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use netlink_sys::{AsyncSocket, AsyncSocketExt, Socket, SocketAddr, TokioSocket, protocols};
+use tokio::sync::mpsc;
+
+/// rtnetlink multicast groups (bit masks): links, IPv4 addresses, routes.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+/// nfnetlink group of nftables changes.
+const NFNLGRP_NFTABLES: u32 = 7;
+
+struct Watch {
+    inode: u64,
+    sockets: [Arc<TokioSocket>; 2],
+    applying: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The watches of this host's routers, by namespace name.
+pub struct RouterWatches {
+    watches: Mutex<HashMap<String, Watch>>,
+    /// Routers something changed in since the dataplane last took them.
+    dirty: Arc<Mutex<BTreeSet<String>>>,
+    /// Pokes the network loop.
+    poke: mpsc::Sender<()>,
+}
+
+/// Read and drop every queued message; how many there were (an overrun,
+/// ENOBUFS, counts as one: something changed).
+fn drain(s: &Socket) -> usize {
+    let mut n = 0;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        match s.recv(&mut buf, libc::MSG_DONTWAIT) {
+            Ok(0) => return n,
+            Ok(_) => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+            Err(_) => return n + 1,
+        }
+    }
+}
+
+/// Open the two sockets inside namespace `netns`, registered with the
+/// runtime of `rt`; also returns the inode of the namespace they are in.
+fn open(
+    netns: &str,
+    rt: &tokio::runtime::Handle,
+) -> std::io::Result<(u64, TokioSocket, TokioSocket)> {
+    let file = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    let inode = file.metadata()?.ino();
+    let (route, nft) = super::dataplane::in_netns_file(file, || {
+        let _rt = rt.enter();
+        let mut route = TokioSocket::new(protocols::NETLINK_ROUTE)?;
+        route.socket_mut().bind(&SocketAddr::new(
+            0,
+            RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+        ))?;
+        let mut nft = TokioSocket::new(protocols::NETLINK_NETFILTER)?;
+        nft.socket_mut().bind_auto()?;
+        nft.socket_ref().add_membership(NFNLGRP_NFTABLES)?;
+        Ok((route, nft))
+    })?;
+    Ok((inode, route, nft))
+}
+
+impl std::fmt::Debug for RouterWatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterWatches")
+            .field("watched", &self.len())
+            .finish()
+    }
+}
+
+impl RouterWatches {
+    /// Watches that mark changed routers dirty and poke the loop.
+    pub fn new(poke: mpsc::Sender<()>) -> Arc<RouterWatches> {
+        Arc::new(RouterWatches {
+            watches: Mutex::default(),
+            dirty: Arc::default(),
+            poke,
+        })
+    }
+
+    /// The routers something changed in, since the last call.
+    pub fn take_dirty(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
+    }
+
+    /// Poke the loop whenever a namespace name comes or goes under
+    /// /run/netns (a router namespace deleted by hand is not a netlink
+    /// event: the watch's own sockets keep that namespace alive).
+    pub fn watch_netns_dir(&self) -> std::io::Result<()> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        std::fs::create_dir_all("/run/netns")?;
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC).map_err(std::io::Error::from)?;
+        ino.add_watch(
+            "/run/netns",
+            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_FROM,
+        )
+        .map_err(std::io::Error::from)?;
+        let poke = self.poke.clone();
+        std::thread::Builder::new()
+            .name("netns-dir".into())
+            .spawn(move || {
+                while ino.read_events().is_ok() && !poke.is_closed() {
+                    let _ = poke.try_send(());
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Watch exactly the routers named (those whose namespace exists):
+    /// start what is missing, stop what is no longer wanted and what watches
+    /// a namespace that is gone or replaced. Returns the routers that could
+    /// not be watched, with why.
+    pub async fn sync(&self, routers: &[String]) -> Vec<(String, String)> {
+        let current = |name: &str| {
+            std::fs::metadata(format!("/run/netns/{name}"))
+                .ok()
+                .map(|m| m.ino())
+        };
+        let missing: Vec<String> = {
+            let mut w = self.watches.lock().expect("poisoned");
+            w.retain(|name, watch| {
+                routers.iter().any(|r| r == name) && current(name) == Some(watch.inode)
+            });
+            routers
+                .iter()
+                .filter(|r| !w.contains_key(*r) && current(r).is_some())
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Vec::new();
+        }
+        let rt = tokio::runtime::Handle::current();
+        let opened = tokio::task::spawn_blocking(move || {
+            missing
+                .into_iter()
+                .map(|name| {
+                    let r = open(&name, &rt);
+                    (name, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut failed = Vec::new();
+        let mut w = self.watches.lock().expect("poisoned");
+        for (name, r) in opened {
+            let started = r.map(|(inode, route, nft)| {
+                let sockets = [Arc::new(route), Arc::new(nft)];
+                let applying = Arc::new(AtomicBool::new(false));
+                let task = tokio::spawn(watch(
+                    name.clone(),
+                    sockets.clone(),
+                    applying.clone(),
+                    self.dirty.clone(),
+                    self.poke.clone(),
+                ));
+                Watch {
+                    inode,
+                    sockets,
+                    applying,
+                    task,
+                }
+            });
+            match started {
+                Ok(watch) => {
+                    w.insert(name, watch);
+                }
+                Err(e) => failed.push((name, e.to_string())),
+            }
+        }
+        failed
+    }
+
+    /// The agent starts changing `netns`: what it changes is not news.
+    pub fn begin(&self, netns: &str) {
+        if let Some(w) = self.watches.lock().expect("poisoned").get(netns) {
+            w.applying.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The agent is done with `netns`: drop the notifications it caused.
+    pub fn end(&self, netns: &str) {
+        if let Some(w) = self.watches.lock().expect("poisoned").get(netns) {
+            for s in &w.sockets {
+                drain(s.socket_ref());
+            }
+            w.applying.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// How many routers are watched.
+    pub fn len(&self) -> usize {
+        self.watches.lock().expect("poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Wait for either socket to have something; report `netns` unless the
+/// agent itself is changing it.
+async fn watch(
+    netns: String,
+    sockets: [Arc<TokioSocket>; 2],
+    applying: Arc<AtomicBool>,
+    dirty: Arc<Mutex<BTreeSet<String>>>,
+    poke: mpsc::Sender<()>,
+) {
+    let [route, nft] = sockets;
+    let (mut a, mut b) = (Vec::with_capacity(64 * 1024), Vec::with_capacity(64 * 1024));
+    loop {
+        a.clear();
+        b.clear();
+        let (first, sock) = tokio::select! {
+            r = route.recv(&mut a) => (r, &route),
+            r = nft.recv(&mut b) => (r, &nft),
+        };
+        // One notification came (or an overrun: something changed); read
+        // what else is queued, then tell the loop once.
+        let overrun = first
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOBUFS));
+        if first.is_err() && !overrun {
+            return;
+        }
+        drain(sock.socket_ref());
+        if !applying.load(Ordering::SeqCst) {
+            dirty.lock().expect("poisoned").insert(netns.clone());
+            if poke.is_closed() {
+                return;
+            }
+            let _ = poke.try_send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::Duration;
+
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Changes by hand inside a watched namespace mark it dirty; changes
+    /// between begin and end do not; a replaced namespace is watched anew.
+    /// Skipped, saying so, without root.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_made_changes_mark_the_router_and_the_agents_own_do_not() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let ns = format!("ykwatchtest{}", std::process::id());
+        assert!(ip(&["netns", "add", &ns]));
+        // Removed also when an assertion fails.
+        struct Cleanup(String);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+        let _cleanup = Cleanup(ns.clone());
+        let (poke, mut poked) = mpsc::channel(1);
+        let w = RouterWatches::new(poke);
+        assert!(w.sync(std::slice::from_ref(&ns)).await.is_empty());
+        assert_eq!(w.len(), 1);
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
+
+        // The agent's own change: not news.
+        w.begin(&ns);
+        assert!(ip(&["-n", &ns, "link", "add", "d0", "type", "bridge"]));
+        w.end(&ns);
+        settle().await;
+        assert!(
+            w.take_dirty().is_empty(),
+            "the agent's own change was reported"
+        );
+
+        // By hand: an address, then an nftables table.
+        assert!(ip(&["-n", &ns, "addr", "add", "192.0.2.1/24", "dev", "d0"]));
+        tokio::time::timeout(Duration::from_secs(5), poked.recv())
+            .await
+            .expect("poked within 5 s");
+        assert_eq!(w.take_dirty(), BTreeSet::from([ns.clone()]));
+        let nft = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "nft", "add", "table", "ip", "handmade",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if nft {
+            tokio::time::timeout(Duration::from_secs(5), poked.recv())
+                .await
+                .expect("poked within 5 s");
+            settle().await;
+            assert_eq!(
+                w.take_dirty(),
+                BTreeSet::from([ns.clone()]),
+                "nftables change"
+            );
+        } else {
+            eprintln!("nft not available: the nftables part was skipped");
+        }
+
+        // Deleted and made again under the same name: the old watch goes.
+        assert!(ip(&["netns", "del", &ns]));
+        assert!(ip(&["netns", "add", &ns]));
+        assert!(w.sync(std::slice::from_ref(&ns)).await.is_empty());
+        assert!(ip(&["-n", &ns, "link", "add", "d1", "type", "bridge"]));
+        tokio::time::timeout(Duration::from_secs(5), poked.recv())
+            .await
+            .expect("the new namespace is watched");
+        assert_eq!(w.take_dirty(), BTreeSet::from([ns.clone()]));
+        // No longer planned: no longer watched.
+        w.sync(&[]).await;
+        assert!(w.is_empty());
+    }
+}
