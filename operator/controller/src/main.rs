@@ -146,6 +146,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Hash of what the VirtualCluster reconciler needs from a Host: its readiness.
+/// A Site's spec generation: what matters to the groups and clusters that
+/// name it (its status, aggregated from its hosts, does not).
+fn site_spec(s: &Site) -> u64 {
+    s.metadata.generation.unwrap_or_default() as u64
+}
+
 fn host_readiness(h: &Host) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -283,6 +289,8 @@ async fn run_controllers(
     let vc_for_ng = vc_w.subscribe().expect(SHARED);
     let vn_for_ng = vn_w.subscribe().expect(SHARED);
     let host_for_ng = host_w.subscribe().expect(SHARED);
+    let site_for_ng = site_w.subscribe().expect(SHARED);
+    let site_for_vc = site_w.subscribe().expect(SHARED);
     let vol_for = vol_w.subscribe().expect(SHARED);
     let reflectors = [
         vc_start(vc_w),
@@ -324,6 +332,8 @@ async fn run_controllers(
     let vc_store2 = vc_store.clone();
     let vc_store3 = vc_store.clone();
     let vc_store4 = vc_store.clone();
+    let vc_store5 = vc_store.clone();
+    let ng_store_for_vc = ng_store.clone();
     let vcs = Controller::for_shared_stream(vc_for, vc_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(250)))
         .owns_shared_stream(vn_owned)
@@ -354,6 +364,34 @@ async fn run_controllers(
                 .map(|vc| ObjectRef::from_obj(vc.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .watches_shared_stream(
+            // A Site created or changed (its spec, not its status): the
+            // clusters placed there or on its groups, in whatever order
+            // they were applied.
+            changed_only(site_for_vc, site_spec),
+            move |site| {
+                let name = site.name_any();
+                let groups = ng_store_for_vc.state();
+                vc_store5
+                    .state()
+                    .into_iter()
+                    .filter(|vc| {
+                        vc.spec.frontend.site.as_deref() == Some(name.as_str())
+                            || vc
+                                .spec
+                                .pools
+                                .iter()
+                                .any(|p| p.sites.iter().any(|s| s.0 == name))
+                            || groups.iter().any(|g| {
+                                g.namespace() == vc.namespace()
+                                    && g.name_any() == vc.spec.network_group
+                                    && g.spec.home_site.0 == name
+                            })
+                    })
+                    .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .watches_shared_stream(
             // Only a change of a Host's readiness matters here, not every heartbeat.
             changed_only(host_for_vc, host_readiness),
@@ -387,6 +425,7 @@ async fn run_controllers(
     // A group's addresses follow its clusters' specs, its span follows
     // where their nodes run, and its router follows gateway hosts' readiness.
     let ng_store2 = ng_store.clone();
+    let ng_store3 = ng_store.clone();
     let ngs = Controller::for_shared_stream(ng_for, ng_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(100)))
         .watches_shared_stream(vc_for_ng, |vc| {
@@ -395,6 +434,15 @@ async fn run_controllers(
         .watches_shared_stream(node_network_changes(vn_for_ng), |vn| {
             let group = vn.spec.network.as_ref()?.group.clone();
             Some(ObjectRef::<NetworkGroup>::new(&group).within(&vn.namespace()?))
+        })
+        .watches_shared_stream(changed_only(site_for_ng, site_spec), move |site| {
+            let name = site.name_any();
+            ng_store3
+                .state()
+                .into_iter()
+                .filter(|g| g.spec.home_site.0 == name)
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
         })
         .watches_shared_stream(changed_only(host_for_ng, host_readiness), move |h| {
             let site = h.spec.site.clone();
