@@ -344,8 +344,12 @@ cmd_up() {
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
   for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
-  # VM hosts (802.1Q VLAN segments): underlay addresses from 10.255.0.11 on.
-  for i in $(seq 1 "$VM_HOSTS"); do start_vm_host "vmhost-$i" local $((10 + i)); done
+  # VM hosts (802.1Q VLAN segments), in a Site of their own: underlay
+  # addresses from 10.255.0.11 on.
+  if [ "$VM_HOSTS" -gt 0 ]; then
+    kubectl apply -f "$ROOT/examples/vmlab-site.yaml" >/dev/null
+    for i in $(seq 1 "$VM_HOSTS"); do start_vm_host "vmhost-$i" vmlab $((10 + i)); done
+  fi
   kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
   wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
   if [ "$EXAMPLE" = 1 ]; then
@@ -353,8 +357,16 @@ cmd_up() {
     # point it at that image and its checksum.
     local img sum
     read -r img sum < <("$ROOT/e2e/lib/tiny-guest.sh")
-    sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
-        -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$ROOT/examples/quickstart.yaml" | kubectl apply -f - >/dev/null
+    local examples=("$ROOT/examples/quickstart.yaml")
+    if [ "$VM_HOSTS" -gt 0 ]; then
+      wait_for 300 "VM hosts Ready" kubectl wait --for condition=Ready --timeout 5s \
+        $(for i in $(seq 1 "$VM_HOSTS"); do echo "host/vmhost-$i"; done)
+      examples+=("$ROOT/examples/vmlab-vlan.yaml")
+    fi
+    for f in "${examples[@]}"; do
+      sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
+          -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$f" | kubectl apply -f - >/dev/null
+    done
   fi
   cmd_status
   cat <<EOF
@@ -364,6 +376,7 @@ yukumo local environment is up ($DIR).
   kubectl get yukumo                 # every yukumo object
   kubectl get hosts,sites            # the simulated hosts and their site
   kubectl -n demo get vc,vn          # the quickstart cluster and its VMs
+  kubectl -n vlan-lab get ng,vc,vn   # with VM_HOSTS: the lab on an 802.1Q VLAN
   kubectl explain virtualcluster.spec
   logs: $DIR/logs/   audit log: $DIR/logs/audit.log
   stop everything: make down
