@@ -139,21 +139,14 @@ pub fn router_advertisement(mac: &str, prefix: [u16; 4]) -> String {
     }
     icmp.extend_from_slice(&[0; 8]);
     // The checksum covers the pseudo-header: addresses, length, next header.
-    let mut sum: u32 = 0;
-    let mut words = |b: &[u8]| {
-        for c in b.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-    };
-    words(&src);
-    words(&dst);
-    words(&(icmp.len() as u32).to_be_bytes());
-    words(&[0, 0, 0, 58]);
-    words(&icmp);
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = ones_complement_sum(&[
+        &src,
+        &dst,
+        &(icmp.len() as u32).to_be_bytes(),
+        &[0, 0, 0, 58],
+        &icmp,
+    ]);
+    icmp[2..4].copy_from_slice(&(!sum).to_be_bytes());
     let mut frame = vec![0x33, 0x33, 0, 0, 0, 1];
     frame.extend_from_slice(&m);
     frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
@@ -163,6 +156,22 @@ pub fn router_advertisement(mac: &str, prefix: [u16; 4]) -> String {
     frame.extend_from_slice(&dst);
     frame.extend_from_slice(&icmp);
     frame.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The 16-bit ones'-complement sum of the Internet checksum over `parts`
+/// (each padded to whole 16-bit words); a checksum field holds its
+/// complement, and data carrying a valid checksum sums to 0xffff.
+pub fn ones_complement_sum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for c in part.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 fn mac_bytes(mac: &str) -> Vec<u8> {
@@ -189,14 +198,8 @@ pub fn udp_frame(
     ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = ones_complement_sum(&[&ip]);
+    ip[10..12].copy_from_slice(&(!sum).to_be_bytes());
     let mut frame = mac_bytes(dst_mac);
     frame.extend_from_slice(&mac_bytes(src_mac));
     frame.extend_from_slice(&[0x08, 0x00]);
@@ -231,20 +234,12 @@ mod tests {
         assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), icmp.len());
         assert_eq!((ip[6], ip[7], icmp[0]), (58, 255, 134));
         assert_eq!(&ip[8..10], &[0xfe, 0x80]);
-        let mut sum: u32 = 0;
-        for part in [
+        let sum = super::ones_complement_sum(&[
             &ip[8..40],
-            &(icmp.len() as u32).to_be_bytes()[..],
-            &[0, 0, 0, 58][..],
+            &(icmp.len() as u32).to_be_bytes(),
+            &[0, 0, 0, 58],
             icmp,
-        ] {
-            for c in part.chunks(2) {
-                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-            }
-        }
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+        ]);
         assert_eq!(sum, 0xffff);
     }
 
@@ -268,14 +263,7 @@ mod tests {
             usize::from(u16::from_be_bytes([ip[2], ip[3]])),
             b.len() - 14
         );
-        let mut sum: u32 = ip
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xffff, "header checksum");
+        assert_eq!(super::ones_complement_sum(&[ip]), 0xffff, "header checksum");
         assert_eq!(
             (&ip[12..16], &ip[16..20]),
             (&[10, 0, 0, 9][..], &[10, 0, 0, 7][..])

@@ -115,9 +115,8 @@ impl Changes {
 ///
 /// iproute2 enters a namespace itself (`-n`); any other program is spawned
 /// from a short-lived thread that entered the namespace (a child inherits
-/// its thread's namespaces): one exec, where `nsenter` would be two. The
-/// nft transaction of a mapping change is mostly process start-up, so this
-/// is a fifth of its cost.
+/// its thread's namespaces): one exec, where `nsenter` would be two (about
+/// 5 ms less per nft transaction or dnsmasq start on this machine).
 pub async fn run_in(
     ns: Option<&str>,
     prog: &str,
@@ -475,18 +474,35 @@ impl Dataplane {
 
     /// Bring the host to `plan`; returns what was changed.
     pub async fn apply(&self, plan: &HostPlan, pass: Pass) -> Result<Changes> {
-        let mut ch = Changes::default();
-        let ns = self.ns();
         let planned: Vec<String> = plan.routers.keys().cloned().collect();
+        let Some(w) = &self.watches else {
+            return self
+                .apply_with(plan, pass, &planned, &BTreeSet::new())
+                .await;
+        };
         // Watches of namespaces that went away or were replaced are dropped
         // first: their sockets would keep the old namespace alive.
-        let dirty = match &self.watches {
-            Some(w) => {
-                self.report_unwatched(w.sync(&planned).await);
-                w.take_dirty()
-            }
-            None => BTreeSet::new(),
-        };
+        self.report_unwatched(w.sync(&planned).await);
+        let dirty = w.take_dirty();
+        let res = self.apply_with(plan, pass, &planned, &dirty).await;
+        if res.is_err() {
+            // Not repaired yet: kept for the retry.
+            w.mark_dirty(dirty);
+        }
+        res
+    }
+
+    /// [`Dataplane::apply`], with the routers something changed in
+    /// (`dirty`: applied in full).
+    async fn apply_with(
+        &self,
+        plan: &HostPlan,
+        pass: Pass,
+        planned: &[String],
+        dirty: &BTreeSet<String>,
+    ) -> Result<Changes> {
+        let mut ch = Changes::default();
+        let ns = self.ns();
         let have = links(ns).await?;
         // 1. Links of the host namespace: stale ones go, segments come.
         let mut batch = Vec::new();
@@ -585,7 +601,7 @@ impl Dataplane {
         ch.links += batch.len();
         ip_batch(ns, &batch).await?;
 
-        // 3. Routers (before guest taps: their veths join the bridges too).
+        // 2. Routers (before guest taps: their veths join the bridges too).
         // New ones get their namespace and both legs in two batches for all
         // of them; each is then finished on its own.
         let existing: BTreeSet<String> = self.existing_routers().into_iter().collect();
@@ -698,13 +714,13 @@ impl Dataplane {
         }
         if let Some(w) = &self.watches {
             // New routers are watched from now on.
-            self.report_unwatched(w.sync(&planned).await);
+            self.report_unwatched(w.sync(planned).await);
         }
         if let Some(e) = failed {
             return Err(e);
         }
 
-        // 4. Taps: re-joined to their bridge if it was recreated.
+        // 3. Taps: re-joined to their bridge if it was recreated.
         let have = links(ns).await?;
         let mut batch = Vec::new();
         for t in &plan.taps {
@@ -718,11 +734,11 @@ impl Dataplane {
         ch.links += batch.len();
         ip_batch(ns, &batch).await?;
 
-        // 5. The bridges' forwarding: VXLAN remotes, and the ports of guests
+        // 4. The bridges' forwarding: VXLAN remotes, and the ports of guests
         // and routers pinned to their own MACs.
         self.apply_bridge(plan, &mut ch).await?;
 
-        // 6. Anti-spoofing table.
+        // 5. Anti-spoofing table.
         if plan.taps.is_empty() && plan.segments.is_empty() {
             if delete_table(ns, "bridge").await? {
                 ch.tables += 1;

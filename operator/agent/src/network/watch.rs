@@ -123,6 +123,11 @@ impl RouterWatches {
         std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
     }
 
+    /// Put routers back (a pass that failed did not repair them).
+    pub fn mark_dirty(&self, routers: BTreeSet<String>) {
+        self.dirty.lock().expect("poisoned").extend(routers);
+    }
+
     /// Poke the loop whenever a namespace name comes or goes under
     /// /run/netns (a router namespace deleted by hand is not a netlink
     /// event: the watch's own sockets keep that namespace alive).
