@@ -250,7 +250,17 @@ fn immutable_fields_refuse_changes() {
             f.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = env.kubectl_stdin(&["replace", "-f", "-"], second);
+        // kubectl replace sends the live resourceVersion: a status write
+        // by the controller in between is a Conflict, not the answer
+        // looked for, so it is tried again.
+        let mut out = env.kubectl_stdin(&["replace", "-f", "-"], second);
+        for _ in 0..10 {
+            if !String::from_utf8_lossy(&out.stderr).contains("(Conflict)") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            out = env.kubectl_stdin(&["replace", "-f", "-"], second);
+        }
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         if out.status.success() {
             failures.push(format!("{}: change was accepted", f.display()));
