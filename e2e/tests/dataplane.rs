@@ -261,7 +261,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
     let router_ns = format!(
         "{}-r{}",
         env.host_netns(ng_status(&env, "neta")["router"]["host"].as_str().unwrap()),
-        ng_status(&env, "neta")["segmentId"]
+        ng_status(&env, "neta")["segment"]["id"]
     );
     let (neigh, _) = in_ns(&router_ns, &["ip", "neigh", "show", &afe.ip]);
     assert!(
@@ -397,7 +397,7 @@ fn two_tenants_on_one_cidr_get_dhcp_isolation_nat_firewall_antispoofing_and_repa
 
     // Repair of hand-made damage, each within 5 s.
     let hns = env.host_netns(&aw.host);
-    let seg = ng_status(&env, "neta")["segmentId"].as_u64().unwrap();
+    let seg = ng_status(&env, "neta")["segment"]["id"].as_u64().unwrap();
     assert!(
         in_ns(&hns, &["nft", "flush", "ruleset"]).1,
         "flushed the host"
@@ -634,7 +634,7 @@ fn a_router_moves_when_its_host_is_lost() {
     env.apply(&yaml);
     let gs = wait_dhcp(&env, "netmove");
     let st = ng_status(&env, "netmove");
-    let seg = st["segmentId"].as_u64().unwrap();
+    let seg = st["segment"]["id"].as_u64().unwrap();
     let lost = st["router"]["host"].as_str().unwrap().to_string();
     // A guest that is not on the router's host probes egress, and is
     // probed through its public IP.

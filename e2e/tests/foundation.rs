@@ -155,7 +155,10 @@ fn every_example_is_accepted_and_reconciled() {
         &env,
         &["-n", "intercloud", "get", "networkgroup", "intercloud-net"],
     );
-    assert_eq!(ng["status"]["segment"], "vxlan:10042");
+    assert_eq!(
+        ng["status"]["segment"],
+        serde_json::json!({"type": "vxlan", "id": 10042})
+    );
     // The VLAN lab's Site has no hosts here (make up VM_HOSTS=2 gives it
     // some): its group says no host offers 802.1Q.
     // (It was applied before its Site: the Site's creation reconciles it.)

@@ -11,11 +11,11 @@ fn ng(name: &str, extra: &str) -> String {
     )
 }
 
-/// (Ready reason, message, segmentId) of a NetworkGroup.
+/// (Ready reason, message, segment id) of a NetworkGroup.
 fn state(env: &Env, name: &str) -> (String, String, Option<u64>) {
     let v: Value = env.get_json(&["-n", "segs", "get", "ng", name]);
     let (_, reason, msg) = condition(&v, "Ready").unwrap_or_default();
-    (reason, msg, v["status"]["segmentId"].as_u64())
+    (reason, msg, v["status"]["segment"]["id"].as_u64())
 }
 
 fn wait_reason(env: &Env, name: &str, want: &str) -> (String, Option<u64>) {

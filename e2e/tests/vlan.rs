@@ -261,7 +261,7 @@ fn vlan_segments_on_hosts_with_8021q() {
         }
     })
     .unwrap();
-    let id = st["segmentId"].as_u64().expect("a VLAN id");
+    let id = st["segment"]["id"].as_u64().expect("a VLAN id");
     let router_host = st["router"]["host"].as_str().unwrap().to_string();
     let router_addr = st["router"]["address"].as_str().unwrap().to_string();
     let public = st["publicIPs"][0]["address"].as_str().unwrap().to_string();
@@ -270,7 +270,7 @@ fn vlan_segments_on_hosts_with_8021q() {
         st["segment"], st["mtu"]
     );
     assert!((100..=199).contains(&id), "from the Site's vlanRange: {id}");
-    assert_eq!(st["segment"], format!("vlan:{id}"));
+    assert_eq!(st["segment"]["type"], "vlan");
     assert_eq!(st["mtu"], 1500, "a VLAN carries full 1500-byte frames");
     assert!(
         vms.names.contains(&router_host),

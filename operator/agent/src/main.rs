@@ -120,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
     let compute = compute::reconcile::ComputeCtx::new(
         client.clone(),
         hv.clone(),
+        std::sync::Arc::new(compute::disks::Files),
         &args,
         &metrics,
         health.clone(),
@@ -131,8 +132,8 @@ async fn main() -> anyhow::Result<()> {
         let underlay = match args.underlay_address {
             Some(a) => Some(a),
             None => probe::underlay_addresses(args.netns.clone())?
-                .iter()
-                .find_map(|a| a.parse().ok()),
+                .first()
+                .copied(),
         };
         tracing::info!(?underlay, "network dataplane");
         let cfg = network::NetConfig {
@@ -140,14 +141,16 @@ async fn main() -> anyhow::Result<()> {
             site: args.site.clone(),
             verify_interval: args.network_verify_interval,
             dataplane: network::dataplane::Dataplane::new(
-                args.netns.clone(),
+                network::real::RealKernel::new(args.netns.clone(), args.state_dir.clone()),
                 match &args.netns {
                     Some(ns) => format!("{ns}-"),
                     None => "yk-".to_string(),
                 },
-                underlay,
-                args.uplink.clone(),
-                args.state_dir.clone(),
+                yukumo_agent::network::decide::HostEnv {
+                    underlay,
+                    uplink: args.uplink.clone(),
+                },
+                args.netns.clone(),
             ),
         };
         Some(tokio::spawn(network::run(
@@ -159,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )))
     };
-    let compute_task = tokio::spawn(compute::reconcile::run(
+    let compute_task = tokio::spawn(compute::resync::run(
         compute,
         args.resync_interval,
         Some(events_rx),

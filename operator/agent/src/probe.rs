@@ -81,10 +81,11 @@ pub fn capabilities() -> anyhow::Result<HostCapabilities> {
     .map_err(|_| anyhow::anyhow!("capability probe thread panicked"))?
 }
 
-/// Non-loopback, non-link-local addresses in the network namespace `netns`
-/// (a name under /run/netns), or in the agent's own namespace when `None`.
-pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<String>> {
-    std::thread::spawn(move || -> anyhow::Result<Vec<String>> {
+/// Non-loopback, non-link-local IPv4 addresses in the network namespace
+/// `netns` (a name under /run/netns), or in the agent's own namespace when
+/// `None`: the host's underlay (tunnel endpoint) addresses.
+pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    std::thread::spawn(move || -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
         if let Some(ns) = netns {
             let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
@@ -99,10 +100,10 @@ pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<String>> 
             let mut addrs = handle.address().get().execute();
             while let Some(msg) = addrs.try_next().await? {
                 for attr in msg.attributes {
-                    if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr
-                        && usable(&ip)
+                    if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) = attr
+                        && usable(&IpAddr::V4(ip))
                     {
-                        out.push(ip.to_string());
+                        out.push(ip);
                     }
                 }
             }

@@ -195,7 +195,7 @@ pub fn agent_status(
     args: &Args,
     info: Result<&HypervisorInfo, String>,
     caps: &HostCapabilities,
-    addresses: &[String],
+    addresses: &[std::net::Ipv4Addr],
     previous: &[Condition],
     now: Timestamp,
 ) -> HostStatus {
@@ -209,7 +209,7 @@ pub fn agent_status(
             conditions.set_condition(Condition::new(
                 HYPERVISOR_READY,
                 ConditionStatus::True,
-                "Connected",
+                yukumo_api::Reason::Connected,
                 format!("connected to {}", args.libvirt_uri),
                 None,
             ));
@@ -229,7 +229,7 @@ pub fn agent_status(
             conditions.set_condition(Condition::new(
                 HYPERVISOR_READY,
                 ConditionStatus::False,
-                "LibvirtUnreachable",
+                yukumo_api::Reason::LibvirtUnreachable,
                 e.clone(),
                 None,
             ));
@@ -410,7 +410,7 @@ mod tests {
             &args(),
             Ok(&info),
             &HostCapabilities::default(),
-            &["10.1.0.2".into()],
+            &["10.1.0.2".parse().unwrap()],
             &[],
             now,
         );
@@ -429,7 +429,7 @@ mod tests {
                 memory_mib: 8192 - 256
             })
         );
-        assert_eq!(s.addresses, vec!["10.1.0.2".to_string()]);
+        assert_eq!(s.addresses, vec![std::net::Ipv4Addr::new(10, 1, 0, 2)]);
         let down = agent_status(
             &args(),
             Err("connection refused".into()),
@@ -440,7 +440,10 @@ mod tests {
         );
         assert!(!down.conditions.is_true(HYPERVISOR_READY));
         assert_eq!(down.capacity, None);
-        assert_eq!(down.conditions[0].reason, "LibvirtUnreachable");
+        assert_eq!(
+            down.conditions[0].reason,
+            yukumo_api::Reason::LibvirtUnreachable
+        );
     }
 
     #[test]

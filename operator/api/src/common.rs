@@ -6,6 +6,8 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::reason::Reason;
+
 /// Regex for a DNS-1123 label: what Kubernetes accepts as a namespaced object
 /// name segment and what a guest accepts as a hostname.
 pub const DNS_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -46,7 +48,7 @@ pub struct Condition {
     /// `True`, `False` or `Unknown`.
     pub status: ConditionStatus,
     /// Machine-readable reason in CamelCase, e.g. `NetworkGroupNotFound`.
-    pub reason: String,
+    pub reason: Reason,
     /// Human-readable explanation, naming the field or object at fault.
     #[serde(default)]
     pub message: String,
@@ -62,14 +64,14 @@ impl Condition {
     pub fn new(
         type_: &str,
         status: ConditionStatus,
-        reason: &str,
+        reason: Reason,
         message: impl Into<String>,
         observed_generation: Option<i64>,
     ) -> Self {
         Condition {
             type_: type_.to_string(),
             status,
-            reason: reason.to_string(),
+            reason,
             message: message.into(),
             last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
             observed_generation,
@@ -266,7 +268,7 @@ mod tests {
     use super::*;
 
     fn cond(status: ConditionStatus, reason: &str) -> Condition {
-        Condition::new("Ready", status, reason, "m", Some(1))
+        Condition::new("Ready", status, Reason::from_name(reason), "m", Some(1))
     }
 
     #[test]
@@ -279,7 +281,7 @@ mod tests {
         second.last_transition_time = Time(t0.0 + k8s_openapi::jiff::SignedDuration::from_secs(5));
         list.set_condition(second);
         assert_eq!(list.len(), 1);
-        assert_eq!(list[0].reason, "B");
+        assert_eq!(list[0].reason, Reason::from_name("B"));
         assert_eq!(list[0].last_transition_time, t0);
         let mut third = cond(ConditionStatus::True, "C");
         let t3 = Time(t0.0 + k8s_openapi::jiff::SignedDuration::from_secs(9));
@@ -295,14 +297,14 @@ mod tests {
         list.set_condition(Condition::new(
             "Stalled",
             ConditionStatus::False,
-            "X",
+            Reason::Ready,
             "",
             None,
         ));
         list.set_condition(Condition::new(
             "Ready",
             ConditionStatus::True,
-            "X",
+            Reason::Ready,
             "",
             None,
         ));

@@ -100,7 +100,7 @@ pub struct HostStatus {
     pub allocatable: Option<Resources>,
     /// Underlay addresses (VXLAN/tunnel endpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
+    pub addresses: Vec<std::net::Ipv4Addr>,
     /// Kernel networking capabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<HostCapabilities>,

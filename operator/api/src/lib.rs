@@ -9,8 +9,10 @@
 
 pub mod common;
 pub mod host;
+pub mod net;
 pub mod networkgroup;
 pub mod quantity;
+pub mod reason;
 pub mod site;
 pub mod virtualcluster;
 pub mod virtualnode;
@@ -18,7 +20,9 @@ pub mod volume;
 
 pub use common::{Condition, ConditionStatus, Conditions, ImageSource, NodeSize, SizeClass};
 pub use host::{Host, HostSpec, HostStatus};
+pub use net::{Ipv4Net, MacAddr, Segment, SegmentType};
 pub use networkgroup::{NetworkGroup, NetworkGroupSpec, NetworkGroupStatus};
+pub use reason::Reason;
 pub use site::{Site, SiteSpec, SiteStatus};
 pub use virtualcluster::{VirtualCluster, VirtualClusterSpec, VirtualClusterStatus};
 pub use virtualnode::{VirtualNode, VirtualNodeSpec, VirtualNodeStatus};

@@ -1,11 +1,15 @@
 //! NetworkGroup: an isolated L2 network for one tenant or team.
 
+use std::net::Ipv4Addr;
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::Condition;
+pub use crate::net::{Ipv4Net, MacAddr, Segment, SegmentType};
 use crate::virtualcluster::SiteName;
+use crate::virtualnode::NodeRole;
 
 /// An isolated layer-2 network with its own router: DHCP, egress NAT, public
 /// IPs and an inbound firewall. Tenants may reuse the same CIDR.
@@ -20,7 +24,8 @@ use crate::virtualcluster::SiteName;
     category = "yukumo",
     doc = "An isolated L2 network (VLAN or VXLAN segment) with DHCP, NAT, public IPs and a firewall.",
     printcolumn = r#"{"name":"CIDR","type":"string","jsonPath":".spec.cidr"}"#,
-    printcolumn = r#"{"name":"Segment","type":"string","jsonPath":".status.segment"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.segment.type"}"#,
+    printcolumn = r#"{"name":"Segment","type":"integer","jsonPath":".status.segment.id","description":"VLAN id or VNI in use"}"#,
     printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.homeSite"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
@@ -46,11 +51,11 @@ pub struct NetworkGroupSpec {
     #[x_kube(validation = kube::core::Rule::new("!isCIDR(self) || cidr(self).masked() == cidr(self)")
         .message("cidr must be a network address (host bits zero), e.g. 10.0.0.0/24 not 10.0.0.1/24"))]
     #[schemars(length(min = 9, max = 18))]
-    pub cidr: String,
+    pub cidr: Ipv4Net,
     /// Router address inside `cidr`; defaults to the first host address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 15))]
-    pub gateway: Option<String>,
+    pub gateway: Option<Ipv4Addr>,
     /// The L2 segment that carries the group between hosts.
     pub segment: SegmentSpec,
     /// The Site whose gateway host runs the group's router.
@@ -86,14 +91,33 @@ fn default_true() -> bool {
     true
 }
 
-/// Segment technology.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum SegmentType {
-    /// 802.1Q VLAN on each host's uplink (needs a kernel with 8021q and a trunk).
-    Vlan,
-    /// VXLAN over the hosts' underlay addresses, unicast with static FDB entries.
-    Vxlan,
+impl NetworkGroupSpec {
+    /// The router's address on the group: `gateway`, or the first host
+    /// address of `cidr`.
+    pub fn gateway_address(&self) -> Ipv4Addr {
+        self.gateway.unwrap_or_else(|| self.cidr.first_host())
+    }
+
+    /// The guests' MTU: `mtu`, or the segment type's default.
+    pub fn mtu_or_default(&self) -> u32 {
+        self.mtu.unwrap_or_else(|| default_mtu(self.segment.type_))
+    }
+
+    /// The dynamic DHCP pool, when both ends are given.
+    pub fn dhcp_range(&self) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        let d = self.dhcp.as_ref()?;
+        Some((d.range_start?, d.range_end?))
+    }
+}
+
+/// The MTU guests get when the spec gives none: on VXLAN a 1500-byte
+/// underlay minus the 50 bytes of encapsulation; on a VLAN the tag travels
+/// in the uplink's own frame, so the full 1500.
+pub fn default_mtu(kind: SegmentType) -> u32 {
+    match kind {
+        SegmentType::Vxlan => 1450,
+        SegmentType::Vlan => 1500,
+    }
 }
 
 /// The segment of a NetworkGroup; `id` is allocated from the Site's range when omitted.
@@ -129,21 +153,21 @@ pub struct DhcpSpec {
     /// First address of the dynamic pool (inside cidr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 15))]
-    pub range_start: Option<String>,
+    pub range_start: Option<Ipv4Addr>,
     /// Last address of the dynamic pool (inside cidr).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 15))]
-    pub range_end: Option<String>,
+    pub range_end: Option<Ipv4Addr>,
     /// Lease time in seconds (60-604800, default 3600).
     #[serde(default = "default_lease")]
     #[schemars(range(min = 60, max = 604800))]
     pub lease_seconds: u32,
-    /// DNS servers announced to guests.
+    /// IPv4 DNS servers announced to guests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
-    #[schemars(extend("items" = {"type": "string", "maxLength": 45}))]
-    #[x_kube(validation = kube::core::Rule::new("self.all(a, isIP(a))").message("dhcp.dnsServers must be IP addresses"))]
-    pub dns_servers: Vec<String>,
+    #[schemars(extend("items" = {"type": "string", "maxLength": 15}))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(a, isIP(a) && ip(a).family() == 4)").message("dhcp.dnsServers must be IPv4 addresses"))]
+    pub dns_servers: Vec<Ipv4Addr>,
 }
 
 fn default_lease() -> u32 {
@@ -159,7 +183,7 @@ pub struct PublicIpMapping {
     #[schemars(length(max = 15))]
     #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
         .message("publicIPs[].address must be an IPv4 address"))]
-    pub address: Option<String>,
+    pub address: Option<Ipv4Addr>,
     /// The VirtualNode (same namespace) it maps to.
     #[schemars(
         length(min = 1, max = 63),
@@ -205,12 +229,12 @@ pub struct FirewallRule {
         "self.split('-').all(p, int(p) <= 65535) && (size(self.split('-')) == 1 || int(self.split('-')[0]) <= int(self.split('-')[1]))"
     ).message("firewall[].ports must be a port 1-65535 or an ascending range such as 8000-8080"))]
     pub ports: Option<String>,
-    /// Source networks allowed (CIDRs); default anywhere.
+    /// Source networks allowed (IPv4 CIDRs); default anywhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
-    #[schemars(extend("items" = {"type": "string", "maxLength": 49}))]
-    #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c))").message("firewall[].from must be CIDRs such as 192.0.2.0/24"))]
-    pub from: Vec<String>,
+    #[schemars(extend("items" = {"type": "string", "maxLength": 18}))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4)").message("firewall[].from must be IPv4 CIDRs such as 192.0.2.0/24"))]
+    pub from: Vec<Ipv4Net>,
     /// `Frontend` (default) or `All` nodes with public IPs.
     #[serde(default)]
     pub to: FirewallTarget,
@@ -227,15 +251,12 @@ pub struct NetworkGroupStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The segment in use, e.g. `vxlan:1001` or `vlan:42`.
+    /// The segment in use (given or allocated): its type and id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segment: Option<String>,
-    /// The segment id in use (given or allocated).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segment_id: Option<u32>,
+    pub segment: Option<Segment>,
     /// The gateway address in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
+    pub gateway: Option<Ipv4Addr>,
     /// Where the group's router runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<RouterPlacement>,
@@ -256,13 +277,13 @@ pub struct NetworkGroupStatus {
 }
 
 /// A host the segment spans.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SegmentHost {
     /// Host name.
     pub name: String,
     /// Its underlay address (VXLAN tunnel endpoint).
-    pub underlay: String,
+    pub underlay: Ipv4Addr,
 }
 
 /// Where a group's router runs.
@@ -276,30 +297,30 @@ pub struct RouterPlacement {
     /// The router's own address on the Site's external network (from the
     /// Site's public pool): egress traffic is masqueraded to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
+    pub address: Option<Ipv4Addr>,
 }
 
 /// One node's address on the group.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AddressAllocation {
     /// VirtualNode name.
     pub node: String,
     /// Its IPv4 address.
-    pub ip: String,
+    pub ip: Ipv4Addr,
     /// Its MAC address.
-    pub mac: String,
+    pub mac: MacAddr,
     /// `frontend` or `worker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
+    pub role: Option<NodeRole>,
 }
 
 /// A public IP in use.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PublicIpStatus {
     /// The public address.
-    pub address: String,
+    pub address: Ipv4Addr,
     /// The VirtualNode it maps to.
     pub node: String,
 }

@@ -1,10 +1,13 @@
 //! Site: a location with hypervisor hosts, public IPs and WAN tunnels.
 
+use std::net::Ipv4Addr;
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, Resources, SecretReference, SizeClass};
+use crate::net::{AddressRange, Ipv4Net, SegmentType};
 
 /// A location with hypervisor hosts: its public IP pool, segment id ranges,
 /// its gateway's WAN endpoint and the settings of tunnels to other Sites.
@@ -43,9 +46,9 @@ pub struct SiteSpec {
     )]
     #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 31}))]
     #[x_kube(validation = kube::core::Rule::new(
-        "self.all(r, isCIDR(r) || (size(r.split('-')) == 2 && isIP(r.split('-')[0]) && isIP(r.split('-')[1])))"
-    ).message("publicIPPool entries must be CIDRs (203.0.113.0/28) or address ranges (203.0.113.10-203.0.113.20)"))]
-    pub public_ip_pool: Vec<String>,
+        "self.all(r, (isCIDR(r) && cidr(r).ip().family() == 4) || (size(r.split('-')) == 2 && isIP(r.split('-')[0]) && ip(r.split('-')[0]).family() == 4 && isIP(r.split('-')[1]) && ip(r.split('-')[1]).family() == 4))"
+    ).message("publicIPPool entries must be IPv4 CIDRs (203.0.113.0/28) or address ranges (203.0.113.10-203.0.113.20)"))]
+    pub public_ip_pool: Vec<AddressRange>,
     /// The external network the public IPs live on (where routers attach).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_network: Option<ExternalNetwork>,
@@ -54,7 +57,8 @@ pub struct SiteSpec {
     #[x_kube(validation = kube::core::Rule::new("self.end <= 4094")
         .message("vlanRange.end must be at most 4094").field_path(".end"))]
     pub vlan_range: Option<IdRange>,
-    /// VXLAN VNIs this Site allocates to NetworkGroups.
+    /// VXLAN VNIs this Site allocates to NetworkGroups (default
+    /// 1000-999999, see `DEFAULT_VNI_RANGE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("self.end <= 16777215")
         .message("vniRange.end must be at most 16777215").field_path(".end"))]
@@ -83,6 +87,29 @@ fn default_grace() -> u32 {
     40
 }
 
+/// The VNIs a Site without a `vniRange` allocates from.
+pub const DEFAULT_VNI_RANGE: IdRange = IdRange {
+    start: 1000,
+    end: 999_999,
+};
+
+impl SiteSpec {
+    /// The ids this Site allocates for `kind`: its `vlanRange` (VLAN ids
+    /// must match the trunks, so there is no default), or its `vniRange`,
+    /// else [`DEFAULT_VNI_RANGE`].
+    pub fn segment_range(&self, kind: SegmentType) -> Option<IdRange> {
+        match kind {
+            SegmentType::Vlan => self.vlan_range,
+            SegmentType::Vxlan => Some(self.vni_range.unwrap_or(DEFAULT_VNI_RANGE)),
+        }
+    }
+
+    /// Whether `ip` is in the Site's public pool.
+    pub fn in_public_pool(&self, ip: Ipv4Addr) -> bool {
+        self.public_ip_pool.iter().any(|r| r.contains(ip))
+    }
+}
+
 /// The network public IPs are routed on.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -90,14 +117,14 @@ fn default_grace() -> u32 {
     "!has(self.gateway) || (isIP(self.gateway) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.gateway))"
 ).message("externalNetwork.gateway must be an address inside externalNetwork.cidr").field_path(".gateway"))]
 pub struct ExternalNetwork {
-    /// CIDR of the external network.
-    #[x_kube(validation = kube::core::Rule::new("isCIDR(self)").message("externalNetwork.cidr must be a CIDR"))]
-    #[schemars(length(max = 43))]
-    pub cidr: String,
+    /// IPv4 CIDR of the external network.
+    #[x_kube(validation = kube::core::Rule::new("isCIDR(self) && cidr(self).ip().family() == 4").message("externalNetwork.cidr must be an IPv4 CIDR"))]
+    #[schemars(length(max = 18))]
+    pub cidr: Ipv4Net,
     /// Upstream gateway on that network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 39))]
-    pub gateway: Option<String>,
+    #[schemars(length(max = 15))]
+    pub gateway: Option<Ipv4Addr>,
     /// Host interface (or bridge) attached to the external network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 15))]

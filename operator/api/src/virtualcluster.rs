@@ -1,11 +1,14 @@
 //! VirtualCluster: the unit users ask for — a frontend and named node pools.
 
+use std::net::Ipv4Addr;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, ImageSource, NodeSize};
+use crate::virtualnode::{NodePhase, NodeRole};
 
 /// A virtual cluster: a frontend VM (gateway role, optional public IP, ssh
 /// entry point) and named pools of worker VMs, on one NetworkGroup, placed on
@@ -129,7 +132,7 @@ pub struct FrontendSpec {
     #[schemars(length(max = 15))]
     #[x_kube(validation = kube::core::Rule::new("isIP(self) && ip(self).family() == 4")
         .message("publicIPAddress must be an IPv4 address"))]
-    pub public_ip_address: Option<String>,
+    pub public_ip_address: Option<Ipv4Addr>,
     /// cloud-init user data for the frontend (at most 64 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
@@ -346,13 +349,13 @@ pub struct VirtualClusterStatus {
 }
 
 /// One node of a cluster, as seen in the cluster's status.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSummary {
     /// VirtualNode name.
     pub name: String,
     /// `frontend` or `worker`.
-    pub role: String,
+    pub role: NodeRole,
     /// Host it runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -361,10 +364,59 @@ pub struct NodeSummary {
     pub site: Option<String>,
     /// Private IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-    /// Lifecycle phase of the VM.
+    pub ip: Option<Ipv4Addr>,
+    /// Where the node is: its VM's phase, or why it has no VirtualNode yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<NodeState>,
+}
+
+impl NodeSummary {
+    /// A node of `role` that has no VirtualNode yet, and why.
+    pub fn waiting(name: String, role: NodeRole, why: NodeState) -> NodeSummary {
+        NodeSummary {
+            name,
+            role,
+            host: None,
+            site: None,
+            ip: None,
+            phase: Some(why),
+        }
+    }
+}
+
+/// A node's state as its cluster reports it: the phase of its VM, or why
+/// its VirtualNode does not exist yet.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodeState {
+    /// Not yet placed on a host.
+    Pending,
+    /// Placed; the agent is preparing disks and the domain.
+    Provisioning,
+    /// The domain runs.
+    Running,
+    /// The domain is defined but shut off.
+    Stopped,
+    /// The agent could not realise the node.
+    Failed,
+    /// Being removed from its host.
+    Terminating,
+    /// A worker waiting for the frontend to run (`startOrder: FrontendFirst`).
+    WaitingForFrontend,
+    /// Waiting for its NetworkGroup to allocate it an address.
+    WaitingForAddress,
+}
+
+impl From<NodePhase> for NodeState {
+    fn from(p: NodePhase) -> NodeState {
+        match p {
+            NodePhase::Pending => NodeState::Pending,
+            NodePhase::Provisioning => NodeState::Provisioning,
+            NodePhase::Running => NodeState::Running,
+            NodePhase::Stopped => NodeState::Stopped,
+            NodePhase::Failed => NodeState::Failed,
+            NodePhase::Terminating => NodeState::Terminating,
+        }
+    }
 }
 
 /// How to reach a cluster's frontend.
@@ -373,10 +425,10 @@ pub struct NodeSummary {
 pub struct FrontendEndpoint {
     /// Private address on the NetworkGroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
+    pub address: Option<Ipv4Addr>,
     /// Public address, when one is assigned.
     #[serde(default, rename = "publicIP", skip_serializing_if = "Option::is_none")]
-    pub public_ip: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
     /// An ssh command line that reaches the frontend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<String>,
@@ -388,8 +440,21 @@ pub struct FrontendEndpoint {
 pub struct Transition {
     /// When it happens.
     pub time: Time,
-    /// `Start`, `Stop` or `Delete`.
-    pub action: String,
+    /// `Create`, `Start`, `Stop` or `Delete`.
+    pub action: TransitionAction,
+}
+
+/// What a reservation's next boundary does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TransitionAction {
+    /// The reservation begins: its nodes are created.
+    Create,
+    /// A window opens: the nodes start.
+    Start,
+    /// A window closes or the reservation ends: the nodes stop.
+    Stop,
+    /// The reservation ends with `endAction: Delete`: the nodes are deleted.
+    Delete,
 }
 
 impl VirtualClusterSpec {

@@ -1,11 +1,14 @@
 //! VirtualNode: one VM, written by the controller, realised by its host's agent.
 
+use std::net::Ipv4Addr;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, ImageSource, Resources};
+use crate::net::{MacAddr, Segment};
 
 /// One VM of a VirtualCluster. Internal: the controller writes the spec (with
 /// every allocation it made), the agent of the host in `spec.host` writes the
@@ -83,7 +86,9 @@ pub struct VirtualNodeSpec {
 }
 
 /// Role of a node in its cluster.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeRole {
     /// Gateway and ssh entry point.
@@ -102,23 +107,28 @@ impl NodeRole {
     }
 }
 
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A node's identity on its NetworkGroup.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeNetwork {
     /// NetworkGroup name.
     pub group: String,
     /// IPv4 address.
-    pub ip: String,
+    pub ip: Ipv4Addr,
     /// Prefix length of the group's CIDR.
     pub prefix: u8,
     /// Default gateway.
-    pub gateway: String,
+    pub gateway: Ipv4Addr,
     /// MAC address.
-    #[schemars(regex(pattern = "^([0-9a-f]{2}:){5}[0-9a-f]{2}$"))]
-    pub mac: String,
-    /// Segment, e.g. `vxlan:1001`.
-    pub segment: String,
+    pub mac: MacAddr,
+    /// The group's segment (type and id).
+    pub segment: Segment,
     /// Interface MTU.
     pub mtu: u32,
 }

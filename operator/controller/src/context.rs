@@ -17,7 +17,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::net::Ipv4Addr;
+
+use yukumo_api::net::Segment;
 use yukumo_api::{Host, NetworkGroup, Site, VirtualCluster, VirtualNode, Volume, managers};
+
+use crate::reconcile::networkgroup::decide::Claims;
 use yukumo_telemetry::Health;
 
 /// Errors of the controller. Each has a metric label; permanent ones (bad
@@ -157,11 +162,11 @@ pub struct Placements {
     pub nodes: std::collections::HashMap<(String, String), PendingNode>,
     /// Uids of clusters admitted but maybe not yet shown so by the store.
     pub admitted: std::collections::HashMap<String, Instant>,
-    /// Segment ids chosen, by NetworkGroup `namespace/name`: (`site/type`,
-    /// id, when); the caches show them moments later.
-    pub segments: std::collections::HashMap<String, (String, u32, Instant)>,
+    /// Segments chosen, by NetworkGroup `namespace/name`: (home Site,
+    /// segment, when); the caches show them moments later.
+    pub segments: std::collections::HashMap<String, (String, Segment, Instant)>,
     /// Public IPs granted, by address: (NetworkGroup `namespace/name`, when).
-    pub public_ips: std::collections::HashMap<String, (String, Instant)>,
+    pub public_ips: std::collections::HashMap<Ipv4Addr, (String, Instant)>,
 }
 
 impl Placements {
@@ -184,12 +189,12 @@ impl Placements {
             .retain(|_, t| t.elapsed() < Duration::from_secs(60));
         // A chosen segment id is pending until the cache shows it in the
         // group's status; a group gone from the cache holds nothing.
-        self.segments.retain(|key, (_, id, t)| {
+        self.segments.retain(|key, (_, seg, t)| {
             let (ns, name) = key.split_once('/').unwrap_or_default();
             let shown = stores
                 .network_groups
                 .get(&ObjectRef::new(name).within(ns))
-                .map(|g| g.status.as_ref().and_then(|s| s.segment_id) == Some(*id));
+                .map(|g| g.status.as_ref().and_then(|s| s.segment) == Some(*seg));
             shown == Some(false) && t.elapsed() < Duration::from_secs(60)
         });
         self.public_ips.retain(|addr, (key, t)| {
@@ -205,6 +210,49 @@ impl Placements {
                 });
             shown == Some(false) && t.elapsed() < Duration::from_secs(60)
         });
+    }
+
+    /// The segments and public IPs NetworkGroups have claimed and the caches
+    /// may not show yet.
+    pub fn network_claims(&self) -> Claims {
+        Claims {
+            segments: self
+                .segments
+                .iter()
+                .map(|(k, (site, seg, _))| (k.clone(), site.clone(), *seg))
+                .collect(),
+            public_ips: self
+                .public_ips
+                .iter()
+                .map(|(a, (k, _))| (*a, k.clone()))
+                .collect(),
+        }
+    }
+
+    /// Record what group `key` now holds (replacing its earlier claims).
+    pub fn claim_network(
+        &mut self,
+        key: &str,
+        site: &str,
+        segment: Option<Segment>,
+        ips: &[Ipv4Addr],
+    ) {
+        self.release_network(key);
+        let now = Instant::now();
+        if let Some(seg) = segment {
+            self.segments
+                .insert(key.to_string(), (site.to_string(), seg, now));
+        }
+        for ip in ips {
+            self.public_ips.insert(*ip, (key.to_string(), now));
+        }
+    }
+
+    /// Forget what group `key` claimed (its status write failed: what it
+    /// holds is what the API says).
+    pub fn release_network(&mut self, key: &str) {
+        self.segments.remove(key);
+        self.public_ips.retain(|_, (k, _)| k != key);
     }
 }
 
@@ -256,18 +304,18 @@ impl Ctx {
         &self,
         obj: &K,
         type_: EventType,
-        reason: &str,
+        reason: &yukumo_api::Reason,
         note: String,
     ) {
         let ev = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.to_string(),
             note: Some(note),
             action: "Reconcile".into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "failed to publish event");
+            tracing::warn!(error = %e, %reason, "failed to publish event");
         }
     }
 
@@ -305,13 +353,16 @@ impl Ctx {
             &Patch::Apply(&patch),
         )
         .await?;
+        self.count_status_write(&K::kind(&()));
+        Ok(())
+    }
+
+    /// Count one status write of `kind`.
+    pub fn count_status_write(&self, kind: &str) {
         self.metrics
             .status_writes
-            .get_or_create(&KindLabel {
-                kind: K::kind(&()).into(),
-            })
+            .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
-        Ok(())
     }
 }
 

@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 mod context;
+#[cfg(test)]
+mod fixtures;
 mod leader;
 mod reconcile;
 mod scheduler;

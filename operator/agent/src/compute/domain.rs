@@ -62,12 +62,10 @@ fn nic(vn: &VirtualNode) -> String {
     let (Some(net), Some(uid)) = (&vn.spec.network, &vn.metadata.uid) else {
         return String::new();
     };
-    let Some(bridge) = crate::network::plan::bridge_of_segment(&net.segment) else {
-        return String::new();
-    };
+    let bridge = crate::network::plan::bridge_name(net.segment);
     format!(
         "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{br}'/>\n      <target dev='{tap}'/>\n      <model type='virtio'/>\n      <mtu size='{mtu}'/>\n    </interface>\n",
-        mac = esc(&net.mac),
+        mac = net.mac,
         br = bridge,
         tap = crate::network::plan::tap_name(uid),
         mtu = net.mtu,
@@ -145,8 +143,18 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
     (xml, hash)
 }
 
-/// The yukumo marker found in a domain's XML: (uid, namespace, name, hash).
-pub fn marker(xml: &str) -> Option<(String, String, String, String)> {
+/// The yukumo marker of a domain: the node it realises and the hash of
+/// the spec it was defined from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub hash: String,
+}
+
+/// The yukumo marker found in a domain's XML.
+pub fn marker(xml: &str) -> Option<Marker> {
     let start = xml.find("<yukumo:node ")?;
     let tag = &xml[start..start + xml[start..].find("/>")?];
     let attr = |k: &str| -> Option<String> {
@@ -159,12 +167,12 @@ pub fn marker(xml: &str) -> Option<(String, String, String, String)> {
         }
         None
     };
-    Some((
-        attr("uid")?,
-        attr("namespace")?,
-        attr("name")?,
-        attr("hash")?,
-    ))
+    Some(Marker {
+        uid: attr("uid")?,
+        namespace: attr("namespace")?,
+        name: attr("name")?,
+        hash: attr("hash")?,
+    })
 }
 
 #[cfg(test)]
@@ -194,16 +202,16 @@ mod tests {
         assert!(a.contains("<uuid>6f1c7e4a-0000-4000-8000-000000000001</uuid>"));
         assert!(a.contains("<name>yk-demo-qs-worker-0</name>"));
         assert!(a.contains("<memory unit='MiB'>192</memory>"));
-        let (uid, ns, name, hash) = marker(&a).unwrap();
+        let m = marker(&a).unwrap();
         assert_eq!(
-            (uid.as_str(), ns.as_str(), name.as_str()),
+            (m.uid.as_str(), m.namespace.as_str(), m.name.as_str()),
             (
                 "6f1c7e4a-0000-4000-8000-000000000001",
                 "demo",
                 "qs-worker-0"
             )
         );
-        assert_eq!(hash, ha);
+        assert_eq!(m.hash, ha);
         let (_, h2) = render(&vn(256), &p, "qemu");
         assert_ne!(h2, ha, "a spec change changes the hash");
     }
@@ -213,7 +221,12 @@ mod tests {
         let xml = r#"<domain><metadata><yukumo:node xmlns:yukumo="https://yukumo.io/xmlns/node/v1" uid="u1" namespace="n" name="x" hash="h"/></metadata></domain>"#;
         assert_eq!(
             marker(xml),
-            Some(("u1".into(), "n".into(), "x".into(), "h".into()))
+            Some(Marker {
+                uid: "u1".into(),
+                namespace: "n".into(),
+                name: "x".into(),
+                hash: "h".into()
+            })
         );
         assert_eq!(marker("<domain><name>other</name></domain>"), None);
     }

@@ -1,8 +1,6 @@
 //! The NoCloud config disk of a guest (what cloud-init reads): meta-data,
 //! user-data and network-config, rendered purely from the VirtualNode.
 
-use std::path::Path;
-
 use yukumo_api::virtualnode::VirtualNode;
 
 /// The three NoCloud files.
@@ -53,30 +51,6 @@ pub fn render(vn: &VirtualNode) -> GuestConfig {
         user_data,
         network_config,
     }
-}
-
-/// Write the config as an ISO 9660 image labelled `cidata` at `iso`.
-pub fn write_iso(cfg: &GuestConfig, iso: &Path) -> std::io::Result<()> {
-    let dir = tempfile::tempdir_in(iso.parent().unwrap_or(Path::new("/tmp")))?;
-    std::fs::write(dir.path().join("meta-data"), &cfg.meta_data)?;
-    std::fs::write(dir.path().join("user-data"), &cfg.user_data)?;
-    std::fs::write(dir.path().join("network-config"), &cfg.network_config)?;
-    let tmp = iso.with_extension("iso.tmp");
-    let out = std::process::Command::new("genisoimage")
-        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
-        .arg(&tmp)
-        .arg(dir.path().join("meta-data"))
-        .arg(dir.path().join("user-data"))
-        .arg(dir.path().join("network-config"))
-        .output()?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(std::io::Error::other(format!(
-            "genisoimage: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    std::fs::rename(&tmp, iso)
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@
 //! [`CachedImage`] holds the lock).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -45,6 +44,8 @@ pub const PARTIAL_PREFIX: &str = ".partial-";
 /// Image cache metrics.
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
+    /// Image bytes fetched (progress of downloads in flight, too).
+    pub fetched_bytes: Counter,
     pub evictions: Counter,
     pub evicted_bytes: Counter,
     pub bytes: Gauge,
@@ -121,10 +122,7 @@ impl ImageCache {
             touch(&path);
             return Ok(CachedImage { path, _lock: lock });
         }
-        let (dir, src) = (self.dir.clone(), image.clone());
-        let path = tokio::task::spawn_blocking(move || fetch_verified(&dir, &src))
-            .await
-            .map_err(|e| ImageError::Io(std::io::Error::other(e)))??;
+        let path = fetch_verified(&self.dir, image, &self.metrics.fetched_bytes).await?;
         tracing::info!(image = %image.url, checksum = %image.checksum, "image fetched and verified");
         // This image's lock is held: it is not a candidate.
         if let Err(e) = self.evict().await {
@@ -296,7 +294,7 @@ pub fn images_in_use(nodes_dir: &Path) -> std::io::Result<HashSet<String>> {
             if !(name.ends_with(".qcow2") || name.ends_with(".qcow2.tmp")) {
                 continue;
             }
-            match qcow2_backing_file(&path) {
+            match super::disks::qcow2::info(&path).map(|i| i.backing) {
                 Ok(Some(backing)) => {
                     if let Some(n) = backing.file_name() {
                         out.insert(n.to_string_lossy().into_owned());
@@ -314,39 +312,6 @@ pub fn images_in_use(nodes_dir: &Path) -> std::io::Result<HashSet<String>> {
         }
     }
     Ok(out)
-}
-
-/// The backing file name recorded in a qcow2 header (`None`: no backing
-/// file, or not a qcow2 file). The header starts with the magic `QFI\xfb`,
-/// then the version (u32), the backing file name's offset (u64, big endian,
-/// byte 8) and its length (u32, byte 16).
-pub fn qcow2_backing_file(path: &Path) -> std::io::Result<Option<PathBuf>> {
-    let mut f = std::fs::File::open(path)?;
-    let mut header = [0u8; 20];
-    match f.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    if &header[..4] != b"QFI\xfb" {
-        return Ok(None);
-    }
-    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
-    let len = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
-    if offset == 0 || len == 0 {
-        return Ok(None);
-    }
-    // qcow2 limits the name to 1023 bytes.
-    if len > 1023 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("qcow2 backing file name of {len} bytes"),
-        ));
-    }
-    let mut name = vec![0u8; len as usize];
-    f.seek(SeekFrom::Start(offset))?;
-    f.read_exact(&mut name)?;
-    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(&name))))
 }
 
 /// Parse a size: plain bytes, or a number with a binary (`Ki`, `Mi`, `Gi`,
@@ -380,7 +345,61 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-fn fetch_verified(dir: &Path, image: &ImageSource) -> Result<PathBuf, ImageError> {
+/// Where a fetch reads from: a local file, or HTTP(S).
+enum Origin {
+    File(PathBuf),
+    Http(hyper::Uri),
+}
+
+fn origin(image: &ImageSource) -> Result<Origin, ImageError> {
+    let bad = |reason: String| ImageError::Fetch {
+        url: image.url.clone(),
+        reason,
+    };
+    if let Some(local) = image.url.strip_prefix("file://") {
+        return Ok(Origin::File(PathBuf::from(local)));
+    }
+    let uri: hyper::Uri = image.url.parse().map_err(|e| bad(format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => Ok(Origin::Http(uri)),
+        _ => Err(bad("only http, https and file URLs are fetched".into())),
+    }
+}
+
+/// Redirects followed at most.
+const MAX_REDIRECTS: usize = 5;
+/// A fetch taking longer than this fails (and is retried by the next reconcile).
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// The HTTP(S) client of the image cache: rustls with the host's roots.
+fn http_client() -> std::io::Result<HttpClient> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(tls),
+    )
+}
+
+/// Fetch `image` into a temporary file of `dir`, hashing while it streams;
+/// rename it into place only when the sha256 matches. `fetched` counts the
+/// bytes as they arrive.
+async fn fetch_verified(
+    dir: &Path,
+    image: &ImageSource,
+    fetched: &Counter,
+) -> Result<PathBuf, ImageError> {
     let fetch_err = |reason: String| ImageError::Fetch {
         url: image.url.clone(),
         reason,
@@ -390,31 +409,26 @@ fn fetch_verified(dir: &Path, image: &ImageSource) -> Result<PathBuf, ImageError
         image.checksum.trim_start_matches("sha256:")
     );
     let tmp = tempfile::Builder::new().prefix(&prefix).tempfile_in(dir)?;
-    if let Some(local) = image.url.strip_prefix("file://") {
-        std::fs::copy(local, tmp.path()).map_err(|e| fetch_err(e.to_string()))?;
-    } else {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-fsSL",
-                "--retry",
-                "2",
-                "--connect-timeout",
-                "10",
-                "--max-time",
-                "1800",
-                "-o",
-            ])
-            .arg(tmp.path())
-            .arg(&image.url)
-            .output()
-            .map_err(|e| fetch_err(format!("running curl: {e}")))?;
-        if !out.status.success() {
-            return Err(fetch_err(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
+    let actual = match origin(image)? {
+        Origin::File(local) => {
+            let (path, counter) = (tmp.path().to_path_buf(), fetched.clone());
+            tokio::task::spawn_blocking(move || copy_hashing(&local, &path, &counter))
+                .await
+                .map_err(|e| ImageError::Io(std::io::Error::other(e)))?
+                .map_err(|e| fetch_err(e.to_string()))?
         }
-    }
-    let actual = sha256_file(tmp.path())?;
+        Origin::Http(uri) => {
+            tokio::time::timeout(FETCH_TIMEOUT, download(uri, tmp.path(), fetched))
+                .await
+                .map_err(|_| {
+                    fetch_err(format!(
+                        "no complete answer within {}s",
+                        FETCH_TIMEOUT.as_secs()
+                    ))
+                })?
+                .map_err(fetch_err)?
+        }
+    };
     let expected = image.checksum.trim_start_matches("sha256:");
     if actual != expected {
         // `tmp` is removed on drop: nothing partial stays in the cache.
@@ -424,12 +438,105 @@ fn fetch_verified(dir: &Path, image: &ImageSource) -> Result<PathBuf, ImageError
             actual,
         });
     }
-    let dest = dir.join(image.checksum.replace(':', "-"));
+    let dest = dir.join(file_name_for(&image.checksum));
     tmp.persist(&dest).map_err(|e| ImageError::Io(e.error))?;
     Ok(dest)
 }
 
+/// Copy `from` to `to`, hashing as it goes; the hex sha256.
+fn copy_hashing(from: &Path, to: &Path, fetched: &Counter) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::File::create(to)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+        fetched.inc_by(n as u64);
+    }
+    dst.flush()?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// GET `uri` (following redirects) into `to`, hashing as it streams; the
+/// hex sha256, or why not.
+async fn download(mut uri: hyper::Uri, to: &Path, fetched: &Counter) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let client = http_client().map_err(|e| format!("TLS roots: {e}"))?;
+    let mut redirects = 0;
+    let resp = loop {
+        let req = hyper::Request::get(uri.clone())
+            .header(
+                "user-agent",
+                concat!("yukumo-agent/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let resp = client.request(req).await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })?;
+        if resp.status().is_redirection() && redirects < MAX_REDIRECTS {
+            let loc = resp
+                .headers()
+                .get(hyper::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .ok_or_else(|| format!("{} without a Location", resp.status()))?;
+            uri = resolve(&uri, loc)?;
+            redirects += 1;
+            continue;
+        }
+        break resp;
+    };
+    if !resp.status().is_success() {
+        return Err(format!("the server answered {}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut file = tokio::fs::File::create(to)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            h.update(&data);
+            file.write_all(&data).await.map_err(|e| e.to_string())?;
+            fetched.inc_by(data.len() as u64);
+        }
+    }
+    file.flush().await.map_err(|e| e.to_string())?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// A redirect's target: absolute, or a path on the same server.
+fn resolve(base: &hyper::Uri, location: &str) -> Result<hyper::Uri, String> {
+    if location.contains("://") {
+        return location
+            .parse()
+            .map_err(|e| format!("redirect to {location:?}: {e}"));
+    }
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(
+        location
+            .parse()
+            .map_err(|e| format!("redirect to {location:?}: {e}"))?,
+    );
+    hyper::Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
 /// Hex sha256 of a file.
+#[cfg(test)]
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
@@ -509,30 +616,18 @@ mod tests {
         p.file_name().unwrap().to_string_lossy().into_owned()
     }
 
-    /// An overlay on `image` in a node directory: made with qemu-img when it
-    /// is installed (as the reconciler makes it), else a hand-written qcow2
-    /// header naming the backing file.
+    /// An overlay on `image` in a node directory, as the reconciler makes it.
     fn overlay(state: &Path, uid: &str, image: &Path) -> PathBuf {
         let dir = state.join("nodes").join(uid);
         std::fs::create_dir_all(&dir).unwrap();
         let root = dir.join("root.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(image)
-            .arg(&root)
-            .arg("1M")
-            .status();
-        if !made.is_ok_and(|s| s.success()) {
-            eprintln!("qemu-img unavailable: writing a qcow2 header by hand");
-            let backing = image.as_os_str().as_bytes();
-            let mut h = vec![0u8; 512];
-            h[..4].copy_from_slice(b"QFI\xfb");
-            h[4..8].copy_from_slice(&3u32.to_be_bytes());
-            h[8..16].copy_from_slice(&104u64.to_be_bytes());
-            h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
-            h[104..104 + backing.len()].copy_from_slice(backing);
-            std::fs::write(&root, h).unwrap();
-        }
+        crate::compute::disks::qcow2::create_overlay(
+            &root,
+            image,
+            crate::compute::disks::qcow2::BackingFormat::Raw,
+            1 << 20,
+        )
+        .unwrap();
         root
     }
 
@@ -542,11 +637,12 @@ mod tests {
         std::fs::create_dir_all(state.path().join("images")).unwrap();
         let (_, image) = put(state.path(), "base", 4096, 0);
         let root = overlay(state.path(), "n1", &image);
-        assert_eq!(qcow2_backing_file(&root).unwrap(), Some(image.clone()));
+        let info = |p: &Path| crate::compute::disks::qcow2::info(p).unwrap().backing;
+        assert_eq!(info(&root), Some(image.clone()));
         // Not qcow2, or too short: no backing file.
         let other = state.path().join("nodes/n1/cidata.iso");
         std::fs::write(&other, b"raw").unwrap();
-        assert_eq!(qcow2_backing_file(&other).unwrap(), None);
+        assert_eq!(info(&other), None);
         let used = images_in_use(&state.path().join("nodes")).unwrap();
         assert_eq!(used, HashSet::from([name(&image)]));
         assert!(

@@ -1,42 +1,37 @@
-//! The agent's VirtualNode reconciler: image, disks, config disk, domain,
-//! power, status — and the resync that notices drift and sweeps orphans.
+//! The agent's VirtualNode reconciler: observe → decide → execute.
 //!
-//! libvirt's domain lifecycle events (a domain stopped, crashed or undefined
-//! by hand) queue the node whose uid is the domain's UUID at once; the
-//! periodic resync is the backstop (events lost across a reconnect trigger
-//! an immediate resync).
-//!
-//! Level-triggered both ways: what a VirtualNode placed here asks for is
-//! created; a domain carrying yukumo's marker whose VirtualNode is gone is
-//! destroyed with its files; nothing without the marker is touched.
+//! For a node placed here it observes what the host holds (its domain by
+//! UUID, its disks), decides purely ([`super::decide`]) which disk and
+//! domain operations close the gap, carries them out through the
+//! [`Domains`] and [`Disks`] seams, and writes the node's status (only
+//! when it changed). A node deleted or moved away is removed from the host
+//! (domain, disks), then its finalizer released. The resync, the orphan
+//! sweep and the libvirt events that queue nodes are in [`super::resync`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use tokio::sync::{mpsc, watch};
-use virt::domain::Domain;
-use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
+use yukumo_api::Reason;
 use yukumo_api::virtualnode::{NodePhase, VirtualNode, VirtualNodeStatus};
-use yukumo_api::{finalizers, labels, managers};
+use yukumo_api::{finalizers, managers};
 use yukumo_telemetry::Health;
 
+use super::decide::{self, NodeSeen};
+use super::disks::Disks;
 use super::domain::{self, NodePaths};
-use super::guestconfig;
+use super::domains::Domains;
 use super::images::{ImageCache, ImageError};
 use crate::Args;
-use crate::hypervisor::{HvEvent, Hypervisor, HypervisorError, Lifecycle};
-use crate::register::{EventLabel, Metrics};
+use crate::hypervisor::HypervisorError;
+use crate::register::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,11 +45,12 @@ pub enum Error {
     Missing(&'static str),
 }
 
-/// Shared state of the compute reconciler.
-pub struct ComputeCtx {
+/// Shared state of the compute reconciler, over a hypervisor `D`.
+pub struct ComputeCtx<D: Domains> {
     pub client: Client,
     pub host: String,
-    pub hv: Hypervisor,
+    pub domains: D,
+    pub disks: Arc<dyn Disks>,
     pub images: ImageCache,
     pub state_dir: PathBuf,
     pub domain_type: String,
@@ -69,10 +65,11 @@ pub struct ComputeCtx {
     pub net: Option<Arc<crate::network::NetState>>,
 }
 
-impl ComputeCtx {
+impl<D: Domains> ComputeCtx<D> {
     pub fn new(
         client: Client,
-        hv: Hypervisor,
+        domains: D,
+        disks: Arc<dyn Disks>,
         args: &Args,
         metrics: &Metrics,
         health: Health,
@@ -91,7 +88,8 @@ impl ComputeCtx {
             )?,
             client,
             host: args.host_name.clone(),
-            hv,
+            domains,
+            disks,
             state_dir: args.state_dir.clone(),
             domain_type: args.domain_type.clone(),
             health,
@@ -101,10 +99,10 @@ impl ComputeCtx {
         }))
     }
 
-    async fn event(&self, vn: &VirtualNode, type_: EventType, reason: &str, note: String) {
+    pub async fn event(&self, vn: &VirtualNode, type_: EventType, reason: Reason, note: String) {
         let ev = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.to_string(),
             note: Some(note),
             action: "Reconcile".into(),
             secondary: None,
@@ -119,10 +117,16 @@ impl ComputeCtx {
     async fn report_failure(
         &self,
         vn: &VirtualNode,
-        reason: &str,
+        reason: Reason,
         message: String,
     ) -> Result<(), Error> {
-        let status = status_with(vn, NodePhase::Failed, (false, reason, message.clone()));
+        let status = decide::status_with(
+            vn,
+            NodePhase::Failed,
+            false,
+            reason.clone(),
+            message.clone(),
+        );
         let changed = vn.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
         self.write_status(
             vn,
@@ -157,124 +161,29 @@ impl ComputeCtx {
         .await?;
         Ok(())
     }
-}
 
-fn status_with(
-    vn: &VirtualNode,
-    phase: NodePhase,
-    ready: (bool, &str, String),
-) -> VirtualNodeStatus {
-    let old = vn.status.clone().unwrap_or_default();
-    let mut conditions = old.conditions.clone();
-    conditions.set_condition(Condition::new(
-        ct::READY,
-        ConditionStatus::from_bool(ready.0),
-        ready.1,
-        ready.2,
-        vn.metadata.generation,
-    ));
-    VirtualNodeStatus {
-        observed_generation: vn.metadata.generation,
-        conditions,
-        phase,
-        host: vn.spec.host.clone(),
-        ..old
+    /// Remove a node's domain (by UUID) and its files. Idempotent.
+    pub async fn remove_node(&self, uid: &str) -> Result<(), Error> {
+        let ops = self.domains.remove(uid).await?;
+        self.metrics.mutated(&ops);
+        self.boot_times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+        let paths = NodePaths::new(&self.state_dir, uid);
+        let _ = std::fs::remove_file(&paths.control_socket);
+        if paths.dir.exists() {
+            std::fs::remove_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+        }
+        Ok(())
     }
-}
-
-/// Create the overlay disk on the cached image (once; it holds the guest's writes).
-fn ensure_root_disk(
-    paths: &NodePaths,
-    image: &std::path::Path,
-    format: &str,
-    size: u64,
-) -> Result<(), Error> {
-    if paths.root_disk.exists() {
-        return Ok(());
-    }
-    let tmp = paths.root_disk.with_extension("qcow2.tmp");
-    let mut cmd = std::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
-        .arg(image)
-        .arg(&tmp);
-    if size > 0 {
-        cmd.arg(size.to_string());
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| Error::Disk(format!("running qemu-img: {e}")))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Disk(format!(
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    std::fs::rename(&tmp, &paths.root_disk).map_err(|e| Error::Disk(e.to_string()))
-}
-
-/// Write the config disk when its content changed.
-fn ensure_config_disk(paths: &NodePaths, vn: &VirtualNode) -> Result<(), Error> {
-    let cfg = guestconfig::render(vn);
-    let stamp = paths.dir.join("cidata.content");
-    let content = format!(
-        "{}\0{}\0{}",
-        cfg.meta_data, cfg.user_data, cfg.network_config
-    );
-    if paths.config_iso.exists()
-        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(content.as_str())
-    {
-        return Ok(());
-    }
-    guestconfig::write_iso(&cfg, &paths.config_iso).map_err(|e| Error::Disk(e.to_string()))?;
-    std::fs::write(&stamp, content).map_err(|e| Error::Disk(e.to_string()))
-}
-
-/// What the domain step did.
-struct DomainOutcome {
-    active: bool,
-    started: bool,
-    defined: bool,
-    /// The mutating libvirt calls made.
-    ops: Vec<&'static str>,
-}
-
-/// Remove a domain (by UUID) and its files. Idempotent.
-async fn remove_node(ctx: &ComputeCtx, uid: &str) -> Result<(), Error> {
-    let id = uid.to_string();
-    let ops = ctx
-        .hv
-        .call(move |c| {
-            let mut ops = Vec::new();
-            if let Ok(d) = Domain::lookup_by_uuid_string(c, &id) {
-                if d.is_active().unwrap_or(false) {
-                    d.destroy()?;
-                    ops.push("destroy");
-                }
-                d.undefine()?;
-                ops.push("undefine");
-            }
-            Ok(ops)
-        })
-        .await?;
-    ctx.metrics.mutated(&ops);
-    ctx.boot_times
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(uid);
-    let paths = NodePaths::new(&ctx.state_dir, uid);
-    let _ = std::fs::remove_file(&paths.control_socket);
-    if paths.dir.exists() {
-        std::fs::remove_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// Once the host holds nothing of a deleted node, let the deletion finish:
 /// remove the host-cleanup finalizer (the only change of a VirtualNode
 /// outside its status that the agent may make; an admission policy refuses
 /// any other).
-async fn release_finalizer(ctx: &ComputeCtx, vn: &VirtualNode) -> Result<(), Error> {
+async fn release_finalizer<D: Domains>(ctx: &ComputeCtx<D>, vn: &VirtualNode) -> Result<(), Error> {
     let api: Api<VirtualNode> =
         Api::namespaced(ctx.client.clone(), &vn.namespace().unwrap_or_default());
     let mut current = vn.clone();
@@ -310,7 +219,10 @@ async fn release_finalizer(ctx: &ComputeCtx, vn: &VirtualNode) -> Result<(), Err
     Ok(())
 }
 
-pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Action, Error> {
+pub async fn reconcile<D: Domains>(
+    vn: Arc<VirtualNode>,
+    ctx: Arc<ComputeCtx<D>>,
+) -> Result<Action, Error> {
     ctx.health
         .beat("compute-reconcile", Duration::from_secs(600));
     let uid = vn
@@ -321,202 +233,142 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
     if vn.metadata.deletion_timestamp.is_some()
         || vn.spec.host.as_deref() != Some(ctx.host.as_str())
     {
-        remove_node(&ctx, &uid).await?;
+        ctx.remove_node(&uid).await?;
         if vn.metadata.deletion_timestamp.is_some() {
             release_finalizer(&ctx, &vn).await?;
         }
         return Ok(Action::await_change());
     }
+    // Observe the domain.
+    let dname = domain::domain_name(&vn.namespace().unwrap_or_default(), &vn.name_any());
+    let (dom, stale_name) = match ctx.domains.observe(&uid, &dname).await {
+        Ok(o) => o,
+        Err(e) => {
+            ctx.report_failure(&vn, Reason::DomainFailed, e.to_string())
+                .await?;
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+    };
     // A node that should not run and has no domain yet is simply off: its
     // image and disks are prepared when it is first asked to run.
-    if !vn.spec.running {
-        let id = uid.clone();
-        let defined = ctx
-            .hv
-            .call(move |c| Ok(Domain::lookup_by_uuid_string(c, &id).is_ok()))
-            .await?;
-        if !defined {
-            let status = status_with(
+    if !vn.spec.running && dom.is_none() {
+        let status = VirtualNodeStatus {
+            last_error: None,
+            boot_time: None,
+            ..decide::status_with(
                 &vn,
                 NodePhase::Stopped,
-                (false, "Stopped", "powered off; not yet created".into()),
-            );
-            ctx.write_status(
-                &vn,
-                &VirtualNodeStatus {
-                    last_error: None,
-                    boot_time: None,
-                    ..status
-                },
+                false,
+                Reason::Stopped,
+                "powered off; not yet created".into(),
             )
-            .await?;
-            return Ok(Action::requeue(Duration::from_secs(300)));
-        }
+        };
+        ctx.write_status(&vn, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    let paths = NodePaths::new(&ctx.state_dir, &uid);
     // The image first (it may take long); the node's directory, disks and
     // domain then follow within moments, so the sweep's age guard holds.
     let image = match ctx.images.ensure(&vn.spec.image).await {
         Ok(p) => p,
         Err(e) => {
             let reason = match e {
-                ImageError::Io(_) => "ImageCacheError",
-                _ => "ImagePullFailed",
+                ImageError::Io(_) => Reason::ImageCacheError,
+                _ => Reason::ImagePullFailed,
             };
             ctx.report_failure(&vn, reason, e.to_string()).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
-    let format = match vn.spec.image.format {
-        yukumo_api::common::ImageFormat::Qcow2 => "qcow2",
-        yukumo_api::common::ImageFormat::Raw => "raw",
+    let paths = NodePaths::new(&ctx.state_dir, &uid);
+    let mut seen = NodeSeen {
+        domain: dom,
+        stale_name,
+        ..Default::default()
     };
-    // The disks are made by child processes (qemu-img, genisoimage): on the
-    // blocking pool, so heartbeats and other nodes' reconciles never wait.
-    // Holding `image` keeps it from eviction until the overlay on it exists.
-    {
-        let (paths, vn, size) = (paths.clone(), vn.clone(), vn.spec.disk_bytes);
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
+    // The disks: observed, decided and written in-process, off the runtime
+    // (file I/O). Holding `image` keeps it from eviction until the overlay
+    // on it exists.
+    let disks = {
+        let (disks, vn, paths) = (ctx.disks.clone(), vn.clone(), paths.clone());
+        let mut s = seen.clone();
+        tokio::task::spawn_blocking(move || -> Result<NodeSeen, String> {
+            std::fs::create_dir_all(&paths.dir).map_err(|e| e.to_string())?;
             if let Some(d) = paths.control_socket.parent() {
-                std::fs::create_dir_all(d).map_err(|e| Error::Disk(e.to_string()))?;
+                std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
             }
-            ensure_root_disk(&paths, &image.path, format, size)?;
+            disks.observe(&paths, &mut s);
+            let size = disks
+                .image_size(&image.path)
+                .map_err(|e| format!("reading the image: {e}"))?;
+            let ops =
+                decide::disk_ops(&vn, &paths, &s, &image.path, size).map_err(|e| e.to_string())?;
+            for op in &ops {
+                disks.apply(op).map_err(|e| e.to_string())?;
+            }
             drop(image);
-            ensure_config_disk(&paths, &vn)
+            Ok(s)
         })
         .await
-        .map_err(|e| Error::Disk(format!("disk preparation task: {e}")))??;
+        .map_err(|e| Error::Disk(format!("disk preparation task: {e}")))?
+    };
+    match disks {
+        Ok(s) => seen = s,
+        Err(msg) => {
+            ctx.report_failure(&vn, Reason::DiskFailed, msg).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
     }
-
     // A guest joins its group's bridge: wait for the network reconciler to
     // have made it (it runs on the same change of the node).
-    if let (Some(net), Some(n), Some(bridge)) = (
-        &ctx.net,
-        &vn.spec.network,
-        vn.spec
-            .network
-            .as_ref()
-            .and_then(|n| crate::network::plan::bridge_of_segment(&n.segment)),
-    ) && vn.spec.running
-        && !net.has_bridge(&bridge)
+    if let (Some(net), Some(n)) = (&ctx.net, &vn.spec.network)
+        && vn.spec.running
+        && !net.has_bridge(&crate::network::plan::bridge_name(n.segment))
     {
         tracing::debug!(node = %vn.name_any(), group = %n.group, "waiting for the group's bridge");
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    // The domain.
     let (xml, hash) = domain::render(&vn, &paths, &ctx.domain_type);
-    let running = vn.spec.running;
-    let (id, dname) = (
-        uid.clone(),
-        domain::domain_name(&vn.namespace().unwrap_or_default(), &vn.name_any()),
-    );
-    let outcome = ctx
-        .hv
-        .call(move |c| {
-            let mut defined = false;
-            let mut ops = Vec::new();
-            let dom = match Domain::lookup_by_uuid_string(c, &id) {
-                Ok(d) => {
-                    let current = d.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
-                    if domain::marker(&current).map(|m| m.3) != Some(hash.clone()) {
-                        defined = true;
-                        Domain::define_xml(c, &xml)?
-                    } else {
-                        d
-                    }
-                }
-                Err(_) => {
-                    // A stale domain of the same name (a deleted node recreated
-                    // under its name) is yukumo's to remove, never to adopt.
-                    if let Ok(old) = Domain::lookup_by_name(c, &dname) {
-                        let old_xml = old.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
-                        if domain::marker(&old_xml).is_some_and(|m| m.0 != id) {
-                            if old.is_active()? {
-                                old.destroy()?;
-                                ops.push("destroy");
-                            }
-                            old.undefine()?;
-                            ops.push("undefine");
-                        }
-                    }
-                    defined = true;
-                    Domain::define_xml(c, &xml)?
-                }
-            };
-            let mut active = dom.is_active()?;
-            let mut started = false;
-            if defined {
-                ops.push("define");
-            }
-            if running && !active {
-                dom.create()?;
-                ops.push("start");
-                started = true;
-                active = true;
-            } else if !running && active {
-                dom.destroy()?;
-                ops.push("destroy");
-                active = false;
-            }
-            Ok(DomainOutcome {
-                active,
-                started,
-                defined,
-                ops,
-            })
-        })
-        .await;
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            ctx.report_failure(&vn, "DomainFailed", e.to_string())
-                .await?;
-            return Ok(Action::requeue(Duration::from_secs(15)));
-        }
-    };
-    ctx.metrics.mutated(&outcome.ops);
-    if outcome.defined {
+    let ops = decide::domain_ops(&seen, &dname, &xml, &hash, vn.spec.running);
+    let active = decide::active_after(&seen, &ops);
+    let started = ops.contains(&super::ops::DomainOp::Start);
+    let labels: Vec<&'static str> = ops.iter().map(|o| o.label()).collect();
+    if !ops.is_empty()
+        && let Err(e) = ctx.domains.apply(&uid, ops).await
+    {
+        ctx.report_failure(&vn, Reason::DomainFailed, e.to_string())
+            .await?;
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    ctx.metrics.mutated(&labels);
+    if labels.contains(&"define") {
         tracing::info!(node = %vn.name_any(), "domain defined");
     }
-    if outcome.started {
+    if started {
         tracing::info!(node = %vn.name_any(), "domain started");
         // The first boot is in the status; a start of a node that had booted
         // before (found stopped or crashed, or powered on again) is news.
-        if vn.status.as_ref().is_some_and(|s| s.boot_time.is_some())
-            || vn
-                .status
-                .as_ref()
-                .is_some_and(|s| s.phase == NodePhase::Stopped)
+        if vn
+            .status
+            .as_ref()
+            .is_some_and(|s| s.boot_time.is_some() || s.phase == NodePhase::Stopped)
         {
             ctx.event(
                 &vn,
                 EventType::Normal,
-                "Started",
+                Reason::Started,
                 format!("domain started again on {}", ctx.host),
             )
             .await;
         }
     }
-    let (phase, ready) = if outcome.active {
-        (
-            NodePhase::Running,
-            (true, "Running", format!("running on {}", ctx.host)),
-        )
-    } else {
-        (
-            NodePhase::Stopped,
-            (false, "Stopped", "powered off as requested".to_string()),
-        )
-    };
     let old_boot = vn.status.as_ref().and_then(|s| s.boot_time.clone());
-    let boot_time = boot_time(&ctx.boot_times, &uid, &outcome, old_boot);
-    let status = VirtualNodeStatus {
-        domain_uuid: Some(uid.clone()),
-        boot_time,
-        last_error: None,
-        ..status_with(&vn, phase, ready)
-    };
-    ctx.write_status(&vn, &status).await?;
+    let boot_time = boot_time(&ctx.boot_times, &uid, started, active, old_boot);
+    ctx.write_status(
+        &vn,
+        &decide::settled_status(&vn, &ctx.host, active, boot_time),
+    )
+    .await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -526,17 +378,18 @@ pub async fn reconcile(vn: Arc<VirtualNode>, ctx: Arc<ComputeCtx>) -> Result<Act
 fn boot_time(
     written: &std::sync::Mutex<HashMap<String, Time>>,
     uid: &str,
-    outcome: &DomainOutcome,
+    started: bool,
+    active: bool,
     old_boot: Option<Time>,
 ) -> Option<Time> {
     let mut written = written.lock().unwrap_or_else(|e| e.into_inner());
-    if outcome.started {
+    if started {
         // Whole seconds, as the API stores them: a finer time would never
         // equal the stored one and cost a second, no-op status write.
         let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
         written.insert(uid.to_string(), now.clone());
         Some(now)
-    } else if outcome.active {
+    } else if active {
         written.get(uid).cloned().or(old_boot)
     } else {
         written.remove(uid);
@@ -544,317 +397,32 @@ fn boot_time(
     }
 }
 
-pub fn error_policy(vn: Arc<VirtualNode>, err: &Error, _ctx: Arc<ComputeCtx>) -> Action {
+pub fn error_policy<D: Domains>(
+    vn: Arc<VirtualNode>,
+    err: &Error,
+    _ctx: Arc<ComputeCtx<D>>,
+) -> Action {
     tracing::warn!(node = %vn.name_any(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
-}
-
-/// One pass of the resync: two libvirt calls list every domain (active and
-/// inactive); nodes whose domain is missing or in the wrong power state are
-/// queued; yukumo-marked domains whose node is gone are removed.
-async fn resync(ctx: &ComputeCtx, tx: &mpsc::UnboundedSender<ObjectRef<VirtualNode>>, full: bool) {
-    // An authoritative list (one read) rather than the watch cache: an orphan
-    // sweep must never act on a cache that is still filling.
-    let api = Api::<VirtualNode>::all(ctx.client.clone());
-    let lp = kube::api::ListParams::default().labels(&format!("{}={}", labels::HOST, ctx.host));
-    let nodes = match api.list(&lp).await {
-        Ok(l) => l.items,
-        Err(e) => {
-            tracing::warn!(error = %e, "resync: cannot list VirtualNodes");
-            return;
-        }
-    };
-    let listed = ctx
-        .hv
-        .call(|c| {
-            let active = c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
-            let inactive = c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)?;
-            let mut out = HashMap::new();
-            for (doms, is_active) in [(active, true), (inactive, false)] {
-                for d in doms {
-                    out.insert(d.get_uuid_string()?, (d.get_name()?, is_active));
-                }
-            }
-            Ok(out)
-        })
-        .await;
-    let domains = match listed {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(error = %e, "resync: cannot list domains");
-            return;
-        }
-    };
-    // Images the nodes here refer to stay cached; then bound the cache.
-    ctx.images.set_wanted(
-        nodes
-            .iter()
-            .filter(|vn| vn.spec.host.as_deref() == Some(ctx.host.as_str()))
-            .map(|vn| vn.spec.image.checksum.as_str()),
-    );
-    if let Err(e) = ctx.images.evict().await {
-        tracing::warn!(error = %e, "resync: image cache eviction failed");
-    }
-    let mut wanted = HashSet::new();
-    for vn in &nodes {
-        let Some(uid) = vn.metadata.uid.clone() else {
-            continue;
-        };
-        if vn.spec.host.as_deref() != Some(ctx.host.as_str()) {
-            continue;
-        }
-        wanted.insert(uid.clone());
-        let drift = match domains.get(&uid) {
-            None => vn.spec.running,
-            Some((_, active)) => *active != vn.spec.running,
-        };
-        if full {
-            // A forced full resync reconciles every node (with nothing to
-            // do, that is reads only).
-            let _ = tx.send(ObjectRef::from_obj(vn));
-        } else if drift && vn.metadata.deletion_timestamp.is_none() {
-            tracing::info!(node = %vn.name_any(), "resync: domain missing or in the wrong power state");
-            let _ = tx.send(ObjectRef::from_obj(vn));
-        }
-    }
-    for uid in stale_node_dirs(ctx, &wanted, Duration::from_secs(15)) {
-        if !domains.contains_key(&uid) {
-            tracing::info!(%uid, "removing files of a node that is gone");
-            let paths = NodePaths::new(&ctx.state_dir, &uid);
-            let _ = std::fs::remove_file(&paths.control_socket);
-            if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
-                tracing::warn!(%uid, error = %e, "cannot remove node files");
-            }
-        }
-    }
-    for (uid, (name, _)) in &domains {
-        if wanted.contains(uid) || !name.starts_with("yk-") {
-            continue;
-        }
-        // Confirm yukumo's marker before removing anything.
-        let id = uid.clone();
-        let marked = ctx
-            .hv
-            .call(move |c| {
-                let d = Domain::lookup_by_uuid_string(c, &id)?;
-                Ok(domain::marker(&d.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?).is_some())
-            })
-            .await
-            .unwrap_or(false);
-        if marked {
-            tracing::info!(domain = %name, "removing orphaned domain (its VirtualNode is gone)");
-            if let Err(e) = remove_node(ctx, uid).await {
-                tracing::warn!(domain = %name, error = %e, "orphan removal failed");
-            }
-        }
-    }
-}
-
-/// Node directories (under `<state>/nodes`) of nodes that are not wanted and
-/// older than `min_age` (a node being created right now is never swept).
-fn stale_node_dirs(ctx: &ComputeCtx, wanted: &HashSet<String>, min_age: Duration) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(ctx.state_dir.join("nodes")) else {
-        return vec![];
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let uid = e.file_name().to_string_lossy().to_string();
-            let old = e.metadata().ok()?.modified().ok()?.elapsed().ok()? >= min_age;
-            (!wanted.contains(&uid) && old).then_some(uid)
-        })
-        .collect()
-}
-
-/// Whether a lifecycle event may mean the domain no longer matches its node:
-/// stopped, shut down, crashed, undefined or paused (by hand, or by the
-/// agent itself, which a reconcile confirms at once). `started`, `defined`
-/// and `resumed` follow the agent's own start, where a reconcile right away
-/// would only race the watch with a stale object; a domain started by hand
-/// is the resync's.
-fn needs_reconcile(event: Lifecycle) -> bool {
-    matches!(
-        event,
-        Lifecycle::Stopped
-            | Lifecycle::Shutdown
-            | Lifecycle::Crashed
-            | Lifecycle::Undefined
-            | Lifecycle::Suspended
-            | Lifecycle::PmSuspended
-    )
-}
-
-/// Turn libvirt events into reconcile requests: a domain's UUID is its
-/// VirtualNode's uid, looked up in the controller's cache of the nodes
-/// placed here (a domain of no such node is the resync's to sweep).
-async fn forward_events(
-    ctx: Arc<ComputeCtx>,
-    mut events: mpsc::UnboundedReceiver<HvEvent>,
-    store: kube::runtime::reflector::Store<VirtualNode>,
-    tx: mpsc::UnboundedSender<ObjectRef<VirtualNode>>,
-    resync_now: Arc<tokio::sync::Notify>,
-) {
-    while let Some(ev) = events.recv().await {
-        match ev {
-            HvEvent::Lifecycle {
-                uuid,
-                event,
-                detail,
-            } => {
-                ctx.metrics
-                    .libvirt_events
-                    .get_or_create(&EventLabel {
-                        event: event.as_str().into(),
-                    })
-                    .inc();
-                let node = store.find(|vn| vn.metadata.uid.as_deref() == Some(uuid.as_str()));
-                match node {
-                    Some(vn) if needs_reconcile(event) => {
-                        tracing::info!(
-                            node = %vn.name_any(),
-                            event = event.as_str(),
-                            detail,
-                            "libvirt domain event; reconciling"
-                        );
-                        let _ = tx.send(ObjectRef::from_obj(&*vn));
-                    }
-                    _ => tracing::debug!(
-                        %uuid,
-                        event = event.as_str(),
-                        detail,
-                        known = node.is_some(),
-                        "libvirt domain event"
-                    ),
-                }
-            }
-            HvEvent::Reconnected => {
-                tracing::info!("libvirt reconnected; resyncing now (events may have been missed)");
-                resync_now.notify_one();
-            }
-        }
-    }
-}
-
-/// Run the reconciler for the VirtualNodes placed on this host until
-/// shutdown; `events` (libvirt's domain events) queue nodes between resyncs.
-pub async fn run(
-    ctx: Arc<ComputeCtx>,
-    resync_every: Duration,
-    events: Option<mpsc::UnboundedReceiver<HvEvent>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let api = Api::<VirtualNode>::all(ctx.client.clone());
-    let wc = watcher::Config::default().labels(&format!("{}={}", labels::HOST, ctx.host));
-    let controller = Controller::new(api, wc);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let resync_now = Arc::new(tokio::sync::Notify::new());
-    let events_task = events.map(|events| {
-        tokio::spawn(forward_events(
-            ctx.clone(),
-            events,
-            controller.store(),
-            tx.clone(),
-            resync_now.clone(),
-        ))
-    });
-    let resync_ctx = ctx.clone();
-    let mut resync_shutdown = shutdown.clone();
-    let resync_task = tokio::spawn(async move {
-        tracing::info!(every = ?resync_every, "resync of domains started");
-        // SIGHUP forces a full resync: every node of this host is reconciled.
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut full = false;
-        loop {
-            resync(&resync_ctx, &tx, full).await;
-            if full {
-                resync_ctx.metrics.full_resyncs.inc();
-            }
-            full = false;
-            tokio::select! {
-                _ = tokio::time::sleep(resync_every) => {}
-                _ = resync_now.notified() => {}
-                Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP: full resync");
-                    full = true;
-                }
-                _ = resync_shutdown.wait_for(|s| *s) => break,
-            }
-        }
-    });
-    controller
-        .reconcile_on(tokio_stream_from(rx))
-        .graceful_shutdown_on(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
-    resync_task.abort();
-    if let Some(t) = events_task {
-        t.abort();
-    }
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: mpsc::UnboundedReceiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn outcome(active: bool, started: bool) -> DomainOutcome {
-        DomainOutcome {
-            active,
-            started,
-            defined: false,
-            ops: vec![],
-        }
-    }
-
     #[test]
     fn a_boot_time_written_survives_a_stale_object() {
         let written = std::sync::Mutex::default();
         let old = Some(Time(Timestamp::UNIX_EPOCH));
-        let started = boot_time(&written, "u", &outcome(true, true), old.clone());
+        let started = boot_time(&written, "u", true, true, old.clone());
         assert!(started.is_some() && started != old);
         // A reconcile right after, on a cached object without it (or with
         // the previous boot's): what was written wins.
-        assert_eq!(
-            boot_time(&written, "u", &outcome(true, false), None),
-            started
-        );
-        assert_eq!(
-            boot_time(&written, "u", &outcome(true, false), old.clone()),
-            started
-        );
-        assert_eq!(
-            boot_time(&written, "u", &outcome(false, false), started),
-            None
-        );
+        assert_eq!(boot_time(&written, "u", false, true, None), started);
+        assert_eq!(boot_time(&written, "u", false, true, old.clone()), started);
+        assert_eq!(boot_time(&written, "u", false, false, started), None);
         // Off, then running again without a start of ours (an agent restart
         // forgets too): the object's.
-        assert_eq!(
-            boot_time(&written, "u", &outcome(true, false), old.clone()),
-            old
-        );
-    }
-
-    #[test]
-    fn events_that_queue_a_reconcile() {
-        for e in [
-            Lifecycle::Stopped,
-            Lifecycle::Crashed,
-            Lifecycle::Undefined,
-            Lifecycle::Shutdown,
-        ] {
-            assert!(needs_reconcile(e), "{e:?}");
-        }
-        for e in [Lifecycle::Started, Lifecycle::Defined, Lifecycle::Resumed] {
-            assert!(!needs_reconcile(e), "{e:?}");
-        }
+        assert_eq!(boot_time(&written, "u", false, true, old.clone()), old);
     }
 }

@@ -2,16 +2,15 @@
 //! segment link, guest taps guarded by nftables, and the routers this host
 //! runs. One level-triggered loop renders a [`plan::HostPlan`] from the
 //! watched NetworkGroups, this host's VirtualNodes and its Site, and applies
-//! it with [`dataplane::Dataplane`]. It runs on every change of those
-//! objects, on every kernel change `ip monitor` and `nft monitor` report in
-//! the host's namespace, on every link, address, route or nftables change
-//! inside a router namespace that the agent did not make (netlink sockets in
-//! each, [`watch`]: that router is applied in full), on every name coming
-//! or going under /run/netns, and every `verify_interval` as a backstop that
-//! also reads up to [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in
-//! full.
+//! it with [`dataplane::Dataplane`] on the real kernel. It runs on every
+//! change of those objects, on every link, address, route or nftables change
+//! in the host's namespace or inside a router namespace that the agent did
+//! not make (netlink sockets in each, [`watch`]: that namespace is read in
+//! full), on every name coming or going under /run/netns, and every
+//! `verify_interval` as a backstop that lists the tables and reads up to
+//! [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in full.
 
-pub use yukumo_agent::network::{dataplane, plan, watch};
+pub use yukumo_agent::network::{dataplane, plan, real, watch};
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -20,7 +19,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use yukumo_api::{NetworkGroup, Site, VirtualNode, labels};
 use yukumo_telemetry::Health;
@@ -43,7 +41,7 @@ impl NetState {
 pub struct NetConfig {
     pub host: String,
     pub site: String,
-    pub dataplane: dataplane::Dataplane,
+    pub dataplane: dataplane::Dataplane<real::RealKernel>,
     pub verify_interval: Duration,
 }
 
@@ -55,43 +53,6 @@ async fn poke_on<T>(stream: impl futures::Stream<Item = T>, tx: mpsc::Sender<()>
             futures::future::ready(())
         })
         .await
-}
-
-/// Follow a monitor command's output, poking the loop on every line.
-fn spawn_monitor(
-    ns: Option<String>,
-    prog: &'static str,
-    args: &'static [&'static str],
-    tx: mpsc::Sender<()>,
-) {
-    tokio::spawn(async move {
-        loop {
-            // setpriv: the monitor dies with the agent, even on kill -9.
-            let mut cmd = tokio::process::Command::new("setpriv");
-            cmd.args(["--pdeathsig", "KILL"]);
-            if let Some(ns) = &ns {
-                cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}"));
-            }
-            cmd.arg(prog);
-            cmd.args(args)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true);
-            if let Ok(mut child) = cmd.spawn()
-                && let Some(out) = child.stdout.take()
-            {
-                let mut lines = tokio::io::BufReader::new(out).lines();
-                while let Ok(Some(_)) = lines.next_line().await {
-                    let _ = tx.try_send(());
-                }
-                let _ = child.kill().await;
-            }
-            if tx.is_closed() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
 }
 
 pub async fn run(
@@ -148,18 +109,6 @@ pub async fn run(
         poke_on(vns, tx.clone()),
         poke_on(sites, tx.clone()),
     ));
-    spawn_monitor(
-        cfg.dataplane.netns.clone(),
-        "ip",
-        &["monitor", "link"],
-        tx.clone(),
-    );
-    spawn_monitor(
-        cfg.dataplane.netns.clone(),
-        "nft",
-        &["monitor", "ruleset"],
-        tx.clone(),
-    );
     let _ = tokio::join!(ng_store.wait_until_ready(), vn_store.wait_until_ready());
     tracing::info!(host = %cfg.host, "network reconciler started");
     // The verification backstop comes every `verify_interval`, or less often
@@ -192,7 +141,7 @@ pub async fn run(
             groups: &groups,
             nodes: &nodes,
             external: external.as_ref(),
-            underlay: cfg.dataplane.underlay,
+            underlay: cfg.dataplane.env.underlay,
         });
         let started = Instant::now();
         let pass = if poked {

@@ -3,7 +3,7 @@
 //! links, guest taps, the anti-spoofing ruleset, and the routers this host
 //! runs (their addresses, NAT and firewall ruleset, DHCP leases).
 //!
-//! Names are derived from segment ids (unique per Site and type, and a host
+//! Names are derived from segments (unique per Site and type, and a host
 //! belongs to one Site) and node uids, so two tenants with the same CIDR never
 //! share a link, a table or a namespace.
 
@@ -14,9 +14,12 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
-use yukumo_api::networkgroup::{FirewallTarget, NetworkGroup, Protocol, SegmentType};
+use yukumo_api::net::{Ipv4Net, MacAddr, Segment, SegmentType};
+use yukumo_api::networkgroup::NetworkGroup;
 use yukumo_api::site::ExternalNetwork;
-use yukumo_api::virtualnode::VirtualNode;
+use yukumo_api::virtualnode::{NodeRole, VirtualNode};
+
+use super::ruleset::{guard_ruleset, router_ruleset};
 
 /// The router namespace's interface on the group's segment.
 pub const ROUTER_LAN: &str = "gw0";
@@ -27,33 +30,22 @@ pub const VXLAN_PORT: u16 = 4789;
 
 /// The group's bridge on a host. VLAN ids and VNIs are allocated from
 /// separate ranges and may be equal, so the two kinds never share a name.
-pub fn bridge_name(kind: SegmentType, id: u32) -> String {
-    match kind {
-        SegmentType::Vxlan => format!("ykbr{id}"),
-        SegmentType::Vlan => format!("ykbv{id}"),
+pub fn bridge_name(seg: Segment) -> String {
+    match seg.type_ {
+        SegmentType::Vxlan => format!("ykbr{}", seg.id),
+        SegmentType::Vlan => format!("ykbv{}", seg.id),
     }
 }
-/// The bridge of a VirtualNode's `spec.network.segment` (`vxlan:1000`,
-/// `vlan:100`).
-pub fn bridge_of_segment(segment: &str) -> Option<String> {
-    let (kind, id) = segment.split_once(':')?;
-    let id = id.parse().ok()?;
-    match kind {
-        "vxlan" => Some(bridge_name(SegmentType::Vxlan, id)),
-        "vlan" => Some(bridge_name(SegmentType::Vlan, id)),
-        _ => None,
+pub fn segment_link_name(seg: Segment) -> String {
+    match seg.type_ {
+        SegmentType::Vxlan => format!("ykvx{}", seg.id),
+        SegmentType::Vlan => format!("ykvl{}", seg.id),
     }
 }
-pub fn segment_link_name(kind: SegmentType, id: u32) -> String {
-    match kind {
-        SegmentType::Vxlan => format!("ykvx{id}"),
-        SegmentType::Vlan => format!("ykvl{id}"),
-    }
-}
-pub fn router_veth_name(kind: SegmentType, id: u32) -> String {
-    match kind {
-        SegmentType::Vxlan => format!("ykgw{id}"),
-        SegmentType::Vlan => format!("ykgv{id}"),
+pub fn router_veth_name(seg: Segment) -> String {
+    match seg.type_ {
+        SegmentType::Vxlan => format!("ykgw{}", seg.id),
+        SegmentType::Vlan => format!("ykgv{}", seg.id),
     }
 }
 /// The guest tap of a node: `ykt` and the first 12 hex digits of its uid.
@@ -66,18 +58,23 @@ pub fn tap_name(uid: &str) -> String {
     format!("ykt{hex}")
 }
 /// A router's namespace: `<prefix>r<VNI>` or `<prefix>v<VLAN id>`.
-pub fn router_netns(prefix: &str, kind: SegmentType, id: u32) -> String {
-    match kind {
-        SegmentType::Vxlan => format!("{prefix}r{id}"),
-        SegmentType::Vlan => format!("{prefix}v{id}"),
+pub fn router_netns(prefix: &str, seg: Segment) -> String {
+    match seg.type_ {
+        SegmentType::Vxlan => format!("{prefix}r{}", seg.id),
+        SegmentType::Vlan => format!("{prefix}v{}", seg.id),
     }
+}
+/// Whether `name` is a router namespace of this host (`prefix`).
+pub fn is_router_netns(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('r').or_else(|| rest.strip_prefix('v')))
+        .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// One segment present on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentPlan {
-    pub id: u32,
-    pub kind: SegmentType,
+    pub segment: Segment,
     pub bridge: String,
     pub link: String,
     pub mtu: u32,
@@ -90,43 +87,44 @@ pub struct SegmentPlan {
 pub struct TapPlan {
     pub name: String,
     pub bridge: String,
-    pub mac: String,
-    pub ip: String,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
 }
 
 /// The WAN side of a router.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WanPlan {
     /// Host interface on the Site's external network (macvlan parent).
     pub parent: String,
-    /// `address/prefix` of the router itself, then each public IP as /32.
-    pub addresses: Vec<String>,
-    pub gateway: Option<String>,
+    /// The router's own address (on the external network's prefix), then
+    /// each public IP as a /32.
+    pub addresses: Vec<Ipv4Net>,
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// DHCP of a group: dnsmasq arguments (without file paths) and the static
 /// leases (`mac,ip,hostname` lines).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DhcpPlan {
     pub args: Vec<String>,
     pub hosts: String,
 }
 
 /// A router this host runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouterPlan {
-    pub id: u32,
+    pub segment: Segment,
     pub group: String,
     pub netns: String,
     pub host_veth: String,
     pub bridge: String,
-    /// Gateway `address/prefix` on the segment.
-    pub lan: String,
+    /// Gateway address on the segment (with the group's prefix).
+    pub lan: Ipv4Net,
     /// MACs of the two legs, derived from the group: a router rebuilt or
     /// moved answers with the same MAC, so no guest's or upstream
     /// neighbour cache points at a MAC that no longer exists.
-    pub lan_mac: String,
-    pub wan_mac: String,
+    pub lan_mac: MacAddr,
+    pub wan_mac: MacAddr,
     pub mtu: u32,
     pub wan: Option<WanPlan>,
     /// The complete `table ip yukumo` of the router namespace.
@@ -156,31 +154,14 @@ pub struct Inputs<'a> {
     pub underlay: Option<Ipv4Addr>,
 }
 
-fn hash_of(s: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(s.as_bytes());
-    format!("{:x}", h.finalize())[..16].to_string()
-}
-
 /// A locally administered unicast MAC derived from `seed`.
-fn derived_mac(seed: &str) -> String {
+fn derived_mac(seed: &str) -> MacAddr {
     let h = Sha256::digest(seed.as_bytes());
-    format!(
-        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        h[0], h[1], h[2], h[3], h[4]
-    )
+    MacAddr([0x02, h[0], h[1], h[2], h[3], h[4]])
 }
 
-fn prefix_of(cidr: &str) -> Option<u8> {
-    cidr.split_once('/')?.1.parse().ok()
-}
-
-fn netmask(prefix: u8) -> Ipv4Addr {
-    Ipv4Addr::from(if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix as u32)
-    })
+fn group_key(g: &NetworkGroup) -> String {
+    format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any())
 }
 
 pub fn plan(inp: &Inputs) -> HostPlan {
@@ -196,37 +177,34 @@ pub fn plan(inp: &Inputs) -> HostPlan {
     }
     for g in inp.groups {
         let Some(st) = &g.status else { continue };
-        let Some(id) = st.segment_id else { continue };
-        let gkey = key(&g.namespace().unwrap_or_default(), &g.name_any());
+        let Some(seg) = st.segment else { continue };
         let router_here = st.router.as_ref().is_some_and(|r| r.host == inp.host);
         let spanned = st.hosts.iter().any(|h| h.name == inp.host);
-        if !(router_here || spanned || local_groups.contains(&gkey)) {
+        if !(router_here || spanned || local_groups.contains(&group_key(g))) {
             continue;
         }
-        let mtu = st.mtu.unwrap_or(1450);
-        let kind = g.spec.segment.type_;
-        let remotes = match kind {
+        let mtu = st.mtu.unwrap_or_else(|| g.spec.mtu_or_default());
+        let remotes = match seg.type_ {
             SegmentType::Vxlan => st
                 .hosts
                 .iter()
                 .filter(|h| h.name != inp.host)
-                .filter_map(|h| h.underlay.parse().ok())
+                .map(|h| h.underlay)
                 .filter(|a| Some(*a) != inp.underlay)
                 .collect(),
             SegmentType::Vlan => BTreeSet::new(),
         };
         out.segments.insert(
-            bridge_name(kind, id),
+            bridge_name(seg),
             SegmentPlan {
-                id,
-                kind,
-                bridge: bridge_name(kind, id),
-                link: segment_link_name(kind, id),
+                segment: seg,
+                bridge: bridge_name(seg),
+                link: segment_link_name(seg),
                 mtu,
                 remotes,
             },
         );
-        if router_here && let Some(r) = router_plan(inp, g, kind, id, mtu) {
+        if router_here && let Some(r) = router_plan(inp, g, seg, mtu) {
             out.routers.insert(r.netns.clone(), r);
         }
     }
@@ -234,12 +212,7 @@ pub fn plan(inp: &Inputs) -> HostPlan {
     let by_group: BTreeMap<String, String> = inp
         .groups
         .iter()
-        .filter_map(|g| {
-            Some((
-                key(&g.namespace().unwrap_or_default(), &g.name_any()),
-                bridge_name(g.spec.segment.type_, g.status.as_ref()?.segment_id?),
-            ))
-        })
+        .filter_map(|g| Some((group_key(g), bridge_name(g.status.as_ref()?.segment?))))
         .collect();
     for n in inp.nodes {
         let (Some(net), Some(uid)) = (&n.spec.network, &n.metadata.uid) else {
@@ -252,8 +225,8 @@ pub fn plan(inp: &Inputs) -> HostPlan {
         out.taps.push(TapPlan {
             name: tap_name(uid),
             bridge: bridge.clone(),
-            mac: net.mac.clone(),
-            ip: net.ip.clone(),
+            mac: net.mac,
+            ip: net.ip,
         });
     }
     out.taps.sort_by(|a, b| a.name.cmp(&b.name));
@@ -261,61 +234,50 @@ pub fn plan(inp: &Inputs) -> HostPlan {
     out
 }
 
-fn router_plan(
-    inp: &Inputs,
-    g: &NetworkGroup,
-    kind: SegmentType,
-    id: u32,
-    mtu: u32,
-) -> Option<RouterPlan> {
+/// A public IP mapping: public address, private address, the node's role.
+pub type Mapping = (Ipv4Addr, Ipv4Addr, Option<NodeRole>);
+
+fn router_plan(inp: &Inputs, g: &NetworkGroup, seg: Segment, mtu: u32) -> Option<RouterPlan> {
     let st = g.status.as_ref()?;
-    let gw = st.gateway.clone()?;
-    let prefix = prefix_of(&g.spec.cidr)?;
-    let ip_of = |node: &str| {
-        st.allocations
-            .iter()
-            .find(|a| a.node == node)
-            .map(|a| a.ip.clone())
-    };
+    let gw = st.gateway?;
+    let alloc = |node: &str| st.allocations.iter().find(|a| a.node == node);
     // Public mappings to nodes that have an address.
-    let maps: Vec<(String, String, Option<String>)> = st
+    let maps: Vec<Mapping> = st
         .public_ips
         .iter()
         .filter_map(|p| {
-            let role = st
-                .allocations
-                .iter()
-                .find(|a| a.node == p.node)
-                .and_then(|a| a.role.clone());
-            Some((p.address.clone(), ip_of(&p.node)?, role))
+            let a = alloc(&p.node)?;
+            Some((p.address, a.ip, a.role))
         })
         .collect();
-    let router_addr = st.router.as_ref().and_then(|r| r.address.clone());
-    let wan = match (inp.external, &router_addr) {
+    let router_addr = st.router.as_ref().and_then(|r| r.address);
+    let wan = match (inp.external, router_addr) {
         (Some(ext), Some(addr)) => {
-            let ext_prefix = prefix_of(&ext.cidr).unwrap_or(24);
-            let mut addresses = vec![format!("{addr}/{ext_prefix}")];
-            addresses.extend(maps.iter().map(|(p, _, _)| format!("{p}/32")));
+            let mut addresses = vec![ext.cidr.with_addr(addr)];
+            addresses.extend(
+                maps.iter()
+                    .map(|(p, _, _)| Ipv4Net::new(*p, 32).expect("a /32")),
+            );
             ext.interface.clone().map(|parent| WanPlan {
                 parent,
                 addresses,
-                gateway: ext.gateway.clone(),
+                gateway: ext.gateway,
             })
         }
         _ => None,
     };
-    let ruleset = router_ruleset(g, &maps, router_addr.as_deref().filter(|_| wan.is_some()));
-    let dhcp = dhcp_plan(g, &gw, prefix, mtu);
-    let group = format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any());
+    let ruleset = router_ruleset(g, &maps, router_addr.filter(|_| wan.is_some()));
+    let dhcp = dhcp_plan(g, gw, mtu);
+    let group = group_key(g);
     Some(RouterPlan {
-        id,
+        segment: seg,
         lan_mac: derived_mac(&format!("yukumo-router-lan:{group}")),
         wan_mac: derived_mac(&format!("yukumo-router-wan:{group}")),
         group,
-        netns: router_netns(inp.netns_prefix, kind, id),
-        host_veth: router_veth_name(kind, id),
-        bridge: bridge_name(kind, id),
-        lan: format!("{gw}/{prefix}"),
+        netns: router_netns(inp.netns_prefix, seg),
+        host_veth: router_veth_name(seg),
+        bridge: bridge_name(seg),
+        lan: g.spec.cidr.with_addr(gw),
         mtu,
         wan,
         ruleset,
@@ -323,17 +285,16 @@ fn router_plan(
     })
 }
 
-fn dhcp_plan(g: &NetworkGroup, gw: &str, prefix: u8, mtu: u32) -> Option<DhcpPlan> {
-    let spec = g.spec.dhcp.clone();
-    if spec.as_ref().is_some_and(|d| !d.enabled) {
+fn dhcp_plan(g: &NetworkGroup, gw: Ipv4Addr, mtu: u32) -> Option<DhcpPlan> {
+    let spec = g.spec.dhcp.as_ref();
+    if spec.is_some_and(|d| !d.enabled) {
         return None;
     }
     let st = g.status.as_ref()?;
-    let net = g.spec.cidr.split_once('/')?.0.to_string();
-    let lease = spec.as_ref().map(|d| d.lease_seconds).unwrap_or(3600);
-    let mask = netmask(prefix);
+    let lease = spec.map(|d| d.lease_seconds).unwrap_or(3600);
+    let mask = g.spec.cidr.netmask();
     let mut args = vec![
-        format!("--interface={ROUTER_LAN}"),
+        format!("--interface={}", super::plan::ROUTER_LAN),
         "--bind-interfaces".into(),
         "--except-interface=lo".into(),
         // DHCP only: no DNS service on the router.
@@ -343,19 +304,20 @@ fn dhcp_plan(g: &NetworkGroup, gw: &str, prefix: u8, mtu: u32) -> Option<DhcpPla
         format!("--dhcp-option=option:router,{gw}"),
         format!("--dhcp-option=option:mtu,{mtu}"),
     ];
-    match spec
-        .as_ref()
-        .and_then(|d| Some((d.range_start.clone()?, d.range_end.clone()?)))
-    {
+    match g.spec.dhcp_range() {
         Some((a, b)) => args.push(format!("--dhcp-range={a},{b},{mask},{lease}")),
-        None => args.push(format!("--dhcp-range={net},static,{mask},{lease}")),
+        None => args.push(format!(
+            "--dhcp-range={},static,{mask},{lease}",
+            g.spec.cidr.network()
+        )),
     }
-    if let Some(d) = &spec
+    if let Some(d) = spec
         && !d.dns_servers.is_empty()
     {
+        let list: Vec<String> = d.dns_servers.iter().map(|a| a.to_string()).collect();
         args.push(format!(
             "--dhcp-option=option:dns-server,{}",
-            d.dns_servers.join(",")
+            list.join(",")
         ));
     }
     let mut hosts = String::new();
@@ -365,415 +327,5 @@ fn dhcp_plan(g: &NetworkGroup, gw: &str, prefix: u8, mtu: u32) -> Option<DhcpPla
     Some(DhcpPlan { args, hosts })
 }
 
-fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Icmp => "icmp",
-    }
-}
-
-/// The router's `table ip yukumo`: 1:1 NAT for public IPs (maps, so 10,000
-/// mappings are two rules), masquerade of the rest of the group to the
-/// router's address, and the inbound firewall.
-pub fn router_ruleset(
-    g: &NetworkGroup,
-    maps: &[(String, String, Option<String>)],
-    router_addr: Option<&str>,
-) -> String {
-    let mut body = String::new();
-    let elems = |pairs: &mut dyn Iterator<Item = (String, String)>| {
-        let v: Vec<String> = pairs.map(|(a, b)| format!("{a} : {b}")).collect();
-        if v.is_empty() {
-            String::new()
-        } else {
-            format!("\n    elements = {{ {} }}", v.join(", "))
-        }
-    };
-    let _ = write!(
-        body,
-        "  map to_private {{\n    type ipv4_addr : ipv4_addr;{}\n  }}\n",
-        elems(&mut maps.iter().map(|(p, i, _)| (p.clone(), i.clone())))
-    );
-    let _ = write!(
-        body,
-        "  map to_public {{\n    type ipv4_addr : ipv4_addr;{}\n  }}\n",
-        elems(&mut maps.iter().map(|(p, i, _)| (i.clone(), p.clone())))
-    );
-    let _ = write!(
-        body,
-        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    iifname \"{ROUTER_WAN}\" dnat to ip daddr map @to_private\n  }}\n"
-    );
-    let mut post = format!("    oifname \"{ROUTER_WAN}\" snat to ip saddr map @to_public\n");
-    if g.spec.egress_nat
-        && let Some(addr) = router_addr
-    {
-        let _ = writeln!(
-            post,
-            "    oifname \"{ROUTER_WAN}\" ip saddr {} snat to {addr}",
-            g.spec.cidr
-        );
-    }
-    let _ = write!(
-        body,
-        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n"
-    );
-    // Inbound: established traffic, then what the firewall opens, to nodes
-    // with a public IP (frontends only unless a rule says All).
-    let mut inbound = String::new();
-    for r in &g.spec.firewall {
-        let targets: Vec<&str> = maps
-            .iter()
-            .filter(|(_, _, role)| {
-                r.to == FirewallTarget::All || role.as_deref() == Some("frontend")
-            })
-            .map(|(_, ip, _)| ip.as_str())
-            .collect();
-        if targets.is_empty() {
-            continue;
-        }
-        let mut rule = format!("    ip daddr {{ {} }}", targets.join(", "));
-        if !r.from.is_empty() {
-            let _ = write!(rule, " ip saddr {{ {} }}", r.from.join(", "));
-        }
-        match (r.protocol, &r.ports) {
-            (Protocol::Icmp, _) => rule.push_str(" icmp type echo-request"),
-            (p, Some(ports)) => {
-                let _ = write!(rule, " {} dport {ports}", proto(p));
-            }
-            (p, None) => {
-                let _ = write!(rule, " meta l4proto {}", proto(p));
-            }
-        }
-        rule.push_str(" accept\n");
-        inbound.push_str(&rule);
-    }
-    let egress = if g.spec.egress_nat || !maps.is_empty() {
-        format!("    iifname \"{ROUTER_LAN}\" oifname \"{ROUTER_WAN}\" accept\n")
-    } else {
-        String::new()
-    };
-    let _ = write!(
-        body,
-        "  chain forward {{\n    type filter hook forward priority filter; policy drop;\n    ct state established,related accept\n    ct state invalid drop\n{egress}    iifname \"{ROUTER_WAN}\" oifname \"{ROUTER_LAN}\" ct status dnat jump inbound\n  }}\n  chain inbound {{\n{inbound}  }}\n"
-    );
-    let _ = write!(
-        body,
-        "  chain input {{\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    iifname \"lo\" accept\n    iifname \"{ROUTER_LAN}\" udp dport 67 accept\n    iifname \"{ROUTER_LAN}\" icmp type echo-request accept\n  }}\n"
-    );
-    let hash = hash_of(&body);
-    format!("table ip yukumo {{\n  comment \"yukumo:{hash}\"\n{body}}}\n")
-}
-
-/// The host's `table bridge yukumo`: a guest may send only from its own MAC
-/// and IP (and DHCP from 0.0.0.0), ARP only for its own MAC and IP, never as
-/// a DHCP server, never IPv6 (router advertisements included) and never a
-/// tagged frame. Frames from yukumo's own ports (segment links, routers) pass.
-pub fn guard_ruleset(taps: &[TapPlan]) -> String {
-    let mut body = String::new();
-    let vmap: Vec<String> = taps
-        .iter()
-        .map(|t| format!("\"{}\" : jump {}", t.name, t.name))
-        .collect();
-    let dispatch = if vmap.is_empty() {
-        String::new()
-    } else {
-        format!("    iifname vmap {{ {} }}\n", vmap.join(", "))
-    };
-    let _ = write!(
-        body,
-        "  chain guard {{\n    type filter hook prerouting priority -200; policy accept;\n{dispatch}  }}\n"
-    );
-    for t in taps {
-        let _ = write!(
-            body,
-            "  chain {name} {{\n    ether saddr != {mac} drop\n    ether type arp arp saddr ether {mac} arp saddr ip {{ {ip}, 0.0.0.0 }} accept\n    ether type ip udp sport 67 drop\n    ether type ip ip saddr {ip} accept\n    ether type ip ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n    drop\n  }}\n",
-            name = t.name,
-            mac = t.mac,
-            ip = t.ip
-        );
-    }
-    let hash = hash_of(&body);
-    format!("table bridge yukumo {{\n  comment \"yukumo:{hash}\"\n{body}}}\n")
-}
-
-/// The `comment "yukumo:<hash>"` of a rendered table.
-pub fn ruleset_hash(ruleset: &str) -> Option<&str> {
-    let i = ruleset.find("comment \"yukumo:")? + "comment \"yukumo:".len();
-    Some(&ruleset[i..i + 16])
-}
-
-/// Rules in a rendered table (for checking a table nobody flushed).
-pub fn rule_count(ruleset: &str) -> usize {
-    ruleset
-        .lines()
-        .filter(|l| {
-            l.starts_with("    ")
-                && !l.trim_start().starts_with("type ")
-                && !l.trim_start().starts_with("elements")
-        })
-        .count()
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ng(status: serde_json::Value) -> Arc<NetworkGroup> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "yukumo.io/v1alpha1", "kind": "NetworkGroup",
-                "metadata": {"name": "net", "namespace": "t1", "uid": "g1"},
-                "spec": {"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "local",
-                         "firewall": [{"protocol": "tcp", "ports": "22"}, {"protocol": "icmp", "to": "All"}]},
-                "status": status
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn vn(name: &str, uid: &str, ip: &str, mac: &str) -> Arc<VirtualNode> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualNode",
-                "metadata": {"name": name, "namespace": "t1", "uid": uid},
-                "spec": {"cluster": "c", "role": "worker", "hostname": name, "host": "h1",
-                         "resources": {"cpu": 1, "memoryMiB": 128},
-                         "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))},
-                         "network": {"group": "net", "ip": ip, "prefix": 24, "gateway": "10.0.0.1",
-                                     "mac": mac, "segment": "vxlan:1000", "mtu": 1450}}
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn status() -> serde_json::Value {
-        serde_json::json!({
-            "segmentId": 1000, "segment": "vxlan:1000", "gateway": "10.0.0.1", "mtu": 1450,
-            "router": {"host": "h1", "site": "local", "address": "203.0.113.16"},
-            "allocations": [
-                {"node": "c-frontend", "ip": "10.0.0.7", "mac": "02:00:00:00:00:07", "role": "frontend"},
-                {"node": "c-w-0", "ip": "10.0.0.9", "mac": "02:00:00:00:00:09", "role": "worker"}],
-            "publicIPs": [{"address": "203.0.113.17", "node": "c-frontend"}],
-            "hosts": [{"name": "h1", "underlay": "10.255.0.1"}, {"name": "h2", "underlay": "10.255.0.2"}]
-        })
-    }
-
-    /// One group with a router on h1, a worker on h1, the external network.
-    fn fixture() -> (
-        Vec<Arc<NetworkGroup>>,
-        Vec<Arc<VirtualNode>>,
-        ExternalNetwork,
-    ) {
-        let nodes = vec![vn(
-            "c-w-0",
-            "0123abcd-ef45-6789",
-            "10.0.0.9",
-            "02:00:00:00:00:09",
-        )];
-        let ext = ExternalNetwork {
-            cidr: "203.0.113.0/24".into(),
-            gateway: Some("203.0.113.1".into()),
-            interface: Some("ext0".into()),
-        };
-        (vec![ng(status())], nodes, ext)
-    }
-
-    #[test]
-    fn host_plan_is_deterministic_and_complete() {
-        let (groups, nodes, ext) = fixture();
-        let inp = Inputs {
-            host: "h1",
-            netns_prefix: "yk-",
-            groups: &groups,
-            nodes: &nodes,
-            external: Some(&ext),
-            underlay: Some("10.255.0.1".parse().unwrap()),
-        };
-        let p = plan(&inp);
-        assert_eq!(p, plan(&inp), "pure and deterministic");
-        let seg = &p.segments["ykbr1000"];
-        assert_eq!(
-            (seg.bridge.as_str(), seg.link.as_str()),
-            ("ykbr1000", "ykvx1000")
-        );
-        assert_eq!(
-            seg.remotes
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>(),
-            vec!["10.255.0.2"]
-        );
-        assert_eq!(p.taps[0].name, "ykt0123abcdef45");
-        assert!(p.guard.contains("ether saddr != 02:00:00:00:00:09 drop"));
-        assert!(p.guard.contains("ip saddr 10.0.0.9 accept"));
-        let r = &p.routers["yk-r1000"];
-        assert_eq!(r.netns, "yk-r1000");
-        assert_eq!(r.lan, "10.0.0.1/24");
-        let wan = r.wan.as_ref().unwrap();
-        assert_eq!(wan.addresses, vec!["203.0.113.16/24", "203.0.113.17/32"]);
-        assert!(r.ruleset.contains("elements = { 203.0.113.17 : 10.0.0.7 }"));
-        assert!(
-            r.ruleset
-                .contains("ip saddr 10.0.0.0/24 snat to 203.0.113.16")
-        );
-        assert!(
-            r.ruleset
-                .contains("ip daddr { 10.0.0.7 } tcp dport 22 accept")
-        );
-        assert!(
-            r.ruleset
-                .contains("ip daddr { 10.0.0.7 } icmp type echo-request accept")
-        );
-        let dhcp = r.dhcp.as_ref().unwrap();
-        assert!(dhcp.hosts.contains("02:00:00:00:00:09,10.0.0.9,c-w-0"));
-        assert!(
-            dhcp.args
-                .contains(&"--dhcp-range=10.0.0.0,static,255.255.255.0,3600".to_string())
-        );
-        assert_eq!(ruleset_hash(&r.ruleset).map(str::len), Some(16));
-        assert!(rule_count(&p.guard) >= 7, "{}", p.guard);
-        // The router's legs have MACs of their own, locally administered,
-        // the same on any host that runs it (a moved router keeps them).
-        assert!(r.lan_mac.starts_with("02:") && r.wan_mac.starts_with("02:"));
-        assert_ne!(r.lan_mac, r.wan_mac);
-        let moved = Inputs {
-            host: "h9",
-            netns_prefix: "h9-",
-            nodes: &[],
-            ..inp
-        };
-        let mut g = (*groups[0]).clone();
-        g.status.as_mut().unwrap().router.as_mut().unwrap().host = "h9".into();
-        let moved_groups = [Arc::new(g)];
-        let moved = plan(&Inputs {
-            groups: &moved_groups,
-            ..moved
-        });
-        let m = &moved.routers["h9-r1000"];
-        assert_eq!((&m.lan_mac, &m.wan_mac), (&r.lan_mac, &r.wan_mac));
-        // Another host with no member and no router has nothing.
-        let other = Inputs {
-            host: "h9",
-            nodes: &[],
-            ..inp
-        };
-        assert_eq!(plan(&other).segments.len(), 0);
-    }
-
-    /// A VLAN group and a VXLAN group may hold the same id (separate
-    /// ranges): their bridges, links, router veths and namespaces differ.
-    #[test]
-    fn a_vlan_and_a_vxlan_group_with_the_same_id_share_no_name() {
-        let (groups, _, ext) = fixture();
-        let mut vlan = (*groups[0]).clone();
-        vlan.metadata.name = Some("lan".into());
-        vlan.metadata.uid = Some("g2".into());
-        vlan.spec.segment.type_ = SegmentType::Vlan;
-        vlan.status.as_mut().unwrap().segment = Some("vlan:1000".into());
-        let both = vec![groups[0].clone(), Arc::new(vlan)];
-        let mut on_lan = (*vn(
-            "c-w-1",
-            "4567abcd-ef45-6789",
-            "10.0.0.8",
-            "02:00:00:00:00:08",
-        ))
-        .clone();
-        on_lan.spec.network.as_mut().unwrap().group = "lan".into();
-        on_lan.spec.network.as_mut().unwrap().segment = "vlan:1000".into();
-        let nodes = vec![Arc::new(on_lan.clone())];
-        let p = plan(&Inputs {
-            host: "h1",
-            netns_prefix: "yk-",
-            groups: &both,
-            nodes: &nodes,
-            external: Some(&ext),
-            underlay: Some("10.255.0.1".parse().unwrap()),
-        });
-        let names: Vec<(&str, &str)> = p
-            .segments
-            .values()
-            .map(|s| (s.bridge.as_str(), s.link.as_str()))
-            .collect();
-        assert_eq!(
-            names,
-            vec![("ykbr1000", "ykvx1000"), ("ykbv1000", "ykvl1000")]
-        );
-        assert!(
-            p.segments["ykbv1000"].remotes.is_empty(),
-            "no FDB on a VLAN"
-        );
-        let routers: Vec<(&str, &str, &str)> = p
-            .routers
-            .values()
-            .map(|r| (r.netns.as_str(), r.host_veth.as_str(), r.bridge.as_str()))
-            .collect();
-        assert_eq!(
-            routers,
-            vec![
-                ("yk-r1000", "ykgw1000", "ykbr1000"),
-                ("yk-v1000", "ykgv1000", "ykbv1000")
-            ]
-        );
-        assert_eq!(
-            p.taps[0].bridge, "ykbv1000",
-            "the node joins its own group's bridge"
-        );
-        assert_eq!(
-            bridge_of_segment(&on_lan.spec.network.unwrap().segment).as_deref(),
-            Some("ykbv1000")
-        );
-        assert_eq!(bridge_of_segment("vxlan:7").as_deref(), Some("ykbr7"));
-        assert_eq!(bridge_of_segment("geneve:7"), None);
-    }
-
-    /// The rendered tables are valid nftables (checked by `nft -c`, which
-    /// changes nothing); skipped, saying so, without root or nft.
-    #[test]
-    fn rendered_tables_pass_nft_check() {
-        use std::io::Write;
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: nft -c needs CAP_NET_ADMIN");
-            return;
-        }
-        let (groups, nodes, ext) = fixture();
-        let p = plan(&Inputs {
-            host: "h1",
-            netns_prefix: "yk-",
-            groups: &groups,
-            nodes: &nodes,
-            external: Some(&ext),
-            underlay: None,
-        });
-        for table in [
-            &p.guard,
-            &p.routers["yk-r1000"].ruleset,
-            &guard_ruleset(&[]),
-        ] {
-            let mut child = match std::process::Command::new("nft")
-                .args(["-c", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("skipped: nft: {e}");
-                    return;
-                }
-            };
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(table.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}\n{table}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
+mod tests;

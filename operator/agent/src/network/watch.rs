@@ -1,15 +1,16 @@
-//! Kernel events from inside the router namespaces: hand-made damage there
-//! (an address, a link or a route deleted, a table flushed) queues that one
-//! router for repair at once, instead of waiting for the verification
-//! backstop to reach it (it reads [`super::dataplane::ROUTERS_PER_VERIFY`]
-//! routers per tick, so on a host with many routers a full round takes
-//! many ticks).
+//! Kernel events from the host's namespace and inside the router
+//! namespaces: hand-made damage (a link, an address or a route deleted, a
+//! table flushed) queues a pass at once and marks that namespace dirty, so
+//! the pass reads it in full (a router is repaired at once instead of when
+//! the verification backstop reaches it, which reads
+//! [`super::dataplane::ROUTERS_PER_VERIFY`] routers per tick).
 //!
-//! Per router, two netlink sockets are opened inside its namespace (a
-//! socket stays in the namespace it was created in): `NETLINK_ROUTE`
-//! subscribed to link, IPv4 address and IPv4 route changes, and
-//! `NETLINK_NETFILTER` subscribed to nftables changes. No process runs per
-//! router. What the agent itself changes must not queue the router again:
+//! Per namespace, two netlink sockets are opened inside it (a socket stays
+//! in the namespace it was created in): `NETLINK_ROUTE` subscribed to link,
+//! IPv4 address and IPv4 route changes, and `NETLINK_NETFILTER` subscribed
+//! to nftables changes. No process runs (no `ip monitor`, no `nft
+//! monitor`). The host's own namespace is watched under the name
+//! [`OWN`] when the agent runs in it. What the agent itself changes must not queue the router again:
 //! while the dataplane applies a router it marks it as applying
 //! ([`RouterWatches::begin`]) and, once done, drains its sockets
 //! ([`RouterWatches::end`]); the kernel queues a change's notifications
@@ -77,15 +78,27 @@ fn drain(s: &Socket) -> usize {
     }
 }
 
+/// The name under which the agent's own namespace is watched.
+pub const OWN: &str = "";
+
+/// The namespace file of `netns` (or of our own: [`OWN`]).
+fn ns_file(netns: &str) -> std::io::Result<std::fs::File> {
+    if netns == OWN {
+        std::fs::File::open("/proc/self/ns/net")
+    } else {
+        std::fs::File::open(crate::netns::path(netns))
+    }
+}
+
 /// Open the two sockets inside namespace `netns`, registered with the
 /// runtime of `rt`; also returns the inode of the namespace they are in.
 fn open(
     netns: &str,
     rt: &tokio::runtime::Handle,
 ) -> std::io::Result<(u64, TokioSocket, TokioSocket)> {
-    let file = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    let file = ns_file(netns)?;
     let inode = file.metadata()?.ino();
-    let (route, nft) = super::dataplane::in_netns_file(file, || {
+    let (route, nft) = crate::netns::in_netns_file(file, || {
         let _rt = rt.enter();
         let mut route = TokioSocket::new(protocols::NETLINK_ROUTE)?;
         route.socket_mut().bind(&SocketAddr::new(
@@ -118,9 +131,15 @@ impl RouterWatches {
         })
     }
 
-    /// The routers something changed in, since the last call.
+    /// The namespaces something changed in, since the last call.
     pub fn take_dirty(&self) -> BTreeSet<String> {
         std::mem::take(&mut *self.dirty.lock().expect("poisoned"))
+    }
+
+    /// Whether `netns` is watched now (what is not watched is never
+    /// known unchanged).
+    pub fn watched(&self, netns: &str) -> bool {
+        self.watches.lock().expect("poisoned").contains_key(netns)
     }
 
     /// Put routers back (a pass that failed did not repair them).
@@ -151,13 +170,14 @@ impl RouterWatches {
         Ok(())
     }
 
-    /// Watch exactly the routers named (those whose namespace exists):
-    /// start what is missing, stop what is no longer wanted and what watches
-    /// a namespace that is gone or replaced. Returns the routers that could
-    /// not be watched, with why.
+    /// Watch exactly the namespaces named (those that exist): start what
+    /// is missing, stop what is no longer wanted and what watches a
+    /// namespace that is gone or replaced. Returns the namespaces that
+    /// could not be watched, with why.
     pub async fn sync(&self, routers: &[String]) -> Vec<(String, String)> {
         let current = |name: &str| {
-            std::fs::metadata(format!("/run/netns/{name}"))
+            ns_file(name)
+                .and_then(|f| f.metadata())
                 .ok()
                 .map(|m| m.ino())
         };

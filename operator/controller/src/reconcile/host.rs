@@ -12,6 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
+use yukumo_api::Reason;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
 use yukumo_api::finalizers;
 use yukumo_api::host::Host;
@@ -30,7 +31,7 @@ pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, O
     let Some(site) = site else {
         return (
             Verdict::stalled(
-                "SiteNotFound",
+                Reason::SiteNotFound,
                 format!("spec.site: Site {:?} not found", host.spec.site),
             ),
             None,
@@ -40,7 +41,7 @@ pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, O
     let status = host.status.clone().unwrap_or_default();
     let Some(beat) = status.last_heartbeat_time else {
         return (
-            Verdict::progressing("AwaitingHeartbeat", "the agent has not reported yet"),
+            Verdict::progressing(Reason::AwaitingHeartbeat, "the agent has not reported yet"),
             None,
         );
     };
@@ -49,7 +50,7 @@ pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, O
     if age >= grace {
         return (
             Verdict::stalled(
-                "HeartbeatLost",
+                Reason::HeartbeatLost,
                 format!(
                     "no heartbeat from the agent for {}s (grace {}s)",
                     age.as_secs(),
@@ -62,16 +63,22 @@ pub fn liveness(host: &Host, site: Option<&Site>, now: Timestamp) -> (Verdict, O
     let remaining = grace - age;
     match status.conditions.get_condition(HYPERVISOR_READY) {
         Some(c) if c.status == ConditionStatus::True => (
-            Verdict::ready("AgentHeartbeating", "agent and hypervisor are healthy"),
+            Verdict::ready(
+                Reason::AgentHeartbeating,
+                "agent and hypervisor are healthy",
+            ),
             Some(remaining),
         ),
         Some(c) => (
-            Verdict::stalled("HypervisorNotReady", format!("{}: {}", c.reason, c.message)),
+            Verdict::stalled(
+                Reason::HypervisorNotReady,
+                format!("{}: {}", c.reason, c.message),
+            ),
             Some(remaining),
         ),
         None => (
             Verdict::progressing(
-                "AwaitingHeartbeat",
+                Reason::AwaitingHeartbeat,
                 "the agent has not reported its hypervisor",
             ),
             Some(remaining),
@@ -104,12 +111,12 @@ pub async fn reconcile(host: Arc<Host>, ctx: Arc<Ctx>) -> Result<Action> {
             &serde_json::json!({ "observedGeneration": host.metadata.generation, "conditions": updated }),
         )
         .await?;
-        tracing::info!(host = %host.name_any(), reason = verdict.reason(), "host readiness changed");
+        tracing::info!(host = %host.name_any(), reason = %verdict.reason(), "host readiness changed");
     }
-    if !matches!(verdict.reason(), "AwaitingHeartbeat") {
+    if verdict.reason() != &Reason::AwaitingHeartbeat {
         ctx.announce(host.as_ref(), &mine, &verdict).await;
     }
-    if verdict.reason() == "HeartbeatLost" {
+    if verdict.reason() == &Reason::HeartbeatLost {
         // Nodes deleted while their host is lost cannot be cleaned up there
         // now: release them (the returning agent sweeps their domains).
         let name = host.name_any();
@@ -159,8 +166,13 @@ mod tests {
             ..Default::default()
         };
         if let Some(s) = hyp {
-            st.conditions
-                .push(Condition::new(HYPERVISOR_READY, s, "Connected", "", None));
+            st.conditions.push(Condition::new(
+                HYPERVISOR_READY,
+                s,
+                Reason::Connected,
+                "",
+                None,
+            ));
         }
         h.status = Some(st);
         h
@@ -182,7 +194,7 @@ mod tests {
             Some(&site(40)),
             now,
         );
-        assert_eq!(v.reason(), "AgentHeartbeating");
+        assert_eq!(v.reason(), &Reason::AgentHeartbeating);
         assert_eq!(rem, Some(Duration::from_secs(30)));
     }
 
@@ -194,7 +206,7 @@ mod tests {
             Some(&site(40)),
             now,
         );
-        assert_eq!(v.reason(), "HeartbeatLost");
+        assert_eq!(v.reason(), &Reason::HeartbeatLost);
         assert!(v.is_stalled());
         assert_eq!(rem, None);
     }
@@ -207,10 +219,10 @@ mod tests {
             Some(&site(40)),
             now,
         );
-        assert_eq!(v.reason(), "HypervisorNotReady");
+        assert_eq!(v.reason(), &Reason::HypervisorNotReady);
         let (v, _) = liveness(&host(Some(1), Some(ConditionStatus::True), now), None, now);
-        assert_eq!(v.reason(), "SiteNotFound");
+        assert_eq!(v.reason(), &Reason::SiteNotFound);
         let (v, _) = liveness(&host(None, None, now), Some(&site(40)), now);
-        assert_eq!(v.reason(), "AwaitingHeartbeat");
+        assert_eq!(v.reason(), &Reason::AwaitingHeartbeat);
     }
 }

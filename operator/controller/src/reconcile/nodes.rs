@@ -1,12 +1,12 @@
 //! The VirtualNodes a VirtualCluster asks for, as a pure function of its spec,
 //! its NetworkGroup and the Sites.
 
-use yukumo_api::NetworkGroup;
 use yukumo_api::common::{NodeSize, Resources, builtin_size_classes};
 use yukumo_api::quantity::{bytes_to_mib, parse_quantity};
 use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{StartOrder, VirtualCluster};
 use yukumo_api::virtualnode::{NodeNetwork, NodeRole, VirtualNodeSpec};
+use yukumo_api::{NetworkGroup, Reason};
 
 use super::verdict::Verdict;
 
@@ -43,7 +43,7 @@ fn resolve_size(size: &NodeSize, sites: &[&Site], field: &str) -> Result<Resourc
                 .or_else(|| builtin_size_classes().into_iter().find(|c| &c.name == class))
                 .ok_or_else(|| {
                     Verdict::stalled(
-                        "UnknownSizeClass",
+                        Reason::UnknownSizeClass,
                         format!("{field}.sizeClass: {class:?} is neither a built-in class nor defined by a Site"),
                     )
                 })?;
@@ -57,7 +57,7 @@ fn resolve_size(size: &NodeSize, sites: &[&Site], field: &str) -> Result<Resourc
         ),
     };
     let bytes = parse_quantity(&memory)
-        .map_err(|e| Verdict::stalled("InvalidSize", format!("{field}.memory: {e}")))?;
+        .map_err(|e| Verdict::stalled(Reason::InvalidSize, format!("{field}.memory: {e}")))?;
     Ok(Resources {
         cpu,
         memory_mib: bytes_to_mib(bytes),
@@ -70,9 +70,8 @@ fn disk_bytes(
 ) -> Result<u64, Verdict> {
     match q {
         None => Ok(0),
-        Some(q) => {
-            parse_quantity(q).map_err(|e| Verdict::stalled("InvalidSize", format!("{field}: {e}")))
-        }
+        Some(q) => parse_quantity(q)
+            .map_err(|e| Verdict::stalled(Reason::InvalidSize, format!("{field}: {e}"))),
     }
 }
 
@@ -81,15 +80,14 @@ fn disk_bytes(
 pub fn node_network(ng: &NetworkGroup, node: &str) -> Option<NodeNetwork> {
     let status = ng.status.as_ref()?;
     let a = status.allocations.iter().find(|a| a.node == node)?;
-    let prefix = ng.spec.cidr.split_once('/')?.1.parse().ok()?;
     Some(NodeNetwork {
         group: ng.metadata.name.clone()?,
-        ip: a.ip.clone(),
-        prefix,
-        gateway: status.gateway.clone()?,
-        mac: a.mac.clone(),
-        segment: status.segment.clone()?,
-        mtu: status.mtu.unwrap_or(1450),
+        ip: a.ip,
+        prefix: ng.spec.cidr.prefix(),
+        gateway: status.gateway?,
+        mac: a.mac,
+        segment: status.segment?,
+        mtu: status.mtu.unwrap_or_else(|| ng.spec.mtu_or_default()),
     })
 }
 
@@ -115,7 +113,7 @@ pub fn desired_nodes(
     let ssh_keys: Vec<String> = spec.ssh_keys.iter().map(|k| k.0.clone()).collect();
     let mut out = Vec::new();
     let network = |node: &str| node_network(ng, node);
-    let vlan = ng.spec.segment.type_ == yukumo_api::networkgroup::SegmentType::Vlan;
+    let vlan = ng.spec.segment.type_ == yukumo_api::SegmentType::Vlan;
 
     let fe_sites = vec![spec.frontend.site.clone().unwrap_or_else(|| home.clone())];
     let fe_name = node_name(&cluster, None, 0);
@@ -293,7 +291,7 @@ mod tests {
         let mut v = vc();
         v.spec.frontend.size.size_class = Some("nope".into());
         let e = desired_nodes(&v, &ng(), &[site("a")]).unwrap_err();
-        assert_eq!(e.reason(), "UnknownSizeClass");
+        assert_eq!(e.reason(), &Reason::UnknownSizeClass);
     }
 
     #[test]

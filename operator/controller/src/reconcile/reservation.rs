@@ -4,7 +4,7 @@
 use k8s_openapi::jiff::civil::{Date, Time as CivilTime};
 use k8s_openapi::jiff::tz::TimeZone;
 use k8s_openapi::jiff::{Timestamp, ToSpan};
-use yukumo_api::virtualcluster::{EndAction, Reservation, Weekday, WeeklyWindow};
+use yukumo_api::virtualcluster::{EndAction, Reservation, TransitionAction, Weekday, WeeklyWindow};
 
 /// What the reservation asks for at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub struct PowerPlan {
     /// Whether they should run.
     pub run: bool,
     /// The next instant at which this changes, and the action then.
-    pub next: Option<(Timestamp, &'static str)>,
+    pub next: Option<(Timestamp, TransitionAction)>,
     /// Why, in a few words (for the status).
     pub why: &'static str,
 }
@@ -63,11 +63,11 @@ fn weekly(
     windows: &[WeeklyWindow],
     tz: &TimeZone,
     now: Timestamp,
-) -> (bool, Option<(Timestamp, &'static str)>) {
+) -> (bool, Option<(Timestamp, TransitionAction)>) {
     let today = now.to_zoned(tz.clone()).date();
     let mut inside = false;
-    let mut next: Option<(Timestamp, &'static str)> = None;
-    let mut consider = |t: Timestamp, what: &'static str| {
+    let mut next: Option<(Timestamp, TransitionAction)> = None;
+    let mut consider = |t: Timestamp, what: TransitionAction| {
         if t > now && next.is_none_or(|(n, _)| t < n) {
             next = Some((t, what));
         }
@@ -81,18 +81,18 @@ fn weekly(
                 if s <= now && now < e {
                     inside = true;
                 }
-                consider(s, "Start");
-                consider(e, "Stop");
+                consider(s, TransitionAction::Start);
+                consider(e, TransitionAction::Stop);
             }
         }
     }
     // While inside, a window start that falls inside another window is no boundary.
-    if inside && matches!(next, Some((_, "Start"))) {
-        let later: Vec<(Timestamp, &'static str)> = (-1i64..=8)
+    if inside && matches!(next, Some((_, TransitionAction::Start))) {
+        let later: Vec<(Timestamp, TransitionAction)> = (-1i64..=8)
             .filter_map(|o| today.checked_add(o.days()).ok())
             .flat_map(|d| windows.iter().filter_map(move |w| instance(w, d, tz)))
             .filter(|(_, e)| *e > now)
-            .map(|(_, e)| (e, "Stop"))
+            .map(|(_, e)| (e, TransitionAction::Stop))
             .collect();
         next = later.into_iter().min_by_key(|(t, _)| *t);
     }
@@ -123,7 +123,7 @@ pub fn plan(reservation: Option<&Reservation>, now: Timestamp) -> Result<PowerPl
         return Ok(PowerPlan {
             exists: false,
             run: false,
-            next: Some((s, "Start")),
+            next: Some((s, TransitionAction::Start)),
             why: "reservation not started",
         });
     }
@@ -149,9 +149,9 @@ pub fn plan(reservation: Option<&Reservation>, now: Timestamp) -> Result<PowerPl
         (
             e,
             if r.end_action == EndAction::Delete {
-                "Delete"
+                TransitionAction::Delete
             } else {
-                "Stop"
+                TransitionAction::Stop
             },
         )
     });
@@ -224,10 +224,16 @@ mod tests {
         );
         let before = plan(Some(&r), ts("2026-11-23T09:59:30Z")).unwrap();
         assert_eq!((before.exists, before.run), (false, false));
-        assert_eq!(before.next, Some((ts("2026-11-23T10:00:00Z"), "Start")));
+        assert_eq!(
+            before.next,
+            Some((ts("2026-11-23T10:00:00Z"), TransitionAction::Start))
+        );
         let during = plan(Some(&r), ts("2026-11-23T10:30:00Z")).unwrap();
         assert_eq!((during.exists, during.run), (true, true));
-        assert_eq!(during.next, Some((ts("2026-11-23T11:00:00Z"), "Delete")));
+        assert_eq!(
+            during.next,
+            Some((ts("2026-11-23T11:00:00Z"), TransitionAction::Delete))
+        );
         let after = plan(Some(&r), ts("2026-11-23T11:00:00Z")).unwrap();
         assert_eq!((after.exists, after.run, after.next), (false, false, None));
         let r = res(
@@ -253,15 +259,21 @@ mod tests {
         );
         let early = plan(Some(&r), ts("2026-11-23T07:59:00Z")).unwrap();
         assert!(!early.run);
-        assert_eq!(early.next, Some((ts("2026-11-23T08:00:00Z"), "Start")));
+        assert_eq!(
+            early.next,
+            Some((ts("2026-11-23T08:00:00Z"), TransitionAction::Start))
+        );
         let inside = plan(Some(&r), ts("2026-11-23T08:00:00Z")).unwrap();
         assert!(inside.run);
-        assert_eq!(inside.next, Some((ts("2026-11-23T11:00:00Z"), "Stop")));
+        assert_eq!(
+            inside.next,
+            Some((ts("2026-11-23T11:00:00Z"), TransitionAction::Stop))
+        );
         let after = plan(Some(&r), ts("2026-11-23T11:00:00Z")).unwrap();
         assert!(!after.run);
         assert_eq!(
             after.next,
-            Some((ts("2026-11-30T08:00:00Z"), "Start")),
+            Some((ts("2026-11-30T08:00:00Z"), TransitionAction::Start)),
             "next Monday"
         );
     }

@@ -7,6 +7,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use yukumo_api::Reason;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
 use yukumo_api::host::Host;
 use yukumo_api::site::{Site, SiteStatus};
@@ -42,10 +43,13 @@ pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
         ..Default::default()
     };
     let verdict = if ready.is_empty() {
-        Verdict::progressing("NoReadyHosts", format!("0/{} hosts ready", hosts.len()))
+        Verdict::progressing(
+            Reason::NoReadyHosts,
+            format!("0/{} hosts ready", hosts.len()),
+        )
     } else {
         Verdict::ready(
-            "HostsReady",
+            Reason::HostsReady,
             format!("{}/{} hosts ready", ready.len(), hosts.len()),
         )
     };

@@ -1,39 +1,40 @@
 //! The kstatus conditions (`Ready`, `Reconciling`, `Stalled`) derived from a
 //! reconciler's verdict, as a pure function.
 
+use yukumo_api::Reason;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, condition_types as ct};
 
 /// What a reconciler concluded about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Desired state reached.
-    Ready { reason: String, message: String },
+    Ready { reason: Reason, message: String },
     /// Working towards it; nothing for the user to do.
-    Progressing { reason: String, message: String },
+    Progressing { reason: Reason, message: String },
     /// Cannot progress until the spec (or the fleet) changes.
-    Stalled { reason: String, message: String },
+    Stalled { reason: Reason, message: String },
 }
 
 impl Verdict {
-    pub fn ready(reason: &str, message: impl Into<String>) -> Self {
+    pub fn ready(reason: Reason, message: impl Into<String>) -> Self {
         Verdict::Ready {
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
-    pub fn progressing(reason: &str, message: impl Into<String>) -> Self {
+    pub fn progressing(reason: Reason, message: impl Into<String>) -> Self {
         Verdict::Progressing {
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
-    pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
+    pub fn stalled(reason: Reason, message: impl Into<String>) -> Self {
         Verdict::Stalled {
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
-    pub fn reason(&self) -> &str {
+    pub fn reason(&self) -> &Reason {
         match self {
             Verdict::Ready { reason, .. }
             | Verdict::Progressing { reason, .. }
@@ -66,18 +67,18 @@ pub fn apply_verdict(
         Verdict::Stalled { .. } => (false, false, true),
     };
     let (reason, message) = (verdict.reason(), verdict.message().to_string());
-    let idle = if ready { "Ready" } else { reason };
+    let idle = if ready { &Reason::Ready } else { reason };
     conds.set_condition(Condition::new(
         ct::READY,
         ConditionStatus::from_bool(ready),
-        reason,
+        reason.clone(),
         message.clone(),
         generation,
     ));
     conds.set_condition(Condition::new(
         ct::RECONCILING,
         ConditionStatus::from_bool(reconciling),
-        if reconciling { reason } else { idle },
+        if reconciling { reason } else { idle }.clone(),
         if reconciling {
             message.clone()
         } else {
@@ -88,7 +89,7 @@ pub fn apply_verdict(
     conds.set_condition(Condition::new(
         ct::STALLED,
         ConditionStatus::from_bool(stalled),
-        if stalled { reason } else { idle },
+        if stalled { reason } else { idle }.clone(),
         if stalled { message } else { String::new() },
         generation,
     ));
@@ -100,7 +101,7 @@ pub fn reason_changed(existing: &[Condition], verdict: &Verdict) -> bool {
     existing
         .iter()
         .find(|c| c.type_ == ct::READY)
-        .is_none_or(|c| c.reason != verdict.reason() || c.message != verdict.message())
+        .is_none_or(|c| &c.reason != verdict.reason() || c.message != verdict.message())
 }
 
 #[cfg(test)]
@@ -112,7 +113,10 @@ mod tests {
         let c = apply_verdict(
             &[],
             Some(3),
-            &Verdict::stalled("NetworkGroupNotFound", "spec.networkGroup: x not found"),
+            &Verdict::stalled(
+                Reason::NetworkGroupNotFound,
+                "spec.networkGroup: x not found",
+            ),
         );
         assert_eq!(c.len(), 3);
         assert!(!c.is_true("Ready"));
@@ -120,7 +124,7 @@ mod tests {
         assert!(!c.is_true("Reconciling"));
         assert_eq!(
             c.get_condition("Ready").unwrap().reason,
-            "NetworkGroupNotFound"
+            Reason::NetworkGroupNotFound
         );
         assert_eq!(
             c.get_condition("Ready").unwrap().observed_generation,
@@ -130,11 +134,14 @@ mod tests {
 
     #[test]
     fn same_verdict_is_idempotent() {
-        let v = Verdict::progressing("Provisioning", "0/4 nodes ready");
+        let v = Verdict::progressing(Reason::NodesStarting, "0/4 nodes ready");
         let a = apply_verdict(&[], Some(1), &v);
         let b = apply_verdict(&a, Some(1), &v);
         assert_eq!(a, b);
         assert!(!reason_changed(&a, &v));
-        assert!(reason_changed(&a, &Verdict::ready("Ready", "")));
+        assert!(reason_changed(
+            &a,
+            &Verdict::ready(Reason::AllNodesReady, "")
+        ));
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
+use yukumo_api::Reason;
 use yukumo_api::site::Site;
 use yukumo_api::volume::{Volume, VolumeStatus};
 
@@ -18,7 +19,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let mut verdict = Verdict::progressing(
-        "ReferencesResolved",
+        Reason::ReferencesResolved,
         "waiting for placement on a host's storage pool",
     );
     if let Some(site) = &vol.spec.site
@@ -28,7 +29,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
             .is_none()
     {
         verdict = Verdict::stalled(
-            "SiteNotFound",
+            Reason::SiteNotFound,
             format!("spec.site: Site {site:?} not found"),
         );
     }
@@ -39,7 +40,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         {
             None => {
                 verdict = Verdict::stalled(
-                    "SourceNotFound",
+                    Reason::SourceNotFound,
                     format!(
                         "spec.source.snapshot.volume: Volume {:?} not found in namespace {ns}",
                         snap.volume
@@ -48,7 +49,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
             }
             Some(src) if !src.spec.snapshots.iter().any(|s| s.name == snap.name) => {
                 verdict = Verdict::stalled(
-                    "SourceNotFound",
+                    Reason::SourceNotFound,
                     format!(
                         "spec.source.snapshot.name: Volume {:?} has no snapshot {:?}",
                         snap.volume, snap.name
@@ -62,7 +63,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         && !vol.spec.snapshots.iter().any(|s| &s.name == r)
     {
         verdict = Verdict::stalled(
-            "SnapshotNotFound",
+            Reason::SnapshotNotFound,
             format!("spec.restoreFrom: no snapshot {r:?} in spec.snapshots"),
         );
     }

@@ -1,0 +1,293 @@
+//! What a VirtualNode placed on this host needs, as pure functions of the
+//! node and what the host holds: disk operations, domain operations, and
+//! the status that reports the result.
+
+use std::path::Path;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use yukumo_api::Reason;
+use yukumo_api::common::{
+    Condition, ConditionStatus, Conditions, ImageFormat, condition_types as ct,
+};
+use yukumo_api::virtualnode::{NodePhase, VirtualNode, VirtualNodeStatus};
+
+use super::disks::qcow2::BackingFormat;
+use super::domain::NodePaths;
+use super::guestconfig::{self, GuestConfig};
+use super::ops::{DiskOp, DomainOp};
+
+/// A node's domain as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSeen {
+    pub active: bool,
+    /// The hash in its yukumo marker (None: no marker).
+    pub hash: Option<String>,
+}
+
+/// What the host holds of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeSeen {
+    /// Its domain (by UUID = the node's uid).
+    pub domain: Option<DomainSeen>,
+    /// A domain of another node holds this node's name.
+    pub stale_name: bool,
+    /// Its root disk is a readable qcow2 overlay.
+    pub root_disk: bool,
+    /// What its config disk holds (the stamp written with it).
+    pub config_stamp: Option<String>,
+}
+
+/// The content stamp of a config disk: what it was written from.
+pub fn config_stamp(cfg: &GuestConfig) -> String {
+    format!(
+        "{}\0{}\0{}",
+        cfg.meta_data, cfg.user_data, cfg.network_config
+    )
+}
+
+/// The backing format of a node's image.
+pub fn backing_format(f: ImageFormat) -> BackingFormat {
+    match f {
+        ImageFormat::Qcow2 => BackingFormat::Qcow2,
+        ImageFormat::Raw => BackingFormat::Raw,
+    }
+}
+
+/// A node's disks cannot be made as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DiskRefused(pub String);
+
+/// The disk operations a node needs: its overlay on the cached `image`
+/// (once: it holds the guest's writes) and its config disk (whenever what
+/// it should hold changed). The overlay has the node's `diskBytes`, or the
+/// image's size; a size smaller than the image is refused (the guest would
+/// see a truncated disk).
+pub fn disk_ops(
+    vn: &VirtualNode,
+    paths: &NodePaths,
+    seen: &NodeSeen,
+    image: &Path,
+    image_size: u64,
+) -> Result<Vec<DiskOp>, DiskRefused> {
+    let mut ops = Vec::new();
+    if !seen.root_disk {
+        let want = vn.spec.disk_bytes;
+        if want != 0 && want < image_size {
+            return Err(DiskRefused(format!(
+                "spec.diskBytes: {want} bytes is smaller than the image's {image_size}"
+            )));
+        }
+        ops.push(DiskOp::CreateOverlay {
+            path: paths.root_disk.clone(),
+            backing: image.to_path_buf(),
+            format: backing_format(vn.spec.image.format),
+            size: want.max(image_size),
+        });
+    }
+    let cfg = guestconfig::render(vn);
+    if seen.config_stamp.as_deref() != Some(config_stamp(&cfg).as_str()) {
+        ops.push(DiskOp::WriteConfig {
+            path: paths.config_iso.clone(),
+            stamp: paths.dir.join("cidata.content"),
+            config: cfg,
+        });
+    }
+    Ok(ops)
+}
+
+/// The domain operations that bring a node's domain to its rendered XML
+/// (`hash`) and power state.
+pub fn domain_ops(
+    seen: &NodeSeen,
+    name: &str,
+    xml: &str,
+    hash: &str,
+    running: bool,
+) -> Vec<DomainOp> {
+    let mut ops = Vec::new();
+    let active = match &seen.domain {
+        Some(d) => {
+            if d.hash.as_deref() != Some(hash) {
+                ops.push(DomainOp::Define {
+                    xml: xml.to_string(),
+                });
+            }
+            d.active
+        }
+        None => {
+            if seen.stale_name {
+                ops.push(DomainOp::RemoveStale {
+                    name: name.to_string(),
+                });
+            }
+            ops.push(DomainOp::Define {
+                xml: xml.to_string(),
+            });
+            false
+        }
+    };
+    if running && !active {
+        ops.push(DomainOp::Start);
+    } else if !running && active {
+        ops.push(DomainOp::Destroy);
+    }
+    ops
+}
+
+/// Whether the domain runs after `ops` were carried out on what was seen.
+pub fn active_after(seen: &NodeSeen, ops: &[DomainOp]) -> bool {
+    let before = seen.domain.as_ref().is_some_and(|d| d.active);
+    if ops.contains(&DomainOp::Start) {
+        true
+    } else if ops.contains(&DomainOp::Destroy) {
+        false
+    } else {
+        before
+    }
+}
+
+/// The node's status with `phase` and its `Ready` condition (others kept).
+pub fn status_with(
+    vn: &VirtualNode,
+    phase: NodePhase,
+    ready: bool,
+    reason: Reason,
+    message: String,
+) -> VirtualNodeStatus {
+    let old = vn.status.clone().unwrap_or_default();
+    let mut conditions = old.conditions.clone();
+    conditions.set_condition(Condition::new(
+        ct::READY,
+        ConditionStatus::from_bool(ready),
+        reason,
+        message,
+        vn.metadata.generation,
+    ));
+    VirtualNodeStatus {
+        observed_generation: vn.metadata.generation,
+        conditions,
+        phase,
+        host: vn.spec.host.clone(),
+        ..old
+    }
+}
+
+/// The status after the domain step: running or stopped, its boot time.
+pub fn settled_status(
+    vn: &VirtualNode,
+    host: &str,
+    active: bool,
+    boot_time: Option<Time>,
+) -> VirtualNodeStatus {
+    let (phase, ready, reason, msg) = if active {
+        (
+            NodePhase::Running,
+            true,
+            Reason::Running,
+            format!("running on {host}"),
+        )
+    } else {
+        (
+            NodePhase::Stopped,
+            false,
+            Reason::Stopped,
+            "powered off as requested".to_string(),
+        )
+    };
+    VirtualNodeStatus {
+        domain_uuid: vn.metadata.uid.clone(),
+        boot_time,
+        last_error: None,
+        ..status_with(vn, phase, ready, reason, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vn(disk: u64, running: bool) -> VirtualNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualNode",
+            "metadata": {"name": "qs-w-0", "namespace": "demo", "uid": "u-1", "generation": 2},
+            "spec": {"cluster": "qs", "role": "worker", "hostname": "qs-w-0", "host": "h1",
+                     "resources": {"cpu": 1, "memoryMiB": 128}, "diskBytes": disk, "running": running,
+                     "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_node_gets_both_disks_and_a_running_domain() {
+        let paths = NodePaths::new(Path::new("/s"), "u-1");
+        let seen = NodeSeen::default();
+        let ops = disk_ops(
+            &vn(0, true),
+            &paths,
+            &seen,
+            Path::new("/s/images/x"),
+            1 << 30,
+        )
+        .unwrap();
+        assert_eq!(ops.len(), 2);
+        assert!(
+            matches!(&ops[0], DiskOp::CreateOverlay { size, format: BackingFormat::Qcow2, .. } if *size == 1 << 30)
+        );
+        let ops = domain_ops(&seen, "d", "<domain/>", "h", true);
+        assert_eq!(
+            ops,
+            [
+                DomainOp::Define {
+                    xml: "<domain/>".into()
+                },
+                DomainOp::Start
+            ]
+        );
+        assert!(active_after(&seen, &ops));
+        // A bigger disk is honoured; a smaller one refused, naming the field.
+        let big = disk_ops(&vn(2 << 30, true), &paths, &seen, Path::new("/i"), 1 << 30).unwrap();
+        assert!(matches!(&big[0], DiskOp::CreateOverlay { size, .. } if *size == 2 << 30));
+        let small = disk_ops(&vn(1 << 20, true), &paths, &seen, Path::new("/i"), 1 << 30);
+        assert!(small.unwrap_err().0.starts_with("spec.diskBytes"));
+    }
+
+    #[test]
+    fn a_converged_node_needs_nothing_and_power_follows_the_spec() {
+        let paths = NodePaths::new(Path::new("/s"), "u-1");
+        let node = vn(0, true);
+        let seen = NodeSeen {
+            domain: Some(DomainSeen {
+                active: true,
+                hash: Some("h".into()),
+            }),
+            stale_name: false,
+            root_disk: true,
+            config_stamp: Some(config_stamp(&guestconfig::render(&node))),
+        };
+        assert!(
+            disk_ops(&node, &paths, &seen, Path::new("/i"), 1)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(domain_ops(&seen, "d", "x", "h", true).is_empty());
+        assert_eq!(domain_ops(&seen, "d", "x", "h", false), [DomainOp::Destroy]);
+        // A changed spec redefines the domain; a running one keeps running.
+        let ops = domain_ops(&seen, "d", "y", "h2", true);
+        assert_eq!(ops, [DomainOp::Define { xml: "y".into() }]);
+        assert!(active_after(&seen, &ops));
+        // A stale domain under the node's name is removed first.
+        let stale = NodeSeen {
+            stale_name: true,
+            ..NodeSeen::default()
+        };
+        assert!(matches!(
+            domain_ops(&stale, "d", "x", "h", false)[0],
+            DomainOp::RemoveStale { .. }
+        ));
+        let st = settled_status(&node, "h1", true, None);
+        assert_eq!(st.phase, NodePhase::Running);
+        assert!(st.conditions.is_true("Ready"));
+        assert_eq!(st.observed_generation, Some(2));
+    }
+}

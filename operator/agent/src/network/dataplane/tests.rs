@@ -1,0 +1,142 @@
+//! The dataplane over the fake kernel: one pass converges a host, the next
+//! changes nothing, damage is repaired, one public IP is one table and one
+//! address, and an empty plan leaves nothing of yukumo.
+
+use super::*;
+use crate::network::fake::FakeKernel;
+use crate::network::kernel::Namespaces;
+use crate::network::observe::LinkKind;
+use crate::network::testkit::plan_for;
+
+fn dataplane() -> Dataplane<FakeKernel> {
+    let k = FakeKernel::new();
+    k.add_plain_link("ul0");
+    k.add_plain_link("ext0");
+    // The guest's tap, as libvirt makes it.
+    k.add_plain_link("ykt0123abcdef45");
+    Dataplane::new(
+        k,
+        "t-".into(),
+        HostEnv {
+            underlay: Some("10.255.0.1".parse().unwrap()),
+            uplink: Some("ul0".into()),
+        },
+        None,
+    )
+}
+
+#[tokio::test]
+async fn one_pass_converges_and_the_next_changes_nothing() {
+    let dp = dataplane();
+    let plan = plan_for("t-", "ext0");
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert!(
+        ch.links > 0 && ch.tables == 2 && ch.namespaces == 1 && ch.dhcp == 1,
+        "{ch:?}"
+    );
+    assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        let host = &m.host.state;
+        assert_eq!(host.links["ykvx1000"].master.as_deref(), Some("ykbr1000"));
+        assert_eq!(host.links["ykt0123abcdef45"].port, Some((false, false)));
+        assert_eq!(host.remotes.len(), 1);
+        assert_eq!(host.pinned.len(), 2, "the tap and the router's veth");
+        let r = &m.named["t-r1000"];
+        assert!(r.forwarding);
+        assert_eq!(r.state.addrs["wan0"].len(), 2);
+        assert!(r.state.default_route.is_some());
+        assert!(r.dhcp.is_some());
+        assert_eq!(
+            m.announced.len(),
+            1,
+            "the router announced its addresses once"
+        );
+    });
+}
+
+#[tokio::test]
+async fn damage_is_repaired() {
+    let dp = dataplane();
+    let plan = plan_for("t-", "ext0");
+    dp.apply(&plan, Pass::Changed).await.unwrap();
+    // The bridge deleted by hand: the segment, the router's veth and the
+    // tap rejoin it.
+    dp.kernel.with(|m| {
+        m.host.state.links.remove("ykbr1000");
+        for l in m.host.state.links.values_mut() {
+            if l.master.as_deref() == Some("ykbr1000") {
+                l.master = None;
+                l.port = None;
+            }
+        }
+        m.host.state.pinned.clear();
+    });
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert!(ch.links >= 4, "{ch:?}");
+    assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        assert_eq!(
+            m.host.state.links["ykt0123abcdef45"].master.as_deref(),
+            Some("ykbr1000")
+        );
+        assert_eq!(
+            m.host.state.links["ykgw1000"].master.as_deref(),
+            Some("ykbr1000")
+        );
+    });
+    // Inside the router (no watch here to say so): the verification finds it.
+    dp.kernel.with(|m| {
+        let r = m.named.get_mut("t-r1000").unwrap();
+        r.state.addrs.get_mut("wan0").unwrap().clear();
+        r.tables.clear();
+    });
+    let ch = dp.apply(&plan, Pass::Verify).await.unwrap();
+    assert_eq!((ch.addresses, ch.tables), (2, 1), "{ch:?}");
+    // The router's namespace deleted by hand: made again.
+    dp.kernel.delete("t-r1000").await.unwrap();
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert_eq!(ch.namespaces, 1, "{ch:?}");
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn one_mapping_is_one_table_and_one_address() {
+    let dp = dataplane();
+    let plan = plan_for("t-", "ext0");
+    dp.apply(&plan, Pass::Changed).await.unwrap();
+    let fewer = crate::network::testkit::plan_with("t-", "ext0", |s| {
+        s.public_ips.clear();
+    });
+    let before = dp.kernel.with(|m| m.log.len());
+    let ch = dp.apply(&fewer, Pass::Changed).await.unwrap();
+    assert_eq!((ch.tables, ch.addresses, ch.total()), (1, 1, 2), "{ch:?}");
+    let log = dp.kernel.with(|m| m.log[before..].to_vec());
+    assert_eq!(log.len(), 2, "{log:?}");
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert_eq!((ch.tables, ch.addresses, ch.total()), (1, 1, 2), "{ch:?}");
+}
+
+#[tokio::test]
+async fn an_empty_plan_leaves_nothing_of_yukumo() {
+    let dp = dataplane();
+    dp.apply(&plan_for("t-", "ext0"), Pass::Changed)
+        .await
+        .unwrap();
+    dp.apply(&HostPlan::default(), Pass::Changed).await.unwrap();
+    dp.kernel.with(|m| {
+        let names: Vec<&String> = m.host.state.links.keys().collect();
+        assert_eq!(
+            names,
+            ["ext0", "ul0", "ykt0123abcdef45"],
+            "only what yukumo did not make"
+        );
+        assert!(m.named.is_empty());
+        assert!(m.host.tables.is_empty());
+        assert!(m.dhcp_files.is_empty());
+    });
+    assert!(matches!(
+        dp.kernel.with(|m| m.host.state.links["ul0"].kind.clone()),
+        LinkKind::Other(_)
+    ));
+}

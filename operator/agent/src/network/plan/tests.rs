@@ -1,0 +1,204 @@
+use super::*;
+use crate::network::ruleset::{guard_ruleset, rule_count, ruleset_hash};
+
+use crate::network::testkit::{fixture, vn};
+
+#[test]
+fn host_plan_is_deterministic_and_complete() {
+    let (groups, nodes, ext) = fixture();
+    let inp = Inputs {
+        host: "h1",
+        netns_prefix: "yk-",
+        groups: &groups,
+        nodes: &nodes,
+        external: Some(&ext),
+        underlay: Some("10.255.0.1".parse().unwrap()),
+    };
+    let p = plan(&inp);
+    assert_eq!(p, plan(&inp), "pure and deterministic");
+    let seg = &p.segments["ykbr1000"];
+    assert_eq!(
+        (seg.bridge.as_str(), seg.link.as_str()),
+        ("ykbr1000", "ykvx1000")
+    );
+    assert_eq!(
+        seg.remotes
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>(),
+        vec!["10.255.0.2"]
+    );
+    assert_eq!(p.taps[0].name, "ykt0123abcdef45");
+    assert!(p.guard.contains("ether saddr != 02:00:00:00:00:09 drop"));
+    assert!(p.guard.contains("ip saddr 10.0.0.9 accept"));
+    let r = &p.routers["yk-r1000"];
+    assert_eq!(r.netns, "yk-r1000");
+    assert_eq!(r.lan.to_string(), "10.0.0.1/24");
+    let wan = r.wan.as_ref().unwrap();
+    let addrs: Vec<String> = wan.addresses.iter().map(|a| a.to_string()).collect();
+    assert_eq!(addrs, vec!["203.0.113.16/24", "203.0.113.17/32"]);
+    assert!(r.ruleset.contains("elements = { 203.0.113.17 : 10.0.0.7 }"));
+    assert!(
+        r.ruleset
+            .contains("ip saddr 10.0.0.0/24 snat to 203.0.113.16")
+    );
+    assert!(
+        r.ruleset
+            .contains("ip daddr { 10.0.0.7 } tcp dport 22 accept")
+    );
+    assert!(
+        r.ruleset
+            .contains("ip daddr { 10.0.0.7 } icmp type echo-request accept")
+    );
+    let dhcp = r.dhcp.as_ref().unwrap();
+    assert!(dhcp.hosts.contains("02:00:00:00:00:09,10.0.0.9,c-w-0"));
+    assert!(
+        dhcp.args
+            .contains(&"--dhcp-range=10.0.0.0,static,255.255.255.0,3600".to_string())
+    );
+    assert_eq!(ruleset_hash(&r.ruleset).map(str::len), Some(16));
+    assert!(rule_count(&p.guard) >= 7, "{}", p.guard);
+    // The router's legs have MACs of their own, locally administered,
+    // the same on any host that runs it (a moved router keeps them).
+    assert!(r.lan_mac.is_local_unicast() && r.wan_mac.is_local_unicast());
+    assert_ne!(r.lan_mac, r.wan_mac);
+    let moved = Inputs {
+        host: "h9",
+        netns_prefix: "h9-",
+        nodes: &[],
+        ..inp
+    };
+    let mut g = (*groups[0]).clone();
+    g.status.as_mut().unwrap().router.as_mut().unwrap().host = "h9".into();
+    let moved_groups = [Arc::new(g)];
+    let moved = plan(&Inputs {
+        groups: &moved_groups,
+        ..moved
+    });
+    let m = &moved.routers["h9-r1000"];
+    assert_eq!((&m.lan_mac, &m.wan_mac), (&r.lan_mac, &r.wan_mac));
+    // Another host with no member and no router has nothing.
+    let other = Inputs {
+        host: "h9",
+        nodes: &[],
+        ..inp
+    };
+    assert_eq!(plan(&other).segments.len(), 0);
+}
+
+/// A VLAN group and a VXLAN group may hold the same id (separate
+/// ranges): their bridges, links, router veths and namespaces differ.
+#[test]
+fn a_vlan_and_a_vxlan_group_with_the_same_id_share_no_name() {
+    let (groups, _, ext) = fixture();
+    let mut vlan = (*groups[0]).clone();
+    vlan.metadata.name = Some("lan".into());
+    vlan.metadata.uid = Some("g2".into());
+    vlan.spec.segment.type_ = SegmentType::Vlan;
+    vlan.status.as_mut().unwrap().segment = Some(Segment::vlan(1000));
+    let both = vec![groups[0].clone(), Arc::new(vlan)];
+    let mut on_lan = (*vn(
+        "c-w-1",
+        "4567abcd-ef45-6789",
+        "10.0.0.8",
+        "02:00:00:00:00:08",
+    ))
+    .clone();
+    on_lan.spec.network.as_mut().unwrap().group = "lan".into();
+    on_lan.spec.network.as_mut().unwrap().segment = Segment::vlan(1000);
+    let nodes = vec![Arc::new(on_lan.clone())];
+    let p = plan(&Inputs {
+        host: "h1",
+        netns_prefix: "yk-",
+        groups: &both,
+        nodes: &nodes,
+        external: Some(&ext),
+        underlay: Some("10.255.0.1".parse().unwrap()),
+    });
+    let names: Vec<(&str, &str)> = p
+        .segments
+        .values()
+        .map(|s| (s.bridge.as_str(), s.link.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("ykbr1000", "ykvx1000"), ("ykbv1000", "ykvl1000")]
+    );
+    assert!(
+        p.segments["ykbv1000"].remotes.is_empty(),
+        "no FDB on a VLAN"
+    );
+    let routers: Vec<(&str, &str, &str)> = p
+        .routers
+        .values()
+        .map(|r| (r.netns.as_str(), r.host_veth.as_str(), r.bridge.as_str()))
+        .collect();
+    assert_eq!(
+        routers,
+        vec![
+            ("yk-r1000", "ykgw1000", "ykbr1000"),
+            ("yk-v1000", "ykgv1000", "ykbv1000")
+        ]
+    );
+    assert_eq!(
+        p.taps[0].bridge, "ykbv1000",
+        "the node joins its own group's bridge"
+    );
+    assert_eq!(
+        bridge_name(on_lan.spec.network.unwrap().segment),
+        "ykbv1000"
+    );
+    assert_eq!(bridge_name(Segment::vxlan(7)), "ykbr7");
+    assert!(is_router_netns("yk-", "yk-r7") && is_router_netns("yk-", "yk-v7"));
+    assert!(!is_router_netns("yk-", "yk-x7") && !is_router_netns("yk-", "yk-r"));
+}
+
+/// The rendered tables are valid nftables (checked by `nft -c`, which
+/// changes nothing); skipped, saying so, without root or nft.
+#[test]
+fn rendered_tables_pass_nft_check() {
+    use std::io::Write;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: nft -c needs CAP_NET_ADMIN");
+        return;
+    }
+    let (groups, nodes, ext) = fixture();
+    let p = plan(&Inputs {
+        host: "h1",
+        netns_prefix: "yk-",
+        groups: &groups,
+        nodes: &nodes,
+        external: Some(&ext),
+        underlay: None,
+    });
+    for table in [
+        &p.guard,
+        &p.routers["yk-r1000"].ruleset,
+        &guard_ruleset(&[]),
+    ] {
+        let mut child = match std::process::Command::new("nft")
+            .args(["-c", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: nft: {e}");
+                return;
+            }
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(table.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{table}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

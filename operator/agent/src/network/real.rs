@@ -1,0 +1,635 @@
+//! The kernel itself behind the [`super::kernel`] traits: links, FDB,
+//! addresses and routes by netlink ([`crate::netlink`]), namespaces and
+//! sysctls in-process ([`crate::netns`]), nftables tables by `nft -f` (one
+//! transaction per table: `nft` is the supported way to submit a whole
+//! ruleset atomically), DHCP by dnsmasq (it keeps serving while the agent
+//! restarts, and rereads its leases on SIGHUP), gratuitous ARP from a
+//! packet socket ([`super::garp`]).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoMacVlan, InfoVeth, InfoVlan, InfoVxlan, LinkAttribute, MacVlanMode,
+    VlanProtocol,
+};
+use netlink_packet_route::neighbour::NeighbourState;
+use yukumo_api::net::MacAddr;
+
+use super::decide::DhcpSeen;
+use super::kernel::{Announce, Dhcp, Firewall, KernelError, Links, Namespaces, NsLinks, Result};
+use super::observe::{self, NsState, Want};
+use super::ops::{AddrOp, DhcpOp, Family, FdbOp, LinkOp, NsOps, TableOp};
+use crate::netlink::{self, CREATE, Netlink, REPLACE, Request};
+use crate::netns;
+
+/// The machine's kernel, for one host: its namespace (None: the agent's
+/// own) and where router files (DHCP) live.
+pub struct RealKernel {
+    host_ns: Option<String>,
+    state_dir: PathBuf,
+    host: tokio::sync::OnceCell<Arc<Netlink>>,
+}
+
+impl RealKernel {
+    pub fn new(host_ns: Option<String>, state_dir: PathBuf) -> RealKernel {
+        RealKernel {
+            host_ns,
+            state_dir,
+            host: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Where a router's DHCP files are: `<state>/net/<router>/`.
+    pub fn router_dir(&self, router: &str) -> PathBuf {
+        self.state_dir.join("net").join(router)
+    }
+}
+
+/// One namespace's netlink connection.
+pub struct RealNs {
+    nl: Arc<Netlink>,
+}
+
+impl Links for RealKernel {
+    type Ns = RealNs;
+
+    async fn ns(&self, name: Option<&str>) -> Result<RealNs> {
+        let nl = match name {
+            // The host namespace: one connection for the agent's life.
+            None => self
+                .host
+                .get_or_try_init(|| async {
+                    Netlink::open(self.host_ns.as_deref()).await.map(Arc::new)
+                })
+                .await?
+                .clone(),
+            // A router's: opened for the pass that needs it.
+            Some(n) => Arc::new(Netlink::open(Some(n)).await?),
+        };
+        Ok(RealNs { nl })
+    }
+}
+
+impl RealNs {
+    async fn indices(&self) -> Result<BTreeMap<String, u32>> {
+        Ok(self
+            .nl
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.index))
+            .collect())
+    }
+}
+
+fn index_of(idx: &BTreeMap<String, u32>, name: &str, why: &str) -> Result<u32> {
+    idx.get(name).copied().ok_or_else(|| {
+        KernelError::io(
+            format!("{why}: link {name}"),
+            std::io::Error::from_raw_os_error(libc::ENODEV),
+        )
+    })
+}
+
+fn netns_fd(name: &str) -> Result<std::fs::File> {
+    std::fs::File::open(netns::path(name))
+        .map_err(|e| KernelError::io(format!("open namespace {name}"), e))
+}
+
+/// The netlink request of one link creation. Namespace files a request
+/// refers to (by descriptor) are kept in `fds` until it is sent.
+fn create_request(
+    op: &LinkOp,
+    idx: &BTreeMap<String, u32>,
+    fds: &mut Vec<std::fs::File>,
+) -> Result<Request> {
+    use std::os::fd::AsRawFd;
+    let (mut m, what) = match op {
+        LinkOp::AddBridge { name, mtu } => {
+            let mut m = netlink::link_of_kind(name, InfoKind::Bridge, None);
+            m.attributes.push(LinkAttribute::Mtu(*mtu));
+            netlink::set_up(&mut m);
+            (m, format!("add bridge {name}"))
+        }
+        LinkOp::AddVxlan {
+            name,
+            vni,
+            local,
+            dev,
+            port,
+            mtu,
+        } => {
+            let mut data = vec![
+                InfoVxlan::Id(*vni),
+                InfoVxlan::Port(*port),
+                InfoVxlan::Learning(false),
+            ];
+            if let Some(l) = local {
+                data.push(InfoVxlan::Local(*l));
+            }
+            if let Some(d) = dev {
+                data.push(InfoVxlan::Link(index_of(idx, d, "vxlan dev")?));
+            }
+            let mut m = netlink::link_of_kind(name, InfoKind::Vxlan, Some(InfoData::Vxlan(data)));
+            m.attributes.push(LinkAttribute::Mtu(*mtu));
+            (m, format!("add vxlan {name} id {vni}"))
+        }
+        LinkOp::AddVlan {
+            name,
+            parent,
+            id,
+            mtu,
+        } => {
+            let data = vec![
+                InfoVlan::Id(*id),
+                InfoVlan::Protocol(VlanProtocol::Ieee8021Q),
+            ];
+            let mut m = netlink::link_of_kind(name, InfoKind::Vlan, Some(InfoData::Vlan(data)));
+            m.attributes
+                .push(LinkAttribute::Link(index_of(idx, parent, "vlan parent")?));
+            m.attributes.push(LinkAttribute::Mtu(*mtu));
+            (m, format!("add vlan {name} id {id} on {parent}"))
+        }
+        LinkOp::AddVeth {
+            name,
+            mtu,
+            peer,
+            peer_mac,
+            peer_netns,
+        } => {
+            let f = netns_fd(peer_netns)?;
+            let mut p = netlink::link_named(peer);
+            p.attributes.push(LinkAttribute::Mtu(*mtu));
+            p.attributes
+                .push(LinkAttribute::Address(peer_mac.octets().to_vec()));
+            p.attributes.push(LinkAttribute::NetNsFd(f.as_raw_fd()));
+            fds.push(f);
+            let mut m = netlink::link_of_kind(
+                name,
+                InfoKind::Veth,
+                Some(InfoData::Veth(InfoVeth::Peer(p))),
+            );
+            m.attributes.push(LinkAttribute::Mtu(*mtu));
+            (m, format!("add veth {name} peer {peer} in {peer_netns}"))
+        }
+        LinkOp::AddMacvlan {
+            name,
+            parent,
+            mac,
+            netns,
+        } => {
+            let f = netns_fd(netns)?;
+            let data = vec![InfoMacVlan::Mode(MacVlanMode::Bridge)];
+            let mut m =
+                netlink::link_of_kind(name, InfoKind::MacVlan, Some(InfoData::MacVlan(data)));
+            m.attributes.push(LinkAttribute::Link(index_of(
+                idx,
+                parent,
+                "macvlan parent",
+            )?));
+            m.attributes
+                .push(LinkAttribute::Address(mac.octets().to_vec()));
+            m.attributes.push(LinkAttribute::NetNsFd(f.as_raw_fd()));
+            fds.push(f);
+            (m, format!("add macvlan {name} on {parent} in {netns}"))
+        }
+        other => unreachable!("not a creation: {other:?}"),
+    };
+    m.header.interface_family = netlink_packet_route::AddressFamily::Unspec;
+    Ok(Request::new(RouteNetlinkMessage::NewLink(m), CREATE, what))
+}
+
+fn link_request(op: &LinkOp, idx: &BTreeMap<String, u32>) -> Result<Request> {
+    Ok(match op {
+        LinkOp::Delete(name) => Request::new(
+            RouteNetlinkMessage::DelLink(netlink::link_named(name)),
+            0,
+            format!("delete {name}"),
+        ),
+        LinkOp::Set { name, master, mtu } => {
+            let mut m = netlink::link_named(name);
+            if let Some(b) = master {
+                m.attributes
+                    .push(LinkAttribute::Controller(index_of(idx, b, "master")?));
+            }
+            if let Some(mtu) = mtu {
+                m.attributes.push(LinkAttribute::Mtu(*mtu));
+            }
+            netlink::set_up(&mut m);
+            Request::new(RouteNetlinkMessage::NewLink(m), 0, format!("set {name} up"))
+        }
+        LinkOp::Port {
+            name,
+            learning,
+            flood,
+        } => Request::new(
+            RouteNetlinkMessage::NewLink(netlink::port_settings(name, *learning, *flood)),
+            0,
+            format!("set port {name} learning {learning} flood {flood}"),
+        ),
+        other => unreachable!("a creation: {other:?}"),
+    })
+}
+
+impl NsLinks for RealNs {
+    async fn observe(&self, want: Want) -> Result<NsState> {
+        // One dump at a time: a socket runs one.
+        let links = self.nl.links().await?;
+        let fdb = if want.fdb {
+            self.nl.fdb().await?
+        } else {
+            vec![]
+        };
+        let addrs = if want.addrs {
+            self.nl.addresses().await?
+        } else {
+            vec![]
+        };
+        let routes = if want.routes {
+            self.nl.routes().await?
+        } else {
+            vec![]
+        };
+        Ok(observe::from_netlink(links, fdb, addrs, routes))
+    }
+
+    async fn apply(&self, ops: &NsOps) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut idx = self.indices().await?;
+        // Links: deleted, created, configured, ported: each phase's
+        // requests are independent of one another and sent pipelined.
+        for phase in 0..=3u8 {
+            let these: Vec<&LinkOp> = ops.links.iter().filter(|o| o.phase() == phase).collect();
+            if these.is_empty() {
+                continue;
+            }
+            let mut fds = Vec::new();
+            let reqs = these
+                .iter()
+                .map(|op| {
+                    if phase == 1 {
+                        create_request(op, &idx, &mut fds)
+                    } else {
+                        link_request(op, &idx)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.nl.apply(reqs).await?;
+            drop(fds);
+            if phase == 1 {
+                idx = self.indices().await?;
+            }
+        }
+        let mut reqs = Vec::new();
+        for op in &ops.fdb {
+            reqs.push(match op {
+                FdbOp::AddRemote { dev, dst } => Request::new(
+                    RouteNetlinkMessage::NewNeighbour(netlink::fdb_entry(
+                        index_of(&idx, dev, "fdb")?,
+                        MacAddr::default(),
+                        Some(*dst),
+                        false,
+                        NeighbourState::Permanent,
+                    )),
+                    netlink::APPEND,
+                    format!("fdb append 00:00:00:00:00:00 dev {dev} dst {dst}"),
+                ),
+                FdbOp::DelRemote { dev, dst } => Request::new(
+                    RouteNetlinkMessage::DelNeighbour(netlink::fdb_entry(
+                        index_of(&idx, dev, "fdb")?,
+                        MacAddr::default(),
+                        Some(*dst),
+                        false,
+                        NeighbourState::Permanent,
+                    )),
+                    0,
+                    format!("fdb del 00:00:00:00:00:00 dev {dev} dst {dst}"),
+                ),
+                FdbOp::Pin { port, mac } => Request::new(
+                    RouteNetlinkMessage::NewNeighbour(netlink::fdb_entry(
+                        index_of(&idx, port, "fdb")?,
+                        *mac,
+                        None,
+                        true,
+                        NeighbourState::Noarp,
+                    )),
+                    REPLACE,
+                    format!("fdb replace {mac} dev {port} master static"),
+                ),
+            });
+        }
+        for op in &ops.addrs {
+            reqs.push(match op {
+                AddrOp::Add { dev, net } => Request::new(
+                    RouteNetlinkMessage::NewAddress(netlink::address(
+                        index_of(&idx, dev, "address")?,
+                        *net,
+                    )),
+                    CREATE,
+                    format!("addr add {net} dev {dev}"),
+                ),
+                AddrOp::Del { dev, net } => Request::new(
+                    RouteNetlinkMessage::DelAddress(netlink::address(
+                        index_of(&idx, dev, "address")?,
+                        *net,
+                    )),
+                    0,
+                    format!("addr del {net} dev {dev}"),
+                ),
+            });
+        }
+        self.nl.apply(reqs).await?;
+        // The route needs its device's address in place (the gateway must
+        // be reachable on it).
+        if let Some(r) = &ops.route {
+            self.nl
+                .apply(vec![Request::new(
+                    RouteNetlinkMessage::NewRoute(netlink::default_route(
+                        r.via,
+                        index_of(&idx, &r.dev, "route")?,
+                    )),
+                    REPLACE,
+                    format!("route replace default via {} dev {}", r.via, r.dev),
+                )])
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Namespaces for RealKernel {
+    fn list(&self) -> Vec<String> {
+        netns::list()
+    }
+
+    fn inode(&self, name: &str) -> Option<u64> {
+        netns::inode(name)
+    }
+
+    async fn create(&self, name: &str) -> Result<()> {
+        let n = name.to_string();
+        tokio::task::spawn_blocking(move || netns::create(&n))
+            .await
+            .map_err(|e| {
+                KernelError::io(format!("create namespace {name}"), std::io::Error::other(e))
+            })?
+            .map_err(|e| KernelError::io(format!("create namespace {name}"), e))
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        netns::delete(name).map_err(|e| KernelError::io(format!("delete namespace {name}"), e))
+    }
+
+    async fn forwarding(&self, name: &str) -> Result<bool> {
+        netns::sysctl(name, "net/ipv4/ip_forward", None)
+            .await
+            .map(|v| v.trim() == "1")
+            .map_err(|e| KernelError::io(format!("read ip_forward in {name}"), e))
+    }
+
+    async fn set_forwarding(&self, name: &str) -> Result<()> {
+        netns::sysctl(name, "net/ipv4/ip_forward", Some("1"))
+            .await
+            .map(|_| ())
+            .map_err(|e| KernelError::io(format!("set ip_forward in {name}"), e))
+    }
+}
+
+/// Run `nft` in `ns` with `args` (and a script on stdin), off the runtime.
+async fn nft(
+    ns: Option<String>,
+    args: Vec<String>,
+    script: Option<String>,
+) -> std::io::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        netns::run(
+            ns.as_deref(),
+            "nft",
+            &args,
+            script.as_deref().map(str::as_bytes),
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+impl RealKernel {
+    fn ns_of(&self, ns: Option<&str>) -> Option<String> {
+        ns.map(str::to_string).or_else(|| self.host_ns.clone())
+    }
+}
+
+impl Firewall for RealKernel {
+    async fn table(&self, ns: Option<&str>, family: Family) -> Result<Option<String>> {
+        let args = vec![
+            "list".into(),
+            "table".into(),
+            family.as_str().into(),
+            "yukumo".into(),
+        ];
+        match nft(self.ns_of(ns), args, None).await {
+            Ok(listing) => Ok(Some(listing)),
+            // nft ran and found no such table.
+            Err(e) if e.kind() == std::io::ErrorKind::Other => Ok(None),
+            Err(e) => Err(KernelError::io("nft list table", e)),
+        }
+    }
+
+    async fn apply_table(&self, ns: Option<&str>, op: &TableOp) -> Result<()> {
+        let (args, script, what) = match op {
+            TableOp::Replace { family, ruleset } => {
+                let f = family.as_str();
+                (
+                    vec!["-f".to_string(), "-".to_string()],
+                    Some(format!(
+                        "table {f} yukumo {{}}\ndelete table {f} yukumo\n{ruleset}"
+                    )),
+                    format!("replace table {f} yukumo"),
+                )
+            }
+            TableOp::Delete { family } => (
+                vec![
+                    "delete".into(),
+                    "table".into(),
+                    family.as_str().into(),
+                    "yukumo".into(),
+                ],
+                None,
+                format!("delete table {} yukumo", family.as_str()),
+            ),
+        };
+        nft(self.ns_of(ns), args, script)
+            .await
+            .map(|_| ())
+            .map_err(|e| KernelError::io(what, e))
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A dnsmasq we started: its command line names our pid file.
+fn is_our_dnsmasq(pid: i32, pid_file: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("dnsmasq") && c.contains(&*pid_file.to_string_lossy())
+        })
+        .unwrap_or(false)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            st.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+async fn stop_pid(pid: i32) {
+    use nix::sys::signal::Signal;
+    signal(pid, Signal::SIGTERM);
+    for _ in 0..50 {
+        // Gone, or a zombie (dnsmasq daemonizes: it is not our child, and
+        // whoever reaps it may be slow).
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() || is_zombie(pid)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    signal(pid, Signal::SIGKILL);
+}
+
+impl RealKernel {
+    fn pid_file(&self, router: &str) -> PathBuf {
+        self.router_dir(router).join("dnsmasq.pid")
+    }
+
+    /// The pid of our dnsmasq for `router`, wherever it runs.
+    fn dnsmasq_pid(&self, router: &str) -> Option<i32> {
+        let pf = self.pid_file(router);
+        read_pid(&pf).filter(|p| is_our_dnsmasq(*p, &pf))
+    }
+}
+
+impl Dhcp for RealKernel {
+    fn args(&self, router: &str, plan_args: &[String]) -> Vec<String> {
+        let dir = self.router_dir(router);
+        let mut args: Vec<String> = vec![
+            "--conf-file=/dev/null".into(),
+            "--user=root".into(),
+            format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            format!("--dhcp-leasefile={}", dir.join("leases").display()),
+            format!("--dhcp-hostsfile={}", dir.join("hosts").display()),
+        ];
+        args.extend(plan_args.iter().cloned());
+        args
+    }
+
+    fn seen(&self, router: &str) -> DhcpSeen {
+        let dir = self.router_dir(router);
+        let running = self
+            .dnsmasq_pid(router)
+            .is_some_and(|pid| netns::pid_inode(pid) == netns::inode(router));
+        DhcpSeen {
+            running,
+            args: std::fs::read_to_string(dir.join("args"))
+                .ok()
+                .map(|t| t.split('\n').map(str::to_string).collect()),
+            hosts: std::fs::read_to_string(dir.join("hosts")).ok(),
+        }
+    }
+
+    async fn stop_stale(&self, router: &str) -> bool {
+        match self.dnsmasq_pid(router) {
+            Some(pid) if netns::pid_inode(pid) != netns::inode(router) => {
+                stop_pid(pid).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn apply_dhcp(&self, router: &str, op: &DhcpOp) -> Result<()> {
+        let dir = self.router_dir(router);
+        let io = |what: &str| {
+            let what = format!("{what} ({router})");
+            move |e| KernelError::io(what, e)
+        };
+        std::fs::create_dir_all(&dir).map_err(io("DHCP files"))?;
+        match op {
+            DhcpOp::Start { args, hosts } => {
+                write_atomic(&dir.join("hosts"), hosts).map_err(io("DHCP leases"))?;
+                if let Some(pid) = self.dnsmasq_pid(router) {
+                    stop_pid(pid).await;
+                }
+                write_atomic(&dir.join("args"), &args.join("\n")).map_err(io("DHCP arguments"))?;
+                let (r, a) = (router.to_string(), args.clone());
+                tokio::task::spawn_blocking(move || netns::run(Some(&r), "dnsmasq", &a, None))
+                    .await
+                    .map_err(|e| KernelError::io("dnsmasq", std::io::Error::other(e)))?
+                    .map_err(io("start dnsmasq"))?;
+            }
+            DhcpOp::Reload { hosts } => {
+                write_atomic(&dir.join("hosts"), hosts).map_err(io("DHCP leases"))?;
+                // dnsmasq rereads its hosts file on SIGHUP.
+                if let Some(pid) = self.dnsmasq_pid(router) {
+                    signal(pid, nix::sys::signal::Signal::SIGHUP);
+                }
+            }
+            DhcpOp::Stop => {
+                if let Some(pid) = self.dnsmasq_pid(router) {
+                    signal(pid, nix::sys::signal::Signal::SIGTERM);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, router: &str) {
+        if let Some(pid) = self.dnsmasq_pid(router) {
+            stop_pid(pid).await;
+        }
+        let _ = std::fs::remove_dir_all(self.router_dir(router));
+    }
+}
+
+impl Announce for RealKernel {
+    async fn announce(&self, router: &str, mac: MacAddr, addrs: Vec<Ipv4Addr>) {
+        let ns = router.to_string();
+        let res = tokio::task::spawn_blocking(move || {
+            netns::in_netns(&ns, || {
+                super::garp::announce(super::plan::ROUTER_WAN, mac.octets(), &addrs)
+            })
+        })
+        .await;
+        match res {
+            Ok(Ok(n)) => tracing::debug!(%router, announced = n, "gratuitous ARP"),
+            Ok(Err(e)) => tracing::warn!(%router, error = %e, "gratuitous ARP failed"),
+            Err(e) => tracing::warn!(%router, error = %e, "gratuitous ARP failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! The dataplane on the real kernel, in throwaway namespaces (root only):
+//! it converges, a second pass changes nothing, the kernel ends up holding
+//! what the fake kernel holds for the same plan, one public IP is one
+//! table and one address, and an empty plan leaves nothing behind.
+
+use super::*;
+use crate::network::dataplane::{Dataplane, Pass};
+use crate::network::decide::HostEnv;
+use crate::network::fake::FakeKernel;
+use crate::network::observe::LinkKind;
+use crate::network::plan::HostPlan;
+use crate::network::testkit::{plan_for, plan_with};
+
+fn have(prog: &str) -> bool {
+    std::process::Command::new(prog)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Namespaces of the test, removed (with their DHCP servers) also when an
+/// assertion fails.
+struct Sandbox {
+    host: String,
+    outside: String,
+    state: tempfile::TempDir,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let pids = std::fs::read_dir(self.state.path().join("net"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("dnsmasq.pid")).ok())
+                    .filter_map(|p| p.trim().parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for pid in pids {
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        for ns in netns::list() {
+            if ns.starts_with(&format!("{}-", self.host)) {
+                let _ = netns::delete(&ns);
+            }
+        }
+        let _ = netns::delete(&self.host);
+        let _ = netns::delete(&self.outside);
+    }
+}
+
+fn veth(name: &str, peer: &str, peer_netns: &str) -> LinkOp {
+    LinkOp::AddVeth {
+        name: name.into(),
+        mtu: 1500,
+        peer: peer.into(),
+        peer_mac: MacAddr([2, 0, 0, 0, 0x77, name.len() as u8]),
+        peer_netns: peer_netns.into(),
+    }
+}
+
+/// The yukumo part of a namespace's state, comparable between kernels:
+/// yukumo's links and the taps (kind, up, MTU, master), the FDB, the
+/// addresses and the route.
+fn comparable(s: &NsState) -> String {
+    let mut out = String::new();
+    for l in s.links.values() {
+        if crate::network::decide::is_ours(&l.name)
+            || l.name.starts_with("ykt")
+            || l.name.starts_with("gw")
+            || l.name.starts_with("wan")
+        {
+            // Taps are libvirt's (here: test veths): their kind is not ours.
+            let kind = match &l.kind {
+                _ if l.name.starts_with("ykt") => "tap".to_string(),
+                LinkKind::Other(_) => "other".to_string(),
+                k => format!("{k:?}"),
+            };
+            out.push_str(&format!(
+                "{} {kind} up={} mtu={} master={:?} port={:?}\n",
+                l.name, l.up, l.mtu, l.master, l.port
+            ));
+        }
+    }
+    out.push_str(&format!("remotes {:?}\npinned {:?}\n", s.remotes, s.pinned));
+    for (dev, a) in &s.addrs {
+        if dev != "lo" {
+            out.push_str(&format!("addr {dev} {a:?}\n"));
+        }
+    }
+    out.push_str(&format!("route {:?}\n", s.default_route));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_converges_like_the_fake() {
+    if !nix::unistd::geteuid().is_root() || !have("nft") || !have("dnsmasq") {
+        eprintln!("skipped: needs root, nft and dnsmasq");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let sb = Sandbox {
+        host: format!("ykrt{id}h"),
+        outside: format!("ykrt{id}o"),
+        state: tempfile::tempdir().unwrap(),
+    };
+    netns::create(&sb.host).unwrap();
+    netns::create(&sb.outside).unwrap();
+    // The host's uplink, external interface and a guest's tap: veths into
+    // the outside namespace.
+    let k = RealKernel::new(Some(sb.host.clone()), sb.state.path().to_path_buf());
+    let host = k.ns(None).await.unwrap();
+    host.apply(&NsOps {
+        links: vec![
+            veth("ul0", "ulp", &sb.outside),
+            veth("ext0", "extp", &sb.outside),
+            veth("ykt0123abcdef45", "guest", &sb.outside),
+            LinkOp::up("lo"),
+            LinkOp::up("ul0"),
+            LinkOp::up("ext0"),
+            LinkOp::up("ykt0123abcdef45"),
+        ],
+        addrs: vec![AddrOp::Add {
+            dev: "ul0".into(),
+            net: "10.255.0.1/24".parse().unwrap(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let prefix = format!("{}-", sb.host);
+    let env = HostEnv {
+        underlay: Some("10.255.0.1".parse().unwrap()),
+        uplink: Some("ul0".into()),
+    };
+    let dp = Dataplane::new(k, prefix.clone(), env.clone(), Some(sb.host.clone()));
+    let plan = plan_for(&prefix, "ext0");
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert!(
+        ch.links > 0 && ch.tables == 2 && ch.namespaces == 1 && ch.dhcp == 1,
+        "{ch:?}"
+    );
+    let again = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert_eq!(again.total(), 0, "a converged pass changed {again:?}");
+    let verify = dp.apply(&plan, Pass::Verify).await.unwrap();
+    assert_eq!(verify.total(), 0, "a verification changed {verify:?}");
+
+    // The fake, given the same plan on the same links, holds the same.
+    let fake = FakeKernel::new();
+    for l in ["ul0", "ext0", "ykt0123abcdef45"] {
+        fake.add_plain_link(l);
+    }
+    let fdp = Dataplane::new(fake, prefix.clone(), env, None);
+    fdp.apply(&plan, Pass::Changed).await.unwrap();
+    let real_host = dp
+        .kernel
+        .ns(None)
+        .await
+        .unwrap()
+        .observe(Want::HOST)
+        .await
+        .unwrap();
+    let fake_host = fdp
+        .kernel
+        .ns(None)
+        .await
+        .unwrap()
+        .observe(Want::HOST)
+        .await
+        .unwrap();
+    assert_eq!(comparable(&real_host), comparable(&fake_host));
+    let router = format!("{prefix}r1000");
+    let real_r = dp
+        .kernel
+        .ns(Some(&router))
+        .await
+        .unwrap()
+        .observe(Want::ROUTER)
+        .await
+        .unwrap();
+    let fake_r = fdp
+        .kernel
+        .ns(Some(&router))
+        .await
+        .unwrap()
+        .observe(Want::ROUTER)
+        .await
+        .unwrap();
+    assert_eq!(comparable(&real_r), comparable(&fake_r));
+    assert!(dp.kernel.forwarding(&router).await.unwrap());
+    assert!(
+        dp.kernel.seen(&router).running,
+        "dnsmasq runs in the router"
+    );
+    let table = dp
+        .kernel
+        .table(Some(&router), Family::Ip)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(crate::network::ruleset::listing_is(
+        &table,
+        &plan.routers[&router].ruleset
+    ));
+
+    // One mapping removed and put back: one table and one address each.
+    let fewer = plan_with(&prefix, "ext0", |s| s.public_ips.clear());
+    for p in [&fewer, &plan] {
+        let ch = dp.apply(p, Pass::Changed).await.unwrap();
+        assert_eq!((ch.tables, ch.addresses, ch.total()), (1, 1, 2), "{ch:?}");
+    }
+
+    // Damage by hand: the bridge deleted; the router's table flushed.
+    dp.kernel
+        .ns(None)
+        .await
+        .unwrap()
+        .apply(&NsOps {
+            links: vec![LinkOp::Delete("ykbr1000".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    dp.kernel
+        .apply_table(
+            Some(&router),
+            &TableOp::Replace {
+                family: Family::Ip,
+                ruleset: "table ip yukumo {\n}\n".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let ch = dp.apply(&plan, Pass::Verify).await.unwrap();
+    assert!(ch.links >= 4 && ch.tables == 1, "{ch:?}");
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+
+    // Nothing of yukumo after an empty plan.
+    dp.apply(&HostPlan::default(), Pass::Changed).await.unwrap();
+    let left = dp
+        .kernel
+        .ns(None)
+        .await
+        .unwrap()
+        .observe(Want::HOST)
+        .await
+        .unwrap();
+    let yk: Vec<&String> = left
+        .links
+        .keys()
+        .filter(|n| crate::network::decide::is_ours(n))
+        .collect();
+    assert!(yk.is_empty(), "{yk:?}");
+    assert!(!netns::list().contains(&router));
+    assert_eq!(dp.kernel.table(None, Family::Bridge).await.unwrap(), None);
+}

@@ -1,0 +1,609 @@
+//! What a NetworkGroup's status should be, as a pure function of the group
+//! (read fresh), the fleet (the caches) and what other reconciles have just
+//! claimed: its segment, every node's address and MAC, its public IPs, its
+//! router's host, and the hosts its segment spans.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use yukumo_api::common::{Conditions, condition_types};
+use yukumo_api::net::Segment;
+use yukumo_api::networkgroup::{
+    NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, RouterPlacement, SegmentHost, SegmentType,
+};
+use yukumo_api::site::{IdRange, Site};
+use yukumo_api::virtualnode::NodeRole;
+use yukumo_api::{Host, Reason, VirtualCluster, VirtualNode};
+
+use super::super::ipam::{
+    Member, PublicWant, allocate_addresses, allocate_public, node_addresses, pool_addresses,
+};
+use super::super::nodes::node_name;
+use super::super::verdict::{Verdict, apply_verdict};
+
+/// A segment or public IP another group has claimed moments ago (the cache
+/// may not show it yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// (group `namespace/name`, home Site, segment).
+    pub segments: Vec<(String, String, Segment)>,
+    /// (address, holder `namespace/name`).
+    pub public_ips: Vec<(Ipv4Addr, String)>,
+}
+
+/// Everything the decision reads.
+pub struct Inputs<'a> {
+    /// The group, read fresh from the API server.
+    pub group: &'a NetworkGroup,
+    pub sites: &'a [Site],
+    pub hosts: &'a [Arc<Host>],
+    /// Every NetworkGroup (the cache; this one included or not).
+    pub groups: &'a [Arc<NetworkGroup>],
+    pub clusters: &'a [Arc<VirtualCluster>],
+    pub nodes: &'a [Arc<VirtualNode>],
+    /// Claims of other groups not yet in the cache.
+    pub claims: &'a Claims,
+}
+
+/// The decision: the status to write, why, what it takes, and when to look
+/// again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub status: NetworkGroupStatus,
+    pub verdict: Verdict,
+    /// The segment the status holds (to claim until the cache shows it).
+    pub segment: Option<Segment>,
+    /// The public IPs the status holds (to claim likewise).
+    pub public_ips: Vec<Ipv4Addr>,
+    pub requeue: Duration,
+}
+
+/// `namespace/name` of an object.
+pub fn key_of(g: &NetworkGroup) -> String {
+    format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any())
+}
+
+/// The segment of a NetworkGroup: the spec's (if no other group of the
+/// same Site and type holds it), else the one allocated before, else the
+/// lowest free id of the home Site's range. `taken` maps the ids other groups
+/// of that Site and type hold to their `namespace/name`. Errors name the field
+/// or the range.
+pub fn choose_segment(
+    spec: &NetworkGroupSpec,
+    previous: Option<u32>,
+    range: Option<IdRange>,
+    taken: &BTreeMap<u32, String>,
+) -> Result<u32, Verdict> {
+    let what = range_field(spec.segment.type_);
+    let site = &spec.home_site.0;
+    if let Some(id) = spec.segment.id {
+        return match taken.get(&id) {
+            Some(other) => Err(Verdict::stalled(
+                Reason::SegmentIdInUse,
+                format!(
+                    "spec.segment.id: {id} is already used by NetworkGroup {other} at Site {site:?}"
+                ),
+            )),
+            None => Ok(id),
+        };
+    }
+    let Some(r) = range else {
+        return Err(Verdict::stalled(
+            Reason::NoSegmentRange,
+            format!(
+                "spec.segment: Site {site:?} defines no {what}; give it one or set spec.segment.id"
+            ),
+        ));
+    };
+    if let Some(id) = previous
+        && (r.start..=r.end).contains(&id)
+        && !taken.contains_key(&id)
+    {
+        return Ok(id);
+    }
+    (r.start..=r.end)
+        .find(|id| !taken.contains_key(id))
+        .ok_or_else(|| {
+            Verdict::stalled(
+                Reason::SegmentRangeExhausted,
+                format!(
+                    "spec.segment: all {} ids of Site {site:?} {what} {}-{} are in use",
+                    r.end - r.start + 1,
+                    r.start,
+                    r.end
+                ),
+            )
+        })
+}
+
+fn range_field(kind: SegmentType) -> &'static str {
+    match kind {
+        SegmentType::Vlan => "vlanRange",
+        SegmentType::Vxlan => "vniRange",
+    }
+}
+
+/// Pure validation of a NetworkGroup against the Sites.
+pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
+    let find = |n: &str| sites.iter().find(|s| s.metadata.name.as_deref() == Some(n));
+    let Some(home) = find(&spec.home_site.0) else {
+        return Verdict::stalled(
+            Reason::SiteNotFound,
+            format!("spec.homeSite: Site {:?} not found", spec.home_site.0),
+        );
+    };
+    for s in &spec.sites {
+        if find(&s.0).is_none() {
+            return Verdict::stalled(
+                Reason::SiteNotFound,
+                format!("spec.sites: Site {:?} not found", s.0),
+            );
+        }
+    }
+    if let Some(id) = spec.segment.id {
+        let what = range_field(spec.segment.type_);
+        let explicit = match spec.segment.type_ {
+            SegmentType::Vlan => home.spec.vlan_range,
+            SegmentType::Vxlan => home.spec.vni_range,
+        };
+        match home.spec.segment_range(spec.segment.type_) {
+            Some(r) if (r.start..=r.end).contains(&id) => {}
+            Some(r) => {
+                let default = if explicit.is_none() {
+                    " (the default)"
+                } else {
+                    ""
+                };
+                return Verdict::stalled(
+                    Reason::SegmentOutOfRange,
+                    format!(
+                        "spec.segment.id: {id} is outside Site {:?} {what} {}-{}{default}",
+                        spec.home_site.0, r.start, r.end
+                    ),
+                );
+            }
+            None => {
+                return Verdict::stalled(
+                    Reason::SegmentOutOfRange,
+                    format!(
+                        "spec.segment.id: Site {:?} defines no {what}",
+                        spec.home_site.0
+                    ),
+                );
+            }
+        }
+    }
+    for (i, p) in spec.public_ips.iter().enumerate() {
+        if let Some(addr) = p.address
+            && !home.spec.in_public_pool(addr)
+        {
+            return Verdict::stalled(
+                Reason::PublicIPOutsidePool,
+                format!(
+                    "spec.publicIPs[{i}].address: {addr} is not in Site {:?} publicIPPool",
+                    spec.home_site.0
+                ),
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in spec.public_ips.iter().enumerate() {
+        if let Some(a) = p.address
+            && !seen.insert(a)
+        {
+            return Verdict::stalled(
+                Reason::PublicIPConflict,
+                format!("spec.publicIPs[{i}].address: {a} is requested twice"),
+            );
+        }
+    }
+    Verdict::progressing(
+        Reason::ReferencesResolved,
+        "sites resolved; waiting for segment allocation and router placement",
+    )
+}
+
+/// Whether a Host offers 802.1Q VLAN segments (kernel and uplink).
+fn offers_vlan(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .is_some_and(|c| c.vlan_8021q)
+}
+
+/// The first address a Host reports: its underlay (tunnel endpoint).
+fn underlay_of(h: &Host) -> Option<Ipv4Addr> {
+    h.status.as_ref().and_then(|s| s.addresses.first().copied())
+}
+
+fn host_ready(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .is_some_and(|s| s.conditions.is_true(condition_types::READY))
+}
+
+/// Hosts that may run a group's router, with their readiness: the gateway
+/// hosts of its home Site (`site_hosts`), for a VLAN group only those that
+/// offer 802.1Q (the router joins the segment too).
+pub fn router_candidates(site_hosts: &[&Arc<Host>], kind: SegmentType) -> Vec<(String, bool)> {
+    site_hosts
+        .iter()
+        .filter(|h| h.spec.gateway && (kind != SegmentType::Vlan || offers_vlan(h)))
+        .map(|h| (h.name_any(), host_ready(h)))
+        .collect()
+}
+
+/// The router's host: the current one while it is a Ready gateway host of the
+/// home Site, else the Ready gateway host there with the fewest routers.
+pub fn place_router(
+    current: Option<&str>,
+    candidates: &[(String, bool)],
+    routers_per_host: &BTreeMap<String, usize>,
+) -> Option<String> {
+    if let Some(c) = current
+        && candidates.iter().any(|(h, ready)| h == c && *ready)
+    {
+        return Some(c.to_string());
+    }
+    candidates
+        .iter()
+        .filter(|(_, ready)| *ready)
+        .min_by_key(|(h, _)| (routers_per_host.get(h).copied().unwrap_or(0), h.clone()))
+        .map(|(h, _)| h.clone())
+}
+
+/// The nodes of every cluster on this group (by spec, whether created yet or
+/// not), and the public IPs their frontends and the group's spec ask for.
+fn members(ng: &NetworkGroup, clusters: &[Arc<VirtualCluster>]) -> (Vec<Member>, Vec<PublicWant>) {
+    let ns = ng.namespace();
+    let name = ng.name_any();
+    let mut out = Vec::new();
+    let mut wants = Vec::new();
+    for vc in clusters {
+        if vc.namespace() != ns || vc.spec.network_group != name {
+            continue;
+        }
+        let c = vc.name_any();
+        let fe = node_name(&c, None, 0);
+        if vc.spec.frontend.public_ip {
+            wants.push(PublicWant {
+                node: Some(fe.clone()),
+                address: vc.spec.frontend.public_ip_address,
+                field: format!("VirtualCluster {c} spec.frontend.publicIP"),
+                mapping: false,
+            });
+        }
+        out.push(Member {
+            node: fe,
+            role: NodeRole::Frontend,
+        });
+        for p in &vc.spec.pools {
+            for i in 0..p.replicas.max(0) as u32 {
+                out.push(Member {
+                    node: node_name(&c, Some(&p.name), i),
+                    role: NodeRole::Worker,
+                });
+            }
+        }
+    }
+    for (i, p) in ng.spec.public_ips.iter().enumerate() {
+        wants.push(PublicWant {
+            node: Some(p.node.clone()),
+            address: p.address,
+            field: format!("spec.publicIPs[{i}]"),
+            mapping: true,
+        });
+    }
+    (out, wants)
+}
+
+/// Why no host of the Site offers 802.1Q, from each host's probe notes.
+fn no_vlan_host(site: &str, site_hosts: &[&Arc<Host>]) -> Verdict {
+    let notes: Vec<String> = site_hosts
+        .iter()
+        .map(|h| {
+            let note = h
+                .status
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.notes.iter().find(|n| n.starts_with("vlan")).cloned())
+                .unwrap_or_else(|| "not probed".into());
+            format!("{}: {note}", h.name_any())
+        })
+        .collect();
+    Verdict::stalled(
+        Reason::NoCapableHost,
+        format!(
+            "spec.segment.type: vlan needs hosts whose kernel has 802.1Q VLANs; no host of Site {site:?} has ({})",
+            if notes.is_empty() {
+                "no hosts".to_string()
+            } else {
+                notes.join("; ")
+            }
+        ),
+    )
+}
+
+/// Reasons that can clear without a change of this group (other groups go,
+/// hosts come back): looked at again soon.
+fn retry_soon(r: &Reason) -> bool {
+    matches!(
+        r,
+        Reason::SegmentRangeExhausted
+            | Reason::PublicIPPoolExhausted
+            | Reason::PublicIPConflict
+            | Reason::NoGatewayHost
+    )
+}
+
+/// The decision for `inp.group`.
+pub fn decide(inp: &Inputs) -> Decision {
+    let ng = inp.group;
+    let key = key_of(ng);
+    let old = ng.status.clone().unwrap_or_default();
+    let spec = &ng.spec;
+    let home_name = &spec.home_site.0;
+    let mut verdict = validate(spec, inp.sites);
+    let home = inp
+        .sites
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(home_name.as_str()));
+    let mut status = NetworkGroupStatus {
+        observed_generation: ng.metadata.generation,
+        gateway: Some(spec.gateway_address()),
+        mtu: Some(spec.mtu_or_default()),
+        ..old.clone()
+    };
+    let kind = spec.segment.type_;
+    let same_uid = |o: &NetworkGroup| o.metadata.uid == ng.metadata.uid;
+    if !verdict.is_stalled() {
+        // Segment ids are unique per Site and type: what other groups hold
+        // (their status, not what their spec asks and was refused), plus
+        // claims not yet in the cache.
+        let mut taken: BTreeMap<u32, String> = BTreeMap::new();
+        for o in inp.groups {
+            if same_uid(o) || o.spec.home_site != spec.home_site || o.spec.segment.type_ != kind {
+                continue;
+            }
+            if let Some(seg) = o.status.as_ref().and_then(|s| s.segment) {
+                taken.insert(seg.id, key_of(o));
+            }
+        }
+        for (other, site, seg) in &inp.claims.segments {
+            if other != &key && site == home_name && seg.type_ == kind {
+                taken.insert(seg.id, other.clone());
+            }
+        }
+        let range = home.and_then(|h| h.spec.segment_range(kind));
+        let previous = old.segment.filter(|s| s.type_ == kind).map(|s| s.id);
+        match choose_segment(spec, previous, range, &taken) {
+            Ok(id) => status.segment = Some(Segment { type_: kind, id }),
+            Err(v) => {
+                verdict = v;
+                status.segment = None;
+            }
+        }
+    }
+    let site_hosts: Vec<&Arc<Host>> = inp
+        .hosts
+        .iter()
+        .filter(|h| &h.spec.site == home_name)
+        .collect();
+    if !verdict.is_stalled()
+        && kind == SegmentType::Vlan
+        && !site_hosts.iter().any(|h| offers_vlan(h))
+    {
+        verdict = no_vlan_host(home_name, &site_hosts);
+    }
+    let mut granted_public = Vec::new();
+    if !verdict.is_stalled() {
+        let mut problems: Vec<(Reason, String)> = Vec::new();
+        // Addresses: one per node of every cluster on the group, kept while
+        // the node's VirtualNode exists.
+        let (wanted, public_wants) = members(ng, inp.clusters);
+        let ns = ng.namespace();
+        let group_nodes: Vec<&Arc<VirtualNode>> = inp
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.namespace() == ns
+                    && n.spec
+                        .network
+                        .as_ref()
+                        .is_some_and(|net| net.group == ng.name_any())
+            })
+            .collect();
+        let present: BTreeSet<String> = group_nodes.iter().map(|n| n.name_any()).collect();
+        let usable = node_addresses(spec.cidr, spec.gateway_address(), spec.dhcp_range());
+        let addrs = allocate_addresses(
+            &ns.clone().unwrap_or_default(),
+            &ng.name_any(),
+            &usable,
+            &old.allocations,
+            &wanted,
+            &present,
+        );
+        if !addrs.unallocated.is_empty() {
+            problems.push((
+                Reason::AddressesExhausted,
+                format!(
+                    "spec.cidr: {} has {} addresses for nodes and all are in use; no address for {}",
+                    spec.cidr,
+                    usable.len(),
+                    addrs.unallocated.join(", ")
+                ),
+            ));
+        }
+        status.allocations = addrs.allocations;
+        // Public IPs: unique per Site.
+        let mut taken_public: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        for o in inp.groups {
+            if same_uid(o) || o.spec.home_site != spec.home_site {
+                continue;
+            }
+            let holder = format!("NetworkGroup {}", key_of(o));
+            if let Some(s) = &o.status {
+                for p in &s.public_ips {
+                    taken_public.insert(p.address, holder.clone());
+                }
+                if let Some(a) = s.router.as_ref().and_then(|r| r.address) {
+                    taken_public.insert(a, holder.clone());
+                }
+            }
+        }
+        for (addr, holder) in &inp.claims.public_ips {
+            if holder != &key {
+                taken_public.insert(*addr, format!("NetworkGroup {holder}"));
+            }
+        }
+        let external = home.and_then(|h| h.spec.external_network.as_ref());
+        let pool = home
+            .map(|h| {
+                pool_addresses(
+                    &h.spec.public_ip_pool,
+                    external.and_then(|e| e.gateway),
+                    1 << 20,
+                )
+            })
+            .unwrap_or_default();
+        let mut wants = Vec::new();
+        if external.is_some() {
+            wants.push(PublicWant {
+                node: None,
+                address: None,
+                field: "router".into(),
+                mapping: false,
+            });
+        }
+        // Only nodes that have an address on the group can be mapped.
+        for w in public_wants {
+            let n = w.node.clone().unwrap_or_default();
+            if status.allocations.iter().any(|a| a.node == n) {
+                wants.push(w);
+            } else if w.mapping {
+                problems.push((
+                    Reason::PublicIPNodeUnknown,
+                    format!("{}.node: {n} is not a node on this NetworkGroup", w.field),
+                ));
+            }
+        }
+        let grant = allocate_public(
+            &wants,
+            old.router.as_ref().and_then(|r| r.address),
+            &old.public_ips,
+            &pool,
+            &taken_public,
+        );
+        for r in &grant.refused {
+            problems.push((r.reason.clone(), format!("{}: {}", r.field, r.message)));
+        }
+        granted_public = grant
+            .nodes
+            .iter()
+            .map(|p| p.address)
+            .chain(grant.router)
+            .collect();
+        status.public_ips = grant.nodes;
+        // The router: a Ready gateway host of the home Site.
+        let candidates = router_candidates(&site_hosts, kind);
+        let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+        for o in inp.groups {
+            if same_uid(o) {
+                continue;
+            }
+            if let Some(r) = o.status.as_ref().and_then(|s| s.router.as_ref()) {
+                *per_host.entry(r.host.clone()).or_default() += 1;
+            }
+        }
+        let current = old.router.as_ref().map(|r| r.host.as_str());
+        match place_router(current, &candidates, &per_host) {
+            Some(h) => {
+                status.router = Some(RouterPlacement {
+                    host: h,
+                    site: home_name.clone(),
+                    address: grant.router,
+                });
+            }
+            None => {
+                problems.push((
+                    Reason::NoGatewayHost,
+                    format!(
+                        "spec.homeSite: Site {home_name:?} has no Ready gateway host{} for the router",
+                        if kind == SegmentType::Vlan {
+                            " with 802.1Q"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+                if let Some(r) = status.router.as_mut() {
+                    r.address = grant.router;
+                }
+            }
+        }
+        // The hosts the segment spans: members' hosts and the router's.
+        let mut span: BTreeSet<String> = group_nodes
+            .iter()
+            .filter_map(|n| n.spec.host.clone())
+            .collect();
+        if let Some(r) = &status.router {
+            span.insert(r.host.clone());
+        }
+        status.hosts = span
+            .into_iter()
+            .filter_map(|name| {
+                let h = inp.hosts.iter().find(|h| h.name_any() == name)?;
+                Some(SegmentHost {
+                    underlay: underlay_of(h)?,
+                    name,
+                })
+            })
+            .collect();
+        verdict = match problems.first() {
+            Some((reason, _)) => Verdict::stalled(
+                reason.clone(),
+                problems
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            None => Verdict::ready(
+                Reason::Allocated,
+                format!(
+                    "segment {}, {} node addresses, {} public IPs, router on {}",
+                    status
+                        .segment
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    status.allocations.len(),
+                    status.public_ips.len(),
+                    status
+                        .router
+                        .as_ref()
+                        .map(|r| r.host.as_str())
+                        .unwrap_or("-")
+                ),
+            ),
+        };
+    }
+    status.conditions = apply_verdict(&old.conditions, ng.metadata.generation, &verdict);
+    let requeue = Duration::from_secs(if retry_soon(verdict.reason()) {
+        10
+    } else {
+        300
+    });
+    Decision {
+        segment: status.segment,
+        public_ips: granted_public,
+        status,
+        verdict,
+        requeue,
+    }
+}
+
+#[cfg(test)]
+mod tests;

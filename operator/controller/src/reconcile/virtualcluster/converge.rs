@@ -1,0 +1,322 @@
+//! Which VirtualNodes a cluster's reconcile writes, as a pure function of
+//! its desired nodes, the fleet (caches) and what was written moments ago:
+//! placement (persisted in the node when it is created, and never changed
+//! while its host exists), recovery from lost hosts, scale-down, and power.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
+use kube::api::ObjectMeta;
+use yukumo_api::common::{Conditions, Resources, condition_types};
+use yukumo_api::host::Host;
+use yukumo_api::virtualcluster::{RecoveryPolicy, VirtualCluster};
+use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
+use yukumo_api::{Reason, finalizers, labels};
+
+use super::super::nodes::{DesiredNode, should_run};
+use crate::context::PendingNode;
+use crate::scheduler::{HostView, Placement, Request, place};
+
+/// A node's key in the pending placements: (namespace, name).
+pub type NodeKey = (String, String);
+
+/// A write decided under the placement lock, done after releasing it.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Server-side apply of a node (created when `new`).
+    Apply { vn: Box<VirtualNode>, new: bool },
+    /// Delete a node; `recovering`: its host is lost (its finalizer is
+    /// released first, nobody there can clean up), else scaled down.
+    Delete { name: String, recovering: bool },
+}
+
+impl Write {
+    pub fn name(&self) -> String {
+        match self {
+            Write::Apply { vn, .. } => vn.name_any(),
+            Write::Delete { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// What the plan reads.
+pub struct PlanInputs<'a> {
+    pub cluster: &'a VirtualCluster,
+    /// The controller owner reference of the cluster (its uid: a cluster
+    /// recreated under the same name never adopts its predecessor's nodes).
+    pub owner: &'a OwnerReference,
+    pub desired: &'a [DesiredNode],
+    /// Whether the cluster's nodes should run now (spec and reservation).
+    pub cluster_running: bool,
+    pub all_nodes: &'a [Arc<VirtualNode>],
+    pub hosts: &'a [Arc<Host>],
+    /// Nodes written moments ago that the cache may not show yet.
+    pub pending: &'a HashMap<NodeKey, PendingNode>,
+    pub now: Instant,
+}
+
+/// The plan: the writes, the nodes kept as they are, why others wait, and
+/// the pending placements to record or forget.
+#[derive(Debug, Default)]
+pub struct NodePlan {
+    pub writes: Vec<Write>,
+    /// Existing nodes that need no write.
+    pub unchanged: Vec<VirtualNode>,
+    /// Workers not created yet: they wait for the frontend to run.
+    pub waiting: Vec<String>,
+    /// Nodes not created yet (and their roles): their NetworkGroup has no
+    /// address for them yet.
+    pub waiting_network: Vec<(String, NodeRole)>,
+    pub unschedulable: Vec<String>,
+    pub recovering: Vec<String>,
+    /// Written moments ago and not in the cache yet (not written again).
+    pub waiting_for_cache: usize,
+    pub placed: Vec<(NodeKey, PendingNode)>,
+    pub forget: Vec<NodeKey>,
+}
+
+/// The scheduler's view of every host: allocatable, and what placed nodes
+/// (in the cache or written moments ago) use.
+pub fn host_views(
+    hosts: &[Arc<Host>],
+    all_nodes: &[Arc<VirtualNode>],
+    pending: &HashMap<NodeKey, PendingNode>,
+) -> Vec<HostView> {
+    let mut used: HashMap<&str, Resources> = HashMap::new();
+    for n in all_nodes {
+        if let Some(h) = n.spec.host.as_deref() {
+            let e = used.entry(h).or_default();
+            *e = e.plus(n.spec.resources);
+        }
+    }
+    for p in pending.values() {
+        let e = used.entry(p.host.as_str()).or_default();
+        *e = e.plus(p.resources);
+    }
+    hosts
+        .iter()
+        .map(|h| {
+            let name = h.name_any();
+            let status = h.status.clone().unwrap_or_default();
+            let lost = status
+                .conditions
+                .get_condition(condition_types::READY)
+                .is_some_and(|c| c.reason == Reason::HeartbeatLost);
+            HostView {
+                site: h.spec.site.clone(),
+                gateway: h.spec.gateway,
+                ready: status.conditions.is_true(condition_types::READY),
+                lost,
+                schedulable: h.spec.schedulable,
+                vlan: status.capabilities.as_ref().is_some_and(|c| c.vlan_8021q),
+                allocatable: status.allocatable.unwrap_or_default(),
+                used: used.get(name.as_str()).copied().unwrap_or_default(),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// The labels of a node: its cluster, role, pool, host and site.
+pub fn node_labels(
+    vc_name: &str,
+    d: &DesiredNode,
+    host: &str,
+    site: &str,
+) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (labels::CLUSTER.to_string(), vc_name.to_string()),
+        (labels::ROLE.to_string(), d.spec.role.as_str().to_string()),
+        (labels::HOST.to_string(), host.to_string()),
+        (labels::SITE.to_string(), site.to_string()),
+        (
+            labels::MANAGED_BY.to_string(),
+            labels::MANAGED_BY_VALUE.to_string(),
+        ),
+    ]);
+    if let Some(p) = &d.spec.pool {
+        l.insert(labels::POOL.to_string(), p.clone());
+    }
+    l
+}
+
+/// Plan the cluster's node writes.
+pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
+    let vc = inp.cluster;
+    let vc_name = vc.name_any();
+    let ns = vc.namespace().unwrap_or_default();
+    let owner = inp.owner;
+    let mut out = NodePlan::default();
+    let mine: Vec<&VirtualNode> = inp
+        .all_nodes
+        .iter()
+        .map(|n| n.as_ref())
+        .filter(|n| {
+            n.namespace().as_deref() == Some(ns.as_str())
+                && n.owner_references().iter().any(|o| o.uid == owner.uid)
+        })
+        .collect();
+    let mut views = host_views(inp.hosts, inp.all_nodes, inp.pending);
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for n in &mine {
+        if let Some(h) = &n.spec.host {
+            *counts.entry(h.clone()).or_default() += 1;
+        }
+    }
+    let frontend_running = mine.iter().any(|n| {
+        n.spec.role == NodeRole::Frontend
+            && n.status
+                .as_ref()
+                .is_some_and(|s| s.phase == NodePhase::Running)
+    });
+    for d in inp.desired {
+        let key = (ns.clone(), d.name.clone());
+        let existing = mine.iter().copied().find(|n| n.name_any() == d.name);
+        // Host loss: with RestartElsewhere, a node on a lost (or vanished)
+        // host is deleted and placed anew; the lost host's agent removes the
+        // stale domain when it returns (its VirtualNode uid is gone).
+        if let Some(n) = existing
+            && let Some(h) = &n.spec.host
+            && vc.spec.recovery == RecoveryPolicy::RestartElsewhere
+            && views.iter().find(|v| &v.name == h).is_none_or(|v| v.lost)
+        {
+            if n.metadata.deletion_timestamp.is_none()
+                || n.finalizers().iter().any(|f| f == finalizers::HOST_CLEANUP)
+            {
+                out.writes.push(Write::Delete {
+                    name: n.name_any(),
+                    recovering: true,
+                });
+                out.forget.push(key.clone());
+            }
+            out.recovering
+                .push(format!("{} (was on {h})", n.name_any()));
+            continue;
+        }
+        if existing.is_some_and(|n| n.metadata.deletion_timestamp.is_some()) {
+            // Being deleted (recovery or recreation); placed anew once gone.
+            out.recovering.push(d.name.clone());
+            continue;
+        }
+        let mut spec = d.spec.clone();
+        spec.running = should_run(
+            inp.cluster_running,
+            spec.role,
+            vc.spec.start_order,
+            frontend_running,
+            existing.is_some_and(|n| n.spec.running),
+        );
+        // A worker that may not start yet is created when it may (creating
+        // it stopped and patching it later would cost a write per node);
+        // it is placed now all the same, to say early if it cannot be.
+        let deferred = existing.is_none() && inp.cluster_running && !spec.running;
+        let just_written = inp
+            .pending
+            .get(&key)
+            .filter(|p| p.owner_uid == owner.uid)
+            .map(|p| (p.host.clone(), p.site.clone()));
+        if existing.is_none() && just_written.is_some() {
+            // Written moments ago; the cache will show it (and trigger
+            // this cluster again): writing it twice would be waste.
+            out.waiting_for_cache += 1;
+            continue;
+        }
+        let placement = match existing
+            .and_then(|n| n.spec.host.clone().zip(n.spec.site.clone()))
+            .or(just_written)
+        {
+            Some((host, site)) => Placement::Host { host, site },
+            None => place(
+                &Request {
+                    node: d.name.clone(),
+                    sites: d.sites.clone(),
+                    need: d.spec.resources,
+                    gateway: d.gateway,
+                    vlan: d.vlan,
+                },
+                &mut views,
+                &mut counts,
+            ),
+        };
+        let (host, site) = match placement {
+            Placement::Host { host, site } => (host, site),
+            Placement::Unschedulable(msg) => {
+                out.unschedulable.push(msg);
+                continue;
+            }
+        };
+        if deferred {
+            out.waiting.push(d.name.clone());
+            continue;
+        }
+        spec.host = Some(host.clone());
+        spec.site = Some(site.clone());
+        if let Some(n) = existing {
+            // Keep what the controller allocated earlier (disks), and the
+            // network identity unless the group now has one for a node
+            // that had none.
+            if spec.network.is_none() {
+                spec.network = n.spec.network.clone();
+            }
+            spec.disks = n.spec.disks.clone();
+        } else if spec.network.is_none() {
+            // Created only once its group has given it an address.
+            out.waiting_network.push((d.name.clone(), d.spec.role));
+            continue;
+        }
+        let labels = node_labels(&vc_name, d, &host, &site);
+        let unchanged = existing.is_some_and(|n| {
+            n.spec == spec
+                && n.finalizers().iter().any(|f| f == finalizers::HOST_CLEANUP)
+                && labels.iter().all(|(k, v)| n.labels().get(k) == Some(v))
+                && n.owner_references().iter().any(|o| o.uid == owner.uid)
+        });
+        if unchanged {
+            out.unchanged.push(existing.cloned().expect("existing"));
+            continue;
+        }
+        out.placed.push((
+            key,
+            PendingNode {
+                owner_uid: owner.uid.clone(),
+                host,
+                site,
+                resources: spec.resources,
+                since: inp.now,
+            },
+        ));
+        out.writes.push(Write::Apply {
+            new: existing.is_none(),
+            vn: Box::new(VirtualNode {
+                metadata: ObjectMeta {
+                    name: Some(d.name.clone()),
+                    namespace: Some(ns.clone()),
+                    labels: Some(labels),
+                    owner_references: Some(vec![owner.clone()]),
+                    finalizers: Some(vec![finalizers::HOST_CLEANUP.to_string()]),
+                    ..Default::default()
+                },
+                spec,
+                status: None,
+            }),
+        });
+    }
+    // Scale down: remove nodes no longer desired (the highest indexes).
+    for n in &mine {
+        if !inp.desired.iter().any(|d| d.name == n.name_any())
+            && n.metadata.deletion_timestamp.is_none()
+        {
+            out.writes.push(Write::Delete {
+                name: n.name_any(),
+                recovering: false,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

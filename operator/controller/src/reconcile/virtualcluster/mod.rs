@@ -1,0 +1,381 @@
+//! VirtualCluster: validate what the spec refers to, place its nodes, and
+//! report it.
+//!
+//! Observe → decide → write. The references are checked purely
+//! ([`validate`]); a dated reservation is admitted once ([`admission`]);
+//! the node writes are planned purely under the placement lock
+//! ([`converge::plan_nodes`], so two clusters never take the same
+//! capacity) and done after it is released, 16 at a time; the status is
+//! derived purely from what converging found ([`status::verdict`]).
+
+pub mod admission;
+pub mod converge;
+pub mod status;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use yukumo_api::virtualcluster::{
+    FrontendEndpoint, NodeSummary, Transition, VirtualCluster, VirtualClusterStatus,
+};
+use yukumo_api::virtualnode::{NodeRole, VirtualNode};
+use yukumo_api::{NetworkGroup, Reason, finalizers, managers};
+
+use super::nodes::{DesiredNode, desired_nodes};
+use super::reservation;
+use super::verdict::{Verdict, apply_verdict};
+use crate::context::{Ctx, Error, Result};
+use converge::{PlanInputs, Write, plan_nodes};
+use validate::{Observed, validate};
+
+/// Where users reach the frontend: its private address and the public IP
+/// its group mapped to it, if any (ssh goes to the public one then).
+pub fn frontend_endpoint(
+    nodes: &[NodeSummary],
+    group: Option<&NetworkGroup>,
+) -> Option<FrontendEndpoint> {
+    let fe = nodes.iter().find(|n| n.role == NodeRole::Frontend)?;
+    let ip = fe.ip?;
+    let public_ip = group
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| s.public_ips.iter().find(|p| p.node == fe.name))
+        .map(|p| p.address);
+    Some(FrontendEndpoint {
+        ssh: Some(format!("ssh root@{}", public_ip.unwrap_or(ip))),
+        address: Some(ip),
+        public_ip,
+    })
+}
+
+/// What converging a cluster's VirtualNodes found.
+#[derive(Debug, Default)]
+pub struct NodesOutcome {
+    /// The cluster's nodes, in the order of the desired nodes.
+    pub nodes: Vec<VirtualNode>,
+    /// Workers not created yet: they wait for the frontend to run.
+    pub waiting: Vec<String>,
+    /// Nodes not created yet (and their roles): their NetworkGroup has no
+    /// address for them yet.
+    pub waiting_network: Vec<(String, NodeRole)>,
+    pub unschedulable: Vec<String>,
+    pub recovering: Vec<String>,
+}
+
+/// A write done (with the node as applied), or the node's name and the error.
+type WriteResult = std::result::Result<(Write, Option<VirtualNode>), (String, Error)>;
+
+/// Writes in flight at once per reconcile.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// Do one planned write.
+async fn write(api: Api<VirtualNode>, w: Write) -> WriteResult {
+    let name = w.name();
+    let done: Result<Option<VirtualNode>> = async {
+        match &w {
+            Write::Apply { vn, .. } => {
+                let pp = PatchParams::apply(managers::CONTROLLER).force();
+                Ok(Some(api.patch(&name, &pp, &Patch::Apply(vn)).await?))
+            }
+            Write::Delete { recovering, .. } => {
+                if *recovering {
+                    release_finalizer(&api, &name).await?;
+                }
+                match api.delete(&name, &Default::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(None)
+            }
+        }
+    }
+    .await;
+    done.map(|applied| (w, applied)).map_err(|e| (name, e))
+}
+
+/// Create, update and delete the cluster's VirtualNodes: planned under the
+/// placement lock against the stores plus what was just written, written
+/// after it is released.
+async fn converge_nodes(
+    ctx: &Ctx,
+    vc: &VirtualCluster,
+    ns: &str,
+    desired: Vec<DesiredNode>,
+    cluster_running: bool,
+) -> Result<NodesOutcome> {
+    let api: Api<VirtualNode> = Api::namespaced(ctx.client.clone(), ns);
+    let owner = vc
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let plan = {
+        let mut pending = ctx.placements.lock().await;
+        pending.prune(&ctx.stores);
+        let plan = plan_nodes(&PlanInputs {
+            cluster: vc,
+            owner: &owner,
+            desired: &desired,
+            cluster_running,
+            all_nodes: &ctx.stores.nodes.state(),
+            hosts: &ctx.stores.hosts.state(),
+            pending: &pending.nodes,
+            now: Instant::now(),
+        });
+        for key in &plan.forget {
+            pending.nodes.remove(key);
+        }
+        pending.nodes.extend(plan.placed.iter().cloned());
+        plan
+    };
+    let results: Vec<WriteResult> =
+        futures::stream::iter(plan.writes.iter().cloned().map(|w| write(api.clone(), w)))
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+    let mut nodes = plan.unchanged;
+    let (mut scheduled, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first_error = None;
+    let mut failed = Vec::new();
+    for r in results {
+        match r {
+            Ok((Write::Apply { new, .. }, Some(applied))) => {
+                if new {
+                    scheduled.push(format!(
+                        "{}→{}",
+                        applied.name_any(),
+                        applied.spec.host.as_deref().unwrap_or("?")
+                    ));
+                }
+                nodes.push(applied);
+            }
+            Ok((Write::Delete { name, recovering }, _)) => {
+                if recovering {
+                    moved.push(name)
+                } else {
+                    removed.push(name)
+                }
+            }
+            Ok(_) => {}
+            Err((name, e)) => {
+                failed.push(name);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    // One Event per kind of change and reconcile, not one per node.
+    for (list, type_, reason, what) in [
+        (
+            &mut scheduled,
+            EventType::Normal,
+            Reason::NodesScheduled,
+            "placed",
+        ),
+        (
+            &mut removed,
+            EventType::Normal,
+            Reason::NodesRemoved,
+            "removed (scaled down)",
+        ),
+        (
+            &mut moved,
+            EventType::Warning,
+            Reason::NodesRecovering,
+            "were on a lost host; placing them again elsewhere",
+        ),
+    ] {
+        if !list.is_empty() {
+            list.sort();
+            ctx.event(vc, type_, &reason, abbreviated(what, list)).await;
+        }
+    }
+    if let Some(e) = first_error {
+        // Failed writes are decided again on the retry.
+        let mut pending = ctx.placements.lock().await;
+        for name in failed {
+            pending.nodes.remove(&(ns.to_string(), name));
+        }
+        return Err(e);
+    }
+    if plan.waiting_for_cache > 0 {
+        tracing::debug!(cluster = %vc.name_any(), nodes = plan.waiting_for_cache, "written nodes not yet in the cache");
+    }
+    let order: HashMap<&str, usize> = desired
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    nodes.sort_by_key(|n| order.get(n.name_any().as_str()).copied());
+    Ok(NodesOutcome {
+        nodes,
+        waiting: plan.waiting,
+        waiting_network: plan.waiting_network,
+        unschedulable: plan.unschedulable,
+        recovering: plan.recovering,
+    })
+}
+
+/// Remove the host-cleanup finalizer of a node whose host is lost.
+pub async fn release_finalizer(api: &Api<VirtualNode>, name: &str) -> Result<()> {
+    let Some(vn) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let Some(patch) = finalizers::removal_patch(
+        vn.finalizers(),
+        finalizers::HOST_CLEANUP,
+        vn.resource_version(),
+    ) else {
+        return Ok(());
+    };
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// "3 nodes placed: a→h1, b→h2, …" with at most 10 names.
+fn abbreviated(what: &str, names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        "{} node{} {what}: {}{}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action> {
+    let _timer = ctx.measure("VirtualCluster");
+    let ns = vc
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let volumes = vc
+        .spec
+        .frontend
+        .volumes
+        .iter()
+        .chain(vc.spec.pools.iter().flat_map(|p| p.volumes.iter()))
+        .map(|v| (v.name.clone(), ctx.stores.volume_exists(&ns, &v.name)))
+        .collect();
+    let observed = Observed {
+        network_group: ctx
+            .stores
+            .network_group(&ns, &vc.spec.network_group)
+            .map(|n| (*n).clone()),
+        volumes,
+        sites: ctx.stores.all_sites(),
+    };
+    let mut verdict = validate(&ns, &vc.spec, &observed);
+    let old = vc.status.clone().unwrap_or_default();
+    let mut capacity_admitted_at = old.capacity_admitted_at.clone();
+    let mut nodes_status = old.nodes.clone();
+    let mut ready_nodes = old.ready_nodes;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let power =
+        reservation::plan(vc.spec.reservation.as_ref(), now).unwrap_or(reservation::PowerPlan {
+            exists: false,
+            run: false,
+            next: None,
+            why: "invalid reservation",
+        });
+    let running_now = vc.spec.running && power.run;
+    let mut desired_count = if power.exists {
+        vc.spec.desired_nodes()
+    } else {
+        0
+    };
+    let next_transition = power.next.map(|(t, action)| Transition {
+        time: Time(t),
+        action,
+    });
+    let mut requeue = Duration::from_secs(300);
+    if let Some((t, _)) = power.next {
+        // Requeue exactly at the next boundary of the reservation.
+        let wait = Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO);
+        requeue = requeue.min(wait + Duration::from_millis(200));
+    }
+    if let (false, Some(ng)) = (verdict.is_stalled(), observed.network_group.as_ref()) {
+        let mut desired = desired_nodes(&vc, ng, &observed.sites);
+        if let Ok(all) = &desired
+            && capacity_admitted_at.is_none()
+            && admission::dated(vc.spec.reservation.as_ref())
+        {
+            match admission::admit_reservation(&ctx, &vc, all, now).await {
+                Ok(()) => capacity_admitted_at = Some(Time(now)),
+                Err(msg) => desired = Err(Verdict::stalled(Reason::InsufficientCapacity, msg)),
+            }
+        }
+        match desired.map(|d| if power.exists { d } else { vec![] }) {
+            Err(v) => {
+                if v.reason() == &Reason::InsufficientCapacity {
+                    // Capacity may be freed by other clusters at any time.
+                    requeue = requeue.min(Duration::from_secs(10));
+                }
+                verdict = v
+            }
+            Ok(desired) => {
+                let outcome = converge_nodes(&ctx, &vc, &ns, desired, running_now).await?;
+                nodes_status = status::summaries(&outcome);
+                ready_nodes = status::ready_count(&outcome);
+                let v = status::verdict(&status::Facts {
+                    outcome: &outcome,
+                    group: ng,
+                    group_name: &vc.spec.network_group,
+                    power: &power,
+                    spec_running: vc.spec.running,
+                    running_now,
+                    desired: desired_count,
+                    ready: ready_nodes,
+                });
+                if !power.exists {
+                    desired_count = 0;
+                }
+                if let Some(r) = v.requeue {
+                    requeue = r;
+                }
+                verdict = v.verdict;
+            }
+        }
+    }
+    let frontend = frontend_endpoint(&nodes_status, observed.network_group.as_ref());
+    let status = VirtualClusterStatus {
+        observed_generation: vc.metadata.generation,
+        conditions: apply_verdict(&old.conditions, vc.metadata.generation, &verdict),
+        desired_nodes: desired_count,
+        ready_nodes,
+        ready: Some(format!("{ready_nodes}/{desired_count}")),
+        nodes: nodes_status,
+        frontend: frontend.or(old.frontend.clone()),
+        next_transition,
+        capacity_admitted_at,
+    };
+    if status != old {
+        ctx.apply_status(
+            &Api::<VirtualCluster>::namespaced(ctx.client.clone(), &ns),
+            vc.as_ref(),
+            &status,
+        )
+        .await?;
+    }
+    ctx.announce(vc.as_ref(), &old.conditions, &verdict).await;
+    Ok(Action::requeue(requeue))
+}
+
+#[cfg(test)]
+mod tests;
