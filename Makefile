@@ -2,13 +2,14 @@
 #   make up      build, start the local environment, apply the quickstart
 #                (VM_HOSTS=2: and two VM hosts whose kernel has 802.1Q VLANs)
 #   make down    stop and remove everything `make up` started
-#   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end
+#   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
+#                and a small benchmark smoke (figures not judged)
 #   make bench   the compute and network benchmarks (figures and ratios; target/bench/{compute,network}.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
 
-.PHONY: all tools build crds up down status test lint unit chart e2e bench clean
+.PHONY: all tools build crds up down status test lint unit chart e2e bench bench-smoke clean
 
 all: build
 
@@ -36,7 +37,7 @@ down:
 status:
 	e2e/env.sh status
 
-test: tools lint build unit chart e2e
+test: tools lint build unit chart e2e bench-smoke
 
 lint:
 	$(CARGO) fmt --all --check
@@ -53,6 +54,10 @@ e2e: build
 
 bench: build
 	e2e/bench.sh
+
+# Both benchmark parts at a small scale: keeps `make bench` working.
+bench-smoke: build
+	YUKUMO_BENCH_SMOKE=1 e2e/bench.sh
 
 clean: down
 	$(CARGO) clean

@@ -10,11 +10,23 @@
 # 10,000 public-IP mappings into one simulated router host (namespaces it
 # creates and removes itself) against raw ip/nft batches.
 # Results: target/bench/network.json. YUKUMO_BENCH_ONLY=network|compute runs one.
+# YUKUMO_BENCH_SMOKE=1 (`make test`): both parts at a small scale (a few
+# nodes and groups, 2 real guests), figures not judged, results under
+# target/bench/smoke/ — so a change that breaks `make bench` fails CI.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mkdir -p "$ROOT/target/bench"
+OUT=$ROOT/target/bench
+NET_ARGS=()
+COMPUTE_ARGS=("$@")
+if [ "${YUKUMO_BENCH_SMOKE:-}" = 1 ]; then
+  OUT=$ROOT/target/bench/smoke
+  NET_ARGS=(--groups 20 --mappings 100 --single-rounds 4)
+  COMPUTE_ARGS=(--clusters 2 --nodes-per-cluster 10 --steady-secs 5 --real-guests 2 "$@")
+  export YUKUMO_BENCH_AGENTS=${YUKUMO_BENCH_AGENTS:-4}
+fi
+mkdir -p "$OUT"
 if [ "${YUKUMO_BENCH_ONLY:-}" != compute ]; then
-  "$ROOT/target/release/yukumo-netbench" --out "$ROOT/target/bench/network.json"
+  "$ROOT/target/release/yukumo-netbench" --out "$OUT/network.json" "${NET_ARGS[@]}"
 fi
 [ "${YUKUMO_BENCH_ONLY:-}" = network ] && exit 0
 WORK=$(mktemp -d /tmp/yukumo-bench.XXXXXX)
@@ -44,5 +56,4 @@ done
 kubectl wait --for condition=Ready --timeout 120s hosts --all >/dev/null
 YUKUMO_TINY_IMAGE=$("$ROOT/e2e/lib/tiny-guest.sh")
 export YUKUMO_TINY_IMAGE YUKUMO_BENCH_AGENTS=$AGENTS
-mkdir -p "$ROOT/target/bench"
-"$ROOT/target/release/yukumo-bench" --out "$ROOT/target/bench/compute.json" "$@"
+"$ROOT/target/release/yukumo-bench" --out "$OUT/compute.json" "${COMPUTE_ARGS[@]}"

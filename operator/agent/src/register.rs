@@ -142,6 +142,11 @@ impl Metrics {
             "Size of the image cache's files",
             m.images.bytes.clone(),
         );
+        r.register(
+            "yukumo_agent_image_fetched_bytes",
+            "Image bytes fetched into the cache (counted as they arrive: the progress of a fetch)",
+            m.images.fetched_bytes.clone(),
+        );
         m
     }
 }

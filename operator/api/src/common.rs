@@ -23,7 +23,7 @@ pub mod condition_types {
 }
 
 /// Status of a condition.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ConditionStatus {
     True,
     False,

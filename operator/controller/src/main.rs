@@ -162,7 +162,7 @@ fn host_readiness(h: &Host) -> u64 {
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
     ready
-        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+        .map(|c| (c.status, c.reason.clone()))
         .hash(&mut hasher);
     h.spec.schedulable.hash(&mut hasher);
     hasher.finish()

@@ -564,6 +564,73 @@ mod tests {
         }
     }
 
+    /// A one-request-at-a-time HTTP/1.1 server on loopback: `/img` the
+    /// body, `/moved` a redirect to it, anything else 404.
+    async fn serve(body: Vec<u8>) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut req = vec![0u8; 4096];
+                let n = c.read(&mut req).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&req[..n]).to_string();
+                let head = if line.starts_with("GET /img ") {
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len())
+                } else if line.starts_with("GET /moved ") {
+                    "HTTP/1.1 302 Found\r\nlocation: /img\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                };
+                let _ = c.write_all(head.as_bytes()).await;
+                if line.starts_with("GET /img ") {
+                    let _ = c.write_all(&body).await;
+                }
+                let _ = c.shutdown().await;
+            }
+        });
+        addr
+    }
+
+    /// Images come over HTTP in-process (no curl), through a redirect,
+    /// hashed while they stream; the bytes are counted; a wrong checksum or
+    /// a 404 leaves nothing in the cache.
+    #[tokio::test]
+    async fn http_images_stream_verified_and_counted() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let addr = serve(body.clone()).await;
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(state.path().join("src"), &body).unwrap();
+        let sum = format!("sha256:{}", sha256_file(&state.path().join("src")).unwrap());
+        let metrics = CacheMetrics::default();
+        let cache = ImageCache::new(state.path(), u64::MAX, metrics.clone()).unwrap();
+        let img = |path: &str, checksum: &str| ImageSource {
+            url: format!("http://{addr}{path}"),
+            checksum: checksum.to_string(),
+            format: Default::default(),
+        };
+        let bad = format!("sha256:{}", "1".repeat(64));
+        let err = cache.ensure(&img("/img", &bad)).await.err().unwrap();
+        assert!(matches!(err, ImageError::Checksum { .. }), "{err}");
+        let err = cache.ensure(&img("/nope", &sum)).await.err().unwrap();
+        assert!(err.to_string().contains("404"), "{err}");
+        let files = std::fs::read_dir(state.path().join("images")).unwrap().count();
+        assert_eq!(files, 0, "nothing partial is left");
+        let got = cache.ensure(&img("/moved", &sum)).await.unwrap();
+        assert_eq!(std::fs::read(&got.path).unwrap(), body);
+        assert_eq!(metrics.fetched_bytes.get(), 2 * body.len() as u64, "both full downloads counted");
+        let err = cache
+            .ensure(&ImageSource {
+                url: "ftp://example.invalid/x".into(),
+                checksum: bad,
+                format: Default::default(),
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("only http, https and file"), "{err}");
+    }
+
     #[tokio::test]
     async fn verified_once_and_wrong_checksum_leaves_nothing() {
         let state = tempfile::tempdir().unwrap();

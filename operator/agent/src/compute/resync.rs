@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::{mpsc, watch};
 use yukumo_api::labels;
 use yukumo_api::virtualnode::VirtualNode;
@@ -207,7 +207,15 @@ pub async fn run<D: Domains>(
 ) {
     let api = Api::<VirtualNode>::all(ctx.client.clone());
     let wc = watcher::Config::default().labels(&format!("{}={}", labels::HOST, ctx.host));
-    let controller = Controller::new(api, wc);
+    // The cache keeps no managedFields: nothing reads them, and they are
+    // most of a VirtualNode's size.
+    let (store, writer) = reflector::store();
+    let nodes = watcher(api, wc)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    let controller = Controller::for_stream(nodes, store);
     let (tx, rx) = mpsc::unbounded_channel();
     let resync_now = Arc::new(tokio::sync::Notify::new());
     let events_task = events.map(|events| {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 use yukumo_api::{NetworkGroup, Site, VirtualNode, labels};
 use yukumo_telemetry::Health;
@@ -80,7 +80,8 @@ pub async fn run(
         watcher(
             Api::<NetworkGroup>::all(client.clone()),
             watcher::Config::default().any_semantic(),
-        ),
+        )
+        .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .applied_objects();
@@ -91,7 +92,8 @@ pub async fn run(
             watcher::Config::default()
                 .labels(&format!("{}={}", labels::HOST, cfg.host))
                 .any_semantic(),
-        ),
+        )
+        .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects();
