@@ -154,7 +154,13 @@ fn a_clusters_whole_life_starts_no_ip_bridge_qemu_img_genisoimage_or_curl() {
     }
     // What may still run: nft (one transaction per table) and dnsmasq.
     for p in total.keys() {
-        assert!(["nft", "dnsmasq"].contains(&p.as_str()), "unexpected program {p}: {total:?}");
+        assert!(
+            ["nft", "dnsmasq"].contains(&p.as_str()),
+            "unexpected program {p}: {total:?}"
+        );
     }
-    assert!(total.get("nft").copied().unwrap_or(0) > 0, "the trace saw the agents' nft: {total:?}");
+    assert!(
+        total.get("nft").copied().unwrap_or(0) > 0,
+        "the trace saw the agents' nft: {total:?}"
+    );
 }

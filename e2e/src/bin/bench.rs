@@ -703,7 +703,10 @@ fn raw_guests(env: &Env, captured: &[Captured], configs: &[PathBuf]) -> Result<f
     let hosts: std::collections::BTreeSet<&String> = defs.iter().map(|d| &d.0).collect();
     for h in &hosts {
         let ns = host_netns(env, h)?;
-        sh("ip", &["-n", &ns, "link", "add", RAW_BRIDGE, "type", "bridge"])?;
+        sh(
+            "ip",
+            &["-n", &ns, "link", "add", RAW_BRIDGE, "type", "bridge"],
+        )?;
         sh("ip", &["-n", &ns, "link", "set", RAW_BRIDGE, "up"])?;
     }
     let t = Instant::now();
@@ -733,9 +736,11 @@ const RAW_BRIDGE: &str = "rawbench0";
 
 /// A simulated host's network namespace.
 fn host_netns(env: &Env, host: &str) -> Result<String> {
-    Ok(std::fs::read_to_string(env.dir.join(format!("hosts/{host}/netns")))?
-        .trim()
-        .to_string())
+    Ok(
+        std::fs::read_to_string(env.dir.join(format!("hosts/{host}/netns")))?
+            .trim()
+            .to_string(),
+    )
 }
 
 /// The domain's NIC on [`RAW_BRIDGE`], its tap named by libvirt.

@@ -12,14 +12,11 @@
 use std::net::Ipv4Addr;
 
 use futures::StreamExt;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
-    NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVlan, InfoVxlan, LinkAttribute,
-    LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, VlanProtocol,
+    InfoBridgePort, InfoData, InfoPortData, InfoVlan, InfoVxlan, LinkAttribute, LinkExtentMask,
+    LinkFlags, LinkInfo, LinkMessage, VlanProtocol,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -415,124 +412,5 @@ fn parse_link(l: LinkMessage) -> Link {
     out
 }
 
-/// One netlink request: the message, its flags (besides request and ack),
-/// and what it does, for errors.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub msg: RouteNetlinkMessage,
-    pub flags: u16,
-    pub what: String,
-}
-
-/// Flags of a request that creates what must not exist yet.
-pub const CREATE: u16 = NLM_F_CREATE | NLM_F_EXCL;
-/// Flags of a request that creates or replaces.
-pub const REPLACE: u16 = NLM_F_CREATE | NLM_F_REPLACE;
-/// Flags of a request that appends (an FDB entry beside others of its MAC).
-pub const APPEND: u16 = NLM_F_CREATE | NLM_F_APPEND;
-
-impl Request {
-    pub fn new(msg: RouteNetlinkMessage, flags: u16, what: impl Into<String>) -> Request {
-        Request {
-            msg,
-            flags,
-            what: what.into(),
-        }
-    }
-}
-
-/// A link message naming `name` (by name: the kernel resolves it).
-pub fn link_named(name: &str) -> LinkMessage {
-    let mut m = LinkMessage::default();
-    m.attributes.push(LinkAttribute::IfName(name.to_string()));
-    m
-}
-
-/// A link message of `kind` with its data.
-pub fn link_of_kind(name: &str, kind: InfoKind, data: Option<InfoData>) -> LinkMessage {
-    let mut m = link_named(name);
-    let mut info = vec![LinkInfo::Kind(kind)];
-    if let Some(d) = data {
-        info.push(LinkInfo::Data(d));
-    }
-    m.attributes.push(LinkAttribute::LinkInfo(info));
-    m
-}
-
-/// Set a link administratively up in the message.
-pub fn set_up(m: &mut LinkMessage) {
-    m.header.flags |= LinkFlags::Up;
-    m.header.change_mask |= LinkFlags::Up;
-}
-
-/// The bridge-port settings of a port (`learning`, `flood`), as a change of
-/// its slave data.
-pub fn port_settings(name: &str, learning: bool, flood: bool) -> LinkMessage {
-    let mut m = link_named(name);
-    m.attributes.push(LinkAttribute::LinkInfo(vec![
-        LinkInfo::PortKind(netlink_packet_route::link::InfoPortKind::Bridge),
-        LinkInfo::PortData(InfoPortData::BridgePort(vec![
-            InfoBridgePort::Learning(learning),
-            InfoBridgePort::UnicastFlood(flood),
-        ])),
-    ]));
-    m
-}
-
-/// An FDB entry message: on `ifindex`, for `mac`, `self` (the device's own
-/// table, VXLAN remotes) or `master` (the bridge's).
-pub fn fdb_entry(
-    ifindex: u32,
-    mac: MacAddr,
-    dst: Option<Ipv4Addr>,
-    master: bool,
-    state: NeighbourState,
-) -> NeighbourMessage {
-    let mut n = NeighbourMessage::default();
-    n.header.family = AddressFamily::Bridge;
-    n.header.ifindex = ifindex;
-    n.header.state = state;
-    n.header.flags = if master {
-        NeighbourFlags::Controller
-    } else {
-        NeighbourFlags::Own
-    };
-    n.attributes
-        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
-    if let Some(d) = dst {
-        n.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d)));
-    }
-    n
-}
-
-/// An IPv4 address message.
-pub fn address(ifindex: u32, net: Ipv4Net) -> AddressMessage {
-    let mut a = AddressMessage::default();
-    a.header.family = AddressFamily::Inet;
-    a.header.prefix_len = net.prefix();
-    a.header.index = ifindex;
-    let ip = std::net::IpAddr::V4(net.addr());
-    a.attributes.push(AddressAttribute::Local(ip));
-    a.attributes.push(AddressAttribute::Address(ip));
-    if net.prefix() < 31 {
-        a.attributes
-            .push(AddressAttribute::Broadcast(net.broadcast()));
-    }
-    a
-}
-
-/// The default route via `gateway` on `oif` (main table).
-pub fn default_route(gateway: Ipv4Addr, oif: u32) -> RouteMessage {
-    use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
-    let mut r = RouteMessage::default();
-    r.header.address_family = AddressFamily::Inet;
-    r.header.table = 254;
-    r.header.protocol = RouteProtocol::Boot;
-    r.header.scope = RouteScope::Universe;
-    r.header.kind = RouteType::Unicast;
-    r.attributes
-        .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
-    r.attributes.push(RouteAttribute::Oif(oif));
-    r
-}
+mod msg;
+pub use msg::*;

@@ -6,16 +6,15 @@
 //! and its FDB entries go with it, a route needs its gateway on-link).
 //! Tests change it by hand to play an operator's damage.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
-use yukumo_api::net::{Ipv4Net, MacAddr};
+use yukumo_api::net::Ipv4Net;
 
-use super::decide::DhcpSeen;
-use super::kernel::{Announce, Dhcp, Firewall, KernelError, Links, Namespaces, NsLinks, Result};
+use super::kernel::{KernelError, Links, Namespaces, NsLinks, Result};
 use super::observe::{LinkKind, LinkState, NsState, Want};
-use super::ops::{AddrOp, DhcpOp, Family, FdbOp, LinkOp, NsOps, TableOp};
+use super::ops::{AddrOp, FdbOp, LinkOp, NsOps};
 
 /// One namespace of the model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -457,103 +456,5 @@ impl Namespaces for FakeKernel {
     }
 }
 
-impl Firewall for FakeKernel {
-    async fn table(&self, ns: Option<&str>, family: Family) -> Result<Option<String>> {
-        self.with(|m| Ok(m.ns(ns)?.tables.get(family.as_str()).cloned()))
-    }
-    async fn apply_table(&self, ns: Option<&str>, op: &TableOp) -> Result<()> {
-        self.with(|m| {
-            m.log.push(format!("{ns:?} {op:?}"));
-            let n = m.ns(ns)?;
-            match op {
-                TableOp::Replace { family, ruleset } => {
-                    // What `nft list` shows: a listing with the same hash
-                    // and rules (tabs, one level per block).
-                    n.tables.insert(family.as_str(), listing_of(ruleset));
-                }
-                TableOp::Delete { family } => {
-                    if n.tables.remove(family.as_str()).is_none() {
-                        return Err(errno("delete table".into(), libc::ENOENT));
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
-}
-
-/// A rendered ruleset as `nft list` prints it (two-space indents become
-/// tabs).
-pub fn listing_of(ruleset: &str) -> String {
-    ruleset
-        .lines()
-        .map(|l| {
-            let spaces = l.len() - l.trim_start_matches(' ').len();
-            format!("{}{}\n", "\t".repeat(spaces / 2), l.trim_start())
-        })
-        .collect()
-}
-
-impl Dhcp for FakeKernel {
-    fn args(&self, router: &str, plan_args: &[String]) -> Vec<String> {
-        let mut a = vec![format!("--pid-file=/fake/{router}/dnsmasq.pid")];
-        a.extend(plan_args.iter().cloned());
-        a
-    }
-    fn seen(&self, router: &str) -> DhcpSeen {
-        self.with(|m| {
-            let files = m.dhcp_files.get(router).cloned();
-            DhcpSeen {
-                running: m.named.get(router).is_some_and(|n| n.dhcp.is_some()),
-                args: files.as_ref().map(|f| f.0.clone()),
-                hosts: files.map(|f| f.1),
-            }
-        })
-    }
-    async fn stop_stale(&self, _router: &str) -> bool {
-        false
-    }
-    async fn apply_dhcp(&self, router: &str, op: &DhcpOp) -> Result<()> {
-        self.with(|m| {
-            m.log.push(format!("dhcp {router} {op:?}"));
-            let files = m.dhcp_files.entry(router.to_string()).or_default();
-            match op {
-                DhcpOp::Start { args, hosts } => {
-                    *files = (args.clone(), hosts.clone());
-                    m.ns(Some(router))?.dhcp = Some(args.clone());
-                }
-                DhcpOp::Reload { hosts } => files.1 = hosts.clone(),
-                DhcpOp::Stop => {
-                    if let Ok(n) = m.ns(Some(router)) {
-                        n.dhcp = None;
-                    }
-                }
-            }
-            Ok(())
-        })
-    }
-    async fn remove(&self, router: &str) {
-        self.with(|m| {
-            m.dhcp_files.remove(router);
-            if let Ok(n) = m.ns(Some(router)) {
-                n.dhcp = None;
-            }
-        })
-    }
-}
-
-impl Announce for FakeKernel {
-    async fn announce(&self, router: &str, _mac: MacAddr, addrs: Vec<Ipv4Addr>) {
-        self.with(|m| m.announced.push((router.to_string(), addrs)))
-    }
-}
-
-/// The yukumo links of a namespace's state, for comparisons.
-pub fn names(s: &NsState) -> BTreeSet<String> {
-    s.links.keys().cloned().collect()
-}
-
-/// A copy of the model's namespaces (for before/after comparisons).
-pub fn snapshot(k: &FakeKernel) -> (NsModel, BTreeMap<String, NsModel>) {
-    k.with(|m| (m.host.clone(), m.named.clone()))
-}
+mod services;
+pub use services::listing_of;

@@ -55,11 +55,7 @@ type Run = (u64, Vec<u8>);
 
 /// The bytes of an empty qcow2 overlay of `size` bytes on `backing`, as
 /// (offset, bytes) runs, and the file's length (the rest is zeros).
-fn layout(
-    size: u64,
-    backing: &Path,
-    format: BackingFormat,
-) -> std::io::Result<(Vec<Run>, u64)> {
+fn layout(size: u64, backing: &Path, format: BackingFormat) -> std::io::Result<(Vec<Run>, u64)> {
     let name = backing.as_os_str().as_bytes();
     if name.is_empty() || name.len() > MAX_BACKING_NAME {
         return Err(std::io::Error::new(

@@ -3,6 +3,8 @@
 //! what the fake kernel holds for the same plan, one public IP is one
 //! table and one address, and an empty plan leaves nothing behind.
 
+use super::dhcp::signal;
+use crate::network::kernel::Dhcp;
 use super::*;
 use crate::network::dataplane::{Dataplane, Pass};
 use crate::network::decide::HostEnv;

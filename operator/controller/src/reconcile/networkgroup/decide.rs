@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use yukumo_api::common::{Conditions, condition_types};
 use yukumo_api::net::Segment;
 use yukumo_api::networkgroup::{
-    NetworkGroup, NetworkGroupSpec, NetworkGroupStatus, RouterPlacement, SegmentHost, SegmentType,
+    NetworkGroup, NetworkGroupStatus, RouterPlacement, SegmentHost, SegmentType,
 };
-use yukumo_api::site::{IdRange, Site};
+use yukumo_api::site::Site;
 use yukumo_api::virtualnode::NodeRole;
 use yukumo_api::{Host, Reason, VirtualCluster, VirtualNode};
+
+pub use super::router::{no_vlan_host, offers_vlan, place_router, router_candidates, underlay_of};
+pub use super::segment::{choose_segment, validate};
 
 use super::super::ipam::{
     Member, PublicWant, allocate_addresses, allocate_public, node_addresses, pool_addresses,
@@ -66,195 +68,6 @@ pub fn key_of(g: &NetworkGroup) -> String {
     format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any())
 }
 
-/// The segment of a NetworkGroup: the spec's (if no other group of the
-/// same Site and type holds it), else the one allocated before, else the
-/// lowest free id of the home Site's range. `taken` maps the ids other groups
-/// of that Site and type hold to their `namespace/name`. Errors name the field
-/// or the range.
-pub fn choose_segment(
-    spec: &NetworkGroupSpec,
-    previous: Option<u32>,
-    range: Option<IdRange>,
-    taken: &BTreeMap<u32, String>,
-) -> Result<u32, Verdict> {
-    let what = range_field(spec.segment.type_);
-    let site = &spec.home_site.0;
-    if let Some(id) = spec.segment.id {
-        return match taken.get(&id) {
-            Some(other) => Err(Verdict::stalled(
-                Reason::SegmentIdInUse,
-                format!(
-                    "spec.segment.id: {id} is already used by NetworkGroup {other} at Site {site:?}"
-                ),
-            )),
-            None => Ok(id),
-        };
-    }
-    let Some(r) = range else {
-        return Err(Verdict::stalled(
-            Reason::NoSegmentRange,
-            format!(
-                "spec.segment: Site {site:?} defines no {what}; give it one or set spec.segment.id"
-            ),
-        ));
-    };
-    if let Some(id) = previous
-        && (r.start..=r.end).contains(&id)
-        && !taken.contains_key(&id)
-    {
-        return Ok(id);
-    }
-    (r.start..=r.end)
-        .find(|id| !taken.contains_key(id))
-        .ok_or_else(|| {
-            Verdict::stalled(
-                Reason::SegmentRangeExhausted,
-                format!(
-                    "spec.segment: all {} ids of Site {site:?} {what} {}-{} are in use",
-                    r.end - r.start + 1,
-                    r.start,
-                    r.end
-                ),
-            )
-        })
-}
-
-fn range_field(kind: SegmentType) -> &'static str {
-    match kind {
-        SegmentType::Vlan => "vlanRange",
-        SegmentType::Vxlan => "vniRange",
-    }
-}
-
-/// Pure validation of a NetworkGroup against the Sites.
-pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
-    let find = |n: &str| sites.iter().find(|s| s.metadata.name.as_deref() == Some(n));
-    let Some(home) = find(&spec.home_site.0) else {
-        return Verdict::stalled(
-            Reason::SiteNotFound,
-            format!("spec.homeSite: Site {:?} not found", spec.home_site.0),
-        );
-    };
-    for s in &spec.sites {
-        if find(&s.0).is_none() {
-            return Verdict::stalled(
-                Reason::SiteNotFound,
-                format!("spec.sites: Site {:?} not found", s.0),
-            );
-        }
-    }
-    if let Some(id) = spec.segment.id {
-        let what = range_field(spec.segment.type_);
-        let explicit = match spec.segment.type_ {
-            SegmentType::Vlan => home.spec.vlan_range,
-            SegmentType::Vxlan => home.spec.vni_range,
-        };
-        match home.spec.segment_range(spec.segment.type_) {
-            Some(r) if (r.start..=r.end).contains(&id) => {}
-            Some(r) => {
-                let default = if explicit.is_none() {
-                    " (the default)"
-                } else {
-                    ""
-                };
-                return Verdict::stalled(
-                    Reason::SegmentOutOfRange,
-                    format!(
-                        "spec.segment.id: {id} is outside Site {:?} {what} {}-{}{default}",
-                        spec.home_site.0, r.start, r.end
-                    ),
-                );
-            }
-            None => {
-                return Verdict::stalled(
-                    Reason::SegmentOutOfRange,
-                    format!(
-                        "spec.segment.id: Site {:?} defines no {what}",
-                        spec.home_site.0
-                    ),
-                );
-            }
-        }
-    }
-    for (i, p) in spec.public_ips.iter().enumerate() {
-        if let Some(addr) = p.address
-            && !home.spec.in_public_pool(addr)
-        {
-            return Verdict::stalled(
-                Reason::PublicIPOutsidePool,
-                format!(
-                    "spec.publicIPs[{i}].address: {addr} is not in Site {:?} publicIPPool",
-                    spec.home_site.0
-                ),
-            );
-        }
-    }
-    let mut seen = std::collections::HashSet::new();
-    for (i, p) in spec.public_ips.iter().enumerate() {
-        if let Some(a) = p.address
-            && !seen.insert(a)
-        {
-            return Verdict::stalled(
-                Reason::PublicIPConflict,
-                format!("spec.publicIPs[{i}].address: {a} is requested twice"),
-            );
-        }
-    }
-    Verdict::progressing(
-        Reason::ReferencesResolved,
-        "sites resolved; waiting for segment allocation and router placement",
-    )
-}
-
-/// Whether a Host offers 802.1Q VLAN segments (kernel and uplink).
-fn offers_vlan(h: &Host) -> bool {
-    h.status
-        .as_ref()
-        .and_then(|s| s.capabilities.as_ref())
-        .is_some_and(|c| c.vlan_8021q)
-}
-
-/// The first address a Host reports: its underlay (tunnel endpoint).
-fn underlay_of(h: &Host) -> Option<Ipv4Addr> {
-    h.status.as_ref().and_then(|s| s.addresses.first().copied())
-}
-
-fn host_ready(h: &Host) -> bool {
-    h.status
-        .as_ref()
-        .is_some_and(|s| s.conditions.is_true(condition_types::READY))
-}
-
-/// Hosts that may run a group's router, with their readiness: the gateway
-/// hosts of its home Site (`site_hosts`), for a VLAN group only those that
-/// offer 802.1Q (the router joins the segment too).
-pub fn router_candidates(site_hosts: &[&Arc<Host>], kind: SegmentType) -> Vec<(String, bool)> {
-    site_hosts
-        .iter()
-        .filter(|h| h.spec.gateway && (kind != SegmentType::Vlan || offers_vlan(h)))
-        .map(|h| (h.name_any(), host_ready(h)))
-        .collect()
-}
-
-/// The router's host: the current one while it is a Ready gateway host of the
-/// home Site, else the Ready gateway host there with the fewest routers.
-pub fn place_router(
-    current: Option<&str>,
-    candidates: &[(String, bool)],
-    routers_per_host: &BTreeMap<String, usize>,
-) -> Option<String> {
-    if let Some(c) = current
-        && candidates.iter().any(|(h, ready)| h == c && *ready)
-    {
-        return Some(c.to_string());
-    }
-    candidates
-        .iter()
-        .filter(|(_, ready)| *ready)
-        .min_by_key(|(h, _)| (routers_per_host.get(h).copied().unwrap_or(0), h.clone()))
-        .map(|(h, _)| h.clone())
-}
-
 /// The nodes of every cluster on this group (by spec, whether created yet or
 /// not), and the public IPs their frontends and the group's spec ask for.
 fn members(ng: &NetworkGroup, clusters: &[Arc<VirtualCluster>]) -> (Vec<Member>, Vec<PublicWant>) {
@@ -298,33 +111,6 @@ fn members(ng: &NetworkGroup, clusters: &[Arc<VirtualCluster>]) -> (Vec<Member>,
         });
     }
     (out, wants)
-}
-
-/// Why no host of the Site offers 802.1Q, from each host's probe notes.
-fn no_vlan_host(site: &str, site_hosts: &[&Arc<Host>]) -> Verdict {
-    let notes: Vec<String> = site_hosts
-        .iter()
-        .map(|h| {
-            let note = h
-                .status
-                .as_ref()
-                .and_then(|s| s.capabilities.as_ref())
-                .and_then(|c| c.notes.iter().find(|n| n.starts_with("vlan")).cloned())
-                .unwrap_or_else(|| "not probed".into());
-            format!("{}: {note}", h.name_any())
-        })
-        .collect();
-    Verdict::stalled(
-        Reason::NoCapableHost,
-        format!(
-            "spec.segment.type: vlan needs hosts whose kernel has 802.1Q VLANs; no host of Site {site:?} has ({})",
-            if notes.is_empty() {
-                "no hosts".to_string()
-            } else {
-                notes.join("; ")
-            }
-        ),
-    )
 }
 
 /// Reasons that can clear without a change of this group (other groups go,

@@ -10,6 +10,8 @@
 //! group is decided again) rather than hand something out twice.
 
 pub mod decide;
+pub mod router;
+pub mod segment;
 
 use std::sync::Arc;
 

@@ -1,5 +1,8 @@
 use super::*;
 use serde_json::json;
+use yukumo_api::common::Conditions;
+use yukumo_api::networkgroup::NetworkGroupSpec;
+use yukumo_api::site::IdRange;
 
 fn site(v: serde_json::Value) -> Site {
     serde_json::from_value(json!({
