@@ -52,6 +52,8 @@ struct Opts {
     mappings: usize,
     nodes_per_group: usize,
     single_rounds: usize,
+    /// Skip the raw baseline (profiling runs; no ratio then).
+    skip_baseline: bool,
 }
 
 fn opts() -> Result<Opts> {
@@ -61,6 +63,7 @@ fn opts() -> Result<Opts> {
         mappings: 10_000,
         nodes_per_group: 10,
         single_rounds: 20,
+        skip_baseline: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,6 +74,7 @@ fn opts() -> Result<Opts> {
             "--mappings" => o.mappings = val()?.parse()?,
             "--nodes-per-group" => o.nodes_per_group = val()?.parse()?,
             "--single-rounds" => o.single_rounds = val()?.parse()?,
+            "--skip-baseline" => o.skip_baseline = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -502,6 +506,16 @@ async fn fingerprint(f: &Fabric, dp: &Dataplane<RealKernel>) -> Result<BTreeMap<
     Ok(out)
 }
 
+/// The steps of the dataplane's last pass, with what each took.
+fn print_steps(dp: &Dataplane<RealKernel>) {
+    let steps: Vec<String> = dp
+        .last_timings()
+        .iter()
+        .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
+        .collect();
+    println!("  steps: {}", steps.join(", "));
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -524,20 +538,25 @@ async fn main() -> Result<()> {
     );
 
     // Baseline: the same state, raw.
-    let dp = f.dataplane();
-    let p = plan_for(&f, &gs);
-    let t = Instant::now();
-    baseline(&f, &dp, &p).await?;
-    let baseline_s = t.elapsed().as_secs_f64();
-    println!("baseline (raw ip -batch, bridge -batch, nft -f, dnsmasq): {baseline_s:.2} s");
-    let want = fingerprint(&f, &dp).await?;
-    // The baseline's state is taken down by the agent's own teardown.
-    let dp_clean = f.dataplane();
-    dp_clean.apply(&HostPlan::default(), Pass::Changed).await?;
-    ensure!(
-        f.routers().is_empty(),
-        "routers left after the baseline teardown"
-    );
+    let (baseline_s, want) = if o.skip_baseline {
+        (f64::NAN, None)
+    } else {
+        let dp = f.dataplane();
+        let p = plan_for(&f, &gs);
+        let t = Instant::now();
+        baseline(&f, &dp, &p).await?;
+        let baseline_s = t.elapsed().as_secs_f64();
+        println!("baseline (raw ip -batch, bridge -batch, nft -f, dnsmasq): {baseline_s:.2} s");
+        let want = fingerprint(&f, &dp).await?;
+        // The baseline's state is taken down by the agent's own teardown.
+        let dp_clean = f.dataplane();
+        dp_clean.apply(&HostPlan::default(), Pass::Changed).await?;
+        ensure!(
+            f.routers().is_empty(),
+            "routers left after the baseline teardown"
+        );
+        (baseline_s, Some(want))
+    };
 
     // yukumo: objects -> plan -> kernel, on the same empty host.
     let dp = f.dataplane();
@@ -551,29 +570,34 @@ async fn main() -> Result<()> {
         plan_s * 1e3,
         program_s / baseline_s
     );
-    let got = fingerprint(&f, &dp).await?;
-    for (k, v) in &want {
-        ensure!(
-            got.get(k) == Some(v),
-            "kernel state differs from the baseline's at {k}:\n baseline: {v}\n yukumo:   {:?}",
-            got.get(k)
+    print_steps(&dp);
+    if let Some(want) = &want {
+        let got = fingerprint(&f, &dp).await?;
+        for (k, v) in want {
+            ensure!(
+                got.get(k) == Some(v),
+                "kernel state differs from the baseline's at {k}:\n baseline: {v}\n yukumo:   {:?}",
+                got.get(k)
+            );
+        }
+        ensure!(got.len() == want.len(), "fingerprints differ in size");
+        println!(
+            "kernel state identical to the baseline's ({} items compared)",
+            want.len()
         );
     }
-    ensure!(got.len() == want.len(), "fingerprints differ in size");
-    println!(
-        "kernel state identical to the baseline's ({} items compared)",
-        want.len()
-    );
 
     // Converged: what a watch event and a verification tick cost.
     let t = Instant::now();
     let ch = dp.apply(&p, Pass::Changed).await?;
     let changed_pass_ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(ch.total() == 0, "a converged pass changed {ch:?}");
+    print_steps(&dp);
     let t = Instant::now();
     let ch = dp.apply(&p, Pass::Verify).await?;
     let verify_pass_ms = t.elapsed().as_secs_f64() * 1e3;
     ensure!(ch.total() == 0, "a converged verification changed {ch:?}");
+    print_steps(&dp);
     println!(
         "converged: a pass on a watch event {changed_pass_ms:.0} ms; a verification pass (host + {} routers in full) {verify_pass_ms:.0} ms",
         dataplane::ROUTERS_PER_VERIFY.min(p.routers.len())
@@ -611,6 +635,7 @@ async fn main() -> Result<()> {
         replace_table(Some(&r.netns), "ip", &r.ruleset).await?;
         nft_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    print_steps(&dp);
     let single_mapping_ms = median(&mut nft_ms);
     let single_mapping_pass_ms = median(&mut pass_ms);
     println!(

@@ -103,6 +103,29 @@ pub struct Dataplane<K: Kernel> {
     host_watch: String,
     /// Where the next verification slice of routers starts.
     cursor: AtomicUsize,
+    /// How long each step of the last complete pass took.
+    timings: Mutex<Vec<(&'static str, std::time::Duration)>>,
+}
+
+/// Times the steps of a pass.
+struct StepClock {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl StepClock {
+    fn new() -> Self {
+        StepClock {
+            last: std::time::Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
 }
 
 impl<K: Kernel> std::fmt::Debug for Dataplane<K> {
@@ -151,6 +174,7 @@ impl<K: Kernel> Dataplane<K> {
             watches: None,
             host_watch: host_netns.unwrap_or_else(|| OWN.to_string()),
             cursor: AtomicUsize::new(0),
+            timings: Mutex::default(),
         }
     }
 
@@ -158,6 +182,11 @@ impl<K: Kernel> Dataplane<K> {
     pub fn with_watches(mut self, w: std::sync::Arc<RouterWatches>) -> Self {
         self.watches = Some(w);
         self
+    }
+
+    /// How long each step of the last complete pass took.
+    pub fn last_timings(&self) -> Vec<(&'static str, std::time::Duration)> {
+        self.timings.lock().expect("poisoned").clone()
     }
 
     /// Router namespaces of this host that exist now.
@@ -221,12 +250,14 @@ impl<K: Kernel> Dataplane<K> {
         dirty: &BTreeSet<String>,
     ) -> Result<Changes> {
         let mut ch = Changes::default();
+        let mut clock = StepClock::new();
         let host_ns = self.kernel.ns(None).await?;
         let mut host = HostView {
             state: host_ns.observe(Want::HOST).await?,
             ns: &host_ns,
             stale: false,
         };
+        clock.step("observe host");
         // 1. Links of the host namespace: stale ones go, segments come.
         let links = decide::host_links(plan, host.fresh().await?, &self.env)?;
         ch.links += links.len();
@@ -236,6 +267,7 @@ impl<K: Kernel> Dataplane<K> {
         })
         .await?;
 
+        clock.step("host links");
         // 2. Routers (before guest taps: their veths join the bridges too).
         // New ones get their namespaces, then both legs in one batch for
         // all of them; each is then finished on its own.
@@ -276,6 +308,7 @@ impl<K: Kernel> Dataplane<K> {
             BTreeSet::new()
         };
         let host_links = host.fresh().await?.clone();
+        clock.step("new routers");
         let todo: Vec<(&RouterPlan, u64, bool, bool)> = {
             let applied = self.applied.lock().expect("poisoned");
             plan.routers
@@ -301,6 +334,7 @@ impl<K: Kernel> Dataplane<K> {
         for (r, h, is_fresh, full) in todo {
             jobs.push(self.router_job(r, h, is_fresh, full, &host_links));
         }
+        clock.step("routers due");
         let results: Vec<(&RouterPlan, u64, Result<Changes>)> = futures::stream::iter(jobs)
             .buffer_unordered(ROUTER_CONCURRENCY)
             .collect()
@@ -360,6 +394,7 @@ impl<K: Kernel> Dataplane<K> {
             return Err(e);
         }
 
+        clock.step("routers");
         // 3. Taps: re-joined to their bridge if it was recreated.
         let taps = decide::tap_ops(plan, host.fresh().await?);
         ch.links += taps.len();
@@ -369,6 +404,7 @@ impl<K: Kernel> Dataplane<K> {
         })
         .await?;
 
+        clock.step("taps");
         // 4. The bridges' forwarding: VXLAN remotes, and the ports of guests
         // and routers pinned to their own MACs.
         let (fdb, ports) = decide::bridge_ops(plan, host.fresh().await?);
@@ -381,6 +417,7 @@ impl<K: Kernel> Dataplane<K> {
         })
         .await?;
 
+        clock.step("bridge ports and fdb");
         // 5. Anti-spoofing table.
         let seen = self.guard_seen(plan, pass, dirty).await?;
         if let Some(op) = decide::guard_op(plan, &seen) {
@@ -391,6 +428,8 @@ impl<K: Kernel> Dataplane<K> {
                 TableOp::Delete { .. } => None,
             });
         }
+        clock.step("guard table");
+        *self.timings.lock().expect("poisoned") = clock.steps;
         Ok(ch)
     }
 

@@ -4,11 +4,11 @@
 //! table and one address, and an empty plan leaves nothing behind.
 
 use super::dhcp::signal;
-use crate::network::kernel::Dhcp;
 use super::*;
 use crate::network::dataplane::{Dataplane, Pass};
 use crate::network::decide::HostEnv;
 use crate::network::fake::FakeKernel;
+use crate::network::kernel::Dhcp;
 use crate::network::observe::LinkKind;
 use crate::network::plan::HostPlan;
 use crate::network::testkit::{plan_for, plan_with};
