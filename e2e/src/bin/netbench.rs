@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
@@ -39,6 +39,7 @@ use yukumo_agent::network::decide::HostEnv;
 use yukumo_agent::network::kernel::Dhcp;
 use yukumo_agent::network::plan::{self, HostPlan, RouterPlan, VXLAN_PORT};
 use yukumo_agent::network::real::RealKernel;
+use yukumo_agent::network::watch::RouterWatches;
 use yukumo_api::NetworkGroup;
 use yukumo_api::site::ExternalNetwork;
 
@@ -119,7 +120,7 @@ fn groups(o: &Opts) -> Result<Vec<Arc<NetworkGroup>>> {
         let v = json!({
             "apiVersion": "yukumo.io/v1alpha1",
             "kind": "NetworkGroup",
-            "metadata": {"name": "net", "namespace": format!("tenant-{g}"), "uid": format!("uid-{g}")},
+            "metadata": {"name": "net", "namespace": format!("tenant-{g}"), "uid": format!("uid-{g}"), "resourceVersion": "1"},
             "spec": {
                 "cidr": "10.0.0.0/24",
                 "segment": {"type": "vxlan"},
@@ -201,6 +202,9 @@ async fn sysctl_in(ns: &str, key: &str, value: Option<&str>) -> Result<String> {
 }
 
 struct Fabric {
+    /// Router plans of unchanged groups, kept between passes as the agent
+    /// keeps them.
+    memo: std::sync::Mutex<plan::PlanMemo>,
     prefix: String,
     host: String,
     outside: String,
@@ -211,6 +215,7 @@ impl Fabric {
     async fn create() -> Result<Fabric> {
         let prefix = format!("ykn{}", std::process::id() % 100_000);
         let f = Fabric {
+            memo: Default::default(),
             host: format!("{prefix}-h"),
             outside: format!("{prefix}-o"),
             state: std::env::temp_dir().join(format!("{prefix}-state")),
@@ -331,14 +336,17 @@ impl Drop for Fabric {
 
 fn plan_for(f: &Fabric, groups: &[Arc<NetworkGroup>]) -> HostPlan {
     let ext = f.external();
-    plan::plan(&plan::Inputs {
-        host: HOST,
-        netns_prefix: &format!("{}-", f.host),
-        groups,
-        nodes: &[],
-        external: Some(&ext),
-        underlay: Some(UNDERLAY),
-    })
+    plan::plan_memo(
+        &plan::Inputs {
+            host: HOST,
+            netns_prefix: &format!("{}-", f.host),
+            groups,
+            nodes: &[],
+            external: Some(&ext),
+            underlay: Some(UNDERLAY),
+        },
+        &mut f.memo.lock().expect("poisoned"),
+    )
 }
 
 /// The same kernel state as `Dataplane::apply` on an empty host, with raw
@@ -508,12 +516,23 @@ async fn fingerprint(f: &Fabric, dp: &Dataplane<RealKernel>) -> Result<BTreeMap<
 
 /// The steps of the dataplane's last pass, with what each took.
 fn print_steps(dp: &Dataplane<RealKernel>) {
-    let steps: Vec<String> = dp
-        .last_timings()
+    print_timings(&dp.last_timings());
+}
+
+fn print_timings(t: &[(&str, Duration)]) {
+    let steps: Vec<String> = t
         .iter()
         .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
         .collect();
     println!("  steps: {}", steps.join(", "));
+}
+
+/// Network namespaces the kernel holds (live, or deleted and not yet
+/// destroyed), from the slab allocator's count; None where it is not shown.
+fn netns_objects() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("net_namespace "))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -538,6 +557,7 @@ async fn main() -> Result<()> {
     );
 
     // Baseline: the same state, raw.
+    let netns_before = netns_objects().unwrap_or(0);
     let (baseline_s, want) = if o.skip_baseline {
         (f64::NAN, None)
     } else {
@@ -555,11 +575,29 @@ async fn main() -> Result<()> {
             f.routers().is_empty(),
             "routers left after the baseline teardown"
         );
+        // The kernel destroys deleted namespaces in the background, holding
+        // the locks link changes need for seconds at a time; the measured
+        // part starts once that is done, as the baseline did.
+        let t = Instant::now();
+        while netns_objects().is_some_and(|n| n > netns_before + 10)
+            && t.elapsed() < Duration::from_secs(300)
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!(
+            "the kernel finished destroying the baseline's namespaces in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         (baseline_s, Some(want))
     };
 
-    // yukumo: objects -> plan -> kernel, on the same empty host.
-    let dp = f.dataplane();
+    // yukumo: objects -> plan -> kernel, on the same empty host, following
+    // kernel events in the host's and the routers' namespaces as the agent
+    // does (what they queue is not acted on here: nothing else changes).
+    let (poke, _poked) = tokio::sync::mpsc::channel(1);
+    let watches = RouterWatches::new(poke);
+    watches.watch_netns_dir()?;
+    let dp = f.dataplane().with_watches(watches);
     let t = Instant::now();
     let p = plan_for(&f, &gs);
     let plan_s = t.elapsed().as_secs_f64();
@@ -587,6 +625,32 @@ async fn main() -> Result<()> {
         );
     }
 
+    // The kernel reports the new ports' carrier and forwarding state for a
+    // while after they were made (its link watch runs about once a second):
+    // each such event has the next pass read the host again. Converged is
+    // when a pass finds no news from the host.
+    let t = Instant::now();
+    let mut settled = false;
+    while t.elapsed() < Duration::from_secs(60) {
+        let ch = dp.apply(&p, Pass::Changed).await?;
+        ensure!(ch.total() == 0, "a pass while settling changed {ch:?}");
+        if dp
+            .last_timings()
+            .iter()
+            .any(|s| s.0 == dataplane::HOST_REUSED)
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settle_s = t.elapsed().as_secs_f64();
+    if settled {
+        println!("the kernel's trailing events settled after {settle_s:.1} s");
+    } else {
+        println!("the kernel's events did not settle within 60 s: the passes below read the host");
+    }
+
     // Converged: what a watch event and a verification tick cost.
     let t = Instant::now();
     let ch = dp.apply(&p, Pass::Changed).await?;
@@ -605,6 +669,8 @@ async fn main() -> Result<()> {
 
     // One mapping removed, then added back, on the first group.
     let mut pass_ms = Vec::new();
+    let mut slowest = Vec::new();
+    let mut plan_ms = Vec::new();
     let mut nft_ms = Vec::new();
     let full = gs[0].clone();
     let mut fewer = (*full).clone();
@@ -613,18 +679,25 @@ async fn main() -> Result<()> {
         .as_mut()
         .and_then(|s| s.public_ips.pop())
         .context("group 0 has no mapping")?;
-    let fewer = Arc::new(fewer);
     for round in 0..o.single_rounds {
         let mut now = gs.clone();
-        now[0] = if round % 2 == 0 {
+        let mut g = if round % 2 == 0 {
             fewer.clone()
         } else {
-            full.clone()
+            (*full).clone()
         };
+        // Written by the controller: the API server gives it a new version.
+        g.metadata.resource_version = Some((round + 2).to_string());
+        now[0] = Arc::new(g);
         let t = Instant::now();
         let p = plan_for(&f, &now);
+        plan_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let ch = dp.apply(&p, Pass::Changed).await?;
-        pass_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if pass_ms.iter().all(|m| *m < ms) {
+            slowest = dp.last_timings();
+        }
+        pass_ms.push(ms);
         ensure!(
             ch.tables == 1 && ch.addresses == 1 && ch.total() == 2,
             "one mapping must be one nft transaction and one address: {ch:?}"
@@ -636,11 +709,16 @@ async fn main() -> Result<()> {
         nft_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     print_steps(&dp);
+    print!("  the slowest round's");
+    print_timings(&slowest);
     let single_mapping_ms = median(&mut nft_ms);
     let single_mapping_pass_ms = median(&mut pass_ms);
     println!(
-        "one mapping ({} -> {}) added/removed {} times: one nft transaction, median {single_mapping_ms:.1} ms (target <= 20 ms); the whole pass median {single_mapping_pass_ms:.0} ms",
-        removed.address, removed.node, o.single_rounds
+        "one mapping ({} -> {}) added/removed {} times: one nft transaction, median {single_mapping_ms:.1} ms (target <= 20 ms); the whole pass median {single_mapping_pass_ms:.0} ms (target <= 50 ms; its plan {:.1} ms)",
+        removed.address,
+        removed.node,
+        o.single_rounds,
+        median(&mut plan_ms)
     );
 
     // Teardown.
@@ -666,6 +744,7 @@ async fn main() -> Result<()> {
         "program_ratio": program_s / baseline_s,
         "program_ratio_target": 1.2,
         "converged_pass_ms": changed_pass_ms,
+        "settle_s": settle_s,
         "converged_pass_ms_target": 50.0,
         "verify_pass_ms": verify_pass_ms,
         "routers_per_verify": dataplane::ROUTERS_PER_VERIFY,

@@ -40,6 +40,9 @@ pub enum Pass {
     Verify,
 }
 
+/// The first step of a pass that found the host as the last one left it.
+pub const HOST_REUSED: &str = "host state reused";
+
 /// Routers read in full per verification pass.
 pub const ROUTERS_PER_VERIFY: usize = 64;
 /// Routers applied at once.
@@ -96,6 +99,11 @@ pub struct Dataplane<K: Kernel> {
     applied: Mutex<HashMap<String, RouterMemo>>,
     /// The host's anti-spoofing table as last written: `Some(None)` deleted.
     guard: Mutex<Option<Option<String>>>,
+    /// The host namespace's links and FDB as the last pass left them (read
+    /// after its last write), while nothing else can have changed them:
+    /// a pass on a watch event with no kernel event from the host uses it
+    /// instead of dumping thousands of links again.
+    host_seen: Mutex<Option<std::sync::Arc<NsState>>>,
     /// Kernel events from the host's and the routers' namespaces (the
     /// agent; none in benchmarks): what changed there is read in full.
     watches: Option<std::sync::Arc<RouterWatches>>,
@@ -141,14 +149,19 @@ impl<K: Kernel> std::fmt::Debug for Dataplane<K> {
 /// it since (then it is read again before the next step).
 struct HostView<'a, N: NsLinks> {
     ns: &'a N,
-    state: NsState,
+    /// Shared with the routers' jobs and the next pass, never copied.
+    state: std::sync::Arc<NsState>,
     stale: bool,
 }
 
 impl<N: NsLinks> HostView<'_, N> {
     async fn fresh(&mut self) -> Result<&NsState> {
+        Ok(self.shared().await?)
+    }
+
+    async fn shared(&mut self) -> Result<&std::sync::Arc<NsState>> {
         if self.stale {
-            self.state = self.ns.observe(Want::HOST).await?;
+            self.state = std::sync::Arc::new(self.ns.observe(Want::HOST).await?);
             self.stale = false;
         }
         Ok(&self.state)
@@ -171,6 +184,7 @@ impl<K: Kernel> Dataplane<K> {
             env,
             applied: Mutex::default(),
             guard: Mutex::default(),
+            host_seen: Mutex::default(),
             watches: None,
             host_watch: host_netns.unwrap_or_else(|| OWN.to_string()),
             cursor: AtomicUsize::new(0),
@@ -180,6 +194,7 @@ impl<K: Kernel> Dataplane<K> {
 
     /// Follow kernel events in the host's and the routers' namespaces.
     pub fn with_watches(mut self, w: std::sync::Arc<RouterWatches>) -> Self {
+        w.set_host(&self.host_watch);
         self.watches = Some(w);
         self
     }
@@ -205,18 +220,42 @@ impl<K: Kernel> Dataplane<K> {
         };
         // Watches of namespaces that went away or were replaced are dropped
         // first: their sockets would keep the old namespace alive.
+        let started = std::time::Instant::now();
         let watched = self.watch_list(plan);
         self.report_unwatched(w.sync(&watched).await);
+        let synced = started.elapsed();
         let dirty = w.take_dirty();
         w.begin(&self.host_watch);
         let res = self.apply_with(plan, pass, &dirty).await;
-        w.end(&self.host_watch);
+        let mut clock = StepClock::new();
+        if w.end(&self.host_watch) > 0 {
+            // Something changed the host namespace during the pass (the
+            // agent, or someone else in that window).
+            self.host_seen.lock().expect("poisoned").take();
+        }
+        let unknown = self.host_seen.lock().expect("poisoned").is_none();
+        if res.is_ok() && unknown && w.watched(&self.host_watch) {
+            // Read once more now that its events are news again: a change
+            // after this read is an event, one before it is in it.
+            if let Ok(ns) = self.kernel.ns(None).await
+                && let Ok(s) = ns.observe(Want::HOST).await
+            {
+                *self.host_seen.lock().expect("poisoned") = Some(std::sync::Arc::new(s));
+            }
+        }
+        clock.step("host read after");
         if res.is_err() {
             // Not repaired yet: kept for the retry.
             w.mark_dirty(dirty);
-        } else {
+        } else if res.as_ref().is_ok_and(|c| c.namespaces > 0) {
             // New routers are watched from now on.
             self.report_unwatched(w.sync(&self.watch_list(plan)).await);
+        }
+        if res.is_ok() {
+            clock.step("watches after");
+            let mut t = self.timings.lock().expect("poisoned");
+            t.insert(0, ("watches before", synced));
+            t.extend(clock.steps);
         }
         res
     }
@@ -252,12 +291,21 @@ impl<K: Kernel> Dataplane<K> {
         let mut ch = Changes::default();
         let mut clock = StepClock::new();
         let host_ns = self.kernel.ns(None).await?;
+        // Taken: a pass that fails leaves nothing to trust.
+        let seen = self.host_seen.lock().expect("poisoned").take();
+        let (state, step) = match seen {
+            Some(s) if self.quiet(&self.host_watch, pass, dirty) => (s, HOST_REUSED),
+            _ => (
+                std::sync::Arc::new(host_ns.observe(Want::HOST).await?),
+                "observe host",
+            ),
+        };
         let mut host = HostView {
-            state: host_ns.observe(Want::HOST).await?,
+            state,
             ns: &host_ns,
             stale: false,
         };
-        clock.step("observe host");
+        clock.step(step);
         // 1. Links of the host namespace: stale ones go, segments come.
         let links = decide::host_links(plan, host.fresh().await?, &self.env)?;
         ch.links += links.len();
@@ -307,7 +355,7 @@ impl<K: Kernel> Dataplane<K> {
         } else {
             BTreeSet::new()
         };
-        let host_links = host.fresh().await?.clone();
+        let host_links = host.shared().await?.clone();
         clock.step("new routers");
         let todo: Vec<(&RouterPlan, u64, bool, bool)> = {
             let applied = self.applied.lock().expect("poisoned");
@@ -429,6 +477,11 @@ impl<K: Kernel> Dataplane<K> {
             });
         }
         clock.step("guard table");
+        // Known exactly only when this pass did not change it since it last
+        // read it (a change is read back by the next pass).
+        if !host.stale {
+            *self.host_seen.lock().expect("poisoned") = Some(host.state);
+        }
         *self.timings.lock().expect("poisoned") = clock.steps;
         Ok(ch)
     }

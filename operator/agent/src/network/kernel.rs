@@ -100,7 +100,8 @@ pub trait Dhcp: Send + Sync {
 
 /// Gratuitous ARP for the external addresses a router takes.
 pub trait Announce: Send + Sync {
-    /// Best effort: neighbours learn the address on first use otherwise.
+    /// Best effort, and may still be under way when this returns:
+    /// neighbours learn the address on first use otherwise.
     fn announce(
         &self,
         router: &str,

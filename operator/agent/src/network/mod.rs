@@ -120,6 +120,7 @@ pub async fn run(
     let mut next_verify = tokio::time::Instant::now();
     let mut first = true;
     let mut last_error: Option<String> = None;
+    let mut memo = plan::PlanMemo::default();
     loop {
         let poked = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -137,14 +138,17 @@ pub async fn run(
         let site = site_store.state().into_iter().next();
         let external = site.as_ref().and_then(|s| s.spec.external_network.clone());
         let prefix = cfg.dataplane.router_prefix.clone();
-        let p = plan::plan(&plan::Inputs {
-            host: &cfg.host,
-            netns_prefix: &prefix,
-            groups: &groups,
-            nodes: &nodes,
-            external: external.as_ref(),
-            underlay: cfg.dataplane.env.underlay,
-        });
+        let p = plan::plan_memo(
+            &plan::Inputs {
+                host: &cfg.host,
+                netns_prefix: &prefix,
+                groups: &groups,
+                nodes: &nodes,
+                external: external.as_ref(),
+                underlay: cfg.dataplane.env.underlay,
+            },
+            &mut memo,
+        );
         let started = Instant::now();
         let pass = if poked {
             dataplane::Pass::Changed

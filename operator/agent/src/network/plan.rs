@@ -7,8 +7,9 @@
 //! belongs to one Site) and node uids, so two tenants with the same CIDR never
 //! share a link, a table or a namespace.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -164,7 +165,59 @@ fn group_key(g: &NetworkGroup) -> String {
     format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any())
 }
 
+/// Router plans kept between passes. A router's plan is a function of its
+/// group's object and of the host's inputs; a group whose object did not
+/// change (same uid and resourceVersion, which the API server changes on
+/// every write) under the same inputs is not rendered again.
+#[derive(Debug, Default)]
+pub struct PlanMemo {
+    /// Group uid → (resourceVersion, inputs hash, plan).
+    routers: HashMap<String, (String, u64, RouterPlan)>,
+}
+
+/// [`plan`], reusing the router plans of groups that did not change.
+pub fn plan_memo(inp: &Inputs, memo: &mut PlanMemo) -> HostPlan {
+    let env = {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (inp.host, inp.netns_prefix).hash(&mut h);
+        serde_json::to_string(&inp.external)
+            .unwrap_or_default()
+            .hash(&mut h);
+        h.finish()
+    };
+    let mut kept = HashMap::with_capacity(memo.routers.len());
+    let out = plan_with(inp, &mut |g, seg, mtu| {
+        let id = g
+            .metadata
+            .uid
+            .as_ref()
+            .zip(g.metadata.resource_version.as_ref());
+        if let Some((uid, rv)) = id
+            && let Some((v, e, r)) = memo.routers.get(uid)
+            && v == rv
+            && *e == env
+        {
+            kept.insert(uid.clone(), (v.clone(), *e, r.clone()));
+            return Some(r.clone());
+        }
+        let r = router_plan(inp, g, seg, mtu)?;
+        if let Some((uid, rv)) = id {
+            kept.insert(uid.clone(), (rv.clone(), env, r.clone()));
+        }
+        Some(r)
+    });
+    memo.routers = kept;
+    out
+}
+
 pub fn plan(inp: &Inputs) -> HostPlan {
+    plan_with(inp, &mut |g, seg, mtu| router_plan(inp, g, seg, mtu))
+}
+
+fn plan_with(
+    inp: &Inputs,
+    router: &mut dyn FnMut(&NetworkGroup, Segment, u32) -> Option<RouterPlan>,
+) -> HostPlan {
     let mut out = HostPlan::default();
     let key = |ns: &str, name: &str| format!("{ns}/{name}");
     // The groups this host takes part in: its own nodes', those whose span
@@ -204,7 +257,7 @@ pub fn plan(inp: &Inputs) -> HostPlan {
                 remotes,
             },
         );
-        if router_here && let Some(r) = router_plan(inp, g, seg, mtu) {
+        if router_here && let Some(r) = router(g, seg, mtu) {
             out.routers.insert(r.netns.clone(), r);
         }
     }

@@ -472,18 +472,19 @@ impl Firewall for RealKernel {
 
 impl Announce for RealKernel {
     async fn announce(&self, router: &str, mac: MacAddr, addrs: Vec<Ipv4Addr>) {
+        // Not awaited: closing a packet socket waits for an RCU grace
+        // period (`synchronize_net`, ~10 ms), which the pass need not.
         let ns = router.to_string();
-        let res = tokio::task::spawn_blocking(move || {
-            netns::in_netns(&ns, || {
+        let router = router.to_string();
+        tokio::task::spawn_blocking(move || {
+            let res = netns::in_netns(&ns, || {
                 super::garp::announce(super::plan::ROUTER_WAN, mac.octets(), &addrs)
-            })
-        })
-        .await;
-        match res {
-            Ok(Ok(n)) => tracing::debug!(%router, announced = n, "gratuitous ARP"),
-            Ok(Err(e)) => tracing::warn!(%router, error = %e, "gratuitous ARP failed"),
-            Err(e) => tracing::warn!(%router, error = %e, "gratuitous ARP failed"),
-        }
+            });
+            match res {
+                Ok(n) => tracing::debug!(%router, announced = n, "gratuitous ARP"),
+                Err(e) => tracing::warn!(%router, error = %e, "gratuitous ARP failed"),
+            }
+        });
     }
 }
 

@@ -27,7 +27,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use netlink_sys::{AsyncSocket, AsyncSocketExt, Socket, SocketAddr, TokioSocket, protocols};
 use tokio::sync::mpsc;
@@ -43,6 +43,10 @@ struct Watch {
     inode: u64,
     sockets: [Arc<TokioSocket>; 2],
     applying: Arc<AtomicBool>,
+    /// Notifications the task read while the agent was applying.
+    during: Arc<AtomicUsize>,
+    /// The host's namespace: changes to links not yukumo's are not news.
+    host: bool,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,22 +59,78 @@ impl Drop for Watch {
 /// The watches of this host's routers, by namespace name.
 pub struct RouterWatches {
     watches: Mutex<HashMap<String, Watch>>,
+    /// The name the host's namespace is watched under, once known.
+    host: Mutex<Option<String>>,
+    /// Names under /run/netns came or went since the last [`Self::sync`]
+    /// (set by the inotify thread; always, without one).
+    names_changed: Arc<AtomicBool>,
+    /// Whether the inotify thread runs.
+    names_watched: AtomicBool,
     /// Routers something changed in since the dataplane last took them.
     dirty: Arc<Mutex<BTreeSet<String>>>,
     /// Pokes the network loop.
     poke: mpsc::Sender<()>,
 }
 
-/// Read and drop every queued message; how many there were (an overrun,
-/// ENOBUFS, counts as one: something changed).
-fn drain(s: &Socket) -> usize {
+/// rtnetlink message types.
+const RTM_NEWLINK: u16 = 16;
+/// Attribute of a link message: its name.
+const IFLA_IFNAME: u16 = 3;
+
+/// How many of the notifications in one datagram are news. In the host's
+/// namespace (`host`), a link changing that is not yukumo's (the uplink, the
+/// external interface, anything else on the machine: their counters and
+/// flags change all the time, and a router's addresses change its macvlan
+/// parent) is not; its deletion is, and so is anything else.
+fn news(buf: &[u8], host: bool) -> usize {
+    if !host {
+        return 1;
+    }
+    let mut n = 0;
+    let mut rest = buf;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let ty = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < 16 || len > rest.len() {
+            return n + 1;
+        }
+        let msg = &rest[16..len];
+        if ty != RTM_NEWLINK || link_name(msg).is_none_or(|name| name.starts_with(b"yk")) {
+            n += 1;
+        }
+        rest = &rest[(len + 3) & !3..];
+    }
+    n
+}
+
+/// The name in a link message's body (after its 16-byte `ifinfomsg`).
+fn link_name(body: &[u8]) -> Option<&[u8]> {
+    let mut attrs = body.get(16..)?;
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == IFLA_IFNAME {
+            let v = &attrs[4..len];
+            return Some(v.split(|b| *b == 0).next().unwrap_or(v));
+        }
+        attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
+    }
+    None
+}
+
+/// Read and drop every queued message; how many were news ([`news`]; an
+/// overrun, ENOBUFS, counts as one: something changed).
+fn drain(s: &Socket, host: bool) -> usize {
     let mut n = 0;
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         buf.clear();
         match s.recv(&mut buf, libc::MSG_DONTWAIT) {
             Ok(0) => return n,
-            Ok(_) => n += 1,
+            Ok(_) => n += news(&buf, host),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return n,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
             Err(_) => return n + 1,
@@ -126,9 +186,17 @@ impl RouterWatches {
     pub fn new(poke: mpsc::Sender<()>) -> Arc<RouterWatches> {
         Arc::new(RouterWatches {
             watches: Mutex::default(),
+            host: Mutex::default(),
+            names_changed: Arc::new(AtomicBool::new(true)),
+            names_watched: AtomicBool::new(false),
             dirty: Arc::default(),
             poke,
         })
+    }
+
+    /// `netns` is the host's namespace ([`news`]).
+    pub fn set_host(&self, netns: &str) {
+        *self.host.lock().expect("poisoned") = Some(netns.to_string());
     }
 
     /// The namespaces something changed in, since the last call.
@@ -160,13 +228,18 @@ impl RouterWatches {
         )
         .map_err(std::io::Error::from)?;
         let poke = self.poke.clone();
+        let changed = self.names_changed.clone();
         std::thread::Builder::new()
             .name("netns-dir".into())
             .spawn(move || {
                 while ino.read_events().is_ok() && !poke.is_closed() {
+                    changed.store(true, Ordering::SeqCst);
                     let _ = poke.try_send(());
                 }
+                // Not watched any more: every sync checks every name.
+                changed.store(true, Ordering::SeqCst);
             })?;
+        self.names_watched.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -175,16 +248,25 @@ impl RouterWatches {
     /// namespace that is gone or replaced. Returns the namespaces that
     /// could not be watched, with why.
     pub async fn sync(&self, routers: &[String]) -> Vec<(String, String)> {
+        // The inode a name stands for now (a stat, not an open: a thousand
+        // routers are checked on every pass).
         let current = |name: &str| {
-            ns_file(name)
-                .and_then(|f| f.metadata())
-                .ok()
-                .map(|m| m.ino())
+            let path = if name == OWN {
+                std::path::PathBuf::from("/proc/self/ns/net")
+            } else {
+                crate::netns::path(name)
+            };
+            std::fs::metadata(path).ok().map(|m| m.ino())
         };
+        // Whether a watched name may stand for another namespace now: only
+        // if names came or went under /run/netns since the last look.
+        let check = self.names_changed.swap(false, Ordering::SeqCst)
+            || !self.names_watched.load(Ordering::SeqCst);
+        let wanted: std::collections::HashSet<&str> = routers.iter().map(String::as_str).collect();
         let missing: Vec<String> = {
             let mut w = self.watches.lock().expect("poisoned");
             w.retain(|name, watch| {
-                routers.iter().any(|r| r == name) && current(name) == Some(watch.inode)
+                wanted.contains(name.as_str()) && (!check || current(name) == Some(watch.inode))
             });
             routers
                 .iter()
@@ -208,15 +290,20 @@ impl RouterWatches {
         .await
         .unwrap_or_default();
         let mut failed = Vec::new();
+        let host_ns = self.host.lock().expect("poisoned").clone();
         let mut w = self.watches.lock().expect("poisoned");
         for (name, r) in opened {
+            let host = host_ns.as_deref() == Some(name.as_str());
             let started = r.map(|(inode, route, nft)| {
                 let sockets = [Arc::new(route), Arc::new(nft)];
                 let applying = Arc::new(AtomicBool::new(false));
+                let during = Arc::new(AtomicUsize::new(0));
                 let task = tokio::spawn(watch(
                     name.clone(),
                     sockets.clone(),
+                    host,
                     applying.clone(),
+                    during.clone(),
                     self.dirty.clone(),
                     self.poke.clone(),
                 ));
@@ -224,6 +311,8 @@ impl RouterWatches {
                     inode,
                     sockets,
                     applying,
+                    during,
+                    host,
                     task,
                 }
             });
@@ -244,14 +333,18 @@ impl RouterWatches {
         }
     }
 
-    /// The agent is done with `netns`: drop the notifications it caused.
-    pub fn end(&self, netns: &str) {
+    /// The agent is done with `netns`: drop the notifications it caused;
+    /// how many were news (those of a change by someone else in that
+    /// window among them).
+    pub fn end(&self, netns: &str) -> usize {
+        let mut n = 0;
         if let Some(w) = self.watches.lock().expect("poisoned").get(netns) {
-            for s in &w.sockets {
-                drain(s.socket_ref());
-            }
+            let [route, nft] = &w.sockets;
+            n += drain(route.socket_ref(), w.host) + drain(nft.socket_ref(), false);
             w.applying.store(false, Ordering::SeqCst);
+            n += w.during.swap(0, Ordering::SeqCst);
         }
+        n
     }
 
     /// How many routers are watched.
@@ -269,7 +362,9 @@ impl RouterWatches {
 async fn watch(
     netns: String,
     sockets: [Arc<TokioSocket>; 2],
+    host: bool,
     applying: Arc<AtomicBool>,
+    during: Arc<AtomicUsize>,
     dirty: Arc<Mutex<BTreeSet<String>>>,
     poke: mpsc::Sender<()>,
 ) {
@@ -278,9 +373,9 @@ async fn watch(
     loop {
         a.clear();
         b.clear();
-        let (first, sock) = tokio::select! {
-            r = route.recv(&mut a) => (r, &route),
-            r = nft.recv(&mut b) => (r, &nft),
+        let (first, sock, buf, filtered) = tokio::select! {
+            r = route.recv(&mut a) => (r, &route, &a, host),
+            r = nft.recv(&mut b) => (r, &nft, &b, false),
         };
         // One notification came (or an overrun: something changed); read
         // what else is queued, then tell the loop once.
@@ -290,8 +385,14 @@ async fn watch(
         if first.is_err() && !overrun {
             return;
         }
-        drain(sock.socket_ref());
-        if !applying.load(Ordering::SeqCst) {
+        let first_news = if overrun { 1 } else { news(buf, filtered) };
+        let n = first_news + drain(sock.socket_ref(), filtered);
+        if n == 0 {
+            continue;
+        }
+        if applying.load(Ordering::SeqCst) {
+            during.fetch_add(n, Ordering::SeqCst);
+        } else {
             dirty.lock().expect("poisoned").insert(netns.clone());
             if poke.is_closed() {
                 return;
@@ -306,6 +407,49 @@ mod tests {
     use super::*;
     use std::process::Command;
     use std::time::Duration;
+
+    /// A netlink message of type `ty` for a link named `name`, padded.
+    fn link_msg(ty: u16, name: &str) -> Vec<u8> {
+        let mut attr = Vec::new();
+        let v = [name.as_bytes(), &[0]].concat();
+        attr.extend(((4 + v.len()) as u16).to_ne_bytes());
+        attr.extend(IFLA_IFNAME.to_ne_bytes());
+        attr.extend(&v);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        // An attribute before the name, as the kernel sends (IFLA_MTU).
+        let mut body = vec![0u8; 16];
+        body.extend(8u16.to_ne_bytes());
+        body.extend(4u16.to_ne_bytes());
+        body.extend(1500u32.to_ne_bytes());
+        body.extend(attr);
+        let mut m = Vec::new();
+        m.extend(((16 + body.len()) as u32).to_ne_bytes());
+        m.extend(ty.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend(body);
+        m
+    }
+
+    #[test]
+    fn in_the_host_only_yukumos_links_and_deletions_are_news() {
+        let ours = link_msg(RTM_NEWLINK, "ykbr1000");
+        let other = link_msg(RTM_NEWLINK, "eth0");
+        let gone = link_msg(RTM_NEWLINK + 1, "eth0");
+        assert_eq!(news(&ours, true), 1);
+        assert_eq!(news(&other, true), 0);
+        assert_eq!(news(&gone, true), 1);
+        // Several in one datagram.
+        assert_eq!(
+            news(&[other.clone(), ours, other.clone(), gone].concat(), true),
+            2
+        );
+        // In a router, everything is.
+        assert_eq!(news(&other, false), 1);
+        // A truncated message is news (something changed).
+        assert_eq!(news(&other[..20], true), 1);
+    }
 
     fn ip(args: &[&str]) -> bool {
         Command::new("ip")
@@ -342,7 +486,7 @@ mod tests {
         // The agent's own change: not news.
         w.begin(&ns);
         assert!(ip(&["-n", &ns, "link", "add", "d0", "type", "bridge"]));
-        w.end(&ns);
+        assert!(w.end(&ns) > 0, "the agent's own change was not counted");
         settle().await;
         assert!(
             w.take_dirty().is_empty(),

@@ -202,3 +202,50 @@ fn rendered_tables_pass_nft_check() {
         );
     }
 }
+
+/// The memo gives what `plan` gives: unchanged groups' routers are reused,
+/// a group written since (a new resourceVersion) or other host inputs are
+/// planned again, and groups that went away are forgotten.
+#[test]
+fn the_memo_plans_what_plan_plans() {
+    let (groups, nodes, ext) = fixture();
+    let with_rv = |g: &NetworkGroup, rv: &str| {
+        let mut g = g.clone();
+        g.metadata.uid = Some("uid-1".into());
+        g.metadata.resource_version = Some(rv.into());
+        Arc::new(g)
+    };
+    let v1 = [with_rv(&groups[0], "1")];
+    let inp = Inputs {
+        host: "h1",
+        netns_prefix: "yk-",
+        groups: &v1,
+        nodes: &nodes,
+        external: Some(&ext),
+        underlay: Some("10.255.0.1".parse().unwrap()),
+    };
+    let mut memo = PlanMemo::default();
+    assert_eq!(plan_memo(&inp, &mut memo), plan(&inp));
+    assert_eq!(plan_memo(&inp, &mut memo), plan(&inp), "reused");
+    // The group written: one mapping fewer, a new resourceVersion.
+    let mut fewer = (*v1[0]).clone();
+    fewer.status.as_mut().unwrap().public_ips.clear();
+    let v2 = [with_rv(&fewer, "2")];
+    let inp2 = Inputs { groups: &v2, ..inp };
+    let p2 = plan_memo(&inp2, &mut memo);
+    assert_eq!(p2, plan(&inp2));
+    assert!(!p2.routers["yk-r1000"].ruleset.contains("203.0.113.17 :"));
+    // Another namespace prefix: planned again.
+    let inp3 = Inputs {
+        netns_prefix: "h1-",
+        ..inp2
+    };
+    assert_eq!(plan_memo(&inp3, &mut memo), plan(&inp3));
+    // No groups: nothing kept.
+    let inp4 = Inputs {
+        groups: &[],
+        ..inp3
+    };
+    assert_eq!(plan_memo(&inp4, &mut memo), plan(&inp4));
+    assert!(memo.routers.is_empty());
+}

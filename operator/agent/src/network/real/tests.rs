@@ -94,13 +94,15 @@ fn comparable(s: &NsState) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kernel_converges_like_the_fake() {
+/// A host namespace with an uplink, an external interface and a guest's
+/// tap, and the dataplane of that host; None (saying so) without root,
+/// nft or dnsmasq. `tag` keeps concurrent tests' namespaces apart.
+async fn sandbox(tag: &str) -> Option<(Sandbox, Dataplane<RealKernel>, HostEnv, String)> {
     if !nix::unistd::geteuid().is_root() || !have("nft") || !have("dnsmasq") {
         eprintln!("skipped: needs root, nft and dnsmasq");
-        return;
+        return None;
     }
-    let id = std::process::id() % 100_000;
+    let id = format!("{}{tag}", std::process::id() % 100_000);
     let sb = Sandbox {
         host: format!("ykrt{id}h"),
         outside: format!("ykrt{id}o"),
@@ -136,6 +138,14 @@ async fn the_kernel_converges_like_the_fake() {
         uplink: Some("ul0".into()),
     };
     let dp = Dataplane::new(k, prefix.clone(), env.clone(), Some(sb.host.clone()));
+    Some((sb, dp, env, prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_converges_like_the_fake() {
+    let Some((_sb, dp, env, prefix)) = sandbox("c").await else {
+        return;
+    };
     let plan = plan_for(&prefix, "ext0");
     let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
     assert!(
@@ -255,4 +265,44 @@ async fn the_kernel_converges_like_the_fake() {
     assert!(yk.is_empty(), "{yk:?}");
     assert!(!netns::list().contains(&router));
     assert_eq!(dp.kernel.table(None, Family::Bridge).await.unwrap(), None);
+}
+
+/// With kernel events followed (as in the agent), a pass on a watch event
+/// reuses the host state the last pass left instead of dumping it again,
+/// and a hand-made change in the host namespace is still repaired by the
+/// pass its event queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_host_is_not_read_again_until_something_changes_it() {
+    let Some((sb, dp, _env, prefix)) = sandbox("w").await else {
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let watches = crate::network::watch::RouterWatches::new(tx);
+    let dp = dp.with_watches(watches);
+    let plan = plan_for(&prefix, "ext0");
+    assert!(dp.apply(&plan, Pass::Changed).await.unwrap().links > 0);
+    // The pass that changed the host reads it again; the next one reuses it.
+    for _ in 0..3 {
+        assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
+    }
+    while rx.try_recv().is_ok() {}
+
+    // By hand, outside any pass: the bridge goes.
+    let hand = RealKernel::new(Some(sb.host.clone()), sb.state.path().to_path_buf());
+    hand.ns(None)
+        .await
+        .unwrap()
+        .apply(&NsOps {
+            links: vec![LinkOp::Delete("ykbr1000".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the host's event queues a pass within 5 s");
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert!(ch.links >= 4, "the deleted bridge was not rebuilt: {ch:?}");
+    assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
+    dp.apply(&HostPlan::default(), Pass::Changed).await.unwrap();
 }
