@@ -323,6 +323,7 @@ impl<K: Kernel> Dataplane<K> {
         let fresh: Vec<&RouterPlan> = plan
             .routers
             .values()
+            .map(|r| &**r)
             .filter(|r| !existing.contains(&r.netns))
             .collect();
         if !fresh.is_empty() {
@@ -361,6 +362,7 @@ impl<K: Kernel> Dataplane<K> {
             let applied = self.applied.lock().expect("poisoned");
             plan.routers
                 .values()
+                .map(|r| &**r)
                 .filter_map(|r| {
                     let h = hash(r);
                     let is_fresh = !existing.contains(&r.netns);

@@ -3,8 +3,10 @@
 //! and the external switch's forwarding table follow a public IP that moved
 //! (to another group, or with its router to another host) without waiting
 //! seconds for a stale entry to time out. One broadcast ARP request per
-//! address (sender = target = the address), as `arping -U` sends it, from a
-//! packet socket of the router's namespace: no process is spawned.
+//! address (sender = target = the address, from the router's MAC), as
+//! `arping -U` sends it, from a packet socket on the host's interface the
+//! router's external leg hangs on: no process is spawned, and the other
+//! routers' macvlans on that interface do not each receive it.
 //!
 //! The packet socket address (`sockaddr_ll`) has no safe constructor in
 //! `nix`, so this module alone in the library uses `libc` directly.

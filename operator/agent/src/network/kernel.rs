@@ -100,11 +100,14 @@ pub trait Dhcp: Send + Sync {
 
 /// Gratuitous ARP for the external addresses a router takes.
 pub trait Announce: Send + Sync {
-    /// Best effort, and may still be under way when this returns:
-    /// neighbours learn the address on first use otherwise.
+    /// Announce `addrs` as the router's (its MAC `mac`), sent out of
+    /// `parent`, the host's interface its external leg hangs on. Best
+    /// effort, and may still be under way when this returns: neighbours
+    /// learn the address on first use otherwise.
     fn announce(
         &self,
         router: &str,
+        parent: &str,
         mac: MacAddr,
         addrs: Vec<Ipv4Addr>,
     ) -> impl Future<Output = ()> + Send;

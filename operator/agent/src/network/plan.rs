@@ -140,7 +140,8 @@ pub struct HostPlan {
     pub segments: BTreeMap<String, SegmentPlan>,
     pub taps: Vec<TapPlan>,
     /// By namespace name.
-    pub routers: BTreeMap<String, RouterPlan>,
+    /// Shared with the memo of the pass before ([`PlanMemo`]), not copied.
+    pub routers: BTreeMap<String, Arc<RouterPlan>>,
     /// The complete `table bridge yukumo` of the host.
     pub guard: String,
 }
@@ -172,7 +173,7 @@ fn group_key(g: &NetworkGroup) -> String {
 #[derive(Debug, Default)]
 pub struct PlanMemo {
     /// Group uid → (resourceVersion, inputs hash, plan).
-    routers: HashMap<String, (String, u64, RouterPlan)>,
+    routers: HashMap<String, (String, u64, Arc<RouterPlan>)>,
 }
 
 /// [`plan`], reusing the router plans of groups that did not change.
@@ -200,7 +201,7 @@ pub fn plan_memo(inp: &Inputs, memo: &mut PlanMemo) -> HostPlan {
             kept.insert(uid.clone(), (v.clone(), *e, r.clone()));
             return Some(r.clone());
         }
-        let r = router_plan(inp, g, seg, mtu)?;
+        let r = Arc::new(router_plan(inp, g, seg, mtu)?);
         if let Some((uid, rv)) = id {
             kept.insert(uid.clone(), (rv.clone(), env, r.clone()));
         }
@@ -211,13 +212,15 @@ pub fn plan_memo(inp: &Inputs, memo: &mut PlanMemo) -> HostPlan {
 }
 
 pub fn plan(inp: &Inputs) -> HostPlan {
-    plan_with(inp, &mut |g, seg, mtu| router_plan(inp, g, seg, mtu))
+    plan_with(inp, &mut |g, seg, mtu| {
+        router_plan(inp, g, seg, mtu).map(Arc::new)
+    })
 }
 
-fn plan_with(
-    inp: &Inputs,
-    router: &mut dyn FnMut(&NetworkGroup, Segment, u32) -> Option<RouterPlan>,
-) -> HostPlan {
+/// How a group's router is planned (its segment and MTU given).
+type RouterFn<'a> = dyn FnMut(&NetworkGroup, Segment, u32) -> Option<Arc<RouterPlan>> + 'a;
+
+fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
     let mut out = HostPlan::default();
     let key = |ns: &str, name: &str| format!("{ns}/{name}");
     // The groups this host takes part in: its own nodes', those whose span

@@ -471,14 +471,20 @@ impl Firewall for RealKernel {
 }
 
 impl Announce for RealKernel {
-    async fn announce(&self, router: &str, mac: MacAddr, addrs: Vec<Ipv4Addr>) {
-        // Not awaited: closing a packet socket waits for an RCU grace
-        // period (`synchronize_net`, ~10 ms), which the pass need not.
-        let ns = router.to_string();
+    async fn announce(&self, router: &str, parent: &str, mac: MacAddr, addrs: Vec<Ipv4Addr>) {
+        // Sent out of the parent in the host's namespace, not from the
+        // router's macvlan: a broadcast from a bridge-mode macvlan reaches
+        // every other router's macvlan on that parent, and each runs the ARP
+        // and a route lookup for it — 11 addresses × 1,000 routers made
+        // programming 1,000 routers quadratic. The frame on the wire is
+        // the same. Not awaited: closing a packet socket waits for an RCU
+        // grace period (`synchronize_net`, ~10 ms), which the pass need not.
+        let ns = self.host_ns.clone();
+        let parent = parent.to_string();
         let router = router.to_string();
         tokio::task::spawn_blocking(move || {
-            let res = netns::in_netns(&ns, || {
-                super::garp::announce(super::plan::ROUTER_WAN, mac.octets(), &addrs)
+            let res = netns::in_netns_opt(ns.as_deref(), || {
+                super::garp::announce(&parent, mac.octets(), &addrs)
             });
             match res {
                 Ok(n) => tracing::debug!(%router, announced = n, "gratuitous ARP"),

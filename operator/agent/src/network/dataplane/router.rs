@@ -121,9 +121,11 @@ impl<K: Kernel> Dataplane<K> {
             self.kernel.apply_table(Some(&r.netns), t).await?;
             ch.tables += 1;
         }
-        if !ops.announce.is_empty() {
+        if let Some(w) = &r.wan
+            && !ops.announce.is_empty()
+        {
             self.kernel
-                .announce(&r.netns, r.wan_mac, ops.announce.clone())
+                .announce(&r.netns, &w.parent, r.wan_mac, ops.announce.clone())
                 .await;
         }
         if let Some(d) = &ops.dhcp {

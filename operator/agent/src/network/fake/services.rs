@@ -95,7 +95,7 @@ impl Dhcp for FakeKernel {
 }
 
 impl Announce for FakeKernel {
-    async fn announce(&self, router: &str, _mac: MacAddr, addrs: Vec<Ipv4Addr>) {
+    async fn announce(&self, router: &str, _parent: &str, _mac: MacAddr, addrs: Vec<Ipv4Addr>) {
         self.with(|m| m.announced.push((router.to_string(), addrs)))
     }
 }
