@@ -1,7 +1,9 @@
 //! One network pass: observe → decide → execute, over a [`Kernel`].
 //!
 //! The host namespace is read (one netlink dump of links and one of the
-//! FDB, read again only after this pass changed something), each step's
+//! FDB, read again only after this pass changed something; not read at all
+//! when its kernel watch reported nothing since the last pass, whose final
+//! state is kept), each step's
 //! pure decision ([`super::decide`]) returns typed operations, and the
 //! kernel carries them out. Routers are applied 4 at a time, each only
 //! when its plan changed, its namespace is missing, its veth left its
@@ -29,18 +31,21 @@ use super::watch::{OWN, RouterWatches};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     /// Something changed (a watched object, a kernel event): the host
-    /// namespace is read and repaired in full; a router is applied when its
+    /// namespace is repaired in full (read again unless its watch reported
+    /// nothing since the last pass); a router is applied when its
     /// plan changed, its namespace is missing, its veth is not on its
     /// bridge, or a kernel event came from inside it.
     Changed,
-    /// The periodic backstop: as `Changed`, tables are listed, and
+    /// The periodic backstop: as `Changed`, but the host is always read,
+    /// tables are listed, and
     /// [`ROUTERS_PER_VERIFY`] routers (round robin) are read and repaired in
     /// full, so damage a watch missed is found within
     /// `interval × ceil(routers / ROUTERS_PER_VERIFY)`.
     Verify,
 }
 
-/// The first step of a pass that found the host as the last one left it.
+/// The step name of a pass that found the host as the last one left it
+/// (instead of "observe host").
 pub const HOST_REUSED: &str = "host state reused";
 
 /// Routers read in full per verification pass.
@@ -104,8 +109,9 @@ pub struct Dataplane<K: Kernel> {
     /// a pass on a watch event with no kernel event from the host uses it
     /// instead of dumping thousands of links again.
     host_seen: Mutex<Option<std::sync::Arc<NsState>>>,
-    /// Kernel events from the host's and the routers' namespaces (the
-    /// agent; none in benchmarks): what changed there is read in full.
+    /// Kernel events from the host's and the routers' namespaces (the agent
+    /// and the network benchmark; none in unit tests of the fake): what
+    /// changed there is read in full.
     watches: Option<std::sync::Arc<RouterWatches>>,
     /// The name the host namespace is watched under.
     host_watch: String,

@@ -95,10 +95,11 @@ fn news(buf: &[u8], host: bool) -> usize {
             return n + 1;
         }
         let msg = &rest[16..len];
+        // yukumo's links, router legs and guest taps are all named `yk…`.
         if ty != RTM_NEWLINK || link_name(msg).is_none_or(|name| name.starts_with(b"yk")) {
             n += 1;
         }
-        rest = &rest[(len + 3) & !3..];
+        rest = rest.get((len + 3) & !3..).unwrap_or_default();
     }
     n
 }
@@ -447,8 +448,16 @@ mod tests {
         );
         // In a router, everything is.
         assert_eq!(news(&other, false), 1);
-        // A truncated message is news (something changed).
+        // A truncated message is news (something changed); an unpadded
+        // last one is read, not overrun.
         assert_eq!(news(&other[..20], true), 1);
+        let mut odd = link_msg(RTM_NEWLINK, "ykbr1");
+        while odd.last() == Some(&0) && odd.len().is_multiple_of(4) {
+            odd.pop();
+        }
+        let l = odd.len() as u32;
+        odd[..4].copy_from_slice(&l.to_ne_bytes());
+        assert_eq!(news(&odd, true), 1);
     }
 
     fn ip(args: &[&str]) -> bool {
