@@ -51,6 +51,19 @@ impl Drop for Sandbox {
     }
 }
 
+/// Delete a link of the host namespace, as a person would, outside a pass.
+async fn delete_link(k: &RealKernel, name: &str) {
+    k.ns(None)
+        .await
+        .unwrap()
+        .apply(&NsOps {
+            links: vec![LinkOp::Delete(name.into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 fn veth(name: &str, peer: &str, peer_netns: &str) -> LinkOp {
     LinkOp::AddVeth {
         name: name.into(),
@@ -223,16 +236,7 @@ async fn the_kernel_converges_like_the_fake() {
     }
 
     // Damage by hand: the bridge deleted; the router's table flushed.
-    dp.kernel
-        .ns(None)
-        .await
-        .unwrap()
-        .apply(&NsOps {
-            links: vec![LinkOp::Delete("ykbr1000".into())],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    delete_link(&dp.kernel, "ykbr1000").await;
     dp.kernel
         .apply_table(
             Some(&router),
@@ -289,15 +293,7 @@ async fn a_watched_host_is_not_read_again_until_something_changes_it() {
 
     // By hand, outside any pass: the bridge goes.
     let hand = RealKernel::new(Some(sb.host.clone()), sb.state.path().to_path_buf());
-    hand.ns(None)
-        .await
-        .unwrap()
-        .apply(&NsOps {
-            links: vec![LinkOp::Delete("ykbr1000".into())],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    delete_link(&hand, "ykbr1000").await;
     tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
         .await
         .expect("the host's event queues a pass within 5 s");
