@@ -13,6 +13,7 @@ mod hypervisor;
 mod network;
 mod probe;
 mod register;
+mod storage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -191,7 +192,20 @@ async fn agent() -> anyhow::Result<()> {
         Some(events_rx),
         shutdown.clone(),
     ));
+    let storage_task = tokio::spawn(storage::reconcile::run(
+        storage::reconcile::StorageCtx::new(
+            client.clone(),
+            hv.clone(),
+            &args.host_name,
+            &args.site,
+            args.state_dir.clone(),
+            metrics.clone(),
+        ),
+        args.resync_interval,
+        shutdown.clone(),
+    ));
     let result = register::run(args, client, hv, metrics, health, shutdown).await;
+    let _ = storage_task.await;
     let _ = compute_task.await;
     if let Some(t) = network_task {
         let _ = t.await;

@@ -54,6 +54,11 @@ pub struct Metrics {
     /// Network passes that failed (retried).
     pub network_errors: Counter,
     pub images: CacheMetrics,
+    /// Files in this host's pools that carry yukumo's marker but have no
+    /// Volume (reported, never deleted).
+    pub orphaned_volumes: Gauge,
+    /// Storage operations done (create, grow, delete), by op.
+    pub storage_ops: Family<OpLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -86,7 +91,19 @@ impl Metrics {
             network_changes: Counter::default(),
             network_errors: Counter::default(),
             images: CacheMetrics::default(),
+            orphaned_volumes: Gauge::default(),
+            storage_ops: Family::default(),
         };
+        r.register(
+            "yukumo_agent_orphaned_volumes",
+            "Files in this host's pools with yukumo's marker but no Volume (kept, never deleted)",
+            m.orphaned_volumes.clone(),
+        );
+        r.register(
+            "yukumo_agent_storage_ops",
+            "Storage operations done on this host's pools, by op",
+            m.storage_ops.clone(),
+        );
         r.register(
             "yukumo_agent_network_changes",
             "Kernel changes made by the network reconciler",
@@ -252,6 +269,7 @@ pub fn agent_status(
         last_heartbeat_time: Some(Time(now)),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         hypervisor,
+        storage_pools: vec![],
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .ok()
             .map(|s| s.trim().to_string()),

@@ -116,4 +116,7 @@ pub struct HostStatus {
     /// Kernel release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    /// The storage pools this host holds, as last seen (written by the agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage_pools: Vec<crate::site::PoolStatus>,
 }

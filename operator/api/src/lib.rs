@@ -45,6 +45,8 @@ pub mod labels {
     pub const ROLE: &str = "yukumo.io/role";
     /// The node pool of a worker VirtualNode.
     pub const POOL: &str = "yukumo.io/pool";
+    /// The Host holding a Volume's storage; its agent selects its Volumes by it.
+    pub const STORAGE_HOST: &str = "yukumo.io/storage-host";
     /// Marks objects yukumo itself manages.
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].
@@ -60,6 +62,11 @@ pub mod finalizers {
     /// disk are gone (or by the controller when the host is lost: its agent
     /// sweeps the stale domain when it returns).
     pub const HOST_CLEANUP: &str = "yukumo.io/host-cleanup";
+
+    /// On every placed Volume, set by the controller when it places it and
+    /// removed by the agent of the pool's host once the storage is gone
+    /// (which it deletes only when no node holds the Volume).
+    pub const STORAGE_CLEANUP: &str = "yukumo.io/storage-cleanup";
 
     /// The merge patch that removes `finalizer` from an object with
     /// `current` finalizers at `resource_version` (optimistic concurrency:
@@ -99,6 +106,9 @@ pub mod managers {
     pub const CONTROLLER: &str = "yukumo-controller";
     /// The agent's field manager.
     pub const AGENT: &str = "yukumo-agent";
+    /// The agent's storage reconciler (a Volume's `status.backing`, a
+    /// Host's `status.storagePools`: fields the heartbeat never writes).
+    pub const AGENT_STORAGE: &str = "yukumo-agent-storage";
 }
 
 /// Every kind's CRD, in a stable order (used by the CRD generator and tests).

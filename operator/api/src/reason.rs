@@ -155,6 +155,31 @@ reasons! {
     SnapshotNotFound,
     /// The volume waits for placement on a storage pool.
     WaitingForPool,
+    /// The pool the volume names is not at its Site (or at no Site).
+    PoolNotFound,
+    /// The pool has not enough free space for the volume.
+    InsufficientPoolSpace,
+    /// The pool's host agent could not create, grow or delete the storage.
+    StorageFailed,
+    /// The volume exists at its size and is attached to no node.
+    Available,
+    /// The volume exists at its size and is attached to a node.
+    Attached,
+    /// The volume is being deleted but a node still holds it.
+    DetachPending,
+    /// A spec field this version does not implement yet.
+    NotImplemented,
+    /// Event: storage that carries yukumo's marker but has no Volume.
+    OrphanedStorage,
+    // --- VirtualCluster, volumes
+    /// A volume the cluster names is attached to another node.
+    VolumeInUse,
+    /// A volume the cluster names is not ready yet (or being deleted).
+    VolumeNotReady,
+    /// A volume the cluster names cannot be used by the node it is for.
+    VolumeUnusable,
+    /// Event: a Volume was claimed for a node (its disk target allocated).
+    VolumeClaimed,
 }
 
 impl fmt::Display for Reason {

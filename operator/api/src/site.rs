@@ -81,6 +81,80 @@ pub struct SiteSpec {
     #[serde(default = "default_grace")]
     #[schemars(range(min = 5, max = 3600))]
     pub host_grace_seconds: u32,
+    /// Storage pools at this Site, declared by the fleet's operator; a
+    /// Volume names one (`spec.pool`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(p, self.exists_one(q, q.name == p.name))")
+        .message("storagePools[].name must be unique"))]
+    pub storage_pools: Vec<StoragePool>,
+}
+
+/// A storage pool: where a Site's Volumes live.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoragePool {
+    /// Pool name (DNS label), e.g. `default`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Backend: `dir` (qcow2 files in a folder of one host; a VM using a
+    /// volume of it runs on that host). Network backends (iSCSI, Ceph RBD)
+    /// are not implemented yet and are refused by the schema.
+    #[serde(rename = "type")]
+    pub type_: PoolType,
+    /// The Host holding the pool's storage.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub host: String,
+    /// Folder of a `dir` pool (absolute); default `<agent state dir>/pools/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 1024), regex(pattern = "^/"))]
+    pub path: Option<String>,
+}
+
+/// A storage pool's backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolType {
+    /// qcow2 files in a folder of one host, through libvirt's `dir` pool.
+    Dir,
+}
+
+impl SiteSpec {
+    /// The pool named `name`.
+    pub fn storage_pool(&self, name: &str) -> Option<&StoragePool> {
+        self.storage_pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// A storage pool as its host's agent last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// Host holding it.
+    pub host: String,
+    /// Size of the file system or device holding it, in bytes.
+    #[serde(default)]
+    pub capacity_bytes: u64,
+    /// Free space, in bytes.
+    #[serde(default)]
+    pub available_bytes: u64,
+    /// Capacity promised to the pool's volumes (their sizes), in bytes.
+    #[serde(default)]
+    pub provisioned_bytes: u64,
+    /// yukumo volumes in it.
+    #[serde(default)]
+    pub volumes: u32,
+    /// Why the pool cannot be used, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn default_grace() -> u32 {
@@ -221,6 +295,9 @@ pub struct SiteStatus {
     /// State of the tunnel to each peer Site.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerStatus>,
+    /// Each storage pool as its host reports it (capacity and free space).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage_pools: Vec<PoolStatus>,
 }
 
 /// A tunnel to a peer Site.

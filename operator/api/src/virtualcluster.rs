@@ -137,7 +137,9 @@ pub struct FrontendSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
-    /// Volumes (same namespace) attached to the frontend, in order (vdb, vdc, …).
+    /// Volumes (same namespace) attached to the frontend. Each gets a disk
+    /// target from `vdc` on (allocated once, kept in the Volume's
+    /// `status.attachedTo`) and the Volume's uid as serial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub volumes: Vec<VolumeAttachment>,
@@ -206,7 +208,8 @@ pub struct VolumeAttachment {
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// Attach read-only.
+    /// Attach read-only (the guest cannot write it). The Volume is still
+    /// held by this one node: read-only multi-attach is not implemented.
     #[serde(default)]
     pub read_only: bool,
 }
@@ -224,7 +227,10 @@ pub enum StartOrder {
 /// Handling of nodes whose host is lost.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RecoveryPolicy {
-    /// Recreate the node on another host (its disk overlay is lost; volumes follow).
+    /// Recreate the node on another host. Its root disk (an overlay on the
+    /// host that was lost) is lost. A node with a Volume of a `dir` pool is
+    /// pinned to that pool's host: it waits for that host (Unschedulable,
+    /// naming it) rather than starting elsewhere without its data.
     #[default]
     RestartElsewhere,
     /// Wait for the host to return.
@@ -404,6 +410,8 @@ pub enum NodeState {
     WaitingForFrontend,
     /// Waiting for its NetworkGroup to allocate it an address.
     WaitingForAddress,
+    /// Waiting for a Volume of it (see the cluster's conditions).
+    WaitingForVolume,
 }
 
 impl From<NodePhase> for NodeState {

@@ -139,11 +139,33 @@ pub struct NodeNetwork {
 pub struct NodeDisk {
     /// Volume name.
     pub volume: String,
-    /// Disk target, e.g. `vdb`.
+    /// Disk target, e.g. `vdc` (allocated once, persisted in the Volume's
+    /// `status.attachedTo`; `vda` and `vdb` are the root and config disks).
     pub target: String,
     /// Read-only attachment.
     #[serde(default)]
     pub read_only: bool,
+    /// The serial the guest sees: the Volume's uid.
+    pub serial: String,
+    /// The volume's file on the node's host.
+    pub path: String,
+    /// The volume's size in bytes (the agent grows a live disk to it).
+    pub bytes: u64,
+}
+
+/// A volume disk as the node's domain holds it.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedDisk {
+    /// The disk's serial (the Volume's uid).
+    pub serial: String,
+    /// Disk target.
+    pub target: String,
+    /// Size the guest sees, in bytes (running domains only; 0 when unknown).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// Lifecycle phase of a VM.
@@ -190,4 +212,8 @@ pub struct VirtualNodeStatus {
     /// The last error the agent met.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Volume disks the domain holds (live while it runs, else its
+    /// definition): a Volume is released only when no node lists it here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<AttachedDisk>,
 }

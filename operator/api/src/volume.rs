@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, ImageSource};
 
-/// A persistent block volume: blank, from an image, or from another volume's
-/// snapshot. Attached by a node of a VirtualCluster in the same namespace only.
+/// A persistent block volume in a Site's storage pool, attached by one node
+/// of a VirtualCluster in the same namespace at a time. Deleting a cluster
+/// never deletes its Volumes; deleting a Volume waits until no node holds it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "yukumo.io",
@@ -44,30 +45,36 @@ pub struct VolumeSpec {
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("size must be a positive quantity such as 20Gi"))]
     pub size: Quantity,
-    /// Storage pool the volume lives in (immutable), e.g. `default`.
+    /// Storage pool the volume lives in (immutable), e.g. `default`: one of
+    /// the `storagePools` of its Site.
     #[serde(default = "default_pool")]
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub pool: String,
-    /// Site the volume is placed at; defaults to where its first user runs.
+    /// Site the volume is placed at; default: the one Site that declares
+    /// `pool` (naming the Site is required when several do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub site: Option<String>,
-    /// Initial content: blank (default), an image, or another volume's snapshot.
+    /// Initial content: blank (default), an image, or another volume's
+    /// snapshot. Not implemented yet: a Volume with a source is refused
+    /// (`Stalled`, reason `NotImplemented`), never created blank instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
-    /// Snapshots to keep. Adding a name takes a snapshot; removing it deletes it.
+    /// Snapshots to keep. Adding a name takes a snapshot; removing it
+    /// deletes it. Not implemented yet: refused (`NotImplemented`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = kube::core::Rule::new("self.all(s, self.exists_one(t, t.name == s.name))")
         .message("snapshots[].name must be unique"))]
     pub snapshots: Vec<SnapshotSpec>,
-    /// Roll the volume back to this snapshot (of this volume) while detached.
+    /// Roll the volume back to this snapshot (of this volume) while
+    /// detached. Not implemented yet: refused (`NotImplemented`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 63),
@@ -164,6 +171,29 @@ pub struct VolumeStatus {
     /// Snapshots that exist.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,
+    /// The storage as the agent of the pool's host last saw it (written by
+    /// that agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<VolumeBacking>,
+}
+
+/// A volume's storage as found on its pool's host.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeBacking {
+    /// Where the data is on the pool's host (a file of a `dir` pool).
+    pub path: String,
+    /// Size the guest sees, in bytes.
+    pub capacity_bytes: u64,
+    /// Space it takes in the pool, in bytes.
+    #[serde(default)]
+    pub allocation_bytes: u64,
+    /// Why the storage cannot be made as asked, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The reason of `error` (e.g. `InsufficientPoolSpace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<crate::Reason>,
 }
 
 /// Where a volume's data lives.
@@ -172,6 +202,9 @@ pub struct VolumeStatus {
 pub struct VolumeLocation {
     /// Site.
     pub site: String,
+    /// Storage pool (of that Site).
+    #[serde(default)]
+    pub pool: String,
     /// Host serving the volume.
     pub host: String,
 }

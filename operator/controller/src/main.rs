@@ -175,7 +175,7 @@ fn host_summary(h: &Host) -> u64 {
     host_readiness(h).hash(&mut hasher);
     h.spec.site.hash(&mut hasher);
     if let Some(s) = &h.status {
-        serde_json::to_string(&(s.capacity, s.allocatable))
+        serde_json::to_string(&(s.capacity, s.allocatable, &s.storage_pools))
             .unwrap_or_default()
             .hash(&mut hasher);
     }
@@ -294,6 +294,9 @@ async fn run_controllers(
     let site_for_ng = site_w.subscribe().expect(SHARED);
     let site_for_vc = site_w.subscribe().expect(SHARED);
     let vol_for = vol_w.subscribe().expect(SHARED);
+    let vn_for_vol = vn_w.subscribe().expect(SHARED);
+    let vc_for_vol = vc_w.subscribe().expect(SHARED);
+    let site_for_vol = site_w.subscribe().expect(SHARED);
     let reflectors = [
         vc_start(vc_w),
         vn_start(vn_w),
@@ -463,7 +466,70 @@ async fn run_controllers(
         )
         .for_each(|_| futures::future::ready(()));
 
+    // A Volume's claim follows its holder: the node's disks (spec and the
+    // agent's report) and the cluster's spec.
+    let vol_store2 = vol_store.clone();
+    let vol_store3 = vol_store.clone();
+    let vol_store4 = vol_store.clone();
     let vols = Controller::for_shared_stream(vol_for, vol_store)
+        .watches_shared_stream(vn_for_vol, move |vn| {
+            let ns = vn.namespace();
+            let name = vn.name_any();
+            let serials: Vec<String> = vn
+                .spec
+                .disks
+                .iter()
+                .map(|d| d.serial.clone())
+                .chain(
+                    vn.status
+                        .iter()
+                        .flat_map(|s| s.disks.iter().map(|d| d.serial.clone())),
+                )
+                .collect();
+            vol_store2
+                .state()
+                .into_iter()
+                .filter(|v| {
+                    v.namespace() == ns
+                        && (v.metadata.uid.as_ref().is_some_and(|u| serials.contains(u))
+                            || v.status
+                                .as_ref()
+                                .and_then(|s| s.attached_to.as_ref())
+                                .is_some_and(|a| a.node == name))
+                })
+                .map(|v| ObjectRef::from_obj(v.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(vc_for_vol, move |vc| {
+            let ns = vc.namespace();
+            let name = vc.name_any();
+            let wanted: Vec<String> = reconcile::virtualcluster::volumes::wanted(&name, &vc.spec)
+                .into_iter()
+                .map(|(_, _, a)| a.name)
+                .collect();
+            vol_store3
+                .state()
+                .into_iter()
+                .filter(|v| {
+                    v.namespace() == ns
+                        && (wanted.contains(&v.name_any())
+                            || v.status
+                                .as_ref()
+                                .and_then(|s| s.attached_to.as_ref())
+                                .is_some_and(|a| a.cluster == name))
+                })
+                .map(|v| ObjectRef::from_obj(v.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(changed_only(site_for_vol, site_spec), move |_site| {
+            // Pools were declared or changed: the volumes waiting for one.
+            vol_store4
+                .state()
+                .into_iter()
+                .filter(|v| v.status.as_ref().is_none_or(|s| s.location.is_none()))
+                .map(|v| ObjectRef::from_obj(v.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(reconcile::volume::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

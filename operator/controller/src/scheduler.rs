@@ -48,6 +48,8 @@ pub struct Request {
     pub gateway: bool,
     /// Needs a kernel with 802.1Q VLANs (the node's group is a VLAN segment).
     pub vlan: bool,
+    /// Must run on this host (it holds a `dir` volume of the node), and why.
+    pub pinned: Option<(String, String)>,
 }
 
 /// The outcome for one node.
@@ -67,7 +69,11 @@ pub fn place(
     let mut why: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut best: Option<usize> = None;
     for (i, h) in hosts.iter().enumerate() {
-        let reason = if !req.sites.contains(&h.site) {
+        // Hosts of other sites, and other hosts than a pinned node's, are
+        // not candidates (and not listed in the refusal).
+        let elsewhere =
+            !req.sites.contains(&h.site) || req.pinned.as_ref().is_some_and(|(p, _)| p != &h.name);
+        let reason = if elsewhere {
             Some("other site")
         } else if !h.ready {
             Some("not Ready")
@@ -118,7 +124,7 @@ pub fn place(
                 detail.push("no hosts registered".into());
             }
             Placement::Unschedulable(format!(
-                "{} needs {} cpu and {} MiB{} at site {}; {}",
+                "{} needs {} cpu and {} MiB{} at site {}{}; {}",
                 req.node,
                 req.need.cpu,
                 req.need.memory_mib,
@@ -128,6 +134,10 @@ pub fn place(
                     ""
                 },
                 req.sites.join("/"),
+                match &req.pinned {
+                    Some((h, why)) => format!(" on host {h} ({why})"),
+                    None => String::new(),
+                },
                 detail.join("; ")
             ))
         }
@@ -165,7 +175,32 @@ mod tests {
             },
             gateway: false,
             vlan: false,
+            pinned: None,
         }
+    }
+
+    #[test]
+    fn a_pinned_node_goes_to_its_host_or_nowhere() {
+        let mut hosts = vec![host("h1", 8, 8192), host("h2", 8, 8192)];
+        let mut counts = BTreeMap::new();
+        let mut r = req("n", 1, 128);
+        r.pinned = Some(("h2".into(), "Volume data is in dir pool local".into()));
+        assert_eq!(
+            place(&r, &mut hosts, &mut counts),
+            Placement::Host {
+                host: "h2".into(),
+                site: "a".into()
+            }
+        );
+        hosts[1].ready = false;
+        let Placement::Unschedulable(msg) = place(&r, &mut hosts, &mut counts) else {
+            panic!("placed on a host it is not pinned to");
+        };
+        assert!(
+            msg.contains("on host h2 (Volume data is in dir pool local)")
+                && msg.contains("h2: not Ready"),
+            "{msg}"
+        );
     }
 
     #[test]

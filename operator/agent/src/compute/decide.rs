@@ -9,10 +9,10 @@ use yukumo_api::Reason;
 use yukumo_api::common::{
     Condition, ConditionStatus, Conditions, ImageFormat, condition_types as ct,
 };
-use yukumo_api::virtualnode::{NodePhase, VirtualNode, VirtualNodeStatus};
+use yukumo_api::virtualnode::{AttachedDisk, NodeDisk, NodePhase, VirtualNode, VirtualNodeStatus};
 
 use super::disks::qcow2::BackingFormat;
-use super::domain::NodePaths;
+use super::domain::{NodePaths, disk_xml};
 use super::guestconfig::{self, GuestConfig};
 use super::ops::{DiskOp, DomainOp};
 
@@ -22,6 +22,8 @@ pub struct DomainSeen {
     pub active: bool,
     /// The hash in its yukumo marker (None: no marker).
     pub hash: Option<String>,
+    /// Its volume disks: live while it runs, else as defined.
+    pub disks: Vec<super::domain::DiskSeen>,
 }
 
 /// What the host holds of a node.
@@ -133,6 +135,97 @@ pub fn domain_ops(
         ops.push(DomainOp::Destroy);
     }
     ops
+}
+
+/// The hot-plug operations that bring a running guest's volume disks to
+/// `wanted` (the definition is brought there by `domain_ops`): attach
+/// what is missing, detach what is no longer wanted (or sits at another
+/// target), grow what is smaller than asked.
+pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
+    let Some(d) = seen.domain.as_ref().filter(|d| d.active) else {
+        return vec![];
+    };
+    let mut ops = Vec::new();
+    for x in &d.disks {
+        if !wanted
+            .iter()
+            .any(|w| w.serial == x.serial && w.target == x.target)
+        {
+            ops.push(DomainOp::DetachDisk {
+                xml: disk_xml(&x.path, &x.target, &x.serial, false),
+            });
+        }
+    }
+    for w in wanted {
+        match d.disks.iter().find(|x| x.serial == w.serial) {
+            // Wait for the old target to go before plugging it anew.
+            Some(x) if x.target != w.target => {}
+            Some(x) => {
+                if x.bytes > 0 && x.bytes < w.bytes {
+                    ops.push(DomainOp::ResizeDisk {
+                        target: w.target.clone(),
+                        bytes: w.bytes,
+                    });
+                }
+            }
+            None => {
+                if d.disks.iter().any(|x| x.target == w.target) {
+                    continue; // its target is still being released
+                }
+                ops.push(DomainOp::AttachDisk {
+                    xml: disk_xml(&w.path, &w.target, &w.serial, w.read_only),
+                })
+            }
+        }
+    }
+    ops
+}
+
+/// The volume disks the node's domain holds once `ops` are done: the live
+/// set plus what was attached (a detach completes when the guest lets go,
+/// so a detached disk is still reported until it is gone), or the
+/// definition's for a domain that does not run.
+pub fn disks_after(seen: &NodeSeen, active: bool, wanted: &[NodeDisk]) -> Vec<AttachedDisk> {
+    let live = seen.domain.as_ref().filter(|d| d.active && active);
+    let mut out: Vec<AttachedDisk> = match live {
+        Some(d) => {
+            let mut v: Vec<AttachedDisk> = d
+                .disks
+                .iter()
+                .map(|x| AttachedDisk {
+                    serial: x.serial.clone(),
+                    target: x.target.clone(),
+                    bytes: wanted
+                        .iter()
+                        .find(|w| w.serial == x.serial && w.target == x.target)
+                        .map_or(x.bytes, |w| w.bytes.max(x.bytes)),
+                })
+                .collect();
+            for w in wanted {
+                if !v.iter().any(|x| x.serial == w.serial)
+                    && !d.disks.iter().any(|x| x.target == w.target)
+                {
+                    v.push(AttachedDisk {
+                        serial: w.serial.clone(),
+                        target: w.target.clone(),
+                        bytes: w.bytes,
+                    });
+                }
+            }
+            v
+        }
+        None if seen.domain.is_some() || active => wanted
+            .iter()
+            .map(|w| AttachedDisk {
+                serial: w.serial.clone(),
+                target: w.target.clone(),
+                bytes: 0,
+            })
+            .collect(),
+        None => vec![],
+    };
+    out.sort();
+    out
 }
 
 /// Whether the domain runs after `ops` were carried out on what was seen.
@@ -252,6 +345,81 @@ mod tests {
         assert!(small.unwrap_err().0.starts_with("spec.diskBytes"));
     }
 
+    fn disk(serial: &str, target: &str, bytes: u64) -> NodeDisk {
+        NodeDisk {
+            volume: serial.into(),
+            target: target.into(),
+            read_only: false,
+            serial: serial.into(),
+            path: format!("/p/{serial}.qcow2"),
+            bytes,
+        }
+    }
+
+    fn running_with(disks: &[(&str, &str, u64)]) -> NodeSeen {
+        NodeSeen {
+            domain: Some(DomainSeen {
+                active: true,
+                hash: Some("h".into()),
+                disks: disks
+                    .iter()
+                    .map(|(s, t, b)| super::super::domain::DiskSeen {
+                        serial: s.to_string(),
+                        target: t.to_string(),
+                        path: format!("/p/{s}.qcow2"),
+                        bytes: *b,
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_running_guest_gets_volumes_plugged_unplugged_and_grown() {
+        let seen = running_with(&[("old", "vdc", 10), ("grow", "vdd", 10)]);
+        let want = [disk("grow", "vdd", 20), disk("new", "vde", 5)];
+        let ops = live_disk_ops(&seen, &want);
+        let labels: Vec<&str> = ops.iter().map(|o| o.label()).collect();
+        assert_eq!(labels, ["detach", "resize", "attach"]);
+        assert!(
+            matches!(&ops[0], DomainOp::DetachDisk { xml } if xml.contains("<target dev='vdc'"))
+        );
+        assert_eq!(
+            ops[1],
+            DomainOp::ResizeDisk {
+                target: "vdd".into(),
+                bytes: 20
+            }
+        );
+        assert!(
+            matches!(&ops[2], DomainOp::AttachDisk { xml } if xml.contains("<serial>new</serial>"))
+        );
+        // The old disk is reported until the guest lets go of it.
+        let after = disks_after(&seen, true, &want);
+        let serials: Vec<&str> = after.iter().map(|d| d.serial.as_str()).collect();
+        assert_eq!(serials, ["grow", "new", "old"]);
+        // A new volume whose target is still being released waits for it.
+        let ops = live_disk_ops(
+            &running_with(&[("old", "vdc", 10)]),
+            &[disk("new", "vdc", 5)],
+        );
+        assert_eq!(
+            ops.iter().map(|o| o.label()).collect::<Vec<_>>(),
+            ["detach"]
+        );
+        // Converged: nothing; a stopped domain is changed by its definition only.
+        assert!(
+            live_disk_ops(
+                &running_with(&[("grow", "vdd", 20)]),
+                &[disk("grow", "vdd", 20)]
+            )
+            .is_empty()
+        );
+        assert!(live_disk_ops(&NodeSeen::default(), &want).is_empty());
+        assert_eq!(disks_after(&NodeSeen::default(), false, &want), vec![]);
+    }
+
     #[test]
     fn a_converged_node_needs_nothing_and_power_follows_the_spec() {
         let paths = NodePaths::new(Path::new("/s"), "u-1");
@@ -260,6 +428,7 @@ mod tests {
             domain: Some(DomainSeen {
                 active: true,
                 hash: Some("h".into()),
+                disks: vec![],
             }),
             stale_name: false,
             root_disk: true,

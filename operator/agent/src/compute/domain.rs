@@ -72,6 +72,83 @@ fn nic(vn: &VirtualNode) -> String {
     )
 }
 
+/// The XML of a volume disk: the Volume's file, its persisted target, and
+/// its uid as the serial the guest sees (`/sys/block/<dev>/serial`).
+pub fn disk_xml(path: &str, target: &str, serial: &str, read_only: bool) -> String {
+    format!(
+        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n      <serial>{}</serial>\n{}    </disk>\n",
+        esc(path),
+        esc(target),
+        esc(serial),
+        if read_only { "      <readonly/>\n" } else { "" }
+    )
+}
+
+/// A volume disk as a domain's XML holds it (disks with a serial only: the
+/// root and config disks have none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSeen {
+    pub serial: String,
+    pub target: String,
+    pub path: String,
+    /// The size the guest sees (running domains; 0 when not read).
+    pub bytes: u64,
+}
+
+fn attr(tag: &str, k: &str) -> Option<String> {
+    for q in ['\'', '"'] {
+        let pat = format!(" {k}={q}");
+        if let Some(i) = tag.find(&pat) {
+            let rest = &tag[i + pat.len()..];
+            return Some(rest[..rest.find(q)?].to_string());
+        }
+    }
+    None
+}
+
+fn unesc(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&apos;", "'")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+/// The volume disks of a domain's XML, in document order.
+pub fn disks_in(xml: &str) -> Vec<DiskSeen> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find("<disk ") {
+        let body = &rest[i..];
+        let end = body.find("</disk>").map_or(body.len(), |e| e + 7);
+        let disk = &body[..end];
+        rest = &body[end..];
+        let Some(serial) = disk.find("<serial>").and_then(|s| {
+            disk[s + 8..]
+                .find("</serial>")
+                .map(|e| &disk[s + 8..s + 8 + e])
+        }) else {
+            continue;
+        };
+        let tag = |name: &str| {
+            disk.find(&format!("<{name} "))
+                .map(|s| &disk[s..s + disk[s..].find('>').unwrap_or(0)])
+        };
+        out.push(DiskSeen {
+            serial: unesc(serial),
+            target: tag("target")
+                .and_then(|t| attr(t, "dev"))
+                .unwrap_or_default(),
+            path: tag("source")
+                .and_then(|t| attr(t, "file"))
+                .map(|p| unesc(&p))
+                .unwrap_or_default(),
+            bytes: 0,
+        });
+    }
+    out
+}
+
 /// The domain XML (without the hash attribute) and its hash.
 pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String, String) {
     let ns = vn.metadata.namespace.clone().unwrap_or_default();
@@ -84,7 +161,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
     <type arch='x86_64' machine='pc'>hvm</type>
     <boot dev='hd'/>
   </os>
-  <features><acpi/></features>
+  <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
@@ -108,7 +185,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
       <source mode='bind' path='{control}'/>
       <target port='1'/>
     </serial>
-{nic}    <memballoon model='none'/>
+{volumes}{nic}    <memballoon model='none'/>
   </devices>
 "#,
         mem = vn.spec.resources.memory_mib,
@@ -118,6 +195,12 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
         console = esc(&paths.console_log.to_string_lossy()),
         control = esc(&paths.control_socket.to_string_lossy()),
         nic = nic(vn),
+        volumes = vn
+            .spec
+            .disks
+            .iter()
+            .map(|d| disk_xml(&d.path, &d.target, &d.serial, d.read_only))
+            .collect::<String>(),
     );
     let hash = {
         let mut h = Sha256::new();
@@ -214,6 +297,46 @@ mod tests {
         assert_eq!(m.hash, ha);
         let (_, h2) = render(&vn(256), &p, "qemu");
         assert_ne!(h2, ha, "a spec change changes the hash");
+    }
+
+    #[test]
+    fn volume_disks_carry_their_serial_and_are_read_back() {
+        let mut node = vn(192);
+        node.spec.disks = vec![yukumo_api::virtualnode::NodeDisk {
+            volume: "data".into(),
+            target: "vdc".into(),
+            read_only: false,
+            serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
+            path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
+            bytes: 1 << 26,
+        }];
+        let p = NodePaths::new(Path::new("/s"), "u");
+        let (xml, h) = render(&node, &p, "qemu");
+        assert_ne!(
+            h,
+            render(&vn(192), &p, "qemu").1,
+            "disks are part of the hash"
+        );
+        assert_eq!(
+            disks_in(&xml),
+            vec![DiskSeen {
+                serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
+                target: "vdc".into(),
+                path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
+                bytes: 0
+            }]
+        );
+        // libvirt writes double quotes and other attributes.
+        let live = r#"<disk type="file" device="disk"><driver name="qemu" type="qcow2"/><source file="/a&amp;b" index="1"/><backingStore/><target dev="vdd" bus="virtio"/><serial>s1</serial><alias name="virtio-disk3"/></disk><disk type="file"><target dev="vda"/></disk>"#;
+        assert_eq!(
+            disks_in(live),
+            vec![DiskSeen {
+                serial: "s1".into(),
+                target: "vdd".into(),
+                path: "/a&b".into(),
+                bytes: 0
+            }]
+        );
     }
 
     #[test]

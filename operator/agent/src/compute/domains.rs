@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use virt::domain::Domain;
 
 use super::decide::DomainSeen;
-use super::domain::marker;
+use super::domain::{disks_in, marker};
 use super::ops::DomainOp;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
@@ -74,10 +74,25 @@ impl Domains for Hypervisor {
         self.call(move |c| {
             if let Ok(d) = Domain::lookup_by_uuid_string(c, &id) {
                 let xml = inactive_xml(&d)?;
+                let active = d.is_active()?;
+                // A running guest's disks as QEMU has them (hot-plugged or
+                // not, and their size); else as defined.
+                let disks = if active {
+                    let mut disks = disks_in(&d.get_xml_desc(0)?);
+                    for x in &mut disks {
+                        if let Ok(b) = d.get_block_info(&x.target, 0) {
+                            x.bytes = b.capacity;
+                        }
+                    }
+                    disks
+                } else {
+                    disks_in(&xml)
+                };
                 return Ok((
                     Some(DomainSeen {
-                        active: d.is_active()?,
+                        active,
                         hash: marker(&xml).map(|m| m.hash),
+                        disks,
                     }),
                     false,
                 ));
@@ -108,6 +123,27 @@ impl Domains for Hypervisor {
                         .create()
                         .map(|_| ())?,
                     DomainOp::Destroy => Domain::lookup_by_uuid_string(c, &id)?.destroy()?,
+                    DomainOp::AttachDisk { xml } => {
+                        Domain::lookup_by_uuid_string(c, &id)?
+                            .attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)?;
+                    }
+                    DomainOp::DetachDisk { xml } => {
+                        // Asynchronous: the guest acknowledges the unplug;
+                        // asked again while pending, libvirt refuses, which
+                        // is no news (the next observation tells).
+                        if let Err(e) = Domain::lookup_by_uuid_string(c, &id)?
+                            .detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
+                        {
+                            tracing::debug!(error = %e, "detach pending");
+                        }
+                    }
+                    DomainOp::ResizeDisk { target, bytes } => {
+                        Domain::lookup_by_uuid_string(c, &id)?.block_resize(
+                            &target,
+                            bytes,
+                            virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES,
+                        )?;
+                    }
                 }
             }
             Ok(())
@@ -165,6 +201,10 @@ pub struct FakeDomain {
     pub name: String,
     pub xml: String,
     pub active: bool,
+    /// The running guest's XML (its hot-plugged disks).
+    pub live: String,
+    /// Sizes of the running guest's volume disks, by target.
+    pub sizes: HashMap<String, u64>,
 }
 
 /// Domains in memory, for tests: defined from the XML the agent renders
@@ -209,6 +249,13 @@ impl Domains for FakeDomains {
                 Some(DomainSeen {
                     active: x.active,
                     hash: marker(&x.xml).map(|m| m.hash),
+                    disks: disks_in(if x.active { &x.live } else { &x.xml })
+                        .into_iter()
+                        .map(|mut d| {
+                            d.bytes = x.sizes.get(&d.target).copied().unwrap_or(0);
+                            d
+                        })
+                        .collect(),
                 }),
                 false,
             ));
@@ -234,8 +281,20 @@ impl Domains for FakeDomains {
                     if d.iter().any(|(u, x)| x.name == name && *u != id) {
                         return Err(refused("domain name in use"));
                     }
-                    let active = d.get(&id).is_some_and(|x| x.active);
-                    d.insert(id, FakeDomain { name, xml, active });
+                    let old = d.get(&id);
+                    let active = old.is_some_and(|x| x.active);
+                    let live = old.map(|x| x.live.clone()).unwrap_or_else(|| xml.clone());
+                    let sizes = old.map(|x| x.sizes.clone()).unwrap_or_default();
+                    d.insert(
+                        id,
+                        FakeDomain {
+                            name,
+                            xml,
+                            active,
+                            live,
+                            sizes,
+                        },
+                    );
                 }
                 DomainOp::Start => {
                     let x = d.get_mut(uid).ok_or_else(|| refused("no domain"))?;
@@ -243,6 +302,32 @@ impl Domains for FakeDomains {
                         return Err(refused("already running"));
                     }
                     x.active = true;
+                    x.live = x.xml.clone();
+                }
+                DomainOp::AttachDisk { xml } => {
+                    let x = d.get_mut(uid).ok_or_else(|| refused("no domain"))?;
+                    let disk = disks_in(&xml).pop().ok_or_else(|| refused("bad disk"))?;
+                    if disks_in(&x.live).iter().any(|o| o.target == disk.target) {
+                        return Err(refused("target in use"));
+                    }
+                    x.live = x
+                        .live
+                        .replacen("</devices>", &format!("{xml}</devices>"), 1);
+                }
+                DomainOp::DetachDisk { xml } => {
+                    let x = d.get_mut(uid).ok_or_else(|| refused("no domain"))?;
+                    let gone = disks_in(&xml).pop().ok_or_else(|| refused("bad disk"))?;
+                    let kept: String = disks_in(&x.live)
+                        .into_iter()
+                        .filter(|o| o.target != gone.target)
+                        .map(|o| super::domain::disk_xml(&o.path, &o.target, &o.serial, false))
+                        .collect();
+                    let head = x.live.split("<disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>").next().unwrap_or_default().to_string();
+                    x.live = format!("{head}{kept}</devices></domain>");
+                }
+                DomainOp::ResizeDisk { target, bytes } => {
+                    let x = d.get_mut(uid).ok_or_else(|| refused("no domain"))?;
+                    x.sizes.insert(target, bytes);
                 }
                 DomainOp::Destroy => {
                     let x = d.get_mut(uid).ok_or_else(|| refused("no domain"))?;

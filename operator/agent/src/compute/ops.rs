@@ -22,6 +22,22 @@ pub enum DomainOp {
     Start,
     /// Power it off (the domain and its disks stay).
     Destroy,
+    /// Hot-plug a volume disk into the running guest (the definition has
+    /// it already: a `Define` comes first).
+    AttachDisk {
+        xml: String,
+    },
+    /// Hot-unplug a volume disk (asynchronous: the guest releases it; the
+    /// live XML shows it until then).
+    DetachDisk {
+        xml: String,
+    },
+    /// Grow a running guest's volume disk through QEMU (the guest sees
+    /// the new size at once).
+    ResizeDisk {
+        target: String,
+        bytes: u64,
+    },
 }
 
 impl DomainOp {
@@ -32,6 +48,9 @@ impl DomainOp {
             DomainOp::Define { .. } => "define",
             DomainOp::Start => "start",
             DomainOp::Destroy => "destroy",
+            DomainOp::AttachDisk { .. } => "attach",
+            DomainOp::DetachDisk { .. } => "detach",
+            DomainOp::ResizeDisk { .. } => "resize",
         }
     }
 }

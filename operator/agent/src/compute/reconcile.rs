@@ -329,7 +329,11 @@ pub async fn reconcile<D: Domains>(
     }
     // The domain.
     let (xml, hash) = domain::render(&vn, &paths, &ctx.domain_type);
-    let ops = decide::domain_ops(&seen, &dname, &xml, &hash, vn.spec.running);
+    let mut ops = decide::domain_ops(&seen, &dname, &xml, &hash, vn.spec.running);
+    if vn.spec.running && !ops.contains(&super::ops::DomainOp::Start) {
+        // A running guest's volumes are hot-plugged, unplugged and grown.
+        ops.extend(decide::live_disk_ops(&seen, &vn.spec.disks));
+    }
     let active = decide::active_after(&seen, &ops);
     let started = ops.contains(&super::ops::DomainOp::Start);
     let labels: Vec<&'static str> = ops.iter().map(|o| o.label()).collect();
@@ -364,12 +368,38 @@ pub async fn reconcile<D: Domains>(
     }
     let old_boot = vn.status.as_ref().and_then(|s| s.boot_time.clone());
     let boot_time = boot_time(&ctx.boot_times, &uid, started, active, old_boot);
+    let disks = decide::disks_after(&seen, active, &vn.spec.disks);
+    let mut wanted: Vec<(&str, &str)> = vn
+        .spec
+        .disks
+        .iter()
+        .map(|d| (d.serial.as_str(), d.target.as_str()))
+        .collect();
+    wanted.sort();
+    let held: Vec<(&str, &str)> = disks
+        .iter()
+        .map(|d| (d.serial.as_str(), d.target.as_str()))
+        .collect();
     ctx.write_status(
         &vn,
-        &decide::settled_status(&vn, &ctx.host, active, boot_time),
+        &VirtualNodeStatus {
+            disks: disks.clone(),
+            ..decide::settled_status(&vn, &ctx.host, active, boot_time)
+        },
     )
     .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    if labels
+        .iter()
+        .any(|l| matches!(*l, "attach" | "detach" | "resize"))
+    {
+        tracing::info!(node = %vn.name_any(), ops = ?labels, "volume disks changed");
+    }
+    // A detach completes when the guest lets go: look again soon.
+    Ok(Action::requeue(Duration::from_secs(if held != wanted {
+        2
+    } else {
+        300
+    })))
 }
 
 /// The boot time to report: now for a domain just started, else the one this

@@ -22,6 +22,10 @@ pub struct DesiredNode {
     pub vlan: bool,
     /// Its spec, without placement (`host`, `site`) and power (`running`).
     pub spec: VirtualNodeSpec,
+    /// The host its `dir` volumes pin it to, and why.
+    pub pinned: Option<(String, String)>,
+    /// Not created yet: a volume of it waits (the cluster's condition says which).
+    pub hold: bool,
 }
 
 /// Deterministic node name: `<cluster>-frontend` or `<cluster>-<pool>-<index>`.
@@ -139,6 +143,8 @@ pub fn desired_nodes(
             disks: vec![],
         },
         sites: fe_sites,
+        pinned: None,
+        hold: false,
     });
     for (pi, pool) in spec.pools.iter().enumerate() {
         let sites_for_pool: Vec<String> = if pool.sites.is_empty() {
@@ -176,6 +182,8 @@ pub fn desired_nodes(
                     network: network(&name),
                     disks: vec![],
                 },
+                pinned: None,
+                hold: false,
             });
         }
     }

@@ -10,10 +10,38 @@ use kube::runtime::events::EventType;
 use yukumo_api::Reason;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
 use yukumo_api::host::Host;
-use yukumo_api::site::{Site, SiteStatus};
+use yukumo_api::site::{PoolStatus, Site, SiteStatus, StoragePool};
 
 use super::verdict::{Verdict, apply_verdict, reason_changed};
 use crate::context::{Ctx, Result};
+
+/// Each declared pool as its host reported it (or why there is no report).
+pub fn pools(declared: &[StoragePool], hosts: &[Host]) -> Vec<PoolStatus> {
+    declared
+        .iter()
+        .map(|p| {
+            let host = hosts.iter().find(|h| h.name_any() == p.host);
+            let reported = host
+                .and_then(|h| h.status.as_ref())
+                .and_then(|s| s.storage_pools.iter().find(|r| r.name == p.name));
+            match (host, reported) {
+                (_, Some(r)) => r.clone(),
+                (None, _) => PoolStatus {
+                    name: p.name.clone(),
+                    host: p.host.clone(),
+                    error: Some(format!("host {} is not registered at this Site", p.host)),
+                    ..Default::default()
+                },
+                (Some(_), None) => PoolStatus {
+                    name: p.name.clone(),
+                    host: p.host.clone(),
+                    error: Some(format!("host {} has not reported the pool yet", p.host)),
+                    ..Default::default()
+                },
+            }
+        })
+        .collect()
+}
 
 /// Pure aggregation of a Site's hosts into its status fields and verdict.
 pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
@@ -73,6 +101,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         observed_generation: site.metadata.generation,
         conditions: apply_verdict(&old.conditions, site.metadata.generation, &verdict),
         peers: old.peers.clone(),
+        storage_pools: pools(&site.spec.storage_pools, &hosts),
         ..agg
     };
     if status != old {

@@ -70,6 +70,8 @@ pub struct NodePlan {
     /// Nodes not created yet (and their roles): their NetworkGroup has no
     /// address for them yet.
     pub waiting_network: Vec<(String, NodeRole)>,
+    /// Nodes not created yet: a volume of theirs waits.
+    pub waiting_volumes: Vec<(String, NodeRole)>,
     pub unschedulable: Vec<String>,
     pub recovering: Vec<String>,
     /// Written moments ago and not in the cache yet (not written again).
@@ -236,6 +238,7 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                     need: d.spec.resources,
                     gateway: d.gateway,
                     vlan: d.vlan,
+                    pinned: d.pinned.clone(),
                 },
                 &mut views,
                 &mut counts,
@@ -252,6 +255,11 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             out.waiting.push(d.name.clone());
             continue;
         }
+        if existing.is_none() && d.hold {
+            // Created with its volumes, not without them.
+            out.waiting_volumes.push((d.name.clone(), d.spec.role));
+            continue;
+        }
         spec.host = Some(host.clone());
         spec.site = Some(site.clone());
         if let Some(n) = existing {
@@ -261,7 +269,6 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             if spec.network.is_none() {
                 spec.network = n.spec.network.clone();
             }
-            spec.disks = n.spec.disks.clone();
         } else if spec.network.is_none() {
             // Created only once its group has given it an address.
             out.waiting_network.push((d.name.clone(), d.spec.role));

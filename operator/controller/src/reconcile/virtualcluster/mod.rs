@@ -12,6 +12,7 @@ pub mod admission;
 pub mod converge;
 pub mod status;
 pub mod validate;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,8 @@ pub struct NodesOutcome {
     /// Nodes not created yet (and their roles): their NetworkGroup has no
     /// address for them yet.
     pub waiting_network: Vec<(String, NodeRole)>,
+    /// Nodes not created yet: a volume of theirs waits.
+    pub waiting_volumes: Vec<(String, NodeRole)>,
     pub unschedulable: Vec<String>,
     pub recovering: Vec<String>,
 }
@@ -216,9 +219,42 @@ async fn converge_nodes(
         nodes,
         waiting: plan.waiting,
         waiting_network: plan.waiting_network,
+        waiting_volumes: plan.waiting_volumes,
         unschedulable: plan.unschedulable,
         recovering: plan.recovering,
     })
+}
+
+/// Write the plan's claims: each Volume's `status.attachedTo`, with the
+/// Volume's resourceVersion as a precondition (a concurrent claim or
+/// change fails with a conflict and the cluster is decided again).
+async fn write_claims(
+    ctx: &Ctx,
+    vc: &VirtualCluster,
+    ns: &str,
+    claims: &[volumes::Claim],
+) -> Result<()> {
+    let api: Api<yukumo_api::Volume> = Api::namespaced(ctx.client.clone(), ns);
+    for c in claims {
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": c.resource_version},
+            "status": {"attachedTo": c.attached_to},
+        });
+        api.patch_status(&c.volume, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        ctx.count_status_write("Volume");
+        ctx.event(
+            vc,
+            EventType::Normal,
+            &Reason::VolumeClaimed,
+            format!(
+                "Volume {} claimed for node {} as {}",
+                c.volume, c.attached_to.node, c.attached_to.target
+            ),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 /// Remove the host-cleanup finalizer of a node whose host is lost.
@@ -329,7 +365,33 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                 }
                 verdict = v
             }
-            Ok(desired) => {
+            Ok(mut desired) => {
+                let uid = vc.metadata.uid.clone().unwrap_or_default();
+                let all_nodes = ctx.stores.nodes.state();
+                let mine: Vec<&VirtualNode> = all_nodes
+                    .iter()
+                    .map(|n| n.as_ref())
+                    .filter(|n| {
+                        n.namespace().as_deref() == Some(ns.as_str())
+                            && n.owner_references().iter().any(|o| o.uid == uid)
+                    })
+                    .collect();
+                let all_volumes = ctx.stores.volumes.state();
+                let vols: Vec<&yukumo_api::Volume> = all_volumes
+                    .iter()
+                    .map(|v| v.as_ref())
+                    .filter(|v| v.namespace().as_deref() == Some(ns.as_str()))
+                    .collect();
+                let vplan =
+                    volumes::plan(&ns, &vc.name_any(), &vc.spec, &mine, &vols, &observed.sites);
+                write_claims(&ctx, &vc, &ns, &vplan.claims).await?;
+                for d in &mut desired {
+                    if let Some(nv) = vplan.nodes.get(&d.name) {
+                        d.spec.disks = nv.disks.clone();
+                        d.pinned = nv.pinned.clone();
+                    }
+                    d.hold = !vplan.may_create(&d.name);
+                }
                 let outcome = converge_nodes(&ctx, &vc, &ns, desired, running_now).await?;
                 nodes_status = status::summaries(&outcome);
                 ready_nodes = status::ready_count(&outcome);
@@ -350,6 +412,20 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     requeue = r;
                 }
                 verdict = v.verdict;
+                if let Some(w) = vplan.waits.first()
+                    && !verdict.is_stalled()
+                {
+                    let msg = vplan
+                        .waits
+                        .iter()
+                        .map(|w| w.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    verdict = match w.reason {
+                        Reason::VolumeNotReady => Verdict::progressing(w.reason.clone(), msg),
+                        _ => Verdict::stalled(w.reason.clone(), msg),
+                    };
+                }
             }
         }
     }

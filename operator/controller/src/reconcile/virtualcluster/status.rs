@@ -45,6 +45,9 @@ pub fn summaries(o: &NodesOutcome) -> Vec<NodeSummary> {
     out.extend(o.waiting_network.iter().map(|(name, role)| {
         NodeSummary::waiting(name.clone(), *role, NodeState::WaitingForAddress)
     }));
+    out.extend(o.waiting_volumes.iter().map(|(name, role)| {
+        NodeSummary::waiting(name.clone(), *role, NodeState::WaitingForVolume)
+    }));
     out
 }
 

@@ -238,3 +238,127 @@ async fn no_host_that_fits_is_stalled_naming_the_node() {
     let action = api.finish(task).await.unwrap().unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
+
+/// A placed, provisioned Volume `data` of the dir pool on host h1.
+fn data_volume() -> Value {
+    json!({"apiVersion": "yukumo.io/v1alpha1", "kind": "Volume",
+           "metadata": {"name": "data", "namespace": "t1", "uid": "vol-uid", "resourceVersion": "41"},
+           "spec": {"size": "64Mi", "pool": "local"},
+           "status": {"location": {"site": "a", "pool": "local", "host": "h1"},
+                      "backing": {"path": "/pools/local/vol-uid.qcow2", "capacityBytes": 67108864}}})
+}
+
+fn with_volume(f: &mut Fleet) {
+    let mut c = cluster(0);
+    c["spec"]["frontend"]["volumes"] = json!([{"name": "data"}]);
+    f.clusters = vec![obj(c)];
+    f.volumes = vec![obj(data_volume())];
+    f.hosts = vec![obj(host("h0", 8)), obj(host("h1", 8))];
+}
+
+const VOLUME: &str = "/apis/yukumo.io/v1alpha1/namespaces/t1/volumes/data/status";
+
+/// The claim is written first, with the Volume's resourceVersion as a
+/// precondition; the node then lists the disk and is pinned to the pool's host.
+#[tokio::test]
+async fn a_volume_is_claimed_before_the_node_lists_its_disk() {
+    let (client, mut api) = ApiMock::new();
+    let mut f = fleet();
+    with_volume(&mut f);
+    let vc = f.clusters[0].clone();
+    let ctx = ctx(client, f);
+    let task = tokio::spawn(reconcile(Arc::new(vc), ctx));
+    let claim = api
+        .expect(Method::PATCH, VOLUME, |s| {
+            let mut v = data_volume();
+            v["status"]["attachedTo"] = s.body["status"]["attachedTo"].clone();
+            (StatusCode::OK, v)
+        })
+        .await;
+    assert_eq!(claim.body["metadata"]["resourceVersion"], "41");
+    assert_eq!(
+        claim.body["status"]["attachedTo"],
+        json!({"cluster": "c", "node": "c-frontend", "target": "vdc"})
+    );
+    let node = api
+        .expect(Method::PATCH, NODES, |s| {
+            (StatusCode::CREATED, created(&s.body))
+        })
+        .await;
+    assert_eq!(
+        node.body["spec"]["host"], "h1",
+        "pinned to the dir pool's host"
+    );
+    assert_eq!(
+        node.body["spec"]["disks"],
+        json!([{"volume": "data", "target": "vdc", "readOnly": false, "serial": "vol-uid",
+                "path": "/pools/local/vol-uid.qcow2", "bytes": 67108864}])
+    );
+    api.expect(Method::PATCH, CLUSTER, |s| {
+        (StatusCode::OK, with_status(&s.body))
+    })
+    .await;
+    api.finish(task).await.unwrap().unwrap();
+}
+
+/// A claim that loses the race (the Volume changed since it was read)
+/// writes no node: the reconcile fails and is decided again.
+#[tokio::test]
+async fn a_claim_that_loses_the_race_writes_no_node() {
+    let (client, mut api) = ApiMock::new();
+    let mut f = fleet();
+    with_volume(&mut f);
+    let vc = f.clusters[0].clone();
+    let ctx = ctx(client, f);
+    let task = tokio::spawn(reconcile(Arc::new(vc), ctx));
+    api.expect(Method::PATCH, VOLUME, |_| {
+        (
+            StatusCode::CONFLICT,
+            status_error(409, "Conflict", "the object has been modified"),
+        )
+    })
+    .await;
+    let err = api.finish(task).await.unwrap().unwrap_err();
+    assert_eq!(err.metric_label(), "conflict");
+}
+
+/// A Volume another cluster holds: no claim, no node, Stalled naming the holder.
+#[tokio::test]
+async fn a_volume_held_by_another_cluster_is_not_taken() {
+    let (client, mut api) = ApiMock::new();
+    let mut f = fleet();
+    with_volume(&mut f);
+    let mut v = data_volume();
+    v["status"]["attachedTo"] =
+        json!({"cluster": "other", "node": "other-frontend", "target": "vdc"});
+    f.volumes = vec![obj(v)];
+    let vc = f.clusters[0].clone();
+    let ctx = ctx(client, f);
+    let task = tokio::spawn(reconcile(Arc::new(vc), ctx));
+    let status = api
+        .expect(Method::PATCH, CLUSTER, |s| {
+            (StatusCode::OK, with_status(&s.body))
+        })
+        .await;
+    let ready = status.body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["reason"], "VolumeInUse");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("node other-frontend of cluster other"),
+        "{ready}"
+    );
+    assert_eq!(
+        status.body["status"]["nodes"][0]["phase"],
+        "WaitingForVolume"
+    );
+    api.finish(task).await.unwrap().unwrap();
+    assert!(api.event_reasons().contains(&"VolumeInUse".to_string()));
+}

@@ -1,0 +1,317 @@
+//! What a Volume needs of its pool, as a pure function of the Volume and of
+//! what the pool holds.
+
+use std::collections::BTreeMap;
+
+use yukumo_api::volume::VolumeBacking;
+
+/// A pool as the host holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSeen {
+    /// The libvirt pool exists and runs.
+    pub active: bool,
+    /// Its folder, as libvirt has it defined.
+    pub path: String,
+    /// Size of the file system holding it.
+    pub capacity: u64,
+    /// Free space there.
+    pub available: u64,
+    /// Its volumes, by file name.
+    pub volumes: BTreeMap<String, VolSeen>,
+}
+
+/// A volume file as the pool holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolSeen {
+    pub path: String,
+    /// The size the guest sees.
+    pub capacity: u64,
+    /// What it takes on disk.
+    pub allocation: u64,
+}
+
+/// A change of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Define, build (mkdir) and start the pool at `path`, autostarted.
+    EnsurePool { path: String },
+    /// A blank qcow2 volume of exactly `bytes`.
+    Create { name: String, bytes: u64 },
+    /// Grow a volume to `bytes` (offline: a running guest's disk is grown
+    /// by its node's agent, through QEMU).
+    Grow { name: String, bytes: u64 },
+    /// Delete a volume's storage.
+    Delete { name: String },
+}
+
+/// The file name of a Volume's storage: its uid (the marker that says
+/// yukumo made it, and whose it is).
+pub fn volume_file(uid: &str) -> String {
+    format!("{uid}.qcow2")
+}
+
+/// The uid a yukumo volume file belongs to; `None` for any other file.
+pub fn file_uid(name: &str) -> Option<&str> {
+    let uid = name.strip_suffix(".qcow2")?;
+    let ok = uid.len() == 36
+        && uid.chars().enumerate().all(|(i, c)| {
+            matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
+        });
+    ok.then_some(uid)
+}
+
+/// What a Volume asks of its pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeWant {
+    pub uid: String,
+    pub bytes: u64,
+    /// Deleted and held by no node: its storage goes.
+    pub delete: bool,
+}
+
+/// Why a Volume's storage cannot be made as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("pool {pool:?} has {available} bytes free for {wanted} more: short by {short} bytes")]
+    NoSpace {
+        pool: String,
+        available: u64,
+        wanted: u64,
+        short: u64,
+    },
+    #[error(
+        "the storage holds {held} bytes, more than spec.size ({wanted}): a volume is never shrunk"
+    )]
+    Shrink { held: u64, wanted: u64 },
+}
+
+impl Refused {
+    /// The condition reason this refusal is reported with.
+    pub fn reason(&self) -> yukumo_api::Reason {
+        match self {
+            Refused::NoSpace { .. } => yukumo_api::Reason::InsufficientPoolSpace,
+            Refused::Shrink { .. } => yukumo_api::Reason::StorageFailed,
+        }
+    }
+}
+
+/// The operations that bring the pool to what `want` asks, given the
+/// sizes promised to the pool's other volumes (`promised`, bytes; the
+/// pool is never overcommitted: thin files, but every promise fits).
+pub fn volume_ops(
+    pool: &str,
+    path: &str,
+    seen: &PoolSeen,
+    want: &VolumeWant,
+    promised: u64,
+) -> Result<Vec<StorageOp>, Refused> {
+    let mut ops = Vec::new();
+    if !seen.active || seen.path != path {
+        ops.push(StorageOp::EnsurePool {
+            path: path.to_string(),
+        });
+    }
+    let name = volume_file(&want.uid);
+    let held = seen.volumes.get(&name);
+    if want.delete {
+        if held.is_some() {
+            ops.push(StorageOp::Delete { name });
+        }
+        return Ok(ops);
+    }
+    let fits = |more: u64| -> Result<(), Refused> {
+        // The pool's file system: what it holds already is in `available`;
+        // what is promised but not yet written still has to fit.
+        let room = seen.capacity.saturating_sub(promised);
+        if seen.active && more > room {
+            return Err(Refused::NoSpace {
+                pool: pool.to_string(),
+                available: room,
+                wanted: more,
+                short: more - room,
+            });
+        }
+        Ok(())
+    };
+    match held {
+        None => {
+            fits(want.bytes)?;
+            ops.push(StorageOp::Create {
+                name,
+                bytes: want.bytes,
+            });
+        }
+        Some(v) if v.capacity < want.bytes => {
+            fits(want.bytes - v.capacity)?;
+            ops.push(StorageOp::Grow {
+                name,
+                bytes: want.bytes,
+            });
+        }
+        Some(v) if v.capacity > want.bytes => {
+            return Err(Refused::Shrink {
+                held: v.capacity,
+                wanted: want.bytes,
+            });
+        }
+        Some(_) => {}
+    }
+    Ok(ops)
+}
+
+/// The backing to report once the ops are done (from a fresh observation).
+pub fn backing(
+    seen: &PoolSeen,
+    uid: &str,
+    error: Option<(yukumo_api::Reason, String)>,
+) -> Option<VolumeBacking> {
+    let v = seen.volumes.get(&volume_file(uid));
+    if v.is_none() && error.is_none() {
+        return None;
+    }
+    Some(VolumeBacking {
+        path: v.map(|v| v.path.clone()).unwrap_or_default(),
+        capacity_bytes: v.map_or(0, |v| v.capacity),
+        allocation_bytes: v.map_or(0, |v| v.allocation),
+        reason: error.as_ref().map(|e| e.0.clone()),
+        error: error.map(|e| e.1),
+    })
+}
+
+/// Files of the pool that carry yukumo's marker but whose Volume is not
+/// among `known` uids: reported, never deleted.
+pub fn orphans<'a>(seen: &'a PoolSeen, known: &std::collections::HashSet<String>) -> Vec<&'a str> {
+    seen.volumes
+        .keys()
+        .filter_map(|n| file_uid(n))
+        .filter(|u| !known.contains(*u))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "6f1c7e4a-0000-4000-8000-000000000001";
+
+    fn pool(cap: u64, vols: &[(&str, u64)]) -> PoolSeen {
+        PoolSeen {
+            active: true,
+            path: "/p".into(),
+            capacity: cap,
+            available: cap,
+            volumes: vols
+                .iter()
+                .map(|(n, c)| {
+                    (
+                        n.to_string(),
+                        VolSeen {
+                            path: format!("/p/{n}"),
+                            capacity: *c,
+                            allocation: 0,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn want(bytes: u64) -> VolumeWant {
+        VolumeWant {
+            uid: UID.into(),
+            bytes,
+            delete: false,
+        }
+    }
+
+    #[test]
+    fn creates_grows_and_never_shrinks() {
+        let f = volume_file(UID);
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[]), &want(10), 0).unwrap(),
+            vec![StorageOp::Create {
+                name: f.clone(),
+                bytes: 10
+            }]
+        );
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 10)]), &want(20), 10).unwrap(),
+            vec![StorageOp::Grow {
+                name: f.clone(),
+                bytes: 20
+            }]
+        );
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 20)]), &want(20), 20).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 30)]), &want(20), 30),
+            Err(Refused::Shrink {
+                held: 30,
+                wanted: 20
+            })
+        );
+    }
+
+    #[test]
+    fn a_volume_that_does_not_fit_names_the_pool_and_the_shortfall() {
+        let e = volume_ops("fast", "/p", &pool(100, &[]), &want(80), 50).unwrap_err();
+        assert_eq!(
+            e,
+            Refused::NoSpace {
+                pool: "fast".into(),
+                available: 50,
+                wanted: 80,
+                short: 30
+            }
+        );
+        assert!(e.to_string().contains("\"fast\"") && e.to_string().contains("short by 30"));
+    }
+
+    #[test]
+    fn an_inactive_pool_is_made_first_and_delete_removes_only_what_exists() {
+        let seen = PoolSeen::default();
+        assert_eq!(
+            volume_ops("d", "/p", &seen, &want(10), 0).unwrap(),
+            vec![
+                StorageOp::EnsurePool { path: "/p".into() },
+                StorageOp::Create {
+                    name: volume_file(UID),
+                    bytes: 10
+                }
+            ]
+        );
+        let del = VolumeWant {
+            delete: true,
+            ..want(10)
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[]), &del, 0).unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&volume_file(UID), 10)]), &del, 0).unwrap(),
+            vec![StorageOp::Delete {
+                name: volume_file(UID)
+            }]
+        );
+    }
+
+    #[test]
+    fn orphans_are_marked_files_without_a_volume() {
+        let other = "6f1c7e4a-0000-4000-8000-000000000002";
+        let seen = pool(
+            100,
+            &[
+                (&volume_file(UID), 1),
+                (&volume_file(other), 1),
+                ("notes.txt", 1),
+                ("x.qcow2", 1),
+            ],
+        );
+        let known = [UID.to_string()].into_iter().collect();
+        assert_eq!(orphans(&seen, &known), vec![other]);
+        assert_eq!(file_uid("6F1C7E4A-0000-4000-8000-00000000000.qcow2"), None);
+    }
+}

@@ -1,0 +1,12 @@
+//! Storage on the host: the Volumes whose pool this host holds.
+//!
+//! Observe → decide → execute, in the engine's shape: the pool and its
+//! volumes are observed through the [`pools::Pools`] seam (libvirt's
+//! storage API on the real host, an in-memory fake in tests), the pure
+//! [`decide`] returns typed [`decide::StorageOp`]s and the backing to
+//! report, and [`reconcile`] carries them out and writes the Volume's
+//! `status.backing` (the controller turns it into conditions).
+
+pub mod decide;
+pub mod pools;
+pub mod reconcile;

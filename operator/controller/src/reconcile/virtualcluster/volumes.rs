@@ -1,0 +1,410 @@
+//! The Volumes of a cluster's nodes: which disk each node gets, which
+//! Volume must first be claimed for it, and what waits — as a pure
+//! function of the cluster, its nodes and the Volumes.
+//!
+//! A Volume is held by one node at a time: its `status.attachedTo` names
+//! the holder (cluster, node) and the disk target there. The claim is
+//! written with the Volume's resourceVersion as a precondition before any
+//! node lists the disk, so of two clusters racing for one Volume exactly
+//! one wins; the loser waits with a condition naming the holder. The
+//! target is allocated once (from `vdc`: `vda` is the root disk, `vdb`
+//! the config disk) and kept in the claim, so a rescheduled node gets the
+//! same target and a target is never handed out twice on one node. The
+//! claim is released by the Volume reconciler only once neither the
+//! cluster asks for it nor the node's agent reports the disk.
+
+use std::collections::BTreeSet;
+
+use kube::ResourceExt;
+use yukumo_api::Reason;
+use yukumo_api::quantity::parse_quantity;
+use yukumo_api::site::{PoolType, Site};
+use yukumo_api::virtualcluster::{VirtualClusterSpec, VolumeAttachment};
+use yukumo_api::virtualnode::{NodeDisk, VirtualNode};
+use yukumo_api::volume::{Volume, VolumeAttachmentStatus};
+
+use crate::reconcile::nodes::node_name;
+
+/// The volumes each node of `spec` asks for: (node, field, attachment).
+pub fn wanted(cluster: &str, spec: &VirtualClusterSpec) -> Vec<(String, String, VolumeAttachment)> {
+    let mut out = Vec::new();
+    for (i, v) in spec.frontend.volumes.iter().enumerate() {
+        out.push((
+            node_name(cluster, None, 0),
+            format!("spec.frontend.volumes[{i}]"),
+            v.clone(),
+        ));
+    }
+    for (pi, p) in spec.pools.iter().enumerate() {
+        if p.replicas < 1 {
+            continue;
+        }
+        for (i, v) in p.volumes.iter().enumerate() {
+            out.push((
+                node_name(cluster, Some(&p.name), 0),
+                format!("spec.pools[{pi}].volumes[{i}]"),
+                v.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// A claim to write before the node lists the disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub volume: String,
+    pub resource_version: Option<String>,
+    pub attached_to: VolumeAttachmentStatus,
+}
+
+/// Something a node's volume waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wait {
+    pub node: String,
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// A node's disks and constraints.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeVolumes {
+    /// Disks it gets (claimed, or claimed by this plan's `claims`).
+    pub disks: Vec<NodeDisk>,
+    /// The host its `dir` volumes pin it to, and why.
+    pub pinned: Option<(String, String)>,
+}
+
+/// The plan for every node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumePlan {
+    pub nodes: std::collections::BTreeMap<String, NodeVolumes>,
+    pub claims: Vec<Claim>,
+    pub waits: Vec<Wait>,
+}
+
+impl VolumePlan {
+    /// Whether `node` may be created now: nothing of it waits.
+    pub fn may_create(&self, node: &str) -> bool {
+        !self.waits.iter().any(|w| w.node == node)
+    }
+}
+
+/// The first free disk target after the root and config disks.
+fn free_target(used: &BTreeSet<String>) -> Option<String> {
+    (b'c'..=b'z')
+        .map(|c| format!("vd{}", c as char))
+        .find(|t| !used.contains(t))
+}
+
+/// Plan the disks of the cluster `cluster` in `ns`. `nodes`: the cluster's
+/// existing VirtualNodes; `volumes`: the namespace's Volumes; `sites`: to
+/// tell a `dir` pool (which pins its node to the pool's host).
+pub fn plan(
+    ns: &str,
+    cluster: &str,
+    spec: &VirtualClusterSpec,
+    nodes: &[&VirtualNode],
+    volumes: &[&Volume],
+    sites: &[Site],
+) -> VolumePlan {
+    let mut out = VolumePlan::default();
+    let find = |name: &str| {
+        volumes
+            .iter()
+            .copied()
+            .find(|v| v.name_any() == name && v.namespace().as_deref() == Some(ns))
+    };
+    for (node, field, att) in wanted(cluster, spec) {
+        let existing = nodes.iter().copied().find(|n| n.name_any() == node);
+        let mut wait = |reason: Reason, message: String| {
+            out.waits.push(Wait {
+                node: node.clone(),
+                reason,
+                message: format!("{field}: {message}"),
+            })
+        };
+        let Some(vol) = find(&att.name) else {
+            wait(
+                Reason::VolumeNotFound,
+                format!("Volume {:?} not found in namespace {ns}", att.name),
+            );
+            continue;
+        };
+        let uid = vol.metadata.uid.clone().unwrap_or_default();
+        let status = vol.status.clone().unwrap_or_default();
+        let mine = |a: &VolumeAttachmentStatus| a.cluster == cluster && a.node == node;
+        let claim = status.attached_to.clone();
+        if let Some(a) = &claim
+            && !mine(a)
+        {
+            wait(
+                Reason::VolumeInUse,
+                format!(
+                    "Volume {:?} is attached to node {} of cluster {} (single writer): detach it there first",
+                    att.name, a.node, a.cluster
+                ),
+            );
+            continue;
+        }
+        let bytes = parse_quantity(&vol.spec.size).unwrap_or(0);
+        // A disk the node holds already is kept while its Volume is held by
+        // it, whatever else is wrong: data is never pulled from a guest
+        // because of a transient report.
+        let kept = existing
+            .filter(|_| claim.is_some())
+            .and_then(|n| n.spec.disks.iter().find(|d| d.serial == uid).cloned());
+        let (Some(loc), Some(backing)) = (status.location.clone(), status.backing.clone()) else {
+            if let Some(d) = kept {
+                out.nodes.entry(node.clone()).or_default().disks.push(d);
+                continue;
+            }
+            if claim.is_none() {
+                wait(
+                    Reason::VolumeNotReady,
+                    format!("Volume {:?} is not provisioned yet", att.name),
+                );
+                continue;
+            }
+            // Held already (its storage vanished?): keep the claim, give
+            // no disk until it is back.
+            wait(
+                Reason::VolumeNotReady,
+                format!("Volume {:?} has no storage reported", att.name),
+            );
+            continue;
+        };
+        if claim.is_none()
+            && (vol.metadata.deletion_timestamp.is_some()
+                || backing.path.is_empty()
+                || backing.error.is_some())
+        {
+            wait(
+                Reason::VolumeNotReady,
+                if vol.metadata.deletion_timestamp.is_some() {
+                    format!("Volume {:?} is being deleted", att.name)
+                } else {
+                    format!(
+                        "Volume {:?} is not ready: {}",
+                        att.name,
+                        backing.error.as_deref().unwrap_or("no storage yet")
+                    )
+                },
+            );
+            continue;
+        }
+        let dir = sites
+            .iter()
+            .find(|s| s.name_any() == loc.site)
+            .and_then(|s| s.spec.storage_pool(&loc.pool))
+            .is_none_or(|p| p.type_ == PoolType::Dir);
+        let nv = out.nodes.entry(node.clone()).or_default();
+        if dir {
+            if let Some(n) = existing
+                && let Some(h) = &n.spec.host
+                && h != &loc.host
+                && kept.is_none()
+            {
+                wait(
+                    Reason::VolumeUnusable,
+                    format!(
+                        "Volume {:?} lives on host {} (dir pool {:?}) but node {node} runs on host {h}",
+                        att.name, loc.host, loc.pool
+                    ),
+                );
+                continue;
+            }
+            match &nv.pinned {
+                Some((h, why)) if h != &loc.host => {
+                    wait(
+                        Reason::VolumeUnusable,
+                        format!(
+                            "Volume {:?} lives on host {} but the node is pinned to {h} ({why})",
+                            att.name, loc.host
+                        ),
+                    );
+                    continue;
+                }
+                _ => {
+                    nv.pinned = Some((
+                        loc.host.clone(),
+                        format!("Volume {} is in dir pool {}", att.name, loc.pool),
+                    ))
+                }
+            }
+        }
+        let target = match &claim {
+            Some(a) => a.target.clone(),
+            None => {
+                // Targets held by this node's other volumes, listed by its
+                // spec, or chosen earlier in this plan.
+                let mut used: BTreeSet<String> = volumes
+                    .iter()
+                    .filter_map(|v| v.status.as_ref()?.attached_to.as_ref())
+                    .filter(|a| mine(a))
+                    .map(|a| a.target.clone())
+                    .collect();
+                used.extend(
+                    existing
+                        .iter()
+                        .flat_map(|n| n.spec.disks.iter().map(|d| d.target.clone())),
+                );
+                used.extend(nv.disks.iter().map(|d| d.target.clone()));
+                let Some(t) = free_target(&used) else {
+                    wait(
+                        Reason::VolumeUnusable,
+                        format!(
+                            "node {node} has no free disk target for Volume {:?}",
+                            att.name
+                        ),
+                    );
+                    continue;
+                };
+                out.claims.push(Claim {
+                    volume: att.name.clone(),
+                    resource_version: vol.resource_version(),
+                    attached_to: VolumeAttachmentStatus {
+                        cluster: cluster.to_string(),
+                        node: node.clone(),
+                        target: t.clone(),
+                    },
+                });
+                t
+            }
+        };
+        nv.disks.push(NodeDisk {
+            volume: att.name.clone(),
+            target,
+            read_only: att.read_only,
+            serial: uid,
+            path: backing.path.clone(),
+            bytes,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(vols: &[&str]) -> VirtualClusterSpec {
+        serde_json::from_value(json!({
+            "networkGroup": "net",
+            "frontend": {"size": {"cpu": 1, "memory": "128Mi"},
+                         "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))},
+                         "volumes": vols.iter().map(|v| json!({"name": v})).collect::<Vec<_>>()}
+        }))
+        .unwrap()
+    }
+
+    fn vol(name: &str, uid: &str, attached: Option<(&str, &str, &str)>) -> Volume {
+        let mut v: Volume = serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "Volume",
+            "metadata": {"name": name, "namespace": "a", "uid": uid, "resourceVersion": "7"},
+            "spec": {"size": "64Mi", "pool": "local"},
+            "status": {"location": {"site": "s", "pool": "local", "host": "h1"},
+                       "backing": {"path": format!("/p/{uid}.qcow2"), "capacityBytes": 67108864}}
+        }))
+        .unwrap();
+        if let Some((c, n, t)) = attached {
+            v.status.as_mut().unwrap().attached_to = Some(VolumeAttachmentStatus {
+                cluster: c.into(),
+                node: n.into(),
+                target: t.into(),
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn claims_a_free_volume_with_the_first_free_target_and_pins_the_node() {
+        let (a, b) = (
+            vol("data", "u1", None),
+            vol("logs", "u2", Some(("vc", "vc-frontend", "vdc"))),
+        );
+        let p = plan("a", "vc", &spec(&["data", "logs"]), &[], &[&a, &b], &[]);
+        assert_eq!(p.claims.len(), 1);
+        assert_eq!(p.claims[0].volume, "data");
+        assert_eq!(p.claims[0].resource_version.as_deref(), Some("7"));
+        // vdc is the claimed target of logs: data gets vdd.
+        assert_eq!(p.claims[0].attached_to.target, "vdd");
+        let n = &p.nodes["vc-frontend"];
+        let targets: Vec<(&str, &str, u64)> = n
+            .disks
+            .iter()
+            .map(|d| (d.target.as_str(), d.serial.as_str(), d.bytes))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![("vdd", "u1", 64 << 20), ("vdc", "u2", 64 << 20)]
+        );
+        assert_eq!(n.pinned.as_ref().map(|p| p.0.as_str()), Some("h1"));
+        assert!(p.waits.is_empty());
+    }
+
+    #[test]
+    fn a_volume_held_elsewhere_waits_naming_the_holder_and_gives_no_disk() {
+        let a = vol("data", "u1", Some(("other", "other-frontend", "vdc")));
+        let p = plan("a", "vc", &spec(&["data"]), &[], &[&a], &[]);
+        assert!(p.claims.is_empty());
+        assert!(
+            p.nodes
+                .get("vc-frontend")
+                .is_none_or(|n| n.disks.is_empty())
+        );
+        assert_eq!(p.waits.len(), 1);
+        assert_eq!(p.waits[0].reason, Reason::VolumeInUse);
+        assert!(p.waits[0].message.contains("spec.frontend.volumes[0]"));
+        assert!(
+            p.waits[0]
+                .message
+                .contains("node other-frontend of cluster other")
+        );
+        assert!(!p.may_create("vc-frontend"));
+    }
+
+    #[test]
+    fn missing_unprovisioned_and_deleting_volumes_wait() {
+        let mut pending = vol("data", "u1", None);
+        pending.status.as_mut().unwrap().backing = None;
+        let mut deleting = vol("logs", "u2", None);
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let p = plan(
+            "a",
+            "vc",
+            &spec(&["data", "logs", "gone"]),
+            &[],
+            &[&pending, &deleting],
+            &[],
+        );
+        let reasons: Vec<(&Reason, bool)> = p
+            .waits
+            .iter()
+            .map(|w| (&w.reason, w.message.contains("being deleted")))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (&Reason::VolumeNotReady, false),
+                (&Reason::VolumeNotReady, true),
+                (&Reason::VolumeNotFound, false)
+            ]
+        );
+        assert!(p.claims.is_empty());
+    }
+
+    #[test]
+    fn a_volume_of_another_namespace_is_never_found() {
+        let mut other = vol("data", "u1", None);
+        other.metadata.namespace = Some("team-a".into());
+        let p = plan("team-b", "vc", &spec(&["data"]), &[], &[&other], &[]);
+        assert_eq!(p.waits[0].reason, Reason::VolumeNotFound);
+        assert!(p.waits[0].message.contains("namespace team-b"));
+        assert!(p.claims.is_empty());
+    }
+}

@@ -1,0 +1,405 @@
+//! What a Volume needs, as a pure function of the Volume, the Sites and
+//! its holder: where it is placed (once: its data lives there), whether
+//! its claim can be released, and its kstatus verdict.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
+use yukumo_api::Reason;
+use yukumo_api::quantity::parse_quantity;
+use yukumo_api::site::Site;
+use yukumo_api::volume::{Volume, VolumeLocation, VolumePhase};
+
+use crate::reconcile::verdict::Verdict;
+
+/// What the holder named in `status.attachedTo` still does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    /// Its cluster exists, is not being deleted, and lists the Volume for that node.
+    pub cluster_wants: bool,
+    /// Its VirtualNode lists the disk (spec, or the agent's status).
+    pub node_holds: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Where the Volume is placed (kept once set).
+    pub location: Option<VolumeLocation>,
+    /// The claim can be released: nobody holds the Volume any more.
+    pub release: bool,
+    pub verdict: Verdict,
+    pub phase: VolumePhase,
+    pub capacity: Option<Quantity>,
+}
+
+/// `bytes` as a quantity: binary units when exact.
+pub fn quantity(bytes: u64) -> Quantity {
+    for (unit, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1u64 << shift) {
+            return Quantity(format!("{}{unit}", bytes >> shift));
+        }
+    }
+    Quantity(bytes.to_string())
+}
+
+/// The location of a Volume not yet placed, or why it cannot be placed.
+fn place(vol: &Volume, sites: &[Site]) -> Result<VolumeLocation, Verdict> {
+    let pool = &vol.spec.pool;
+    let at = |s: &Site| s.spec.storage_pool(pool).is_some();
+    let with_pool: Vec<&Site> = sites.iter().filter(|s| at(s)).collect();
+    let site = match &vol.spec.site {
+        Some(name) => {
+            let Some(site) = sites.iter().find(|s| &s.name_any() == name) else {
+                return Err(Verdict::stalled(
+                    Reason::SiteNotFound,
+                    format!("spec.site: Site {name:?} not found"),
+                ));
+            };
+            if !at(site) {
+                let elsewhere: Vec<String> = with_pool.iter().map(|s| s.name_any()).collect();
+                let theirs: Vec<&str> = site
+                    .spec
+                    .storage_pools
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect();
+                return Err(Verdict::stalled(
+                    Reason::PoolNotFound,
+                    format!(
+                        "spec.pool: Site {name} has no storage pool {pool:?} (its pools: {}){}",
+                        if theirs.is_empty() {
+                            "none".into()
+                        } else {
+                            theirs.join(", ")
+                        },
+                        if elsewhere.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; pool {pool:?} is at Site {}", elsewhere.join(", "))
+                        }
+                    ),
+                ));
+            }
+            site
+        }
+        None => match with_pool.as_slice() {
+            [] => {
+                return Err(Verdict::stalled(
+                    Reason::PoolNotFound,
+                    format!("spec.pool: no Site declares a storage pool {pool:?}"),
+                ));
+            }
+            [one] => *one,
+            many => {
+                let names: Vec<String> = many.iter().map(|s| s.name_any()).collect();
+                return Err(Verdict::stalled(
+                    Reason::PoolNotFound,
+                    format!(
+                        "spec.site: storage pool {pool:?} exists at Sites {}: name one",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
+    let p = site.spec.storage_pool(pool).expect("checked");
+    Ok(VolumeLocation {
+        site: site.name_any(),
+        pool: p.name.clone(),
+        host: p.host.clone(),
+    })
+}
+
+/// Spec fields this version does not implement: refused, never ignored (a
+/// volume "from an image" must not be created blank).
+fn unimplemented(vol: &Volume) -> Option<String> {
+    let s = &vol.spec;
+    let field = if s.source.is_some() {
+        "spec.source"
+    } else if !s.snapshots.is_empty() {
+        "spec.snapshots"
+    } else if s.restore_from.is_some() {
+        "spec.restoreFrom"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{field}: not implemented yet by this version of yukumo (volumes are created blank; snapshots, restore and images come with the rest of the storage work); remove the field"
+    ))
+}
+
+pub fn decide(vol: &Volume, sites: &[Site], holder: Option<Holder>) -> Decision {
+    let status = vol.status.clone().unwrap_or_default();
+    let deleting = vol.metadata.deletion_timestamp.is_some();
+    let release = holder.is_some_and(|h| !h.cluster_wants && !h.node_holds);
+    let attached = status.attached_to.as_ref().filter(|_| !release);
+    let mut d = Decision {
+        location: status.location.clone(),
+        release,
+        verdict: Verdict::progressing(Reason::WaitingForPool, "waiting for placement"),
+        phase: VolumePhase::Pending,
+        capacity: status
+            .backing
+            .as_ref()
+            .filter(|b| b.capacity_bytes > 0)
+            .map(|b| quantity(b.capacity_bytes)),
+    };
+    let bytes = match parse_quantity(&vol.spec.size) {
+        Ok(b) if b > 0 => b,
+        _ => {
+            d.verdict = Verdict::stalled(
+                Reason::InvalidSize,
+                format!(
+                    "spec.size: {:?} is not a positive quantity such as 20Gi",
+                    vol.spec.size.0
+                ),
+            );
+            d.phase = VolumePhase::Failed;
+            return d;
+        }
+    };
+    if let Some(msg) = unimplemented(vol)
+        && !deleting
+    {
+        d.verdict = Verdict::stalled(Reason::NotImplemented, msg);
+        if d.location.is_none() {
+            d.phase = VolumePhase::Failed;
+        }
+        return d;
+    }
+    let loc = match &d.location {
+        Some(l) => l.clone(),
+        None if deleting => {
+            d.verdict =
+                Verdict::progressing(Reason::WaitingForPool, "deleted before it was placed");
+            return d;
+        }
+        None => match place(vol, sites) {
+            Ok(l) => {
+                d.location = Some(l.clone());
+                d.verdict = Verdict::progressing(
+                    Reason::WaitingForPool,
+                    format!(
+                        "placed in pool {} on host {} (Site {}); waiting for its agent to create it",
+                        l.pool, l.host, l.site
+                    ),
+                );
+                return d;
+            }
+            Err(v) => {
+                d.verdict = v;
+                d.phase = VolumePhase::Failed;
+                return d;
+            }
+        },
+    };
+    if let Some(a) = attached {
+        d.phase = VolumePhase::Attached;
+        if deleting {
+            d.verdict = Verdict::progressing(
+                Reason::DetachPending,
+                format!(
+                    "deletion waits: attached to node {} of cluster {} as {}; remove it from that cluster's spec (or delete the cluster) to finish",
+                    a.node, a.cluster, a.target
+                ),
+            );
+            return d;
+        }
+    } else if deleting {
+        d.verdict = Verdict::progressing(
+            Reason::DetachPending,
+            format!(
+                "detached; host {} removes its storage from pool {}",
+                loc.host, loc.pool
+            ),
+        );
+        return d;
+    }
+    let Some(b) = &status.backing else {
+        d.verdict = Verdict::progressing(
+            Reason::WaitingForPool,
+            format!(
+                "waiting for host {} to create it in pool {}",
+                loc.host, loc.pool
+            ),
+        );
+        return d;
+    };
+    if let Some(err) = &b.error {
+        d.verdict = Verdict::stalled(
+            b.reason.clone().unwrap_or(Reason::StorageFailed),
+            err.clone(),
+        );
+        if attached.is_none() {
+            d.phase = VolumePhase::Failed;
+        }
+        return d;
+    }
+    if b.capacity_bytes != bytes {
+        d.verdict = Verdict::progressing(
+            Reason::Provisioning,
+            format!(
+                "growing from {} to {bytes} bytes{}",
+                b.capacity_bytes,
+                if attached.is_some() {
+                    " (online, by the node's agent)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        return d;
+    }
+    d.verdict = match attached {
+        Some(a) => Verdict::ready(
+            Reason::Attached,
+            format!(
+                "{bytes} bytes in pool {} on host {}; attached to node {} of cluster {} as {}",
+                loc.pool, loc.host, a.node, a.cluster, a.target
+            ),
+        ),
+        None => {
+            d.phase = VolumePhase::Available;
+            Verdict::ready(
+                Reason::Available,
+                format!("{bytes} bytes in pool {} on host {}", loc.pool, loc.host),
+            )
+        }
+    };
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn site(name: &str, pools: &[&str]) -> Site {
+        serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "Site", "metadata": {"name": name},
+            "spec": {"storagePools": pools.iter().map(|p| json!({"name": p, "type": "dir", "host": format!("{name}-h1")})).collect::<Vec<_>>()}
+        }))
+        .unwrap()
+    }
+
+    fn vol(extra: serde_json::Value) -> Volume {
+        let mut v = json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "Volume",
+            "metadata": {"name": "data", "namespace": "a", "uid": "u1"},
+            "spec": {"size": "64Mi", "pool": "local"}
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            if k == "spec" {
+                for (sk, sx) in x.as_object().unwrap() {
+                    v["spec"][sk] = sx.clone();
+                }
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn placed_in_the_one_site_with_the_pool_then_ready_at_its_size() {
+        let sites = [site("s1", &["local"]), site("s2", &["fast"])];
+        let d = decide(&vol(json!({})), &sites, None);
+        assert_eq!(
+            d.location,
+            Some(VolumeLocation {
+                site: "s1".into(),
+                pool: "local".into(),
+                host: "s1-h1".into()
+            })
+        );
+        assert_eq!(d.verdict.reason(), &Reason::WaitingForPool);
+        let placed = vol(
+            json!({"status": {"location": {"site": "s1", "pool": "local", "host": "s1-h1"},
+            "backing": {"path": "/p/u1.qcow2", "capacityBytes": 67108864}}}),
+        );
+        let d = decide(&placed, &sites, None);
+        assert_eq!(d.verdict.reason(), &Reason::Available);
+        assert!(matches!(d.verdict, Verdict::Ready { .. }));
+        assert_eq!(d.capacity, Some(Quantity("64Mi".into())));
+        assert_eq!(d.phase, VolumePhase::Available);
+        // Grown in the spec: progressing until the storage has the size.
+        let grown = vol(json!({"spec": {"size": "96Mi"}, "status": placed.status}));
+        assert_eq!(
+            decide(&grown, &sites, None).verdict.reason(),
+            &Reason::Provisioning
+        );
+    }
+
+    #[test]
+    fn bad_pools_and_sites_are_refused_naming_the_field() {
+        let sites = [site("s1", &["local"]), site("s2", &["local", "fast"])];
+        let d = decide(&vol(json!({"spec": {"pool": "nope"}})), &sites, None);
+        assert_eq!(d.verdict.reason(), &Reason::PoolNotFound);
+        assert!(d.verdict.message().starts_with("spec.pool: no Site"));
+        let d = decide(&vol(json!({})), &sites, None);
+        assert!(
+            d.verdict
+                .message()
+                .starts_with("spec.site: storage pool \"local\" exists at Sites s1, s2")
+        );
+        let d = decide(
+            &vol(json!({"spec": {"pool": "fast", "site": "s1"}})),
+            &sites,
+            None,
+        );
+        assert_eq!(
+            d.verdict.message(),
+            "spec.pool: Site s1 has no storage pool \"fast\" (its pools: local); pool \"fast\" is at Site s2"
+        );
+        let d = decide(&vol(json!({"spec": {"site": "mars"}})), &sites, None);
+        assert_eq!(d.verdict.reason(), &Reason::SiteNotFound);
+        let d = decide(
+            &vol(json!({"spec": {"snapshots": [{"name": "s"}]}})),
+            &sites,
+            None,
+        );
+        assert_eq!(d.verdict.reason(), &Reason::NotImplemented);
+        assert!(d.location.is_none(), "never placed (nor created blank)");
+    }
+
+    #[test]
+    fn deletion_waits_for_the_holder_and_the_claim_goes_only_when_nobody_holds_it() {
+        let sites = [site("s1", &["local"])];
+        let held = vol(json!({
+            "metadata": {"name": "data", "namespace": "a", "uid": "u1", "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["x"]},
+            "status": {"location": {"site": "s1", "pool": "local", "host": "s1-h1"},
+                "backing": {"path": "/p/u1.qcow2", "capacityBytes": 67108864},
+                "attachedTo": {"cluster": "vc", "node": "vc-frontend", "target": "vdc"}}}));
+        let busy = Holder {
+            cluster_wants: true,
+            node_holds: true,
+        };
+        let d = decide(&held, &sites, Some(busy));
+        assert!(!d.release);
+        assert_eq!(d.verdict.reason(), &Reason::DetachPending);
+        assert!(
+            d.verdict
+                .message()
+                .contains("node vc-frontend of cluster vc")
+        );
+        // The cluster let go but the agent still reports the disk: kept.
+        let d = decide(
+            &held,
+            &sites,
+            Some(Holder {
+                cluster_wants: false,
+                node_holds: true,
+            }),
+        );
+        assert!(!d.release);
+        let d = decide(
+            &held,
+            &sites,
+            Some(Holder {
+                cluster_wants: false,
+                node_holds: false,
+            }),
+        );
+        assert!(d.release);
+        assert!(d.verdict.message().starts_with("detached"));
+    }
+}
