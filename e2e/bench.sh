@@ -9,7 +9,12 @@
 # Network: target/release/yukumo-netbench programs 1,000 NetworkGroups with
 # 10,000 public-IP mappings into one simulated router host (namespaces it
 # creates and removes itself) against raw ip/nft batches.
-# Results: target/bench/network.json. YUKUMO_BENCH_ONLY=network|compute runs one.
+# Results: target/bench/network.json.
+# Storage: target/release/yukumo-storagebench, in the compute part's
+# environment: a Volume of the local Site's dir pool created, hot-plugged
+# into a tiny guest, and block I/O in the guest against the same program on
+# a raw file on the host. Results: target/bench/storage.json.
+# YUKUMO_BENCH_ONLY=network|compute|storage runs one.
 # YUKUMO_BENCH_SMOKE=1 (`make test`): both parts at a small scale (a few
 # nodes and groups, 2 real guests), figures not judged, results under
 # target/bench/smoke/ — so a change that breaks `make bench` fails CI.
@@ -18,14 +23,16 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$ROOT/target/bench
 NET_ARGS=()
 COMPUTE_ARGS=("$@")
+STORAGE_ARGS=()
 if [ "${YUKUMO_BENCH_SMOKE:-}" = 1 ]; then
   OUT=$ROOT/target/bench/smoke
   NET_ARGS=(--groups 20 --mappings 100 --single-rounds 4)
+  STORAGE_ARGS=(--size-mib 16)
   COMPUTE_ARGS=(--clusters 2 --nodes-per-cluster 10 --steady-secs 5 --real-guests 2 "$@")
   export YUKUMO_BENCH_AGENTS=${YUKUMO_BENCH_AGENTS:-4}
 fi
 mkdir -p "$OUT"
-if [ "${YUKUMO_BENCH_ONLY:-}" != compute ]; then
+if [ -z "${YUKUMO_BENCH_ONLY:-}" ] || [ "${YUKUMO_BENCH_ONLY:-}" = network ]; then
   "$ROOT/target/release/yukumo-netbench" --out "$OUT/network.json" "${NET_ARGS[@]}"
 fi
 [ "${YUKUMO_BENCH_ONLY:-}" = network ] && exit 0
@@ -44,16 +51,23 @@ source "$ROOT/e2e/lib/tools.sh" >/dev/null
 export YUKUMO_HEARTBEAT=10s
 "$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example
 export KUBECONFIG=$YUKUMO_ENV_DIR/kubeconfig
-kubectl apply -f - >/dev/null <<'YAML'
+if [ "${YUKUMO_BENCH_ONLY:-}" != storage ]; then
+  kubectl apply -f - >/dev/null <<'YAML'
 apiVersion: yukumo.io/v1alpha1
 kind: Site
 metadata: {name: bench}
 spec: {hostGraceSeconds: 60}
 YAML
-for i in $(seq 1 "$AGENTS"); do
-  "$ROOT/e2e/env.sh" start-test-agent "bench-$i" bench --dir "$YUKUMO_ENV_DIR" >/dev/null
-done
+  for i in $(seq 1 "$AGENTS"); do
+    "$ROOT/e2e/env.sh" start-test-agent "bench-$i" bench --dir "$YUKUMO_ENV_DIR" >/dev/null
+  done
+fi
 kubectl wait --for condition=Ready --timeout 120s hosts --all >/dev/null
 YUKUMO_TINY_IMAGE=$("$ROOT/e2e/lib/tiny-guest.sh")
 export YUKUMO_TINY_IMAGE YUKUMO_BENCH_AGENTS=$AGENTS
-"$ROOT/target/release/yukumo-bench" --out "$OUT/compute.json" "${COMPUTE_ARGS[@]}"
+if [ "${YUKUMO_BENCH_ONLY:-}" != storage ]; then
+  "$ROOT/target/release/yukumo-bench" --out "$OUT/compute.json" "${COMPUTE_ARGS[@]}"
+fi
+if [ "${YUKUMO_BENCH_ONLY:-}" != compute ]; then
+  "$ROOT/target/release/yukumo-storagebench" --out "$OUT/storage.json" "${STORAGE_ARGS[@]}"
+fi

@@ -7,7 +7,8 @@
 #   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
 # then brings up eth0 with DHCP when the config asks for it, runs a root
 # shell on its second serial port (ttyS1), and idles. Besides busybox it has
-# rawsend (e2e/lib/rawsend.c), which sends a raw Ethernet frame given in hex.
+# rawsend (e2e/lib/rawsend.c), which sends a raw Ethernet frame given in hex,
+# and blkbench (e2e/lib/blkbench.c), the storage benchmark's block I/O.
 #
 # Output: $YUKUMO_CACHE/images/yukumo-tiny-guest-<kernel>.qcow2 (cached);
 # prints "<path> sha256:<hex>".
@@ -19,9 +20,10 @@ OUT_DIR=$YUKUMO_CACHE/images
 OUT=$OUT_DIR/yukumo-tiny-guest-$KVER.qcow2
 LIB=$(dirname "$0")
 RAWSEND=$LIB/rawsend.c
+BLKBENCH=$LIB/blkbench.c
 # shellcheck source=initramfs-modules.sh
 source "$LIB/initramfs-modules.sh"
-SCRIPT_SUM=$(cat "$0" "$RAWSEND" "$LIB/initramfs-modules.sh" | sha256sum | cut -c1-12)
+SCRIPT_SUM=$(cat "$0" "$RAWSEND" "$BLKBENCH" "$LIB/initramfs-modules.sh" | sha256sum | cut -c1-12)
 OUT=${OUT%.qcow2}-$SCRIPT_SUM.qcow2
 if [ ! -f "$OUT" ]; then
   mkdir -p "$OUT_DIR"
@@ -32,6 +34,7 @@ if [ ! -f "$OUT" ]; then
   cp /bin/busybox "$root/bin/busybox"
   # rawsend: a frame as a hostile tenant would send it (tests of the guard).
   gcc -static -Os -s -o "$root/bin/rawsend" "$RAWSEND"
+  gcc -static -O2 -s -o "$root/bin/blkbench" "$BLKBENCH"
   # Kernel modules for virtio disks and NICs and ISO 9660.
   initramfs_modules "$KVER" "$root" virtio_pci virtio_blk virtio_net isofs 8021q
   cat > "$root/init" <<'INIT'

@@ -1,0 +1,771 @@
+//! Volumes on real storage: a `dir` pool of a simulated host (libvirt's
+//! storage API, qcow2 files), attached to real software-emulated guests.
+//! The guest is driven through its root shell on ttyS1.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use yukumo_e2e::{Env, condition, guest_sh, tiny_image, wait_for};
+
+const MI: u64 = 1 << 20;
+
+fn volume(ns: &str, name: &str, size: &str) -> String {
+    format!(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{size: {size}, pool: default}}\n"
+    )
+}
+
+/// A namespace and its NetworkGroup.
+fn namespace(ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+"
+    )
+}
+
+/// A cluster of one tiny frontend with `volumes`.
+fn cluster(ns: &str, name: &str, volumes: &[&str], running: bool) -> String {
+    let (path, sum) = tiny_image();
+    let vols: Vec<String> = volumes.iter().map(|v| format!("{{name: {v}}}")).collect();
+    format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  networkGroup: net
+  running: {running}
+  frontend:
+    size: {{cpu: 1, memory: 160Mi}}
+    image: {{url: 'file://{path}', checksum: '{sum}'}}
+    volumes: [{}]
+",
+        vols.join(", ")
+    )
+}
+
+fn get(env: &Env, ns: &str, what: &[&str]) -> Value {
+    let mut args = vec!["-n", ns, "get"];
+    args.extend_from_slice(what);
+    env.get_json(&args)
+}
+
+fn wait_reason(env: &Env, ns: &str, what: &[&str], type_: &str, reason: &str, secs: u64) -> Value {
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("{what:?} {type_} reason {reason}"),
+        || {
+            let o = get(env, ns, what);
+            match condition(&o, type_) {
+                Some((_, r, _)) if r == reason => Ok(o),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .unwrap()
+    .0
+}
+
+/// The frontend's shell: its socket and uid.
+fn frontend(env: &Env, ns: &str, vc: &str) -> (PathBuf, String) {
+    let (vn, took) = wait_for(Duration::from_secs(240), "frontend running", || {
+        let vc_obj = get(env, ns, &["vc", vc]);
+        if vc_obj["status"]["ready"] != "1/1" {
+            return Err(format!(
+                "{} {:?}",
+                vc_obj["status"]["ready"],
+                condition(&vc_obj, "Ready")
+            ));
+        }
+        Ok(get(env, ns, &["vn", &format!("{vc}-frontend")]))
+    })
+    .unwrap();
+    println!("{vc}: frontend running after {:.1}s", took.as_secs_f64());
+    let uid = vn["metadata"]["uid"].as_str().unwrap().to_string();
+    let socket = PathBuf::from(format!("/run/yukumo/{uid}.sock"));
+    // Userspace is up when the shell answers.
+    wait_for(Duration::from_secs(120), "guest shell", || {
+        guest_sh(&socket, "true", Duration::from_secs(5))
+            .map_err(|e| e.to_string())
+            .and_then(|(_, c)| {
+                if c == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("exit {c}"))
+                }
+            })
+    })
+    .unwrap();
+    (socket, uid)
+}
+
+/// Run `cmd` in the guest: its output without the shell's prompts.
+fn sh(socket: &Path, cmd: &str) -> String {
+    let (out, code) = guest_sh(socket, cmd, Duration::from_secs(60)).unwrap();
+    assert_eq!(code, 0, "{cmd}: {out}");
+    out.lines()
+        .map(|l| l.trim_start_matches("/ # ").trim())
+        .filter(|l| !l.is_empty() && *l != "/ #")
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The guest's view of a disk: (bytes, serial), or None when absent.
+fn guest_disk(socket: &Path, dev: &str) -> Option<(u64, String)> {
+    let (out, code) = guest_sh(
+        socket,
+        &format!("cat /sys/block/{dev}/size /sys/block/{dev}/serial && echo"),
+        Duration::from_secs(30),
+    )
+    .ok()?;
+    if code != 0 {
+        return None;
+    }
+    let words: Vec<&str> = out
+        .split_whitespace()
+        .filter(|w| *w != "/" && *w != "#")
+        .collect();
+    let sectors: u64 = words.first()?.parse().ok()?;
+    Some((sectors * 512, words.get(1).unwrap_or(&"").to_string()))
+}
+
+/// virtio-blk carries at most 20 bytes of serial: the guest sees the
+/// uid's first 20 characters.
+fn serial_of(uid: &str) -> &str {
+    &uid[..20]
+}
+
+#[test]
+fn a_volume_keeps_its_data_across_clusters_grows_online_hot_plugs_and_is_deleted_after_detach() {
+    let env = Env::get();
+    let ns = "storage";
+    env.apply(&namespace(ns));
+    env.apply(&volume(ns, "data", "64Mi"));
+    let (vol, took) = wait_for(Duration::from_secs(60), "volume Available", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match condition(&v, "Ready") {
+            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
+            other => Err(format!("{other:?} {}", v["status"])),
+        }
+    })
+    .unwrap();
+    println!("volume created in {:.1}s", took.as_secs_f64());
+    let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_eq!(vol["status"]["location"]["host"], "host-1");
+    assert_eq!(vol["status"]["capacity"], "64Mi");
+    assert_eq!(vol["status"]["backing"]["capacityBytes"], 64 * MI);
+    let path = vol["status"]["backing"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(path.ends_with(&format!("{vuid}.qcow2")), "{path}");
+    assert!(std::path::Path::new(&path).exists(), "{path}");
+    assert_eq!(
+        vol["status"]["observedGeneration"],
+        vol["metadata"]["generation"]
+    );
+    // The pool shows in the Site's status, with the volume in it.
+    let (pool, _) = wait_for(Duration::from_secs(30), "pool in the Site's status", || {
+        let site = env.get_json(&["get", "site", "local"]);
+        let pool = site["status"]["storagePools"][0].clone();
+        if pool["capacityBytes"].as_u64().unwrap_or(0) > 0
+            && pool["volumes"].as_u64().unwrap_or(0) >= 1
+        {
+            Ok(pool)
+        } else {
+            Err(pool.to_string())
+        }
+    })
+    .unwrap();
+    assert_eq!(pool["name"], "default");
+    assert!(
+        pool["provisionedBytes"].as_u64().unwrap() >= 64 * MI,
+        "{pool}"
+    );
+
+    // Attached to a frontend, which is placed on the pool's host: the
+    // guest sees exactly the size and the uid as serial, and writes data.
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, node_uid) = frontend(&env, ns, "vc");
+    let vn = get(&env, ns, &["vn", "vc-frontend"]);
+    assert_eq!(
+        vn["spec"]["host"], "host-1",
+        "pinned to the dir pool's host"
+    );
+    assert_eq!(vn["spec"]["disks"][0]["target"], "vdc");
+    assert_eq!(vn["status"]["disks"][0]["serial"], vuid.as_str());
+    let vol = get(&env, ns, &["volume", "data"]);
+    assert_eq!(vol["status"]["attachedTo"]["node"], "vc-frontend");
+    assert_eq!(vol["status"]["phase"], "Attached");
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((64 * MI, serial_of(&vuid).to_string()))
+    );
+    sh(
+        &sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=16 2>/dev/null && sync",
+    );
+    let sum = sh(
+        &sock,
+        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(sum.len(), 64, "{sum}");
+
+    // Grown while attached: the running guest sees the new size.
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "volume",
+        "data",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"size":"96Mi"}}"#,
+    ])
+    .unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(60),
+        "guest sees 96Mi",
+        || match guest_disk(&sock, "vdc") {
+            Some((b, _)) if b == 96 * MI => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    println!(
+        "online grow seen by the guest after {:.1}s",
+        took.as_secs_f64()
+    );
+    let vol = wait_reason(&env, ns, &["volume", "data"], "Ready", "Attached", 60);
+    assert_eq!(vol["status"]["capacity"], "96Mi");
+
+    // The cluster deleted: the volume stays, released, with its data.
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(90), "volume released", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        if v["status"]["attachedTo"].is_null() && v["status"]["phase"] == "Available" {
+            Ok(())
+        } else {
+            Err(v["status"].to_string())
+        }
+    })
+    .unwrap();
+    println!(
+        "cluster deleted; volume released after {:.1}s",
+        took.as_secs_f64()
+    );
+    assert!(std::path::Path::new(&path).exists());
+    assert!(
+        domain_serials(&env, "host-1", &node_uid).is_empty(),
+        "the node's domain is gone, and with it its hold on the file"
+    );
+
+    // Recreated: the same data is there (checksum), at the grown size.
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, _) = frontend(&env, ns, "vc");
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((96 * MI, serial_of(&vuid).to_string()))
+    );
+    assert_eq!(
+        sh(
+            &sock,
+            "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64"
+        ),
+        sum,
+        "data survives the cluster"
+    );
+
+    // Hot-plug a second volume into the running guest, at the next target.
+    env.apply(&volume(ns, "extra", "32Mi"));
+    let extra = wait_reason(&env, ns, &["volume", "extra"], "Ready", "Available", 60);
+    let euid = extra["metadata"]["uid"].as_str().unwrap().to_string();
+    env.apply(&cluster(ns, "vc", &["data", "extra"], true));
+    let (_, took) = wait_for(
+        Duration::from_secs(60),
+        "hot-plugged vdd",
+        || match guest_disk(&sock, "vdd") {
+            Some(d) if d == (32 * MI, serial_of(&euid).to_string()) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    println!(
+        "hot-plug seen by the guest after {:.1}s",
+        took.as_secs_f64()
+    );
+
+    // Deleting an attached volume waits, naming its holder...
+    env.kubectl_ok(&["-n", ns, "delete", "volume", "extra", "--wait=false"])
+        .unwrap();
+    let v = wait_reason(&env, ns, &["volume", "extra"], "Ready", "DetachPending", 30);
+    let (_, _, msg) = condition(&v, "Ready").unwrap();
+    assert!(msg.contains("node vc-frontend of cluster vc"), "{msg}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        guest_disk(&sock, "vdd").is_some(),
+        "still attached while the cluster lists it"
+    );
+    // ...and completes once the cluster lets go: hot-unplugged, storage gone.
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        "extra deleted and unplugged",
+        || {
+            let gone = env
+                .kubectl(&["-n", ns, "get", "volume", "extra"])
+                .status
+                .code()
+                == Some(1);
+            let unplugged = guest_disk(&sock, "vdd").is_none();
+            if gone && unplugged {
+                Ok(())
+            } else {
+                Err(format!("volume gone: {gone}, unplugged: {unplugged}"))
+            }
+        },
+    )
+    .unwrap();
+    println!("detached and deleted after {:.1}s", took.as_secs_f64());
+    let extra_file = PathBuf::from(path.replace(&vuid, &euid));
+    assert!(!extra_file.exists(), "{extra_file:?} removed");
+    assert!(guest_disk(&sock, "vdc").is_some(), "the other volume stays");
+
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "volume",
+        "data",
+        "--wait=true",
+        "--timeout=90s",
+    ])
+    .unwrap();
+    assert!(!std::path::Path::new(&path).exists(), "{path} removed");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn two_clusters_racing_for_one_volume_attach_it_exactly_once() {
+    let env = Env::get();
+    let ns = "storage-race";
+    env.apply(&namespace(ns));
+    env.apply(&volume(ns, "shared", "16Mi"));
+    wait_reason(&env, ns, &["volume", "shared"], "Ready", "Available", 60);
+    let mut winners = std::collections::BTreeMap::<String, u32>::new();
+    for run in 0..20 {
+        // Both clusters in one apply: their reconciles run concurrently.
+        // Stopped clusters: the claim is what races, not the guests.
+        env.apply(&format!(
+            "{}---\n{}",
+            cluster(ns, "a", &["shared"], false),
+            cluster(ns, "b", &["shared"], false)
+        ));
+        let (winner, _) = wait_for(Duration::from_secs(30), "one claim and one refusal", || {
+            let v = get(&env, ns, &["volume", "shared"]);
+            let holder = v["status"]["attachedTo"]["cluster"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            if holder.is_empty() {
+                return Err("no holder yet".into());
+            }
+            let loser = if holder == "a" { "b" } else { "a" };
+            match condition(&get(&env, ns, &["vc", loser]), "Ready") {
+                Some((_, r, m))
+                    if r == "VolumeInUse" && m.contains(&format!("cluster {holder}")) =>
+                {
+                    Ok(holder)
+                }
+                other => Err(format!("holder {holder}, loser {other:?}")),
+            }
+        })
+        .unwrap();
+        // Exactly one node lists the disk.
+        let nodes = get(&env, ns, &["vn"]);
+        let with_disk: Vec<&str> = nodes["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["spec"]["disks"].as_array().is_some_and(|d| !d.is_empty()))
+            .map(|n| n["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(with_disk, vec![format!("{winner}-frontend")], "run {run}");
+        *winners.entry(winner).or_default() += 1;
+        env.kubectl_ok(&["-n", ns, "delete", "vc", "a", "b", "--wait=true"])
+            .unwrap();
+        wait_for(Duration::from_secs(60), "released", || {
+            let v = get(&env, ns, &["volume", "shared"]);
+            if v["status"]["attachedTo"].is_null() {
+                Ok(())
+            } else {
+                Err(v["status"]["attachedTo"].to_string())
+            }
+        })
+        .unwrap();
+    }
+    println!("20 races, exactly one attachment each; winners {winners:?}");
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "volume",
+        "shared",
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn bad_volume_specs_and_other_tenants_volumes_are_refused_clearly() {
+    let env = Env::get();
+    env.apply(&namespace("team-a"));
+    env.apply(&namespace("team-b"));
+    // Refused by the API server, naming the field.
+    let out = env.kubectl_stdin(&["apply", "-f", "-"], &volume("team-a", "bad", "lots"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("size"), "{err}");
+    env.apply(&volume("team-a", "secret", "16Mi"));
+    wait_reason(
+        &env,
+        "team-a",
+        &["volume", "secret"],
+        "Ready",
+        "Available",
+        60,
+    );
+    let out = env.kubectl(&[
+        "-n",
+        "team-a",
+        "patch",
+        "volume",
+        "secret",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"size":"8Mi"}}"#,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("never shrink"),
+        "{err}"
+    );
+    // Conditions naming the field.
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {name: nopool, namespace: team-a}\nspec: {size: 16Mi, pool: nope}\n",
+    );
+    let v = wait_reason(
+        &env,
+        "team-a",
+        &["volume", "nopool"],
+        "Stalled",
+        "PoolNotFound",
+        30,
+    );
+    assert!(
+        condition(&v, "Ready")
+            .unwrap()
+            .2
+            .starts_with("spec.pool: no Site declares")
+    );
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {name: elsewhere}\nspec:\n  storagePools: [{name: remote, type: dir, host: far-1}]\n---\napiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {name: wrongsite, namespace: team-a}\nspec: {size: 16Mi, pool: remote, site: local}\n",
+    );
+    let v = wait_reason(
+        &env,
+        "team-a",
+        &["volume", "wrongsite"],
+        "Stalled",
+        "PoolNotFound",
+        30,
+    );
+    let msg = condition(&v, "Ready").unwrap().2;
+    assert!(
+        msg.contains("Site local has no storage pool \"remote\"")
+            && msg.contains("at Site elsewhere"),
+        "{msg}"
+    );
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {name: fromsnap, namespace: team-a}\nspec: {size: 16Mi, source: {snapshot: {volume: secret, name: none}}}\n",
+    );
+    let v = wait_reason(
+        &env,
+        "team-a",
+        &["volume", "fromsnap"],
+        "Stalled",
+        "NotImplemented",
+        30,
+    );
+    assert!(condition(&v, "Ready").unwrap().2.starts_with("spec.source"));
+    assert!(
+        v["status"]["location"].is_null(),
+        "never created blank instead"
+    );
+    // Tenant B names tenant A's volume: not found in its own namespace, an
+    // Event, and no disk (no node at all).
+    env.apply(&cluster("team-b", "thief", &["secret"], true));
+    let vc = wait_reason(
+        &env,
+        "team-b",
+        &["vc", "thief"],
+        "Stalled",
+        "VolumeNotFound",
+        30,
+    );
+    let msg = condition(&vc, "Ready").unwrap().2;
+    assert!(
+        msg.contains("\"secret\"") && msg.contains("team-b"),
+        "{msg}"
+    );
+    let events = env
+        .kubectl_ok(&[
+            "-n",
+            "team-b",
+            "get",
+            "events",
+            "--field-selector",
+            "reason=VolumeNotFound",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert!(!events.trim().is_empty(), "an Event");
+    assert_eq!(
+        get(&env, "team-b", &["vn"])["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(get(&env, "team-a", &["volume", "secret"])["status"]["attachedTo"].is_null());
+    for (ns, name) in [
+        ("team-a", "nopool"),
+        ("team-a", "wrongsite"),
+        ("team-a", "fromsnap"),
+        ("team-a", "secret"),
+    ] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            name,
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .unwrap();
+    }
+    env.kubectl_ok(&["delete", "site", "elsewhere"]).unwrap();
+    env.kubectl_ok(&["delete", "namespace", "team-a", "team-b", "--wait=false"])
+        .unwrap();
+}
+
+/// The volume disks QEMU holds for a domain, by serial (from the host).
+fn domain_serials(env: &Env, host: &str, uid: &str) -> Vec<String> {
+    let sock = env.dir.join(format!("hosts/{host}/run/libvirt-sock"));
+    let out = std::process::Command::new("virsh")
+        .arg("-c")
+        .arg(format!("qemu:///system?socket={}", sock.display()))
+        .args(["dumpxml", uid])
+        .output()
+        .unwrap();
+    let xml = String::from_utf8_lossy(&out.stdout);
+    let mut serials: Vec<String> = xml
+        .split("<serial>")
+        .skip(1)
+        .filter_map(|s| s.split("</serial>").next())
+        .map(str::to_string)
+        .collect();
+    serials.sort();
+    serials
+}
+
+#[test]
+fn kill_9_of_the_agent_mid_attach_and_mid_grow_converges_with_one_attachment_and_the_data() {
+    let env = Env::get();
+    let ns = "storage-kill";
+    env.apply(&namespace(ns));
+    env.apply(&volume(ns, "data", "32Mi"));
+    env.apply(&volume(ns, "more", "16Mi"));
+    wait_reason(&env, ns, &["volume", "data"], "Ready", "Available", 60);
+    let more = wait_reason(&env, ns, &["volume", "more"], "Ready", "Available", 60);
+    let muid = more["metadata"]["uid"].as_str().unwrap().to_string();
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, node_uid) = frontend(&env, ns, "vc");
+    sh(
+        &sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=8 2>/dev/null && sync",
+    );
+    let sum = sh(
+        &sock,
+        "dd if=/dev/vdc bs=65536 count=8 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    let data_uid = get(&env, ns, &["volume", "data"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Rounds: a hot-plug (or unplug) and an online grow asked at once, and
+    // the agent of the host killed while it carries them out, at a
+    // different moment each time; then restarted.
+    for (round, delay_ms) in [150u64, 450, 500, 550, 600, 650, 1000]
+        .into_iter()
+        .enumerate()
+    {
+        let plugged = round % 2 == 0;
+        let size = 32 + 8 * (round as u64 + 1);
+        let vols: &[&str] = if plugged {
+            &["data", "more"]
+        } else {
+            &["data"]
+        };
+        env.apply(&cluster(ns, "vc", vols, true));
+        let patch = format!(r#"{{"spec":{{"size":"{size}Mi"}}}}"#);
+        env.kubectl_ok(&[
+            "-n", ns, "patch", "volume", "data", "--type", "merge", "-p", &patch,
+        ])
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        env.env_sh(&["stop", "agent-host-1", "--signal", "KILL"])
+            .unwrap();
+        let at_kill = (
+            guest_disk(&sock, "vdc").map(|d| d.0),
+            guest_disk(&sock, "vdd").is_some(),
+        );
+        env.env_sh(&["start-agent", "host-1"]).unwrap();
+        let (_, took) = wait_for(
+            Duration::from_secs(90),
+            "converged after the restart",
+            || {
+                let grown = guest_disk(&sock, "vdc").map(|d| d.0);
+                let more = guest_disk(&sock, "vdd");
+                let want_more = plugged.then(|| (16 * MI, serial_of(&muid).to_string()));
+                if grown == Some(size * MI) && more == want_more {
+                    Ok(())
+                } else {
+                    Err(format!("vdc {grown:?}, vdd {more:?}"))
+                }
+            },
+        )
+        .unwrap();
+        println!(
+            "round {round}: killed {delay_ms} ms after the change (the guest then: vdc {:?} bytes, vdd {}); converged {:.1}s after the restart",
+            at_kill.0,
+            if at_kill.1 { "present" } else { "absent" },
+            took.as_secs_f64()
+        );
+        // Each volume exactly once in the guest and in QEMU; the data intact.
+        let devs = sh(&sock, "ls /sys/block | grep '^vd' | tr '\\n' ' ' && echo");
+        let want_devs: &[&str] = if plugged {
+            &["vda", "vdb", "vdc", "vdd"]
+        } else {
+            &["vda", "vdb", "vdc"]
+        };
+        assert_eq!(
+            devs.split_whitespace().collect::<Vec<_>>(),
+            want_devs,
+            "round {round}"
+        );
+        let mut want = vec![data_uid.clone()];
+        if plugged {
+            want.push(muid.clone());
+        }
+        want.sort();
+        assert_eq!(
+            domain_serials(&env, "host-1", &node_uid),
+            want,
+            "round {round}"
+        );
+        assert_eq!(
+            sh(
+                &sock,
+                "dd if=/dev/vdc bs=65536 count=8 2>/dev/null | sha256sum | cut -c1-64"
+            ),
+            sum,
+            "round {round}"
+        );
+    }
+    wait_reason(&env, ns, &["volume", "data"], "Ready", "Attached", 60);
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    for v in ["data", "more"] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap();
+    }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn storage_with_the_marker_but_no_volume_is_reported_and_never_deleted() {
+    let env = Env::get();
+    // The pool's folder exists once the agent reported it.
+    let pool = env.dir.join("hosts/host-1/agent/pools/default");
+    wait_for(Duration::from_secs(60), "pool folder", || {
+        pool.is_dir()
+            .then_some(())
+            .ok_or_else(|| "no folder yet".to_string())
+    })
+    .unwrap();
+    let orphan = pool.join("0badc0de-0000-4000-8000-00000000e2e0.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&orphan)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let port = env.metrics_port("agent-host-1").unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        "orphan counted and reported",
+        || {
+            let (_, metrics) = env.http_get(port, "/metrics").map_err(|e| e.to_string())?;
+            let counted = metrics
+                .lines()
+                .any(|l| l.starts_with("yukumo_agent_orphaned_volumes ") && !l.ends_with(" 0"));
+            let events = env
+                .kubectl_ok(&[
+                    "get",
+                    "events",
+                    "-A",
+                    "--field-selector",
+                    "reason=OrphanedStorage",
+                    "-o",
+                    "json",
+                ])
+                .map_err(|e| e.to_string())?;
+            let reported = events.contains("0badc0de-0000-4000-8000-00000000e2e0.qcow2");
+            if counted && reported {
+                Ok(())
+            } else {
+                Err(format!("metric {counted}, event {reported}"))
+            }
+        },
+    )
+    .unwrap();
+    println!("orphan reported after {:.1}s", took.as_secs_f64());
+    // Still there after further passes: reported, never deleted.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(orphan.exists(), "an orphan is never deleted by yukumo");
+    std::fs::remove_file(&orphan).unwrap();
+}
