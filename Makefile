@@ -4,7 +4,7 @@
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
-#   make bench   the compute and network benchmarks (figures and ratios; target/bench/{compute,network}.json)
+#   make bench   the network, compute and storage benchmarks (figures and ratios; target/bench/{network,compute,storage}.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
@@ -55,7 +55,7 @@ e2e: build
 bench: build
 	e2e/bench.sh
 
-# Both benchmark parts at a small scale: keeps `make bench` working.
+# The benchmark parts at a small scale: keeps `make bench` working.
 bench-smoke: build
 	YUKUMO_BENCH_SMOKE=1 e2e/bench.sh
 

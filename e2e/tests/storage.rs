@@ -505,10 +505,13 @@ fn bad_volume_specs_and_other_tenants_volumes_are_refused_clearly() {
         "team-a",
         &["volume", "fromsnap"],
         "Stalled",
-        "NotImplemented",
+        "SourceNotFound",
         30,
     );
-    assert!(condition(&v, "Ready").unwrap().2.starts_with("spec.source"));
+    assert_eq!(
+        condition(&v, "Ready").unwrap().2,
+        "spec.source.snapshot.name: Volume \"secret\" has no snapshot \"none\""
+    );
     assert!(
         v["status"]["location"].is_null(),
         "never created blank instead"
@@ -768,4 +771,224 @@ fn storage_with_the_marker_but_no_volume_is_reported_and_never_deleted() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(orphan.exists(), "an orphan is never deleted by yukumo");
     std::fs::remove_file(&orphan).unwrap();
+}
+
+#[test]
+fn snapshot_write_more_restore_gives_the_original_back_and_a_copy_from_the_snapshot() {
+    let env = Env::get();
+    let ns = "storage-snap";
+    env.apply(&namespace(ns));
+    env.apply(&volume(ns, "data", "32Mi"));
+    let vol = wait_reason(&env, ns, &["volume", "data"], "Ready", "Available", 60);
+    let path = vol["status"]["backing"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, _) = frontend(&env, ns, "vc");
+    let sum_of = |dev: &str| {
+        sh(
+            &sock,
+            &format!("dd if=/dev/{dev} bs=65536 count=8 2>/dev/null | sha256sum | cut -c1-64"),
+        )
+    };
+    sh(
+        &sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=8 2>/dev/null && sync",
+    );
+    let original = sum_of("vdc");
+    // A snapshot asked while a running guest writes the volume waits...
+    let snap = |names: &str, restore: Option<&str>| {
+        let restore = restore.map_or("null".to_string(), |r| format!("\"{r}\""));
+        let patch = format!(r#"{{"spec":{{"snapshots":[{names}],"restoreFrom":{restore}}}}}"#);
+        env.kubectl_ok(&[
+            "-n", ns, "patch", "volume", "data", "--type", "merge", "-p", &patch,
+        ])
+        .unwrap();
+    };
+    snap(r#"{"name":"s1"}"#, None);
+    let v = wait_reason(
+        &env,
+        ns,
+        &["volume", "data"],
+        "Ready",
+        "SnapshotPending",
+        30,
+    );
+    assert!(
+        v["status"]["snapshots"]
+            .as_array()
+            .is_none_or(|a| a.is_empty())
+    );
+    // ...and is taken once it is detached (hot-unplugged).
+    env.apply(&cluster(ns, "vc", &[], true));
+    let (v, took) = wait_for(Duration::from_secs(60), "snapshot taken", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match (
+            condition(&v, "Ready"),
+            v["status"]["snapshots"][0]["name"].as_str(),
+        ) {
+            (Some((s, r, _)), Some("s1")) if s == "True" && r == "Available" => Ok(v),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!("snapshot taken {:.1}s after the detach", took.as_secs_f64());
+    assert_eq!(v["status"]["snapshots"][0]["size"], (32 * MI).to_string());
+    assert!(std::path::Path::new(&path.replace(".qcow2", "@s1.qcow2")).exists());
+    // Write more.
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    wait_for(Duration::from_secs(60), "re-attached", || {
+        guest_disk(&sock, "vdc")
+            .map(|_| ())
+            .ok_or_else(|| "no vdc".to_string())
+    })
+    .unwrap();
+    sh(
+        &sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=8 2>/dev/null && sync",
+    );
+    assert_ne!(sum_of("vdc"), original);
+    // Restore asked while attached: it waits (and the data stays).
+    snap(r#"{"name":"s1"}"#, Some("s1"));
+    let v = wait_reason(&env, ns, &["volume", "data"], "Ready", "RestorePending", 30);
+    let (_, _, msg) = condition(&v, "Ready").unwrap();
+    assert!(msg.contains("waits until node vc-frontend"), "{msg}");
+    // Detached: restored in place; a new volume is made from the snapshot.
+    env.apply(&cluster(ns, "vc", &[], true));
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: copy, namespace: {ns}}}\nspec: {{size: 48Mi, pool: default, source: {{snapshot: {{volume: data, name: s1}}}}}}\n"
+    ));
+    let (_, took) = wait_for(Duration::from_secs(90), "restored", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match (condition(&v, "Ready"), v["status"]["restoredFrom"].as_str()) {
+            (Some((s, _, _)), Some("s1")) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!(
+        "restored in place {:.1}s after the detach",
+        took.as_secs_f64()
+    );
+    let copy = wait_reason(&env, ns, &["volume", "copy"], "Ready", "Available", 60);
+    assert_eq!(copy["status"]["capacity"], "48Mi");
+    // Both attached again: the original content is back, and in the copy.
+    env.apply(&cluster(ns, "vc", &["data", "copy"], true));
+    wait_for(Duration::from_secs(60), "both attached", || {
+        match (guest_disk(&sock, "vdc"), guest_disk(&sock, "vdd")) {
+            (Some(_), Some(d)) if d.0 == 48 * MI => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    assert_eq!(sum_of("vdc"), original, "restored");
+    assert_eq!(sum_of("vdd"), original, "copied from the snapshot");
+    // No drift: the restore is not repeated while restoreFrom stays.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = get(&env, ns, &["volume", "data"]);
+    assert_eq!(condition(&v, "Ready").unwrap().1, "Attached");
+    // Retention: a snapshot removed from the list is deleted.
+    snap("", None);
+    wait_for(Duration::from_secs(60), "snapshot deleted", || {
+        let gone = !std::path::Path::new(&path.replace(".qcow2", "@s1.qcow2")).exists();
+        let v = get(&env, ns, &["volume", "data"]);
+        if gone
+            && v["status"]["snapshots"]
+                .as_array()
+                .is_none_or(|a| a.is_empty())
+        {
+            Ok(())
+        } else {
+            Err(format!("file gone {gone}, {}", v["status"]["snapshots"]))
+        }
+    })
+    .unwrap();
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    for v in ["data", "copy"] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap();
+    }
+    assert!(!std::path::Path::new(&path).exists());
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn a_volume_from_an_image_holds_the_verified_image_at_its_size() {
+    let env = Env::get();
+    let ns = "storage-image";
+    env.apply(&namespace(ns));
+    let (path, sum) = tiny_image();
+    let image_volume = |name: &str, checksum: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{size: 64Mi, pool: default, source: {{image: {{url: 'file://{path}', checksum: '{checksum}'}}}}}}\n"
+        )
+    };
+    // A wrong checksum: refused, and nothing is created.
+    env.apply(&image_volume("bad", &format!("sha256:{}", "0".repeat(64))));
+    let v = wait_reason(
+        &env,
+        ns,
+        &["volume", "bad"],
+        "Stalled",
+        "ImagePullFailed",
+        60,
+    );
+    assert!(
+        v["status"]["backing"]["path"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty()
+    );
+    env.apply(&image_volume("img", &sum));
+    let (_, took) = wait_for(Duration::from_secs(90), "volume from the image", || {
+        let v = get(&env, ns, &["volume", "img"]);
+        match condition(&v, "Ready") {
+            Some((s, r, _)) if s == "True" && r == "Available" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!(
+        "volume from the image Ready after {:.1}s",
+        took.as_secs_f64()
+    );
+    env.apply(&cluster(ns, "vc", &["img"], true));
+    let (sock, _) = frontend(&env, ns, "vc");
+    assert_eq!(guest_disk(&sock, "vdc").map(|d| d.0), Some(64 * MI));
+    // Its first MiB is the image's: the same as the root disk's (an
+    // overlay on that image the guest never writes there).
+    let first_mib = |dev: &str| {
+        sh(
+            &sock,
+            &format!("dd if=/dev/{dev} bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64"),
+        )
+    };
+    assert_eq!(first_mib("vdc"), first_mib("vda"));
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    for v in ["img", "bad"] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap();
+    }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
 }

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod compute;
+mod finalizer;
 mod hypervisor;
 mod network;
 mod probe;
@@ -186,6 +187,7 @@ async fn agent() -> anyhow::Result<()> {
             shutdown.clone(),
         )))
     };
+    let images = compute.images.clone();
     let compute_task = tokio::spawn(compute::resync::run(
         compute,
         args.resync_interval,
@@ -200,6 +202,7 @@ async fn agent() -> anyhow::Result<()> {
             &args.site,
             args.state_dir.clone(),
             metrics.clone(),
+            images,
         ),
         args.resync_interval,
         shutdown.clone(),

@@ -169,6 +169,10 @@ reasons! {
     DetachPending,
     /// A spec field this version does not implement yet.
     NotImplemented,
+    /// A snapshot waits for the running guest using the volume to let go.
+    SnapshotPending,
+    /// A restore in place waits for the volume to be detached, or runs.
+    RestorePending,
     /// Event: storage that carries yukumo's marker but has no Volume.
     OrphanedStorage,
     // --- VirtualCluster, volumes

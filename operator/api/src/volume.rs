@@ -61,20 +61,25 @@ pub struct VolumeSpec {
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub site: Option<String>,
-    /// Initial content: blank (default), an image, or another volume's
-    /// snapshot. Not implemented yet: a Volume with a source is refused
-    /// (`Stalled`, reason `NotImplemented`), never created blank instead.
+    /// Initial content: blank (default), a copy of an image (fetched and
+    /// checked against its checksum by the pool's host), or a copy of
+    /// another volume's snapshot (same namespace and pool); grown to `size`
+    /// (an image bigger than `size` is refused, never truncated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
-    /// Snapshots to keep. Adding a name takes a snapshot; removing it
-    /// deletes it. Not implemented yet: refused (`NotImplemented`).
+    /// Snapshots to keep (retention is this list). Adding a name takes a
+    /// snapshot — a full copy, taken while no running guest writes the
+    /// volume (detached, or its node stopped); removing it deletes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = kube::core::Rule::new("self.all(s, self.exists_one(t, t.name == s.name))")
         .message("snapshots[].name must be unique"))]
     pub snapshots: Vec<SnapshotSpec>,
-    /// Roll the volume back to this snapshot (of this volume) while
-    /// detached. Not implemented yet: refused (`NotImplemented`).
+    /// Roll the volume back to this snapshot (of this volume), in place,
+    /// while no node holds it (a cluster does not attach it meanwhile).
+    /// Done once per name: `status.restoredFrom` records it, so the field
+    /// may stay in a GitOps repository; to restore the same snapshot again,
+    /// name another snapshot first or remove and re-add the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 63),
@@ -168,9 +173,14 @@ pub struct VolumeStatus {
     /// The node it is attached to and the disk target there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<VolumeAttachmentStatus>,
-    /// Snapshots that exist.
+    /// Snapshots that exist (written by the pool's agent).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,
+    /// The snapshot last restored in place (`spec.restoreFrom`), once done
+    /// (written by the pool's agent). A restore runs when `restoreFrom`
+    /// names another snapshot than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
     /// The storage as the agent of the pool's host last saw it (written by
     /// that agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -240,16 +240,7 @@ pub struct Marker {
 pub fn marker(xml: &str) -> Option<Marker> {
     let start = xml.find("<yukumo:node ")?;
     let tag = &xml[start..start + xml[start..].find("/>")?];
-    let attr = |k: &str| -> Option<String> {
-        for q in ['\'', '"'] {
-            let pat = format!(" {k}={q}");
-            if let Some(i) = tag.find(&pat) {
-                let rest = &tag[i + pat.len()..];
-                return Some(rest[..rest.find(q)?].to_string());
-            }
-        }
-        None
-    };
+    let attr = |k: &str| attr(tag, k);
     Some(Marker {
         uid: attr("uid")?,
         namespace: attr("namespace")?,

@@ -186,35 +186,8 @@ impl<D: Domains> ComputeCtx<D> {
 async fn release_finalizer<D: Domains>(ctx: &ComputeCtx<D>, vn: &VirtualNode) -> Result<(), Error> {
     let api: Api<VirtualNode> =
         Api::namespaced(ctx.client.clone(), &vn.namespace().unwrap_or_default());
-    let mut current = vn.clone();
-    // The cached object may be stale: on a conflict, read it and try again.
-    for _ in 0..3 {
-        let Some(patch) = finalizers::removal_patch(
-            current.finalizers(),
-            finalizers::HOST_CLEANUP,
-            current.resource_version(),
-        ) else {
-            return Ok(());
-        };
-        match api
-            .patch(
-                &vn.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(node = %vn.name_any(), "host cleaned up; finalizer released");
-                return Ok(());
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&vn.name_any()).await? {
-                Some(fresh) => current = fresh,
-                None => return Ok(()),
-            },
-            Err(e) => return Err(e.into()),
-        }
+    if crate::finalizer::release(&api, vn, finalizers::HOST_CLEANUP).await? {
+        tracing::info!(node = %vn.name_any(), "host cleaned up; finalizer released");
     }
     Ok(())
 }

@@ -40,8 +40,18 @@ pub enum StorageOp {
     /// Grow a volume to `bytes` (offline: a running guest's disk is grown
     /// by its node's agent, through QEMU).
     Grow { name: String, bytes: u64 },
-    /// Delete a volume's storage.
+    /// Delete a volume's (or a snapshot's) storage.
     Delete { name: String },
+    /// A full, independent copy of a volume file (libvirt clones it with
+    /// qemu-img): a snapshot taken, restored, or seeding a new volume.
+    Clone { from: String, name: String },
+    /// A new volume as a copy of a verified image of the host's image
+    /// cache (`bytes`: the image's virtual size).
+    CopyImage {
+        image: std::path::PathBuf,
+        bytes: u64,
+        name: String,
+    },
 }
 
 /// The file name of a Volume's storage: its uid (the marker that says
@@ -50,9 +60,28 @@ pub fn volume_file(uid: &str) -> String {
     format!("{uid}.qcow2")
 }
 
-/// The uid a yukumo volume file belongs to; `None` for any other file.
+/// The file name of a Volume's snapshot: `<uid>@<snapshot>.qcow2`.
+pub fn snapshot_file(uid: &str, snapshot: &str) -> String {
+    format!("{uid}@{snapshot}.qcow2")
+}
+
+/// The snapshots of `uid` the pool holds: (snapshot name, file name).
+pub fn snapshots_of<'a>(seen: &'a PoolSeen, uid: &str) -> Vec<(&'a str, &'a str)> {
+    let prefix = format!("{uid}@");
+    seen.volumes
+        .keys()
+        .filter_map(|n| {
+            let snap = n.strip_prefix(&prefix)?.strip_suffix(".qcow2")?;
+            Some((snap, n.as_str()))
+        })
+        .collect()
+}
+
+/// The uid a yukumo volume or snapshot file belongs to; `None` for any
+/// other file.
 pub fn file_uid(name: &str) -> Option<&str> {
-    let uid = name.strip_suffix(".qcow2")?;
+    let base = name.strip_suffix(".qcow2")?;
+    let uid = base.split_once('@').map_or(base, |(u, _)| u);
     let ok = uid.len() == 36
         && uid.chars().enumerate().all(|(i, c)| {
             matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
@@ -61,12 +90,25 @@ pub fn file_uid(name: &str) -> Option<&str> {
 }
 
 /// What a Volume asks of its pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VolumeWant {
     pub uid: String,
     pub bytes: u64,
-    /// Deleted and held by no node: its storage goes.
+    /// Deleted and held by no node: its storage (and its snapshots) go.
     pub delete: bool,
+    /// Snapshots to keep, by name (one missing is taken; one not listed is
+    /// deleted).
+    pub snapshots: Vec<String>,
+    /// Restore in place from this snapshot (pending: not yet done).
+    pub restore: Option<String>,
+    /// A node holds the volume (a restore waits for it to let go).
+    pub attached: bool,
+    /// A new volume's content: this snapshot file (of another volume) in
+    /// the same pool.
+    pub seed: Option<String>,
+    /// A new volume's content: this verified image (path in the image
+    /// cache, virtual size).
+    pub image: Option<(std::path::PathBuf, u64)>,
 }
 
 /// Why a Volume's storage cannot be made as asked.
@@ -83,6 +125,12 @@ pub enum Refused {
         "the storage holds {held} bytes, more than spec.size ({wanted}): a volume is never shrunk"
     )]
     Shrink { held: u64, wanted: u64 },
+    #[error("spec.restoreFrom: restoring from snapshot {0:?} waits until no node holds the volume")]
+    RestoreWhileAttached(String),
+    #[error("{field}: snapshot file {file} does not exist in the pool")]
+    NoSnapshot { field: &'static str, file: String },
+    #[error("spec.size: the image holds {image} bytes, more than spec.size ({wanted})")]
+    ImageTooBig { image: u64, wanted: u64 },
 }
 
 impl Refused {
@@ -91,6 +139,9 @@ impl Refused {
         match self {
             Refused::NoSpace { .. } => yukumo_api::Reason::InsufficientPoolSpace,
             Refused::Shrink { .. } => yukumo_api::Reason::StorageFailed,
+            Refused::RestoreWhileAttached(_) => yukumo_api::Reason::RestorePending,
+            Refused::NoSnapshot { .. } => yukumo_api::Reason::SnapshotNotFound,
+            Refused::ImageTooBig { .. } => yukumo_api::Reason::InvalidSize,
         }
     }
 }
@@ -117,6 +168,11 @@ pub fn volume_ops(
         if held.is_some() {
             ops.push(StorageOp::Delete { name });
         }
+        for (_, file) in snapshots_of(seen, &want.uid) {
+            ops.push(StorageOp::Delete {
+                name: file.to_string(),
+            });
+        }
         return Ok(ops);
     }
     let fits = |more: u64| -> Result<(), Refused> {
@@ -133,18 +189,83 @@ pub fn volume_ops(
         }
         Ok(())
     };
-    match held {
-        None => {
-            fits(want.bytes)?;
-            ops.push(StorageOp::Create {
-                name,
+    // A copy of `from` as the volume, grown to its size.
+    let copy = |from: &str, field: &'static str, ops: &mut Vec<StorageOp>| -> Result<(), Refused> {
+        let src = seen.volumes.get(from).ok_or_else(|| Refused::NoSnapshot {
+            field,
+            file: from.to_string(),
+        })?;
+        if src.capacity > want.bytes {
+            return Err(Refused::Shrink {
+                held: src.capacity,
+                wanted: want.bytes,
+            });
+        }
+        ops.push(StorageOp::Clone {
+            from: from.to_string(),
+            name: name.clone(),
+        });
+        if src.capacity < want.bytes {
+            ops.push(StorageOp::Grow {
+                name: name.clone(),
                 bytes: want.bytes,
             });
         }
+        Ok(())
+    };
+    if let Some(snap) = &want.restore {
+        // In place, only while no node holds it; the old content goes.
+        if want.attached {
+            return Err(Refused::RestoreWhileAttached(snap.clone()));
+        }
+        if held.is_some() {
+            ops.push(StorageOp::Delete { name: name.clone() });
+        }
+        copy(
+            &snapshot_file(&want.uid, snap),
+            "spec.restoreFrom",
+            &mut ops,
+        )?;
+        return Ok(ops);
+    }
+    match held {
+        None => match (&want.seed, &want.image) {
+            (Some(from), _) => {
+                fits(want.bytes)?;
+                copy(from, "spec.source.snapshot", &mut ops)?;
+            }
+            (None, Some((image, size))) => {
+                fits(want.bytes)?;
+                if *size > want.bytes {
+                    return Err(Refused::ImageTooBig {
+                        image: *size,
+                        wanted: want.bytes,
+                    });
+                }
+                ops.push(StorageOp::CopyImage {
+                    image: image.clone(),
+                    bytes: *size,
+                    name: name.clone(),
+                });
+                if *size < want.bytes {
+                    ops.push(StorageOp::Grow {
+                        name: name.clone(),
+                        bytes: want.bytes,
+                    });
+                }
+            }
+            (None, None) => {
+                fits(want.bytes)?;
+                ops.push(StorageOp::Create {
+                    name: name.clone(),
+                    bytes: want.bytes,
+                });
+            }
+        },
         Some(v) if v.capacity < want.bytes => {
             fits(want.bytes - v.capacity)?;
             ops.push(StorageOp::Grow {
-                name,
+                name: name.clone(),
                 bytes: want.bytes,
             });
         }
@@ -155,6 +276,24 @@ pub fn volume_ops(
             });
         }
         Some(_) => {}
+    }
+    // Snapshots: retention is the list.
+    let have = snapshots_of(seen, &want.uid);
+    for s in &want.snapshots {
+        if !have.iter().any(|(n, _)| n == s) {
+            fits(want.bytes)?;
+            ops.push(StorageOp::Clone {
+                from: name.clone(),
+                name: snapshot_file(&want.uid, s),
+            });
+        }
+    }
+    for (n, file) in have {
+        if !want.snapshots.iter().any(|s| s == n) {
+            ops.push(StorageOp::Delete {
+                name: file.to_string(),
+            });
+        }
     }
     Ok(ops)
 }
@@ -183,8 +322,8 @@ pub fn backing(
 pub fn orphans<'a>(seen: &'a PoolSeen, known: &std::collections::HashSet<String>) -> Vec<&'a str> {
     seen.volumes
         .keys()
-        .filter_map(|n| file_uid(n))
-        .filter(|u| !known.contains(*u))
+        .filter(|n| file_uid(n).is_some_and(|u| !known.contains(u)))
+        .map(String::as_str)
         .collect()
 }
 
@@ -220,7 +359,7 @@ mod tests {
         VolumeWant {
             uid: UID.into(),
             bytes,
-            delete: false,
+            ..Default::default()
         }
     }
 
@@ -299,6 +438,136 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_follow_the_list_and_restore_waits_for_detach() {
+        let f = volume_file(UID);
+        let s1 = snapshot_file(UID, "s1");
+        let w = VolumeWant {
+            snapshots: vec!["s1".into(), "s2".into()],
+            ..want(10)
+        };
+        let seen = pool(
+            100,
+            &[(&f, 10), (&s1, 10), (&snapshot_file(UID, "old"), 10)],
+        );
+        assert_eq!(
+            volume_ops("d", "/p", &seen, &w, 30).unwrap(),
+            vec![
+                StorageOp::Clone {
+                    from: f.clone(),
+                    name: snapshot_file(UID, "s2")
+                },
+                StorageOp::Delete {
+                    name: snapshot_file(UID, "old")
+                }
+            ]
+        );
+        // Restore in place: the volume replaced by a copy of the snapshot,
+        // grown to the volume's size; never while a node holds it.
+        let r = VolumeWant {
+            restore: Some("s1".into()),
+            ..want(20)
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 20), (&s1, 10)]), &r, 30).unwrap(),
+            vec![
+                StorageOp::Delete { name: f.clone() },
+                StorageOp::Clone {
+                    from: s1.clone(),
+                    name: f.clone()
+                },
+                StorageOp::Grow {
+                    name: f.clone(),
+                    bytes: 20
+                }
+            ]
+        );
+        let held = VolumeWant {
+            attached: true,
+            ..r.clone()
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 20), (&s1, 10)]), &held, 30),
+            Err(Refused::RestoreWhileAttached("s1".into()))
+        );
+        // A crash between the delete and the copy: the copy is made again.
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&s1, 10)]), &r, 10).unwrap()[0],
+            StorageOp::Clone {
+                from: s1.clone(),
+                name: f.clone()
+            }
+        );
+        // A new volume seeded from another volume's snapshot.
+        let other = "6f1c7e4a-0000-4000-8000-000000000002";
+        let seeded = VolumeWant {
+            uid: other.into(),
+            seed: Some(s1.clone()),
+            ..want(10)
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&s1, 10)]), &seeded, 10).unwrap(),
+            vec![StorageOp::Clone {
+                from: s1.clone(),
+                name: volume_file(other)
+            }]
+        );
+        let missing = VolumeWant {
+            seed: Some(snapshot_file(UID, "nope")),
+            ..seeded
+        };
+        assert!(matches!(
+            volume_ops("d", "/p", &pool(100, &[]), &missing, 0),
+            Err(Refused::NoSnapshot {
+                field: "spec.source.snapshot",
+                ..
+            })
+        ));
+        // A new volume from an image, grown to its size; never truncated.
+        let from_image = VolumeWant {
+            uid: other.into(),
+            image: Some(("/img/sha256-x".into(), 4)),
+            ..want(10)
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[]), &from_image, 0).unwrap(),
+            vec![
+                StorageOp::CopyImage {
+                    image: "/img/sha256-x".into(),
+                    bytes: 4,
+                    name: volume_file(other)
+                },
+                StorageOp::Grow {
+                    name: volume_file(other),
+                    bytes: 10
+                }
+            ]
+        );
+        let small = VolumeWant {
+            bytes: 2,
+            ..from_image
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[]), &small, 0),
+            Err(Refused::ImageTooBig {
+                image: 4,
+                wanted: 2
+            })
+        );
+        // Deleting the volume deletes its snapshots.
+        let del = VolumeWant {
+            delete: true,
+            ..want(10)
+        };
+        assert_eq!(
+            volume_ops("d", "/p", &pool(100, &[(&f, 10), (&s1, 10)]), &del, 0)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(file_uid(&s1), Some(UID));
+    }
+
+    #[test]
     fn orphans_are_marked_files_without_a_volume() {
         let other = "6f1c7e4a-0000-4000-8000-000000000002";
         let seen = pool(
@@ -311,7 +580,7 @@ mod tests {
             ],
         );
         let known = [UID.to_string()].into_iter().collect();
-        assert_eq!(orphans(&seen, &known), vec![other]);
+        assert_eq!(orphans(&seen, &known), vec![volume_file(other)]);
         assert_eq!(file_uid("6F1C7E4A-0000-4000-8000-00000000000.qcow2"), None);
     }
 }

@@ -134,11 +134,61 @@ impl Pools for Hypervisor {
                         v.delete(0)?;
                     }
                 }
+                StorageOp::CopyImage { image, name, .. } => {
+                    // The image cache as a libvirt pool of its own, so that
+                    // libvirt can copy (convert) an image into a volume.
+                    let dir = image
+                        .parent()
+                        .map(|d| d.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let images = match StoragePool::lookup_by_name(c, IMAGES_POOL) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            let xml = format!(
+                                "<pool type='dir'><name>{IMAGES_POOL}</name><target><path>{}</path></target></pool>",
+                                esc(&dir)
+                            );
+                            StoragePool::define_xml(c, &xml, 0)?
+                        }
+                    };
+                    if !images.is_active()? {
+                        images.create(0)?;
+                    }
+                    images.refresh(0)?;
+                    let src = StorageVol::lookup_by_path(c, &image.to_string_lossy())?;
+                    let p = StoragePool::lookup_by_name(c, &lname)?;
+                    copy_volume(&p, &src, &name)?;
+                }
+                StorageOp::Clone { from, name } => {
+                    let p = StoragePool::lookup_by_name(c, &lname)?;
+                    let src = StorageVol::lookup_by_name(&p, &from)?;
+                    copy_volume(&p, &src, &name)?;
+                }
             }
             Ok(())
         })
         .await
     }
+}
+
+/// The libvirt pool over the agent's image cache (volumes are copied from it).
+const IMAGES_POOL: &str = "yk-images";
+
+/// A full copy of `src` into pool `p` as `name` (qcow2), removed again if
+/// the copy fails half-way (the next pass makes it again).
+fn copy_volume(p: &StoragePool, src: &StorageVol, name: &str) -> Result<(), virt::error::Error> {
+    let cap = src.get_info()?.capacity;
+    let xml = format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target></volume>",
+        esc(name)
+    );
+    if let Err(e) = StorageVol::create_xml_from(p, &xml, src, 0) {
+        if let Ok(v) = StorageVol::lookup_by_name(p, name) {
+            let _ = v.delete(0);
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Pools kept in memory, for tests: the same observable behaviour.
@@ -194,6 +244,24 @@ impl Pools for FakePools {
             StorageOp::Delete { name: v } => {
                 pools.get_mut(name).ok_or_else(missing)?.volumes.remove(&v);
             }
+            StorageOp::CopyImage { bytes, name: v, .. } => {
+                let p = pools.get_mut(name).ok_or_else(missing)?;
+                let path = format!("{}/{v}", p.path);
+                p.volumes.insert(
+                    v,
+                    VolSeen {
+                        path,
+                        capacity: bytes,
+                        allocation: bytes,
+                    },
+                );
+            }
+            StorageOp::Clone { from, name: v } => {
+                let p = pools.get_mut(name).ok_or_else(missing)?;
+                let src = p.volumes.get(&from).cloned().ok_or_else(missing)?;
+                let path = format!("{}/{v}", p.path);
+                p.volumes.insert(v, VolSeen { path, ..src });
+            }
         }
         let p = pools.get_mut(name).ok_or_else(missing)?;
         let used: u64 = p.volumes.values().map(|v| v.allocation).sum();
@@ -228,7 +296,7 @@ mod tests {
             let want = VolumeWant {
                 uid: uid.into(),
                 bytes,
-                delete: false,
+                ..Default::default()
             };
             let seen = hv.observe("t").await.unwrap();
             for op in volume_ops("t", "/yk-test-pool", &seen, &want, 0).unwrap() {
@@ -246,10 +314,29 @@ mod tests {
             assert_eq!(last, bytes);
         }
         assert_eq!(last, 64 << 20);
+        // A snapshot (libvirt's clone), then the volume deleted with it.
+        let snap = VolumeWant {
+            uid: uid.into(),
+            bytes: 64 << 20,
+            snapshots: vec!["s1".into()],
+            ..Default::default()
+        };
+        let seen = hv.observe("t").await.unwrap();
+        for op in volume_ops("t", "/yk-test-pool", &seen, &snap, 0).unwrap() {
+            hv.apply("t", op).await.unwrap();
+        }
+        let seen = hv.observe("t").await.unwrap();
+        assert_eq!(
+            crate::storage::decide::snapshots_of(&seen, uid),
+            vec![(
+                "s1",
+                crate::storage::decide::snapshot_file(uid, "s1").as_str()
+            )]
+        );
         let del = VolumeWant {
             uid: uid.into(),
-            bytes: 0,
             delete: true,
+            ..Default::default()
         };
         let seen = hv.observe("t").await.unwrap();
         for op in volume_ops("t", "/yk-test-pool", &seen, &del, 0).unwrap() {
@@ -272,7 +359,7 @@ mod tests {
             let want = VolumeWant {
                 uid: uid.into(),
                 bytes,
-                delete: false,
+                ..Default::default()
             };
             let seen = pools.observe("d").await.unwrap();
             for op in volume_ops("d", "/p", &seen, &want, 0).unwrap() {

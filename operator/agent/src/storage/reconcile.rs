@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -23,7 +26,7 @@ use tokio::sync::watch;
 use yukumo_api::host::Host;
 use yukumo_api::quantity::parse_quantity;
 use yukumo_api::site::{PoolStatus, Site, StoragePool};
-use yukumo_api::volume::{Volume, VolumeBacking};
+use yukumo_api::volume::{SnapshotStatus, Volume, VolumeBacking};
 use yukumo_api::{Reason, finalizers, labels, managers};
 
 use super::decide::{self, VolumeWant};
@@ -51,6 +54,8 @@ pub struct StorageCtx<P: Pools> {
     reported: std::sync::Mutex<HashSet<String>>,
     /// Wakes the pool report after a change of the pool.
     changed: tokio::sync::Notify,
+    /// The host's image cache (shared with compute): volumes from an image.
+    pub images: crate::compute::images::ImageCache,
 }
 
 impl<P: Pools> StorageCtx<P> {
@@ -61,6 +66,7 @@ impl<P: Pools> StorageCtx<P> {
         site: &str,
         state_dir: PathBuf,
         metrics: Metrics,
+        images: crate::compute::images::ImageCache,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: managers::AGENT.into(),
@@ -76,6 +82,7 @@ impl<P: Pools> StorageCtx<P> {
             metrics,
             reported: Default::default(),
             changed: tokio::sync::Notify::new(),
+            images,
         })
     }
 
@@ -106,18 +113,46 @@ fn promised(seen: &decide::PoolSeen, except: &str) -> u64 {
         .sum()
 }
 
-async fn write_backing(
-    vol: &Volume,
-    client: &Client,
-    b: Option<VolumeBacking>,
-) -> Result<(), Error> {
-    if vol.status.as_ref().and_then(|s| s.backing.as_ref()) == b.as_ref() {
+/// What the agent writes into a Volume's status (field manager
+/// `yukumo-agent-storage`): only when it changed.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct AgentStatus {
+    backing: Option<VolumeBacking>,
+    snapshots: Vec<SnapshotStatus>,
+    restored_from: Option<String>,
+}
+
+async fn write_status(vol: &Volume, client: &Client, st: AgentStatus) -> Result<(), Error> {
+    let old = vol.status.clone().unwrap_or_default();
+    let now = AgentStatus {
+        backing: old.backing,
+        snapshots: old.snapshots,
+        restored_from: old.restored_from,
+    };
+    if now == st {
         return Ok(());
     }
     let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
+    // Fields left out are released (and so removed): no nulls in an apply.
+    let mut fields = serde_json::Map::new();
+    if let Some(b) = &st.backing {
+        fields.insert(
+            "backing".into(),
+            serde_json::to_value(b).unwrap_or_default(),
+        );
+    }
+    if !st.snapshots.is_empty() {
+        fields.insert(
+            "snapshots".into(),
+            serde_json::to_value(&st.snapshots).unwrap_or_default(),
+        );
+    }
+    if let Some(r) = &st.restored_from {
+        fields.insert("restoredFrom".into(), r.clone().into());
+    }
     let body = serde_json::json!({
         "apiVersion": "yukumo.io/v1alpha1", "kind": "Volume",
-        "status": { "backing": b },
+        "status": fields,
     });
     api.patch_status(
         &vol.name_any(),
@@ -126,6 +161,47 @@ async fn write_backing(
     )
     .await?;
     Ok(())
+}
+
+/// The snapshot file a new volume is seeded from (`spec.source.snapshot`),
+/// which must be in the same pool.
+async fn seed(
+    client: &Client,
+    vol: &Volume,
+    pool: &str,
+    host: &str,
+) -> Result<Option<String>, (Reason, String)> {
+    let Some(src) = vol.spec.source.as_ref().and_then(|s| s.snapshot.as_ref()) else {
+        return Ok(None);
+    };
+    let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
+    let from = api
+        .get_opt(&src.volume)
+        .await
+        .map_err(|e| (Reason::StorageFailed, e.to_string()))?
+        .ok_or_else(|| {
+            (
+                Reason::SourceNotFound,
+                format!(
+                    "spec.source.snapshot.volume: Volume {:?} not found",
+                    src.volume
+                ),
+            )
+        })?;
+    let loc = from.status.as_ref().and_then(|s| s.location.as_ref());
+    if loc.is_none_or(|l| l.pool != pool || l.host != host) {
+        return Err((
+            Reason::SourceNotFound,
+            format!(
+                "spec.source.snapshot: Volume {:?} is not in pool {pool:?} on {host}; a volume is made from a snapshot in the same pool",
+                src.volume
+            ),
+        ));
+    }
+    Ok(Some(decide::snapshot_file(
+        from.metadata.uid.as_deref().unwrap_or_default(),
+        &src.name,
+    )))
 }
 
 pub async fn reconcile<P: Pools>(
@@ -154,26 +230,90 @@ pub async fn reconcile<P: Pools>(
             reason: Some(Reason::PoolNotFound),
             ..Default::default()
         };
-        write_backing(&vol, &ctx.client, Some(b)).await?;
+        let st = AgentStatus {
+            backing: Some(b),
+            snapshots: status.snapshots.clone(),
+            restored_from: status.restored_from.clone(),
+        };
+        write_status(&vol, &ctx.client, st).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
     let path = ctx.path(&pool);
     let deleting = vol.metadata.deletion_timestamp.is_some();
+    let seen = ctx.pools.observe(&pool.name).await?;
+    let file = decide::volume_file(&uid);
+    let mut error = None;
+    let seed = if seen.volumes.contains_key(&file) {
+        None
+    } else {
+        match seed(&ctx.client, &vol, &pool.name, &ctx.host).await {
+            Ok(s) => s,
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        }
+    };
+    // A new volume from an image: the verified copy in the image cache,
+    // held (never evicted) until the volume is made from it.
+    let image = match vol.spec.source.as_ref().and_then(|s| s.image.as_ref()) {
+        Some(img) if !seen.volumes.contains_key(&file) && error.is_none() => {
+            match ctx.images.ensure(img).await {
+                Ok(cached) => {
+                    let path = cached.path.clone();
+                    let size = tokio::task::spawn_blocking(move || {
+                        use crate::compute::disks::Disks;
+                        crate::compute::disks::Files.image_size(&path)
+                    })
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r);
+                    match size {
+                        Ok(size) => Some((cached, size)),
+                        Err(e) => {
+                            error = Some((
+                                Reason::ImagePullFailed,
+                                format!("spec.source.image: reading the image: {e}"),
+                            ));
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    error = Some((Reason::ImagePullFailed, format!("spec.source.image: {e}")));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let restore = vol
+        .spec
+        .restore_from
+        .clone()
+        .filter(|r| status.restored_from.as_ref() != Some(r));
     let want = VolumeWant {
         uid: uid.clone(),
         bytes: parse_quantity(&vol.spec.size).unwrap_or(0),
         // Never while a node may hold it: the claim is cleared only after
         // the node's agent reported the disk detached.
         delete: deleting && status.attached_to.is_none(),
+        snapshots: vol.spec.snapshots.iter().map(|s| s.name.clone()).collect(),
+        restore: restore.clone(),
+        attached: status.attached_to.is_some(),
+        seed,
+        image: image.as_ref().map(|(c, size)| (c.path.clone(), *size)),
     };
     if want.bytes == 0 && !want.delete {
         return Ok(Action::await_change());
     }
-    let seen = ctx.pools.observe(&pool.name).await?;
-    let file = decide::volume_file(&uid);
-    let mut error = None;
     let mut requeue = Duration::from_secs(60);
-    match decide::volume_ops(&pool.name, &path, &seen, &want, promised(&seen, &file)) {
+    let mut restored = false;
+    let decided = match &error {
+        Some(_) => Ok(vec![]),
+        None => decide::volume_ops(&pool.name, &path, &seen, &want, promised(&seen, &file)),
+    };
+    match decided {
         Err(e) => {
             error = Some((e.reason(), e.to_string()));
             requeue = Duration::from_secs(30);
@@ -185,8 +325,14 @@ pub async fn reconcile<P: Pools>(
                     decide::StorageOp::Create { .. } => "create",
                     decide::StorageOp::Grow { .. } => "grow",
                     decide::StorageOp::Delete { .. } => "delete",
+                    decide::StorageOp::Clone { name, .. } if name == &file => "copy",
+                    decide::StorageOp::Clone { .. } => "snapshot",
+                    decide::StorageOp::CopyImage { .. } => "image",
                 };
                 let grow = label == "grow";
+                if label == "copy" && restore.is_some() {
+                    restored = true;
+                }
                 match ctx.pools.apply(&pool.name, op).await {
                     Ok(()) => {
                         ctx.metrics
@@ -203,7 +349,19 @@ pub async fn reconcile<P: Pools>(
                         requeue = Duration::from_secs(3);
                         break;
                     }
+                    // QEMU holds a running guest's file: a consistent copy
+                    // is taken once it lets go (detached, or its node stopped).
+                    Err(e) if label == "snapshot" && status.attached_to.is_some() => {
+                        tracing::debug!(volume = %vol.name_any(), error = %e, "snapshot waits for the guest");
+                        error = Some((
+                            Reason::SnapshotPending,
+                            "spec.snapshots: a snapshot waits while a running guest uses the volume; it is taken once the volume is detached or its node is stopped".to_string(),
+                        ));
+                        requeue = Duration::from_secs(5);
+                        break;
+                    }
                     Err(e) => {
+                        restored = false;
                         error = Some((Reason::StorageFailed, format!("{label}: {e}")));
                         requeue = Duration::from_secs(15);
                         break;
@@ -212,9 +370,10 @@ pub async fn reconcile<P: Pools>(
             }
         }
     }
+    drop(image);
     let seen = ctx.pools.observe(&pool.name).await?;
     if want.delete {
-        if !seen.volumes.contains_key(&file) {
+        if !seen.volumes.contains_key(&file) && decide::snapshots_of(&seen, &uid).is_empty() {
             release_finalizer(&ctx.client, &vol).await?;
             return Ok(Action::await_change());
         }
@@ -227,35 +386,54 @@ pub async fn reconcile<P: Pools>(
     {
         requeue = requeue.min(Duration::from_secs(5));
     }
-    write_backing(&vol, &ctx.client, backing).await?;
+    // The snapshots that exist, in the spec's order; when each was taken
+    // (kept from the status once written).
+    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
+    let have = decide::snapshots_of(&seen, &uid);
+    let snapshots = vol
+        .spec
+        .snapshots
+        .iter()
+        .filter_map(|s| {
+            let (_, f) = have.iter().find(|(n, _)| *n == s.name)?;
+            let bytes = seen.volumes.get(*f).map_or(0, |v| v.capacity);
+            let created = status
+                .snapshots
+                .iter()
+                .find(|o| o.name == s.name)
+                .map_or(now.clone(), |o| o.created.clone());
+            Some(SnapshotStatus {
+                name: s.name.clone(),
+                created,
+                size: Quantity(bytes.to_string()),
+            })
+        })
+        .collect();
+    let restored_from = if restored {
+        tracing::info!(volume = %vol.name_any(), snapshot = ?restore, "restored in place");
+        restore
+    } else {
+        status.restored_from.clone()
+    };
+    write_status(
+        &vol,
+        &ctx.client,
+        AgentStatus {
+            backing,
+            snapshots,
+            restored_from,
+        },
+    )
+    .await?;
     Ok(Action::requeue(requeue))
 }
 
 async fn release_finalizer(client: &Client, vol: &Volume) -> Result<(), Error> {
     let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
-    let Some(patch) = finalizers::removal_patch(
-        vol.finalizers(),
-        finalizers::STORAGE_CLEANUP,
-        vol.resource_version(),
-    ) else {
-        return Ok(());
-    };
-    match api
-        .patch(
-            &vol.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(volume = %vol.name_any(), "storage removed; finalizer released");
-            Ok(())
-        }
-        // Gone, or changed since read: the next pass (a watch event) retries.
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    if crate::finalizer::release(&api, vol, finalizers::STORAGE_CLEANUP).await? {
+        tracing::info!(volume = %vol.name_any(), "storage removed; finalizer released");
     }
+    Ok(())
 }
 
 pub fn error_policy<P: Pools>(vol: Arc<Volume>, err: &Error, _ctx: Arc<StorageCtx<P>>) -> Action {
@@ -312,12 +490,15 @@ async fn report<P: Pools>(ctx: &StorageCtx<P>) -> Result<(), Error> {
                 st.available_bytes = seen.available;
                 for (n, v) in &seen.volumes {
                     if decide::file_uid(n).is_some() {
-                        st.volumes += 1;
+                        // Snapshots are full copies: they take their size too.
                         st.provisioned_bytes += v.capacity;
+                        if !n.contains('@') {
+                            st.volumes += 1;
+                        }
                     }
                 }
-                for uid in decide::orphans(&seen, &known) {
-                    orphans.insert(format!("{}/{}", pool.name, decide::volume_file(uid)));
+                for file in decide::orphans(&seen, &known) {
+                    orphans.insert(format!("{}/{file}", pool.name));
                 }
             }
             Err(e) => st.error = Some(e.to_string()),
@@ -356,13 +537,11 @@ async fn report<P: Pools>(ctx: &StorageCtx<P>) -> Result<(), Error> {
     let Some(host) = host else {
         return Ok(());
     };
-    if host.status.as_ref().map(|s| &s.storage_pools) == Some(&out)
-        || (out.is_empty()
-            && host
-                .status
-                .as_ref()
-                .is_none_or(|s| s.storage_pools.is_empty()))
-    {
+    let old: &[PoolStatus] = host
+        .status
+        .as_ref()
+        .map_or(&[], |s| s.storage_pools.as_slice());
+    if !pools_changed(old, &out) {
         return Ok(());
     }
     let body = serde_json::json!({
@@ -377,6 +556,25 @@ async fn report<P: Pools>(ctx: &StorageCtx<P>) -> Result<(), Error> {
         )
         .await?;
     Ok(())
+}
+
+/// Whether a pool report is news: anything but the space figures changed,
+/// or free space moved by more than 1% of the pool (at least 64 MiB) — the
+/// file system's churn alone makes no write.
+fn pools_changed(old: &[PoolStatus], new: &[PoolStatus]) -> bool {
+    if old.len() != new.len() {
+        return true;
+    }
+    old.iter().zip(new).any(|(a, b)| {
+        let slack = (b.capacity_bytes / 100).max(64 << 20);
+        a.name != b.name
+            || a.host != b.host
+            || a.volumes != b.volumes
+            || a.provisioned_bytes != b.provisioned_bytes
+            || a.error != b.error
+            || a.capacity_bytes.abs_diff(b.capacity_bytes) > slack
+            || a.available_bytes.abs_diff(b.available_bytes) > slack
+    })
 }
 
 /// The Volume reconciler and the pool report, until shutdown.
@@ -409,4 +607,28 @@ pub async fn run<P: Pools>(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {});
     tokio::join!(reporter, controller);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space_churn_alone_is_not_news() {
+        let p = |avail: u64, vols: u32| PoolStatus {
+            name: "default".into(),
+            host: "h1".into(),
+            capacity_bytes: 100 << 30,
+            available_bytes: avail,
+            provisioned_bytes: 0,
+            volumes: vols,
+            error: None,
+        };
+        let old = [p(50 << 30, 1)];
+        assert!(!pools_changed(&old, &[p((50 << 30) + (100 << 20), 1)]));
+        assert!(pools_changed(&old, &[p(48 << 30, 1)]));
+        assert!(pools_changed(&old, &[p(50 << 30, 2)]));
+        assert!(pools_changed(&[], &[p(1, 0)]));
+        assert!(!pools_changed(&[], &[]));
+    }
 }

@@ -175,6 +175,18 @@ pub fn plan(
             continue;
         };
         if claim.is_none()
+            && let Some(r) = crate::reconcile::volume::decide::restore_pending(vol)
+        {
+            wait(
+                Reason::VolumeNotReady,
+                format!(
+                    "Volume {:?} is being restored from snapshot {r:?}",
+                    att.name
+                ),
+            );
+            continue;
+        }
+        if claim.is_none()
             && (vol.metadata.deletion_timestamp.is_some()
                 || backing.path.is_empty()
                 || backing.error.is_some())

@@ -109,25 +109,26 @@ fn place(vol: &Volume, sites: &[Site]) -> Result<VolumeLocation, Verdict> {
     })
 }
 
-/// Spec fields this version does not implement: refused, never ignored (a
-/// volume "from an image" must not be created blank).
-fn unimplemented(vol: &Volume) -> Option<String> {
-    let s = &vol.spec;
-    let field = if s.source.is_some() {
-        "spec.source"
-    } else if !s.snapshots.is_empty() {
-        "spec.snapshots"
-    } else if s.restore_from.is_some() {
-        "spec.restoreFrom"
-    } else {
-        return None;
-    };
-    Some(format!(
-        "{field}: not implemented yet by this version of yukumo (volumes are created blank; snapshots, restore and images come with the rest of the storage work); remove the field"
-    ))
+/// `restoreFrom` names a snapshot the spec does not keep.
+fn restore_unknown(vol: &Volume) -> Option<String> {
+    let r = vol.spec.restore_from.as_ref()?;
+    (!vol.spec.snapshots.iter().any(|s| &s.name == r))
+        .then(|| format!("spec.restoreFrom: no snapshot {r:?} in spec.snapshots"))
 }
 
-pub fn decide(vol: &Volume, sites: &[Site], holder: Option<Holder>) -> Decision {
+/// A restore asked and not yet done.
+pub fn restore_pending(vol: &Volume) -> Option<&str> {
+    let r = vol.spec.restore_from.as_deref()?;
+    let done = vol.status.as_ref().and_then(|s| s.restored_from.as_deref());
+    (done != Some(r)).then_some(r)
+}
+
+pub fn decide(
+    vol: &Volume,
+    sites: &[Site],
+    volumes: &[&Volume],
+    holder: Option<Holder>,
+) -> Decision {
     let status = vol.status.clone().unwrap_or_default();
     let deleting = vol.metadata.deletion_timestamp.is_some();
     let release = holder.is_some_and(|h| !h.cluster_wants && !h.node_holds);
@@ -157,14 +158,42 @@ pub fn decide(vol: &Volume, sites: &[Site], holder: Option<Holder>) -> Decision 
             return d;
         }
     };
-    if let Some(msg) = unimplemented(vol)
+    if let Some(msg) = restore_unknown(vol)
         && !deleting
     {
-        d.verdict = Verdict::stalled(Reason::NotImplemented, msg);
-        if d.location.is_none() {
-            d.phase = VolumePhase::Failed;
-        }
+        d.verdict = Verdict::stalled(Reason::SnapshotNotFound, msg);
         return d;
+    }
+    if let Some(src) = vol.spec.source.as_ref().and_then(|s| s.snapshot.as_ref())
+        && d.location.is_none()
+        && !deleting
+    {
+        // The source must exist and keep that snapshot (the agent checks
+        // the pool and copies it).
+        let found = volumes
+            .iter()
+            .find(|v| v.name_any() == src.volume && v.namespace() == vol.namespace());
+        let msg = match found {
+            None => Some(format!(
+                "spec.source.snapshot.volume: Volume {:?} not found in namespace {}",
+                src.volume,
+                vol.namespace().unwrap_or_default()
+            )),
+            Some(v) if !v.spec.snapshots.iter().any(|s| s.name == src.name) => Some(format!(
+                "spec.source.snapshot.name: Volume {:?} has no snapshot {:?}",
+                src.volume, src.name
+            )),
+            Some(v) if v.spec.pool != vol.spec.pool => Some(format!(
+                "spec.source.snapshot: Volume {:?} is in pool {:?}, this one in {:?}: a volume is made from a snapshot in the same pool",
+                src.volume, v.spec.pool, vol.spec.pool
+            )),
+            Some(_) => None,
+        };
+        if let Some(msg) = msg {
+            d.verdict = Verdict::stalled(Reason::SourceNotFound, msg);
+            d.phase = VolumePhase::Failed;
+            return d;
+        }
     }
     let loc = match &d.location {
         Some(l) => l.clone(),
@@ -224,14 +253,34 @@ pub fn decide(vol: &Volume, sites: &[Site], holder: Option<Holder>) -> Decision 
         );
         return d;
     };
-    if let Some(err) = &b.error {
-        d.verdict = Verdict::stalled(
-            b.reason.clone().unwrap_or(Reason::StorageFailed),
-            err.clone(),
-        );
-        if attached.is_none() {
-            d.phase = VolumePhase::Failed;
+    match (&b.error, &b.reason) {
+        // Waits that resolve by themselves: said below, or as the agent says.
+        (Some(_), Some(Reason::RestorePending)) => {}
+        (Some(err), Some(Reason::SnapshotPending)) => {
+            d.verdict = Verdict::progressing(Reason::SnapshotPending, err.clone());
+            return d;
         }
+        (Some(err), reason) => {
+            d.verdict =
+                Verdict::stalled(reason.clone().unwrap_or(Reason::StorageFailed), err.clone());
+            if attached.is_none() {
+                d.phase = VolumePhase::Failed;
+            }
+            return d;
+        }
+        (None, _) => {}
+    }
+    if let Some(r) = restore_pending(vol) {
+        d.verdict = Verdict::progressing(
+            Reason::RestorePending,
+            match attached {
+                Some(a) => format!(
+                    "restoring from snapshot {r:?} waits until node {} of cluster {} lets go of it",
+                    a.node, a.cluster
+                ),
+                None => format!("restoring from snapshot {r:?}"),
+            },
+        );
         return d;
     }
     if b.capacity_bytes != bytes {
@@ -246,6 +295,20 @@ pub fn decide(vol: &Volume, sites: &[Site], holder: Option<Holder>) -> Decision 
                     ""
                 }
             ),
+        );
+        return d;
+    }
+    let missing: Vec<&str> = vol
+        .spec
+        .snapshots
+        .iter()
+        .filter(|s| !status.snapshots.iter().any(|t| t.name == s.name))
+        .map(|s| s.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        d.verdict = Verdict::progressing(
+            Reason::SnapshotPending,
+            format!("taking snapshot {}", missing.join(", ")),
         );
         return d;
     }
@@ -302,7 +365,7 @@ mod tests {
     #[test]
     fn placed_in_the_one_site_with_the_pool_then_ready_at_its_size() {
         let sites = [site("s1", &["local"]), site("s2", &["fast"])];
-        let d = decide(&vol(json!({})), &sites, None);
+        let d = decide(&vol(json!({})), &sites, &[], None);
         assert_eq!(
             d.location,
             Some(VolumeLocation {
@@ -316,7 +379,7 @@ mod tests {
             json!({"status": {"location": {"site": "s1", "pool": "local", "host": "s1-h1"},
             "backing": {"path": "/p/u1.qcow2", "capacityBytes": 67108864}}}),
         );
-        let d = decide(&placed, &sites, None);
+        let d = decide(&placed, &sites, &[], None);
         assert_eq!(d.verdict.reason(), &Reason::Available);
         assert!(matches!(d.verdict, Verdict::Ready { .. }));
         assert_eq!(d.capacity, Some(Quantity("64Mi".into())));
@@ -324,7 +387,7 @@ mod tests {
         // Grown in the spec: progressing until the storage has the size.
         let grown = vol(json!({"spec": {"size": "96Mi"}, "status": placed.status}));
         assert_eq!(
-            decide(&grown, &sites, None).verdict.reason(),
+            decide(&grown, &sites, &[], None).verdict.reason(),
             &Reason::Provisioning
         );
     }
@@ -332,10 +395,10 @@ mod tests {
     #[test]
     fn bad_pools_and_sites_are_refused_naming_the_field() {
         let sites = [site("s1", &["local"]), site("s2", &["local", "fast"])];
-        let d = decide(&vol(json!({"spec": {"pool": "nope"}})), &sites, None);
+        let d = decide(&vol(json!({"spec": {"pool": "nope"}})), &sites, &[], None);
         assert_eq!(d.verdict.reason(), &Reason::PoolNotFound);
         assert!(d.verdict.message().starts_with("spec.pool: no Site"));
-        let d = decide(&vol(json!({})), &sites, None);
+        let d = decide(&vol(json!({})), &sites, &[], None);
         assert!(
             d.verdict
                 .message()
@@ -344,21 +407,67 @@ mod tests {
         let d = decide(
             &vol(json!({"spec": {"pool": "fast", "site": "s1"}})),
             &sites,
+            &[],
             None,
         );
         assert_eq!(
             d.verdict.message(),
             "spec.pool: Site s1 has no storage pool \"fast\" (its pools: local); pool \"fast\" is at Site s2"
         );
-        let d = decide(&vol(json!({"spec": {"site": "mars"}})), &sites, None);
+        let d = decide(&vol(json!({"spec": {"site": "mars"}})), &sites, &[], None);
         assert_eq!(d.verdict.reason(), &Reason::SiteNotFound);
+        let gone = json!({"spec": {"source": {"snapshot": {"volume": "gone", "name": "s"}}}});
+        let d = decide(&vol(gone), &sites, &[], None);
+        assert_eq!(d.verdict.reason(), &Reason::SourceNotFound);
+        assert!(
+            d.verdict
+                .message()
+                .starts_with("spec.source.snapshot.volume")
+        );
+        assert!(d.location.is_none());
         let d = decide(
-            &vol(json!({"spec": {"snapshots": [{"name": "s"}]}})),
+            &vol(json!({"spec": {"restoreFrom": "s"}})),
             &sites,
+            &[],
             None,
         );
-        assert_eq!(d.verdict.reason(), &Reason::NotImplemented);
-        assert!(d.location.is_none(), "never placed (nor created blank)");
+        assert_eq!(d.verdict.reason(), &Reason::SnapshotNotFound);
+    }
+
+    #[test]
+    fn snapshots_and_restores_that_wait_are_progressing_with_what_they_wait_for() {
+        let sites = [site("s1", &["local"])];
+        let v = vol(json!({
+            "spec": {"snapshots": [{"name": "s1"}], "restoreFrom": "s1"},
+            "status": {"location": {"site": "s1", "pool": "local", "host": "s1-h1"},
+                "backing": {"path": "/p/u1.qcow2", "capacityBytes": 67108864,
+                            "error": "spec.restoreFrom: waits", "reason": "RestorePending"},
+                "snapshots": [{"name": "s1", "created": "2026-01-01T00:00:00Z", "size": "64Mi"}],
+                "attachedTo": {"cluster": "vc", "node": "vc-frontend", "target": "vdc"}}}));
+        let d = decide(&v, &sites, &[], None);
+        assert!(matches!(d.verdict, Verdict::Progressing { .. }));
+        assert_eq!(d.verdict.reason(), &Reason::RestorePending);
+        assert!(
+            d.verdict
+                .message()
+                .contains("waits until node vc-frontend of cluster vc")
+        );
+        // Done once: restoredFrom names it, and the field may stay.
+        let mut done = v.clone();
+        let st = done.status.as_mut().unwrap();
+        st.restored_from = Some("s1".into());
+        st.backing.as_mut().unwrap().error = None;
+        st.backing.as_mut().unwrap().reason = None;
+        assert_eq!(
+            decide(&done, &sites, &[], None).verdict.reason(),
+            &Reason::Attached
+        );
+        // A snapshot not taken yet.
+        let mut pending = done.clone();
+        pending.status.as_mut().unwrap().snapshots.clear();
+        let d = decide(&pending, &sites, &[], None);
+        assert_eq!(d.verdict.reason(), &Reason::SnapshotPending);
+        assert_eq!(d.verdict.message(), "taking snapshot s1");
     }
 
     #[test]
@@ -373,7 +482,7 @@ mod tests {
             cluster_wants: true,
             node_holds: true,
         };
-        let d = decide(&held, &sites, Some(busy));
+        let d = decide(&held, &sites, &[], Some(busy));
         assert!(!d.release);
         assert_eq!(d.verdict.reason(), &Reason::DetachPending);
         assert!(
@@ -385,6 +494,7 @@ mod tests {
         let d = decide(
             &held,
             &sites,
+            &[],
             Some(Holder {
                 cluster_wants: false,
                 node_holds: true,
@@ -394,6 +504,7 @@ mod tests {
         let d = decide(
             &held,
             &sites,
+            &[],
             Some(Holder {
                 cluster_wants: false,
                 node_holds: false,

@@ -55,11 +55,14 @@ fn holder(ctx: &Ctx, vol: &Volume, ns: &str) -> Option<Holder> {
     })
 }
 
-/// The controller's part of the status (never `attachedTo`, `backing`).
+/// The controller's part of the status (never `attachedTo`, nor what the
+/// agent writes: `backing`, `snapshots`, `restoredFrom`).
 fn owned(s: &VolumeStatus) -> VolumeStatus {
     VolumeStatus {
         attached_to: None,
         backing: None,
+        snapshots: vec![],
+        restored_from: None,
         ..s.clone()
     }
 }
@@ -71,7 +74,9 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api = Api::<Volume>::namespaced(ctx.client.clone(), &ns);
     let holder = holder(&ctx, &vol, &ns);
-    let d = decide(&vol, &ctx.stores.all_sites(), holder);
+    let all = ctx.stores.volumes.state();
+    let volumes: Vec<&Volume> = all.iter().map(|v| v.as_ref()).collect();
+    let d = decide(&vol, &ctx.stores.all_sites(), &volumes, holder);
     let old = vol.status.clone().unwrap_or_default();
     // Placing: the storage host's label (its agent selects by it) and the
     // finalizer its agent releases once the storage is gone, before the
