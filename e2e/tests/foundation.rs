@@ -331,6 +331,10 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
         // Patch, yes, but the admission policy allows only finalizer removal
         // (agent_may_only_release_a_virtualnodes_finalizer).
         (agent, "patch", "virtualnodes.yukumo.io", "", true),
+        (agent, "patch", "volumes.yukumo.io", "", true),
+        (agent, "patch", "volumes.yukumo.io/status", "", true),
+        (agent, "delete", "volumes.yukumo.io", "", false),
+        (agent, "create", "volumes.yukumo.io", "", false),
         (agent, "update", "virtualnodes.yukumo.io", "", false),
         (agent, "delete", "virtualnodes.yukumo.io", "", false),
         (agent, "patch", "virtualclusters.yukumo.io", "", false),
@@ -413,7 +417,7 @@ spec:
     for (patch, want) in [
         (
             r#"{"spec":{"running":true}}"#,
-            "may not change a VirtualNode's spec",
+            "may not change the spec of a VirtualNode or a Volume",
         ),
         (
             r#"{"metadata":{"labels":{"yukumo.io/host":"elsewhere"}}}"#,
@@ -439,6 +443,47 @@ spec:
     }
     // Removing its finalizer is allowed.
     let out = patch_as_agent(r#"{"metadata":{"finalizers":["example.com/keep"]}}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same for a Volume: its spec is the user's.
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {name: v1, namespace: policy, finalizers: [yukumo.io/storage-cleanup]}\nspec: {size: 16Mi, pool: nope}\n",
+    );
+    let out = env.kubectl(&[
+        "-n",
+        "policy",
+        "patch",
+        "volume",
+        "v1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"size":"32Mi"}}"#,
+        "--as",
+        agent,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("may not change the spec of a VirtualNode or a Volume"),
+        "{err}"
+    );
+    let out = env.kubectl(&[
+        "-n",
+        "policy",
+        "patch",
+        "volume",
+        "v1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":[]}}"#,
+        "--as",
+        agent,
+    ]);
     assert!(
         out.status.success(),
         "{}",
