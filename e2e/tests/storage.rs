@@ -86,9 +86,11 @@ fn frontend(env: &Env, ns: &str, vc: &str) -> (PathBuf, String) {
     .unwrap();
     println!("{vc}: frontend running after {:.1}s", took.as_secs_f64());
     let uid = vn["metadata"]["uid"].as_str().unwrap().to_string();
+    let host = vn["spec"]["host"].as_str().unwrap_or_default().to_string();
     let socket = PathBuf::from(format!("/run/yukumo/{uid}.sock"));
-    // Userspace is up when the shell answers.
-    wait_for(Duration::from_secs(120), "guest shell", || {
+    // Userspace is up when the shell answers (a guest on a busy machine
+    // may take long under TCG); if it never does, say what its console said.
+    let shell = wait_for(Duration::from_secs(240), "guest shell", || {
         guest_sh(&socket, "true", Duration::from_secs(5))
             .map_err(|e| e.to_string())
             .and_then(|(_, c)| {
@@ -98,18 +100,40 @@ fn frontend(env: &Env, ns: &str, vc: &str) -> (PathBuf, String) {
                     Err(format!("exit {c}"))
                 }
             })
-    })
-    .unwrap();
+    });
+    if let Err(e) = shell {
+        let console = std::fs::read_to_string(
+            env.dir
+                .join(format!("hosts/{host}/agent/nodes/{uid}/console.log")),
+        )
+        .unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        let status = get(env, ns, &["vn", &format!("{vc}-frontend")])["status"].to_string();
+        panic!(
+            "{e}\nnode status: {status}\nconsole (last lines, newest first):\n{}",
+            tail.join("\n")
+        );
+    }
     (socket, uid)
 }
 
-/// Run `cmd` in the guest: its output without the shell's prompts.
+/// Run `cmd` in the guest: its output, without the shell's prompts (a
+/// marker line comes first, and prompt lines are dropped).
 fn sh(socket: &Path, cmd: &str) -> String {
-    let (out, code) = guest_sh(socket, cmd, Duration::from_secs(60)).unwrap();
+    let (out, code) = guest_sh(
+        socket,
+        &format!("echo @@BEGIN; {cmd}"),
+        Duration::from_secs(60),
+    )
+    .unwrap();
     assert_eq!(code, 0, "{cmd}: {out}");
-    out.lines()
-        .map(|l| l.trim_start_matches("/ # ").trim())
-        .filter(|l| !l.is_empty() && *l != "/ #")
+    let after = out
+        .rsplit_once("@@BEGIN\n")
+        .map_or(out.as_str(), |(_, a)| a);
+    after
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "/ #" && *l != "#")
         .collect::<Vec<_>>()
         .join("\n")
 }

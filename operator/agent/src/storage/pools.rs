@@ -119,7 +119,7 @@ impl Pools for Hypervisor {
                 StorageOp::Create { name, bytes } => {
                     let p = StoragePool::lookup_by_name(c, &lname)?;
                     let xml = format!(
-                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><allocation unit='bytes'>0</allocation><target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target></volume>",
+                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><allocation unit='bytes'>0</allocation><target><format type='qcow2'/><compat>1.1</compat><permissions><mode>0600</mode></permissions></target></volume>",
                         esc(&name)
                     );
                     StorageVol::create_xml(&p, &xml, 0)?;
@@ -179,7 +179,7 @@ const IMAGES_POOL: &str = "yk-images";
 fn copy_volume(p: &StoragePool, src: &StorageVol, name: &str) -> Result<(), virt::error::Error> {
     let cap = src.get_info()?.capacity;
     let xml = format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target></volume>",
+        "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target><format type='qcow2'/><compat>1.1</compat><permissions><mode>0600</mode></permissions></target></volume>",
         esc(name)
     );
     if let Err(e) = StorageVol::create_xml_from(p, &xml, src, 0) {
