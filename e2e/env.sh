@@ -263,6 +263,20 @@ start_host() { # name site [index]
   echo "$site" > "$hdir/site"
   log "starting host $name (site $site, netns $ns)"
   start_libvirtd "$name"
+  [ -n "${3:-}" ] && start_tgtd "$name" "$3"
+  return 0
+}
+
+# The host's iSCSI target (tgt, userspace), on its underlay address: it
+# exports the volumes of the host's `iscsi` pools. Its control socket
+# (/var/run/tgtd/socket.PORT) gets a port unique to this environment.
+start_tgtd() { # name index
+  local name=$1 i=$2 hdir=$DIR/hosts/$1 port
+  port=$(( $(printf '%d' "0x$(echo "$DIR" | md5sum | cut -c1-2)") * 16 + i ))
+  rm -f "/var/run/tgtd/socket.$port" "/var/run/tgtd/socket.$port.lock"
+  echo "$port 10.255.0.$i:3260" > "$hdir/tgt"
+  spawn "tgtd-$name" ip netns exec "$(cat "$hdir/netns")" tgtd -f -C "$port" --iscsi "portal=10.255.0.$i:3260"
+  wait_for 20 "tgtd of $name" test -S "/var/run/tgtd/socket.$port"
 }
 
 
@@ -303,7 +317,8 @@ start_agent() { # host
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
     --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
-    --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
+    --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent" \
+    $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" )
 }
 
 # An agent on its own in-process libvirt test driver (test:///default): a
@@ -408,6 +423,11 @@ cmd_down() {
     [ -d "$hdir" ] || continue
     name=$(basename "$hdir")
     stop_proc "libvirtd-$name"
+    if [ -f "$hdir/tgt" ]; then
+      # tgtd ignores TERM while it serves targets; it holds only files.
+      stop_proc "tgtd-$name" KILL
+      rm -f "/var/run/tgtd/socket.$(cut -d' ' -f1 "$hdir/tgt")"{,.lock}
+    fi
     # virtlogd daemonized inside the host's mount namespace; its PID file is ours.
     pid=$(cat "$hdir/run/virtlogd.pid" 2>/dev/null || true)
     if pid_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi

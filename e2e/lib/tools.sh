@@ -26,7 +26,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils nftables iproute2 dnsmasq-base busybox-static
   pkg-config xz-utils cpio genisoimage openssl python3 curl
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
-  gcc libc6-dev strace
+  gcc libc6-dev strace tgt qemu-block-extra
 )
 
 tools_log() { echo "[tools] $*" >&2; }

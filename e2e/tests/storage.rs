@@ -1,5 +1,7 @@
 //! Volumes on real storage: a `dir` pool of a simulated host (libvirt's
-//! storage API, qcow2 files), attached to real software-emulated guests.
+//! storage API, qcow2 files) and an `iscsi` pool (raw files exported by
+//! the host's tgtd, attached by QEMU's initiator on other hosts), attached
+//! to real software-emulated guests.
 //! The guest is driven through its root shell on ttyS1.
 
 use std::path::{Path, PathBuf};
@@ -11,8 +13,12 @@ use yukumo_e2e::{Env, condition, guest_sh, tiny_image, wait_for};
 const MI: u64 = 1 << 20;
 
 fn volume(ns: &str, name: &str, size: &str) -> String {
+    volume_in(ns, name, size, "default")
+}
+
+fn volume_in(ns: &str, name: &str, size: &str, pool: &str) -> String {
     format!(
-        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{size: {size}, pool: default}}\n"
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{size: {size}, pool: {pool}}}\n"
     )
 }
 
@@ -1013,6 +1019,234 @@ fn a_volume_from_an_image_holds_the_verified_image_at_its_size() {
         ])
         .unwrap();
     }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+/// The targets host-1's tgtd serves (`tgtadm --op show`).
+fn host1_targets(env: &Env) -> String {
+    let tgt = std::fs::read_to_string(env.dir.join("hosts/host-1/tgt")).unwrap();
+    let port = tgt.split_whitespace().next().unwrap();
+    let out = std::process::Command::new("tgtadm")
+        .args([
+            "-C", port, "--lld", "iscsi", "--op", "show", "--mode", "target",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Host-1 takes no new nodes while this lives (restored on drop, also
+/// when the test fails).
+struct Cordon<'a>(&'a Env, &'static str);
+
+impl<'a> Cordon<'a> {
+    fn new(env: &'a Env, host: &'static str) -> Self {
+        env.kubectl_ok(&[
+            "patch",
+            "host",
+            host,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"schedulable":false}}"#,
+        ])
+        .unwrap();
+        Cordon(env, host)
+    }
+}
+
+impl Drop for Cordon<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kubectl_ok(&[
+            "patch",
+            "host",
+            self.1,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"schedulable":true}}"#,
+        ]);
+    }
+}
+
+#[test]
+fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_after_host_loss() {
+    let env = Env::get();
+    let ns = "san";
+    env.apply(&namespace(ns));
+    env.apply(&volume_in(ns, "shared", "64Mi", "san"));
+    let (vol, took) = wait_for(Duration::from_secs(60), "iSCSI volume Available", || {
+        let v = get(&env, ns, &["volume", "shared"]);
+        match condition(&v, "Ready") {
+            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
+            other => Err(format!("{other:?} {}", v["status"])),
+        }
+    })
+    .unwrap();
+    println!(
+        "iSCSI volume created and exported in {:.1}s",
+        took.as_secs_f64()
+    );
+    let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
+    let iqn = format!("iqn.2026-12.io.yukumo:san.{vuid}");
+    let b = &vol["status"]["backing"];
+    assert_eq!(b["iscsi"]["portal"], "10.255.0.1:3260", "{b}");
+    assert_eq!(b["iscsi"]["iqn"], iqn.as_str());
+    assert!(
+        b["path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("{vuid}.raw")),
+        "{b}"
+    );
+    let targets = host1_targets(&env);
+    assert!(targets.contains(&iqn), "{targets}");
+    assert!(targets.contains("SCSI SN: yk67108864"), "{targets}");
+
+    // Not on the storage host: QEMU's initiator reaches it over the underlay.
+    let cordon = Cordon::new(&env, "host-1");
+    env.apply(&cluster(ns, "vc", &["shared"], true));
+    let (sock, node_uid) = frontend(&env, ns, "vc");
+    let vn = get(&env, ns, &["vn", "vc-frontend"]);
+    let host = vn["spec"]["host"].as_str().unwrap().to_string();
+    assert_ne!(host, "host-1", "placed away from the storage host");
+    assert_eq!(vn["spec"]["disks"][0]["iscsi"]["iqn"], iqn.as_str());
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((64 * MI, serial_of(&vuid).to_string()))
+    );
+    let targets = host1_targets(&env);
+    let session = format!("IP Address: 10.255.0.{}", &host["host-".len()..]);
+    assert!(
+        targets.contains(&session),
+        "a session from {host}: {targets}"
+    );
+    sh(
+        &sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=16 2>/dev/null && sync",
+    );
+    let sum = sh(
+        &sock,
+        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(sum.len(), 64, "{sum}");
+
+    // Grown while attached: the target re-reads the file, QEMU the capacity.
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "volume",
+        "shared",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"size":"96Mi"}}"#,
+    ])
+    .unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        "guest sees 96Mi",
+        || match guest_disk(&sock, "vdc") {
+            Some((b, _)) if b == 96 * MI => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    println!(
+        "online grow over iSCSI seen by the guest after {:.1}s",
+        took.as_secs_f64()
+    );
+
+    // The node's host is lost (agent, libvirtd and the guest's QEMU die, as
+    // in a power loss): the node restarts on the remaining host, with the
+    // volume and its data.
+    env.set_site_grace(6);
+    let qemu_pids: Vec<String> = std::fs::read_dir(env.dir.join(format!("hosts/{host}/run/qemu")))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pid"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
+        .unwrap();
+    env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
+        .unwrap();
+    for p in &qemu_pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", p.trim()])
+            .status();
+    }
+    let ((new_uid, new_host), took) = wait_for(
+        Duration::from_secs(180),
+        "node running on another host",
+        || {
+            // Deleted and made anew meanwhile: absent for a moment.
+            let out = env.kubectl(&["-n", ns, "get", "vn", "vc-frontend", "-o", "json"]);
+            let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let h = n["spec"]["host"].as_str().unwrap_or("").to_string();
+            let uid = n["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            if n["status"]["phase"] == "Running" && !h.is_empty() && h != host && uid != node_uid {
+                Ok((uid, h))
+            } else {
+                Err(format!("{h} {}", n["status"]["phase"]))
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "frontend running on {new_host} {:.1}s after {host} was lost",
+        took.as_secs_f64()
+    );
+    assert_ne!(new_host, "host-1", "still cordoned");
+    let (sock, _) = frontend(&env, ns, "vc");
+    assert_eq!(sock, PathBuf::from(format!("/run/yukumo/{new_uid}.sock")));
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((96 * MI, serial_of(&vuid).to_string()))
+    );
+    let again = sh(
+        &sock,
+        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(again, sum, "the data followed the node");
+    let vol = get(&env, ns, &["volume", "shared"]);
+    assert_eq!(vol["status"]["attachedTo"]["node"], "vc-frontend");
+
+    // The host returns (its stale domain is swept); the cluster and the
+    // volume go, and nothing of the volume is left on the target or disk.
+    env.env_sh(&["start-libvirtd", &host]).unwrap();
+    env.env_sh(&["start-agent", &host]).unwrap();
+    drop(cordon);
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "vc",
+        "vc",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "volume",
+        "shared",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    let targets = host1_targets(&env);
+    assert!(!targets.contains(&iqn), "target removed: {targets}");
+    let file = env
+        .dir
+        .join(format!("hosts/host-1/agent/pools/san/{vuid}.raw"));
+    assert!(!file.exists(), "{} removed", file.display());
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

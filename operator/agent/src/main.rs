@@ -89,6 +89,14 @@ pub struct Args {
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+    /// Portal of this host's iSCSI target (tgtd), as other hosts reach it,
+    /// e.g. `10.255.0.1:3260`: the volumes of its `iscsi` pools are
+    /// exported there.
+    #[arg(long)]
+    pub iscsi_portal: Option<String>,
+    /// Control port of this host's tgtd (`tgtd -C`, default 0).
+    #[arg(long, default_value_t = 0)]
+    pub iscsi_control_port: u16,
     /// Directory for the agent's files (image cache, disks, config disks).
     #[arg(long, default_value = "/var/lib/yukumo")]
     pub state_dir: PathBuf,
@@ -198,6 +206,10 @@ async fn agent() -> anyhow::Result<()> {
         storage::reconcile::StorageCtx::new(
             client.clone(),
             hv.clone(),
+            storage::targets::Tgt {
+                control_port: args.iscsi_control_port,
+                portal: args.iscsi_portal.clone(),
+            },
             &args.host_name,
             &args.site,
             args.state_dir.clone(),

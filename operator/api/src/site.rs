@@ -101,8 +101,10 @@ pub struct StoragePool {
     )]
     pub name: String,
     /// Backend: `dir` (qcow2 files in a folder of one host; a VM using a
-    /// volume of it runs on that host). Network backends (iSCSI, Ceph RBD)
-    /// are not implemented yet and are refused by the schema.
+    /// volume of it runs on that host) or `iscsi` (raw files in a folder of
+    /// one host, each exported by that host's iSCSI target and attached by
+    /// QEMU's own initiator on any host of the Site). Ceph RBD is not
+    /// implemented yet and is refused by the schema.
     #[serde(rename = "type")]
     pub type_: PoolType,
     /// The Host holding the pool's storage.
@@ -111,7 +113,8 @@ pub struct StoragePool {
         regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub host: String,
-    /// Folder of a `dir` pool (absolute); default `<agent state dir>/pools/<name>`.
+    /// Folder holding the pool's files (absolute); default `<agent state
+    /// dir>/pools/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 1024), regex(pattern = "^/"))]
     pub path: Option<String>,
@@ -123,6 +126,19 @@ pub struct StoragePool {
 pub enum PoolType {
     /// qcow2 files in a folder of one host, through libvirt's `dir` pool.
     Dir,
+    /// Raw files in a folder of one host (libvirt's `dir` pool), each
+    /// exported as an iSCSI target (one LUN) by that host's userspace
+    /// target (tgt); VMs on any host of the Site attach it with QEMU's
+    /// iSCSI initiator. The host's agent needs `--iscsi-portal`.
+    Iscsi,
+}
+
+impl PoolType {
+    /// Whether a VM on any host of the Site can use the pool's volumes
+    /// (else only on the pool's host).
+    pub fn networked(self) -> bool {
+        matches!(self, PoolType::Iscsi)
+    }
 }
 
 impl SiteSpec {

@@ -228,9 +228,10 @@ pub enum StartOrder {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RecoveryPolicy {
     /// Recreate the node on another host. Its root disk (an overlay on the
-    /// host that was lost) is lost. A node with a Volume of a `dir` pool is
-    /// pinned to that pool's host: it waits for that host (Unschedulable,
-    /// naming it) rather than starting elsewhere without its data.
+    /// host that was lost) is lost; Volumes of an `iscsi` pool follow it. A
+    /// node with a Volume of a `dir` pool is pinned to that pool's host: it
+    /// waits for that host (Unschedulable, naming it) rather than starting
+    /// elsewhere without its data.
     #[default]
     RestartElsewhere,
     /// Wait for the host to return.

@@ -147,8 +147,13 @@ pub struct NodeDisk {
     pub read_only: bool,
     /// The serial the guest sees: the Volume's uid.
     pub serial: String,
-    /// The volume's file on the node's host.
+    /// The volume's file on the node's host (`dir` pools; empty for a
+    /// volume reached over the network).
+    #[serde(default)]
     pub path: String,
+    /// The iSCSI logical unit of the volume (`iscsi` pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<crate::volume::IscsiTarget>,
     /// The volume's size in bytes (the agent grows a live disk to it).
     pub bytes: u64,
 }

@@ -204,6 +204,21 @@ pub struct VolumeBacking {
     /// The reason of `error` (e.g. `InsufficientPoolSpace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<crate::Reason>,
+    /// The iSCSI target exporting it (`iscsi` pools), once exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<IscsiTarget>,
+}
+
+/// An iSCSI logical unit a volume is reached at.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IscsiTarget {
+    /// Portal address of the pool host's target, e.g. `10.255.0.1:3260`.
+    pub portal: String,
+    /// Target name (IQN), `iqn.2026-12.io.yukumo:<pool>.<volume uid>`.
+    pub iqn: String,
+    /// Logical unit number.
+    pub lun: u32,
 }
 
 /// Where a volume's data lives.

@@ -152,7 +152,7 @@ pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
             .any(|w| w.serial == x.serial && w.target == x.target)
         {
             ops.push(DomainOp::DetachDisk {
-                xml: disk_xml(&x.path, &x.target, &x.serial, false),
+                xml: disk_xml(&x.path, x.iscsi.as_ref(), &x.target, &x.serial, false),
             });
         }
     }
@@ -173,7 +173,7 @@ pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
                     continue; // its target is still being released
                 }
                 ops.push(DomainOp::AttachDisk {
-                    xml: disk_xml(&w.path, &w.target, &w.serial, w.read_only),
+                    xml: disk_xml(&w.path, w.iscsi.as_ref(), &w.target, &w.serial, w.read_only),
                 })
             }
         }
@@ -352,6 +352,7 @@ mod tests {
             read_only: false,
             serial: serial.into(),
             path: format!("/p/{serial}.qcow2"),
+            iscsi: None,
             bytes,
         }
     }
@@ -367,6 +368,7 @@ mod tests {
                         serial: s.to_string(),
                         target: t.to_string(),
                         path: format!("/p/{s}.qcow2"),
+                        iscsi: None,
                         bytes: *b,
                     })
                     .collect(),

@@ -7,6 +7,7 @@
 //! nothing changed redefines nothing.
 
 use std::path::{Path, PathBuf};
+use yukumo_api::volume::IscsiTarget;
 
 use sha2::{Digest, Sha256};
 use yukumo_api::virtualnode::VirtualNode;
@@ -72,12 +73,35 @@ fn nic(vn: &VirtualNode) -> String {
     )
 }
 
-/// The XML of a volume disk: the Volume's file, its persisted target, and
-/// its uid as the serial the guest sees (`/sys/block/<dev>/serial`).
-pub fn disk_xml(path: &str, target: &str, serial: &str, read_only: bool) -> String {
+/// The XML of a volume disk: the Volume's file (or its iSCSI logical
+/// unit, reached by QEMU's own initiator), its persisted target, and its
+/// uid as the serial the guest sees (`/sys/block/<dev>/serial`).
+pub fn disk_xml(
+    path: &str,
+    iscsi: Option<&IscsiTarget>,
+    target: &str,
+    serial: &str,
+    read_only: bool,
+) -> String {
+    let (kind, driver, source) = match iscsi {
+        Some(t) => {
+            let (host, port) = t.portal.rsplit_once(':').unwrap_or((&t.portal, "3260"));
+            (
+                "network",
+                "raw",
+                format!(
+                    "<source protocol='iscsi' name='{}/{}'>\n        <host name='{}' port='{}'/>\n      </source>",
+                    esc(&t.iqn),
+                    t.lun,
+                    esc(host),
+                    esc(port)
+                ),
+            )
+        }
+        None => ("file", "qcow2", format!("<source file='{}'/>", esc(path))),
+    };
     format!(
-        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n      <serial>{}</serial>\n{}    </disk>\n",
-        esc(path),
+        "    <disk type='{kind}' device='disk'>\n      <driver name='qemu' type='{driver}'/>\n      {source}\n      <target dev='{}' bus='virtio'/>\n      <serial>{}</serial>\n{}    </disk>\n",
         esc(target),
         esc(serial),
         if read_only { "      <readonly/>\n" } else { "" }
@@ -91,6 +115,8 @@ pub struct DiskSeen {
     pub serial: String,
     pub target: String,
     pub path: String,
+    /// The iSCSI logical unit of a network disk.
+    pub iscsi: Option<IscsiTarget>,
     /// The size the guest sees (running domains; 0 when not read).
     pub bytes: u64,
 }
@@ -143,6 +169,22 @@ pub fn disks_in(xml: &str) -> Vec<DiskSeen> {
                 .and_then(|t| attr(t, "file"))
                 .map(|p| unesc(&p))
                 .unwrap_or_default(),
+            iscsi: tag("source")
+                .filter(|t| attr(t, "protocol").as_deref() == Some("iscsi"))
+                .and_then(|t| {
+                    let name = unesc(&attr(t, "name")?);
+                    let (iqn, lun) = name.rsplit_once('/').unwrap_or((&name, "0"));
+                    let h = tag("host")?;
+                    Some(IscsiTarget {
+                        portal: format!(
+                            "{}:{}",
+                            unesc(&attr(h, "name")?),
+                            attr(h, "port").unwrap_or_else(|| "3260".into())
+                        ),
+                        iqn: iqn.to_string(),
+                        lun: lun.parse().unwrap_or(0),
+                    })
+                }),
             bytes: 0,
         });
     }
@@ -199,7 +241,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
             .spec
             .disks
             .iter()
-            .map(|d| disk_xml(&d.path, &d.target, &d.serial, d.read_only))
+            .map(|d| disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only))
             .collect::<String>(),
     );
     let hash = {
@@ -299,8 +341,23 @@ mod tests {
             read_only: false,
             serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
             path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
+            iscsi: None,
             bytes: 1 << 26,
         }];
+        let san = IscsiTarget {
+            portal: "10.255.0.1:3260".into(),
+            iqn: "iqn.2026-12.io.yukumo:san.9a1c7e4a-0000-4000-8000-00000000000a".into(),
+            lun: 1,
+        };
+        node.spec.disks.push(yukumo_api::virtualnode::NodeDisk {
+            volume: "shared".into(),
+            target: "vdd".into(),
+            read_only: false,
+            serial: "9a1c7e4a-0000-4000-8000-00000000000a".into(),
+            path: String::new(),
+            iscsi: Some(san.clone()),
+            bytes: 1 << 26,
+        });
         let p = NodePaths::new(Path::new("/s"), "u");
         let (xml, h) = render(&node, &p, "qemu");
         assert_ne!(
@@ -310,12 +367,22 @@ mod tests {
         );
         assert_eq!(
             disks_in(&xml),
-            vec![DiskSeen {
-                serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
-                target: "vdc".into(),
-                path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
-                bytes: 0
-            }]
+            vec![
+                DiskSeen {
+                    serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
+                    target: "vdc".into(),
+                    path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
+                    iscsi: None,
+                    bytes: 0
+                },
+                DiskSeen {
+                    serial: "9a1c7e4a-0000-4000-8000-00000000000a".into(),
+                    target: "vdd".into(),
+                    path: String::new(),
+                    iscsi: Some(san),
+                    bytes: 0
+                }
+            ]
         );
         // libvirt writes double quotes and other attributes.
         let live = r#"<disk type="file" device="disk"><driver name="qemu" type="qcow2"/><source file="/a&amp;b" index="1"/><backingStore/><target dev="vdd" bus="virtio"/><serial>s1</serial><alias name="virtio-disk3"/></disk><disk type="file"><target dev="vda"/></disk>"#;
@@ -325,6 +392,7 @@ mod tests {
                 serial: "s1".into(),
                 target: "vdd".into(),
                 path: "/a&b".into(),
+                iscsi: None,
                 bytes: 0
             }]
         );

@@ -320,7 +320,15 @@ impl Domains for FakeDomains {
                     let kept: String = disks_in(&x.live)
                         .into_iter()
                         .filter(|o| o.target != gone.target)
-                        .map(|o| super::domain::disk_xml(&o.path, &o.target, &o.serial, false))
+                        .map(|o| {
+                            super::domain::disk_xml(
+                                &o.path,
+                                o.iscsi.as_ref(),
+                                &o.target,
+                                &o.serial,
+                                false,
+                            )
+                        })
                         .collect();
                     let head = x.live.split("<disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>").next().unwrap_or_default().to_string();
                     x.live = format!("{head}{kept}</devices></domain>");

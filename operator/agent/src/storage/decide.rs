@@ -54,15 +54,56 @@ pub enum StorageOp {
     },
 }
 
-/// The file name of a Volume's storage: its uid (the marker that says
-/// yukumo made it, and whose it is).
-pub fn volume_file(uid: &str) -> String {
-    format!("{uid}.qcow2")
+/// The format of a pool's files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    /// qcow2 (`dir` pools: QEMU opens the file).
+    #[default]
+    Qcow2,
+    /// Raw (`iscsi` pools: the target serves the file's bytes).
+    Raw,
 }
 
-/// The file name of a Volume's snapshot: `<uid>@<snapshot>.qcow2`.
-pub fn snapshot_file(uid: &str, snapshot: &str) -> String {
-    format!("{uid}@{snapshot}.qcow2")
+impl Format {
+    pub fn of(pool: yukumo_api::site::PoolType) -> Format {
+        match pool {
+            yukumo_api::site::PoolType::Dir => Format::Qcow2,
+            yukumo_api::site::PoolType::Iscsi => Format::Raw,
+        }
+    }
+
+    /// The file name extension, and libvirt's name of the format.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// The format of a file, by its name.
+    pub fn of_file(name: &str) -> Format {
+        if name.ends_with(".raw") {
+            Format::Raw
+        } else {
+            Format::Qcow2
+        }
+    }
+}
+
+fn strip_ext(name: &str) -> Option<&str> {
+    name.strip_suffix(".qcow2")
+        .or_else(|| name.strip_suffix(".raw"))
+}
+
+/// The file name of a Volume's storage: its uid (the marker that says
+/// yukumo made it, and whose it is).
+pub fn volume_file(uid: &str, fmt: Format) -> String {
+    format!("{uid}.{}", fmt.ext())
+}
+
+/// The file name of a Volume's snapshot: `<uid>@<snapshot>.<ext>`.
+pub fn snapshot_file(uid: &str, snapshot: &str, fmt: Format) -> String {
+    format!("{uid}@{snapshot}.{}", fmt.ext())
 }
 
 /// The snapshots of `uid` the pool holds: (snapshot name, file name).
@@ -71,7 +112,7 @@ pub fn snapshots_of<'a>(seen: &'a PoolSeen, uid: &str) -> Vec<(&'a str, &'a str)
     seen.volumes
         .keys()
         .filter_map(|n| {
-            let snap = n.strip_prefix(&prefix)?.strip_suffix(".qcow2")?;
+            let snap = strip_ext(n.strip_prefix(&prefix)?)?;
             Some((snap, n.as_str()))
         })
         .collect()
@@ -80,7 +121,7 @@ pub fn snapshots_of<'a>(seen: &'a PoolSeen, uid: &str) -> Vec<(&'a str, &'a str)
 /// The uid a yukumo volume or snapshot file belongs to; `None` for any
 /// other file.
 pub fn file_uid(name: &str) -> Option<&str> {
-    let base = name.strip_suffix(".qcow2")?;
+    let base = strip_ext(name)?;
     let uid = base.split_once('@').map_or(base, |(u, _)| u);
     let ok = uid.len() == 36
         && uid.chars().enumerate().all(|(i, c)| {
@@ -109,6 +150,11 @@ pub struct VolumeWant {
     /// A new volume's content: this verified image (path in the image
     /// cache, virtual size).
     pub image: Option<(std::path::PathBuf, u64)>,
+    /// The pool's file format.
+    pub format: Format,
+    /// A running guest uses the volume through its iSCSI target (a
+    /// consistent snapshot waits for it to let go).
+    pub in_use: bool,
 }
 
 /// Why a Volume's storage cannot be made as asked.
@@ -127,6 +173,10 @@ pub enum Refused {
     Shrink { held: u64, wanted: u64 },
     #[error("spec.restoreFrom: restoring from snapshot {0:?} waits until no node holds the volume")]
     RestoreWhileAttached(String),
+    #[error(
+        "spec.snapshots: snapshot {0:?} waits while a running guest uses the volume; it is taken once the volume is detached or its node is stopped"
+    )]
+    SnapshotInUse(String),
     #[error("{field}: snapshot file {file} does not exist in the pool")]
     NoSnapshot { field: &'static str, file: String },
     #[error("spec.size: the image holds {image} bytes, more than spec.size ({wanted})")]
@@ -140,6 +190,7 @@ impl Refused {
             Refused::NoSpace { .. } => yukumo_api::Reason::InsufficientPoolSpace,
             Refused::Shrink { .. } => yukumo_api::Reason::StorageFailed,
             Refused::RestoreWhileAttached(_) => yukumo_api::Reason::RestorePending,
+            Refused::SnapshotInUse(_) => yukumo_api::Reason::SnapshotPending,
             Refused::NoSnapshot { .. } => yukumo_api::Reason::SnapshotNotFound,
             Refused::ImageTooBig { .. } => yukumo_api::Reason::InvalidSize,
         }
@@ -162,7 +213,7 @@ pub fn volume_ops(
             path: path.to_string(),
         });
     }
-    let name = volume_file(&want.uid);
+    let name = volume_file(&want.uid, want.format);
     let held = seen.volumes.get(&name);
     if want.delete {
         if held.is_some() {
@@ -222,7 +273,7 @@ pub fn volume_ops(
             ops.push(StorageOp::Delete { name: name.clone() });
         }
         copy(
-            &snapshot_file(&want.uid, snap),
+            &snapshot_file(&want.uid, snap, want.format),
             "spec.restoreFrom",
             &mut ops,
         )?;
@@ -279,12 +330,17 @@ pub fn volume_ops(
     }
     // Snapshots: retention is the list.
     let have = snapshots_of(seen, &want.uid);
+    let mut waiting = None;
     for s in &want.snapshots {
         if !have.iter().any(|(n, _)| n == s) {
+            if want.in_use {
+                waiting.get_or_insert(s.clone());
+                continue;
+            }
             fits(want.bytes)?;
             ops.push(StorageOp::Clone {
                 from: name.clone(),
-                name: snapshot_file(&want.uid, s),
+                name: snapshot_file(&want.uid, s, want.format),
             });
         }
     }
@@ -295,16 +351,20 @@ pub fn volume_ops(
             });
         }
     }
-    Ok(ops)
+    match waiting {
+        Some(s) if ops.is_empty() => Err(Refused::SnapshotInUse(s)),
+        _ => Ok(ops),
+    }
 }
 
 /// The backing to report once the ops are done (from a fresh observation).
 pub fn backing(
     seen: &PoolSeen,
     uid: &str,
+    fmt: Format,
     error: Option<(yukumo_api::Reason, String)>,
 ) -> Option<VolumeBacking> {
-    let v = seen.volumes.get(&volume_file(uid));
+    let v = seen.volumes.get(&volume_file(uid, fmt));
     if v.is_none() && error.is_none() {
         return None;
     }
@@ -314,6 +374,7 @@ pub fn backing(
         allocation_bytes: v.map_or(0, |v| v.allocation),
         reason: error.as_ref().map(|e| e.0.clone()),
         error: error.map(|e| e.1),
+        iscsi: None,
     })
 }
 
@@ -365,7 +426,7 @@ mod tests {
 
     #[test]
     fn creates_grows_and_never_shrinks() {
-        let f = volume_file(UID);
+        let f = volume_file(UID, Format::Qcow2);
         assert_eq!(
             volume_ops("d", "/p", &pool(100, &[]), &want(10), 0).unwrap(),
             vec![StorageOp::Create {
@@ -416,7 +477,7 @@ mod tests {
             vec![
                 StorageOp::EnsurePool { path: "/p".into() },
                 StorageOp::Create {
-                    name: volume_file(UID),
+                    name: volume_file(UID, Format::Qcow2),
                     bytes: 10
                 }
             ]
@@ -430,34 +491,45 @@ mod tests {
             vec![]
         );
         assert_eq!(
-            volume_ops("d", "/p", &pool(100, &[(&volume_file(UID), 10)]), &del, 0).unwrap(),
+            volume_ops(
+                "d",
+                "/p",
+                &pool(100, &[(&volume_file(UID, Format::Qcow2), 10)]),
+                &del,
+                0
+            )
+            .unwrap(),
             vec![StorageOp::Delete {
-                name: volume_file(UID)
+                name: volume_file(UID, Format::Qcow2)
             }]
         );
     }
 
     #[test]
     fn snapshots_follow_the_list_and_restore_waits_for_detach() {
-        let f = volume_file(UID);
-        let s1 = snapshot_file(UID, "s1");
+        let f = volume_file(UID, Format::Qcow2);
+        let s1 = snapshot_file(UID, "s1", Format::Qcow2);
         let w = VolumeWant {
             snapshots: vec!["s1".into(), "s2".into()],
             ..want(10)
         };
         let seen = pool(
             100,
-            &[(&f, 10), (&s1, 10), (&snapshot_file(UID, "old"), 10)],
+            &[
+                (&f, 10),
+                (&s1, 10),
+                (&snapshot_file(UID, "old", Format::Qcow2), 10),
+            ],
         );
         assert_eq!(
             volume_ops("d", "/p", &seen, &w, 30).unwrap(),
             vec![
                 StorageOp::Clone {
                     from: f.clone(),
-                    name: snapshot_file(UID, "s2")
+                    name: snapshot_file(UID, "s2", Format::Qcow2)
                 },
                 StorageOp::Delete {
-                    name: snapshot_file(UID, "old")
+                    name: snapshot_file(UID, "old", Format::Qcow2)
                 }
             ]
         );
@@ -508,11 +580,11 @@ mod tests {
             volume_ops("d", "/p", &pool(100, &[(&s1, 10)]), &seeded, 10).unwrap(),
             vec![StorageOp::Clone {
                 from: s1.clone(),
-                name: volume_file(other)
+                name: volume_file(other, Format::Qcow2)
             }]
         );
         let missing = VolumeWant {
-            seed: Some(snapshot_file(UID, "nope")),
+            seed: Some(snapshot_file(UID, "nope", Format::Qcow2)),
             ..seeded
         };
         assert!(matches!(
@@ -534,10 +606,10 @@ mod tests {
                 StorageOp::CopyImage {
                     image: "/img/sha256-x".into(),
                     bytes: 4,
-                    name: volume_file(other)
+                    name: volume_file(other, Format::Qcow2)
                 },
                 StorageOp::Grow {
-                    name: volume_file(other),
+                    name: volume_file(other, Format::Qcow2),
                     bytes: 10
                 }
             ]
@@ -568,19 +640,63 @@ mod tests {
     }
 
     #[test]
+    fn raw_volumes_of_an_iscsi_pool_snapshot_only_while_no_guest_uses_them() {
+        let raw = |snaps: &[&str], in_use: bool| VolumeWant {
+            format: Format::Raw,
+            in_use,
+            snapshots: snaps.iter().map(|s| s.to_string()).collect(),
+            ..want(10)
+        };
+        let f = volume_file(UID, Format::Raw);
+        assert!(f.ends_with(".raw"));
+        assert_eq!(file_uid(&f), Some(UID));
+        assert_eq!(
+            volume_ops("san", "/p", &pool(100, &[]), &raw(&[], false), 0).unwrap(),
+            vec![StorageOp::Create {
+                name: f.clone(),
+                bytes: 10
+            }]
+        );
+        let seen = pool(100, &[(&f, 10)]);
+        // In use: the snapshot waits, with a reason saying why.
+        let e = volume_ops("san", "/p", &seen, &raw(&["s1"], true), 10).unwrap_err();
+        assert_eq!(e.reason(), yukumo_api::Reason::SnapshotPending);
+        // ...but a grow asked meanwhile is not held back by it.
+        let mut grow = raw(&["s1"], true);
+        grow.bytes = 20;
+        assert_eq!(
+            volume_ops("san", "/p", &seen, &grow, 10).unwrap(),
+            vec![StorageOp::Grow {
+                name: f.clone(),
+                bytes: 20
+            }]
+        );
+        assert_eq!(
+            volume_ops("san", "/p", &seen, &raw(&["s1"], false), 10).unwrap(),
+            vec![StorageOp::Clone {
+                from: f,
+                name: snapshot_file(UID, "s1", Format::Raw)
+            }]
+        );
+    }
+
+    #[test]
     fn orphans_are_marked_files_without_a_volume() {
         let other = "6f1c7e4a-0000-4000-8000-000000000002";
         let seen = pool(
             100,
             &[
-                (&volume_file(UID), 1),
-                (&volume_file(other), 1),
+                (&volume_file(UID, Format::Qcow2), 1),
+                (&volume_file(other, Format::Qcow2), 1),
                 ("notes.txt", 1),
                 ("x.qcow2", 1),
             ],
         );
         let known = [UID.to_string()].into_iter().collect();
-        assert_eq!(orphans(&seen, &known), vec![volume_file(other)]);
+        assert_eq!(
+            orphans(&seen, &known),
+            vec![volume_file(other, Format::Qcow2)]
+        );
         assert_eq!(file_uid("6F1C7E4A-0000-4000-8000-00000000000.qcow2"), None);
     }
 }

@@ -10,3 +10,4 @@
 pub mod decide;
 pub mod pools;
 pub mod reconcile;
+pub mod targets;

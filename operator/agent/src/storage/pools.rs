@@ -119,8 +119,9 @@ impl Pools for Hypervisor {
                 StorageOp::Create { name, bytes } => {
                     let p = StoragePool::lookup_by_name(c, &lname)?;
                     let xml = format!(
-                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><allocation unit='bytes'>0</allocation><target><format type='qcow2'/><compat>1.1</compat><permissions><mode>0600</mode></permissions></target></volume>",
-                        esc(&name)
+                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><allocation unit='bytes'>0</allocation><target>{}<permissions><mode>0600</mode></permissions></target></volume>",
+                        esc(&name),
+                        format_xml(&name)
                     );
                     StorageVol::create_xml(&p, &xml, 0)?;
                 }
@@ -171,6 +172,15 @@ impl Pools for Hypervisor {
     }
 }
 
+/// A new file's format, by its name: qcow2 in the current format (compat
+/// 1.1; libvirt's default is 0.10), or raw.
+fn format_xml(name: &str) -> String {
+    match super::decide::Format::of_file(name) {
+        super::decide::Format::Qcow2 => "<format type='qcow2'/><compat>1.1</compat>".into(),
+        super::decide::Format::Raw => "<format type='raw'/>".into(),
+    }
+}
+
 /// The libvirt pool over the agent's image cache (volumes are copied from it).
 const IMAGES_POOL: &str = "yk-images";
 
@@ -179,8 +189,9 @@ const IMAGES_POOL: &str = "yk-images";
 fn copy_volume(p: &StoragePool, src: &StorageVol, name: &str) -> Result<(), virt::error::Error> {
     let cap = src.get_info()?.capacity;
     let xml = format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target><format type='qcow2'/><compat>1.1</compat><permissions><mode>0600</mode></permissions></target></volume>",
-        esc(name)
+        "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target>{}<permissions><mode>0600</mode></permissions></target></volume>",
+        esc(name),
+        format_xml(name)
     );
     if let Err(e) = StorageVol::create_xml_from(p, &xml, src, 0) {
         if let Ok(v) = StorageVol::lookup_by_name(p, name) {
@@ -308,9 +319,14 @@ mod tests {
                 volume_ops("t", "/yk-test-pool", &seen, &want, 0).unwrap(),
                 vec![]
             );
-            last = crate::storage::decide::backing(&seen, uid, None)
-                .unwrap()
-                .capacity_bytes;
+            last = crate::storage::decide::backing(
+                &seen,
+                uid,
+                crate::storage::decide::Format::Qcow2,
+                None,
+            )
+            .unwrap()
+            .capacity_bytes;
             assert_eq!(last, bytes);
         }
         assert_eq!(last, 64 << 20);
@@ -330,7 +346,12 @@ mod tests {
             crate::storage::decide::snapshots_of(&seen, uid),
             vec![(
                 "s1",
-                crate::storage::decide::snapshot_file(uid, "s1").as_str()
+                crate::storage::decide::snapshot_file(
+                    uid,
+                    "s1",
+                    crate::storage::decide::Format::Qcow2
+                )
+                .as_str()
             )]
         );
         let del = VolumeWant {
@@ -368,9 +389,14 @@ mod tests {
             let seen = pools.observe("d").await.unwrap();
             assert_eq!(volume_ops("d", "/p", &seen, &want, bytes).unwrap(), vec![]);
             assert_eq!(
-                crate::storage::decide::backing(&seen, uid, None)
-                    .unwrap()
-                    .capacity_bytes,
+                crate::storage::decide::backing(
+                    &seen,
+                    uid,
+                    crate::storage::decide::Format::Qcow2,
+                    None
+                )
+                .unwrap()
+                .capacity_bytes,
                 bytes
             );
         }

@@ -31,6 +31,7 @@ use yukumo_api::{Reason, finalizers, labels, managers};
 
 use super::decide::{self, VolumeWant};
 use super::pools::Pools;
+use super::targets::{self, Targets};
 use crate::hypervisor::HypervisorError;
 use crate::register::{Metrics, OpLabel};
 
@@ -42,11 +43,30 @@ pub enum Error {
     Hypervisor(#[from] HypervisorError),
 }
 
-pub struct StorageCtx<P: Pools> {
+/// The underlay addresses of this Site's hosts: the initiators an `iscsi`
+/// pool's targets admit.
+async fn site_initiators(client: &Client, site: &str) -> Result<Vec<String>, kube::Error> {
+    let mut acl: Vec<String> = Api::<Host>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|h| h.spec.site == site)
+        .flat_map(|h| h.status.map(|s| s.addresses).unwrap_or_default())
+        .map(|a| a.to_string())
+        .collect();
+    acl.sort();
+    acl.dedup();
+    Ok(acl)
+}
+
+pub struct StorageCtx<P: Pools, T: Targets> {
     pub client: Client,
     pub host: String,
     pub site: String,
     pub pools: P,
+    /// The host's iSCSI target (`iscsi` pools).
+    pub targets: T,
     pub state_dir: PathBuf,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -58,10 +78,12 @@ pub struct StorageCtx<P: Pools> {
     pub images: crate::compute::images::ImageCache,
 }
 
-impl<P: Pools> StorageCtx<P> {
+impl<P: Pools, T: Targets> StorageCtx<P, T> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         pools: P,
+        targets: T,
         host: &str,
         site: &str,
         state_dir: PathBuf,
@@ -78,6 +100,7 @@ impl<P: Pools> StorageCtx<P> {
             host: host.into(),
             site: site.into(),
             pools,
+            targets,
             state_dir,
             metrics,
             reported: Default::default(),
@@ -170,6 +193,7 @@ async fn seed(
     vol: &Volume,
     pool: &str,
     host: &str,
+    fmt: decide::Format,
 ) -> Result<Option<String>, (Reason, String)> {
     let Some(src) = vol.spec.source.as_ref().and_then(|s| s.snapshot.as_ref()) else {
         return Ok(None);
@@ -201,12 +225,13 @@ async fn seed(
     Ok(Some(decide::snapshot_file(
         from.metadata.uid.as_deref().unwrap_or_default(),
         &src.name,
+        fmt,
     )))
 }
 
-pub async fn reconcile<P: Pools>(
+pub async fn reconcile<P: Pools, T: Targets>(
     vol: Arc<Volume>,
-    ctx: Arc<StorageCtx<P>>,
+    ctx: Arc<StorageCtx<P, T>>,
 ) -> Result<Action, Error> {
     let Some(uid) = vol.metadata.uid.clone() else {
         return Ok(Action::await_change());
@@ -241,12 +266,26 @@ pub async fn reconcile<P: Pools>(
     let path = ctx.path(&pool);
     let deleting = vol.metadata.deletion_timestamp.is_some();
     let seen = ctx.pools.observe(&pool.name).await?;
-    let file = decide::volume_file(&uid);
+    let fmt = decide::Format::of(pool.type_);
+    let file = decide::volume_file(&uid, fmt);
+    let iqn = targets::target_iqn(&pool.name, &uid);
     let mut error = None;
+    // An `iscsi` pool's targets: whether a guest uses this one now.
+    let exported = if fmt == decide::Format::Raw {
+        match ctx.targets.observe().await {
+            Ok(t) => t,
+            Err(e) => {
+                error = Some((Reason::StorageFailed, format!("pool {:?}: {e}", pool.name)));
+                vec![]
+            }
+        }
+    } else {
+        vec![]
+    };
     let seed = if seen.volumes.contains_key(&file) {
         None
     } else {
-        match seed(&ctx.client, &vol, &pool.name, &ctx.host).await {
+        match seed(&ctx.client, &vol, &pool.name, &ctx.host, fmt).await {
             Ok(s) => s,
             Err(e) => {
                 error = Some(e);
@@ -303,6 +342,10 @@ pub async fn reconcile<P: Pools>(
         attached: status.attached_to.is_some(),
         seed,
         image: image.as_ref().map(|(c, size)| (c.path.clone(), *size)),
+        format: fmt,
+        in_use: exported
+            .iter()
+            .any(|t| t.iqn == iqn && !t.sessions.is_empty()),
     };
     if want.bytes == 0 && !want.delete {
         return Ok(Action::await_change());
@@ -319,6 +362,21 @@ pub async fn reconcile<P: Pools>(
             requeue = Duration::from_secs(30);
         }
         Ok(ops) => {
+            // The file of an exported volume is replaced or removed: its
+            // target goes first (tgt would serve the old file), and is
+            // added again below if the volume stays.
+            let replaced = ops
+                .iter()
+                .any(|op| matches!(op, decide::StorageOp::Delete { name } if name == &file));
+            let mut ops = ops;
+            if fmt == decide::Format::Raw && (want.delete || replaced) {
+                for op in targets::export_ops(&exported, &iqn, None) {
+                    if let Err(e) = ctx.targets.apply(op).await {
+                        error = Some((Reason::StorageFailed, format!("iSCSI target: {e}")));
+                        ops.clear();
+                    }
+                }
+            }
             for op in ops {
                 let label = match &op {
                     decide::StorageOp::EnsurePool { .. } => "pool",
@@ -379,7 +437,20 @@ pub async fn reconcile<P: Pools>(
         }
         requeue = Duration::from_secs(5);
     }
-    let backing = decide::backing(&seen, &uid, error);
+    let mut backing = decide::backing(&seen, &uid, fmt, error);
+    if fmt == decide::Format::Raw
+        && !want.delete
+        && let Some(b) = backing.as_mut().filter(|b| !b.path.is_empty())
+    {
+        match export(&*ctx, &iqn, b).await {
+            Ok(()) => {}
+            Err(e) => {
+                b.reason.get_or_insert(Reason::StorageFailed);
+                b.error.get_or_insert(format!("iSCSI target: {e}"));
+                requeue = requeue.min(Duration::from_secs(10));
+            }
+        }
+    }
     if backing
         .as_ref()
         .is_some_and(|b| b.capacity_bytes != want.bytes)
@@ -428,6 +499,38 @@ pub async fn reconcile<P: Pools>(
     Ok(Action::requeue(requeue))
 }
 
+/// Export a volume's file as its iSCSI target, at its current size, to
+/// the Site's hosts; `b.iscsi` says where once it is.
+async fn export<P: Pools, T: Targets>(
+    ctx: &StorageCtx<P, T>,
+    iqn: &str,
+    b: &mut VolumeBacking,
+) -> Result<(), String> {
+    let portal = ctx
+        .targets
+        .portal()
+        .ok_or_else(|| targets::TargetError::NotConfigured.to_string())?;
+    let want = targets::Export {
+        iqn: iqn.to_string(),
+        path: b.path.clone(),
+        bytes: b.capacity_bytes,
+        acl: site_initiators(&ctx.client, &ctx.site)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    let seen = ctx.targets.observe().await.map_err(|e| e.to_string())?;
+    for op in targets::export_ops(&seen, iqn, Some(&want)) {
+        tracing::info!(?op, "iSCSI target changed");
+        ctx.targets.apply(op).await.map_err(|e| e.to_string())?;
+    }
+    b.iscsi = Some(yukumo_api::volume::IscsiTarget {
+        portal,
+        iqn: iqn.to_string(),
+        lun: 1,
+    });
+    Ok(())
+}
+
 async fn release_finalizer(client: &Client, vol: &Volume) -> Result<(), Error> {
     let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
     if crate::finalizer::release(&api, vol, finalizers::STORAGE_CLEANUP).await? {
@@ -436,14 +539,18 @@ async fn release_finalizer(client: &Client, vol: &Volume) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn error_policy<P: Pools>(vol: Arc<Volume>, err: &Error, _ctx: Arc<StorageCtx<P>>) -> Action {
+pub fn error_policy<P: Pools, T: Targets>(
+    vol: Arc<Volume>,
+    err: &Error,
+    _ctx: Arc<StorageCtx<P, T>>,
+) -> Action {
     tracing::warn!(volume = %vol.name_any(), error = %err, "storage reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
 /// One report: every pool of this host into the Host's status, and the
 /// files that carry yukumo's marker but have no Volume.
-async fn report<P: Pools>(ctx: &StorageCtx<P>) -> Result<(), Error> {
+async fn report<P: Pools, T: Targets>(ctx: &StorageCtx<P, T>) -> Result<(), Error> {
     let Some(site) = ctx.site().await? else {
         return Ok(());
     };
@@ -578,8 +685,8 @@ fn pools_changed(old: &[PoolStatus], new: &[PoolStatus]) -> bool {
 }
 
 /// The Volume reconciler and the pool report, until shutdown.
-pub async fn run<P: Pools>(
-    ctx: Arc<StorageCtx<P>>,
+pub async fn run<P: Pools, T: Targets>(
+    ctx: Arc<StorageCtx<P, T>>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use kube::ResourceExt;
 use yukumo_api::Reason;
 use yukumo_api::quantity::parse_quantity;
-use yukumo_api::site::{PoolType, Site};
+use yukumo_api::site::Site;
 use yukumo_api::virtualcluster::{VirtualClusterSpec, VolumeAttachment};
 use yukumo_api::virtualnode::{NodeDisk, VirtualNode};
 use yukumo_api::volume::{Volume, VolumeAttachmentStatus};
@@ -209,7 +209,24 @@ pub fn plan(
             .iter()
             .find(|s| s.name_any() == loc.site)
             .and_then(|s| s.spec.storage_pool(&loc.pool))
-            .is_none_or(|p| p.type_ == PoolType::Dir);
+            .is_none_or(|p| !p.type_.networked());
+        // A network volume is reached at its target once exported; a disk
+        // the node holds keeps the target it was attached with.
+        let iscsi = match (dir, &backing.iscsi, &kept) {
+            (true, _, _) => None,
+            (false, _, Some(d)) if d.iscsi.is_some() => d.iscsi.clone(),
+            (false, Some(t), _) => Some(t.clone()),
+            (false, None, _) => {
+                wait(
+                    Reason::VolumeNotReady,
+                    format!(
+                        "Volume {:?} is not exported by its pool's host yet",
+                        att.name
+                    ),
+                );
+                continue;
+            }
+        };
         let nv = out.nodes.entry(node.clone()).or_default();
         if dir {
             if let Some(n) = existing
@@ -289,7 +306,12 @@ pub fn plan(
             target,
             read_only: att.read_only,
             serial: uid,
-            path: backing.path.clone(),
+            path: if dir {
+                backing.path.clone()
+            } else {
+                String::new()
+            },
+            iscsi,
             bytes,
         });
     }
