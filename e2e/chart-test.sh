@@ -23,6 +23,7 @@ check "renders 6 CRDs" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$re
 check "CRDs are kept on uninstall" test "$(grep -c 'helm.sh/resource-policy: keep' <<<"$render")" -eq 6
 check "renders the controller Deployment with 2 replicas" grep -q 'replicas: 2' <<<"$render"
 check "renders the agent DaemonSet" grep -q '^kind: DaemonSet' <<<"$render"
+check "ships the user roles, aggregated into view/edit/admin" test "$(grep -c "rbac.authorization.k8s.io/aggregate-to-" <<<"$render")" -eq 6
 check "controller runs as non-root with no capabilities" grep -q 'runAsNonRoot: true' <<<"$render"
 norender=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set crds.install=false)
 check "crds.install=false renders no CRD" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$norender" || true)" -eq 0

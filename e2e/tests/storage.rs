@@ -463,6 +463,69 @@ fn bad_volume_specs_and_other_tenants_volumes_are_refused_clearly() {
     let env = Env::get();
     env.apply(&namespace("team-a"));
     env.apply(&namespace("team-b"));
+    // A team-b user (the built-in `edit` role, which the chart's
+    // yukumo-edit/-view aggregate into) works with Volumes in team-b only,
+    // and never writes VirtualNodes.
+    env.kubectl_ok(&[
+        "-n",
+        "team-b",
+        "create",
+        "rolebinding",
+        "team-b-edit",
+        "--clusterrole=edit",
+        "--user=bob",
+    ])
+    .unwrap();
+    let can = |verb: &str, what: &str, ns: &str| {
+        wait_for(Duration::from_secs(30), "aggregated roles", || {
+            // `what` may carry `--subresource=status`.
+            let mut args = vec!["auth", "can-i", verb];
+            args.extend(what.split_whitespace());
+            args.extend(["-n", ns, "--as", "bob"]);
+            let out = env.kubectl(&args);
+            Ok::<_, String>(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+        .unwrap()
+        .0
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "edit aggregates yukumo-edit",
+        || match can("create", "volumes.yukumo.io", "team-b").as_str() {
+            "yes" => Ok(()),
+            o => Err(o.to_string()),
+        },
+    )
+    .unwrap();
+    for (verb, what, ns, want) in [
+        ("list", "volumes.yukumo.io", "team-b", "yes"),
+        ("get", "volumes.yukumo.io", "team-b", "yes"),
+        ("create", "virtualclusters.yukumo.io", "team-b", "yes"),
+        ("list", "volumes.yukumo.io", "team-a", "no"),
+        ("get", "volumes.yukumo.io", "team-a", "no"),
+        ("create", "virtualnodes.yukumo.io", "team-b", "no"),
+        (
+            "patch",
+            "volumes.yukumo.io --subresource=status",
+            "team-b",
+            "no",
+        ),
+        (
+            "patch",
+            "virtualclusters.yukumo.io --subresource=status",
+            "team-b",
+            "no",
+        ),
+        ("get", "virtualnodes.yukumo.io", "team-b", "yes"),
+        ("patch", "hosts.yukumo.io", "", "no"),
+    ] {
+        let ns = if ns.is_empty() { "default" } else { ns };
+        assert_eq!(
+            can(verb, what, ns),
+            want,
+            "bob: can-i {verb} {what} -n {ns}"
+        );
+    }
     // Refused by the API server, naming the field.
     let out = env.kubectl_stdin(&["apply", "-f", "-"], &volume("team-a", "bad", "lots"));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1159,27 +1222,16 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
         took.as_secs_f64()
     );
 
-    // The node's host is lost (agent, libvirtd and the guest's QEMU die, as
-    // in a power loss): the node restarts on the remaining host, with the
-    // volume and its data.
+    // The node's host is lost: its agent and libvirtd die, its guest keeps
+    // running (a host cut off, not powered off). The node restarts on the
+    // remaining host, with the volume and its data, and the target fences
+    // the host it left.
     env.set_site_grace(6);
-    let qemu_pids: Vec<String> = std::fs::read_dir(env.dir.join(format!("hosts/{host}/run/qemu")))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".pid"))
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let old_sock = sock.clone();
     env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
         .unwrap();
     env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
         .unwrap();
-    for p in &qemu_pids {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", p.trim()])
-            .status();
-    }
     let ((new_uid, new_host), took) = wait_for(
         Duration::from_secs(180),
         "node running on another host",
@@ -1215,6 +1267,34 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
     assert_eq!(again, sum, "the data followed the node");
     let vol = get(&env, ns, &["volume", "shared"]);
     assert_eq!(vol["status"]["attachedTo"]["node"], "vc-frontend");
+    assert_eq!(vol["status"]["attachedTo"]["host"], new_host.as_str());
+    // Fenced: the target admits only the new host, and the old host's
+    // session is gone; the old guest's writes never reach the volume.
+    let addr = |h: &str| format!("10.255.0.{}", &h["host-".len()..]);
+    let targets = host1_targets(&env);
+    let acl = targets
+        .rsplit_once("ACL information:")
+        .unwrap()
+        .1
+        .trim()
+        .to_string();
+    assert_eq!(acl, addr(&new_host), "{targets}");
+    assert!(
+        !targets.contains(&format!("IP Address: {}", addr(&host))),
+        "no session from {host}: {targets}"
+    );
+    let wrote = guest_sh(
+        &old_sock,
+        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=16 oflag=direct 2>&1; sync",
+        Duration::from_secs(20),
+    );
+    let wrote = wrote.map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string());
+    println!("the fenced guest's write: {wrote:?}");
+    let after = sh(
+        &sock,
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdc bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(after, sum, "the fenced guest changed nothing");
 
     // The host returns (its stale domain is swept); the cluster and the
     // volume go, and nothing of the volume is left on the target or disk.

@@ -245,6 +245,11 @@ pub struct VolumeAttachmentStatus {
     pub node: String,
     /// Disk target in the guest, e.g. `vdb`.
     pub target: String,
+    /// The host the node runs on, once placed: an `iscsi` pool's target
+    /// admits only this host (and ends other hosts' sessions), so a node
+    /// restarted elsewhere fences the host it left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A snapshot that exists.

@@ -43,15 +43,21 @@ pub enum Error {
     Hypervisor(#[from] HypervisorError),
 }
 
-/// The underlay addresses of this Site's hosts: the initiators an `iscsi`
-/// pool's targets admit.
-async fn site_initiators(client: &Client, site: &str) -> Result<Vec<String>, kube::Error> {
+/// The initiators an `iscsi` pool's target admits: the underlay addresses
+/// of the host the holding node runs on, or, while no placed node holds
+/// the volume, of this Site's hosts.
+async fn initiators(
+    client: &Client,
+    site: &str,
+    holder: Option<&str>,
+) -> Result<Vec<String>, kube::Error> {
     let mut acl: Vec<String> = Api::<Host>::all(client.clone())
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
         .filter(|h| h.spec.site == site)
+        .filter(|h| holder.is_none_or(|n| h.metadata.name.as_deref() == Some(n)))
         .flat_map(|h| h.status.map(|s| s.addresses).unwrap_or_default())
         .map(|a| a.to_string())
         .collect();
@@ -442,7 +448,8 @@ pub async fn reconcile<P: Pools, T: Targets>(
         && !want.delete
         && let Some(b) = backing.as_mut().filter(|b| !b.path.is_empty())
     {
-        match export(&*ctx, &iqn, b).await {
+        let holder = status.attached_to.as_ref().and_then(|a| a.host.as_deref());
+        match export(&*ctx, &iqn, holder, b).await {
             Ok(()) => {}
             Err(e) => {
                 b.reason.get_or_insert(Reason::StorageFailed);
@@ -504,6 +511,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
 async fn export<P: Pools, T: Targets>(
     ctx: &StorageCtx<P, T>,
     iqn: &str,
+    holder: Option<&str>,
     b: &mut VolumeBacking,
 ) -> Result<(), String> {
     let portal = ctx
@@ -514,7 +522,7 @@ async fn export<P: Pools, T: Targets>(
         iqn: iqn.to_string(),
         path: b.path.clone(),
         bytes: b.capacity_bytes,
-        acl: site_initiators(&ctx.client, &ctx.site)
+        acl: initiators(&ctx.client, &ctx.site, holder)
             .await
             .map_err(|e| e.to_string())?,
     };

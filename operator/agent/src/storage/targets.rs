@@ -32,10 +32,19 @@ pub struct TargetSeen {
     pub path: Option<String>,
     /// Serial number of logical unit 1.
     pub serial: Option<String>,
-    /// Initiator addresses of its sessions.
-    pub sessions: Vec<String>,
+    /// Its sessions.
+    pub sessions: Vec<Session>,
     /// Initiator addresses allowed to log in.
     pub acl: Vec<String>,
+}
+
+/// A session (I_T nexus) of a target, with one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Session {
+    pub sid: u64,
+    pub cid: u32,
+    /// The initiator's address.
+    pub addr: String,
 }
 
 /// A change of the host's targets.
@@ -64,6 +73,12 @@ pub enum TargetOp {
         tid: u32,
         addr: String,
     },
+    /// End a session's connection (an initiator no longer admitted).
+    Drop {
+        tid: u32,
+        sid: u64,
+        cid: u32,
+    },
     /// Remove the target, ending its sessions.
     Remove {
         tid: u32,
@@ -76,7 +91,8 @@ pub struct Export {
     pub iqn: String,
     pub path: String,
     pub bytes: u64,
-    /// Initiator addresses allowed (the hosts of the Site), sorted.
+    /// Initiator addresses allowed (the holder's host, else the hosts of
+    /// the Site), sorted.
     pub acl: Vec<String>,
 }
 
@@ -123,6 +139,17 @@ pub fn export_ops(seen: &[TargetSeen], iqn: &str, want: Option<&Export>) -> Vec<
             ops.push(TargetOp::Unbind {
                 tid: t.tid,
                 addr: a.clone(),
+            });
+        }
+    }
+    // Fencing: an initiator no longer admitted loses its sessions too (tgt
+    // checks the ACL only at login).
+    for s in &t.sessions {
+        if !want.acl.contains(&s.addr) {
+            ops.push(TargetOp::Drop {
+                tid: t.tid,
+                sid: s.sid,
+                cid: s.cid,
             });
         }
     }
@@ -239,6 +266,21 @@ impl Targets for Tgt {
             }
             TargetOp::Bind { tid, addr } => self.bind(&tid.to_string(), &addr, "bind").await?,
             TargetOp::Unbind { tid, addr } => self.bind(&tid.to_string(), &addr, "unbind").await?,
+            TargetOp::Drop { tid, sid, cid } => {
+                self.tgtadm(&[
+                    "--op",
+                    "delete",
+                    "--mode",
+                    "conn",
+                    "--tid",
+                    &tid.to_string(),
+                    "--sid",
+                    &sid.to_string(),
+                    "--cid",
+                    &cid.to_string(),
+                ])
+                .await?;
+            }
             TargetOp::Remove { tid } => {
                 self.tgtadm(&[
                     "--op",
@@ -329,8 +371,19 @@ pub fn parse_show(out: &str) -> Vec<TargetSeen> {
             "Account information:" | "System information:" => sec = Sec::Other,
             _ => match sec {
                 Sec::Nexus => {
-                    if let Some(a) = l.strip_prefix("IP Address: ") {
-                        t.sessions.push(a.to_string());
+                    if let Some(n) = l.strip_prefix("I_T nexus: ") {
+                        t.sessions.push(Session {
+                            sid: n.parse().unwrap_or(0),
+                            ..Default::default()
+                        });
+                    } else if let (Some(c), Some(s)) =
+                        (l.strip_prefix("Connection: "), t.sessions.last_mut())
+                    {
+                        s.cid = c.parse().unwrap_or(0);
+                    } else if let (Some(a), Some(s)) =
+                        (l.strip_prefix("IP Address: "), t.sessions.last_mut())
+                    {
+                        s.addr = a.to_string();
                     }
                 }
                 Sec::Lun => {
@@ -416,6 +469,10 @@ impl Targets for FakeTargets {
                 let i = find(&mut all, tid)?;
                 all[i].acl.retain(|a| a != &addr);
             }
+            TargetOp::Drop { tid, sid, .. } => {
+                let i = find(&mut all, tid)?;
+                all[i].sessions.retain(|s| s.sid != sid);
+            }
             TargetOp::Remove { tid } => {
                 let i = find(&mut all, tid)?;
                 all.remove(i);
@@ -480,7 +537,11 @@ Target 3: iqn.2026-12.io.yukumo:san.def
                 iqn: "iqn.2026-12.io.yukumo:san.abc".into(),
                 path: Some("/p/abc.raw".into()),
                 serial: Some("yk67108864".into()),
-                sessions: vec!["10.255.0.2".into()],
+                sessions: vec![Session {
+                    sid: 2,
+                    cid: 0,
+                    addr: "10.255.0.2".into()
+                }],
                 acl: vec!["10.255.0.1".into(), "10.255.0.2".into()],
             }
         );
@@ -532,6 +593,12 @@ Target 3: iqn.2026-12.io.yukumo:san.def
         let seen = fake.observe().await.unwrap();
         assert_eq!(seen[1].tid, 2);
         assert_eq!(converge(Some(want.clone())).await, 0, "converged");
+        // A session from 10.255.0.1, which the target stops admitting.
+        fake.targets.lock().unwrap()[1].sessions.push(Session {
+            sid: 7,
+            cid: 0,
+            addr: "10.255.0.1".into(),
+        });
         want.bytes = 128 << 20;
         want.acl = vec!["10.255.0.2".into(), "10.255.0.3".into()];
         let ops = export_ops(&fake.observe().await.unwrap(), &iqn, Some(&want));
@@ -551,9 +618,18 @@ Target 3: iqn.2026-12.io.yukumo:san.def
                     tid: 2,
                     addr: "10.255.0.1".into()
                 },
+                TargetOp::Drop {
+                    tid: 2,
+                    sid: 7,
+                    cid: 0
+                },
             ]
         );
-        assert_eq!(converge(Some(want)).await, 3);
+        assert_eq!(converge(Some(want)).await, 4);
+        assert!(
+            fake.observe().await.unwrap()[1].sessions.is_empty(),
+            "fenced"
+        );
         assert_eq!(converge(None).await, 1);
         assert_eq!(
             fake.observe().await.unwrap().len(),

@@ -247,10 +247,16 @@ async fn write_claims(
             vc,
             EventType::Normal,
             &Reason::VolumeClaimed,
-            format!(
-                "Volume {} claimed for node {} as {}",
-                c.volume, c.attached_to.node, c.attached_to.target
-            ),
+            match &c.attached_to.host {
+                Some(h) => format!(
+                    "Volume {} claimed for node {} as {} on host {h}",
+                    c.volume, c.attached_to.node, c.attached_to.target
+                ),
+                None => format!(
+                    "Volume {} claimed for node {} as {}",
+                    c.volume, c.attached_to.node, c.attached_to.target
+                ),
+            },
         )
         .await;
     }

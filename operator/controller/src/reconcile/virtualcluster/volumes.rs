@@ -296,11 +296,27 @@ pub fn plan(
                         cluster: cluster.to_string(),
                         node: node.clone(),
                         target: t.clone(),
+                        host: existing.and_then(|n| n.spec.host.clone()),
                     },
                 });
                 t
             }
         };
+        // The claim follows the node to its host (an iSCSI target then
+        // admits that host only).
+        if let Some(a) = &claim
+            && let Some(h) = existing.and_then(|n| n.spec.host.clone())
+            && a.host.as_ref() != Some(&h)
+        {
+            out.claims.push(Claim {
+                volume: att.name.clone(),
+                resource_version: vol.resource_version(),
+                attached_to: VolumeAttachmentStatus {
+                    host: Some(h),
+                    ..a.clone()
+                },
+            });
+        }
         nv.disks.push(NodeDisk {
             volume: att.name.clone(),
             target,
