@@ -1,7 +1,10 @@
 //! yukumo-storagebench: the storage part of `make bench` (run by
 //! `e2e/bench.sh` in the environment it starts).
 //!
-//! For each pool type this version implements (`dir`): a Volume is created
+//! For each pool type this version implements (`dir`: pool `default`,
+//! `iscsi`: pool `san`, both of host-1 in `examples/local-site.yaml`; the
+//! iSCSI guest runs wherever it is placed, reaching the target over the
+//! underlay): a Volume is created
 //! (`create_ms`: apply → `Ready`), hot-plugged into a running tiny guest
 //! (`attach_ms`: the cluster's spec names it → the guest sees the disk), and
 //! `blkbench` (e2e/lib/blkbench.c: O_DIRECT, one request at a time, writes
@@ -117,47 +120,57 @@ metadata: {{name: net, namespace: {NS}}}
 spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
 "
     ));
-    let result = run(&env, size_mib, &ops);
-    let _ = env.kubectl(&[
-        "-n",
-        NS,
-        "delete",
-        "vc",
-        "bench",
-        "--wait=true",
-        "--timeout=120s",
-    ]);
-    let _ = env.kubectl(&[
-        "-n",
-        NS,
-        "delete",
-        "volume",
-        "bench",
-        "--wait=true",
-        "--timeout=120s",
-    ]);
+    let mut rows = Vec::new();
+    for (pool, type_) in [("default", "dir"), ("san", "iscsi")] {
+        let result = run(&env, size_mib, &ops, pool, type_);
+        let _ = env.kubectl(&[
+            "-n",
+            NS,
+            "delete",
+            "vc",
+            "bench",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+        let _ = env.kubectl(&[
+            "-n",
+            NS,
+            "delete",
+            "volume",
+            "bench",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+        let mut r = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = env.kubectl(&["delete", "namespace", NS, "--wait=false"]);
+                return Err(e);
+            }
+        };
+        println!("storage ({size_mib} MiB volume, pool type {type_}):");
+        println!(
+            "{:<14} {:>12} {:>12} {:>7}",
+            "op", "guest MB/s", "raw MB/s", "ratio"
+        );
+        for r in &r {
+            println!(
+                "{:<14} {:>12.1} {:>12.1} {:>7.2}",
+                r["op"].as_str().unwrap_or(""),
+                r["guest_mbps"].as_f64().unwrap_or(0.0),
+                r["raw_mbps"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+        if let Some(r) = r.first() {
+            println!(
+                "create_ms {} (apply → Ready), attach_ms {} (spec → the guest sees the disk)",
+                r["create_ms"], r["attach_ms"]
+            );
+        }
+        rows.append(&mut r);
+    }
     let _ = env.kubectl(&["delete", "namespace", NS, "--wait=false"]);
-    let rows = result?;
-    println!("storage ({size_mib} MiB volume, pool type dir):");
-    println!(
-        "{:<14} {:>12} {:>12} {:>7}",
-        "op", "guest MB/s", "raw MB/s", "ratio"
-    );
-    for r in &rows {
-        println!(
-            "{:<14} {:>12.1} {:>12.1} {:>7.2}",
-            r["op"].as_str().unwrap_or(""),
-            r["guest_mbps"].as_f64().unwrap_or(0.0),
-            r["raw_mbps"].as_f64().unwrap_or(0.0),
-            r["ratio"].as_f64().unwrap_or(0.0)
-        );
-    }
-    if let Some(r) = rows.first() {
-        println!(
-            "create_ms {} (apply → Ready), attach_ms {} (spec → the guest sees the disk)",
-            r["create_ms"], r["attach_ms"]
-        );
-    }
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -165,7 +178,7 @@ spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
         &out,
         serde_json::to_string_pretty(&json!({
             "size_mib": size_mib,
-            "note": "guest: blkbench in a TCG tiny guest on the Volume (QEMU's default cache); raw: the same program on the host on a raw file in the same pool folder; O_DIRECT, queue depth 1",
+            "note": "guest: blkbench in a TCG tiny guest on the Volume (dir: a qcow2 file, QEMU's default cache; iscsi: the pool host's tgtd through QEMU's libiscsi over the underlay); raw: the same program on the pool's host on a raw file in the same pool folder; O_DIRECT, queue depth 1",
             "rows": rows,
         }))?,
     )?;
@@ -173,15 +186,18 @@ spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
     Ok(())
 }
 
-fn run(env: &Env, size_mib: u64, ops: &[Op]) -> Result<Vec<Value>> {
+fn run(env: &Env, size_mib: u64, ops: &[Op], pool: &str, type_: &str) -> Result<Vec<Value>> {
     // create_ms: apply → Ready (the agent of the pool's host made the file).
     let t = Instant::now();
     env.apply(&format!(
-        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: bench, namespace: {NS}}}\nspec: {{size: {size_mib}Mi, pool: default}}\n"
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: bench, namespace: {NS}}}\nspec: {{size: {size_mib}Mi, pool: {pool}}}\n"
     ));
     let (vol, _) = poll(Duration::from_secs(120), "volume Ready", || {
-        let v = env.get_json(&["-n", NS, "get", "volume", "bench"]);
-        matches!(condition(&v, "Ready"), Some((s, _, _)) if s == "True").then_some(v)
+        // Absent for a moment after the previous pool's volume went.
+        let o = env.kubectl(&["-n", NS, "get", "volume", "bench", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        let fresh = v["metadata"]["deletionTimestamp"].is_null() && v["spec"]["pool"] == pool;
+        (fresh && matches!(condition(&v, "Ready"), Some((s, _, _)) if s == "True")).then_some(v)
     })?;
     let create_ms = t.elapsed().as_millis() as u64;
     let path = vol["status"]["backing"]["path"]
@@ -252,7 +268,7 @@ fn run(env: &Env, size_mib: u64, ops: &[Op]) -> Result<Vec<Value>> {
         }
         let rawv = mbps(&String::from_utf8_lossy(&o.stdout))?;
         rows.push(json!({
-            "pool": "dir",
+            "pool": type_,
             "op": op.name,
             "block_bytes": op.block,
             "guest_mbps": guest,
