@@ -35,8 +35,9 @@ if [ ! -f "$OUT" ]; then
   # rawsend: a frame as a hostile tenant would send it (tests of the guard).
   gcc -static -Os -s -o "$root/bin/rawsend" "$RAWSEND"
   gcc -static -O2 -s -o "$root/bin/blkbench" "$BLKBENCH"
-  # Kernel modules for virtio disks and NICs and ISO 9660.
-  initramfs_modules "$KVER" "$root" virtio_pci virtio_blk virtio_net isofs 8021q
+  # Kernel modules for virtio disks and NICs, ISO 9660, 802.1Q, and FAT (the
+  # boot disk's file system: the boot-from-volume test writes a file there).
+  initramfs_modules "$KVER" "$root" virtio_pci virtio_blk virtio_net isofs 8021q vfat nls_cp437 nls_ascii
   cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s

@@ -316,6 +316,9 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
         (ctl, "create", "pods", "", false),
         (ctl, "delete", "hosts.yukumo.io", "", false),
         (ctl, "delete", "virtualclusters.yukumo.io", "", false),
+        // Boot Volumes (rootVolume) are made and removed by the controller.
+        (ctl, "create", "volumes.yukumo.io", "", true),
+        (ctl, "delete", "volumes.yukumo.io", "", true),
         (agent, "create", "hosts.yukumo.io", "", true),
         (agent, "patch", "hosts.yukumo.io/status", "", true),
         (agent, "watch", "virtualnodes.yukumo.io", "", true),

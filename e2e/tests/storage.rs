@@ -1330,3 +1330,111 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
+
+#[test]
+fn a_node_booted_from_an_iscsi_volume_keeps_its_root_file_system_when_restarted_elsewhere() {
+    let env = Env::get();
+    let ns = "bootvol";
+    env.apply(&namespace(ns));
+    // Away from the storage host, and after the loss on the third host.
+    let cordon = Cordon::new(&env, "host-1");
+    let (path, sum) = tiny_image();
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: vc, namespace: {ns}}}
+spec:
+  networkGroup: net
+  frontend:
+    size: {{cpu: 1, memory: 160Mi}}
+    image: {{url: 'file://{path}', checksum: '{sum}'}}
+    rootVolume: {{pool: san, size: 64Mi}}
+"
+    ));
+    let (sock, node_uid) = frontend(&env, ns, "vc");
+    let vn = get(&env, ns, &["vn", "vc-frontend"]);
+    let host = vn["spec"]["host"].as_str().unwrap().to_string();
+    assert_ne!(host, "host-1");
+    assert_eq!(vn["spec"]["disks"][0]["target"], "vda", "{}", vn["spec"]);
+    let vol = get(&env, ns, &["volume", "vc-frontend-root"]);
+    let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_eq!(vol["metadata"]["labels"]["yukumo.io/root-of"], "vc");
+    assert_eq!(
+        vol["metadata"]["ownerReferences"][0]["kind"],
+        "VirtualCluster"
+    );
+    assert_eq!(vol["spec"]["source"]["image"]["checksum"], sum.as_str());
+    assert_eq!(vol["status"]["attachedTo"]["target"], "vda");
+    assert_eq!(vol["status"]["attachedTo"]["host"], host.as_str());
+    // The guest booted from the volume: its boot disk is the volume, at
+    // the volume's size, with the volume's uid as serial.
+    assert_eq!(
+        guest_disk(&sock, "vda"),
+        Some((64 * MI, serial_of(&vuid).to_string()))
+    );
+    let marker = format!("written-on-{host}-{}", &node_uid[..8]);
+    sh(
+        &sock,
+        &format!(
+            "mkdir -p /mnt && mount -t vfat /dev/vda /mnt && echo {marker} > /mnt/marker.txt && sync && umount /mnt"
+        ),
+    );
+
+    // The host is lost; the node boots on the remaining host from the same
+    // volume, with the file in its root file system.
+    env.set_site_grace(6);
+    env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
+        .unwrap();
+    env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
+        .unwrap();
+    let (new_host, took) = wait_for(Duration::from_secs(180), "node running elsewhere", || {
+        let out = env.kubectl(&["-n", ns, "get", "vn", "vc-frontend", "-o", "json"]);
+        let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let h = n["spec"]["host"].as_str().unwrap_or("").to_string();
+        if n["status"]["phase"] == "Running" && !h.is_empty() && h != host {
+            Ok(h)
+        } else {
+            Err(format!("{h} {}", n["status"]["phase"]))
+        }
+    })
+    .unwrap();
+    println!(
+        "frontend booted from its volume on {new_host} {:.1}s after {host} was lost",
+        took.as_secs_f64()
+    );
+    let (sock, _) = frontend(&env, ns, "vc");
+    let read = sh(
+        &sock,
+        "mkdir -p /mnt && mount -t vfat /dev/vda /mnt && cat /mnt/marker.txt && umount /mnt",
+    );
+    assert_eq!(read, marker, "the root file system came along");
+
+    // The host returns; the cluster goes and its boot volume with it
+    // (owned by the cluster), leaving nothing on the target.
+    env.env_sh(&["start-libvirtd", &host]).unwrap();
+    env.env_sh(&["start-agent", &host]).unwrap();
+    drop(cordon);
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "vc",
+        "vc",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(120), "boot volume gone", || {
+        let out = env.kubectl(&["-n", ns, "get", "volume", "vc-frontend-root"]);
+        if out.status.success() {
+            Err("still there".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    let targets = host1_targets(&env);
+    assert!(!targets.contains(&vuid), "target removed: {targets}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}

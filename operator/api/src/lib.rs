@@ -47,6 +47,8 @@ pub mod labels {
     pub const POOL: &str = "yukumo.io/pool";
     /// The Host holding a Volume's storage; its agent selects its Volumes by it.
     pub const STORAGE_HOST: &str = "yukumo.io/storage-host";
+    /// On a boot Volume the controller made: the VirtualCluster it is for.
+    pub const ROOT_OF: &str = "yukumo.io/root-of";
     /// Marks objects yukumo itself manages.
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].

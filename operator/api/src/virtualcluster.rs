@@ -98,6 +98,9 @@ pub struct SshKey(
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.publicIPAddress) || self.publicIP"
 ).message("frontend.publicIPAddress requires frontend.publicIP: true").field_path(".publicIPAddress"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.rootVolume) || !has(self.diskSize)"
+).message("diskSize sizes the local boot disk; a rootVolume has its own size").field_path(".diskSize"))]
 pub struct FrontendSpec {
     /// Size: cpu and memory, or a named size class.
     pub size: NodeSize,
@@ -137,6 +140,10 @@ pub struct FrontendSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
+    /// Boot from a Volume of its own instead of a local overlay (see
+    /// `RootVolume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
     /// Volumes (same namespace) attached to the frontend. Each gets a disk
     /// target from `vdc` on (allocated once, kept in the Volume's
     /// `status.attachedTo`) and the Volume's uid as serial.
@@ -151,6 +158,9 @@ pub struct FrontendSpec {
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.volumes) || size(self.volumes) == 0 || self.replicas <= 1"
 ).message("pools[].volumes: a volume attaches read-write to one node, so a pool with volumes may have at most 1 replica").field_path(".volumes"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.rootVolume) || !has(self.diskSize)"
+).message("diskSize sizes the local boot disk; a rootVolume has its own size").field_path(".diskSize"))]
 pub struct NodePool {
     /// Pool name (DNS label); nodes are named `<cluster>-<pool>-<index>`.
     #[schemars(
@@ -181,10 +191,40 @@ pub struct NodePool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
+    /// Boot each node from a Volume of its own instead of a local overlay
+    /// (see `RootVolume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
     /// Volumes attached to the pool's node (only for pools of one replica).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub volumes: Vec<VolumeAttachment>,
+}
+
+/// A node's boot disk as a Volume: `<node>-root` in the cluster's
+/// namespace, made by the controller from the node's image (checksum
+/// verified by the pool's host) and attached as `vda`. It outlives the VM:
+/// with an `iscsi` pool, a node restarted elsewhere after a host loss boots
+/// with its root file system as it was; with a `dir` pool the node is
+/// pinned to the pool's host. Deleted with the cluster, or when its node is
+/// removed (scaling down). Without it the boot disk is a copy-on-write
+/// overlay on the node's host, lost with that host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootVolume {
+    /// Storage pool of the boot volumes (one of the Site's `storagePools`).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub pool: String,
+    /// Size of each boot volume, at least the image's (grows online like
+    /// any Volume's: edit the Volume).
+    #[schemars(extend("maxLength" = 32))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
+    ).message("rootVolume.size must be a positive quantity such as 20Gi"))]
+    pub size: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
 }
 
 /// A Site name (cluster-scoped object, DNS label).

@@ -69,11 +69,13 @@ pub fn disk_ops(
     vn: &VirtualNode,
     paths: &NodePaths,
     seen: &NodeSeen,
-    image: &Path,
-    image_size: u64,
+    image: Option<(&Path, u64)>,
 ) -> Result<Vec<DiskOp>, DiskRefused> {
     let mut ops = Vec::new();
-    if !seen.root_disk {
+    // `None`: the node boots from a Volume.
+    if let Some((image, image_size)) = image
+        && !seen.root_disk
+    {
         let want = vn.spec.disk_bytes;
         if want != 0 && want < image_size {
             return Err(DiskRefused(format!(
@@ -146,7 +148,11 @@ pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
         return vec![];
     };
     let mut ops = Vec::new();
-    for x in &d.disks {
+    // The boot disk is never plugged or unplugged live: a guest keeps the
+    // disk it booted from until it is restarted.
+    let root = super::domain::ROOT_TARGET;
+    let wanted: Vec<&NodeDisk> = wanted.iter().filter(|w| w.target != root).collect();
+    for x in d.disks.iter().filter(|x| x.target != root) {
         if !wanted
             .iter()
             .any(|w| w.serial == x.serial && w.target == x.target)
@@ -319,8 +325,7 @@ mod tests {
             &vn(0, true),
             &paths,
             &seen,
-            Path::new("/s/images/x"),
-            1 << 30,
+            Some((Path::new("/s/images/x"), 1 << 30)),
         )
         .unwrap();
         assert_eq!(ops.len(), 2);
@@ -339,9 +344,20 @@ mod tests {
         );
         assert!(active_after(&seen, &ops));
         // A bigger disk is honoured; a smaller one refused, naming the field.
-        let big = disk_ops(&vn(2 << 30, true), &paths, &seen, Path::new("/i"), 1 << 30).unwrap();
+        let big = disk_ops(
+            &vn(2 << 30, true),
+            &paths,
+            &seen,
+            Some((Path::new("/i"), 1 << 30)),
+        )
+        .unwrap();
         assert!(matches!(&big[0], DiskOp::CreateOverlay { size, .. } if *size == 2 << 30));
-        let small = disk_ops(&vn(1 << 20, true), &paths, &seen, Path::new("/i"), 1 << 30);
+        let small = disk_ops(
+            &vn(1 << 20, true),
+            &paths,
+            &seen,
+            Some((Path::new("/i"), 1 << 30)),
+        );
         assert!(small.unwrap_err().0.starts_with("spec.diskBytes"));
     }
 
@@ -375,6 +391,22 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_boot_volume_is_never_plugged_live_and_needs_no_overlay() {
+        // Running from its boot volume: nothing to plug, unplug or grow
+        // there, whether the spec lists it or not.
+        let seen = running_with(&[("root", "vda", 10)]);
+        assert_eq!(live_disk_ops(&seen, &[disk("root", "vda", 20)]), vec![]);
+        assert_eq!(live_disk_ops(&seen, &[]), vec![]);
+        let fresh = running_with(&[]);
+        assert_eq!(live_disk_ops(&fresh, &[disk("root", "vda", 10)]), vec![]);
+        // No image: only the config disk is written.
+        let paths = NodePaths::new(Path::new("/s"), "u-1");
+        let ops = disk_ops(&vn(0, true), &paths, &NodeSeen::default(), None).unwrap();
+        assert_eq!(ops.len(), 1);
+        assert!(matches!(ops[0], DiskOp::WriteConfig { .. }));
     }
 
     #[test]
@@ -437,7 +469,7 @@ mod tests {
             config_stamp: Some(config_stamp(&guestconfig::render(&node))),
         };
         assert!(
-            disk_ops(&node, &paths, &seen, Path::new("/i"), 1)
+            disk_ops(&node, &paths, &seen, Some((Path::new("/i"), 1)))
                 .unwrap()
                 .is_empty()
         );

@@ -108,6 +108,14 @@ pub fn disk_xml(
     )
 }
 
+/// The disk target of the boot disk.
+pub const ROOT_TARGET: &str = "vda";
+
+/// The node's boot Volume, if it boots from one.
+pub fn root_volume(vn: &VirtualNode) -> Option<&yukumo_api::virtualnode::NodeDisk> {
+    vn.spec.disks.iter().find(|d| d.target == ROOT_TARGET)
+}
+
 /// A volume disk as a domain's XML holds it (disks with a serial only: the
 /// root and config disks have none).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,12 +216,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{root}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <disk type='file' device='disk'>
+{root}    <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
       <source file='{iso}'/>
       <target dev='vdb' bus='virtio'/>
@@ -232,7 +235,15 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
 "#,
         mem = vn.spec.resources.memory_mib,
         cpu = vn.spec.resources.cpu,
-        root = esc(&paths.root_disk.to_string_lossy()),
+        // The boot disk: the node's boot Volume (target `vda`), else its
+        // overlay on the image.
+        root = match root_volume(vn) {
+            Some(d) => disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only),
+            None => format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
+                esc(&paths.root_disk.to_string_lossy())
+            ),
+        },
         iso = esc(&paths.config_iso.to_string_lossy()),
         console = esc(&paths.console_log.to_string_lossy()),
         control = esc(&paths.control_socket.to_string_lossy()),
@@ -241,6 +252,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
             .spec
             .disks
             .iter()
+            .filter(|d| d.target != ROOT_TARGET)
             .map(|d| disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only))
             .collect::<String>(),
     );
@@ -304,6 +316,36 @@ mod tests {
                      "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))}}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_node_with_a_boot_volume_boots_from_it_and_has_no_overlay() {
+        let mut node = vn(192);
+        let t = IscsiTarget {
+            portal: "10.255.0.1:3260".into(),
+            iqn: "iqn.2026-12.io.yukumo:san.u0".into(),
+            lun: 1,
+        };
+        node.spec.disks = vec![yukumo_api::virtualnode::NodeDisk {
+            volume: "qs-worker-0-root".into(),
+            target: "vda".into(),
+            read_only: false,
+            serial: "u0".into(),
+            path: String::new(),
+            iscsi: Some(t.clone()),
+            bytes: 1 << 30,
+        }];
+        let p = NodePaths::new(Path::new("/s"), "u");
+        let (xml, _) = render(&node, &p, "qemu");
+        assert!(!xml.contains("root.qcow2"), "no overlay: {xml}");
+        let disks = disks_in(&xml);
+        assert_eq!(disks.len(), 1, "{xml}");
+        assert_eq!(
+            (disks[0].target.as_str(), disks[0].iscsi.as_ref()),
+            ("vda", Some(&t))
+        );
+        // It is the first disk: the one the firmware boots.
+        assert!(xml.find("protocol='iscsi'") < xml.find("cidata"), "{xml}");
     }
 
     #[test]

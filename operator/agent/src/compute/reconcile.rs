@@ -241,15 +241,22 @@ pub async fn reconcile<D: Domains>(
     }
     // The image first (it may take long); the node's directory, disks and
     // domain then follow within moments, so the sweep's age guard holds.
-    let image = match ctx.images.ensure(&vn.spec.image).await {
-        Ok(p) => p,
-        Err(e) => {
-            let reason = match e {
-                ImageError::Io(_) => Reason::ImageCacheError,
-                _ => Reason::ImagePullFailed,
-            };
-            ctx.report_failure(&vn, reason, e.to_string()).await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+    // A node booting from a Volume needs no image here (its pool's host
+    // copied the image into the Volume).
+    let boots_from_volume = super::domain::root_volume(&vn).is_some();
+    let image = if boots_from_volume {
+        None
+    } else {
+        match ctx.images.ensure(&vn.spec.image).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let reason = match e {
+                    ImageError::Io(_) => Reason::ImageCacheError,
+                    _ => Reason::ImagePullFailed,
+                };
+                ctx.report_failure(&vn, reason, e.to_string()).await?;
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
         }
     };
     let paths = NodePaths::new(&ctx.state_dir, &uid);
@@ -270,11 +277,16 @@ pub async fn reconcile<D: Domains>(
                 std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
             }
             disks.observe(&paths, &mut s);
-            let size = disks
-                .image_size(&image.path)
-                .map_err(|e| format!("reading the image: {e}"))?;
-            let ops =
-                decide::disk_ops(&vn, &paths, &s, &image.path, size).map_err(|e| e.to_string())?;
+            let base = match &image {
+                Some(i) => Some((
+                    i.path.as_path(),
+                    disks
+                        .image_size(&i.path)
+                        .map_err(|e| format!("reading the image: {e}"))?,
+                )),
+                None => None,
+            };
+            let ops = decide::disk_ops(&vn, &paths, &s, base).map_err(|e| e.to_string())?;
             for op in &ops {
                 disks.apply(op).map_err(|e| e.to_string())?;
             }

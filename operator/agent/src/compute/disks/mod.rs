@@ -145,14 +145,14 @@ mod tests {
             disks.observe(&paths, &mut seen);
             let size = disks.image_size(&image).unwrap();
             assert_eq!(size, 4 << 20);
-            for op in disk_ops(&vn(), &paths, &seen, &image, size).unwrap() {
+            for op in disk_ops(&vn(), &paths, &seen, Some((&image, size))).unwrap() {
                 disks.apply(&op).unwrap();
             }
         }
         let mut seen = NodeSeen::default();
         disks.observe(&paths, &mut seen);
         assert!(
-            disk_ops(&vn(), &paths, &seen, &image, 4 << 20)
+            disk_ops(&vn(), &paths, &seen, Some((&image, 4 << 20)))
                 .unwrap()
                 .is_empty()
         );
@@ -168,12 +168,12 @@ mod tests {
         m.images.lock().unwrap().insert(image.clone(), 1);
         let mut seen = NodeSeen::default();
         m.observe(&paths, &mut seen);
-        for op in disk_ops(&vn(), &paths, &seen, &image, 1).unwrap() {
+        for op in disk_ops(&vn(), &paths, &seen, Some((&image, 1))).unwrap() {
             m.apply(&op).unwrap();
         }
         m.observe(&paths, &mut seen);
         assert!(
-            disk_ops(&vn(), &paths, &seen, &image, 1)
+            disk_ops(&vn(), &paths, &seen, Some((&image, 1)))
                 .unwrap()
                 .is_empty()
         );

@@ -225,6 +225,83 @@ async fn converge_nodes(
     })
 }
 
+/// Make the boot Volumes the cluster asks for (`rootVolume`: `<node>-root`,
+/// from the node's image, owned by the cluster so they go with it), follow
+/// a changed `rootVolume.size`, and delete those of nodes the cluster no
+/// longer has (scaled down). A Volume of that name made by someone else is
+/// used as it is (e.g. one restored from a snapshot), never changed.
+async fn ensure_roots(ctx: &Ctx, vc: &VirtualCluster, ns: &str) -> Result<()> {
+    let name = vc.name_any();
+    let want = volumes::roots(&name, &vc.spec);
+    let api: Api<yukumo_api::Volume> = Api::namespaced(ctx.client.clone(), ns);
+    let have: Vec<Arc<yukumo_api::Volume>> = ctx
+        .stores
+        .volumes
+        .state()
+        .into_iter()
+        .filter(|v| v.namespace().as_deref() == Some(ns))
+        .collect();
+    let ours = |v: &yukumo_api::Volume| {
+        v.labels().get(yukumo_api::labels::ROOT_OF) == Some(&name)
+            && v.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == vc.uid().as_ref())
+    };
+    for r in &want {
+        match have.iter().find(|v| v.name_any() == r.name) {
+            None => {
+                let mut v = yukumo_api::Volume::new(&r.name, r.spec.clone());
+                v.metadata.namespace = Some(ns.to_string());
+                v.metadata.labels =
+                    Some([(yukumo_api::labels::ROOT_OF.to_string(), name.clone())].into());
+                v.metadata.owner_references = vc.controller_owner_ref(&()).map(|o| vec![o]);
+                match api.create(&Default::default(), &v).await {
+                    Ok(_) => {
+                        ctx.event(
+                            vc,
+                            EventType::Normal,
+                            &Reason::VolumeClaimed,
+                            format!(
+                                "boot Volume {} made for node {} ({})",
+                                r.name, r.node, r.field
+                            ),
+                        )
+                        .await
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Some(v) if ours(v) && v.spec.size != r.spec.size => {
+                let patch = serde_json::json!({"spec": {"size": r.spec.size}});
+                if let Err(e) = api
+                    .patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    ctx.event(
+                        vc,
+                        EventType::Warning,
+                        &Reason::InvalidSize,
+                        format!("{}.size: boot Volume {} not resized: {e}", r.field, r.name),
+                    )
+                    .await;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for v in have.iter().filter(|v| ours(v)) {
+        if v.metadata.deletion_timestamp.is_none() && !want.iter().any(|r| r.name == v.name_any()) {
+            match api.delete(&v.name_any(), &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Write the plan's claims: each Volume's `status.attachedTo`, with the
 /// Volume's resourceVersion as a precondition (a concurrent claim or
 /// change fails with a conflict and the cluster is decided again).
@@ -388,6 +465,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     .map(|v| v.as_ref())
                     .filter(|v| v.namespace().as_deref() == Some(ns.as_str()))
                     .collect();
+                ensure_roots(&ctx, &vc, &ns).await?;
                 let vplan =
                     volumes::plan(&ns, &vc.name_any(), &vc.spec, &mine, &vols, &observed.sites);
                 write_claims(&ctx, &vc, &ns, &vplan.claims).await?;

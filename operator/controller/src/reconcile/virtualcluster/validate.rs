@@ -177,6 +177,7 @@ mod tests {
                 public_ip: false,
                 public_ip_address: None,
                 user_data: None,
+                root_volume: None,
                 volumes: vec![],
             },
             pools: vec![NodePool {
@@ -187,6 +188,7 @@ mod tests {
                 disk_size: None,
                 sites: vec![],
                 user_data: None,
+                root_volume: None,
                 volumes: vec![],
             }],
             ssh_keys: vec![],

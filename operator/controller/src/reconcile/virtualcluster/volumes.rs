@@ -17,17 +17,85 @@ use std::collections::BTreeSet;
 
 use kube::ResourceExt;
 use yukumo_api::Reason;
+use yukumo_api::common::ImageSource;
 use yukumo_api::quantity::parse_quantity;
 use yukumo_api::site::Site;
-use yukumo_api::virtualcluster::{VirtualClusterSpec, VolumeAttachment};
+use yukumo_api::virtualcluster::{RootVolume, VirtualClusterSpec, VolumeAttachment};
 use yukumo_api::virtualnode::{NodeDisk, VirtualNode};
-use yukumo_api::volume::{Volume, VolumeAttachmentStatus};
+use yukumo_api::volume::{Volume, VolumeAttachmentStatus, VolumeSource, VolumeSpec};
 
 use crate::reconcile::nodes::node_name;
+
+/// The boot Volume of a node whose role has a `rootVolume`.
+pub fn root_volume_name(node: &str) -> String {
+    format!("{node}-root")
+}
+
+/// A boot Volume a cluster asks for.
+pub struct Root {
+    pub node: String,
+    /// The field asking for it.
+    pub field: String,
+    /// The Volume's name and spec.
+    pub name: String,
+    pub spec: VolumeSpec,
+}
+
+/// The boot Volumes `spec` asks for.
+pub fn roots(cluster: &str, spec: &VirtualClusterSpec) -> Vec<Root> {
+    let vspec = |r: &RootVolume, image: &ImageSource| VolumeSpec {
+        size: r.size.clone(),
+        pool: r.pool.clone(),
+        site: None,
+        source: Some(VolumeSource {
+            image: Some(image.clone()),
+            snapshot: None,
+        }),
+        snapshots: vec![],
+        restore_from: None,
+    };
+    let mut out = Vec::new();
+    if let Some(r) = &spec.frontend.root_volume {
+        let node = node_name(cluster, None, 0);
+        out.push(Root {
+            name: root_volume_name(&node),
+            node,
+            field: format!("spec.frontend{ROOT_FIELD}"),
+            spec: vspec(r, &spec.frontend.image),
+        });
+    }
+    for (pi, p) in spec.pools.iter().enumerate() {
+        let Some(r) = &p.root_volume else { continue };
+        let image = p.image.as_ref().unwrap_or(&spec.frontend.image);
+        for i in 0..p.replicas.max(0) as u32 {
+            let node = node_name(cluster, Some(&p.name), i);
+            out.push(Root {
+                name: root_volume_name(&node),
+                node,
+                field: format!("spec.pools[{pi}]{ROOT_FIELD}"),
+                spec: vspec(r, image),
+            });
+        }
+    }
+    out
+}
+
+/// The field naming a node's boot volume (its disk target is `vda`).
+const ROOT_FIELD: &str = ".rootVolume";
 
 /// The volumes each node of `spec` asks for: (node, field, attachment).
 pub fn wanted(cluster: &str, spec: &VirtualClusterSpec) -> Vec<(String, String, VolumeAttachment)> {
     let mut out = Vec::new();
+    for r in roots(cluster, spec) {
+        out.push((
+            r.node,
+            r.field,
+            VolumeAttachment {
+                name: r.name,
+                read_only: false,
+            },
+        ));
+    }
     for (i, v) in spec.frontend.volumes.iter().enumerate() {
         out.push((
             node_name(cluster, None, 0),
@@ -264,6 +332,20 @@ pub fn plan(
         }
         let target = match &claim {
             Some(a) => a.target.clone(),
+            // A boot volume is the node's first disk.
+            None if field.ends_with(ROOT_FIELD) => {
+                out.claims.push(Claim {
+                    volume: att.name.clone(),
+                    resource_version: vol.resource_version(),
+                    attached_to: VolumeAttachmentStatus {
+                        cluster: cluster.to_string(),
+                        node: node.clone(),
+                        target: "vda".into(),
+                        host: existing.and_then(|n| n.spec.host.clone()),
+                    },
+                });
+                "vda".to_string()
+            }
             None => {
                 // Targets held by this node's other volumes, listed by its
                 // spec, or chosen earlier in this plan.
@@ -363,6 +445,7 @@ mod tests {
                 cluster: c.into(),
                 node: n.into(),
                 target: t.into(),
+                host: None,
             });
         }
         v
@@ -392,6 +475,54 @@ mod tests {
         );
         assert_eq!(n.pinned.as_ref().map(|p| p.0.as_str()), Some("h1"));
         assert!(p.waits.is_empty());
+    }
+
+    #[test]
+    fn boot_volumes_are_one_per_node_and_claimed_as_vda() {
+        let mut s = spec(&["data"]);
+        s.frontend.root_volume =
+            Some(serde_json::from_value(json!({"pool": "san", "size": "1Gi"})).unwrap());
+        s.pools = vec![
+            serde_json::from_value(json!({
+                "name": "w", "replicas": 2, "size": {"cpu": 1, "memory": "128Mi"},
+                "rootVolume": {"pool": "san", "size": "2Gi"}
+            }))
+            .unwrap(),
+        ];
+        let r = roots("vc", &s);
+        let names: Vec<(&str, &str, &str)> = r
+            .iter()
+            .map(|r| (r.node.as_str(), r.name.as_str(), r.field.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (
+                    "vc-frontend",
+                    "vc-frontend-root",
+                    "spec.frontend.rootVolume"
+                ),
+                ("vc-w-0", "vc-w-0-root", "spec.pools[0].rootVolume"),
+                ("vc-w-1", "vc-w-1-root", "spec.pools[0].rootVolume"),
+            ]
+        );
+        // Made from the node's image, at the asked size, in the asked pool.
+        assert_eq!(r[1].spec.size.0, "2Gi");
+        assert_eq!(r[1].spec.pool, "san");
+        assert_eq!(
+            r[1].spec.source.as_ref().and_then(|s| s.image.as_ref()),
+            Some(&s.frontend.image)
+        );
+        let (root, data) = (vol("vc-frontend-root", "u0", None), vol("data", "u1", None));
+        let p = plan("a", "vc", &s, &[], &[&root, &data], &[]);
+        let claims: Vec<(&str, &str)> = p
+            .claims
+            .iter()
+            .map(|c| (c.volume.as_str(), c.attached_to.target.as_str()))
+            .collect();
+        assert_eq!(claims, vec![("vc-frontend-root", "vda"), ("data", "vdc")]);
+        // The workers' boot volumes do not exist yet: they wait.
+        assert!(!p.may_create("vc-w-0") && p.may_create("vc-frontend"));
     }
 
     #[test]
