@@ -163,6 +163,49 @@ fn guest_disk(socket: &Path, dev: &str) -> Option<(u64, String)> {
     Some((sectors * 512, words.get(1).unwrap_or(&"").to_string()))
 }
 
+/// Write `blocks` random 64 KiB blocks at the start of the guest's `vdc`;
+/// their checksum.
+fn fill(sock: &Path, blocks: u32) -> String {
+    sh(
+        sock,
+        &format!("dd if=/dev/urandom of=/dev/vdc bs=65536 count={blocks} 2>/dev/null && sync"),
+    );
+    let sum = checksum(sock, blocks);
+    assert_eq!(sum.len(), 64, "{sum}");
+    sum
+}
+
+/// The checksum of the first `blocks` 64 KiB blocks of the guest's `vdc`.
+fn checksum(sock: &Path, blocks: u32) -> String {
+    sh(
+        sock,
+        &format!("dd if=/dev/vdc bs=65536 count={blocks} 2>/dev/null | sha256sum | cut -c1-64"),
+    )
+}
+
+/// Grow Volume `vol` of `ns` to `mib` MiB while the guest at `sock` has it
+/// as `vdc`: the guest sees the new size without a reboot.
+fn grow_online(env: &Env, ns: &str, vol: &str, sock: &Path, mib: u64) {
+    let patch = format!(r#"{{"spec":{{"size":"{mib}Mi"}}}}"#);
+    env.kubectl_ok(&[
+        "-n", ns, "patch", "volume", vol, "--type", "merge", "-p", &patch,
+    ])
+    .unwrap();
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        &format!("guest sees {mib}Mi"),
+        || match guest_disk(sock, "vdc") {
+            Some((b, _)) if b == mib * MI => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    println!(
+        "{vol}: online grow to {mib}Mi seen by the guest after {:.1}s",
+        took.as_secs_f64()
+    );
+}
+
 /// virtio-blk carries at most 20 bytes of serial: the guest sees the
 /// uid's first 20 characters.
 fn serial_of(uid: &str) -> &str {
@@ -235,42 +278,10 @@ fn a_volume_keeps_its_data_across_clusters_grows_online_hot_plugs_and_is_deleted
         guest_disk(&sock, "vdc"),
         Some((64 * MI, serial_of(&vuid).to_string()))
     );
-    sh(
-        &sock,
-        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=16 2>/dev/null && sync",
-    );
-    let sum = sh(
-        &sock,
-        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
-    );
-    assert_eq!(sum.len(), 64, "{sum}");
+    let sum = fill(&sock, 16);
 
     // Grown while attached: the running guest sees the new size.
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "patch",
-        "volume",
-        "data",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"size":"96Mi"}}"#,
-    ])
-    .unwrap();
-    let (_, took) = wait_for(
-        Duration::from_secs(60),
-        "guest sees 96Mi",
-        || match guest_disk(&sock, "vdc") {
-            Some((b, _)) if b == 96 * MI => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .unwrap();
-    println!(
-        "online grow seen by the guest after {:.1}s",
-        took.as_secs_f64()
-    );
+    grow_online(&env, ns, "data", &sock, 96);
     let vol = wait_reason(&env, ns, &["volume", "data"], "Ready", "Attached", 60);
     assert_eq!(vol["status"]["capacity"], "96Mi");
 
@@ -303,14 +314,7 @@ fn a_volume_keeps_its_data_across_clusters_grows_online_hot_plugs_and_is_deleted
         guest_disk(&sock, "vdc"),
         Some((96 * MI, serial_of(&vuid).to_string()))
     );
-    assert_eq!(
-        sh(
-            &sock,
-            "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64"
-        ),
-        sum,
-        "data survives the cluster"
-    );
+    assert_eq!(checksum(&sock, 16), sum, "data survives the cluster");
 
     // Hot-plug a second volume into the running guest, at the next target.
     env.apply(&volume(ns, "extra", "32Mi"));
@@ -704,10 +708,7 @@ fn kill_9_of_the_agent_mid_attach_grow_and_snapshot_converges_with_one_attachmen
         &sock,
         "dd if=/dev/urandom of=/dev/vdc bs=65536 count=8 2>/dev/null && sync",
     );
-    let sum = sh(
-        &sock,
-        "dd if=/dev/vdc bs=65536 count=8 2>/dev/null | sha256sum | cut -c1-64",
-    );
+    let sum = checksum(&sock, 8);
     let data_uid = get(&env, ns, &["volume", "data"])["metadata"]["uid"]
         .as_str()
         .unwrap()
@@ -783,14 +784,7 @@ fn kill_9_of_the_agent_mid_attach_grow_and_snapshot_converges_with_one_attachmen
             want,
             "round {round}"
         );
-        assert_eq!(
-            sh(
-                &sock,
-                "dd if=/dev/vdc bs=65536 count=8 2>/dev/null | sha256sum | cut -c1-64"
-            ),
-            sum,
-            "round {round}"
-        );
+        assert_eq!(checksum(&sock, 8), sum, "round {round}");
     }
     wait_reason(&env, ns, &["volume", "data"], "Ready", "Attached", 60);
     env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
@@ -1191,6 +1185,58 @@ impl Drop for Cordon<'_> {
     }
 }
 
+/// `host` is lost: its agent and libvirtd die, its guests keep running (a
+/// host cut off, not powered off). Returns the frontend `vc-frontend` of
+/// `ns` once it runs anew elsewhere: (its uid, its host).
+fn lose_host(env: &Env, ns: &str, host: &str, node_uid: &str) -> (String, String) {
+    env.set_site_grace(6);
+    env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
+        .unwrap();
+    env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
+        .unwrap();
+    let (moved, took) = wait_for(
+        Duration::from_secs(180),
+        "node running on another host",
+        || {
+            // Deleted and made anew meanwhile: absent for a moment.
+            let out = env.kubectl(&["-n", ns, "get", "vn", "vc-frontend", "-o", "json"]);
+            let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let h = n["spec"]["host"].as_str().unwrap_or("").to_string();
+            let uid = n["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            if n["status"]["phase"] == "Running" && !h.is_empty() && h != host && uid != node_uid {
+                Ok((uid, h))
+            } else {
+                Err(format!("{h} {}", n["status"]["phase"]))
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "frontend running on {} {:.1}s after {host} was lost",
+        moved.1,
+        took.as_secs_f64()
+    );
+    moved
+}
+
+/// The lost `host` returns (its stale domains are swept), host-1 takes
+/// nodes again, and cluster `vc` of `ns` is deleted.
+fn host_returns_and_cluster_goes(env: &Env, ns: &str, host: &str, cordon: Cordon<'_>) {
+    env.env_sh(&["start-libvirtd", host]).unwrap();
+    env.env_sh(&["start-agent", host]).unwrap();
+    drop(cordon);
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "vc",
+        "vc",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+}
+
 #[test]
 fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_after_host_loss() {
     let env = Env::get();
@@ -1243,74 +1289,17 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
         targets.contains(&session),
         "a session from {host}: {targets}"
     );
-    sh(
-        &sock,
-        "dd if=/dev/urandom of=/dev/vdc bs=65536 count=16 2>/dev/null && sync",
-    );
-    let sum = sh(
-        &sock,
-        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
-    );
-    assert_eq!(sum.len(), 64, "{sum}");
+    let sum = fill(&sock, 16);
 
     // Grown while attached: the target re-reads the file, QEMU the capacity.
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "patch",
-        "volume",
-        "shared",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"size":"96Mi"}}"#,
-    ])
-    .unwrap();
-    let (_, took) = wait_for(
-        Duration::from_secs(90),
-        "guest sees 96Mi",
-        || match guest_disk(&sock, "vdc") {
-            Some((b, _)) if b == 96 * MI => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .unwrap();
-    println!(
-        "online grow over iSCSI seen by the guest after {:.1}s",
-        took.as_secs_f64()
-    );
+    grow_online(&env, ns, "shared", &sock, 96);
 
     // The node's host is lost: its agent and libvirtd die, its guest keeps
     // running (a host cut off, not powered off). The node restarts on the
     // remaining host, with the volume and its data, and the target fences
     // the host it left.
-    env.set_site_grace(6);
     let old_sock = sock.clone();
-    env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
-        .unwrap();
-    env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
-        .unwrap();
-    let ((new_uid, new_host), took) = wait_for(
-        Duration::from_secs(180),
-        "node running on another host",
-        || {
-            // Deleted and made anew meanwhile: absent for a moment.
-            let out = env.kubectl(&["-n", ns, "get", "vn", "vc-frontend", "-o", "json"]);
-            let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let h = n["spec"]["host"].as_str().unwrap_or("").to_string();
-            let uid = n["metadata"]["uid"].as_str().unwrap_or("").to_string();
-            if n["status"]["phase"] == "Running" && !h.is_empty() && h != host && uid != node_uid {
-                Ok((uid, h))
-            } else {
-                Err(format!("{h} {}", n["status"]["phase"]))
-            }
-        },
-    )
-    .unwrap();
-    println!(
-        "frontend running on {new_host} {:.1}s after {host} was lost",
-        took.as_secs_f64()
-    );
+    let (new_uid, new_host) = lose_host(&env, ns, &host, &node_uid);
     assert_ne!(new_host, "host-1", "still cordoned");
     let (sock, _) = frontend(&env, ns, "vc");
     assert_eq!(sock, PathBuf::from(format!("/run/yukumo/{new_uid}.sock")));
@@ -1318,10 +1307,7 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
         guest_disk(&sock, "vdc"),
         Some((96 * MI, serial_of(&vuid).to_string()))
     );
-    let again = sh(
-        &sock,
-        "dd if=/dev/vdc bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64",
-    );
+    let again = checksum(&sock, 16);
     assert_eq!(again, sum, "the data followed the node");
     let vol = get(&env, ns, &["volume", "shared"]);
     assert_eq!(vol["status"]["attachedTo"]["node"], "vc-frontend");
@@ -1356,19 +1342,7 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
 
     // The host returns (its stale domain is swept); the cluster and the
     // volume go, and nothing of the volume is left on the target or disk.
-    env.env_sh(&["start-libvirtd", &host]).unwrap();
-    env.env_sh(&["start-agent", &host]).unwrap();
-    drop(cordon);
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "delete",
-        "vc",
-        "vc",
-        "--wait=true",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    host_returns_and_cluster_goes(&env, ns, &host, cordon);
     env.kubectl_ok(&[
         "-n",
         ns,
@@ -1440,26 +1414,7 @@ spec:
 
     // The host is lost; the node boots on the remaining host from the same
     // volume, with the file in its root file system.
-    env.set_site_grace(6);
-    env.env_sh(&["stop", &format!("agent-{host}"), "--signal", "KILL"])
-        .unwrap();
-    env.env_sh(&["stop", &format!("libvirtd-{host}"), "--signal", "KILL"])
-        .unwrap();
-    let (new_host, took) = wait_for(Duration::from_secs(180), "node running elsewhere", || {
-        let out = env.kubectl(&["-n", ns, "get", "vn", "vc-frontend", "-o", "json"]);
-        let n: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let h = n["spec"]["host"].as_str().unwrap_or("").to_string();
-        if n["status"]["phase"] == "Running" && !h.is_empty() && h != host {
-            Ok(h)
-        } else {
-            Err(format!("{h} {}", n["status"]["phase"]))
-        }
-    })
-    .unwrap();
-    println!(
-        "frontend booted from its volume on {new_host} {:.1}s after {host} was lost",
-        took.as_secs_f64()
-    );
+    lose_host(&env, ns, &host, &node_uid);
     let (sock, _) = frontend(&env, ns, "vc");
     let read = sh(
         &sock,
@@ -1469,19 +1424,7 @@ spec:
 
     // The host returns; the cluster goes and its boot volume with it
     // (owned by the cluster), leaving nothing on the target.
-    env.env_sh(&["start-libvirtd", &host]).unwrap();
-    env.env_sh(&["start-agent", &host]).unwrap();
-    drop(cordon);
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "delete",
-        "vc",
-        "vc",
-        "--wait=true",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    host_returns_and_cluster_goes(&env, ns, &host, cordon);
     wait_for(Duration::from_secs(120), "boot volume gone", || {
         let out = env.kubectl(&["-n", ns, "get", "volume", "vc-frontend-root"]);
         if out.status.success() {

@@ -330,20 +330,23 @@ pub fn plan(
                 }
             }
         }
+        // A new claim at `target`, or the claim moved to the node's host.
+        let claim_at = |target: &str, host: Option<String>| Claim {
+            volume: att.name.clone(),
+            resource_version: vol.resource_version(),
+            attached_to: VolumeAttachmentStatus {
+                cluster: cluster.to_string(),
+                node: node.clone(),
+                target: target.to_string(),
+                host,
+            },
+        };
+        let host = existing.and_then(|n| n.spec.host.clone());
         let target = match &claim {
             Some(a) => a.target.clone(),
             // A boot volume is the node's first disk.
             None if field.ends_with(ROOT_FIELD) => {
-                out.claims.push(Claim {
-                    volume: att.name.clone(),
-                    resource_version: vol.resource_version(),
-                    attached_to: VolumeAttachmentStatus {
-                        cluster: cluster.to_string(),
-                        node: node.clone(),
-                        target: "vda".into(),
-                        host: existing.and_then(|n| n.spec.host.clone()),
-                    },
-                });
+                out.claims.push(claim_at("vda", host.clone()));
                 "vda".to_string()
             }
             None => {
@@ -371,33 +374,17 @@ pub fn plan(
                     );
                     continue;
                 };
-                out.claims.push(Claim {
-                    volume: att.name.clone(),
-                    resource_version: vol.resource_version(),
-                    attached_to: VolumeAttachmentStatus {
-                        cluster: cluster.to_string(),
-                        node: node.clone(),
-                        target: t.clone(),
-                        host: existing.and_then(|n| n.spec.host.clone()),
-                    },
-                });
+                out.claims.push(claim_at(&t, host.clone()));
                 t
             }
         };
         // The claim follows the node to its host (an iSCSI target then
         // admits that host only).
         if let Some(a) = &claim
-            && let Some(h) = existing.and_then(|n| n.spec.host.clone())
-            && a.host.as_ref() != Some(&h)
+            && host.is_some()
+            && a.host != host
         {
-            out.claims.push(Claim {
-                volume: att.name.clone(),
-                resource_version: vol.resource_version(),
-                attached_to: VolumeAttachmentStatus {
-                    host: Some(h),
-                    ..a.clone()
-                },
-            });
+            out.claims.push(claim_at(&a.target, host.clone()));
         }
         nv.disks.push(NodeDisk {
             volume: att.name.clone(),
