@@ -12,7 +12,7 @@ use yukumo_api::common::{
 use yukumo_api::virtualnode::{AttachedDisk, NodeDisk, NodePhase, VirtualNode, VirtualNodeStatus};
 
 use super::disks::qcow2::BackingFormat;
-use super::domain::{NodePaths, disk_xml};
+use super::domain::{NodePaths, disk_xml, volume_disk_xml};
 use super::guestconfig::{self, GuestConfig};
 use super::ops::{DiskOp, DomainOp};
 
@@ -179,7 +179,7 @@ pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
                     continue; // its target is still being released
                 }
                 ops.push(DomainOp::AttachDisk {
-                    xml: disk_xml(&w.path, w.iscsi.as_ref(), &w.target, &w.serial, w.read_only),
+                    xml: volume_disk_xml(w),
                 })
             }
         }

@@ -108,6 +108,11 @@ pub fn disk_xml(
     )
 }
 
+/// The XML of a node's volume disk as its spec lists it.
+pub fn volume_disk_xml(d: &yukumo_api::virtualnode::NodeDisk) -> String {
+    disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only)
+}
+
 /// The disk target of the boot disk.
 pub const ROOT_TARGET: &str = "vda";
 
@@ -238,7 +243,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
         // The boot disk: the node's boot Volume (target `vda`), else its
         // overlay on the image.
         root = match root_volume(vn) {
-            Some(d) => disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only),
+            Some(d) => volume_disk_xml(d),
             None => format!(
                 "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
                 esc(&paths.root_disk.to_string_lossy())
@@ -253,7 +258,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
             .disks
             .iter()
             .filter(|d| d.target != ROOT_TARGET)
-            .map(|d| disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only))
+            .map(volume_disk_xml)
             .collect::<String>(),
     );
     let hash = {

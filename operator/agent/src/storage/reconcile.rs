@@ -276,18 +276,17 @@ pub async fn reconcile<P: Pools, T: Targets>(
     let file = decide::volume_file(&uid, fmt);
     let iqn = targets::target_iqn(&pool.name, &uid);
     let mut error = None;
-    // An `iscsi` pool's targets: whether a guest uses this one now.
-    let exported = if fmt == decide::Format::Raw {
+    // An `iscsi` pool's targets (observed once per pass; `None` when they
+    // could not be read): whether a guest uses this one now.
+    let mut exported = None;
+    if fmt == decide::Format::Raw {
         match ctx.targets.observe().await {
-            Ok(t) => t,
+            Ok(t) => exported = Some(t),
             Err(e) => {
                 error = Some((Reason::StorageFailed, format!("pool {:?}: {e}", pool.name)));
-                vec![]
             }
         }
-    } else {
-        vec![]
-    };
+    }
     let seed = if seen.volumes.contains_key(&file) {
         None
     } else {
@@ -351,6 +350,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
         format: fmt,
         in_use: exported
             .iter()
+            .flatten()
             .any(|t| t.iqn == iqn && !t.sessions.is_empty()),
     };
     if want.bytes == 0 && !want.delete {
@@ -375,12 +375,19 @@ pub async fn reconcile<P: Pools, T: Targets>(
                 .iter()
                 .any(|op| matches!(op, decide::StorageOp::Delete { name } if name == &file));
             let mut ops = ops;
-            if fmt == decide::Format::Raw && (want.delete || replaced) {
-                for op in targets::export_ops(&exported, &iqn, None) {
+            if let Some(seen) = exported.as_mut()
+                && (want.delete || replaced)
+            {
+                let mut removed = true;
+                for op in targets::export_ops(seen, &iqn, None) {
                     if let Err(e) = ctx.targets.apply(op).await {
                         error = Some((Reason::StorageFailed, format!("iSCSI target: {e}")));
                         ops.clear();
+                        removed = false;
                     }
+                }
+                if removed {
+                    seen.retain(|t| t.iqn != iqn);
                 }
             }
             for op in ops {
@@ -444,12 +451,12 @@ pub async fn reconcile<P: Pools, T: Targets>(
         requeue = Duration::from_secs(5);
     }
     let mut backing = decide::backing(&seen, &uid, fmt, error);
-    if fmt == decide::Format::Raw
+    if let Some(seen) = &exported
         && !want.delete
         && let Some(b) = backing.as_mut().filter(|b| !b.path.is_empty())
     {
         let holder = status.attached_to.as_ref().and_then(|a| a.host.as_deref());
-        match export(&*ctx, &iqn, holder, b).await {
+        match export(&*ctx, seen, &iqn, holder, b).await {
             Ok(()) => {}
             Err(e) => {
                 b.reason.get_or_insert(Reason::StorageFailed);
@@ -506,10 +513,12 @@ pub async fn reconcile<P: Pools, T: Targets>(
     Ok(Action::requeue(requeue))
 }
 
-/// Export a volume's file as its iSCSI target, at its current size, to
+/// Export a volume's file as its iSCSI target (`seen`: the host's targets
+/// as this pass left them), at its current size, to the holder's host or
 /// the Site's hosts; `b.iscsi` says where once it is.
 async fn export<P: Pools, T: Targets>(
     ctx: &StorageCtx<P, T>,
+    seen: &[targets::TargetSeen],
     iqn: &str,
     holder: Option<&str>,
     b: &mut VolumeBacking,
@@ -526,8 +535,7 @@ async fn export<P: Pools, T: Targets>(
             .await
             .map_err(|e| e.to_string())?,
     };
-    let seen = ctx.targets.observe().await.map_err(|e| e.to_string())?;
-    for op in targets::export_ops(&seen, iqn, Some(&want)) {
+    for op in targets::export_ops(seen, iqn, Some(&want)) {
         tracing::info!(?op, "iSCSI target changed");
         ctx.targets.apply(op).await.map_err(|e| e.to_string())?;
     }

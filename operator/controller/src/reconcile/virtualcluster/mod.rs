@@ -230,17 +230,16 @@ async fn converge_nodes(
 /// a changed `rootVolume.size`, and delete those of nodes the cluster no
 /// longer has (scaled down). A Volume of that name made by someone else is
 /// used as it is (e.g. one restored from a snapshot), never changed.
-async fn ensure_roots(ctx: &Ctx, vc: &VirtualCluster, ns: &str) -> Result<()> {
+/// `have`: the namespace's Volumes.
+async fn ensure_roots(
+    ctx: &Ctx,
+    vc: &VirtualCluster,
+    ns: &str,
+    have: &[&yukumo_api::Volume],
+) -> Result<()> {
     let name = vc.name_any();
     let want = volumes::roots(&name, &vc.spec);
     let api: Api<yukumo_api::Volume> = Api::namespaced(ctx.client.clone(), ns);
-    let have: Vec<Arc<yukumo_api::Volume>> = ctx
-        .stores
-        .volumes
-        .state()
-        .into_iter()
-        .filter(|v| v.namespace().as_deref() == Some(ns))
-        .collect();
     let ours = |v: &yukumo_api::Volume| {
         v.labels().get(yukumo_api::labels::ROOT_OF) == Some(&name)
             && v.owner_references()
@@ -324,16 +323,17 @@ async fn write_claims(
             vc,
             EventType::Normal,
             &Reason::VolumeClaimed,
-            match &c.attached_to.host {
-                Some(h) => format!(
-                    "Volume {} claimed for node {} as {} on host {h}",
-                    c.volume, c.attached_to.node, c.attached_to.target
-                ),
-                None => format!(
-                    "Volume {} claimed for node {} as {}",
-                    c.volume, c.attached_to.node, c.attached_to.target
-                ),
-            },
+            format!(
+                "Volume {} claimed for node {} as {}{}",
+                c.volume,
+                c.attached_to.node,
+                c.attached_to.target,
+                c.attached_to
+                    .host
+                    .as_ref()
+                    .map(|h| format!(" on host {h}"))
+                    .unwrap_or_default()
+            ),
         )
         .await;
     }
@@ -465,7 +465,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     .map(|v| v.as_ref())
                     .filter(|v| v.namespace().as_deref() == Some(ns.as_str()))
                     .collect();
-                ensure_roots(&ctx, &vc, &ns).await?;
+                ensure_roots(&ctx, &vc, &ns, &vols).await?;
                 let vplan =
                     volumes::plan(&ns, &vc.name_any(), &vc.spec, &mine, &vols, &observed.sites);
                 write_claims(&ctx, &vc, &ns, &vplan.claims).await?;
