@@ -55,8 +55,10 @@ ip link set ext0 up
 modprobe -a 8021q bridge vxlan veth macvlan nf_tables
 mkdir -p /run/netns /run/yukumo-agent
 if [ -c /dev/ttyS1 ]; then
-  stty -F /dev/ttyS1 -echo -onlcr 2>/dev/null
-  (while true; do PS1= PS2= sh </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
+  # One command per line, "<marker> <base64>" (e2e/src/lib.rs guest_sh):
+  # a line cut short by bytes lost while the port opened fails alone.
+  stty -F /dev/ttyS1 -echo -onlcr -icanon min 1 time 0 2>/dev/null
+  (while true; do sh -c 'while read -r m c; do sh -c "\$(echo "\$c" | base64 -d)" </dev/null; echo "__\${m}__\$?"; done' </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
 fi
 echo "YUKUMO-VM-HOST ready \$(uname -r)"
 while true; do

@@ -246,9 +246,35 @@ pub fn expectations(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Run a shell command inside a tiny guest through its second serial port
-/// (the root shell on ttyS1, a unix socket on the host): returns the output
-/// and the exit status. One command at a time per guest.
+/// Base64 (standard alphabet, padded): how a command travels to a guest.
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Run a shell command inside a tiny guest (or a VM host) through its second
+/// serial port (a unix socket on the host): returns the output and the exit
+/// status. One command at a time per guest.
+///
+/// The command travels as one line `<marker> <base64 of the command>`; the
+/// guest's loop on ttyS1 decodes it, runs it with `sh -c` (stdin from
+/// /dev/null) and answers `__<marker>__<status>`. Bytes sent before the
+/// guest opened its port are lost (the UART's FIFO is cleared on open): such
+/// a line only fails on its own, it never leaves a half-read quote or
+/// here-document in a shell that swallows every later command.
 pub fn guest_sh(socket: &Path, cmd: &str, timeout: Duration) -> anyhow::Result<(String, i32)> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
@@ -259,8 +285,7 @@ pub fn guest_sh(socket: &Path, cmd: &str, timeout: Duration) -> anyhow::Result<(
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos()
     );
-    // The marker is split in the command so an echo of it never matches.
-    s.write_all(format!("{cmd}\necho \"__{marker}\"\"__$?\"\n").as_bytes())?;
+    s.write_all(format!("{marker} {}\n", base64(cmd.as_bytes())).as_bytes())?;
     let pat = format!("__{marker}__");
     let start = Instant::now();
     let mut buf = Vec::new();
