@@ -1,6 +1,7 @@
 # yukumo — the targets the README names.
 #   make up      build, start the local environment, apply the quickstart
-#                (VM_HOSTS=2: and two VM hosts whose kernel has 802.1Q VLANs)
+#                (VM_HOSTS=2: and two VM hosts whose kernel has 802.1Q VLANs;
+#                STORAGE=ceph: and a single-node Ceph behind the `ceph` rbd pool)
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
@@ -28,8 +29,9 @@ crds: build
 
 # VM_HOSTS=N adds N VM hosts (a kernel with 802.1Q VLANs: e2e/lib/vm-host.sh).
 VM_HOSTS ?= 0
+STORAGE ?=
 up: build
-	e2e/env.sh up --vm-hosts $(VM_HOSTS)
+	e2e/env.sh up --vm-hosts $(VM_HOSTS) $(if $(STORAGE),--storage $(STORAGE))
 
 down:
 	e2e/env.sh down

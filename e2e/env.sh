@@ -3,6 +3,7 @@
 # end-to-end tests.
 #
 #   e2e/env.sh up      [--dir D] [--hosts N] [--vm-hosts N] [--controllers N] [--no-example]
+#                      [--storage ceph]   (also a single-node Ceph and the `ceph` rbd pool)
 #   e2e/env.sh down    [--dir D]
 #   e2e/env.sh status  [--dir D]
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
@@ -35,6 +36,7 @@ HOSTS=3
 VM_HOSTS=0
 CONTROLLERS=1
 EXAMPLE=1
+STORAGE=${STORAGE:-}
 NAMESPACE=yukumo-system
 SIGNAL=TERM
 
@@ -301,6 +303,8 @@ start_libvirtd() { # name
 
 # shellcheck source=lib/vm-host.sh
 source "$ROOT/e2e/lib/vm-host.sh"
+# shellcheck source=lib/ceph.sh
+source "$ROOT/e2e/lib/ceph.sh"
 
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
 controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-controller"; }
@@ -318,7 +322,8 @@ start_agent() { # host
     --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent" \
-    $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" )
+    $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" ) \
+    $( [ -f "$DIR/ceph/keyring" ] && echo "--ceph-keyring $DIR/ceph/keyring" )
 }
 
 # An agent on its own in-process libvirt test driver (test:///default): a
@@ -348,6 +353,7 @@ start_controller() { # id
 
 cmd_up() {
   [ -f "$DIR/state" ] && die "an environment already runs at $DIR (run: make down)"
+  case $STORAGE in ""|ceph) ;; *) die "--storage/STORAGE: unknown storage '$STORAGE' (known: ceph)" ;; esac
   mkdir -p "$DIR"
   # shellcheck disable=SC1091
   source "$ROOT/e2e/lib/tools.sh" >/dev/null
@@ -357,6 +363,7 @@ cmd_up() {
   local i
   start_fabric
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
+  [ "$STORAGE" = ceph ] && start_ceph
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
   for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
   # VM hosts (802.1Q VLAN segments), in a Site of their own: underlay
@@ -366,6 +373,13 @@ cmd_up() {
     for i in $(seq 1 "$VM_HOSTS"); do start_vm_host "vmhost-$i" vmlab $((10 + i)); done
   fi
   kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
+  if [ "$STORAGE" = ceph ]; then
+    # The `ceph` pool: images in the Ceph pool `yukumo`, managed by host-1's
+    # agent, attached by QEMU's librbd on any host (user client.yukumo).
+    kubectl patch site local --type json -p "[{\"op\":\"add\",\"path\":\"/spec/storagePools/-\",
+      \"value\":{\"name\":\"ceph\",\"type\":\"rbd\",\"host\":\"host-1\",
+      \"ceph\":{\"monitors\":[\"$CEPH_IP:6789\"],\"pool\":\"yukumo\",\"user\":\"yukumo\"}}}]" >/dev/null
+  fi
   wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
   if [ "$EXAMPLE" = 1 ]; then
     # The quickstart boots the tiny guest built from this machine's kernel:
@@ -452,6 +466,7 @@ cmd_down() {
       for r in /run/netns/"$ns"-r*; do [ -e "$r" ] && ip netns del "$(basename "$r")" 2>/dev/null || true; done
     done < "$DIR/netns"
   fi
+  stop_ceph
   stop_proc kube-controller-manager
   stop_proc kube-apiserver
   stop_proc etcd
@@ -473,6 +488,7 @@ main() {
       --vm-hosts) VM_HOSTS=$2; shift 2 ;;
       --controllers) CONTROLLERS=$2; shift 2 ;;
       --no-example) EXAMPLE=0; shift ;;
+      --storage) STORAGE=$2; shift 2 ;;
       --signal) SIGNAL=$2; shift 2 ;;
       *) args+=("$1"); shift ;;
     esac

@@ -24,7 +24,7 @@ trap cleanup EXIT
 source "$ROOT/e2e/lib/tools.sh" >/dev/null   # puts the pinned kubectl/helm first on PATH
 # Fast heartbeats and a short lease keep the failure tests quick.
 export YUKUMO_HEARTBEAT=2s YUKUMO_LEASE_DURATION=6s
-"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 3 --no-example
+"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 3 --no-example --storage ceph
 # The tiny guest image the guest tests boot ("<path> sha256:<hex>").
 YUKUMO_TINY_IMAGE=$("$ROOT/e2e/lib/tiny-guest.sh")
 export YUKUMO_TINY_IMAGE

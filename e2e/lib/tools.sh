@@ -27,6 +27,7 @@ APT_PACKAGES=(
   pkg-config xz-utils cpio genisoimage openssl python3 curl
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
   gcc libc6-dev strace tgt qemu-block-extra
+  ceph-mon ceph-osd ceph-mgr ceph-common librbd1
 )
 
 tools_log() { echo "[tools] $*" >&2; }

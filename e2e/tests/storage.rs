@@ -1439,3 +1439,174 @@ spec:
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
+
+/// The images of the environment's Ceph pool `yukumo`, as Ceph's admin
+/// lists them (`rbd ls -l`, snapshots included).
+fn ceph_images(env: &Env) -> String {
+    let ns =
+        std::fs::read_to_string(env.dir.join("ceph/netns")).expect("the environment runs Ceph");
+    let conf = env.dir.join("ceph/ceph.conf");
+    let out = std::process::Command::new("timeout")
+        .args(["60", "ip", "netns", "exec", ns.trim(), "rbd", "-c"])
+        .arg(&conf)
+        .args(["ls", "-l", "-p", "yukumo"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshots_live_and_restores()
+ {
+    let env = Env::get();
+    let ns = "rbd";
+    env.apply(&namespace(ns));
+    env.apply(&volume_in(ns, "data", "64Mi", "ceph"));
+    let (vol, took) = wait_for(Duration::from_secs(90), "RBD volume Available", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match condition(&v, "Ready") {
+            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
+            other => Err(format!("{other:?} {}", v["status"])),
+        }
+    })
+    .unwrap();
+    println!("RBD volume created in {:.1}s", took.as_secs_f64());
+    let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
+    let image = format!("{vuid}.raw");
+    let b = &vol["status"]["backing"];
+    assert_eq!(b["rbd"]["pool"], "yukumo", "{b}");
+    assert_eq!(b["rbd"]["image"], image.as_str(), "{b}");
+    assert_eq!(b["rbd"]["user"], "yukumo", "{b}");
+    assert_eq!(b["rbd"]["monitors"][0], "10.255.0.250:6789", "{b}");
+    assert_eq!(b["capacityBytes"], 64 * MI);
+    let images = ceph_images(&env);
+    assert!(
+        images.contains(&image) && images.contains("64 MiB"),
+        "{images}"
+    );
+    // Ceph's capacity and free space in the Site's status.
+    let (pool, _) = wait_for(
+        Duration::from_secs(60),
+        "ceph pool in the Site's status",
+        || {
+            let site = env.get_json(&["get", "site", "local"]);
+            let pools = site["status"]["storagePools"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            match pools.into_iter().find(|p| p["name"] == "ceph") {
+                Some(p)
+                    if p["capacityBytes"].as_u64().unwrap_or(0) > 0
+                        && p["volumes"].as_u64().unwrap_or(0) >= 1 =>
+                {
+                    Ok(p)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .unwrap();
+    println!("ceph pool: {pool}");
+    assert!(pool["availableBytes"].as_u64().unwrap() > 0, "{pool}");
+    assert!(pool["error"].is_null(), "{pool}");
+
+    // Not on the pool's host: QEMU's librbd reaches Ceph over the underlay
+    // with the key of its host's libvirt secret.
+    let cordon = Cordon::new(&env, "host-1");
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, _) = frontend(&env, ns, "vc");
+    let vn = get(&env, ns, &["vn", "vc-frontend"]);
+    let host = vn["spec"]["host"].as_str().unwrap().to_string();
+    assert_ne!(host, "host-1", "placed away from the pool's host");
+    assert_eq!(vn["spec"]["disks"][0]["rbd"]["image"], image.as_str());
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((64 * MI, serial_of(&vuid).to_string()))
+    );
+    let original = fill(&sock, 16);
+
+    // Grown while attached.
+    grow_online(&env, ns, "data", &sock, 96);
+    assert!(ceph_images(&env).contains("96 MiB"));
+
+    // A snapshot of the live volume (a point-in-time copy: RBD snapshots
+    // while QEMU writes), then more data.
+    let patch = |body: &str| {
+        env.kubectl_ok(&[
+            "-n", ns, "patch", "volume", "data", "--type", "merge", "-p", body,
+        ])
+        .unwrap();
+    };
+    patch(r#"{"spec":{"snapshots":[{"name":"s1"}]}}"#);
+    let (v, took) = wait_for(
+        Duration::from_secs(60),
+        "snapshot of the attached volume",
+        || {
+            let v = get(&env, ns, &["volume", "data"]);
+            match v["status"]["snapshots"][0]["name"].as_str() {
+                Some("s1") => Ok(v),
+                _ => Err(v["status"].to_string()),
+            }
+        },
+    )
+    .unwrap();
+    println!("live snapshot taken in {:.1}s", took.as_secs_f64());
+    assert_eq!(v["status"]["snapshots"][0]["size"], (96 * MI).to_string());
+    assert!(ceph_images(&env).contains(&format!("{vuid}+s1.raw")));
+    let more = fill(&sock, 16);
+    assert_ne!(more, original);
+
+    // Detached (hot-unplugged), restored in place, attached again: the
+    // snapshot's data.
+    env.apply(&cluster(ns, "vc", &[], true));
+    wait_reason(&env, ns, &["volume", "data"], "Ready", "Available", 60);
+    patch(r#"{"spec":{"restoreFrom":"s1"}}"#);
+    wait_for(Duration::from_secs(60), "restored", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match (v["status"]["restoredFrom"].as_str(), condition(&v, "Ready")) {
+            (Some("s1"), Some((s, r, _))) if s == "True" && r == "Available" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    wait_for(Duration::from_secs(60), "re-attached", || {
+        guest_disk(&sock, "vdc")
+            .map(|_| ())
+            .ok_or_else(|| "no vdc".to_string())
+    })
+    .unwrap();
+    assert_eq!(checksum(&sock, 16), original, "the snapshot's data");
+
+    // The cluster and the volume go; nothing of them is left in Ceph.
+    drop(cordon);
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "vc",
+        "vc",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "volume",
+        "data",
+        "--wait=true",
+        "--timeout=120s",
+    ])
+    .unwrap();
+    let images = ceph_images(&env);
+    assert!(!images.contains(&vuid), "{images}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}

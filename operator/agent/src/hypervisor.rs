@@ -118,6 +118,9 @@ pub enum HypervisorError {
     Libvirt { uri: String, message: String },
     #[error("libvirt thread is gone")]
     ThreadGone,
+    /// A storage backend outside libvirt (Ceph).
+    #[error("{message}")]
+    Storage { message: String },
 }
 
 fn version_string(v: u32) -> String {

@@ -97,6 +97,11 @@ pub struct Args {
     /// Control port of this host's tgtd (`tgtd -C`, default 0).
     #[arg(long, default_value_t = 0)]
     pub iscsi_control_port: u16,
+    /// A Ceph keyring file with the key of each `rbd` pool's user
+    /// (`[client.<user>] key = …`): the pool's host manages its images with
+    /// it, and every host gets a libvirt secret of it for QEMU.
+    #[arg(long)]
+    pub ceph_keyring: Option<PathBuf>,
     /// Directory for the agent's files (image cache, disks, config disks).
     #[arg(long, default_value = "/var/lib/yukumo")]
     pub state_dir: PathBuf,
@@ -150,6 +155,25 @@ async fn agent() -> anyhow::Result<()> {
     let hv = hypervisor::Hypervisor::start_with_events(&args.libvirt_uri, events_tx);
     tracing::info!(host = %args.host_name, site = %args.site, uri = %args.libvirt_uri, "agent starting");
     let net_state = std::sync::Arc::new(network::NetState::default());
+    // QEMU's key to `rbd` pools: this host's libvirt secrets, kept from the
+    // keyring (at start, then every minute: a libvirtd with fresh state
+    // gets them back).
+    if let Some(keyring) = args.ceph_keyring.clone() {
+        let (hv, mut stop) = (hv.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                match storage::ceph::ensure_secrets(&hv, &keyring).await {
+                    Ok(w) if !w.is_empty() => tracing::info!(users = ?w, "Ceph secrets written"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Ceph secrets"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
     let compute = compute::reconcile::ComputeCtx::new(
         client.clone(),
         hv.clone(),
@@ -205,7 +229,14 @@ async fn agent() -> anyhow::Result<()> {
     let storage_task = tokio::spawn(storage::reconcile::run(
         storage::reconcile::StorageCtx::new(
             client.clone(),
-            hv.clone(),
+            storage::pools::HostPools {
+                libvirt: hv.clone(),
+                ceph: storage::ceph::Ceph {
+                    keyring: args.ceph_keyring.clone(),
+                    netns: args.netns.clone(),
+                    conf_dir: args.state_dir.join("ceph"),
+                },
+            },
             storage::targets::Tgt {
                 control_port: args.iscsi_control_port,
                 portal: args.iscsi_portal.clone(),

@@ -93,6 +93,12 @@ pub struct SiteSpec {
 /// A storage pool: where a Site's Volumes live.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(self.type == 'rbd') == has(self.ceph)"
+).message("ceph is required with type rbd, and only allowed with it").field_path(".ceph"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.type != 'rbd' || !has(self.path)"
+).message("path is a folder of dir and iscsi pools; an rbd pool's images live in its Ceph pool").field_path(".path"))]
 pub struct StoragePool {
     /// Pool name (DNS label), e.g. `default`.
     #[schemars(
@@ -101,13 +107,14 @@ pub struct StoragePool {
     )]
     pub name: String,
     /// Backend: `dir` (qcow2 files in a folder of one host; a VM using a
-    /// volume of it runs on that host) or `iscsi` (raw files in a folder of
+    /// volume of it runs on that host), `iscsi` (raw files in a folder of
     /// one host, each exported by that host's iSCSI target and attached by
-    /// QEMU's own initiator on any host of the Site). Ceph RBD is not
-    /// implemented yet and is refused by the schema.
+    /// QEMU's own initiator on any host of the Site) or `rbd` (images in a
+    /// Ceph pool, attached by QEMU's librbd on any host of the Site).
     #[serde(rename = "type")]
     pub type_: PoolType,
-    /// The Host holding the pool's storage.
+    /// The Host holding the pool's storage (`rbd`: the Host whose agent
+    /// creates, grows, copies and deletes the pool's images).
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -118,6 +125,43 @@ pub struct StoragePool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 1024), regex(pattern = "^/"))]
     pub path: Option<String>,
+    /// The Ceph pool of an `rbd` pool (required with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephPool>,
+}
+
+/// A Ceph pool holding an `rbd` pool's images. Every agent of the Site
+/// that runs a VM with one of its volumes needs the user's key
+/// (`--ceph-keyring`, a Ceph keyring file); one Ceph pool per yukumo pool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CephPool {
+    /// Monitor addresses, `address:port` (v1 protocol, e.g. `10.0.0.5:6789`).
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = "^[^\\s:,/]+:[0-9]{1,5}$"))
+    )]
+    pub monitors: Vec<String>,
+    /// The Ceph pool's name.
+    #[schemars(length(min = 1, max = 128), regex(pattern = "^[A-Za-z0-9_.-]+$"))]
+    pub pool: String,
+    /// The Ceph user (without `client.`), e.g. `yukumo`; its capabilities
+    /// should be `profile rbd` on the pool and the monitors.
+    #[schemars(length(min = 1, max = 128), regex(pattern = "^[A-Za-z0-9_.-]+$"))]
+    pub user: String,
+}
+
+impl CephPool {
+    /// The name of the libvirt secret (usage type `ceph`) holding the
+    /// user's key on every host.
+    pub fn secret_usage(&self) -> String {
+        ceph_secret_usage(&self.user)
+    }
+}
+
+/// The usage name of the libvirt secret holding Ceph user `user`'s key.
+pub fn ceph_secret_usage(user: &str) -> String {
+    format!("yukumo-ceph-client.{user}")
 }
 
 /// A storage pool's backend.
@@ -131,13 +175,16 @@ pub enum PoolType {
     /// target (tgt); VMs on any host of the Site attach it with QEMU's
     /// iSCSI initiator. The host's agent needs `--iscsi-portal`.
     Iscsi,
+    /// Images in a Ceph pool (`ceph`), reached by QEMU's librbd from any
+    /// host of the Site; the pool's host's agent manages them.
+    Rbd,
 }
 
 impl PoolType {
     /// Whether a VM on any host of the Site can use the pool's volumes
     /// (else only on the pool's host).
     pub fn networked(self) -> bool {
-        matches!(self, PoolType::Iscsi)
+        matches!(self, PoolType::Iscsi | PoolType::Rbd)
     }
 }
 

@@ -154,6 +154,9 @@ pub struct NodeDisk {
     /// The iSCSI logical unit of the volume (`iscsi` pools).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi: Option<crate::volume::IscsiTarget>,
+    /// The Ceph RBD image of the volume (`rbd` pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<crate::volume::RbdImage>,
     /// The volume's size in bytes (the agent grows a live disk to it).
     pub bytes: u64,
 }

@@ -207,6 +207,24 @@ pub struct VolumeBacking {
     /// The iSCSI target exporting it (`iscsi` pools), once exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi: Option<IscsiTarget>,
+    /// The Ceph RBD image holding it (`rbd` pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdImage>,
+}
+
+/// A Ceph RBD image a volume is reached at.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RbdImage {
+    /// Monitor addresses, `address:port`.
+    pub monitors: Vec<String>,
+    /// Ceph pool.
+    pub pool: String,
+    /// Image name, `<volume uid>.raw`.
+    pub image: String,
+    /// The Ceph user QEMU authenticates as (its key: the host's libvirt
+    /// secret of usage `yukumo-ceph-client.<user>`).
+    pub user: String,
 }
 
 /// An iSCSI logical unit a volume is reached at.

@@ -158,7 +158,14 @@ pub fn live_disk_ops(seen: &NodeSeen, wanted: &[NodeDisk]) -> Vec<DomainOp> {
             .any(|w| w.serial == x.serial && w.target == x.target)
         {
             ops.push(DomainOp::DetachDisk {
-                xml: disk_xml(&x.path, x.iscsi.as_ref(), &x.target, &x.serial, false),
+                xml: disk_xml(
+                    &x.path,
+                    x.iscsi.as_ref(),
+                    x.rbd.as_ref(),
+                    &x.target,
+                    &x.serial,
+                    false,
+                ),
             });
         }
     }
@@ -369,6 +376,7 @@ mod tests {
             serial: serial.into(),
             path: format!("/p/{serial}.qcow2"),
             iscsi: None,
+            rbd: None,
             bytes,
         }
     }
@@ -385,6 +393,7 @@ mod tests {
                         target: t.to_string(),
                         path: format!("/p/{s}.qcow2"),
                         iscsi: None,
+                        rbd: None,
                         bytes: *b,
                     })
                     .collect(),

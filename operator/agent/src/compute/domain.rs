@@ -7,7 +7,7 @@
 //! nothing changed redefines nothing.
 
 use std::path::{Path, PathBuf};
-use yukumo_api::volume::IscsiTarget;
+use yukumo_api::volume::{IscsiTarget, RbdImage};
 
 use sha2::{Digest, Sha256};
 use yukumo_api::virtualnode::VirtualNode;
@@ -74,17 +74,40 @@ fn nic(vn: &VirtualNode) -> String {
 }
 
 /// The XML of a volume disk: the Volume's file (or its iSCSI logical
-/// unit, reached by QEMU's own initiator), its persisted target, and its
-/// uid as the serial the guest sees (`/sys/block/<dev>/serial`).
+/// unit, reached by QEMU's own initiator, or its Ceph RBD image, reached by
+/// QEMU's librbd with the key of the host's libvirt secret), its persisted
+/// target, and its uid as the serial the guest sees (`/sys/block/<dev>/serial`).
 pub fn disk_xml(
     path: &str,
     iscsi: Option<&IscsiTarget>,
+    rbd: Option<&RbdImage>,
     target: &str,
     serial: &str,
     read_only: bool,
 ) -> String {
-    let (kind, driver, source) = match iscsi {
-        Some(t) => {
+    let (kind, driver, source) = match (iscsi, rbd) {
+        (_, Some(r)) => {
+            let hosts: String = r
+                .monitors
+                .iter()
+                .map(|m| {
+                    let (h, p) = m.rsplit_once(':').unwrap_or((m, "6789"));
+                    format!("\n        <host name='{}' port='{}'/>", esc(h), esc(p))
+                })
+                .collect();
+            (
+                "network",
+                "raw",
+                format!(
+                    "<source protocol='rbd' name='{}/{}'>{hosts}\n        <auth username='{}'>\n          <secret type='ceph' usage='{}'/>\n        </auth>\n      </source>",
+                    esc(&r.pool),
+                    esc(&r.image),
+                    esc(&r.user),
+                    esc(&yukumo_api::site::ceph_secret_usage(&r.user)),
+                ),
+            )
+        }
+        (Some(t), None) => {
             let (host, port) = t.portal.rsplit_once(':').unwrap_or((&t.portal, "3260"));
             (
                 "network",
@@ -98,7 +121,7 @@ pub fn disk_xml(
                 ),
             )
         }
-        None => ("file", "qcow2", format!("<source file='{}'/>", esc(path))),
+        (None, None) => ("file", "qcow2", format!("<source file='{}'/>", esc(path))),
     };
     format!(
         "    <disk type='{kind}' device='disk'>\n      <driver name='qemu' type='{driver}'/>\n      {source}\n      <target dev='{}' bus='virtio'/>\n      <serial>{}</serial>\n{}    </disk>\n",
@@ -110,7 +133,14 @@ pub fn disk_xml(
 
 /// The XML of a node's volume disk as its spec lists it.
 pub fn volume_disk_xml(d: &yukumo_api::virtualnode::NodeDisk) -> String {
-    disk_xml(&d.path, d.iscsi.as_ref(), &d.target, &d.serial, d.read_only)
+    disk_xml(
+        &d.path,
+        d.iscsi.as_ref(),
+        d.rbd.as_ref(),
+        &d.target,
+        &d.serial,
+        d.read_only,
+    )
 }
 
 /// The disk target of the boot disk.
@@ -130,6 +160,8 @@ pub struct DiskSeen {
     pub path: String,
     /// The iSCSI logical unit of a network disk.
     pub iscsi: Option<IscsiTarget>,
+    /// The Ceph RBD image of a network disk.
+    pub rbd: Option<RbdImage>,
     /// The size the guest sees (running domains; 0 when not read).
     pub bytes: u64,
 }
@@ -196,6 +228,34 @@ pub fn disks_in(xml: &str) -> Vec<DiskSeen> {
                         ),
                         iqn: iqn.to_string(),
                         lun: lun.parse().unwrap_or(0),
+                    })
+                }),
+            rbd: tag("source")
+                .filter(|t| attr(t, "protocol").as_deref() == Some("rbd"))
+                .and_then(|t| {
+                    let name = unesc(&attr(t, "name")?);
+                    let (pool, image) = name.split_once('/')?;
+                    let mut monitors = Vec::new();
+                    let mut hosts = disk;
+                    while let Some(h) = hosts.find("<host ") {
+                        let h_tag = &hosts[h..h + hosts[h..].find('>').unwrap_or(0)];
+                        if let Some(n) = attr(h_tag, "name") {
+                            monitors.push(format!(
+                                "{}:{}",
+                                unesc(&n),
+                                attr(h_tag, "port").unwrap_or_else(|| "6789".into())
+                            ));
+                        }
+                        hosts = &hosts[h + 6..];
+                    }
+                    Some(RbdImage {
+                        monitors,
+                        pool: pool.to_string(),
+                        image: image.to_string(),
+                        user: tag("auth")
+                            .and_then(|a| attr(a, "username"))
+                            .map(|u| unesc(&u))
+                            .unwrap_or_default(),
                     })
                 }),
             bytes: 0,
@@ -338,6 +398,7 @@ mod tests {
             serial: "u0".into(),
             path: String::new(),
             iscsi: Some(t.clone()),
+            rbd: None,
             bytes: 1 << 30,
         }];
         let p = NodePaths::new(Path::new("/s"), "u");
@@ -389,6 +450,7 @@ mod tests {
             serial: "9a1c7e4a-0000-4000-8000-000000000009".into(),
             path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
             iscsi: None,
+            rbd: None,
             bytes: 1 << 26,
         }];
         let san = IscsiTarget {
@@ -403,6 +465,7 @@ mod tests {
             serial: "9a1c7e4a-0000-4000-8000-00000000000a".into(),
             path: String::new(),
             iscsi: Some(san.clone()),
+            rbd: None,
             bytes: 1 << 26,
         });
         let p = NodePaths::new(Path::new("/s"), "u");
@@ -420,6 +483,7 @@ mod tests {
                     target: "vdc".into(),
                     path: "/pools/local/9a1c7e4a-0000-4000-8000-000000000009.qcow2".into(),
                     iscsi: None,
+                    rbd: None,
                     bytes: 0
                 },
                 DiskSeen {
@@ -427,6 +491,7 @@ mod tests {
                     target: "vdd".into(),
                     path: String::new(),
                     iscsi: Some(san),
+                    rbd: None,
                     bytes: 0
                 }
             ]
@@ -440,6 +505,7 @@ mod tests {
                 target: "vdd".into(),
                 path: "/a&b".into(),
                 iscsi: None,
+                rbd: None,
                 bytes: 0
             }]
         );

@@ -324,6 +324,7 @@ impl Domains for FakeDomains {
                             super::domain::disk_xml(
                                 &o.path,
                                 o.iscsi.as_ref(),
+                                o.rbd.as_ref(),
                                 &o.target,
                                 &o.serial,
                                 false,

@@ -68,7 +68,7 @@ impl Format {
     pub fn of(pool: yukumo_api::site::PoolType) -> Format {
         match pool {
             yukumo_api::site::PoolType::Dir => Format::Qcow2,
-            yukumo_api::site::PoolType::Iscsi => Format::Raw,
+            yukumo_api::site::PoolType::Iscsi | yukumo_api::site::PoolType::Rbd => Format::Raw,
         }
     }
 
@@ -375,6 +375,7 @@ pub fn backing(
         reason: error.as_ref().map(|e| e.0.clone()),
         error: error.map(|e| e.1),
         iscsi: None,
+        rbd: None,
     })
 }
 

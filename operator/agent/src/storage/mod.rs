@@ -5,8 +5,10 @@
 //! storage API on the real host, an in-memory fake in tests), the pure
 //! [`decide`] returns typed [`decide::StorageOp`]s and the backing to
 //! report, and [`reconcile`] carries them out and writes the Volume's
-//! `status.backing` (the controller turns it into conditions).
+//! `status.backing` (the controller turns it into conditions). `rbd` pools
+//! are carried out by Ceph's tools instead ([`ceph`]), behind the same seam.
 
+pub mod ceph;
 pub mod decide;
 pub mod pools;
 pub mod reconcile;

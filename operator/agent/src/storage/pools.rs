@@ -8,6 +8,9 @@ use std::future::Future;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use yukumo_api::site::{PoolType, StoragePool as PoolSpec};
+
+use super::ceph::Ceph;
 use super::decide::{PoolSeen, StorageOp, VolSeen};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
@@ -18,15 +21,41 @@ pub fn libvirt_pool(name: &str) -> String {
 
 /// The storage pools of this host.
 pub trait Pools: Send + Sync + Clone + 'static {
-    /// The pool `name` and its volumes (an absent pool is inactive and empty).
-    fn observe(&self, name: &str)
-    -> impl Future<Output = Result<PoolSeen, HypervisorError>> + Send;
-    /// Carry out `op` on pool `name`.
+    /// The pool and its volumes (an absent pool is inactive and empty).
+    fn observe(
+        &self,
+        pool: &PoolSpec,
+    ) -> impl Future<Output = Result<PoolSeen, HypervisorError>> + Send;
+    /// Carry out `op` on the pool.
     fn apply(
         &self,
-        name: &str,
+        pool: &PoolSpec,
         op: StorageOp,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+}
+
+/// A host's pools by backend: `dir` and `iscsi` pools through libvirt
+/// (`P`), `rbd` pools through Ceph's tools.
+#[derive(Clone)]
+pub struct HostPools<P: Pools> {
+    pub libvirt: P,
+    pub ceph: Ceph,
+}
+
+impl<P: Pools> Pools for HostPools<P> {
+    async fn observe(&self, pool: &PoolSpec) -> Result<PoolSeen, HypervisorError> {
+        match pool.type_ {
+            PoolType::Rbd => self.ceph.observe(pool).await,
+            PoolType::Dir | PoolType::Iscsi => self.libvirt.observe(pool).await,
+        }
+    }
+
+    async fn apply(&self, pool: &PoolSpec, op: StorageOp) -> Result<(), HypervisorError> {
+        match pool.type_ {
+            PoolType::Rbd => self.ceph.apply(pool, op).await,
+            PoolType::Dir | PoolType::Iscsi => self.libvirt.apply(pool, op).await,
+        }
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -46,8 +75,8 @@ fn pool_path(xml: &str) -> String {
 }
 
 impl Pools for Hypervisor {
-    async fn observe(&self, name: &str) -> Result<PoolSeen, HypervisorError> {
-        let lname = libvirt_pool(name);
+    async fn observe(&self, pool: &PoolSpec) -> Result<PoolSeen, HypervisorError> {
+        let lname = libvirt_pool(&pool.name);
         self.call(move |c| {
             let Ok(p) = StoragePool::lookup_by_name(c, &lname) else {
                 return Ok(PoolSeen::default());
@@ -86,8 +115,8 @@ impl Pools for Hypervisor {
         .await
     }
 
-    async fn apply(&self, name: &str, op: StorageOp) -> Result<(), HypervisorError> {
-        let lname = libvirt_pool(name);
+    async fn apply(&self, pool: &PoolSpec, op: StorageOp) -> Result<(), HypervisorError> {
+        let lname = libvirt_pool(&pool.name);
         self.call(move |c| {
             match op {
                 StorageOp::EnsurePool { path } => {
@@ -213,17 +242,18 @@ pub struct FakePools {
 
 #[cfg(test)]
 impl Pools for FakePools {
-    async fn observe(&self, name: &str) -> Result<PoolSeen, HypervisorError> {
+    async fn observe(&self, pool: &PoolSpec) -> Result<PoolSeen, HypervisorError> {
         Ok(self
             .pools
             .lock()
             .unwrap()
-            .get(name)
+            .get(&pool.name)
             .cloned()
             .unwrap_or_default())
     }
 
-    async fn apply(&self, name: &str, op: StorageOp) -> Result<(), HypervisorError> {
+    async fn apply(&self, pool: &PoolSpec, op: StorageOp) -> Result<(), HypervisorError> {
+        let name = pool.name.as_str();
         let mut pools = self.pools.lock().unwrap();
         let missing = || HypervisorError::Libvirt {
             uri: "fake".into(),
@@ -286,6 +316,16 @@ mod tests {
     use super::*;
     use crate::storage::decide::{VolumeWant, volume_ops};
 
+    fn test_pool(name: &str) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            type_: PoolType::Dir,
+            host: "h".into(),
+            path: None,
+            ceph: None,
+        }
+    }
+
     #[test]
     fn the_pool_path_is_read_from_its_xml() {
         assert_eq!(
@@ -309,11 +349,11 @@ mod tests {
                 bytes,
                 ..Default::default()
             };
-            let seen = hv.observe("t").await.unwrap();
+            let seen = hv.observe(&test_pool("t")).await.unwrap();
             for op in volume_ops("t", "/yk-test-pool", &seen, &want, 0).unwrap() {
-                hv.apply("t", op).await.unwrap();
+                hv.apply(&test_pool("t"), op).await.unwrap();
             }
-            let seen = hv.observe("t").await.unwrap();
+            let seen = hv.observe(&test_pool("t")).await.unwrap();
             assert!(seen.active && seen.capacity > 0, "{seen:?}");
             assert_eq!(
                 volume_ops("t", "/yk-test-pool", &seen, &want, 0).unwrap(),
@@ -337,11 +377,11 @@ mod tests {
             snapshots: vec!["s1".into()],
             ..Default::default()
         };
-        let seen = hv.observe("t").await.unwrap();
+        let seen = hv.observe(&test_pool("t")).await.unwrap();
         for op in volume_ops("t", "/yk-test-pool", &seen, &snap, 0).unwrap() {
-            hv.apply("t", op).await.unwrap();
+            hv.apply(&test_pool("t"), op).await.unwrap();
         }
-        let seen = hv.observe("t").await.unwrap();
+        let seen = hv.observe(&test_pool("t")).await.unwrap();
         assert_eq!(
             crate::storage::decide::snapshots_of(&seen, uid),
             vec![(
@@ -359,11 +399,17 @@ mod tests {
             delete: true,
             ..Default::default()
         };
-        let seen = hv.observe("t").await.unwrap();
+        let seen = hv.observe(&test_pool("t")).await.unwrap();
         for op in volume_ops("t", "/yk-test-pool", &seen, &del, 0).unwrap() {
-            hv.apply("t", op).await.unwrap();
+            hv.apply(&test_pool("t"), op).await.unwrap();
         }
-        assert!(hv.observe("t").await.unwrap().volumes.is_empty());
+        assert!(
+            hv.observe(&test_pool("t"))
+                .await
+                .unwrap()
+                .volumes
+                .is_empty()
+        );
         keep.close().unwrap();
     }
 
@@ -382,11 +428,11 @@ mod tests {
                 bytes,
                 ..Default::default()
             };
-            let seen = pools.observe("d").await.unwrap();
+            let seen = pools.observe(&test_pool("d")).await.unwrap();
             for op in volume_ops("d", "/p", &seen, &want, 0).unwrap() {
-                pools.apply("d", op).await.unwrap();
+                pools.apply(&test_pool("d"), op).await.unwrap();
             }
-            let seen = pools.observe("d").await.unwrap();
+            let seen = pools.observe(&test_pool("d")).await.unwrap();
             assert_eq!(volume_ops("d", "/p", &seen, &want, bytes).unwrap(), vec![]);
             assert_eq!(
                 crate::storage::decide::backing(

@@ -25,8 +25,8 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use yukumo_api::host::Host;
 use yukumo_api::quantity::parse_quantity;
-use yukumo_api::site::{PoolStatus, Site, StoragePool};
-use yukumo_api::volume::{SnapshotStatus, Volume, VolumeBacking};
+use yukumo_api::site::{PoolStatus, PoolType, Site, StoragePool};
+use yukumo_api::volume::{RbdImage, SnapshotStatus, Volume, VolumeBacking};
 use yukumo_api::{Reason, finalizers, labels, managers};
 
 use super::decide::{self, VolumeWant};
@@ -115,8 +115,11 @@ impl<P: Pools, T: Targets> StorageCtx<P, T> {
         })
     }
 
-    /// The folder of a pool of this host.
+    /// The folder of a pool of this host (`rbd`: its Ceph pool).
     fn path(&self, pool: &StoragePool) -> String {
+        if let Some(c) = &pool.ceph {
+            return c.pool.clone();
+        }
         pool.path.clone().unwrap_or_else(|| {
             self.state_dir
                 .join("pools")
@@ -271,7 +274,25 @@ pub async fn reconcile<P: Pools, T: Targets>(
     };
     let path = ctx.path(&pool);
     let deleting = vol.metadata.deletion_timestamp.is_some();
-    let seen = ctx.pools.observe(&pool.name).await?;
+    // A pool that cannot be read (Ceph unreachable, no keyring, libvirt
+    // gone) is the Volume's condition, not only a log line.
+    let seen = match ctx.pools.observe(&pool).await {
+        Ok(s) => s,
+        Err(e) => {
+            let b = VolumeBacking {
+                error: Some(format!("pool {:?}: {e}", pool.name)),
+                reason: Some(Reason::StorageFailed),
+                ..status.backing.clone().unwrap_or_default()
+            };
+            let st = AgentStatus {
+                backing: Some(b),
+                snapshots: status.snapshots.clone(),
+                restored_from: status.restored_from.clone(),
+            };
+            write_status(&vol, &ctx.client, st).await?;
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+    };
     let fmt = decide::Format::of(pool.type_);
     let file = decide::volume_file(&uid, fmt);
     let iqn = targets::target_iqn(&pool.name, &uid);
@@ -279,7 +300,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
     // An `iscsi` pool's targets (observed once per pass; `None` when they
     // could not be read): whether a guest uses this one now.
     let mut exported = None;
-    if fmt == decide::Format::Raw {
+    if pool.type_ == PoolType::Iscsi {
         match ctx.targets.observe().await {
             Ok(t) => exported = Some(t),
             Err(e) => {
@@ -404,7 +425,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
                 if label == "copy" && restore.is_some() {
                     restored = true;
                 }
-                match ctx.pools.apply(&pool.name, op).await {
+                match ctx.pools.apply(&pool, op).await {
                     Ok(()) => {
                         ctx.metrics
                             .storage_ops
@@ -442,7 +463,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
         }
     }
     drop(image);
-    let seen = ctx.pools.observe(&pool.name).await?;
+    let seen = ctx.pools.observe(&pool).await?;
     if want.delete {
         if !seen.volumes.contains_key(&file) && decide::snapshots_of(&seen, &uid).is_empty() {
             release_finalizer(&ctx.client, &vol).await?;
@@ -451,6 +472,17 @@ pub async fn reconcile<P: Pools, T: Targets>(
         requeue = Duration::from_secs(5);
     }
     let mut backing = decide::backing(&seen, &uid, fmt, error);
+    // An RBD image is reached by its name, wherever the guest runs.
+    if let (Some(c), Some(b)) = (&pool.ceph, backing.as_mut())
+        && !b.path.is_empty()
+    {
+        b.rbd = Some(RbdImage {
+            monitors: c.monitors.clone(),
+            pool: c.pool.clone(),
+            image: super::ceph::image_of(&file),
+            user: c.user.clone(),
+        });
+    }
     if let Some(seen) = &exported
         && !want.delete
         && let Some(b) = backing.as_mut().filter(|b| !b.path.is_empty())
@@ -592,7 +624,7 @@ async fn report<P: Pools, T: Targets>(ctx: &StorageCtx<P, T>) -> Result<(), Erro
             ..Default::default()
         };
         let path = ctx.path(pool);
-        let mut seen = ctx.pools.observe(&pool.name).await;
+        let mut seen = ctx.pools.observe(pool).await;
         if let Ok(s) = &seen
             && (!s.active || s.path != path)
         {
@@ -600,10 +632,10 @@ async fn report<P: Pools, T: Targets>(ctx: &StorageCtx<P, T>) -> Result<(), Erro
             // capacity shows.
             seen = match ctx
                 .pools
-                .apply(&pool.name, decide::StorageOp::EnsurePool { path })
+                .apply(pool, decide::StorageOp::EnsurePool { path })
                 .await
             {
-                Ok(()) => ctx.pools.observe(&pool.name).await,
+                Ok(()) => ctx.pools.observe(pool).await,
                 Err(e) => Err(e),
             };
         }

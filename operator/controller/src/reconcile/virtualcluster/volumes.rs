@@ -278,13 +278,18 @@ pub fn plan(
             .find(|s| s.name_any() == loc.site)
             .and_then(|s| s.spec.storage_pool(&loc.pool))
             .is_none_or(|p| !p.type_.networked());
-        // A network volume is reached at its target once exported; a disk
-        // the node holds keeps the target it was attached with.
-        let iscsi = match (dir, &backing.iscsi, &kept) {
-            (true, _, _) => None,
-            (false, _, Some(d)) if d.iscsi.is_some() => d.iscsi.clone(),
-            (false, Some(t), _) => Some(t.clone()),
-            (false, None, _) => {
+        // A network volume is reached at its target once exported (an RBD
+        // image once it exists); a disk the node holds keeps the source it
+        // was attached with.
+        let (iscsi, rbd) = match (dir, &kept) {
+            (true, _) => (None, None),
+            (false, Some(d)) if d.iscsi.is_some() || d.rbd.is_some() => {
+                (d.iscsi.clone(), d.rbd.clone())
+            }
+            (false, _) if backing.iscsi.is_some() || backing.rbd.is_some() => {
+                (backing.iscsi.clone(), backing.rbd.clone())
+            }
+            (false, _) => {
                 wait(
                     Reason::VolumeNotReady,
                     format!(
@@ -397,6 +402,7 @@ pub fn plan(
                 String::new()
             },
             iscsi,
+            rbd,
             bytes,
         });
     }
