@@ -1583,7 +1583,33 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
     .unwrap();
     assert_eq!(checksum(&sock, 16), original, "the snapshot's data");
 
-    // The cluster and the volume go; nothing of them is left in Ceph.
+    // A volume from the (verified) image, copied into Ceph, hot-plugged:
+    // its first MiB is the image's, as on the root disk.
+    let (path, sum) = tiny_image();
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: img, namespace: {ns}}}\nspec: {{size: 64Mi, pool: ceph, source: {{image: {{url: 'file://{path}', checksum: '{sum}'}}}}}}\n"
+    ));
+    let img = wait_reason(&env, ns, &["volume", "img"], "Ready", "Available", 120);
+    let img_uid = img["metadata"]["uid"].as_str().unwrap().to_string();
+    env.apply(&cluster(ns, "vc", &["data", "img"], true));
+    let first_mib = |dev: &str| {
+        sh(
+            &sock,
+            &format!("dd if=/dev/{dev} bs=65536 count=16 2>/dev/null | sha256sum | cut -c1-64"),
+        )
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "image volume plugged",
+        || match guest_disk(&sock, "vdd") {
+            Some((b, _)) if b == 64 * MI => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+    assert_eq!(first_mib("vdd"), first_mib("vda"));
+
+    // The cluster and the volumes go; nothing of them is left in Ceph.
     drop(cordon);
     env.kubectl_ok(&[
         "-n",
@@ -1595,18 +1621,23 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
         "--timeout=120s",
     ])
     .unwrap();
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "delete",
-        "volume",
-        "data",
-        "--wait=true",
-        "--timeout=120s",
-    ])
-    .unwrap();
+    for v in ["data", "img"] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=120s",
+        ])
+        .unwrap();
+    }
     let images = ceph_images(&env);
-    assert!(!images.contains(&vuid), "{images}");
+    assert!(
+        !images.contains(&vuid) && !images.contains(&img_uid),
+        "{images}"
+    );
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
