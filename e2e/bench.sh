@@ -49,7 +49,7 @@ trap cleanup EXIT
 # shellcheck disable=SC1091
 source "$ROOT/e2e/lib/tools.sh" >/dev/null
 export YUKUMO_HEARTBEAT=10s
-"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example
+"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example --storage ceph
 export KUBECONFIG=$YUKUMO_ENV_DIR/kubeconfig
 if [ "${YUKUMO_BENCH_ONLY:-}" != storage ]; then
   kubectl apply -f - >/dev/null <<'YAML'

@@ -1,16 +1,18 @@
 //! yukumo-storagebench: the storage part of `make bench` (run by
 //! `e2e/bench.sh` in the environment it starts).
 //!
-//! For each pool type this version implements (`dir`: pool `default`,
-//! `iscsi`: pool `san`, both of host-1 in `examples/local-site.yaml`; the
-//! iSCSI guest runs wherever it is placed, reaching the target over the
-//! underlay): a Volume is created
+//! For each pool type (`dir`: pool `default`, `iscsi`: pool `san`, both of
+//! host-1 in `examples/local-site.yaml`; `rbd`: pool `ceph`, the
+//! environment's single-node Ceph; network guests run wherever they are
+//! placed, reaching the target or Ceph over the underlay): a Volume is created
 //! (`create_ms`: apply → `Ready`), hot-plugged into a running tiny guest
 //! (`attach_ms`: the cluster's spec names it → the guest sees the disk), and
 //! `blkbench` (e2e/lib/blkbench.c: O_DIRECT, one request at a time, writes
 //! end with fdatasync) runs sequential 1 MiB and random 4 KiB reads and
 //! writes on it inside the guest; the baseline is the same program on the
-//! host on a raw file of the same size in the same pool folder. Prints
+//! host on a raw file of the same size in the same pool folder (`rbd`:
+//! `rbd bench` with one I/O thread on an image of the same size in the same
+//! Ceph pool, librbd from the host). Prints
 //! the figures and writes `target/bench/storage.json` (`--out`): one row
 //! per pool and operation with `pool`, `op`, `guest_mbps`, `raw_mbps`,
 //! `ratio`, `attach_ms`, `create_ms`.
@@ -121,7 +123,7 @@ spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
 "
     ));
     let mut rows = Vec::new();
-    for (pool, type_) in [("default", "dir"), ("san", "iscsi")] {
+    for (pool, type_) in [("default", "dir"), ("san", "iscsi"), ("ceph", "rbd")] {
         let result = run(&env, size_mib, &ops, pool, type_);
         let _ = env.kubectl(&[
             "-n",
@@ -178,7 +180,7 @@ spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
         &out,
         serde_json::to_string_pretty(&json!({
             "size_mib": size_mib,
-            "note": "guest: blkbench in a TCG tiny guest on the Volume (dir: a qcow2 file, QEMU's default cache; iscsi: the pool host's tgtd through QEMU's libiscsi over the underlay); raw: the same program on the pool's host on a raw file in the same pool folder; O_DIRECT, queue depth 1",
+            "note": "guest: blkbench in a TCG tiny guest on the Volume (dir: a qcow2 file, QEMU's default cache; iscsi: the pool host's tgtd through QEMU's libiscsi over the underlay; rbd: a single-node Ceph (1 bluestore OSD on a file) through QEMU's librbd over the underlay); raw: the same program on the pool's host on a raw file in the same pool folder (rbd: rbd bench, librbd, 1 I/O thread, on an image of the same size in the same Ceph pool); O_DIRECT, queue depth 1",
             "rows": rows,
         }))?,
     )?;
@@ -240,10 +242,16 @@ fn run(env: &Env, size_mib: u64, ops: &[Op], pool: &str, type_: &str) -> Result<
         has_disk(true)
     })?;
     let attach_ms = t.elapsed().as_millis() as u64;
-    // The baseline's file: raw, same size, same folder (file system).
+    // The baseline's file: raw, same size, same folder (file system); for
+    // rbd an image of the same size in the same Ceph pool.
     let raw = Path::new(&path).with_file_name("storagebench-raw.img");
     let blkbench = compile_blkbench(env)?;
-    std::fs::File::create(&raw)?.set_len(size_mib << 20)?;
+    if type_ == "rbd" {
+        rbd_admin(env, &["rm", "--no-progress", RBD_RAW]).ok();
+        rbd_admin(env, &["create", "--size", &format!("{size_mib}M"), RBD_RAW])?;
+    } else {
+        std::fs::File::create(&raw)?.set_len(size_mib << 20)?;
+    }
     let mut rows = Vec::new();
     for op in ops {
         let args = format!("{} {size_mib} {} {}", op.mode, op.block, op.total_mib);
@@ -256,6 +264,20 @@ fn run(env: &Env, size_mib: u64, ops: &[Op], pool: &str, type_: &str) -> Result<
             bail!("guest blkbench {args}: {g}");
         }
         let guest = mbps(&g)?;
+        if type_ == "rbd" {
+            let rawv = rbd_bench(env, op)?;
+            rows.push(json!({
+                "pool": type_,
+                "op": op.name,
+                "block_bytes": op.block,
+                "guest_mbps": guest,
+                "raw_mbps": rawv,
+                "ratio": guest / rawv,
+                "attach_ms": attach_ms,
+                "create_ms": create_ms,
+            }));
+            continue;
+        }
         let o = std::process::Command::new(&blkbench)
             .arg(&raw)
             .args(args.split_whitespace())
@@ -279,7 +301,67 @@ fn run(env: &Env, size_mib: u64, ops: &[Op], pool: &str, type_: &str) -> Result<
         }));
     }
     let _ = std::fs::remove_file(&raw);
+    if type_ == "rbd" {
+        rbd_admin(env, &["rm", "--no-progress", RBD_RAW])?;
+    }
     Ok(rows)
+}
+
+/// The rbd baseline's image.
+const RBD_RAW: &str = "yukumo/storagebench-raw";
+
+/// `rbd` as the environment's Ceph admin, in Ceph's namespace.
+fn rbd_admin(env: &Env, args: &[&str]) -> Result<String> {
+    let ns = std::fs::read_to_string(env.dir.join("ceph/netns"))
+        .context("the environment runs no Ceph")?;
+    let o = std::process::Command::new("timeout")
+        .args(["600", "ip", "netns", "exec", ns.trim(), "rbd", "-c"])
+        .arg(env.dir.join("ceph/ceph.conf"))
+        .args(args)
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "rbd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// MB/s of `op` by `rbd bench` (librbd, one I/O thread: queue depth 1
+/// like blkbench) on the baseline image: its `ops/sec` times the block.
+fn rbd_bench(env: &Env, op: &Op) -> Result<f64> {
+    let (io_type, pattern) = match op.mode {
+        "seqwrite" => ("write", "seq"),
+        "seqread" => ("read", "seq"),
+        "randwrite" => ("write", "rand"),
+        _ => ("read", "rand"),
+    };
+    let out = rbd_admin(
+        env,
+        &[
+            "bench",
+            "--io-type",
+            io_type,
+            "--io-pattern",
+            pattern,
+            "--io-size",
+            &op.block.to_string(),
+            "--io-total",
+            &format!("{}M", op.total_mib),
+            "--io-threads",
+            "1",
+            RBD_RAW,
+        ],
+    )?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let i = words
+        .iter()
+        .rposition(|w| *w == "ops/sec:")
+        .with_context(|| format!("no ops/sec in {out:?}"))?;
+    let ops: f64 = words.get(i + 1).context("ops/sec value")?.parse()?;
+    Ok(ops * op.block as f64 / 1e6)
 }
 
 /// The host's blkbench, built from the same source as the guest's.
