@@ -15,7 +15,7 @@ check() { # description, command...
 refuses() { ! "$@"; }
 check "helm lint --strict" helm lint --strict "$CHART"
 check "helm lint with the local values" helm lint --strict "$CHART" -f "$ROOT/e2e/values-local.yaml"
-for bad in "controller.replicas=0" "agent.site=Not_A_Label" "controller.logLevel=loud" "unknownKey=1"; do
+for bad in "controller.replicas=0" "agent.site=Not_A_Label" "controller.logLevel=loud" "unknownKey=1" "agent.cephKeyringSecret=Bad_Name"; do
   check "values schema refuses $bad" refuses helm lint "$CHART" --set "$bad"
 done
 render=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4)
@@ -25,6 +25,10 @@ check "renders the controller Deployment with 2 replicas" grep -q 'replicas: 2' 
 check "renders the agent DaemonSet" grep -q '^kind: DaemonSet' <<<"$render"
 check "ships the user roles, aggregated into view/edit/admin" test "$(grep -c "rbac.authorization.k8s.io/aggregate-to-" <<<"$render")" -eq 6
 check "controller runs as non-root with no capabilities" grep -q 'runAsNonRoot: true' <<<"$render"
+check "no Ceph keyring by default" refuses grep -q -- '--ceph-keyring' <<<"$render"
+ceph=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.cephKeyringSecret=ceph-yukumo)
+check "agent.cephKeyringSecret passes --ceph-keyring" grep -q -- '--ceph-keyring=/etc/yukumo/ceph/keyring' <<<"$ceph"
+check "agent.cephKeyringSecret mounts the Secret" grep -q 'secretName: ceph-yukumo' <<<"$ceph"
 norender=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set crds.install=false)
 check "crds.install=false renders no CRD" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$norender" || true)" -eq 0
 echo "$pass passed, $fail failed"
