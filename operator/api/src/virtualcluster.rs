@@ -204,8 +204,8 @@ pub struct NodePool {
 /// A node's boot disk as a Volume: `<node>-root` in the cluster's
 /// namespace, made by the controller from the node's image (checksum
 /// verified by the pool's host) and attached as `vda`. It outlives the VM:
-/// with an `iscsi` pool, a node restarted elsewhere after a host loss boots
-/// with its root file system as it was; with a `dir` pool the node is
+/// with a network pool (`iscsi`, `rbd`), a node restarted elsewhere after a
+/// host loss boots with its root file system as it was; with a `dir` pool the node is
 /// pinned to the pool's host. Deleted with the cluster, or when its node is
 /// removed (scaling down). Without it the boot disk is a copy-on-write
 /// overlay on the node's host, lost with that host.
@@ -268,7 +268,8 @@ pub enum StartOrder {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RecoveryPolicy {
     /// Recreate the node on another host. Its root disk (an overlay on the
-    /// host that was lost) is lost; Volumes of an `iscsi` pool follow it. A
+    /// host that was lost) is lost; Volumes of network pools (`iscsi`,
+    /// `rbd`) and a `rootVolume` in one follow it. A
     /// node with a Volume of a `dir` pool is pinned to that pool's host: it
     /// waits for that host (Unschedulable, naming it) rather than starting
     /// elsewhere without its data.
