@@ -123,13 +123,23 @@ pub fn keyring_keys(text: &str) -> Vec<(String, String)> {
 }
 
 impl Ceph {
+    /// The client configuration file of a Ceph pool (by pool and monitors:
+    /// two clusters may have pools of one name).
+    fn conf_path(&self, c: &CephPool) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        c.monitors.hash(&mut h);
+        self.conf_dir
+            .join(format!("{}-{:016x}.conf", c.pool, h.finish()))
+    }
+
     fn keyring(&self) -> Result<&Path, HypervisorError> {
         self.keyring.as_deref().ok_or_else(|| {
             err("this host's agent has no Ceph keyring (--ceph-keyring) for rbd pools")
         })
     }
 
-    /// Run a Ceph tool (bounded to 120 s) as the pool's user in the host's
+    /// Run a Ceph tool (killed after 120 s) as the pool's user in the host's
     /// namespace; its standard output.
     async fn run(
         &self,
@@ -139,29 +149,48 @@ impl Ceph {
     ) -> Result<Vec<u8>, HypervisorError> {
         let keyring = self.keyring()?.to_path_buf();
         std::fs::create_dir_all(&self.conf_dir).map_err(|e| err(e.to_string()))?;
-        let conf = self.conf_dir.join(format!("{}.conf", c.pool));
+        let conf = self.conf_path(c);
         let text = conf_text(c, &keyring);
         if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
-            std::fs::write(&conf, text).map_err(|e| err(e.to_string()))?;
+            // Written whole, then renamed: a concurrent reader never sees
+            // half of it.
+            let tmp =
+                tempfile::NamedTempFile::new_in(&self.conf_dir).map_err(|e| err(e.to_string()))?;
+            std::fs::write(tmp.path(), text).map_err(|e| err(e.to_string()))?;
+            tmp.persist(&conf).map_err(|e| err(e.to_string()))?;
         }
         let netns = self.netns.clone();
         let (tool, user) = (tool.to_string(), c.user.clone());
         let what = format!("{tool} {}", args.join(" "));
-        let out = tokio::task::spawn_blocking(move || {
+        // Started from a thread in the host's namespace (the child inherits
+        // it), awaited here; dropped (killed) when it takes too long.
+        let handle = tokio::runtime::Handle::current();
+        let child = tokio::task::spawn_blocking(move || {
             yukumo_agent::netns::in_netns_opt(netns.as_deref(), || {
-                let mut cmd = std::process::Command::new("timeout");
-                cmd.arg("120").arg(&tool);
+                let _rt = handle.enter();
+                let mut cmd = tokio::process::Command::new(&tool);
                 if tool == "qemu-img" {
                     // The image's options carry the user and configuration.
                     cmd.args(&args);
                 } else {
                     cmd.arg("-c").arg(&conf).arg("--id").arg(&user).args(&args);
                 }
-                cmd.stdin(Stdio::null()).output()
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
             })
         })
         .await
         .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(format!("{what}: {e}")))?;
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            child.wait_with_output(),
+        )
+        .await
+        .map_err(|_| err(format!("{what}: no answer in 120 s")))?
         .map_err(|e| err(format!("{what}: {e}")))?;
         if !out.status.success() {
             let msg = String::from_utf8_lossy(&out.stderr);
@@ -245,7 +274,7 @@ impl Ceph {
                 removed?;
             }
             StorageOp::CopyImage { image, name, .. } => {
-                let conf = self.conf_dir.join(format!("{}.conf", c.pool));
+                let conf = self.conf_path(c);
                 let target = format!("rbd:{}:id={}:conf={}", spec(&name), c.user, conf.display());
                 // The configuration file is written by the first call.
                 self.rbd(c, &["ls", "-p", &c.pool]).await?;
