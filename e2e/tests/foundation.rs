@@ -661,6 +661,177 @@ spec:
 }
 
 #[test]
+fn a_site_admits_only_the_namespaces_its_access_selects() {
+    let env = Env::get();
+    let site = "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: lab}
+spec:
+  vniRange: {start: 3000, end: 3099}
+  storagePools: [{name: lab-dir, type: dir, host: lab-storage}]
+  access:
+    namespaceSelector:
+      matchLabels: {yukumo.io/lab: 'yes'}
+      matchExpressions: [{key: yukumo.io/suspended, operator: DoesNotExist}]
+";
+    env.apply(site);
+    ensure_namespace(&env, "lab-out");
+    ensure_namespace(&env, "lab-in");
+    env.kubectl_ok(&[
+        "label",
+        "namespace",
+        "lab-in",
+        "yukumo.io/lab=yes",
+        "--overwrite",
+    ])
+    .unwrap();
+    let objects = |ns: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: at-lab, namespace: {ns}}}
+spec: {{cidr: 10.7.0.0/24, segment: {{type: vxlan}}, homeSite: lab}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: at-home, namespace: {ns}}}
+spec: {{cidr: 10.6.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: visitor, namespace: {ns}}}
+spec:
+  networkGroup: at-home
+  frontend:
+    site: lab
+    size: {{cpu: 1, memory: 256Mi}}
+    image: {{url: 'file:///img.qcow2', checksum: 'sha256:{}'}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {{name: lab-data, namespace: {ns}}}
+spec: {{size: 64Mi, pool: lab-dir}}
+",
+            "c".repeat(64)
+        )
+    };
+    for ns in ["lab-out", "lab-in"] {
+        env.apply(&objects(ns));
+    }
+    let ready = |ns: &str, what: &[&str]| {
+        let mut args = vec!["-n", ns, "get"];
+        args.extend_from_slice(what);
+        condition(&json(&env, &args), "Ready").unwrap_or_default()
+    };
+    // Outside the selector: each object says so, naming the field, the
+    // namespace and the Site, and takes nothing of the Site.
+    for (what, field) in [
+        (vec!["ng", "at-lab"], "spec.homeSite"),
+        (vec!["vc", "visitor"], "spec.frontend.site"),
+        (vec!["volume", "lab-data"], "spec.pool"),
+    ] {
+        let ((_, _, msg), took) = wait_for(Duration::from_secs(30), "SiteAccessDenied", || {
+            let c = ready("lab-out", &what);
+            if c.1 == "SiteAccessDenied" {
+                Ok(c)
+            } else {
+                Err(format!("{what:?}: {c:?}"))
+            }
+        })
+        .unwrap();
+        println!("{what:?} refused in {took:?}: {msg}");
+        assert!(
+            msg.starts_with(&format!(
+                "{field}: namespace lab-out may not use Site \"lab\""
+            )),
+            "{msg}"
+        );
+    }
+    let ng = json(&env, &["-n", "lab-out", "get", "ng", "at-lab"]);
+    assert!(ng["status"]["segment"].is_null(), "{}", ng["status"]);
+    let vol = json(&env, &["-n", "lab-out", "get", "volume", "lab-data"]);
+    assert!(vol["status"]["location"].is_null(), "{}", vol["status"]);
+    let nodes = json(&env, &["-n", "lab-out", "get", "vn"]);
+    assert_eq!(
+        nodes["items"].as_array().map(Vec::len),
+        Some(0),
+        "no node at the Site"
+    );
+    wait_for(Duration::from_secs(20), "a Warning event", || {
+        let ev = env
+            .kubectl_ok(&["-n", "lab-out", "get", "events", "-o", "json"])
+            .map_err(|e| e.to_string())?;
+        if ev.contains("SiteAccessDenied") && ev.contains("Warning") {
+            Ok(())
+        } else {
+            Err("no event yet".into())
+        }
+    })
+    .unwrap();
+    // Selected: the group gets a segment id from the Site's range, the
+    // volume a place in its pool, and the cluster waits for capacity
+    // there (the Site has no hosts), not for access.
+    let (seg, _) = wait_for(Duration::from_secs(30), "segment at lab", || {
+        let ng = json(&env, &["-n", "lab-in", "get", "ng", "at-lab"]);
+        ng["status"]["segment"]["id"]
+            .as_u64()
+            .ok_or_else(|| ng["status"].to_string())
+    })
+    .unwrap();
+    assert!((3000..=3099).contains(&seg), "{seg}");
+    let (site_of, _) = wait_for(Duration::from_secs(30), "volume placed", || {
+        let v = json(&env, &["-n", "lab-in", "get", "volume", "lab-data"]);
+        v["status"]["location"]["site"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| v["status"].to_string())
+    })
+    .unwrap();
+    assert_eq!(site_of, "lab");
+    let (c, _) = wait_for(Duration::from_secs(30), "cluster past validation", || {
+        let c = ready("lab-in", &["vc", "visitor"]);
+        if !c.1.is_empty() && c.1 != "SiteAccessDenied" && c.1 != "ReferencesResolved" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    println!("admitted cluster: {c:?}");
+    // The lab's storage host does not exist: no agent will free the
+    // volume's storage, so once it is being deleted (the controller adds
+    // the finalizer back to a live placed Volume) its finalizer is dropped
+    // by hand.
+    env.kubectl_ok(&[
+        "-n",
+        "lab-in",
+        "delete",
+        "volume",
+        "lab-data",
+        "--wait=false",
+    ])
+    .unwrap();
+    env.kubectl_ok(&[
+        "-n",
+        "lab-in",
+        "patch",
+        "volume",
+        "lab-data",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])
+    .unwrap();
+    for ns in ["lab-out", "lab-in"] {
+        env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"])
+            .unwrap();
+    }
+    env.kubectl_ok(&["delete", "site", "lab", "--wait=false"])
+        .unwrap();
+}
+
+#[test]
 fn hosts_register_with_real_facts_and_serve_health() {
     let env = Env::get();
     let hosts = env.hosts();

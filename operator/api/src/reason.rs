@@ -51,6 +51,9 @@ reasons! {
     ReferencesResolved,
     /// A Site the spec names does not exist.
     SiteNotFound,
+    /// The namespace may not use a Site the object needs (the Site's
+    /// `spec.access.namespaceSelector` does not match it).
+    SiteAccessDenied,
     // --- VirtualCluster
     /// The NetworkGroup the cluster names does not exist in its namespace.
     NetworkGroupNotFound,

@@ -88,6 +88,93 @@ pub struct SiteSpec {
     #[x_kube(validation = kube::core::Rule::new("self.all(p, self.exists_one(q, q.name == p.name))")
         .message("storagePools[].name must be unique"))]
     pub storage_pools: Vec<StoragePool>,
+    /// Which namespaces may use the Site: place nodes there, take its
+    /// public IPs and segment ids (a NetworkGroup homed there) and keep
+    /// Volumes in its pools. Absent: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<SiteAccess>,
+}
+
+/// Who may use a Site.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteAccess {
+    /// The namespaces whose labels match (`{}` matches every namespace).
+    pub namespace_selector: NamespaceSelector,
+}
+
+/// A label selector over namespaces, as Kubernetes' LabelSelector: every
+/// `matchLabels` pair and every expression must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceSelector {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+/// One requirement of a [`NamespaceSelector`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)"
+).message("values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist").field_path(".values"))]
+pub struct LabelRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    pub operator: LabelOperator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub values: Vec<String>,
+}
+
+/// How a [`LabelRequirement`] compares.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum LabelOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl NamespaceSelector {
+    /// Whether a namespace with `labels` matches.
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let v = labels.get(&r.key);
+                match r.operator {
+                    LabelOperator::In => v.is_some_and(|v| r.values.contains(v)),
+                    LabelOperator::NotIn => v.is_none_or(|v| !r.values.contains(v)),
+                    LabelOperator::Exists => v.is_some(),
+                    LabelOperator::DoesNotExist => v.is_none(),
+                }
+            })
+    }
+}
+
+impl Site {
+    /// Whether namespace `ns` (with `labels`) may use this Site; else the
+    /// reason, naming the Site and its selector.
+    pub fn admits(
+        &self,
+        ns: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        match &self.spec.access {
+            Some(a) if !a.namespace_selector.matches(labels) => Err(format!(
+                "namespace {ns} may not use Site {:?}: its labels do not match the Site's spec.access.namespaceSelector {}",
+                self.metadata.name.as_deref().unwrap_or(""),
+                serde_json::to_string(&a.namespace_selector).unwrap_or_default()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A storage pool: where a Site's Volumes live.
@@ -374,4 +461,81 @@ pub struct PeerStatus {
     /// Detail, e.g. the last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn req(key: &str, operator: LabelOperator, values: &[&str]) -> LabelRequirement {
+        LabelRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn namespace_selectors_match_like_label_selectors() {
+        let any = NamespaceSelector::default();
+        assert!(any.matches(&labels(&[])));
+        let lab = NamespaceSelector {
+            match_labels: labels(&[("team", "lab")]),
+            match_expressions: vec![
+                req("tier", LabelOperator::In, &["gold", "silver"]),
+                req("banned", LabelOperator::DoesNotExist, &[]),
+                req("env", LabelOperator::NotIn, &["prod"]),
+                req("owner", LabelOperator::Exists, &[]),
+            ],
+        };
+        let ok = labels(&[("team", "lab"), ("tier", "gold"), ("owner", "x")]);
+        assert!(lab.matches(&ok));
+        let mut no = ok.clone();
+        no.insert("team".into(), "other".into());
+        assert!(!lab.matches(&no));
+        let mut no = ok.clone();
+        no.insert("tier".into(), "bronze".into());
+        assert!(!lab.matches(&no));
+        let mut no = ok.clone();
+        no.insert("banned".into(), "".into());
+        assert!(!lab.matches(&no));
+        let mut no = ok.clone();
+        no.insert("env".into(), "prod".into());
+        assert!(!lab.matches(&no));
+        let mut no = ok.clone();
+        no.remove("owner");
+        assert!(!lab.matches(&no));
+    }
+
+    #[test]
+    fn a_site_without_access_admits_every_namespace() {
+        let mut site = Site::new(
+            "lab",
+            serde_json::from_value(serde_json::json!({})).unwrap(),
+        );
+        assert!(site.admits("a", &labels(&[])).is_ok());
+        site.spec.access = Some(SiteAccess {
+            namespace_selector: NamespaceSelector {
+                match_labels: labels(&[("yukumo.io/site-lab", "true")]),
+                match_expressions: vec![],
+            },
+        });
+        let e = site.admits("team-b", &labels(&[])).unwrap_err();
+        assert!(
+            e.contains("namespace team-b") && e.contains("\"lab\""),
+            "{e}"
+        );
+        assert!(
+            site.admits("team-a", &labels(&[("yukumo.io/site-lab", "true")]))
+                .is_ok()
+        );
+    }
 }

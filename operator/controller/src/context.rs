@@ -288,6 +288,30 @@ impl Ctx {
         })
     }
 
+    /// The labels of namespace `ns`, for the Sites' access selectors: read
+    /// from the API server only while some Site restricts access (else
+    /// none are needed and none are read).
+    pub async fn namespace_labels(
+        &self,
+        ns: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        if !self
+            .stores
+            .sites
+            .state()
+            .iter()
+            .any(|s| s.spec.access.is_some())
+        {
+            return Ok(Default::default());
+        }
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        Ok(api
+            .get_opt(ns)
+            .await?
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default())
+    }
+
     /// Start timing a reconcile of `kind`; the guard records duration on drop.
     pub fn measure(&self, kind: &str) -> ReconcileTimer {
         let label = KindLabel { kind: kind.into() };

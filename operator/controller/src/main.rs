@@ -21,6 +21,7 @@ use std::time::Duration;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -150,6 +151,44 @@ async fn main() -> anyhow::Result<()> {
 /// Hash of what the VirtualCluster reconciler needs from a Host: its readiness.
 /// A Site's spec generation: what matters to the groups and clusters that
 /// name it (its status, aggregated from its hosts, does not).
+/// A namespace's labels (the Sites' access selectors read them).
+fn namespace_labels(n: &Namespace) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    n.metadata.labels.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Namespaces whose labels changed (or that appeared): objects of a
+/// namespace that a Site refused, or that may now lose access, are looked
+/// at again at once.
+fn namespace_label_changes(
+    client: &Client,
+) -> impl futures::Stream<Item = Arc<Namespace>> + Send + 'static {
+    let stream = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|r| futures::future::ready(r.ok().map(Arc::new)));
+    changed_only(stream, namespace_labels)
+}
+
+/// The objects of `store` in namespace `ns`.
+fn in_namespace<K>(store: &Store<K>, ns: &Namespace) -> Vec<ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let name = ns.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(name.as_str()))
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
+}
+
 fn site_spec(s: &Site) -> u64 {
     s.metadata.generation.unwrap_or_default() as u64
 }
@@ -338,6 +377,7 @@ async fn run_controllers(
     let vc_store3 = vc_store.clone();
     let vc_store4 = vc_store.clone();
     let vc_store5 = vc_store.clone();
+    let vc_store6 = vc_store.clone();
     let ng_store_for_vc = ng_store.clone();
     let vcs = Controller::for_shared_stream(vc_for, vc_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(250)))
@@ -397,6 +437,9 @@ async fn run_controllers(
                     .collect::<Vec<_>>()
             },
         )
+        .watches_shared_stream(namespace_label_changes(&client), move |ns| {
+            in_namespace(&vc_store6, &ns)
+        })
         .watches_shared_stream(
             // Only a change of a Host's readiness matters here, not every heartbeat.
             changed_only(host_for_vc, host_readiness),
@@ -431,6 +474,7 @@ async fn run_controllers(
     // where their nodes run, and its router follows gateway hosts' readiness.
     let ng_store2 = ng_store.clone();
     let ng_store3 = ng_store.clone();
+    let ng_store4 = ng_store.clone();
     let ngs = Controller::for_shared_stream(ng_for, ng_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(100)))
         .watches_shared_stream(vc_for_ng, |vc| {
@@ -448,6 +492,9 @@ async fn run_controllers(
                 .filter(|g| g.spec.home_site.0 == name)
                 .map(|g| ObjectRef::from_obj(g.as_ref()))
                 .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(namespace_label_changes(&client), move |ns| {
+            in_namespace(&ng_store4, &ns)
         })
         .watches_shared_stream(changed_only(host_for_ng, host_readiness), move |h| {
             let site = h.spec.site.clone();
@@ -471,6 +518,7 @@ async fn run_controllers(
     let vol_store2 = vol_store.clone();
     let vol_store3 = vol_store.clone();
     let vol_store4 = vol_store.clone();
+    let vol_store5 = vol_store.clone();
     let vols = Controller::for_shared_stream(vol_for, vol_store)
         .watches_shared_stream(vn_for_vol, move |vn| {
             let ns = vn.namespace();
@@ -520,6 +568,9 @@ async fn run_controllers(
                 })
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(namespace_label_changes(&client), move |ns| {
+            in_namespace(&vol_store5, &ns)
         })
         .watches_shared_stream(changed_only(site_for_vol, site_spec), move |_site| {
             // Pools were declared or changed: the volumes waiting for one.

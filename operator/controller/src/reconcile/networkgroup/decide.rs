@@ -48,6 +48,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Arc<VirtualNode>],
     /// Claims of other groups not yet in the cache.
     pub claims: &'a Claims,
+    /// The group's namespace's labels (for Sites that restrict access).
+    pub namespace_labels: &'a BTreeMap<String, String>,
 }
 
 /// The decision: the status to write, why, what it takes, and when to look
@@ -137,6 +139,24 @@ pub fn decide(inp: &Inputs) -> Decision {
         .sites
         .iter()
         .find(|s| s.metadata.name.as_deref() == Some(home_name.as_str()));
+    // Its segment id and public IPs come from the home Site, its nodes may
+    // run at the others: each must admit the group's namespace.
+    if !verdict.is_stalled() {
+        let ns = ng.metadata.namespace.as_deref().unwrap_or("");
+        let named = std::iter::once(("spec.homeSite", home_name))
+            .chain(spec.sites.iter().map(|s| ("spec.sites", &s.0)));
+        for (field, name) in named {
+            if let Some(site) = inp
+                .sites
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                && let Err(why) = site.admits(ns, inp.namespace_labels)
+            {
+                verdict = Verdict::stalled(Reason::SiteAccessDenied, format!("{field}: {why}"));
+                break;
+            }
+        }
+    }
     let mut status = NetworkGroupStatus {
         observed_generation: ng.metadata.generation,
         gateway: Some(spec.gateway_address()),

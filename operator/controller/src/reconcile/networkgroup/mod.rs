@@ -34,6 +34,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let key = decide::key_of(&fresh);
+    let namespace_labels = ctx.namespace_labels(&ns).await?;
     let decision = {
         let mut pending = ctx.placements.lock().await;
         pending.prune(&ctx.stores);
@@ -46,6 +47,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
             clusters: &ctx.stores.clusters.state(),
             nodes: &ctx.stores.nodes.state(),
             claims: &claims,
+            namespace_labels: &namespace_labels,
         });
         pending.claim_network(&key, &fresh.spec.home_site.0, d.segment, &d.public_ips);
         d

@@ -399,6 +399,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
             .map(|n| (*n).clone()),
         volumes,
         sites: ctx.stores.all_sites(),
+        namespace_labels: ctx.namespace_labels(&ns).await?,
     };
     let mut verdict = validate(&ns, &vc.spec, &observed);
     let old = vc.status.clone().unwrap_or_default();

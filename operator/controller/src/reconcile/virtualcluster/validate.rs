@@ -17,6 +17,8 @@ pub struct Observed {
     pub network_group: Option<NetworkGroup>,
     pub volumes: Vec<(String, bool)>,
     pub sites: Vec<Site>,
+    /// The namespace's labels (for Sites that restrict access).
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Sites the cluster may be placed at, as named by the spec.
@@ -74,6 +76,19 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
                 Reason::SiteNotFound,
                 format!("{field}: Site {site:?} not found"),
             );
+        }
+    }
+    // The Sites the cluster would use (its group's home, where nodes go
+    // unless the spec names others) must admit its namespace.
+    let home = ("spec.networkGroup".to_string(), ng.spec.home_site.0.clone());
+    for (field, name) in std::iter::once(home).chain(named_sites(spec)) {
+        if let Some(site) = obs
+            .sites
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(&name))
+            && let Err(why) = site.admits(vc_ns, &obs.namespace_labels)
+        {
+            return Verdict::stalled(Reason::SiteAccessDenied, format!("{field}: {why}"));
         }
     }
     for (name, found) in &obs.volumes {
@@ -238,6 +253,7 @@ mod tests {
                 network_group: None,
                 volumes: vec![],
                 sites: vec![site("a")],
+                namespace_labels: Default::default(),
             },
         );
         assert!(v.is_stalled());
@@ -253,6 +269,7 @@ mod tests {
             network_group: Some(ng("a")),
             volumes: vec![],
             sites: vec![site("a")],
+            namespace_labels: Default::default(),
         };
         let v = validate("t1", &s, &obs);
         assert_eq!(v.reason(), &Reason::SiteNotFound);
@@ -272,6 +289,48 @@ mod tests {
     }
 
     #[test]
+    fn a_site_that_does_not_admit_the_namespace_stalls_the_cluster() {
+        let mut lab = site("b");
+        lab.spec.access = Some(yukumo_api::site::SiteAccess {
+            namespace_selector: yukumo_api::site::NamespaceSelector {
+                match_labels: [("lab".to_string(), "yes".to_string())].into(),
+                match_expressions: vec![],
+            },
+        });
+        let mut s = spec();
+        s.pools[0].sites = vec![SiteName("b".into())];
+        let mut obs = Observed {
+            network_group: Some(ng("a")),
+            volumes: vec![],
+            sites: vec![site("a"), lab.clone()],
+            namespace_labels: Default::default(),
+        };
+        let v = validate("t1", &s, &obs);
+        assert_eq!(v.reason(), &Reason::SiteAccessDenied);
+        assert!(
+            v.message()
+                .starts_with("spec.pools[0].sites: namespace t1 may not use Site \"b\""),
+            "{}",
+            v.message()
+        );
+        obs.namespace_labels = [("lab".to_string(), "yes".to_string())].into();
+        assert_eq!(
+            validate("t1", &s, &obs).reason(),
+            &Reason::ReferencesResolved
+        );
+        // The group's home Site is used too (nodes go there by default).
+        obs.namespace_labels.clear();
+        obs.network_group = Some(ng("b"));
+        let v = validate("t1", &spec(), &obs);
+        assert_eq!(v.reason(), &Reason::SiteAccessDenied);
+        assert!(
+            v.message().starts_with("spec.networkGroup:"),
+            "{}",
+            v.message()
+        );
+    }
+
+    #[test]
     fn volumes_must_exist_and_attach_once() {
         let mut s = spec();
         s.frontend.volumes = vec![VolumeAttachment {
@@ -282,6 +341,7 @@ mod tests {
             network_group: Some(ng("a")),
             volumes: vec![("data".into(), false)],
             sites: vec![site("a")],
+            namespace_labels: Default::default(),
         };
         assert_eq!(validate("t1", &s, &obs).reason(), &Reason::VolumeNotFound);
         s.pools[0].replicas = 1;
@@ -293,6 +353,7 @@ mod tests {
             network_group: Some(ng("a")),
             volumes: vec![("data".into(), true)],
             sites: vec![site("a")],
+            namespace_labels: Default::default(),
         };
         assert_eq!(
             validate("t1", &s, &obs).reason(),

@@ -128,6 +128,7 @@ pub fn decide(
     sites: &[Site],
     volumes: &[&Volume],
     holder: Option<Holder>,
+    namespace_labels: &std::collections::BTreeMap<String, String>,
 ) -> Decision {
     let status = vol.status.clone().unwrap_or_default();
     let deleting = vol.metadata.deletion_timestamp.is_some();
@@ -204,6 +205,19 @@ pub fn decide(
         }
         None => match place(vol, sites) {
             Ok(l) => {
+                // Storage at a Site is the Site's to give: only to the
+                // namespaces it admits.
+                let ns = vol.namespace().unwrap_or_default();
+                if let Some(Err(why)) = sites
+                    .iter()
+                    .find(|s| s.name_any() == l.site)
+                    .map(|s| s.admits(&ns, namespace_labels))
+                {
+                    d.verdict =
+                        Verdict::stalled(Reason::SiteAccessDenied, format!("spec.pool: {why}"));
+                    d.phase = VolumePhase::Failed;
+                    return d;
+                }
                 d.location = Some(l.clone());
                 d.verdict = Verdict::progressing(
                     Reason::WaitingForPool,
@@ -365,7 +379,7 @@ mod tests {
     #[test]
     fn placed_in_the_one_site_with_the_pool_then_ready_at_its_size() {
         let sites = [site("s1", &["local"]), site("s2", &["fast"])];
-        let d = decide(&vol(json!({})), &sites, &[], None);
+        let d = decide(&vol(json!({})), &sites, &[], None, &Default::default());
         assert_eq!(
             d.location,
             Some(VolumeLocation {
@@ -379,7 +393,7 @@ mod tests {
             json!({"status": {"location": {"site": "s1", "pool": "local", "host": "s1-h1"},
             "backing": {"path": "/p/u1.qcow2", "capacityBytes": 67108864}}}),
         );
-        let d = decide(&placed, &sites, &[], None);
+        let d = decide(&placed, &sites, &[], None, &Default::default());
         assert_eq!(d.verdict.reason(), &Reason::Available);
         assert!(matches!(d.verdict, Verdict::Ready { .. }));
         assert_eq!(d.capacity, Some(Quantity("64Mi".into())));
@@ -387,7 +401,9 @@ mod tests {
         // Grown in the spec: progressing until the storage has the size.
         let grown = vol(json!({"spec": {"size": "96Mi"}, "status": placed.status}));
         assert_eq!(
-            decide(&grown, &sites, &[], None).verdict.reason(),
+            decide(&grown, &sites, &[], None, &Default::default())
+                .verdict
+                .reason(),
             &Reason::Provisioning
         );
     }
@@ -395,10 +411,16 @@ mod tests {
     #[test]
     fn bad_pools_and_sites_are_refused_naming_the_field() {
         let sites = [site("s1", &["local"]), site("s2", &["local", "fast"])];
-        let d = decide(&vol(json!({"spec": {"pool": "nope"}})), &sites, &[], None);
+        let d = decide(
+            &vol(json!({"spec": {"pool": "nope"}})),
+            &sites,
+            &[],
+            None,
+            &Default::default(),
+        );
         assert_eq!(d.verdict.reason(), &Reason::PoolNotFound);
         assert!(d.verdict.message().starts_with("spec.pool: no Site"));
-        let d = decide(&vol(json!({})), &sites, &[], None);
+        let d = decide(&vol(json!({})), &sites, &[], None, &Default::default());
         assert!(
             d.verdict
                 .message()
@@ -409,15 +431,22 @@ mod tests {
             &sites,
             &[],
             None,
+            &Default::default(),
         );
         assert_eq!(
             d.verdict.message(),
             "spec.pool: Site s1 has no storage pool \"fast\" (its pools: local); pool \"fast\" is at Site s2"
         );
-        let d = decide(&vol(json!({"spec": {"site": "mars"}})), &sites, &[], None);
+        let d = decide(
+            &vol(json!({"spec": {"site": "mars"}})),
+            &sites,
+            &[],
+            None,
+            &Default::default(),
+        );
         assert_eq!(d.verdict.reason(), &Reason::SiteNotFound);
         let gone = json!({"spec": {"source": {"snapshot": {"volume": "gone", "name": "s"}}}});
-        let d = decide(&vol(gone), &sites, &[], None);
+        let d = decide(&vol(gone), &sites, &[], None, &Default::default());
         assert_eq!(d.verdict.reason(), &Reason::SourceNotFound);
         assert!(
             d.verdict
@@ -430,6 +459,7 @@ mod tests {
             &sites,
             &[],
             None,
+            &Default::default(),
         );
         assert_eq!(d.verdict.reason(), &Reason::SnapshotNotFound);
     }
@@ -444,7 +474,7 @@ mod tests {
                             "error": "spec.restoreFrom: waits", "reason": "RestorePending"},
                 "snapshots": [{"name": "s1", "created": "2026-01-01T00:00:00Z", "size": "64Mi"}],
                 "attachedTo": {"cluster": "vc", "node": "vc-frontend", "target": "vdc"}}}));
-        let d = decide(&v, &sites, &[], None);
+        let d = decide(&v, &sites, &[], None, &Default::default());
         assert!(matches!(d.verdict, Verdict::Progressing { .. }));
         assert_eq!(d.verdict.reason(), &Reason::RestorePending);
         assert!(
@@ -459,13 +489,15 @@ mod tests {
         st.backing.as_mut().unwrap().error = None;
         st.backing.as_mut().unwrap().reason = None;
         assert_eq!(
-            decide(&done, &sites, &[], None).verdict.reason(),
+            decide(&done, &sites, &[], None, &Default::default())
+                .verdict
+                .reason(),
             &Reason::Attached
         );
         // A snapshot not taken yet.
         let mut pending = done.clone();
         pending.status.as_mut().unwrap().snapshots.clear();
-        let d = decide(&pending, &sites, &[], None);
+        let d = decide(&pending, &sites, &[], None, &Default::default());
         assert_eq!(d.verdict.reason(), &Reason::SnapshotPending);
         assert_eq!(d.verdict.message(), "taking snapshot s1");
     }
@@ -482,7 +514,7 @@ mod tests {
             cluster_wants: true,
             node_holds: true,
         };
-        let d = decide(&held, &sites, &[], Some(busy));
+        let d = decide(&held, &sites, &[], Some(busy), &Default::default());
         assert!(!d.release);
         assert_eq!(d.verdict.reason(), &Reason::DetachPending);
         assert!(
@@ -499,6 +531,7 @@ mod tests {
                 cluster_wants: false,
                 node_holds: true,
             }),
+            &Default::default(),
         );
         assert!(!d.release);
         let d = decide(
@@ -509,8 +542,32 @@ mod tests {
                 cluster_wants: false,
                 node_holds: false,
             }),
+            &Default::default(),
         );
         assert!(d.release);
         assert!(d.verdict.message().starts_with("detached"));
+    }
+
+    #[test]
+    fn a_pool_at_a_site_that_does_not_admit_the_namespace_is_refused() {
+        let mut site: Site = serde_json::from_value(json!({
+            "metadata": {"name": "lab"},
+            "spec": {"storagePools": [{"name": "local", "type": "dir", "host": "h1"}],
+                     "access": {"namespaceSelector": {"matchLabels": {"lab": "yes"}}}}
+        }))
+        .unwrap();
+        site.metadata.name = Some("lab".into());
+        let sites = vec![site];
+        let d = decide(&vol(json!({})), &sites, &[], None, &Default::default());
+        assert_eq!(d.verdict.reason(), &Reason::SiteAccessDenied);
+        assert!(d.location.is_none());
+        assert!(
+            d.verdict.message().starts_with("spec.pool: namespace "),
+            "{}",
+            d.verdict.message()
+        );
+        let labels = [("lab".to_string(), "yes".to_string())].into();
+        let d = decide(&vol(json!({})), &sites, &[], None, &labels);
+        assert_eq!(d.location.unwrap().site, "lab");
     }
 }

@@ -76,7 +76,8 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
     let holder = holder(&ctx, &vol, &ns);
     let all = ctx.stores.volumes.state();
     let volumes: Vec<&Volume> = all.iter().map(|v| v.as_ref()).collect();
-    let d = decide(&vol, &ctx.stores.all_sites(), &volumes, holder);
+    let labels = ctx.namespace_labels(&ns).await?;
+    let d = decide(&vol, &ctx.stores.all_sites(), &volumes, holder, &labels);
     let old = vol.status.clone().unwrap_or_default();
     // Placing: the storage host's label (its agent selects by it) and the
     // finalizer its agent releases once the storage is gone, before the

@@ -204,6 +204,7 @@ fn a_group_gets_everything_it_needs_in_one_decision() {
         clusters: &clusters,
         nodes: &[],
         claims: &no_claims(),
+        namespace_labels: &Default::default(),
     };
     let d = decide(&inp);
     let untimed = |mut d: Decision| {
@@ -280,6 +281,7 @@ fn claims_of_others_are_respected() {
         clusters: &clusters,
         nodes: &[],
         claims: &claims,
+        namespace_labels: &Default::default(),
     });
     assert_eq!(d.status.segment, Some(Segment::vxlan(1002)));
     assert_eq!(d.verdict.reason(), &Reason::PublicIPConflict);
@@ -322,6 +324,7 @@ fn a_vlan_group_without_capable_hosts_and_a_lost_router_host() {
         clusters: &[],
         nodes: &[],
         claims: &no_claims(),
+        namespace_labels: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::NoCapableHost);
     assert!(
@@ -344,6 +347,7 @@ fn a_vlan_group_without_capable_hosts_and_a_lost_router_host() {
         clusters: &[],
         nodes: &[],
         claims: &no_claims(),
+        namespace_labels: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::NoGatewayHost);
     assert_eq!(d.requeue, Duration::from_secs(10));
@@ -366,6 +370,7 @@ fn a_mapping_to_an_unknown_node_is_named() {
         clusters: &[],
         nodes: &[],
         claims: &no_claims(),
+        namespace_labels: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::PublicIPNodeUnknown);
     assert!(
