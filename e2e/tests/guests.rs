@@ -297,20 +297,37 @@ fn a_wrong_image_checksum_is_reported_and_leaves_no_file() {
     .unwrap();
     println!("ImagePullFailed: {msg}");
     assert!(msg.contains("checksum mismatch"), "{msg}");
-    for h in env.hosts().iter().map(String::as_str) {
+    // The agent retries the fetch while the node exists (each attempt's
+    // partial file is removed when its checksum fails): once the node is
+    // gone, nothing of that image is left on any host.
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"])
+        .unwrap();
+    let files = |h: &str| -> Vec<String> {
         let images = env.dir.join(format!("hosts/{h}/agent/images"));
-        let bad: Vec<_> = std::fs::read_dir(&images)
+        std::fs::read_dir(&images)
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().to_string())
                     .filter(|n| n.contains(&"1".repeat(64)))
                     .collect()
             })
-            .unwrap_or_default();
-        assert!(bad.is_empty(), "{h}: partial or unverified files {bad:?}");
+            .unwrap_or_default()
+    };
+    for h in env.hosts().iter().map(String::as_str) {
+        // An attempt under way when the node went ends within seconds.
+        let left = wait_for(Duration::from_secs(20), "no partial file", || {
+            let bad = files(h);
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{bad:?}"))
+            }
+        });
+        assert!(
+            left.is_ok(),
+            "{h}: partial or unverified files left: {left:?}"
+        );
     }
-    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
-        .unwrap();
 }
 
 #[test]

@@ -76,6 +76,22 @@ fn wait_reason(env: &Env, ns: &str, what: &[&str], type_: &str, reason: &str, se
     .0
 }
 
+/// Wait until Volume `name` is `Ready` (`Available`): it, and how long that took.
+fn available(env: &Env, ns: &str, name: &str, secs: u64) -> (Value, Duration) {
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("volume {name} Available"),
+        || {
+            let v = get(env, ns, &["volume", name]);
+            match condition(&v, "Ready") {
+                Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
+                other => Err(format!("{other:?} {}", v["status"])),
+            }
+        },
+    )
+    .unwrap()
+}
+
 /// The frontend's shell: its socket and uid.
 fn frontend(env: &Env, ns: &str, vc: &str) -> (PathBuf, String) {
     let (vn, took) = wait_for(Duration::from_secs(240), "frontend running", || {
@@ -218,14 +234,7 @@ fn a_volume_keeps_its_data_across_clusters_grows_online_hot_plugs_and_is_deleted
     let ns = "storage";
     env.apply(&namespace(ns));
     env.apply(&volume(ns, "data", "64Mi"));
-    let (vol, took) = wait_for(Duration::from_secs(60), "volume Available", || {
-        let v = get(&env, ns, &["volume", "data"]);
-        match condition(&v, "Ready") {
-            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
-            other => Err(format!("{other:?} {}", v["status"])),
-        }
-    })
-    .unwrap();
+    let (vol, took) = available(&env, ns, "data", 60);
     println!("volume created in {:.1}s", took.as_secs_f64());
     let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
     assert_eq!(vol["status"]["location"]["host"], "host-1");
@@ -1243,14 +1252,7 @@ fn an_iscsi_volume_serves_a_guest_on_another_host_grows_online_and_follows_it_af
     let ns = "san";
     env.apply(&namespace(ns));
     env.apply(&volume_in(ns, "shared", "64Mi", "san"));
-    let (vol, took) = wait_for(Duration::from_secs(60), "iSCSI volume Available", || {
-        let v = get(&env, ns, &["volume", "shared"]);
-        match condition(&v, "Ready") {
-            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
-            other => Err(format!("{other:?} {}", v["status"])),
-        }
-    })
-    .unwrap();
+    let (vol, took) = available(&env, ns, "shared", 60);
     println!(
         "iSCSI volume created and exported in {:.1}s",
         took.as_secs_f64()
@@ -1467,14 +1469,7 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
     let ns = "rbd";
     env.apply(&namespace(ns));
     env.apply(&volume_in(ns, "data", "64Mi", "ceph"));
-    let (vol, took) = wait_for(Duration::from_secs(90), "RBD volume Available", || {
-        let v = get(&env, ns, &["volume", "data"]);
-        match condition(&v, "Ready") {
-            Some((s, r, _)) if s == "True" && r == "Available" => Ok(v),
-            other => Err(format!("{other:?} {}", v["status"])),
-        }
-    })
-    .unwrap();
+    let (vol, took) = available(&env, ns, "data", 90);
     println!("RBD volume created in {:.1}s", took.as_secs_f64());
     let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
     let image = format!("{vuid}.raw");

@@ -264,31 +264,21 @@ fn run(env: &Env, size_mib: u64, ops: &[Op], pool: &str, type_: &str) -> Result<
             bail!("guest blkbench {args}: {g}");
         }
         let guest = mbps(&g)?;
-        if type_ == "rbd" {
-            let rawv = rbd_bench(env, op)?;
-            rows.push(json!({
-                "pool": type_,
-                "op": op.name,
-                "block_bytes": op.block,
-                "guest_mbps": guest,
-                "raw_mbps": rawv,
-                "ratio": guest / rawv,
-                "attach_ms": attach_ms,
-                "create_ms": create_ms,
-            }));
-            continue;
-        }
-        let o = std::process::Command::new(&blkbench)
-            .arg(&raw)
-            .args(args.split_whitespace())
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "host blkbench {args}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        let rawv = mbps(&String::from_utf8_lossy(&o.stdout))?;
+        let rawv = if type_ == "rbd" {
+            rbd_bench(env, op)?
+        } else {
+            let o = std::process::Command::new(&blkbench)
+                .arg(&raw)
+                .args(args.split_whitespace())
+                .output()?;
+            if !o.status.success() {
+                bail!(
+                    "host blkbench {args}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            mbps(&String::from_utf8_lossy(&o.stdout))?
+        };
         rows.push(json!({
             "pool": type_,
             "op": op.name,
