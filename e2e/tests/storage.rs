@@ -1467,6 +1467,24 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
  {
     let env = Env::get();
     let ns = "rbd";
+    // The environment declares the `ceph` pool on the Site `local`, but a
+    // test that re-applies examples/local-site.yaml replaces the Site's
+    // pools: declare it again if it is gone.
+    let site = env.get_json(&["get", "site", "local"]);
+    let pools = site["spec"]["storagePools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !pools.iter().any(|p| p["name"] == "ceph") {
+        let ip =
+            std::fs::read_to_string(env.dir.join("ceph/ip")).expect("the environment runs Ceph");
+        let patch = format!(
+            r#"[{{"op":"add","path":"/spec/storagePools/-","value":{{"name":"ceph","type":"rbd","host":"host-1","ceph":{{"monitors":["{}:6789"],"pool":"yukumo","user":"yukumo"}}}}}}]"#,
+            ip.trim()
+        );
+        env.kubectl_ok(&["patch", "site", "local", "--type", "json", "-p", &patch])
+            .unwrap();
+    }
     env.apply(&namespace(ns));
     env.apply(&volume_in(ns, "data", "64Mi", "ceph"));
     let (vol, took) = available(&env, ns, "data", 90);
