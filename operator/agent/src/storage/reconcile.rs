@@ -238,6 +238,25 @@ async fn seed(
     )))
 }
 
+/// A pass that could not look at the storage: `backing` (its error) is
+/// reported, the snapshots and restore stay as the status had them, and the
+/// Volume is looked at again after `secs`.
+async fn unlooked(
+    vol: &Volume,
+    client: &Client,
+    backing: VolumeBacking,
+    secs: u64,
+) -> Result<Action, Error> {
+    let status = vol.status.clone().unwrap_or_default();
+    let st = AgentStatus {
+        backing: Some(backing),
+        snapshots: status.snapshots,
+        restored_from: status.restored_from,
+    };
+    write_status(vol, client, st).await?;
+    Ok(Action::requeue(Duration::from_secs(secs)))
+}
+
 pub async fn reconcile<P: Pools, T: Targets>(
     vol: Arc<Volume>,
     ctx: Arc<StorageCtx<P, T>>,
@@ -264,13 +283,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
             reason: Some(Reason::PoolNotFound),
             ..Default::default()
         };
-        let st = AgentStatus {
-            backing: Some(b),
-            snapshots: status.snapshots.clone(),
-            restored_from: status.restored_from.clone(),
-        };
-        write_status(&vol, &ctx.client, st).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
+        return unlooked(&vol, &ctx.client, b, 30).await;
     };
     let path = ctx.path(&pool);
     let deleting = vol.metadata.deletion_timestamp.is_some();
@@ -284,13 +297,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
                 reason: Some(Reason::StorageFailed),
                 ..status.backing.clone().unwrap_or_default()
             };
-            let st = AgentStatus {
-                backing: Some(b),
-                snapshots: status.snapshots.clone(),
-                restored_from: status.restored_from.clone(),
-            };
-            write_status(&vol, &ctx.client, st).await?;
-            return Ok(Action::requeue(Duration::from_secs(15)));
+            return unlooked(&vol, &ctx.client, b, 15).await;
         }
     };
     let fmt = decide::Format::of(pool.type_);
