@@ -1060,3 +1060,268 @@ fn two_controllers_elect_one_leader_and_hand_over() {
     env.kubectl_ok(&["delete", "namespace", "handover", "--wait=false"])
         .unwrap();
 }
+
+#[test]
+fn a_namespace_quota_grants_growth_whole_or_refuses_it_naming_the_limit() {
+    let env = Env::get();
+    let ns = "quota-e2e";
+    ensure_namespace(&env, ns);
+    let quota = |vcpus: u32, storage: &str| {
+        format!(
+            "apiVersion: v1
+kind: ResourceQuota
+metadata: {{name: yukumo, namespace: {ns}}}
+spec:
+  hard:
+    yukumo.io/vcpus: '{vcpus}'
+    yukumo.io/nodes: '3'
+    yukumo.io/memory: 1Gi
+    yukumo.io/public-ips: '1'
+    yukumo.io/storage: {storage}
+"
+        )
+    };
+    let cluster = |name: &str, cpu: u32, workers: u32| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  networkGroup: quota-net
+  frontend:
+    size: {{cpu: {cpu}, memory: 64Mi}}
+    image: {{url: 'file:///img.qcow2', checksum: 'sha256:{c}'}}
+  pools:
+  - name: w
+    replicas: {workers}
+    size: {{cpu: 1, memory: 64Mi}}
+    image: {{url: 'file:///img.qcow2', checksum: 'sha256:{c}'}}
+",
+            c = "c".repeat(64)
+        )
+    };
+    env.apply(&quota(3, "128Mi"));
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: quota-net, namespace: {ns}}}
+spec: {{cidr: 10.8.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+"
+    ));
+    env.apply(&cluster("small", 1, 1));
+    let ready = |what: &[&str]| {
+        let mut args = vec!["-n", ns, "get"];
+        args.extend_from_slice(what);
+        condition(&json(&env, &args), "Ready").unwrap_or_default()
+    };
+    let nodes_of = |vc: &str| -> Vec<String> {
+        let all = json(&env, &["-n", ns, "get", "vn"]);
+        all["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["spec"]["cluster"] == vc)
+            .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let used = |key: &str| {
+        json(&env, &["-n", ns, "get", "resourcequota", "yukumo"])["status"]["used"][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let wait_used = |key: &str, want: &str| {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("used {key} = {want}"),
+            || {
+                let u = used(key);
+                if u == want { Ok(()) } else { Err(u) }
+            },
+        )
+        .unwrap()
+    };
+    let wait_reason = |what: &[&str], reason: &str| {
+        let what = what.to_vec();
+        wait_for(Duration::from_secs(30), reason, || {
+            let c = ready(&what);
+            if c.1 == reason {
+                Ok(c.2)
+            } else {
+                Err(format!("{what:?}: {c:?}"))
+            }
+        })
+        .unwrap()
+    };
+    wait_for(Duration::from_secs(30), "small's frontend", || {
+        let n = nodes_of("small");
+        if n.is_empty() {
+            Err("none".into())
+        } else {
+            Ok(n)
+        }
+    })
+    .unwrap();
+    // Use counts what exists and what was granted (the worker waits for
+    // its frontend): 2 vCPUs, 2 nodes, 128Mi.
+    wait_used("yukumo.io/vcpus", "2");
+    wait_used("yukumo.io/nodes", "2");
+    wait_used("yukumo.io/memory", "128Mi");
+
+    // A second cluster that would pass the vCPU limit is refused whole,
+    // naming the limit, the use and who holds it; it makes no node.
+    env.apply(&cluster("big", 2, 0));
+    let (msg, took) = wait_reason(&["vc", "big"], "QuotaExceeded");
+    println!("over-quota cluster refused in {took:?}: {msg}");
+    assert_eq!(
+        msg,
+        "ResourceQuota yukumo: yukumo.io/vcpus limit 3, 2 in use or granted \
+         (VirtualCluster small: 2); VirtualCluster big needs 2 more"
+    );
+    assert!(nodes_of("big").is_empty());
+    assert_eq!(ready(&["vc", "big"]).0, "False");
+    wait_for(Duration::from_secs(20), "a QuotaExceeded Warning", || {
+        let ev = env
+            .kubectl_ok(&["-n", ns, "get", "events", "-o", "json"])
+            .map_err(|e| e.to_string())?;
+        if ev.contains("QuotaExceeded") && ev.contains("Warning") {
+            Ok(())
+        } else {
+            Err("no event yet".into())
+        }
+    })
+    .unwrap();
+
+    // Scaling past the limit is refused whole: the cluster keeps what it
+    // has, and says which limits (vCPUs and nodes) stop it.
+    let before = nodes_of("small");
+    env.kubectl_ok(&[
+        "-n", ns, "patch", "vc", "small", "--type", "merge", "-p",
+        r#"{"spec":{"pools":[{"name":"w","replicas":3,"size":{"cpu":1,"memory":"64Mi"},"image":{"url":"file:///img.qcow2","checksum":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"}}]}}"#,
+    ])
+    .unwrap();
+    let (msg, _) = wait_reason(&["vc", "small"], "QuotaExceeded");
+    assert!(
+        msg.contains("yukumo.io/vcpus limit 3") && msg.contains("yukumo.io/nodes limit 3"),
+        "{msg}"
+    );
+    assert!(msg.ends_with("VirtualCluster small needs 2 more"), "{msg}");
+    std::thread::sleep(Duration::from_secs(3));
+    let after = nodes_of("small");
+    assert!(
+        after.iter().all(|n| before.contains(n) || n == "small-w-0"),
+        "no node beyond the granted spec: {before:?} → {after:?}"
+    );
+    assert!(
+        !after.iter().any(|n| n == "small-w-1" || n == "small-w-2"),
+        "{after:?}"
+    );
+
+    // Raising the limit grants the waiting cluster at once (the quota is
+    // watched), then the scale-up in its turn (oldest first).
+    let t0 = std::time::Instant::now();
+    env.apply(&quota(4, "128Mi"));
+    wait_for(Duration::from_secs(30), "big's frontend", || {
+        let n = nodes_of("big");
+        if n.is_empty() {
+            Err("none".into())
+        } else {
+            Ok(n)
+        }
+    })
+    .unwrap();
+    println!("granted {:?} after the limit was raised", t0.elapsed());
+    assert_eq!(
+        ready(&["vc", "small"]).1,
+        "QuotaExceeded",
+        "small still needs 2 more"
+    );
+    wait_used("yukumo.io/vcpus", "4");
+
+    // Public IPs: the group's router holds the one the quota allows; a
+    // mapping beyond it is refused naming the limit.
+    wait_used("yukumo.io/public-ips", "1");
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "ng",
+        "quota-net",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"publicIPs":[{"node":"big-frontend"}]}}"#,
+    ])
+    .unwrap();
+    let (msg, _) = wait_reason(&["ng", "quota-net"], "QuotaExceeded");
+    assert_eq!(
+        msg,
+        "spec.publicIPs[0]: no public IP granted: ResourceQuota yukumo: \
+         yukumo.io/public-ips limit 1, 0 held by the namespace's other NetworkGroups"
+    );
+    let ng = json(&env, &["-n", ns, "get", "ng", "quota-net"]);
+    assert!(
+        ng["status"]["publicIPs"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{}",
+        ng["status"]
+    );
+
+    // Storage: a Volume within the limit is placed and made; one beyond it
+    // is not placed; growing past it keeps the granted size.
+    let volume = |name: &str, size: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {{name: {name}, namespace: {ns}}}
+spec: {{size: {size}, pool: default}}
+"
+        )
+    };
+    env.apply(&volume("data-a", "64Mi"));
+    wait_reason(&["volume", "data-a"], "Available");
+    env.apply(&volume("data-b", "96Mi"));
+    let (msg, _) = wait_reason(&["volume", "data-b"], "QuotaExceeded");
+    assert_eq!(
+        msg,
+        "spec.size: 96Mi not granted: ResourceQuota yukumo: yukumo.io/storage limit 128Mi, \
+         64Mi in use or granted (Volume data-a: 64Mi); Volume data-b needs 96Mi more"
+    );
+    let b = json(&env, &["-n", ns, "get", "volume", "data-b"]);
+    assert!(b["status"]["location"].is_null(), "{}", b["status"]);
+    env.apply(&volume("data-a", "160Mi"));
+    let (msg, _) = wait_reason(&["volume", "data-a"], "QuotaExceeded");
+    assert!(msg.contains("Volume data-a needs 96Mi more"), "{msg}");
+    std::thread::sleep(Duration::from_secs(3));
+    let a = json(&env, &["-n", ns, "get", "volume", "data-a"]);
+    assert_eq!(a["status"]["granted"], "64Mi", "{}", a["status"]);
+    assert_eq!(
+        a["status"]["backing"]["capacityBytes"],
+        64 << 20,
+        "never grown past the grant"
+    );
+    wait_used("yukumo.io/storage", "64Mi");
+    // More room: the older request (the growth) first, then the newcomer.
+    env.apply(&quota(4, "256Mi"));
+    wait_for(Duration::from_secs(60), "data-a grown", || {
+        let a = json(&env, &["-n", ns, "get", "volume", "data-a"]);
+        if a["status"]["backing"]["capacityBytes"] == 160 << 20 {
+            Ok(())
+        } else {
+            Err(a["status"].to_string())
+        }
+    })
+    .unwrap();
+    wait_reason(&["volume", "data-b"], "Available");
+    wait_used("yukumo.io/storage", "256Mi");
+    // `kubectl get` shows use against limit.
+    let table = env
+        .kubectl_ok(&["-n", ns, "get", "resourcequota", "yukumo"])
+        .unwrap();
+    println!("{table}");
+    assert!(table.contains("yukumo.io/vcpus: 4/4"), "{table}");
+    assert!(table.contains("yukumo.io/storage: 256Mi/256Mi"), "{table}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
+        .unwrap();
+}

@@ -54,6 +54,10 @@ reasons! {
     /// The namespace may not use a Site the object needs (the Site's
     /// `spec.access.namespaceSelector` does not match it).
     SiteAccessDenied,
+    /// Growing the object would pass a limit of a ResourceQuota of its
+    /// namespace (`yukumo.io/vcpus`, `memory`, `nodes`, `public-ips`,
+    /// `storage`); the message names the limit, the use and its holders.
+    QuotaExceeded,
     // --- VirtualCluster
     /// The NetworkGroup the cluster names does not exist in its namespace.
     NetworkGroupNotFound,

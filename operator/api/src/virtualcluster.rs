@@ -394,6 +394,21 @@ pub struct VirtualClusterStatus {
     /// would overbook are refused (`Ready=False`, `InsufficientCapacity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_admitted_at: Option<Time>,
+    /// What the namespace's ResourceQuota granted the cluster (its spec's
+    /// total when last granted; absent when no quota limits yukumo
+    /// resources there). A growth the quota refuses keeps this grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<QuotaGrant>,
+}
+
+/// Amounts granted by a namespace's quota.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaGrant {
+    pub cpu: u64,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    pub nodes: u64,
 }
 
 /// One node of a cluster, as seen in the cluster's status.

@@ -167,6 +167,12 @@ pub struct VolumeStatus {
     /// Provisioned capacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Quantity>,
+    /// The size granted within the namespace's quota (written by the
+    /// controller with the placement, and again on each granted growth):
+    /// the pool's agent makes the volume this size, never more than
+    /// `spec.size`. A growth the quota refuses leaves it as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Quantity>,
     /// Host and pool holding the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<VolumeLocation>,

@@ -123,6 +123,7 @@ pub struct Stores {
     pub sites: Store<Site>,
     pub network_groups: Store<NetworkGroup>,
     pub volumes: Store<Volume>,
+    pub quotas: Store<k8s_openapi::api::core::v1::ResourceQuota>,
 }
 
 impl Stores {
@@ -137,6 +138,57 @@ impl Stores {
     pub fn network_group(&self, ns: &str, name: &str) -> Option<Arc<NetworkGroup>> {
         self.network_groups.get(&ObjectRef::new(name).within(ns))
     }
+    /// The limits the ResourceQuotas of namespace `ns` set on yukumo
+    /// resources (empty: none).
+    pub fn quota_limits(&self, ns: &str) -> crate::reconcile::quota::Limits {
+        let all = self.quotas.state();
+        crate::reconcile::quota::limits(
+            all.iter()
+                .map(|q| q.as_ref())
+                .filter(|q| q.metadata.namespace.as_deref() == Some(ns)),
+        )
+    }
+
+    /// The quota account of namespace `ns` (see [`crate::reconcile::quota`]),
+    /// `None` when no quota limits its yukumo resources.
+    pub fn quota_ledger(&self, ns: &str) -> Option<crate::reconcile::quota::Ledger> {
+        use crate::reconcile::quota;
+        let limits = self.quota_limits(ns);
+        if limits.is_empty() {
+            return None;
+        }
+        let in_ns = |m: &kube::api::ObjectMeta| m.namespace.as_deref() == Some(ns);
+        let nodes = self.nodes.state();
+        let nodes: Vec<&VirtualNode> = nodes
+            .iter()
+            .map(|n| n.as_ref())
+            .filter(|n| in_ns(&n.metadata))
+            .collect();
+        let sites = self.all_sites();
+        let mut claimants: Vec<quota::Claimant> = self
+            .clusters
+            .state()
+            .iter()
+            .filter(|c| in_ns(&c.metadata))
+            .map(|c| quota::cluster_claimant(c, &nodes, &sites))
+            .collect();
+        claimants.extend(
+            self.volumes
+                .state()
+                .iter()
+                .filter(|v| in_ns(&v.metadata))
+                .map(|v| quota::volume_claimant(v)),
+        );
+        claimants.extend(
+            self.network_groups
+                .state()
+                .iter()
+                .filter(|g| in_ns(&g.metadata))
+                .map(|g| quota::group_claimant(g)),
+        );
+        Some(quota::ledger(&limits, &claimants))
+    }
+
     pub fn volume_exists(&self, ns: &str, name: &str) -> bool {
         self.volumes.get(&ObjectRef::new(name).within(ns)).is_some()
     }

@@ -188,6 +188,7 @@ pub struct Fleet {
     pub sites: Vec<Site>,
     pub groups: Vec<NetworkGroup>,
     pub volumes: Vec<Volume>,
+    pub quotas: Vec<k8s_openapi::api::core::v1::ResourceQuota>,
 }
 
 /// A reconcile context on `client` whose caches hold `fleet`.
@@ -200,6 +201,7 @@ pub fn ctx(client: Client, fleet: Fleet) -> Arc<Ctx> {
         sites: store(fleet.sites),
         network_groups: store(fleet.groups),
         volumes: store(fleet.volumes),
+        quotas: store(fleet.quotas),
     };
     Ctx::new(
         client,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -175,12 +175,53 @@ fn namespace_label_changes(
     changed_only(stream, namespace_labels)
 }
 
+/// What the reconcilers read of a ResourceQuota: its limits.
+fn quota_hard(q: &ResourceQuota) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    if let Some(hard) = q.spec.as_ref().and_then(|s| s.hard.as_ref()) {
+        for (k, v) in hard {
+            (k, &v.0).hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+/// The ResourceQuotas of `ns` that limit yukumo resources.
+fn yukumo_quotas_in(
+    store: &Store<ResourceQuota>,
+    ns: Option<String>,
+) -> Vec<ObjectRef<ResourceQuota>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|q| {
+            q.namespace() == ns
+                && q.spec
+                    .iter()
+                    .flat_map(|s| s.hard.iter().flatten())
+                    .any(|(k, _)| k.starts_with(reconcile::quota::PREFIX))
+        })
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
+        .collect()
+}
+
 /// The objects of `store` in namespace `ns`.
 fn in_namespace<K>(store: &Store<K>, ns: &Namespace) -> Vec<ObjectRef<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
-    let name = ns.name_any();
+    in_namespace_of(store, Some(ns.name_any()))
+}
+
+/// The objects of `store` in namespace `name`.
+fn in_namespace_of<K>(store: &Store<K>, name: Option<String>) -> Vec<ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let Some(name) = name else {
+        return vec![];
+    };
     store
         .state()
         .into_iter()
@@ -230,7 +271,8 @@ fn changed_only<K: ResourceExt + Send + Sync + 'static>(
     let mut seen: HashMap<String, u64> = HashMap::new();
     stream.filter(move |obj| {
         let k = key(obj);
-        let changed = seen.insert(obj.name_any(), k) != Some(k);
+        let id = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+        let changed = seen.insert(id, k) != Some(k);
         futures::future::ready(changed)
     })
 }
@@ -315,6 +357,7 @@ async fn run_controllers(
     let (site_store, site_w, site_start) = shared_reflector::<Site>(&client, &wc);
     let (ng_store, ng_w, ng_start) = shared_reflector::<NetworkGroup>(&client, &wc);
     let (vol_store, vol_w, vol_start) = shared_reflector::<Volume>(&client, &wc);
+    let (rq_store, rq_w, rq_start) = shared_reflector::<ResourceQuota>(&client, &wc);
     // Writers made by `store_shared` always hand out subscriptions.
     const SHARED: &str = "a shared store's writer subscribes";
     let vc_for = vc_w.subscribe().expect(SHARED);
@@ -336,6 +379,14 @@ async fn run_controllers(
     let vn_for_vol = vn_w.subscribe().expect(SHARED);
     let vc_for_vol = vc_w.subscribe().expect(SHARED);
     let site_for_vol = site_w.subscribe().expect(SHARED);
+    let rq_for = rq_w.subscribe().expect(SHARED);
+    let rq_for_vc = rq_w.subscribe().expect(SHARED);
+    let rq_for_ng = rq_w.subscribe().expect(SHARED);
+    let rq_for_vol = rq_w.subscribe().expect(SHARED);
+    let vc_for_rq = vc_w.subscribe().expect(SHARED);
+    let vn_for_rq = vn_w.subscribe().expect(SHARED);
+    let ng_for_rq = ng_w.subscribe().expect(SHARED);
+    let vol_for_rq = vol_w.subscribe().expect(SHARED);
     let reflectors = [
         vc_start(vc_w),
         vn_start(vn_w),
@@ -343,6 +394,7 @@ async fn run_controllers(
         site_start(site_w),
         ng_start(ng_w),
         vol_start(vol_w),
+        rq_start(rq_w),
     ];
     let stores = Stores {
         clusters: vc_store.clone(),
@@ -351,6 +403,7 @@ async fn run_controllers(
         sites: site_store.clone(),
         network_groups: ng_store.clone(),
         volumes: vol_store.clone(),
+        quotas: rq_store.clone(),
     };
     // Nothing is decided on a partial view of the fleet.
     let ready = async {
@@ -361,6 +414,7 @@ async fn run_controllers(
             site_store.wait_until_ready(),
             ng_store.wait_until_ready(),
             vol_store.wait_until_ready(),
+            rq_store.wait_until_ready(),
         );
     };
     let mut stop_rx = stop.clone();
@@ -378,6 +432,7 @@ async fn run_controllers(
     let vc_store4 = vc_store.clone();
     let vc_store5 = vc_store.clone();
     let vc_store6 = vc_store.clone();
+    let vc_store7 = vc_store.clone();
     let ng_store_for_vc = ng_store.clone();
     let vcs = Controller::for_shared_stream(vc_for, vc_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(250)))
@@ -440,6 +495,9 @@ async fn run_controllers(
         .watches_shared_stream(namespace_label_changes(&client), move |ns| {
             in_namespace(&vc_store6, &ns)
         })
+        .watches_shared_stream(changed_only(rq_for_vc, quota_hard), move |q| {
+            in_namespace_of(&vc_store7, q.namespace())
+        })
         .watches_shared_stream(
             // Only a change of a Host's readiness matters here, not every heartbeat.
             changed_only(host_for_vc, host_readiness),
@@ -475,6 +533,7 @@ async fn run_controllers(
     let ng_store2 = ng_store.clone();
     let ng_store3 = ng_store.clone();
     let ng_store4 = ng_store.clone();
+    let ng_store5 = ng_store.clone();
     let ngs = Controller::for_shared_stream(ng_for, ng_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(100)))
         .watches_shared_stream(vc_for_ng, |vc| {
@@ -495,6 +554,9 @@ async fn run_controllers(
         })
         .watches_shared_stream(namespace_label_changes(&client), move |ns| {
             in_namespace(&ng_store4, &ns)
+        })
+        .watches_shared_stream(changed_only(rq_for_ng, quota_hard), move |q| {
+            in_namespace_of(&ng_store5, q.namespace())
         })
         .watches_shared_stream(changed_only(host_for_ng, host_readiness), move |h| {
             let site = h.spec.site.clone();
@@ -519,6 +581,7 @@ async fn run_controllers(
     let vol_store3 = vol_store.clone();
     let vol_store4 = vol_store.clone();
     let vol_store5 = vol_store.clone();
+    let vol_store6 = vol_store.clone();
     let vols = Controller::for_shared_stream(vol_for, vol_store)
         .watches_shared_stream(vn_for_vol, move |vn| {
             let ns = vn.namespace();
@@ -572,6 +635,9 @@ async fn run_controllers(
         .watches_shared_stream(namespace_label_changes(&client), move |ns| {
             in_namespace(&vol_store5, &ns)
         })
+        .watches_shared_stream(changed_only(rq_for_vol, quota_hard), move |q| {
+            in_namespace_of(&vol_store6, q.namespace())
+        })
         .watches_shared_stream(changed_only(site_for_vol, site_spec), move |_site| {
             // Pools were declared or changed: the volumes waiting for one.
             vol_store4
@@ -608,7 +674,29 @@ async fn run_controllers(
         .run(reconcile::host::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    tokio::join!(vcs, ngs, vols, sites, hosts);
+    // A quota's `status.used` follows what its namespace's clusters,
+    // nodes, groups and Volumes hold.
+    let (rq1, rq2, rq3, rq4) = (
+        rq_store.clone(),
+        rq_store.clone(),
+        rq_store.clone(),
+        rq_store.clone(),
+    );
+    let quotas = Controller::for_shared_stream(rq_for, rq_store)
+        .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
+        .watches_shared_stream(vc_for_rq, move |o| yukumo_quotas_in(&rq1, o.namespace()))
+        .watches_shared_stream(vn_for_rq, move |o| yukumo_quotas_in(&rq2, o.namespace()))
+        .watches_shared_stream(ng_for_rq, move |o| yukumo_quotas_in(&rq3, o.namespace()))
+        .watches_shared_stream(vol_for_rq, move |o| yukumo_quotas_in(&rq4, o.namespace()))
+        .graceful_shutdown_on(stopper(stop.clone()))
+        .run(
+            reconcile::quota::status::reconcile,
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+
+    tokio::join!(vcs, ngs, vols, sites, hosts, quotas);
     for r in reflectors {
         r.abort();
     }

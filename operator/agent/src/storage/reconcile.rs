@@ -366,7 +366,15 @@ pub async fn reconcile<P: Pools, T: Targets>(
         .filter(|r| status.restored_from.as_ref() != Some(r));
     let want = VolumeWant {
         uid: uid.clone(),
-        bytes: parse_quantity(&vol.spec.size).unwrap_or(0),
+        // What the controller granted within the namespace's quota, never
+        // more than asked.
+        bytes: parse_quantity(&vol.spec.size).unwrap_or(0).min(
+            status
+                .granted
+                .as_ref()
+                .and_then(|g| parse_quantity(g).ok())
+                .unwrap_or(u64::MAX),
+        ),
         // Never while a node may hold it: the claim is cleared only after
         // the node's agent reported the disk detached.
         delete: deleting && status.attached_to.is_none(),

@@ -6,6 +6,7 @@ pub mod host;
 pub mod ipam;
 pub mod networkgroup;
 pub mod nodes;
+pub mod quota;
 pub mod reservation;
 pub mod site;
 pub mod verdict;

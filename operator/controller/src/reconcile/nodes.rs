@@ -36,7 +36,7 @@ pub fn node_name(cluster: &str, pool: Option<&str>, index: u32) -> String {
     }
 }
 
-fn resolve_size(size: &NodeSize, sites: &[&Site], field: &str) -> Result<Resources, Verdict> {
+pub fn resolve_size(size: &NodeSize, sites: &[&Site], field: &str) -> Result<Resources, Verdict> {
     let (cpu, memory) = match &size.size_class {
         Some(class) => {
             let found = sites

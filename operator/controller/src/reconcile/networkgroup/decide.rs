@@ -50,6 +50,8 @@ pub struct Inputs<'a> {
     pub claims: &'a Claims,
     /// The group's namespace's labels (for Sites that restrict access).
     pub namespace_labels: &'a BTreeMap<String, String>,
+    /// The limits of the namespace's ResourceQuotas (public IPs).
+    pub limits: &'a super::super::quota::Limits,
 }
 
 /// The decision: the status to write, why, what it takes, and when to look
@@ -121,10 +123,65 @@ fn retry_soon(r: &Reason) -> bool {
     matches!(
         r,
         Reason::SegmentRangeExhausted
+            | Reason::QuotaExceeded
             | Reason::PublicIPPoolExhausted
             | Reason::PublicIPConflict
             | Reason::NoGatewayHost
     )
+}
+
+/// Keep the public IPs the group holds and grant new ones only within the
+/// namespace's quota (what its other groups hold, or have just claimed,
+/// counts); each one refused is a problem naming the limit.
+fn hold_to_quota(
+    inp: &Inputs,
+    old: &NetworkGroupStatus,
+    wants: &mut Vec<PublicWant>,
+    problems: &mut Vec<(Reason, String)>,
+) {
+    let ng = inp.group;
+    let key = key_of(ng);
+    let prefix = format!("{}/", ng.namespace().unwrap_or_default());
+    let mut others: BTreeMap<String, u64> = BTreeMap::new();
+    for o in inp.groups {
+        if o.metadata.uid != ng.metadata.uid && o.namespace() == ng.namespace() {
+            others.insert(key_of(o), super::super::quota::public_ips_held(o));
+        }
+    }
+    let mut claimed: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, holder) in &inp.claims.public_ips {
+        if holder != &key && holder.starts_with(&prefix) {
+            *claimed.entry(holder.as_str()).or_default() += 1;
+        }
+    }
+    for (holder, n) in claimed {
+        let e = others.entry(holder.to_string()).or_default();
+        *e = (*e).max(n);
+    }
+    let Some((allowed, why)) =
+        super::super::quota::public_ip_allowance(inp.limits, others.values().sum())
+    else {
+        return;
+    };
+    let holds = |w: &PublicWant| match &w.node {
+        None => old.router.as_ref().is_some_and(|r| r.address.is_some()),
+        Some(n) => old.public_ips.iter().any(|p| &p.node == n),
+    };
+    let mut room = allowed.saturating_sub(wants.iter().filter(|w| holds(w)).count() as u64);
+    wants.retain(|w| {
+        if holds(w) {
+            true
+        } else if room > 0 {
+            room -= 1;
+            true
+        } else {
+            problems.push((
+                Reason::QuotaExceeded,
+                format!("{}: no public IP granted: {why}", w.field),
+            ));
+            false
+        }
+    });
 }
 
 /// The decision for `inp.group`.
@@ -296,6 +353,7 @@ pub fn decide(inp: &Inputs) -> Decision {
                 ));
             }
         }
+        hold_to_quota(inp, &old, &mut wants, &mut problems);
         let grant = allocate_public(
             &wants,
             old.router.as_ref().and_then(|r| r.address),

@@ -35,6 +35,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     let key = decide::key_of(&fresh);
     let namespace_labels = ctx.namespace_labels(&ns).await?;
+    let limits = ctx.stores.quota_limits(&ns);
     let decision = {
         let mut pending = ctx.placements.lock().await;
         pending.prune(&ctx.stores);
@@ -48,6 +49,7 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
             nodes: &ctx.stores.nodes.state(),
             claims: &claims,
             namespace_labels: &namespace_labels,
+            limits: &limits,
         });
         pending.claim_network(&key, &fresh.spec.home_site.0, d.segment, &d.public_ips);
         d

@@ -430,6 +430,21 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         let wait = Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO);
         requeue = requeue.min(wait + Duration::from_millis(200));
     }
+    // Quota: the cluster's growth is granted whole or refused whole; a
+    // refused cluster keeps the nodes it has and what it was granted.
+    let ledger = ctx.stores.quota_ledger(&ns);
+    let granted = ledger
+        .as_ref()
+        .and_then(|l| l.cluster_grant(&vc.name_any(), old.granted));
+    if !verdict.is_stalled()
+        && let Some(why) = ledger.as_ref().and_then(|l| {
+            l.refusal(super::quota::Kind::VirtualCluster, &vc.name_any())
+                .cloned()
+        })
+    {
+        verdict = Verdict::stalled(Reason::QuotaExceeded, why);
+        requeue = requeue.min(Duration::from_secs(30));
+    }
     if let (false, Some(ng)) = (verdict.is_stalled(), observed.network_group.as_ref()) {
         let mut desired = desired_nodes(&vc, ng, &observed.sites);
         if let Ok(all) = &desired
@@ -525,6 +540,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         frontend: frontend.or(old.frontend.clone()),
         next_transition,
         capacity_admitted_at,
+        granted,
     };
     if status != old {
         ctx.apply_status(

@@ -29,6 +29,34 @@ pub struct Decision {
     pub verdict: Verdict,
     pub phase: VolumePhase,
     pub capacity: Option<Quantity>,
+    /// `status.granted`: see [`apply_quota`].
+    pub granted: Option<Quantity>,
+}
+
+/// The namespace's quota on the decision: once placed, the Volume is
+/// granted its `spec.size`, unless the quota refuses the growth (`refusal`):
+/// then a Volume not yet placed stays unplaced, a placed one keeps the size
+/// it was granted, and either says why.
+pub fn apply_quota(d: &mut Decision, vol: &Volume, refusal: Option<&str>) {
+    let Some(asked) = parse_quantity(&vol.spec.size).ok().filter(|b| *b > 0) else {
+        return;
+    };
+    let placed_before = vol.status.as_ref().is_some_and(|s| s.location.is_some());
+    match refusal {
+        None if d.location.is_some() => d.granted = Some(quantity(asked)),
+        None => {}
+        Some(_) if vol.metadata.deletion_timestamp.is_some() => {}
+        Some(why) => {
+            if !placed_before {
+                d.location = None;
+                d.phase = VolumePhase::Pending;
+            }
+            d.verdict = Verdict::stalled(
+                Reason::QuotaExceeded,
+                format!("spec.size: {} not granted: {why}", vol.spec.size.0),
+            );
+        }
+    }
 }
 
 /// `bytes` as a quantity: binary units when exact.
@@ -144,6 +172,7 @@ pub fn decide(
             .as_ref()
             .filter(|b| b.capacity_bytes > 0)
             .map(|b| quantity(b.capacity_bytes)),
+        granted: status.granted.clone(),
     };
     let bytes = match parse_quantity(&vol.spec.size) {
         Ok(b) if b > 0 => b,

@@ -77,7 +77,12 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
     let all = ctx.stores.volumes.state();
     let volumes: Vec<&Volume> = all.iter().map(|v| v.as_ref()).collect();
     let labels = ctx.namespace_labels(&ns).await?;
-    let d = decide(&vol, &ctx.stores.all_sites(), &volumes, holder, &labels);
+    let mut d = decide(&vol, &ctx.stores.all_sites(), &volumes, holder, &labels);
+    let refusal = ctx.stores.quota_ledger(&ns).and_then(|l| {
+        l.refusal(super::quota::Kind::Volume, &vol.name_any())
+            .cloned()
+    });
+    decide::apply_quota(&mut d, &vol, refusal.as_deref());
     let old = vol.status.clone().unwrap_or_default();
     // Placing: the storage host's label (its agent selects by it) and the
     // finalizer its agent releases once the storage is gone, before the
@@ -128,6 +133,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         phase: d.phase,
         capacity: d.capacity.clone(),
         location: d.location.clone(),
+        granted: d.granted.clone(),
         ..owned(&old)
     };
     if status != owned(&old) {

@@ -205,6 +205,7 @@ fn a_group_gets_everything_it_needs_in_one_decision() {
         nodes: &[],
         claims: &no_claims(),
         namespace_labels: &Default::default(),
+        limits: &Default::default(),
     };
     let d = decide(&inp);
     let untimed = |mut d: Decision| {
@@ -282,6 +283,7 @@ fn claims_of_others_are_respected() {
         nodes: &[],
         claims: &claims,
         namespace_labels: &Default::default(),
+        limits: &Default::default(),
     });
     assert_eq!(d.status.segment, Some(Segment::vxlan(1002)));
     assert_eq!(d.verdict.reason(), &Reason::PublicIPConflict);
@@ -325,6 +327,7 @@ fn a_vlan_group_without_capable_hosts_and_a_lost_router_host() {
         nodes: &[],
         claims: &no_claims(),
         namespace_labels: &Default::default(),
+        limits: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::NoCapableHost);
     assert!(
@@ -348,6 +351,7 @@ fn a_vlan_group_without_capable_hosts_and_a_lost_router_host() {
         nodes: &[],
         claims: &no_claims(),
         namespace_labels: &Default::default(),
+        limits: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::NoGatewayHost);
     assert_eq!(d.requeue, Duration::from_secs(10));
@@ -371,6 +375,7 @@ fn a_mapping_to_an_unknown_node_is_named() {
         nodes: &[],
         claims: &no_claims(),
         namespace_labels: &Default::default(),
+        limits: &Default::default(),
     });
     assert_eq!(d.verdict.reason(), &Reason::PublicIPNodeUnknown);
     assert!(
