@@ -1007,7 +1007,10 @@ fn snapshot_write_more_restore_gives_the_original_back_and_a_copy_from_the_snaps
     snap(r#"{"name":"s1"}"#, Some("s1"));
     let v = wait_reason(&env, ns, &["volume", "data"], "Ready", "RestorePending", 30);
     let (_, _, msg) = condition(&v, "Ready").unwrap();
-    assert!(msg.contains("waits until node vc-frontend"), "{msg}");
+    assert!(
+        msg.contains("waits until it is let go of (attached to node vc-frontend"),
+        "{msg}"
+    );
     // Detached: restored in place; a new volume is made from the snapshot.
     env.apply(&cluster(ns, "vc", &[], true));
     env.apply(&format!(
@@ -1652,5 +1655,143 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
         "{images}"
     );
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn a_volume_attached_read_only_serves_several_guests_at_once_and_keeps_writers_out() {
+    readers_share_and_exclude_a_writer("san");
+}
+
+#[test]
+fn a_dir_volume_attached_read_only_serves_several_guests_on_its_host() {
+    readers_share_and_exclude_a_writer("default");
+}
+
+/// Read-only multi-attach in `pool`: a writer fills the volume and lets
+/// go, two clusters read it at once (and cannot write it), a writer waits
+/// for them and attaches, with the data, once they are gone.
+fn readers_share_and_exclude_a_writer(pool: &str) {
+    let env = Env::get();
+    let ns = &format!("readers-{pool}");
+    env.apply(&namespace(ns));
+    env.apply(&volume_in(ns, "ref", "64Mi", pool));
+    available(&env, ns, "ref", 60);
+    let with_ro = |name: &str| {
+        cluster(ns, name, &["ref"], true).replace("{name: ref}", "{name: ref, readOnly: true}")
+    };
+    let set_volumes = |vc: &str, vols: &str| {
+        let patch = format!(r#"{{"spec":{{"frontend":{{"volumes":{vols}}}}}}}"#);
+        env.kubectl_ok(&["-n", ns, "patch", "vc", vc, "--type", "merge", "-p", &patch])
+            .unwrap();
+    };
+    // A writer fills it, then lets go of it (hot-unplug).
+    env.apply(&cluster(ns, "rw", &["ref"], true));
+    let (sw, _) = frontend(&env, ns, "rw");
+    let sum = fill(&sw, 16);
+    set_volumes("rw", "[]");
+    wait_for(Duration::from_secs(90), "writer released", || {
+        let v = get(&env, ns, &["volume", "ref"]);
+        if v["status"]["attachedTo"].is_null() {
+            Ok(())
+        } else {
+            Err(v["status"]["attachedTo"].to_string())
+        }
+    })
+    .unwrap();
+
+    // Two clusters hold it read-only at once; each guest reads the data
+    // and cannot write it.
+    env.apply(&with_ro("ro-a"));
+    env.apply(&with_ro("ro-b"));
+    for vc in ["ro-a", "ro-b"] {
+        let (s, _) = frontend(&env, ns, vc);
+        assert_eq!(
+            wait_for(Duration::from_secs(60), "the disk", || guest_disk(
+                &s, "vdc"
+            )
+            .ok_or_else(|| "no vdc yet".to_string()))
+            .unwrap()
+            .0
+            .0,
+            64 * MI
+        );
+        assert_eq!(checksum(&s, 16), sum, "{vc} reads what the writer wrote");
+        assert_eq!(sh(&s, "cat /sys/block/vdc/ro"), "1", "{vc}: read-only");
+        let (out, code) = guest_sh(
+            &s,
+            "dd if=/dev/zero of=/dev/vdc bs=4096 count=1 conv=fsync 2>&1",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_ne!(code, 0, "{vc} wrote a read-only volume: {out}");
+    }
+    let v = get(&env, ns, &["volume", "ref"]);
+    let readers: Vec<&str> = v["status"]["readers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(readers.len(), 2, "{readers:?}");
+    assert!(readers.contains(&"ro-a-frontend") && readers.contains(&"ro-b-frontend"));
+    assert!(v["status"]["attachedTo"].is_null());
+    let (_, reason, msg) = condition(&v, "Ready").unwrap();
+    assert_eq!(reason, "Attached");
+    assert!(msg.contains("attached to read-only node"), "{msg}");
+    // The target admits every reader's host; a dir volume's readers all
+    // run on its host.
+    let hosts: Vec<String> = v["status"]["readers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["host"].as_str().unwrap().to_string())
+        .collect();
+    let targets = if pool == "san" {
+        host1_targets(&env)
+    } else {
+        assert!(hosts.iter().all(|h| h == "host-1"), "{hosts:?}");
+        String::new()
+    };
+    for h in hosts.iter().filter(|_| pool == "san") {
+        assert!(
+            targets.contains(&format!("10.255.0.{}", &h["host-".len()..])),
+            "ACL admits {h}: {targets}"
+        );
+    }
+
+    // A writer waits for the readers, naming them, and gets no disk.
+    set_volumes("rw", r#"[{"name":"ref"}]"#);
+    let vc = wait_reason(&env, ns, &["vc", "rw"], "Ready", "VolumeInUse", 30);
+    let (_, _, msg) = condition(&vc, "Ready").unwrap();
+    assert!(
+        msg.contains("is held read-only by node ro-a-frontend of cluster ro-a"),
+        "{msg}"
+    );
+    assert_eq!(guest_disk(&sw, "vdc"), None, "no disk for the writer");
+    // The readers let go: the writer attaches, with the data.
+    for vc in ["ro-a", "ro-b"] {
+        env.kubectl_ok(&["-n", ns, "delete", "vc", vc, "--wait=false"])
+            .unwrap();
+    }
+    let (_, took) = wait_for(Duration::from_secs(120), "writer attached", || {
+        guest_disk(&sw, "vdc").ok_or_else(|| "no vdc yet".to_string())
+    })
+    .unwrap();
+    println!(
+        "writer attached {:.1}s after the readers were deleted",
+        took.as_secs_f64()
+    );
+    assert_eq!(checksum(&sw, 16), sum);
+    let v = get(&env, ns, &["volume", "ref"]);
+    assert_eq!(v["status"]["attachedTo"]["node"], "rw-frontend");
+    assert!(
+        v["status"]["readers"]
+            .as_array()
+            .is_none_or(|r| r.is_empty()),
+        "{}",
+        v["status"]
+    );
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
         .unwrap();
 }

@@ -248,8 +248,11 @@ pub struct VolumeAttachment {
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// Attach read-only (the guest cannot write it). The Volume is still
-    /// held by this one node: read-only multi-attach is not implemented.
+    /// Attach read-only (the guest cannot write it). Any number of nodes,
+    /// of any cluster of the namespace, may hold a Volume read-only at
+    /// once, never while a node holds it read-write (either waits for the
+    /// other, with a condition naming the holders). A `dir` pool's readers
+    /// all run on its host; `iscsi` and `rbd` readers on any host.
     #[serde(default)]
     pub read_only: bool,
 }

@@ -176,9 +176,15 @@ pub struct VolumeStatus {
     /// Host and pool holding the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<VolumeLocation>,
-    /// The node it is attached to and the disk target there.
+    /// The node it is attached to read-write (single writer) and the disk
+    /// target there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<VolumeAttachmentStatus>,
+    /// The nodes holding it read-only (`readOnly: true` attachments), each
+    /// with its disk target: any number at once, never together with a
+    /// read-write holder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readers: Vec<VolumeAttachmentStatus>,
     /// Snapshots that exist (written by the pool's agent).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotStatus>,

@@ -603,10 +603,12 @@ async fn run_controllers(
                 .filter(|v| {
                     v.namespace() == ns
                         && (v.metadata.uid.as_ref().is_some_and(|u| serials.contains(u))
-                            || v.status
-                                .as_ref()
-                                .and_then(|s| s.attached_to.as_ref())
-                                .is_some_and(|a| a.node == name))
+                            || v.status.as_ref().is_some_and(|s| {
+                                s.attached_to
+                                    .iter()
+                                    .chain(s.readers.iter())
+                                    .any(|a| a.node == name)
+                            }))
                 })
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()
@@ -624,10 +626,12 @@ async fn run_controllers(
                 .filter(|v| {
                     v.namespace() == ns
                         && (wanted.contains(&v.name_any())
-                            || v.status
-                                .as_ref()
-                                .and_then(|s| s.attached_to.as_ref())
-                                .is_some_and(|a| a.cluster == name))
+                            || v.status.as_ref().is_some_and(|s| {
+                                s.attached_to
+                                    .iter()
+                                    .chain(s.readers.iter())
+                                    .any(|a| a.cluster == name)
+                            }))
                 })
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()

@@ -44,12 +44,12 @@ pub enum Error {
 }
 
 /// The initiators an `iscsi` pool's target admits: the underlay addresses
-/// of the host the holding node runs on, or, while no placed node holds
-/// the volume, of this Site's hosts.
+/// of the hosts the holding nodes run on (its writer, or its readers), or,
+/// while no placed node holds the volume, of this Site's hosts.
 async fn initiators(
     client: &Client,
     site: &str,
-    holder: Option<&str>,
+    holders: &[&str],
 ) -> Result<Vec<String>, kube::Error> {
     let mut acl: Vec<String> = Api::<Host>::all(client.clone())
         .list(&ListParams::default())
@@ -57,7 +57,12 @@ async fn initiators(
         .items
         .into_iter()
         .filter(|h| h.spec.site == site)
-        .filter(|h| holder.is_none_or(|n| h.metadata.name.as_deref() == Some(n)))
+        .filter(|h| {
+            holders.is_empty()
+                || holders
+                    .iter()
+                    .any(|n| h.metadata.name.as_deref() == Some(*n))
+        })
         .flat_map(|h| h.status.map(|s| s.addresses).unwrap_or_default())
         .map(|a| a.to_string())
         .collect();
@@ -368,19 +373,29 @@ pub async fn reconcile<P: Pools, T: Targets>(
         uid: uid.clone(),
         // What the controller granted within the namespace's quota, never
         // more than asked.
-        bytes: parse_quantity(&vol.spec.size).unwrap_or(0).min(
-            status
-                .granted
-                .as_ref()
-                .and_then(|g| parse_quantity(g).ok())
-                .unwrap_or(u64::MAX),
-        ),
+        bytes: parse_quantity(&vol.spec.size)
+            .unwrap_or(0)
+            .min(
+                status
+                    .granted
+                    .as_ref()
+                    .and_then(|g| parse_quantity(g).ok())
+                    .unwrap_or(u64::MAX),
+            )
+            // Held read-only by guests: its size stays until they let go.
+            .min(
+                status
+                    .backing
+                    .as_ref()
+                    .filter(|b| !status.readers.is_empty() && b.capacity_bytes > 0)
+                    .map_or(u64::MAX, |b| b.capacity_bytes),
+            ),
         // Never while a node may hold it: the claim is cleared only after
         // the node's agent reported the disk detached.
-        delete: deleting && status.attached_to.is_none(),
+        delete: deleting && status.attached_to.is_none() && status.readers.is_empty(),
         snapshots: vol.spec.snapshots.iter().map(|s| s.name.clone()).collect(),
         restore: restore.clone(),
-        attached: status.attached_to.is_some(),
+        attached: status.attached_to.is_some() || !status.readers.is_empty(),
         seed,
         image: image.as_ref().map(|(c, size)| (c.path.clone(), *size)),
         format: fmt,
@@ -502,8 +517,13 @@ pub async fn reconcile<P: Pools, T: Targets>(
         && !want.delete
         && let Some(b) = backing.as_mut().filter(|b| !b.path.is_empty())
     {
-        let holder = status.attached_to.as_ref().and_then(|a| a.host.as_deref());
-        match export(&*ctx, seen, &iqn, holder, b).await {
+        let holders: Vec<&str> = status
+            .attached_to
+            .iter()
+            .chain(status.readers.iter())
+            .filter_map(|a| a.host.as_deref())
+            .collect();
+        match export(&*ctx, seen, &iqn, &holders, b).await {
             Ok(()) => {}
             Err(e) => {
                 b.reason.get_or_insert(Reason::StorageFailed);
@@ -567,7 +587,7 @@ async fn export<P: Pools, T: Targets>(
     ctx: &StorageCtx<P, T>,
     seen: &[targets::TargetSeen],
     iqn: &str,
-    holder: Option<&str>,
+    holders: &[&str],
     b: &mut VolumeBacking,
 ) -> Result<(), String> {
     let portal = ctx
@@ -578,7 +598,7 @@ async fn export<P: Pools, T: Targets>(
         iqn: iqn.to_string(),
         path: b.path.clone(),
         bytes: b.capacity_bytes,
-        acl: initiators(&ctx.client, &ctx.site, holder)
+        acl: initiators(&ctx.client, &ctx.site, holders)
             .await
             .map_err(|e| e.to_string())?,
     };

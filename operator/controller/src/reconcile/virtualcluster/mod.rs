@@ -301,9 +301,10 @@ async fn ensure_roots(
     Ok(())
 }
 
-/// Write the plan's claims: each Volume's `status.attachedTo`, with the
-/// Volume's resourceVersion as a precondition (a concurrent claim or
-/// change fails with a conflict and the cluster is decided again).
+/// Write the plan's claims: each Volume's `status.attachedTo` (or, read-
+/// only, its `status.readers`), with the Volume's resourceVersion as a
+/// precondition (a concurrent claim or change fails with a conflict and the
+/// cluster is decided again).
 async fn write_claims(
     ctx: &Ctx,
     vc: &VirtualCluster,
@@ -312,10 +313,16 @@ async fn write_claims(
 ) -> Result<()> {
     let api: Api<yukumo_api::Volume> = Api::namespaced(ctx.client.clone(), ns);
     for c in claims {
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": c.resource_version},
-            "status": {"attachedTo": c.attached_to},
-        });
+        let patch = match &c.readers {
+            Some(readers) => serde_json::json!({
+                "metadata": {"resourceVersion": c.resource_version},
+                "status": {"readers": readers},
+            }),
+            None => serde_json::json!({
+                "metadata": {"resourceVersion": c.resource_version},
+                "status": {"attachedTo": c.attached_to},
+            }),
+        };
         api.patch_status(&c.volume, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         ctx.count_status_write("Volume");
@@ -324,8 +331,13 @@ async fn write_claims(
             EventType::Normal,
             &Reason::VolumeClaimed,
             format!(
-                "Volume {} claimed for node {} as {}{}",
+                "Volume {} claimed{} for node {} as {}{}",
                 c.volume,
+                if c.readers.is_some() {
+                    " read-only"
+                } else {
+                    ""
+                },
                 c.attached_to.node,
                 c.attached_to.target,
                 c.attached_to

@@ -2,8 +2,10 @@
 //! Volume must first be claimed for it, and what waits — as a pure
 //! function of the cluster, its nodes and the Volumes.
 //!
-//! A Volume is held by one node at a time: its `status.attachedTo` names
-//! the holder (cluster, node) and the disk target there. The claim is
+//! A Volume is held read-write by one node at a time: its
+//! `status.attachedTo` names the holder (cluster, node) and the disk
+//! target there. Read-only attachments hold it in `status.readers`
+//! instead, any number at once but never with a writer. A claim is
 //! written with the Volume's resourceVersion as a precondition before any
 //! node lists the disk, so of two clusters racing for one Volume exactly
 //! one wins; the loser waits with a condition naming the holder. The
@@ -124,6 +126,9 @@ pub struct Claim {
     pub volume: String,
     pub resource_version: Option<String>,
     pub attached_to: VolumeAttachmentStatus,
+    /// A read-only claim: the Volume's readers with this one added (or
+    /// moved); written instead of `attachedTo`.
+    pub readers: Option<Vec<VolumeAttachmentStatus>>,
 }
 
 /// Something a node's volume waits for.
@@ -202,18 +207,50 @@ pub fn plan(
         let uid = vol.metadata.uid.clone().unwrap_or_default();
         let status = vol.status.clone().unwrap_or_default();
         let mine = |a: &VolumeAttachmentStatus| a.cluster == cluster && a.node == node;
-        let claim = status.attached_to.clone();
-        if let Some(a) = &claim
-            && !mine(a)
-        {
+        // What this node holds already (read-write or read-only), else
+        // whether the other holders let it take the Volume.
+        let held_rw = status.attached_to.clone().filter(|a| mine(a));
+        let held_ro = status.readers.iter().find(|a| mine(a)).cloned();
+        let reader = held_ro.is_some() || (held_rw.is_none() && att.read_only);
+        let claim = held_rw.or(held_ro);
+        if claim.is_none() {
+            if let Some(a) = &status.attached_to {
+                wait(
+                    Reason::VolumeInUse,
+                    format!(
+                        "Volume {:?} is attached to node {} of cluster {} (single writer): detach it there first",
+                        att.name, a.node, a.cluster
+                    ),
+                );
+                continue;
+            }
+            if !att.read_only && !status.readers.is_empty() {
+                let mut by: Vec<String> = status
+                    .readers
+                    .iter()
+                    .map(|a| format!("node {} of cluster {}", a.node, a.cluster))
+                    .collect();
+                by.sort();
+                wait(
+                    Reason::VolumeInUse,
+                    format!(
+                        "Volume {:?} is held read-only by {}: a read-write attachment waits until they detach",
+                        att.name,
+                        by.join(", ")
+                    ),
+                );
+                continue;
+            }
+        } else if reader && !att.read_only {
+            // Held read-only: it stays so (other readers may hold it too)
+            // until this node lets go of it.
             wait(
                 Reason::VolumeInUse,
                 format!(
-                    "Volume {:?} is attached to node {} of cluster {} (single writer): detach it there first",
-                    att.name, a.node, a.cluster
+                    "Volume {:?} is held read-only by this node: to write it, remove it from the spec, then add it back",
+                    att.name
                 ),
             );
-            continue;
         }
         let bytes = parse_quantity(&vol.spec.size).unwrap_or(0);
         // A disk the node holds already is kept while its Volume is held by
@@ -336,15 +373,27 @@ pub fn plan(
             }
         }
         // A new claim at `target`, or the claim moved to the node's host.
-        let claim_at = |target: &str, host: Option<String>| Claim {
-            volume: att.name.clone(),
-            resource_version: vol.resource_version(),
-            attached_to: VolumeAttachmentStatus {
+        let claim_at = |target: &str, host: Option<String>| {
+            let attached_to = VolumeAttachmentStatus {
                 cluster: cluster.to_string(),
                 node: node.clone(),
                 target: target.to_string(),
                 host,
-            },
+            };
+            Claim {
+                volume: att.name.clone(),
+                resource_version: vol.resource_version(),
+                readers: reader.then(|| {
+                    status
+                        .readers
+                        .iter()
+                        .filter(|a| !mine(a))
+                        .cloned()
+                        .chain([attached_to.clone()])
+                        .collect()
+                }),
+                attached_to,
+            }
         };
         let host = existing.and_then(|n| n.spec.host.clone());
         let target = match &claim {
@@ -359,7 +408,8 @@ pub fn plan(
                 // spec, or chosen earlier in this plan.
                 let mut used: BTreeSet<String> = volumes
                     .iter()
-                    .filter_map(|v| v.status.as_ref()?.attached_to.as_ref())
+                    .filter_map(|v| v.status.as_ref())
+                    .flat_map(|s| s.attached_to.iter().chain(s.readers.iter()))
                     .filter(|a| mine(a))
                     .map(|a| a.target.clone())
                     .collect();
@@ -394,7 +444,7 @@ pub fn plan(
         nv.disks.push(NodeDisk {
             volume: att.name.clone(),
             target,
-            read_only: att.read_only,
+            read_only: att.read_only || reader,
             serial: uid,
             path: if dir {
                 backing.path.clone()
@@ -403,7 +453,12 @@ pub fn plan(
             },
             iscsi,
             rbd,
-            bytes,
+            // Readers see the size it has (it grows only once they let go).
+            bytes: if reader {
+                backing.capacity_bytes
+            } else {
+                bytes
+            },
         });
     }
     out
@@ -516,6 +571,74 @@ mod tests {
         assert_eq!(claims, vec![("vc-frontend-root", "vda"), ("data", "vdc")]);
         // The workers' boot volumes do not exist yet: they wait.
         assert!(!p.may_create("vc-w-0") && p.may_create("vc-frontend"));
+    }
+
+    fn spec_ro(vols: &[&str]) -> VirtualClusterSpec {
+        let mut s = spec(vols);
+        for v in &mut s.frontend.volumes {
+            v.read_only = true;
+        }
+        s
+    }
+
+    fn reader(c: &str, t: &str) -> VolumeAttachmentStatus {
+        VolumeAttachmentStatus {
+            cluster: c.into(),
+            node: format!("{c}-frontend"),
+            target: t.into(),
+            host: Some("h2".into()),
+        }
+    }
+
+    #[test]
+    fn read_only_attachments_share_a_volume_and_exclude_a_writer() {
+        // A reader joins the readers already there, with its own target,
+        // a read-only disk, and the others kept in the claim.
+        let mut v = vol("ref", "u1", None);
+        v.status.as_mut().unwrap().readers = vec![reader("a", "vdc")];
+        let p = plan("a", "b", &spec_ro(&["ref"]), &[], &[&v], &[]);
+        assert!(p.waits.is_empty(), "{:?}", p.waits);
+        assert_eq!(p.claims.len(), 1);
+        let readers = p.claims[0].readers.as_ref().unwrap();
+        assert_eq!(
+            readers.iter().map(|r| r.node.as_str()).collect::<Vec<_>>(),
+            ["a-frontend", "b-frontend"]
+        );
+        let d = &p.nodes["b-frontend"].disks[0];
+        assert!(d.read_only);
+        assert_eq!(d.target, "vdc");
+        // A writer waits for the readers, naming them, and gets no disk.
+        let p = plan("a", "w", &spec(&["ref"]), &[], &[&v], &[]);
+        assert!(p.claims.is_empty());
+        assert!(!p.nodes.contains_key("w-frontend"));
+        assert_eq!(p.waits[0].reason, Reason::VolumeInUse);
+        assert!(
+            p.waits[0]
+                .message
+                .contains("is held read-only by node a-frontend of cluster a"),
+            "{}",
+            p.waits[0].message
+        );
+        // A reader waits for a writer.
+        let w = vol("ref", "u1", Some(("w", "w-frontend", "vdc")));
+        let p = plan("a", "b", &spec_ro(&["ref"]), &[], &[&w], &[]);
+        assert!(p.claims.is_empty());
+        assert!(
+            p.waits[0].message.contains("(single writer)"),
+            "{:?}",
+            p.waits
+        );
+        // A node holding it read-only keeps a read-only disk even when its
+        // spec now asks to write, and is told how to switch.
+        let mut held = vol("ref", "u1", None);
+        held.status.as_mut().unwrap().readers = vec![reader("b", "vdc")];
+        let p = plan("a", "b", &spec(&["ref"]), &[], &[&held], &[]);
+        assert!(p.nodes["b-frontend"].disks[0].read_only);
+        assert!(
+            p.waits[0]
+                .message
+                .contains("remove it from the spec, then add it back")
+        );
     }
 
     #[test]

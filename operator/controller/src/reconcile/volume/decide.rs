@@ -161,7 +161,23 @@ pub fn decide(
     let status = vol.status.clone().unwrap_or_default();
     let deleting = vol.metadata.deletion_timestamp.is_some();
     let release = holder.is_some_and(|h| !h.cluster_wants && !h.node_holds);
-    let attached = status.attached_to.as_ref().filter(|_| !release);
+    // Who holds it: its writer, or its readers.
+    let attached = status
+        .attached_to
+        .as_ref()
+        .filter(|_| !release)
+        .map(|a| format!("node {} of cluster {} as {}", a.node, a.cluster, a.target))
+        .or_else(|| {
+            (!status.readers.is_empty()).then(|| {
+                let by: Vec<String> = status
+                    .readers
+                    .iter()
+                    .map(|a| format!("node {} of cluster {} as {}", a.node, a.cluster, a.target))
+                    .collect();
+                format!("read-only {}", by.join(", "))
+            })
+        });
+    let attached = attached.as_deref();
     let mut d = Decision {
         location: status.location.clone(),
         release,
@@ -270,8 +286,7 @@ pub fn decide(
             d.verdict = Verdict::progressing(
                 Reason::DetachPending,
                 format!(
-                    "deletion waits: attached to node {} of cluster {} as {}; remove it from that cluster's spec (or delete the cluster) to finish",
-                    a.node, a.cluster, a.target
+                    "deletion waits: attached to {a}; remove it from that cluster's spec (or delete the cluster) to finish"
                 ),
             );
             return d;
@@ -318,11 +333,21 @@ pub fn decide(
             Reason::RestorePending,
             match attached {
                 Some(a) => format!(
-                    "restoring from snapshot {r:?} waits until node {} of cluster {} lets go of it",
-                    a.node, a.cluster
+                    "restoring from snapshot {r:?} waits until it is let go of (attached to {a})"
                 ),
                 None => format!("restoring from snapshot {r:?}"),
             },
+        );
+        return d;
+    }
+    if b.capacity_bytes != bytes && !status.readers.is_empty() {
+        d.verdict = Verdict::progressing(
+            Reason::Provisioning,
+            format!(
+                "growing from {} to {bytes} bytes waits until its read-only holders let go ({})",
+                b.capacity_bytes,
+                attached.unwrap_or_default()
+            ),
         );
         return d;
     }
@@ -359,8 +384,8 @@ pub fn decide(
         Some(a) => Verdict::ready(
             Reason::Attached,
             format!(
-                "{bytes} bytes in pool {} on host {}; attached to node {} of cluster {} as {}",
-                loc.pool, loc.host, a.node, a.cluster, a.target
+                "{bytes} bytes in pool {} on host {}; attached to {a}",
+                loc.pool, loc.host
             ),
         ),
         None => {
@@ -507,9 +532,9 @@ mod tests {
         assert!(matches!(d.verdict, Verdict::Progressing { .. }));
         assert_eq!(d.verdict.reason(), &Reason::RestorePending);
         assert!(
-            d.verdict
-                .message()
-                .contains("waits until node vc-frontend of cluster vc")
+            d.verdict.message().contains(
+                "waits until it is let go of (attached to node vc-frontend of cluster vc"
+            )
         );
         // Done once: restoredFrom names it, and the field may stay.
         let mut done = v.clone();

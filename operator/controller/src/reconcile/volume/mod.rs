@@ -28,6 +28,16 @@ use decide::{Holder, decide};
 /// What the holder in `status.attachedTo` still does with the Volume.
 fn holder(ctx: &Ctx, vol: &Volume, ns: &str) -> Option<Holder> {
     let a = vol.status.as_ref()?.attached_to.as_ref()?;
+    Some(holder_of(ctx, vol, ns, a))
+}
+
+/// What holder `a` (read-write or read-only) still does with the Volume.
+fn holder_of(
+    ctx: &Ctx,
+    vol: &Volume,
+    ns: &str,
+    a: &yukumo_api::volume::VolumeAttachmentStatus,
+) -> Holder {
     let uid = vol.metadata.uid.clone().unwrap_or_default();
     let cluster_wants = ctx
         .stores
@@ -49,17 +59,18 @@ fn holder(ctx: &Ctx, vol: &Volume, ns: &str) -> Option<Holder> {
                     .as_ref()
                     .is_some_and(|s| s.disks.iter().any(|d| d.serial == uid))
         });
-    Some(Holder {
+    Holder {
         cluster_wants,
         node_holds,
-    })
+    }
 }
 
-/// The controller's part of the status (never `attachedTo`, nor what the
+/// The controller's part of the status (never `attachedTo` or `readers`, nor what the
 /// agent writes: `backing`, `snapshots`, `restoredFrom`).
 fn owned(s: &VolumeStatus) -> VolumeStatus {
     VolumeStatus {
         attached_to: None,
+        readers: vec![],
         backing: None,
         snapshots: vec![],
         restored_from: None,
@@ -113,6 +124,39 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         )
         .await?;
     }
+    // Readers that let go (their cluster no longer asks, their node no
+    // longer holds the disk) are dropped; a writer may then take it.
+    let readers = vol
+        .status
+        .as_ref()
+        .map(|s| s.readers.clone())
+        .unwrap_or_default();
+    let kept: Vec<_> = readers
+        .iter()
+        .filter(|a| {
+            let h = holder_of(&ctx, &vol, &ns, a);
+            h.cluster_wants || h.node_holds
+        })
+        .cloned()
+        .collect();
+    let readers_letting_go = readers
+        .iter()
+        .any(|a| !holder_of(&ctx, &vol, &ns, a).cluster_wants);
+    if kept.len() != readers.len() {
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": vol.resource_version()},
+            "status": {"readers": if kept.is_empty() { serde_json::Value::Null } else { serde_json::json!(kept) }},
+        });
+        api.patch_status(
+            &vol.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        ctx.count_status_write("Volume");
+        tracing::info!(volume = %vol.name_any(), readers = kept.len(), "read-only holders released");
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     if d.release {
         let patch = serde_json::json!({
             "metadata": {"resourceVersion": vol.resource_version()},
@@ -143,7 +187,7 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
         .await;
     // A holder letting go (its node's deletion is not an event the shared
     // watch delivers) is looked at again soon.
-    let letting_go = !d.release && holder.is_some_and(|h| !h.cluster_wants);
+    let letting_go = (!d.release && holder.is_some_and(|h| !h.cluster_wants)) || readers_letting_go;
     let busy = vol.metadata.deletion_timestamp.is_some()
         || !matches!(d.verdict, super::verdict::Verdict::Ready { .. });
     Ok(Action::requeue(Duration::from_secs(if letting_go {
