@@ -695,7 +695,7 @@ spec: {{cidr: 10.7.0.0/24, segment: {{type: vxlan}}, homeSite: lab}}
 apiVersion: yukumo.io/v1alpha1
 kind: NetworkGroup
 metadata: {{name: at-home, namespace: {ns}}}
-spec: {{cidr: 10.6.0.0/24, segment: {{type: vxlan}}, homeSite: local}}
+spec: {{cidr: 10.6.0.0/24, segment: {{type: vxlan}}, homeSite: local, sites: [lab]}}
 ---
 apiVersion: yukumo.io/v1alpha1
 kind: VirtualCluster
@@ -1323,5 +1323,115 @@ spec: {{size: {size}, pool: default}}
     assert!(table.contains("yukumo.io/vcpus: 4/4"), "{table}");
     assert!(table.contains("yukumo.io/storage: 256Mi/256Mi"), "{table}");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
+        .unwrap();
+}
+
+#[test]
+fn a_group_spanning_sites_holds_its_segment_id_at_each_and_its_nodes_run_only_there() {
+    let env = Env::get();
+    let ns = "span-e2e";
+    ensure_namespace(&env, ns);
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: east}
+spec: {vniRange: {start: 4000, end: 4009}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: west}
+spec: {vniRange: {start: 4000, end: 4009}}
+",
+    );
+    let group = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: {name}, namespace: {ns}}}
+spec: {{cidr: 10.9.0.0/24, {extra}}}
+"
+        )
+    };
+    let segment = |name: &str| {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{name}'s segment"),
+            || {
+                let g = json(&env, &["-n", ns, "get", "ng", name]);
+                g["status"]["segment"]["id"]
+                    .as_u64()
+                    .ok_or_else(|| g["status"].to_string())
+            },
+        )
+        .unwrap()
+        .0
+    };
+    env.apply(&group("g-west", "segment: {type: vxlan}, homeSite: west"));
+    assert_eq!(segment("g-west"), 4000);
+    // Homed at east, stretched to west: 4000 is g-west's there (the hosts
+    // of west would put both groups on one bridge), so it gets 4001.
+    env.apply(&group(
+        "g-east",
+        "segment: {type: vxlan}, homeSite: east, sites: [west]",
+    ));
+    assert_eq!(segment("g-east"), 4001);
+    // Asking for it is refused, naming the holder and the Site.
+    env.apply(&group(
+        "g-asks",
+        "segment: {type: vxlan, id: 4000}, homeSite: east, sites: [west]",
+    ));
+    let (c, _) = wait_for(Duration::from_secs(30), "SegmentIdInUse", || {
+        let c =
+            condition(&json(&env, &["-n", ns, "get", "ng", "g-asks"]), "Ready").unwrap_or_default();
+        if c.1 == "SegmentIdInUse" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        c.2,
+        "spec.segment.id: 4000 is already used by NetworkGroup span-e2e/g-west at Site \"west\""
+    );
+    // A node at a Site its group does not span is refused by name.
+    env.apply(&group("g-solo", "segment: {type: vxlan}, homeSite: east"));
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: astray, namespace: {ns}}}
+spec:
+  networkGroup: g-solo
+  frontend:
+    size: {{cpu: 1, memory: 64Mi}}
+    image: {{url: 'file:///img.qcow2', checksum: 'sha256:{}'}}
+  pools:
+  - {{name: w, replicas: 1, sites: [west], size: {{cpu: 1, memory: 64Mi}}}}
+",
+        "c".repeat(64)
+    ));
+    let (c, _) = wait_for(Duration::from_secs(30), "SiteNotSpanned", || {
+        let c =
+            condition(&json(&env, &["-n", ns, "get", "vc", "astray"]), "Ready").unwrap_or_default();
+        if c.1 == "SiteNotSpanned" {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        c.2,
+        "spec.pools[0].sites: Site \"west\" is not spanned by NetworkGroup \"g-solo\" \
+         (homeSite \"east\", sites []): add it to the group's spec.sites"
+    );
+    assert!(
+        json(&env, &["-n", ns, "get", "vn"])["items"]
+            .as_array()
+            .is_none_or(|a| a.is_empty())
+    );
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"])
+        .unwrap();
+    env.kubectl_ok(&["delete", "site", "east", "west", "--wait=false"])
         .unwrap();
 }

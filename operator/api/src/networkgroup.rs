@@ -92,6 +92,19 @@ fn default_true() -> bool {
 }
 
 impl NetworkGroupSpec {
+    /// The Sites the group spans: its home Site, then `sites`. Its
+    /// segment id is its own at every one of them, and its nodes run only
+    /// there.
+    pub fn span(&self) -> Vec<&str> {
+        let mut out = vec![self.home_site.0.as_str()];
+        for s in &self.sites {
+            if !out.contains(&s.0.as_str()) {
+                out.push(s.0.as_str());
+            }
+        }
+        out
+    }
+
     /// The router's address on the group: `gateway`, or the first host
     /// address of `cidr`.
     pub fn gateway_address(&self) -> Ipv4Addr {

@@ -58,6 +58,9 @@ reasons! {
     /// namespace (`yukumo.io/vcpus`, `memory`, `nodes`, `public-ips`,
     /// `storage`); the message names the limit, the use and its holders.
     QuotaExceeded,
+    /// A node would run at a Site its NetworkGroup does not span (its
+    /// `homeSite` and `sites`).
+    SiteNotSpanned,
     // --- VirtualCluster
     /// The NetworkGroup the cluster names does not exist in its namespace.
     NetworkGroupNotFound,

@@ -216,7 +216,7 @@ pub struct Placements {
     pub admitted: std::collections::HashMap<String, Instant>,
     /// Segments chosen, by NetworkGroup `namespace/name`: (home Site,
     /// segment, when); the caches show them moments later.
-    pub segments: std::collections::HashMap<String, (String, Segment, Instant)>,
+    pub segments: std::collections::HashMap<String, (Vec<String>, Segment, Instant)>,
     /// Public IPs granted, by address: (NetworkGroup `namespace/name`, when).
     pub public_ips: std::collections::HashMap<Ipv4Addr, (String, Instant)>,
 }
@@ -271,7 +271,7 @@ impl Placements {
             segments: self
                 .segments
                 .iter()
-                .map(|(k, (site, seg, _))| (k.clone(), site.clone(), *seg))
+                .map(|(k, (sites, seg, _))| (k.clone(), sites.clone(), *seg))
                 .collect(),
             public_ips: self
                 .public_ips
@@ -285,15 +285,14 @@ impl Placements {
     pub fn claim_network(
         &mut self,
         key: &str,
-        site: &str,
+        sites: Vec<String>,
         segment: Option<Segment>,
         ips: &[Ipv4Addr],
     ) {
         self.release_network(key);
         let now = Instant::now();
         if let Some(seg) = segment {
-            self.segments
-                .insert(key.to_string(), (site.to_string(), seg, now));
+            self.segments.insert(key.to_string(), (sites, seg, now));
         }
         for ip in ips {
             self.public_ips.insert(*ip, (key.to_string(), now));

@@ -30,8 +30,8 @@ use super::super::verdict::{Verdict, apply_verdict};
 /// may not show it yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
-    /// (group `namespace/name`, home Site, segment).
-    pub segments: Vec<(String, String, Segment)>,
+    /// (group `namespace/name`, the Sites it spans, segment).
+    pub segments: Vec<(String, Vec<String>, Segment)>,
     /// (address, holder `namespace/name`).
     pub public_ips: Vec<(Ipv4Addr, String)>,
 }
@@ -223,21 +223,36 @@ pub fn decide(inp: &Inputs) -> Decision {
     let kind = spec.segment.type_;
     let same_uid = |o: &NetworkGroup| o.metadata.uid == ng.metadata.uid;
     if !verdict.is_stalled() {
-        // Segment ids are unique per Site and type: what other groups hold
-        // (their status, not what their spec asks and was refused), plus
-        // claims not yet in the cache.
-        let mut taken: BTreeMap<u32, String> = BTreeMap::new();
+        // Segment ids are unique per Site and type at every Site the group
+        // spans (a host's bridge is named by the id alone): what other
+        // groups present at one of those Sites hold (their status, not
+        // what their spec asks and was refused), plus claims not yet in
+        // the cache.
+        let span = spec.span();
+        let meet = |theirs: &[&str]| {
+            span.iter()
+                .find(|s| theirs.contains(s))
+                .map(|s| s.to_string())
+        };
+        let mut taken: BTreeMap<u32, (String, String)> = BTreeMap::new();
         for o in inp.groups {
-            if same_uid(o) || o.spec.home_site != spec.home_site || o.spec.segment.type_ != kind {
+            if same_uid(o) || o.spec.segment.type_ != kind {
                 continue;
             }
-            if let Some(seg) = o.status.as_ref().and_then(|s| s.segment) {
-                taken.insert(seg.id, key_of(o));
+            if let (Some(seg), Some(at)) = (
+                o.status.as_ref().and_then(|s| s.segment),
+                meet(&o.spec.span()),
+            ) {
+                taken.insert(seg.id, (key_of(o), at));
             }
         }
-        for (other, site, seg) in &inp.claims.segments {
-            if other != &key && site == home_name && seg.type_ == kind {
-                taken.insert(seg.id, other.clone());
+        for (other, sites, seg) in &inp.claims.segments {
+            let theirs: Vec<&str> = sites.iter().map(String::as_str).collect();
+            if other != &key
+                && seg.type_ == kind
+                && let Some(at) = meet(&theirs)
+            {
+                taken.insert(seg.id, (other.clone(), at));
             }
         }
         let range = home.and_then(|h| h.spec.segment_range(kind));

@@ -51,7 +51,8 @@ pub async fn reconcile(ng: Arc<NetworkGroup>, ctx: Arc<Ctx>) -> Result<Action> {
             namespace_labels: &namespace_labels,
             limits: &limits,
         });
-        pending.claim_network(&key, &fresh.spec.home_site.0, d.segment, &d.public_ips);
+        let span: Vec<String> = fresh.spec.span().iter().map(|s| s.to_string()).collect();
+        pending.claim_network(&key, span, d.segment, &d.public_ips);
         d
     };
     let old = fresh.status.clone().unwrap_or_default();

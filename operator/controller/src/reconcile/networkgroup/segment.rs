@@ -10,24 +10,25 @@ use yukumo_api::site::{IdRange, Site};
 use super::super::verdict::Verdict;
 
 /// The segment of a NetworkGroup: the spec's (if no other group of the
-/// same Site and type holds it), else the one allocated before, else the
-/// lowest free id of the home Site's range. `taken` maps the ids other groups
-/// of that Site and type hold to their `namespace/name`. Errors name the field
-/// or the range.
+/// same type holds it at a Site this one spans), else the one allocated
+/// before, else the lowest free id of the home Site's range. `taken` maps
+/// the ids other groups of that type hold at the Sites this one spans to
+/// their `namespace/name` and the first such Site. Errors name the field,
+/// the other group and the Site, or the range.
 pub fn choose_segment(
     spec: &NetworkGroupSpec,
     previous: Option<u32>,
     range: Option<IdRange>,
-    taken: &BTreeMap<u32, String>,
+    taken: &BTreeMap<u32, (String, String)>,
 ) -> Result<u32, Verdict> {
     let what = range_field(spec.segment.type_);
     let site = &spec.home_site.0;
     if let Some(id) = spec.segment.id {
         return match taken.get(&id) {
-            Some(other) => Err(Verdict::stalled(
+            Some((other, at)) => Err(Verdict::stalled(
                 Reason::SegmentIdInUse,
                 format!(
-                    "spec.segment.id: {id} is already used by NetworkGroup {other} at Site {site:?}"
+                    "spec.segment.id: {id} is already used by NetworkGroup {other} at Site {at:?}"
                 ),
             )),
             None => Ok(id),

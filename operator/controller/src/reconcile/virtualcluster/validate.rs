@@ -78,6 +78,27 @@ pub fn validate(vc_ns: &str, spec: &VirtualClusterSpec, obs: &Observed) -> Verdi
             );
         }
     }
+    // A node runs only where its group spans: there its segment id is the
+    // group's own (a host's bridge is named by the id alone).
+    let span = ng.spec.span();
+    for (field, site) in named_sites(spec) {
+        if !span.contains(&site.as_str()) {
+            return Verdict::stalled(
+                Reason::SiteNotSpanned,
+                format!(
+                    "{field}: Site {site:?} is not spanned by NetworkGroup {:?} (homeSite {:?}, sites [{}]): add it to the group's spec.sites",
+                    spec.network_group,
+                    ng.spec.home_site.0,
+                    ng.spec
+                        .sites
+                        .iter()
+                        .map(|s| s.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
     // The Sites the cluster would use (its group's home, where nodes go
     // unless the spec names others) must admit its namespace.
     let home = ("spec.networkGroup".to_string(), ng.spec.home_site.0.clone());
@@ -305,6 +326,16 @@ mod tests {
             sites: vec![site("a"), lab.clone()],
             namespace_labels: Default::default(),
         };
+        // Nodes run only where their group spans.
+        let v = validate("t1", &s, &obs);
+        assert_eq!(v.reason(), &Reason::SiteNotSpanned);
+        assert_eq!(
+            v.message(),
+            "spec.pools[0].sites: Site \"b\" is not spanned by NetworkGroup \"net\" (homeSite \"a\", sites []): add it to the group's spec.sites"
+        );
+        if let Some(g) = obs.network_group.as_mut() {
+            g.spec.sites = vec![SiteName("b".into())];
+        }
         let v = validate("t1", &s, &obs);
         assert_eq!(v.reason(), &Reason::SiteAccessDenied);
         assert!(

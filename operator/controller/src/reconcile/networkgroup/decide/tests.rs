@@ -70,12 +70,12 @@ fn segment_ids_are_unique_per_site_and_named_when_not() {
     });
     let mut taken = BTreeMap::new();
     assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1000));
-    taken.insert(1000, "t1/net".to_string());
+    taken.insert(1000, ("t1/net".to_string(), "a".to_string()));
     assert_eq!(choose_segment(&spec, None, range, &taken), Ok(1001));
     // What was allocated before is kept.
     assert_eq!(choose_segment(&spec, Some(1002), range, &taken), Ok(1002));
-    taken.insert(1001, "t2/net".to_string());
-    taken.insert(1002, "t3/net".to_string());
+    taken.insert(1001, ("t2/net".to_string(), "a".to_string()));
+    taken.insert(1002, ("t3/net".to_string(), "a".to_string()));
     let v = choose_segment(&spec, None, range, &taken).unwrap_err();
     assert_eq!(v.reason(), &Reason::SegmentRangeExhausted);
     assert!(
@@ -270,7 +270,7 @@ fn claims_of_others_are_respected() {
         None,
     );
     let claims = Claims {
-        segments: vec![("t9/late".into(), "a".into(), Segment::vxlan(1001))],
+        segments: vec![("t9/late".into(), vec!["a".into()], Segment::vxlan(1001))],
         public_ips: vec![("203.0.113.18".parse().unwrap(), "t9/late".into())],
     };
     let clusters = vec![cluster("c", 0, false)];
@@ -382,5 +382,66 @@ fn a_mapping_to_an_unknown_node_is_named() {
         d.verdict
             .message()
             .contains("spec.publicIPs[0].node: ghost")
+    );
+}
+
+/// A group spanning several Sites holds its id at each of them: an id a
+/// group homed at another Site it spans holds is not handed out again
+/// (else both would share a bridge on that Site's hosts), nor taken when
+/// asked for, and the refusal names the other group and the Site.
+#[test]
+fn segment_ids_are_unique_at_every_site_a_group_spans() {
+    let (mut sites, hosts) = fleet();
+    let mut b = site(json!({"vniRange": {"start": 1000, "end": 1099}}));
+    b.metadata.name = Some("b".into());
+    sites.push(b);
+    let at_b = Arc::new(group(
+        "at-b",
+        json!({"cidr": "10.1.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "b"}),
+        Some(json!({"segment": {"type": "vxlan", "id": 1000}})),
+    ));
+    let decide_for = |g: &NetworkGroup| {
+        decide(&Inputs {
+            group: g,
+            sites: &sites,
+            hosts: &hosts,
+            groups: std::slice::from_ref(&at_b),
+            clusters: &[],
+            nodes: &[],
+            claims: &no_claims(),
+            namespace_labels: &Default::default(),
+            limits: &Default::default(),
+        })
+    };
+    // Homed at a only: 1000 is free there.
+    let home_only = group(
+        "net",
+        json!({"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"}),
+        None,
+    );
+    assert_eq!(
+        decide_for(&home_only).status.segment,
+        Some(Segment::vxlan(1000))
+    );
+    // Spanning b too: 1000 is at-b's there.
+    let spanning = group(
+        "net",
+        json!({"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a", "sites": ["b"]}),
+        Some(json!({"segment": {"type": "vxlan", "id": 1000}})),
+    );
+    assert_eq!(
+        decide_for(&spanning).status.segment,
+        Some(Segment::vxlan(1001))
+    );
+    let asked = group(
+        "net",
+        json!({"cidr": "10.0.0.0/24", "segment": {"type": "vxlan", "id": 1000}, "homeSite": "a", "sites": ["b"]}),
+        None,
+    );
+    let d = decide_for(&asked);
+    assert_eq!(d.verdict.reason(), &Reason::SegmentIdInUse);
+    assert_eq!(
+        d.verdict.message(),
+        "spec.segment.id: 1000 is already used by NetworkGroup t1/at-b at Site \"b\""
     );
 }
