@@ -28,6 +28,7 @@ APT_PACKAGES=(
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
   gcc libc6-dev strace tgt qemu-block-extra
   ceph-mon ceph-osd ceph-mgr ceph-common librbd1
+  lua5.1 lua-cjson
 )
 
 tools_log() { echo "[tools] $*" >&2; }

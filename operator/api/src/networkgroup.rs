@@ -41,6 +41,9 @@ use crate::virtualnode::NodeRole;
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.dhcp) || !has(self.dhcp.rangeEnd) || (isIP(self.dhcp.rangeEnd) && isCIDR(self.cidr) && cidr(self.cidr).containsIP(self.dhcp.rangeEnd))"
 ).message("dhcp.rangeEnd must be an address inside cidr").field_path(".dhcp.rangeEnd"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.dhcp) || !has(self.dhcp.rangeStart) || !has(self.dhcp.rangeEnd) || !isIP(self.dhcp.rangeStart) || !isIP(self.dhcp.rangeEnd) || ip(self.dhcp.rangeStart).family() != 4 || ip(self.dhcp.rangeEnd).family() != 4 || int(self.dhcp.rangeStart.split('.')[0]) * 16777216 + int(self.dhcp.rangeStart.split('.')[1]) * 65536 + int(self.dhcp.rangeStart.split('.')[2]) * 256 + int(self.dhcp.rangeStart.split('.')[3]) * 1 <= int(self.dhcp.rangeEnd.split('.')[0]) * 16777216 + int(self.dhcp.rangeEnd.split('.')[1]) * 65536 + int(self.dhcp.rangeEnd.split('.')[2]) * 256 + int(self.dhcp.rangeEnd.split('.')[3]) * 1"
+).message("dhcp.rangeStart must not come after dhcp.rangeEnd").field_path(".dhcp.rangeStart"))]
 #[x_kube(validation = kube::core::Rule::new("self.cidr == oldSelf.cidr")
     .message("cidr is immutable: addresses are already handed out from it").field_path(".cidr"))]
 pub struct NetworkGroupSpec {

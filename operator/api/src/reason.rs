@@ -61,6 +61,8 @@ reasons! {
     /// A node would run at a Site its NetworkGroup does not span (its
     /// `homeSite` and `sites`).
     SiteNotSpanned,
+    /// The DHCP range starts after it ends.
+    InvalidDhcpRange,
     // --- VirtualCluster
     /// The NetworkGroup the cluster names does not exist in its namespace.
     NetworkGroupNotFound,

@@ -96,12 +96,14 @@ pub fn apply_verdict(
     conds
 }
 
-/// Whether the `Ready` reason differs from before: the moment to publish an Event.
+/// Whether the `Ready` reason differs from before: the moment to publish
+/// an Event (a message that only counts progress — "2/4 nodes ready" —
+/// lives in the status, not in Events).
 pub fn reason_changed(existing: &[Condition], verdict: &Verdict) -> bool {
     existing
         .iter()
         .find(|c| c.type_ == ct::READY)
-        .is_none_or(|c| &c.reason != verdict.reason() || c.message != verdict.message())
+        .is_none_or(|c| &c.reason != verdict.reason())
 }
 
 #[cfg(test)]
@@ -139,6 +141,11 @@ mod tests {
         let b = apply_verdict(&a, Some(1), &v);
         assert_eq!(a, b);
         assert!(!reason_changed(&a, &v));
+        // Progress counts are no news.
+        assert!(!reason_changed(
+            &a,
+            &Verdict::progressing(Reason::NodesStarting, "3/4 nodes ready")
+        ));
         assert!(reason_changed(
             &a,
             &Verdict::ready(Reason::AllNodesReady, "")

@@ -133,6 +133,16 @@ pub fn validate(spec: &NetworkGroupSpec, sites: &[Site]) -> Verdict {
             );
         }
     }
+    // The schema refuses it too; an API server without the rule must not
+    // make it a Ready group with an empty pool.
+    if let Some((start, end)) = spec.dhcp_range()
+        && start > end
+    {
+        return Verdict::stalled(
+            Reason::InvalidDhcpRange,
+            format!("spec.dhcp.rangeStart: {start} comes after spec.dhcp.rangeEnd {end}"),
+        );
+    }
     let mut seen = std::collections::HashSet::new();
     for (i, p) in spec.public_ips.iter().enumerate() {
         if let Some(a) = p.address

@@ -465,7 +465,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         {
             match admission::admit_reservation(&ctx, &vc, all, now).await {
                 Ok(()) => capacity_admitted_at = Some(Time(now)),
-                Err(msg) => desired = Err(Verdict::stalled(Reason::InsufficientCapacity, msg)),
+                Err(msg) => desired = Err(Verdict::progressing(Reason::InsufficientCapacity, msg)),
             }
         }
         match desired.map(|d| if power.exists { d } else { vec![] }) {

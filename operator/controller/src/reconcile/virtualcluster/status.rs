@@ -101,9 +101,11 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
             1,
         );
     }
+    // A capacity wait is progress (capacity can free up at any time), with
+    // its reason; never "failed".
     if !o.unschedulable.is_empty() {
         return soon(
-            Verdict::stalled(Reason::Unschedulable, o.unschedulable.join("; ")),
+            Verdict::progressing(Reason::Unschedulable, o.unschedulable.join("; ")),
             10,
         );
     }
@@ -128,16 +130,48 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
         ));
     }
     if !f.power.exists {
+        // Waiting for its window is done, as far as GitOps goes: nothing
+        // is left to do until then (it says when).
         return v(match f.power.next {
-            Some((t, _)) => Verdict::progressing(
+            Some((t, _)) => Verdict::ready(
                 Reason::ReservationPending,
-                format!("nodes are created at {t}"),
+                format!("reserved; nodes are created at {t}"),
             ),
             None => Verdict::ready(
                 Reason::ReservationEnded,
                 "the reservation ended; its nodes were deleted",
             ),
         });
+    }
+    // A node that failed (its image cannot be fetched or is not what its
+    // checksum says, its host cannot run it) fails the cluster, by name.
+    let failed: Vec<&VirtualNode> = o
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .is_some_and(|s| s.phase == NodePhase::Failed)
+        })
+        .collect();
+    if let Some(n) = failed.first() {
+        let st = n.status.as_ref();
+        let ready = st.and_then(|s| s.conditions.get_condition(condition_types::READY));
+        let reason = ready
+            .map(|c| c.reason.clone())
+            .unwrap_or(Reason::NodesStarting);
+        let msg = ready
+            .map(|c| c.message.clone())
+            .or_else(|| st.and_then(|s| s.last_error.clone()))
+            .unwrap_or_default();
+        let more = match failed.len() {
+            1 => String::new(),
+            k => format!(" (and {} more failed nodes)", k - 1),
+        };
+        return soon(
+            Verdict::stalled(reason, format!("node {}: {msg}{more}", n.name_any())),
+            30,
+        );
     }
     if !f.running_now {
         let stopped = o
@@ -180,4 +214,94 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
             format!("{}/{} nodes ready", f.ready, f.desired),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, phase: &str, reason: &str, msg: &str) -> VirtualNode {
+        serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualNode",
+            "metadata": {"name": name, "namespace": "t1"},
+            "spec": {"cluster": "c", "role": "frontend", "index": 0, "hostname": name,
+                     "resources": {"cpu": 1, "memoryMiB": 64},
+                     "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))}},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "False",
+                "reason": reason, "message": msg, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap()
+    }
+
+    fn facts<'a>(o: &'a NodesOutcome, g: &'a NetworkGroup, p: &'a PowerPlan) -> Facts<'a> {
+        Facts {
+            outcome: o,
+            group: g,
+            group_name: "net",
+            power: p,
+            spec_running: true,
+            running_now: true,
+            desired: 2,
+            ready: 0,
+        }
+    }
+
+    /// What GitOps tools read: a failed node fails its cluster, by name; a
+    /// capacity wait is progress; a reservation waiting for its window is
+    /// done and says when.
+    #[test]
+    fn failed_nodes_fail_capacity_waits_progress_pending_reservations_are_done() {
+        let g: NetworkGroup = serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "NetworkGroup",
+            "metadata": {"name": "net", "namespace": "t1"},
+            "spec": {"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"}
+        }))
+        .unwrap();
+        let power = PowerPlan {
+            exists: true,
+            run: true,
+            next: None,
+            why: "",
+        };
+        let o = NodesOutcome {
+            nodes: vec![
+                node(
+                    "c-frontend",
+                    "Failed",
+                    "ImagePullFailed",
+                    "checksum mismatch",
+                ),
+                node("c-w-0", "Failed", "ImagePullFailed", "checksum mismatch"),
+            ],
+            ..Default::default()
+        };
+        let v = verdict(&facts(&o, &g, &power)).verdict;
+        assert!(v.is_stalled());
+        assert_eq!(v.reason(), &Reason::ImagePullFailed);
+        assert_eq!(
+            v.message(),
+            "node c-frontend: checksum mismatch (and 1 more failed nodes)"
+        );
+        let o = NodesOutcome {
+            unschedulable: vec!["c-w-0 needs 1 cpu".into()],
+            ..Default::default()
+        };
+        let v = verdict(&facts(&o, &g, &power)).verdict;
+        assert!(!v.is_stalled());
+        assert_eq!(v.reason(), &Reason::Unschedulable);
+        let t: k8s_openapi::jiff::Timestamp = "2030-01-01T09:00:00Z".parse().unwrap();
+        let pending = PowerPlan {
+            exists: false,
+            run: false,
+            next: Some((t, yukumo_api::virtualcluster::TransitionAction::Create)),
+            why: "",
+        };
+        let v = verdict(&facts(&NodesOutcome::default(), &g, &pending)).verdict;
+        assert!(matches!(v, Verdict::Ready { .. }), "{v:?}");
+        assert_eq!(
+            v.message(),
+            "reserved; nodes are created at 2030-01-01T09:00:00Z"
+        );
+    }
 }
