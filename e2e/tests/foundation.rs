@@ -1610,8 +1610,8 @@ spec: {{size: 16Mi, pool: no-such-pool}}
         println!("{what:?}: {s} ({m}) after {took:?}");
     }
     for (what, status) in [
-        (["host", "host-1"], "Healthy"),
-        (["ysite", "local"], "Healthy"),
+        (["get", "host", "host-1"], "Healthy"),
+        (["get", "ysite", "local"], "Healthy"),
     ] {
         let (s, m) = argocd_health(&env, &json(&env, &what));
         assert_eq!(s, status, "{what:?}: {m}");
