@@ -65,6 +65,29 @@ fn holder_of(
     }
 }
 
+/// Merge `claims` (`attachedTo`, `readers`) into the Volume's status, with
+/// its resourceVersion as a precondition: a claim written meanwhile makes
+/// this fail with a conflict, and the Volume is decided again.
+async fn patch_claims(
+    ctx: &Ctx,
+    api: &Api<Volume>,
+    vol: &Volume,
+    claims: serde_json::Value,
+) -> Result<()> {
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": vol.resource_version()},
+        "status": claims,
+    });
+    api.patch_status(
+        &vol.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    ctx.count_status_write("Volume");
+    Ok(())
+}
+
 /// The controller's part of the status (never `attachedTo` or `readers`, nor what the
 /// agent writes: `backing`, `snapshots`, `restoredFrom`).
 fn owned(s: &VolumeStatus) -> VolumeStatus {
@@ -126,49 +149,30 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Ctx>) -> Result<Action> {
     }
     // Readers that let go (their cluster no longer asks, their node no
     // longer holds the disk) are dropped; a writer may then take it.
-    let readers = vol
+    let readers: Vec<_> = vol
         .status
-        .as_ref()
-        .map(|s| s.readers.clone())
-        .unwrap_or_default();
+        .iter()
+        .flat_map(|s| s.readers.iter())
+        .map(|a| (a, holder_of(&ctx, &vol, &ns, a)))
+        .collect();
+    let readers_letting_go = readers.iter().any(|(_, h)| !h.cluster_wants);
     let kept: Vec<_> = readers
         .iter()
-        .filter(|a| {
-            let h = holder_of(&ctx, &vol, &ns, a);
-            h.cluster_wants || h.node_holds
-        })
-        .cloned()
+        .filter(|(_, h)| h.cluster_wants || h.node_holds)
+        .map(|(a, _)| (*a).clone())
         .collect();
-    let readers_letting_go = readers
-        .iter()
-        .any(|a| !holder_of(&ctx, &vol, &ns, a).cluster_wants);
     if kept.len() != readers.len() {
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": vol.resource_version()},
-            "status": {"readers": if kept.is_empty() { serde_json::Value::Null } else { serde_json::json!(kept) }},
-        });
-        api.patch_status(
-            &vol.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        ctx.count_status_write("Volume");
+        let readers = if kept.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(kept)
+        };
+        patch_claims(&ctx, &api, &vol, serde_json::json!({"readers": readers})).await?;
         tracing::info!(volume = %vol.name_any(), readers = kept.len(), "read-only holders released");
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     if d.release {
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": vol.resource_version()},
-            "status": {"attachedTo": null},
-        });
-        api.patch_status(
-            &vol.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        ctx.count_status_write("Volume");
+        patch_claims(&ctx, &api, &vol, serde_json::json!({"attachedTo": null})).await?;
         tracing::info!(volume = %vol.name_any(), "released: no node holds it");
     }
     let status = VolumeStatus {
