@@ -335,17 +335,38 @@ fn a_reservation_starts_and_ends_on_time() {
         .unwrap();
 }
 
-fn allocatable_mib(env: &Env) -> u64 {
-    let site = json(env, &["get", "site", "local"]);
-    site["status"]["allocatable"]["memoryMiB"]
-        .as_u64()
-        .expect("site allocatable memory")
+/// The schedulable hosts of site `local`: how many, and the smallest one's
+/// allocatable memory (MiB).
+fn local_hosts(env: &Env) -> (u32, u64) {
+    let hosts = json(env, &["get", "hosts"]);
+    let mibs: Vec<u64> = hosts["items"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .filter(|h| {
+            h["spec"]["site"] == "local"
+                && h["spec"]["schedulable"] != false
+                && yukumo_e2e::condition(h, "Ready").is_some_and(|c| c.0 == "True")
+        })
+        .filter_map(|h| h["status"]["allocatable"]["memoryMiB"].as_u64())
+        .collect();
+    (
+        mibs.len() as u32,
+        mibs.iter().copied().min().expect("a host"),
+    )
 }
 
-fn dated_cluster(ns: &str, name: &str, worker_mib: u64, start: u64, end: u64) -> String {
+fn dated_cluster(
+    ns: &str,
+    name: &str,
+    workers: u32,
+    worker_mib: u64,
+    start: u64,
+    end: u64,
+) -> String {
     format!(
         "{}  reservation: {{start: '{}', end: '{}', endAction: Delete}}\n",
-        cluster(ns, name, 1, &format!("{worker_mib}Mi")),
+        cluster(ns, name, workers, &format!("{worker_mib}Mi")),
         rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(start)),
         rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(end))
     )
@@ -370,14 +391,16 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
     let env = Env::get();
     let ns = "overbook";
     setup(&env, ns);
-    // Each reservation takes 60% of the site's memory: one fits, two overlapping do not.
-    let big = allocatable_mib(&env) * 6 / 10;
+    // Each reservation takes 60% of every host's memory (one worker per
+    // host): one fits, two overlapping do not.
+    let (n, host_mib) = local_hosts(&env);
+    let big = host_mib * 6 / 10;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let (a_start, a_end) = (now + 600, now + 1200);
-    env.apply(&dated_cluster(ns, "first", big, a_start, a_end));
+    env.apply(&dated_cluster(ns, "first", n, big, a_start, a_end));
     wait_reason(&env, ns, "first", "ReservationPending");
     let first = json(&env, &["-n", ns, "get", "vc", "first"]);
     assert!(
@@ -389,6 +412,7 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
     env.apply(&dated_cluster(
         ns,
         "second",
+        n,
         big,
         a_start + 300,
         a_end + 300,
@@ -413,7 +437,7 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
         .unwrap();
     assert!(events.contains("InsufficientCapacity"), "an Event says so");
     // Back to back with the first (ending when it starts): admitted.
-    env.apply(&dated_cluster(ns, "third", big, a_start - 300, a_start));
+    env.apply(&dated_cluster(ns, "third", n, big, a_start - 300, a_start));
     wait_reason(&env, ns, "third", "ReservationPending");
     // The first is cancelled: the second now fits and is admitted on its retry.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "first"])
@@ -428,6 +452,62 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
     })
     .unwrap();
     println!("second admitted {took:?} after the first was deleted");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+#[test]
+fn a_permanent_cluster_may_not_take_capacity_reserved_for_a_later_window() {
+    let env = Env::get();
+    let ns = "calendar";
+    setup(&env, ns);
+    let (n, host_mib) = local_hosts(&env);
+    let big = host_mib * 6 / 10;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A course reserves 60% of every host from in 10 minutes, for 10 minutes.
+    env.apply(&dated_cluster(ns, "course", n, big, now + 600, now + 1200));
+    wait_reason(&env, ns, "course", "ReservationPending");
+    assert!(
+        nodes(&env, ns, "course").is_empty(),
+        "no node before the window"
+    );
+    // A permanent cluster that fits now but would hold those hosts for ever:
+    // its small frontend is placed, its big workers are refused, naming the
+    // reservation, its window and the instant.
+    env.apply(&cluster(ns, "squatter", n, &format!("{big}Mi")));
+    let msg = wait_reason(&env, ns, "squatter", "Unschedulable");
+    let window = format!(
+        "capacity reserved for {ns}/course from {} to {} (at {})",
+        rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(now + 600)),
+        rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(now + 1200)),
+        rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(now + 600)),
+    );
+    assert!(msg.contains(&window), "{msg}");
+    assert!(msg.contains("squatter-worker-0 needs 1 cpu"), "{msg}");
+    let placed = wait_count(&env, ns, "squatter", 1);
+    assert_eq!(placed[0]["metadata"]["name"], "squatter-frontend");
+    // A small permanent cluster still fits beside the reservation.
+    env.apply(&cluster(ns, "small", 1, "128Mi"));
+    wait_count(&env, ns, "small", 2);
+    // The course is cancelled: the permanent cluster is placed by itself.
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "course"])
+        .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(60), "squatter placed", || {
+        let placed = nodes(&env, ns, "squatter")
+            .iter()
+            .filter(|n| n["spec"]["host"].is_string())
+            .count();
+        if placed == n as usize + 1 {
+            Ok(())
+        } else {
+            Err(format!("{placed} placed"))
+        }
+    })
+    .unwrap();
+    println!("squatter placed {took:?} after the course was cancelled");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

@@ -52,6 +52,10 @@ pub struct Request {
     pub pinned: Option<(String, String)>,
 }
 
+/// The capacity calendar's say on a candidate host (all hosts, the
+/// candidate, the need): `Err` with the reason refuses it.
+pub type Ahead<'a> = dyn Fn(&[HostView], &HostView, Resources) -> Result<(), String> + 'a;
+
 /// The outcome for one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
@@ -61,12 +65,15 @@ pub enum Placement {
 
 /// Place `req` on one of `hosts`, charging the chosen host. `cluster_nodes`
 /// counts this cluster's nodes per host (updated on success) for spreading.
+/// `ahead` may refuse a host that fits now (the capacity calendar: what
+/// admitted reservations need later), with the reason.
 pub fn place(
     req: &Request,
     hosts: &mut [HostView],
     cluster_nodes: &mut BTreeMap<String, u32>,
+    ahead: &Ahead,
 ) -> Placement {
-    let mut why: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let mut why: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut best: Option<usize> = None;
     for (i, h) in hosts.iter().enumerate() {
         // Hosts of other sites, and other hosts than a pinned node's, are
@@ -90,8 +97,12 @@ pub fn place(
         };
         if let Some(r) = reason {
             if r != "other site" {
-                why.entry(r).or_default().push(h.name.clone());
+                why.entry(r.to_string()).or_default().push(h.name.clone());
             }
+            continue;
+        }
+        if let Err(r) = ahead(hosts, h, req.need) {
+            why.entry(r).or_default().push(h.name.clone());
             continue;
         }
         let key = |h: &HostView| {
@@ -148,6 +159,39 @@ pub fn place(
 mod tests {
     use super::*;
 
+    fn none(_: &[HostView], _: &HostView, _: Resources) -> Result<(), String> {
+        Ok(())
+    }
+
+    #[test]
+    fn the_calendar_may_refuse_a_host_that_fits_now_and_says_why() {
+        let mut hosts = vec![host("a", 4, 4096), host("b", 4, 4096)];
+        let mut counts = BTreeMap::new();
+        let ahead = |_: &[HostView], h: &HostView, _: Resources| {
+            if h.name == "a" {
+                Err("capacity reserved for ns/course from T".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        match place(&req("n0", 1, 512), &mut hosts, &mut counts, &ahead) {
+            Placement::Host { host, .. } => assert_eq!(host, "b"),
+            other => panic!("{other:?}"),
+        }
+        let refuse = |_: &[HostView], _: &HostView, _: Resources| {
+            Err("capacity reserved for ns/course from T".to_string())
+        };
+        match place(&req("n1", 1, 512), &mut hosts, &mut counts, &refuse) {
+            Placement::Unschedulable(m) => {
+                assert!(
+                    m.contains("a, b: capacity reserved for ns/course from T"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn host(name: &str, cpu: u32, mem: u64) -> HostView {
         HostView {
             name: name.into(),
@@ -186,14 +230,14 @@ mod tests {
         let mut r = req("n", 1, 128);
         r.pinned = Some(("h2".into(), "Volume data is in dir pool local".into()));
         assert_eq!(
-            place(&r, &mut hosts, &mut counts),
+            place(&r, &mut hosts, &mut counts, &none),
             Placement::Host {
                 host: "h2".into(),
                 site: "a".into()
             }
         );
         hosts[1].ready = false;
-        let Placement::Unschedulable(msg) = place(&r, &mut hosts, &mut counts) else {
+        let Placement::Unschedulable(msg) = place(&r, &mut hosts, &mut counts, &none) else {
             panic!("placed on a host it is not pinned to");
         };
         assert!(
@@ -212,12 +256,17 @@ mod tests {
         ];
         let mut counts = BTreeMap::new();
         let placed: Vec<String> = (0..6)
-            .map(
-                |i| match place(&req(&format!("n{i}"), 1, 256), &mut hosts, &mut counts) {
+            .map(|i| {
+                match place(
+                    &req(&format!("n{i}"), 1, 256),
+                    &mut hosts,
+                    &mut counts,
+                    &none,
+                ) {
                     Placement::Host { host, .. } => host,
                     p => panic!("{p:?}"),
-                },
-            )
+                }
+            })
             .collect();
         for h in ["h1", "h2", "h3"] {
             assert_eq!(placed.iter().filter(|p| *p == h).count(), 2, "{placed:?}");
@@ -230,10 +279,10 @@ mod tests {
         hosts[1].ready = false;
         let mut counts = BTreeMap::new();
         assert!(matches!(
-            place(&req("n0", 2, 1024), &mut hosts, &mut counts),
+            place(&req("n0", 2, 1024), &mut hosts, &mut counts, &none),
             Placement::Host { .. }
         ));
-        match place(&req("n1", 1, 512), &mut hosts, &mut counts) {
+        match place(&req("n1", 1, 512), &mut hosts, &mut counts, &none) {
             Placement::Unschedulable(msg) => {
                 assert!(
                     msg.contains("n1 needs 1 cpu and 512 MiB at site a"),
@@ -254,7 +303,7 @@ mod tests {
         let mut r = req("fe", 1, 256);
         r.gateway = true;
         assert_eq!(
-            place(&r, &mut hosts, &mut counts),
+            place(&r, &mut hosts, &mut counts, &none),
             Placement::Host {
                 host: "h2".into(),
                 site: "a".into()
@@ -263,7 +312,7 @@ mod tests {
         let mut r = req("w", 1, 256);
         r.sites = vec!["b".into()];
         assert!(
-            matches!(place(&r, &mut hosts, &mut counts), Placement::Unschedulable(m) if m.contains("no hosts registered"))
+            matches!(place(&r, &mut hosts, &mut counts, &none), Placement::Unschedulable(m) if m.contains("no hosts registered"))
         );
     }
 }

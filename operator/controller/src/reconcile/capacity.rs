@@ -1,28 +1,37 @@
-//! Admission of reservations against a site's capacity, as a pure function.
+//! The capacity calendar of the fleet, as pure functions.
 //!
-//! A cluster with a dated reservation (`start` and/or `end`) holds capacity
-//! for its whole window: its nodes are created at `start` and keep their
-//! placement until `end` (for ever with `endAction: Stop`, since stopped nodes
-//! keep their hosts). Before its nodes exist, the reservation is admitted
-//! once: at every instant of its window where demand can peak (its start and
-//! every start of an overlapping admitted reservation), the site's
-//! allocatable must cover what permanent clusters use now, every admitted
-//! reservation active then, and this one. Admitted reservations keep their
-//! guarantee; a later one that would overbook is refused with the site, the
-//! resource and the window named.
+//! Every placed node holds its host's capacity from now on: a node of a
+//! cluster without a dated reservation (permanent, or weekly: a weekly
+//! cluster's stopped nodes keep their hosts) for ever, a node of a dated
+//! reservation until the reservation ends (`endAction: Delete`) or for ever
+//! (`endAction: Stop`). An admitted dated reservation whose nodes are not
+//! placed yet holds capacity for its window as well: at every instant where
+//! demand can peak (its start, and the start of every other reservation
+//! inside it), its unplaced nodes must pack onto the hosts of their sites,
+//! host by host, next to everything placed and every other reservation
+//! active then.
 //!
-//! The check is per site (sum over its Ready, schedulable hosts), greedily in
-//! the order of each node's allowed sites; per-host fragmentation is left to
-//! the scheduler when the nodes are created.
-
-use std::collections::BTreeMap;
+//! Two decisions read the calendar:
+//! - [`Calendar::admit`]: a dated reservation is admitted once, if its nodes
+//!   pack at every peak of its window (host-level fit, not only the sites'
+//!   sums: a reservation admitted is a reservation that will place);
+//! - [`Calendar::permits`]: a node placed now (it holds capacity for ever)
+//!   may go to a host only if every admitted reservation still packs at each
+//!   of its peaks afterwards — so a permanent cluster never takes capacity
+//!   promised to a later window.
+//!
+//! Packing is best-fit decreasing, preferring a node's sites in order: what
+//! the calendar accepts, the scheduler can place. Refusals name the site,
+//! the resource, the instant and the reservations holding it.
 
 use k8s_openapi::jiff::Timestamp;
 use yukumo_api::common::Resources;
 
-/// One node's demand: the sites it may use (in order) and what it needs.
+/// One node's demand: its name, the sites it may use (in order) and what
+/// it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand {
+    pub node: String,
     pub sites: Vec<String>,
     pub need: Resources,
 }
@@ -38,6 +47,9 @@ impl Window {
     fn contains(&self, t: Timestamp) -> bool {
         self.start <= t && self.end.is_none_or(|e| t < e)
     }
+    fn ended(&self, t: Timestamp) -> bool {
+        self.end.is_some_and(|e| e <= t)
+    }
     fn describe(&self) -> String {
         match self.end {
             Some(e) => format!("from {} to {e}", self.start),
@@ -46,226 +58,278 @@ impl Window {
     }
 }
 
-/// An admitted reservation of another cluster.
+/// An admitted reservation of a cluster.
 #[derive(Debug, Clone)]
 pub struct Admitted {
+    /// `namespace/name` of the cluster.
+    pub who: String,
     pub window: Window,
-    pub demand: Vec<Demand>,
+    /// Its nodes placed already: host and need (already in the hosts' use).
+    pub placed: Vec<(String, Resources)>,
+    /// Its nodes not placed yet.
+    pub unplaced: Vec<Demand>,
 }
 
-/// Charge `demand` to `free` greedily; on failure, the site and the shortfall.
-fn charge(
-    free: &mut BTreeMap<String, Resources>,
-    demand: &[Demand],
-) -> Result<(), (String, Resources)> {
-    for d in demand {
-        let fit = d
-            .sites
+/// A host as the calendar sees it: what is free on it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCap {
+    pub name: String,
+    pub site: String,
+    pub free: Resources,
+}
+
+/// `a - b`, never below zero.
+pub fn minus(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu: a.cpu.saturating_sub(b.cpu),
+        memory_mib: a.memory_mib.saturating_sub(b.memory_mib),
+    }
+}
+
+fn largest_first(demand: &[Demand]) -> Vec<&Demand> {
+    let mut order: Vec<&Demand> = demand.iter().collect();
+    order.sort_by_key(|d| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
+    order
+}
+
+/// The host `d` goes to: the tightest fit in the first of its sites that
+/// has one.
+fn best_host(hosts: &[HostCap], d: &Demand) -> Option<usize> {
+    d.sites.iter().find_map(|site| {
+        hosts
             .iter()
-            .find(|s| free.get(*s).is_some_and(|f| f.fits(d.need)));
-        match fit {
-            Some(site) => {
-                let f = free.get_mut(site).expect("site present");
-                f.cpu -= d.need.cpu;
-                f.memory_mib -= d.need.memory_mib;
-            }
-            None => {
-                let site = d.sites.first().cloned().unwrap_or_default();
-                let have = free.get(&site).copied().unwrap_or_default();
-                return Err((site, have));
-            }
-        }
+            .enumerate()
+            .filter(|(_, h)| &h.site == site && h.free.fits(d.need))
+            .min_by_key(|(_, h)| (h.free.memory_mib, h.free.cpu, h.name.clone()))
+            .map(|(i, _)| i)
+    })
+}
+
+/// Pack `demand` onto `hosts` (best fit, largest first); on failure, the
+/// first node that found no host.
+fn pack<'a>(hosts: &mut [HostCap], demand: &'a [Demand]) -> Result<(), &'a Demand> {
+    for d in largest_first(demand) {
+        let i = best_host(hosts, d).ok_or(d)?;
+        hosts[i].free = minus(hosts[i].free, d.need);
     }
     Ok(())
 }
 
-fn sum_by_site(demand: &[Demand]) -> BTreeMap<String, Resources> {
-    let mut out: BTreeMap<String, Resources> = BTreeMap::new();
-    for d in demand {
-        if let Some(s) = d.sites.first() {
-            let e = out.entry(s.clone()).or_default();
-            *e = e.plus(d.need);
+/// Pack an admitted reservation: a node that no longer fits (the fleet
+/// shrank since it was admitted) takes what is left of its sites' roomiest
+/// host — whatever it cannot get is not free for anyone else either.
+fn pack_admitted(hosts: &mut [HostCap], demand: &[Demand]) {
+    for d in largest_first(demand) {
+        let i = best_host(hosts, d).or_else(|| {
+            hosts
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| d.sites.contains(&h.site))
+                .max_by_key(|(_, h)| (h.free.memory_mib, h.free.cpu))
+                .map(|(i, _)| i)
+        });
+        if let Some(i) = i {
+            hosts[i].free = minus(hosts[i].free, d.need);
         }
     }
-    out
 }
 
-/// Whether a reservation with `window` and `demand` fits. `capacity` is each
-/// site's allocatable, `permanent` what clusters without a dated reservation
-/// use per site, `others` the admitted reservations of other clusters.
-/// The error names the site, the resource, the window and the instant.
-pub fn admit(
-    window: &Window,
-    demand: &[Demand],
-    capacity: &BTreeMap<String, Resources>,
-    permanent: &BTreeMap<String, Resources>,
-    others: &[Admitted],
-) -> Result<(), String> {
-    let mut checkpoints = vec![window.start];
-    checkpoints.extend(
-        others
-            .iter()
-            .map(|o| o.window.start)
-            .filter(|t| window.contains(*t)),
-    );
-    checkpoints.sort();
-    checkpoints.dedup();
-    for t in checkpoints {
-        let mut free: BTreeMap<String, Resources> = capacity
-            .iter()
-            .map(|(site, cap)| {
-                let used = permanent.get(site).copied().unwrap_or_default();
-                (
-                    site.clone(),
-                    Resources {
-                        cpu: cap.cpu.saturating_sub(used.cpu),
-                        memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
-                    },
-                )
-            })
-            .collect();
-        for o in others.iter().filter(|o| o.window.contains(t)) {
-            // Admitted reservations were checked when admitted; if the fleet
-            // shrank since, whatever they cannot get is simply not free.
-            for d in &o.demand {
-                if let Some(f) = d.sites.iter().find_map(|s| {
-                    free.get(s)
-                        .is_some_and(|f| f.fits(d.need))
-                        .then_some(s.clone())
-                }) {
-                    let f = free.get_mut(&f).expect("site present");
-                    f.cpu -= d.need.cpu;
-                    f.memory_mib -= d.need.memory_mib;
-                } else if let Some(f) = d.sites.first().and_then(|s| free.get_mut(s)) {
-                    f.cpu = f.cpu.saturating_sub(d.need.cpu);
-                    f.memory_mib = f.memory_mib.saturating_sub(d.need.memory_mib);
+/// The calendar: the admitted reservations (of other clusters than the one
+/// deciding).
+#[derive(Debug, Clone, Default)]
+pub struct Calendar {
+    pub reservations: Vec<Admitted>,
+}
+
+impl Calendar {
+    /// Whether any reservation still has nodes to place (else placing a
+    /// node now cannot take anything promised).
+    pub fn holds_ahead(&self) -> bool {
+        self.reservations.iter().any(|r| !r.unplaced.is_empty())
+    }
+
+    /// What is free at `t` once the reservations active then are packed;
+    /// `hosts` is what is free now (every placed node counted).
+    fn free_at(&self, hosts: &[HostCap], t: Timestamp) -> Vec<HostCap> {
+        let mut free = hosts.to_vec();
+        for r in self.reservations.iter().filter(|r| r.window.ended(t)) {
+            for (host, need) in &r.placed {
+                if let Some(h) = free.iter_mut().find(|h| &h.name == host) {
+                    h.free = h.free.plus(*need);
                 }
             }
         }
-        let before = free.clone();
-        if let Err((site, _)) = charge(&mut free, demand) {
-            let need = sum_by_site(demand).get(&site).copied().unwrap_or_default();
-            let have = before.get(&site).copied().unwrap_or_default();
-            let mut short = Vec::new();
-            if need.cpu > have.cpu {
-                short.push(format!("cpu short by {}", need.cpu - have.cpu));
+        for r in self.reservations.iter().filter(|r| r.window.contains(t)) {
+            pack_admitted(&mut free, &r.unplaced);
+        }
+        free
+    }
+
+    /// The reservations active at `t`, for a refusal.
+    fn holding(&self, t: Timestamp, site: &str) -> Vec<String> {
+        self.reservations
+            .iter()
+            .filter(|r| {
+                r.window.contains(t)
+                    && (r.unplaced.iter().any(|d| d.sites.iter().any(|s| s == site))
+                        || !r.placed.is_empty())
+            })
+            .map(|r| format!("{} ({})", r.who, r.window.describe()))
+            .collect()
+    }
+
+    /// Whether a dated reservation with `window` and `demand` fits: at its
+    /// start and at every start of another reservation inside it, its
+    /// nodes pack next to everything placed and every reservation active
+    /// then. `hosts`: what is free now on each Ready, schedulable host.
+    /// The error names the site, the resource, the window, the instant and
+    /// the reservations holding the capacity.
+    pub fn admit(
+        &self,
+        window: &Window,
+        demand: &[Demand],
+        hosts: &[HostCap],
+    ) -> Result<(), String> {
+        let mut checkpoints = vec![window.start];
+        checkpoints.extend(
+            self.reservations
+                .iter()
+                .map(|o| o.window.start)
+                .filter(|t| window.contains(*t)),
+        );
+        checkpoints.sort();
+        checkpoints.dedup();
+        for t in checkpoints {
+            let before = self.free_at(hosts, t);
+            let mut free = before.clone();
+            if let Err(d) = pack(&mut free, demand) {
+                let site = d.sites.first().cloned().unwrap_or_default();
+                return Err(self.refusal(window, demand, &before, t, &site, d));
             }
-            if need.memory_mib > have.memory_mib {
-                short.push(format!(
-                    "memory short by {} MiB",
-                    need.memory_mib - have.memory_mib
-                ));
-            }
-            if short.is_empty() {
-                short.push("no single site has room for one of its nodes".into());
-            }
-            return Err(format!(
-                "site {site}: the reservation needs {} cpu, {} MiB {}; at {t} only {} cpu, {} MiB are not already reserved ({})",
-                need.cpu,
-                need.memory_mib,
-                window.describe(),
-                have.cpu,
-                have.memory_mib,
-                short.join(", ")
+        }
+        Ok(())
+    }
+
+    fn refusal(
+        &self,
+        window: &Window,
+        demand: &[Demand],
+        free: &[HostCap],
+        t: Timestamp,
+        site: &str,
+        failed: &Demand,
+    ) -> String {
+        let need = demand
+            .iter()
+            .filter(|d| d.sites.first().map(String::as_str) == Some(site))
+            .fold(Resources::default(), |a, d| a.plus(d.need));
+        let have = free
+            .iter()
+            .filter(|h| h.site == site)
+            .fold(Resources::default(), |a, h| a.plus(h.free));
+        let mut short = Vec::new();
+        if need.cpu > have.cpu {
+            short.push(format!("cpu short by {}", need.cpu - have.cpu));
+        }
+        if need.memory_mib > have.memory_mib {
+            short.push(format!(
+                "memory short by {} MiB",
+                need.memory_mib - have.memory_mib
             ));
         }
+        if short.is_empty() {
+            let roomiest = free
+                .iter()
+                .filter(|h| h.site == site)
+                .max_by_key(|h| (h.free.memory_mib, h.free.cpu))
+                .map(|h| {
+                    format!(
+                        "the roomiest, {}, has {} cpu, {} MiB",
+                        h.name, h.free.cpu, h.free.memory_mib
+                    )
+                })
+                .unwrap_or_else(|| "no host is Ready and schedulable".into());
+            short.push(format!(
+                "no host has room for {} ({} cpu, {} MiB): {roomiest}",
+                failed.node, failed.need.cpu, failed.need.memory_mib
+            ));
+        }
+        let holders = self.holding(t, site);
+        format!(
+            "site {site}: the reservation needs {} cpu, {} MiB {}; at {t} only {} cpu, {} MiB are not already placed or reserved ({}){}",
+            need.cpu,
+            need.memory_mib,
+            window.describe(),
+            have.cpu,
+            have.memory_mib,
+            short.join(", "),
+            if holders.is_empty() {
+                String::new()
+            } else {
+                format!("; reserved then by {}", holders.join(", "))
+            }
+        )
     }
-    Ok(())
+
+    /// Whether a node needing `need` may be placed on `host` now (it then
+    /// holds that capacity for ever): every reservation must still pack at
+    /// each of its peaks. `hosts`: what is free now, before this node.
+    pub fn permits(
+        &self,
+        hosts: &[HostCap],
+        host: &str,
+        need: Resources,
+        now: Timestamp,
+    ) -> Result<(), String> {
+        if !self.holds_ahead() {
+            return Ok(());
+        }
+        let mut after = hosts.to_vec();
+        if let Some(h) = after.iter_mut().find(|h| h.name == host) {
+            h.free = minus(h.free, need);
+        }
+        let mut checkpoints: Vec<Timestamp> = self
+            .reservations
+            .iter()
+            .filter(|r| !r.unplaced.is_empty())
+            .map(|r| r.window.start.max(now))
+            .collect();
+        checkpoints.sort();
+        checkpoints.dedup();
+        for t in checkpoints {
+            // Refused only if this node is what breaks a packing that holds
+            // without it (a reservation the fleet can no longer give does
+            // not stop every other placement).
+            if let Some(r) = self.breaks(&after, t)
+                && self.breaks(hosts, t).is_none()
+            {
+                return Err(format!(
+                    "capacity reserved for {} {} (at {t})",
+                    r.who,
+                    r.window.describe()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first reservation active at `t` whose unplaced nodes do not pack
+    /// onto `hosts` (what is free now) next to the others.
+    fn breaks(&self, hosts: &[HostCap], t: Timestamp) -> Option<&Admitted> {
+        let mut free = hosts.to_vec();
+        for r in self.reservations.iter().filter(|r| r.window.ended(t)) {
+            for (h, n) in &r.placed {
+                if let Some(f) = free.iter_mut().find(|f| &f.name == h) {
+                    f.free = f.free.plus(*n);
+                }
+            }
+        }
+        self.reservations
+            .iter()
+            .filter(|r| r.window.contains(t))
+            .find(|r| pack(&mut free, &r.unplaced).is_err())
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ts(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
-    fn r(cpu: u32, mib: u64) -> Resources {
-        Resources {
-            cpu,
-            memory_mib: mib,
-        }
-    }
-    fn nodes(n: usize, need: Resources) -> Vec<Demand> {
-        vec![
-            Demand {
-                sites: vec!["a".into()],
-                need
-            };
-            n
-        ]
-    }
-    fn w(s: &str, e: Option<&str>) -> Window {
-        Window {
-            start: ts(s),
-            end: e.map(ts),
-        }
-    }
-
-    #[test]
-    fn fits_alone_and_refused_when_overlapping_names_site_resource_window() {
-        let cap = BTreeMap::from([("a".to_string(), r(8, 8192))]);
-        let perm = BTreeMap::from([("a".to_string(), r(2, 1024))]);
-        let mine = w("2026-01-01T10:00:00Z", Some("2026-01-01T12:00:00Z"));
-        assert!(admit(&mine, &nodes(4, r(1, 1024)), &cap, &perm, &[]).is_ok());
-        // Another admitted reservation starts inside my window and takes 4 cpu.
-        let other = Admitted {
-            window: w("2026-01-01T11:00:00Z", Some("2026-01-01T13:00:00Z")),
-            demand: nodes(4, r(1, 256)),
-        };
-        let err = admit(
-            &mine,
-            &nodes(4, r(1, 1024)),
-            &cap,
-            &perm,
-            std::slice::from_ref(&other),
-        )
-        .unwrap_err();
-        assert!(err.contains("site a"), "{err}");
-        assert!(err.contains("cpu short by 2"), "{err}");
-        assert!(err.contains("2026-01-01T11:00:00Z"), "{err}");
-        assert!(
-            err.contains("from 2026-01-01T10:00:00Z to 2026-01-01T12:00:00Z"),
-            "{err}"
-        );
-        // Back to back (other starts when mine ends): no overlap.
-        let later = w("2026-01-01T08:00:00Z", Some("2026-01-01T11:00:00Z"));
-        assert!(admit(&later, &nodes(4, r(1, 1024)), &cap, &perm, &[other]).is_ok());
-    }
-
-    #[test]
-    fn an_admitted_reservation_active_at_my_start_counts_and_memory_is_named() {
-        let cap = BTreeMap::from([("a".to_string(), r(64, 4096))]);
-        let other = Admitted {
-            window: w("2026-01-01T09:00:00Z", None),
-            demand: nodes(2, r(1, 1024)),
-        };
-        let mine = w("2026-01-01T10:00:00Z", Some("2026-01-01T11:00:00Z"));
-        let err = admit(
-            &mine,
-            &nodes(3, r(1, 1024)),
-            &cap,
-            &BTreeMap::new(),
-            &[other],
-        )
-        .unwrap_err();
-        assert!(err.contains("memory short by 1024 MiB"), "{err}");
-        assert!(!err.contains("cpu short"), "{err}");
-    }
-
-    #[test]
-    fn spills_to_the_next_allowed_site() {
-        let cap = BTreeMap::from([("a".to_string(), r(2, 2048)), ("b".to_string(), r(2, 2048))]);
-        let demand = vec![
-            Demand {
-                sites: vec!["a".into(), "b".into()],
-                need: r(1, 1024)
-            };
-            4
-        ];
-        let mine = w("2026-01-01T10:00:00Z", None);
-        assert!(admit(&mine, &demand, &cap, &BTreeMap::new(), &[]).is_ok());
-        let demand5 = vec![demand[0].clone(); 5];
-        assert!(admit(&mine, &demand5, &cap, &BTreeMap::new(), &[]).is_err());
-    }
-}
+mod tests;

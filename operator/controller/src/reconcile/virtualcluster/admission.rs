@@ -1,19 +1,25 @@
-//! Admission of a dated reservation: once, against its sites' capacity,
-//! what clusters without a dated reservation have placed, and every
-//! reservation admitted before it (see [`capacity`]). Decided under the
-//! placement lock (two reservations never take the same capacity); no API
-//! write happens under it.
+//! The capacity calendar as a cluster's reconcile sees it (see
+//! [`capacity`]): built from the caches alone (a restarted controller
+//! re-derives it), under the placement lock (two decisions never take the
+//! same capacity); no API write happens under it.
+//!
+//! A dated reservation is admitted once against it; every node placed is
+//! checked against it (it may not take what an admitted reservation needs
+//! in a later window).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use yukumo_api::common::{Conditions, Resources, condition_types};
 use yukumo_api::virtualcluster::{EndAction, Reservation, VirtualCluster};
+use yukumo_api::virtualnode::VirtualNode;
 
-use super::super::capacity;
+use super::super::capacity::{self, Admitted, Calendar, HostCap};
 use super::super::nodes::{DesiredNode, desired_nodes};
-use crate::context::Ctx;
+use super::converge::{NodeKey, host_views};
+use crate::context::{Ctx, PendingNode, Placements};
+use crate::scheduler::HostView;
 
 /// Whether a reservation is dated (has a start or an end) and so holds
 /// capacity for a window that is admitted once.
@@ -47,14 +53,114 @@ fn demand(desired: &[DesiredNode]) -> Vec<capacity::Demand> {
     desired
         .iter()
         .map(|d| capacity::Demand {
+            node: d.name.clone(),
             sites: d.sites.clone(),
             need: d.spec.resources,
         })
         .collect()
 }
 
-/// Admit `vc`'s dated reservation against its sites' capacity (see
-/// [`capacity`]); the error names site, resource and window.
+/// What is free now on every Ready, schedulable host that is not lost.
+pub fn host_caps(views: &[HostView]) -> Vec<HostCap> {
+    views
+        .iter()
+        .filter(|h| h.ready && h.schedulable && !h.lost)
+        .map(|h| HostCap {
+            name: h.name.clone(),
+            site: h.site.clone(),
+            free: capacity::minus(h.allocatable, h.used),
+        })
+        .collect()
+}
+
+/// The admitted reservations of every cluster but `exclude_uid`: each
+/// one's placed nodes (in the cache or written moments ago) and the rest
+/// of its desired nodes.
+pub fn calendar(ctx: &Ctx, pending: &Placements, exclude_uid: &str, now: Timestamp) -> Calendar {
+    let sites = ctx.stores.all_sites();
+    let nodes = ctx.stores.nodes.state();
+    let hosts = ctx.stores.hosts.state();
+    let present: std::collections::HashSet<String> = host_views(&hosts, &[], &HashMap::new())
+        .into_iter()
+        .filter(|h| !h.lost)
+        .map(|h| h.name)
+        .collect();
+    let mut reservations = Vec::new();
+    for other in ctx.stores.clusters.state() {
+        let ouid = other.metadata.uid.clone().unwrap_or_default();
+        // A cluster being deleted places nothing more.
+        if ouid == exclude_uid
+            || !dated(other.spec.reservation.as_ref())
+            || other.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let admitted_at = other
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity_admitted_at.as_ref())
+            .map(|t| t.0);
+        if admitted_at.is_none() && !pending.admitted.contains_key(&ouid) {
+            continue;
+        }
+        let (Some(or), Some(ons)) = (other.spec.reservation.as_ref(), other.namespace()) else {
+            continue;
+        };
+        let Some(window) = capacity_window(or, admitted_at, now) else {
+            continue;
+        };
+        let Some(ong) = ctx.stores.network_group(&ons, &other.spec.network_group) else {
+            continue;
+        };
+        let Ok(desired) = desired_nodes(&other, &ong, &sites) else {
+            continue;
+        };
+        // A node on a lost (or vanished) host is placed anew (recovery):
+        // until then it is unplaced, so no other cluster's recovery takes
+        // what it needs — a reservation's nodes come back first.
+        let mut placed = placed_of(&nodes, &pending.nodes, &ons, &ouid);
+        placed.retain(|_, (host, _)| present.contains(host.as_str()));
+        let unplaced: Vec<DesiredNode> = desired
+            .into_iter()
+            .filter(|d| !placed.contains_key(&d.name))
+            .collect();
+        reservations.push(Admitted {
+            who: format!("{ons}/{}", other.name_any()),
+            window,
+            placed: placed.into_values().collect(),
+            unplaced: demand(&unplaced),
+        });
+    }
+    Calendar { reservations }
+}
+
+/// The nodes of the cluster `uid` (namespace `ns`) that hold a host: name
+/// to (host, need).
+fn placed_of(
+    nodes: &[Arc<VirtualNode>],
+    pending: &HashMap<NodeKey, PendingNode>,
+    ns: &str,
+    uid: &str,
+) -> HashMap<String, (String, yukumo_api::common::Resources)> {
+    let mut out = HashMap::new();
+    for n in nodes {
+        if n.namespace().as_deref() == Some(ns)
+            && n.owner_references().iter().any(|o| o.uid == uid)
+            && let Some(h) = &n.spec.host
+        {
+            out.insert(n.name_any(), (h.clone(), n.spec.resources));
+        }
+    }
+    for ((pns, name), p) in pending {
+        if pns == ns && p.owner_uid == uid {
+            out.insert(name.clone(), (p.host.clone(), p.resources));
+        }
+    }
+    out
+}
+
+/// Admit `vc`'s dated reservation against the calendar; the error names
+/// site, resource, window, instant and the reservations holding it.
 pub async fn admit_reservation(
     ctx: &Ctx,
     vc: &VirtualCluster,
@@ -70,79 +176,22 @@ pub async fn admit_reservation(
     let uid = vc.metadata.uid.clone().unwrap_or_default();
     let mut pending = ctx.placements.lock().await;
     pending.prune(&ctx.stores);
-    let sites = ctx.stores.all_sites();
-    let mut capacity_by_site: BTreeMap<String, Resources> = BTreeMap::new();
-    for h in ctx.stores.hosts.state() {
-        let st = h.status.clone().unwrap_or_default();
-        if h.spec.schedulable && st.conditions.is_true(condition_types::READY) {
-            let e = capacity_by_site.entry(h.spec.site.clone()).or_default();
-            *e = e.plus(st.allocatable.unwrap_or_default());
+    let cal = calendar(ctx, &pending, &uid, now);
+    let views = host_views(
+        &ctx.stores.hosts.state(),
+        &ctx.stores.nodes.state(),
+        &pending.nodes,
+    );
+    // A cluster given a reservation while it runs: its own nodes are in the
+    // hosts' use and in its demand; count them once.
+    let mut caps = host_caps(&views);
+    let ns = vc.namespace().unwrap_or_default();
+    for (host, need) in placed_of(&ctx.stores.nodes.state(), &pending.nodes, &ns, &uid).values() {
+        if let Some(h) = caps.iter_mut().find(|h| &h.name == host) {
+            h.free = h.free.plus(*need);
         }
     }
-    // Other clusters holding a dated, admitted reservation count by their
-    // whole demand in their window; every other cluster by what it has placed.
-    let mut others = Vec::new();
-    let mut reserved_uids = HashSet::new();
-    for other in ctx.stores.clusters.state() {
-        let ouid = other.metadata.uid.clone().unwrap_or_default();
-        if ouid == uid || !dated(other.spec.reservation.as_ref()) {
-            continue;
-        }
-        let admitted_at = other
-            .status
-            .as_ref()
-            .and_then(|s| s.capacity_admitted_at.as_ref())
-            .map(|t| t.0);
-        if admitted_at.is_none() && !pending.admitted.contains_key(&ouid) {
-            continue;
-        }
-        reserved_uids.insert(ouid);
-        let (Some(or), Some(ons)) = (other.spec.reservation.as_ref(), other.namespace()) else {
-            continue;
-        };
-        let Some(window) = capacity_window(or, admitted_at, now) else {
-            continue;
-        };
-        let Some(ong) = ctx.stores.network_group(&ons, &other.spec.network_group) else {
-            continue;
-        };
-        if let Ok(d) = desired_nodes(&other, &ong, &sites) {
-            others.push(capacity::Admitted {
-                window,
-                demand: demand(&d),
-            });
-        }
-    }
-    let mut permanent: BTreeMap<String, Resources> = BTreeMap::new();
-    let owner_of = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
-        refs.iter()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.clone())
-            .unwrap_or_default()
-    };
-    for n in ctx.stores.nodes.state() {
-        let o = owner_of(n.owner_references());
-        if o == uid || reserved_uids.contains(&o) {
-            continue;
-        }
-        if let Some(site) = &n.spec.site {
-            let e = permanent.entry(site.clone()).or_default();
-            *e = e.plus(n.spec.resources);
-        }
-    }
-    for p in pending.nodes.values() {
-        if p.owner_uid != uid && !reserved_uids.contains(&p.owner_uid) {
-            let e = permanent.entry(p.site.clone()).or_default();
-            *e = e.plus(p.resources);
-        }
-    }
-    capacity::admit(
-        &window,
-        &demand(desired),
-        &capacity_by_site,
-        &permanent,
-        &others,
-    )?;
+    cal.admit(&window, &demand(desired), &caps)?;
     pending.admitted.insert(uid, std::time::Instant::now());
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use yukumo_api::common::{Conditions, Resources, condition_types};
@@ -16,7 +17,9 @@ use yukumo_api::virtualcluster::{RecoveryPolicy, VirtualCluster};
 use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
 use yukumo_api::{Reason, finalizers, labels};
 
+use super::super::capacity::Calendar;
 use super::super::nodes::{DesiredNode, should_run};
+use super::admission::host_caps;
 use crate::context::PendingNode;
 use crate::scheduler::{HostView, Placement, Request, place};
 
@@ -55,7 +58,11 @@ pub struct PlanInputs<'a> {
     pub hosts: &'a [Arc<Host>],
     /// Nodes written moments ago that the cache may not show yet.
     pub pending: &'a HashMap<NodeKey, PendingNode>,
+    /// The admitted reservations of other clusters: a node placed now may
+    /// not take what they need later.
+    pub calendar: &'a Calendar,
     pub now: Instant,
+    pub wall: Timestamp,
 }
 
 /// The plan: the writes, the nodes kept as they are, why others wait, and
@@ -242,6 +249,13 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 },
                 &mut views,
                 &mut counts,
+                &|views: &[HostView], h: &HostView, need: Resources| {
+                    if !inp.calendar.holds_ahead() {
+                        return Ok(());
+                    }
+                    inp.calendar
+                        .permits(&host_caps(views), &h.name, need, inp.wall)
+                },
             ),
         };
         let (host, site) = match placement {

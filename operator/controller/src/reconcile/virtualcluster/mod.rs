@@ -121,6 +121,8 @@ async fn converge_nodes(
     let plan = {
         let mut pending = ctx.placements.lock().await;
         pending.prune(&ctx.stores);
+        let wall = k8s_openapi::jiff::Timestamp::now();
+        let calendar = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
         let plan = plan_nodes(&PlanInputs {
             cluster: vc,
             owner: &owner,
@@ -129,7 +131,9 @@ async fn converge_nodes(
             all_nodes: &ctx.stores.nodes.state(),
             hosts: &ctx.stores.hosts.state(),
             pending: &pending.nodes,
+            calendar: &calendar,
             now: Instant::now(),
+            wall,
         });
         for key in &plan.forget {
             pending.nodes.remove(key);

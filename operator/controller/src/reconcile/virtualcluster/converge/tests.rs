@@ -38,7 +38,9 @@ fn plan(w: &World, running: bool) -> NodePlan {
         all_nodes: &w.nodes,
         hosts: &w.hosts,
         pending: &w.pending,
+        calendar: &Calendar::default(),
         now: Instant::now(),
+        wall: k8s_openapi::jiff::Timestamp::now(),
     })
 }
 
