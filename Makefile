@@ -5,12 +5,13 @@
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
+#   make image   the container image (umoci, no daemon): target/image/
 #   make bench   the network, compute and storage benchmarks (figures and ratios; target/bench/{network,compute,storage}.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
 
-.PHONY: all tools build crds up down status test lint unit chart e2e bench bench-smoke clean
+.PHONY: all tools build crds up down status test lint unit chart image image-test e2e bench bench-smoke clean
 
 all: build
 
@@ -39,7 +40,7 @@ down:
 status:
 	e2e/env.sh status
 
-test: tools lint build unit chart e2e bench-smoke
+test: tools lint build unit chart image-test e2e bench-smoke
 
 lint:
 	$(CARGO) fmt --all --check
@@ -50,6 +51,14 @@ unit: build
 
 chart: tools
 	e2e/chart-test.sh
+
+# The container image, without a daemon: target/image/yukumo-<version>.oci.tar.
+image: build
+	image/build.sh
+
+# Built twice (reproducible), unpacked, every program in it run from its root.
+image-test: build
+	e2e/image-test.sh
 
 e2e: build
 	e2e/run.sh

@@ -28,7 +28,7 @@ APT_PACKAGES=(
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
   gcc libc6-dev strace tgt qemu-block-extra
   ceph-mon ceph-osd ceph-mgr ceph-common librbd1
-  lua5.1 lua-cjson
+  lua5.1 lua-cjson umoci
 )
 
 tools_log() { echo "[tools] $*" >&2; }
