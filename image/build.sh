@@ -56,24 +56,22 @@ copy_file() { # a system file, and the libraries it needs
   FROM[$f]=$(dpkg -S "$real" 2>/dev/null | head -n 1 | cut -d: -f1 || true)
   [ -n "${FROM[$f]}" ] || FROM[$f]=$(dpkg -S "$f" 2>/dev/null | head -n 1 | cut -d: -f1 || true)
 }
-copy_with_libs() {
-  local f=$1 lib
-  copy_file "$f"
+copy_libs_of() { # the shared libraries a program needs
+  local lib
   # "name => /path (addr)" lines, and the loader's own "/path (addr)" line.
   while read -r lib; do
     [ -n "$lib" ] && copy_file "$lib"
-  done < <(ldd "$f" | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+  done < <(ldd "$1" | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
 }
 
 for b in yukumo-controller yukumo-agent; do
   cp "$BIN/$b" "$rootfs/usr/local/bin/$b"
   strip --strip-debug "$rootfs/usr/local/bin/$b"
-  while read -r lib; do
-    [ -n "$lib" ] && copy_file "$lib"
-  done < <(ldd "$BIN/$b" | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+  copy_libs_of "$BIN/$b"
 done
 for p in /usr/sbin/nft /usr/sbin/dnsmasq /usr/sbin/tgtadm /usr/sbin/tgtd; do
-  copy_with_libs "$p"
+  copy_file "$p"
+  copy_libs_of "$p"
 done
 copy_file /etc/ssl/certs/ca-certificates.crt
 cat > "$rootfs/etc/passwd" <<'PASSWD'
