@@ -122,8 +122,7 @@ async fn converge_nodes(
         let mut pending = ctx.placements.lock().await;
         pending.prune(&ctx.stores);
         let wall = k8s_openapi::jiff::Timestamp::now();
-        let seen = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
-        let own_windows = seen.own_windows(vc, wall);
+        let calendar = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
         let plan = plan_nodes(&PlanInputs {
             cluster: vc,
             owner: &owner,
@@ -132,9 +131,7 @@ async fn converge_nodes(
             all_nodes: &ctx.stores.nodes.state(),
             hosts: &ctx.stores.hosts.state(),
             pending: &pending.nodes,
-            calendar: &seen.calendar,
-            asleep: &seen.asleep,
-            own_windows: own_windows.as_deref(),
+            calendar: &calendar,
             now: Instant::now(),
             wall,
         });
@@ -468,7 +465,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         let mut desired = desired_nodes(&vc, ng, &observed.sites);
         if let Ok(all) = &desired
             && capacity_admitted_at.is_none()
-            && admission::scheduled(vc.spec.reservation.as_ref())
+            && admission::dated(vc.spec.reservation.as_ref())
         {
             match admission::admit_reservation(&ctx, &vc, all, now).await {
                 Ok(()) => capacity_admitted_at = Some(Time(now)),
