@@ -356,6 +356,18 @@ fn local_hosts(env: &Env) -> (u32, u64) {
     )
 }
 
+/// Sets up `ns`; returns the number of local hosts, 60% of the smallest
+/// one's memory (MiB) and the time now (Unix seconds).
+fn sixty_percent(env: &Env, ns: &str) -> (u32, u64, u64) {
+    setup(env, ns);
+    let (n, host_mib) = local_hosts(env);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (n, host_mib * 6 / 10, now)
+}
+
 fn dated_cluster(
     ns: &str,
     name: &str,
@@ -390,15 +402,9 @@ fn wait_reason(env: &Env, ns: &str, vc: &str, want: &str) -> String {
 fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
     let env = Env::get();
     let ns = "overbook";
-    setup(&env, ns);
     // Each reservation takes 60% of every host's memory (one worker per
     // host): one fits, two overlapping do not.
-    let (n, host_mib) = local_hosts(&env);
-    let big = host_mib * 6 / 10;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let (n, big, now) = sixty_percent(&env, ns);
     let (a_start, a_end) = (now + 600, now + 1200);
     env.apply(&dated_cluster(ns, "first", n, big, a_start, a_end));
     wait_reason(&env, ns, "first", "ReservationPending");
@@ -460,13 +466,7 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
 fn a_permanent_cluster_may_not_take_capacity_reserved_for_a_later_window() {
     let env = Env::get();
     let ns = "calendar";
-    setup(&env, ns);
-    let (n, host_mib) = local_hosts(&env);
-    let big = host_mib * 6 / 10;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let (n, big, now) = sixty_percent(&env, ns);
     // A course reserves 60% of every host from in 10 minutes, for 10 minutes.
     env.apply(&dated_cluster(ns, "course", n, big, now + 600, now + 1200));
     wait_reason(&env, ns, "course", "ReservationPending");
@@ -508,6 +508,56 @@ fn a_permanent_cluster_may_not_take_capacity_reserved_for_a_later_window() {
     })
     .unwrap();
     println!("squatter placed {took:?} after the course was cancelled");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+/// A cluster of `n` workers of `mib` MiB, running on `day` (UTC) only.
+fn weekly_cluster(ns: &str, name: &str, n: u32, mib: u64, day: &str) -> String {
+    format!(
+        "{}  reservation: {{timeZone: UTC, weekly: [{{days: [{day}], start: '00:00', end: '23:59'}}]}}\n",
+        cluster(ns, name, n, &format!("{mib}Mi"))
+    )
+}
+
+#[test]
+fn weekly_clusters_on_alternate_days_share_hosts() {
+    let env = Env::get();
+    let ns = "alternate";
+    let (n, big, now) = sixty_percent(&env, ns);
+    // 1970-01-01 was a Thursday.
+    let day = |offset: u64| {
+        ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+            [((now / 86_400 + 3 + offset) % 7) as usize]
+    };
+    // Today's class runs now on 60% of every host.
+    env.apply(&weekly_cluster(ns, "today", n, big, day(0)));
+    wait_count(&env, ns, "today", n as usize + 1);
+    // The class of the day after tomorrow sleeps on the same hosts: its
+    // stopped nodes hold nothing now, and its day never meets today's.
+    env.apply(&weekly_cluster(ns, "later", n, big, day(2)));
+    let later = wait_count(&env, ns, "later", n as usize + 1);
+    assert!(
+        later
+            .iter()
+            .all(|v| v["spec"]["host"].is_string() && v["spec"]["running"] == false),
+        "every node of the sleeping class is placed, stopped"
+    );
+    for vc in ["today", "later"] {
+        let v = json(&env, &["-n", ns, "get", "vc", vc]);
+        assert!(
+            v["status"]["capacityAdmittedAt"].is_string(),
+            "{vc} is admitted: {}",
+            v["status"]
+        );
+    }
+    // A third class on the same day as the sleeping one does not fit: its
+    // day is held for `later`.
+    env.apply(&weekly_cluster(ns, "clash", n, big, day(2)));
+    let msg = wait_reason(&env, ns, "clash", "InsufficientCapacity");
+    assert!(msg.contains("site local"), "{msg}");
+    assert!(msg.contains("reserved then by alternate/later"), "{msg}");
+    assert!(nodes(&env, ns, "clash").is_empty(), "nothing placed");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

@@ -391,10 +391,12 @@ pub struct VirtualClusterStatus {
     /// The next scheduled power transition from the reservation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_transition: Option<Transition>,
-    /// When the dated reservation's capacity was admitted: checked against
-    /// its sites' capacity and the reservations admitted before it, for its
-    /// whole window. Once set, the guarantee holds; later reservations that
-    /// would overbook are refused (`Ready=False`, `InsufficientCapacity`).
+    /// When the reservation's capacity (dated or weekly) was admitted:
+    /// checked host by host against every placed node and the reservations
+    /// admitted before it, at every instant its windows could peak. Once
+    /// set, the guarantee holds: later reservations that would overbook are
+    /// refused (`Ready=False`, `InsufficientCapacity`), and no node placed
+    /// later may take what its windows need (`Unschedulable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_admitted_at: Option<Time>,
     /// What the namespace's ResourceQuota granted the cluster (its spec's

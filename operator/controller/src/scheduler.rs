@@ -50,6 +50,10 @@ pub struct Request {
     pub vlan: bool,
     /// Must run on this host (it holds a `dir` volume of the node), and why.
     pub pinned: Option<(String, String)>,
+    /// Holds its host from now on (false: a weekly cluster's node placed
+    /// outside its windows; it uses nothing now, and `ahead` judges it at
+    /// its windows).
+    pub holds_now: bool,
 }
 
 /// The capacity calendar's say on a candidate host (all hosts, the
@@ -90,7 +94,7 @@ pub fn place(
             Some("not a gateway host")
         } else if req.vlan && !h.vlan {
             Some("no 802.1Q VLAN support (the NetworkGroup is a vlan segment)")
-        } else if !h.free().fits(req.need) {
+        } else if req.holds_now && !h.free().fits(req.need) {
             Some("insufficient free cpu or memory")
         } else {
             None
@@ -119,7 +123,9 @@ pub fn place(
     match best {
         Some(i) => {
             let h = &mut hosts[i];
-            h.used = h.used.plus(req.need);
+            if req.holds_now {
+                h.used = h.used.plus(req.need);
+            }
             *cluster_nodes.entry(h.name.clone()).or_default() += 1;
             Placement::Host {
                 host: h.name.clone(),
@@ -220,6 +226,7 @@ mod tests {
             gateway: false,
             vlan: false,
             pinned: None,
+            holds_now: true,
         }
     }
 

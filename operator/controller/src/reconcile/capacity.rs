@@ -47,9 +47,6 @@ impl Window {
     fn contains(&self, t: Timestamp) -> bool {
         self.start <= t && self.end.is_none_or(|e| t < e)
     }
-    fn ended(&self, t: Timestamp) -> bool {
-        self.end.is_some_and(|e| e <= t)
-    }
     fn describe(&self) -> String {
         match self.end {
             Some(e) => format!("from {} to {e}", self.start),
@@ -63,11 +60,46 @@ impl Window {
 pub struct Admitted {
     /// `namespace/name` of the cluster.
     pub who: String,
-    pub window: Window,
-    /// Its nodes placed already: host and need (already in the hosts' use).
+    /// When it holds capacity: one window for a dated reservation, each
+    /// weekly window (up to the calendar's horizon) for a weekly one.
+    /// Sorted; only the last may be open-ended.
+    pub windows: Vec<Window>,
+    /// Its nodes placed already: host and need.
     pub placed: Vec<(String, Resources)>,
+    /// Whether the placed nodes hold their hosts now (are counted in what
+    /// is free now): a running cluster's do; a weekly cluster's, stopped
+    /// outside its windows, do not (they hold their hosts again at its
+    /// next window).
+    pub in_use: bool,
     /// Its nodes not placed yet.
     pub unplaced: Vec<Demand>,
+}
+
+impl Admitted {
+    fn window_at(&self, t: Timestamp) -> Option<&Window> {
+        self.windows.iter().find(|w| w.contains(t))
+    }
+    fn active(&self, t: Timestamp) -> bool {
+        self.window_at(t).is_some()
+    }
+    /// Whether it needs capacity it does not hold now.
+    fn holds_ahead(&self) -> bool {
+        !self.unplaced.is_empty() || (!self.in_use && !self.placed.is_empty())
+    }
+    fn describe_at(&self, t: Timestamp) -> String {
+        self.window_at(t)
+            .or(self.windows.first())
+            .map(Window::describe)
+            .unwrap_or_default()
+    }
+}
+
+/// The windows a weekly cluster's nodes hold their hosts in, and its nodes
+/// that hold theirs then but not now.
+#[derive(Debug, Clone, Copy)]
+pub struct Own<'a> {
+    pub windows: &'a [Window],
+    pub held: &'a [(String, Resources)],
 }
 
 /// A host as the calendar sees it: what is free on it now.
@@ -142,65 +174,90 @@ pub struct Calendar {
 }
 
 impl Calendar {
-    /// Whether any reservation still has nodes to place (else placing a
-    /// node now cannot take anything promised).
+    /// Whether any reservation needs capacity it does not hold now (else
+    /// placing a node now cannot take anything promised).
     pub fn holds_ahead(&self) -> bool {
-        self.reservations.iter().any(|r| !r.unplaced.is_empty())
+        self.reservations.iter().any(Admitted::holds_ahead)
     }
 
-    /// What is free at `t` once the reservations active then are packed;
-    /// `hosts` is what is free now (every placed node counted).
-    fn free_at(&self, hosts: &[HostCap], t: Timestamp) -> Vec<HostCap> {
+    /// What is free at `t`, `hosts` being what is free now: reservations
+    /// that hold their hosts now but not at `t` give them back, placed
+    /// nodes that hold theirs at `t` but not now take them, and the
+    /// unplaced nodes of every reservation active at `t` are packed. With
+    /// `strict`, the first reservation that does not fit then is returned;
+    /// else one that does not (the fleet shrank since it was admitted)
+    /// takes what is left of its sites' roomiest hosts — whatever it cannot
+    /// get is not free for anyone else either.
+    fn at<'a>(
+        &'a self,
+        hosts: &[HostCap],
+        t: Timestamp,
+        strict: bool,
+    ) -> (Vec<HostCap>, Option<&'a Admitted>) {
         let mut free = hosts.to_vec();
-        for r in self.reservations.iter().filter(|r| r.window.ended(t)) {
+        let mut broken = None;
+        for r in &self.reservations {
+            let active = r.active(t);
             for (host, need) in &r.placed {
-                if let Some(h) = free.iter_mut().find(|h| &h.name == host) {
+                let Some(h) = free.iter_mut().find(|h| &h.name == host) else {
+                    continue;
+                };
+                if r.in_use && !active {
                     h.free = h.free.plus(*need);
+                } else if !r.in_use && active {
+                    if !h.free.fits(*need) {
+                        broken.get_or_insert(r);
+                    }
+                    h.free = minus(h.free, *need);
                 }
             }
         }
-        for r in self.reservations.iter().filter(|r| r.window.contains(t)) {
-            pack_admitted(&mut free, &r.unplaced);
+        for r in self.reservations.iter().filter(|r| r.active(t)) {
+            if strict {
+                if pack(&mut free, &r.unplaced).is_err() {
+                    broken.get_or_insert(r);
+                }
+            } else {
+                pack_admitted(&mut free, &r.unplaced);
+            }
         }
-        free
+        (free, broken)
     }
 
     /// The reservations active at `t`, for a refusal.
-    fn holding(&self, t: Timestamp, site: &str) -> Vec<String> {
+    fn holding(&self, t: Timestamp) -> Vec<String> {
         self.reservations
             .iter()
-            .filter(|r| {
-                r.window.contains(t)
-                    && (r.unplaced.iter().any(|d| d.sites.iter().any(|s| s == site))
-                        || !r.placed.is_empty())
-            })
-            .map(|r| format!("{} ({})", r.who, r.window.describe()))
+            .filter(|r| r.active(t) && (!r.unplaced.is_empty() || !r.placed.is_empty()))
+            .map(|r| format!("{} ({})", r.who, r.describe_at(t)))
             .collect()
     }
 
-    /// Whether a dated reservation with `window` and `demand` fits: at its
-    /// start and at every start of another reservation inside it, its
-    /// nodes pack next to everything placed and every reservation active
-    /// then. `hosts`: what is free now on each Ready, schedulable host.
-    /// The error names the site, the resource, the window, the instant and
-    /// the reservations holding the capacity.
+    /// Whether a reservation holding `windows` with `demand` fits: at each
+    /// of its windows' starts and at every start of another reservation's
+    /// window inside them, its nodes pack next to everything placed and
+    /// every reservation active then. `hosts`: what is free now on each
+    /// Ready, schedulable host. The error names the site, the resource,
+    /// the window, the instant and the reservations holding the capacity.
     pub fn admit(
         &self,
-        window: &Window,
+        windows: &[Window],
         demand: &[Demand],
         hosts: &[HostCap],
     ) -> Result<(), String> {
-        let mut checkpoints = vec![window.start];
+        let inside = |t: Timestamp| windows.iter().find(|w| w.contains(t));
+        let mut checkpoints: Vec<Timestamp> = windows.iter().map(|w| w.start).collect();
         checkpoints.extend(
             self.reservations
                 .iter()
-                .map(|o| o.window.start)
-                .filter(|t| window.contains(*t)),
+                .flat_map(|o| o.windows.iter().map(|w| w.start))
+                .filter(|t| inside(*t).is_some()),
         );
         checkpoints.sort();
         checkpoints.dedup();
         for t in checkpoints {
-            let before = self.free_at(hosts, t);
+            let Some(window) = inside(t) else { continue };
+            let (before, _) = self.at(hosts, t, false);
             let mut free = before.clone();
             if let Err(d) = pack(&mut free, demand) {
                 let site = d.sites.first().cloned().unwrap_or_default();
@@ -254,7 +311,7 @@ impl Calendar {
                 failed.node, failed.need.cpu, failed.need.memory_mib
             ));
         }
-        let holders = self.holding(t, site);
+        let holders = self.holding(t);
         format!(
             "site {site}: the reservation needs {} cpu, {} MiB {}; at {t} only {} cpu, {} MiB are not already placed or reserved ({}){}",
             need.cpu,
@@ -271,63 +328,93 @@ impl Calendar {
         )
     }
 
-    /// Whether a node needing `need` may be placed on `host` now (it then
-    /// holds that capacity for ever): every reservation must still pack at
-    /// each of its peaks. `hosts`: what is free now, before this node.
+    /// Whether a node needing `need` may be placed on `host` now. It holds
+    /// the host for ever (`own` is `None`), or, for a weekly cluster, in its
+    /// windows only, where its cluster's other nodes outside `hosts` (asleep
+    /// now, or placed moments ago) hold theirs too. At every instant it
+    /// holds the host where demand can peak, it must fit there, and every
+    /// reservation that packs without it must still pack. `hosts`: what is
+    /// free now, before this node.
     pub fn permits(
         &self,
         hosts: &[HostCap],
         host: &str,
         need: Resources,
         now: Timestamp,
+        own: Option<Own>,
     ) -> Result<(), String> {
-        if !self.holds_ahead() {
+        if own.is_none() && !self.holds_ahead() {
             return Ok(());
         }
-        let mut after = hosts.to_vec();
-        if let Some(h) = after.iter_mut().find(|h| h.name == host) {
-            h.free = minus(h.free, need);
-        }
-        let mut checkpoints: Vec<Timestamp> = self
-            .reservations
-            .iter()
-            .filter(|r| !r.unplaced.is_empty())
-            .map(|r| r.window.start.max(now))
-            .collect();
+        let for_ever = [Window {
+            start: now,
+            end: None,
+        }];
+        let (windows, held) = match &own {
+            Some(o) => (o.windows, o.held),
+            None => (&for_ever[..], &[][..]),
+        };
+        let mut checkpoints: Vec<Timestamp> = vec![now];
+        checkpoints.extend(windows.iter().map(|w| w.start.max(now)));
+        checkpoints.extend(
+            self.reservations
+                .iter()
+                .flat_map(|r| r.windows.iter().map(|w| w.start))
+                .filter(|t| *t > now),
+        );
         checkpoints.sort();
         checkpoints.dedup();
         for t in checkpoints {
-            // Refused only if this node is what breaks a packing that holds
-            // without it (a reservation the fleet can no longer give does
-            // not stop every other placement).
-            if let Some(r) = self.breaks(&after, t)
-                && self.breaks(hosts, t).is_none()
+            if !windows.iter().any(|w| w.contains(t)) {
+                continue;
+            }
+            let mut base = hosts.to_vec();
+            for (h, n) in held {
+                if let Some(f) = base.iter_mut().find(|f| &f.name == h) {
+                    f.free = minus(f.free, *n);
+                }
+            }
+            let (free, broken_without) = self.at(&base, t, true);
+            if free
+                .iter()
+                .find(|h| h.name == host)
+                .is_some_and(|h| !h.free.fits(need))
+            {
+                // Taken then by a reservation: the one holding this host
+                // first, else any active then.
+                let active = || self.reservations.iter().filter(|r| r.active(t));
+                return Err(
+                    match active()
+                        .find(|r| r.placed.iter().any(|(h, _)| h == host))
+                        .or_else(|| active().next())
+                    {
+                        Some(r) => format!(
+                            "capacity reserved for {} {} (at {t})",
+                            r.who,
+                            r.describe_at(t)
+                        ),
+                        None => format!("no room at {t} (its cluster's window)"),
+                    },
+                );
+            }
+            let mut with = base;
+            if let Some(h) = with.iter_mut().find(|h| h.name == host) {
+                h.free = minus(h.free, need);
+            }
+            // Refused only if this node is what breaks a reservation that
+            // fits without it (one the fleet can no longer give does not
+            // stop every other placement).
+            if let (_, Some(r)) = self.at(&with, t, true)
+                && broken_without.is_none()
             {
                 return Err(format!(
                     "capacity reserved for {} {} (at {t})",
                     r.who,
-                    r.window.describe()
+                    r.describe_at(t)
                 ));
             }
         }
         Ok(())
-    }
-
-    /// The first reservation active at `t` whose unplaced nodes do not pack
-    /// onto `hosts` (what is free now) next to the others.
-    fn breaks(&self, hosts: &[HostCap], t: Timestamp) -> Option<&Admitted> {
-        let mut free = hosts.to_vec();
-        for r in self.reservations.iter().filter(|r| r.window.ended(t)) {
-            for (h, n) in &r.placed {
-                if let Some(f) = free.iter_mut().find(|f| &f.name == h) {
-                    f.free = f.free.plus(*n);
-                }
-            }
-        }
-        self.reservations
-            .iter()
-            .filter(|r| r.window.contains(t))
-            .find(|r| pack(&mut free, &r.unplaced).is_err())
     }
 }
 

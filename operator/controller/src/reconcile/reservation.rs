@@ -99,6 +99,45 @@ fn weekly(
     (inside, next)
 }
 
+/// The weekly windows of `r` that overlap `from`..`until`, within its
+/// `start`/`end`, overlapping or touching ones merged, in order (empty
+/// without weekly windows). Errors name the field at fault.
+pub fn weekly_windows(
+    r: &Reservation,
+    from: Timestamp,
+    until: Timestamp,
+) -> Result<Vec<(Timestamp, Timestamp)>, String> {
+    if r.weekly.is_empty() {
+        return Ok(vec![]);
+    }
+    let tz = TimeZone::get(&r.time_zone).map_err(|_| {
+        format!(
+            "spec.reservation.timeZone: {:?} is not a known IANA time zone",
+            r.time_zone
+        )
+    })?;
+    let lo = r.start.as_ref().map_or(from, |s| s.0.max(from));
+    let hi = r.end.as_ref().map_or(until, |e| e.0.min(until));
+    let first = from.to_zoned(tz.clone()).date();
+    let tz = &tz;
+    let days = (until.as_second() - from.as_second()).max(0) / 86_400 + 2;
+    let mut all: Vec<(Timestamp, Timestamp)> = (-1..=days)
+        .filter_map(|o| first.checked_add(o.days()).ok())
+        .flat_map(|d| r.weekly.iter().filter_map(move |w| instance(w, d, tz)))
+        .map(|(s, e)| (s.max(lo), e.min(hi)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    all.sort();
+    let mut out: Vec<(Timestamp, Timestamp)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    Ok(out)
+}
+
 /// The plan for `reservation` at `now`. Errors name the field at fault.
 pub fn plan(reservation: Option<&Reservation>, now: Timestamp) -> Result<PowerPlan, String> {
     let Some(r) = reservation else {
@@ -299,6 +338,43 @@ mod tests {
         );
         assert!(plan(Some(&r), ts("2026-07-06T07:30:00Z")).unwrap().run);
         assert!(!plan(Some(&r), ts("2026-07-06T06:30:00Z")).unwrap().run);
+    }
+
+    #[test]
+    fn weekly_windows_are_listed_clipped_and_merged() {
+        let mut r = res(None, None, vec![mon_9_12()], "UTC", EndAction::Stop);
+        // From Sunday 2026-01-04 to two weeks later: two Mondays... and a third
+        // cut short by `until`.
+        let w = weekly_windows(&r, ts("2026-01-04T00:00:00Z"), ts("2026-01-19T10:00:00Z")).unwrap();
+        assert_eq!(
+            w,
+            vec![
+                (ts("2026-01-05T09:00:00Z"), ts("2026-01-05T12:00:00Z")),
+                (ts("2026-01-12T09:00:00Z"), ts("2026-01-12T12:00:00Z")),
+                (ts("2026-01-19T09:00:00Z"), ts("2026-01-19T10:00:00Z")),
+            ]
+        );
+        // The current window counts from `from`; `end` cuts the list.
+        r.end = Some(Time(ts("2026-01-12T11:00:00Z")));
+        let w = weekly_windows(&r, ts("2026-01-05T10:00:00Z"), ts("2026-01-30T00:00:00Z")).unwrap();
+        assert_eq!(
+            w,
+            vec![
+                (ts("2026-01-05T10:00:00Z"), ts("2026-01-05T12:00:00Z")),
+                (ts("2026-01-12T09:00:00Z"), ts("2026-01-12T11:00:00Z")),
+            ]
+        );
+        // Overlapping windows merge.
+        let mut long = mon_9_12();
+        long.start = "11:00".into();
+        long.end = "14:00".into();
+        r.end = None;
+        r.weekly.push(long);
+        let w = weekly_windows(&r, ts("2026-01-04T00:00:00Z"), ts("2026-01-06T00:00:00Z")).unwrap();
+        assert_eq!(
+            w,
+            vec![(ts("2026-01-05T09:00:00Z"), ts("2026-01-05T14:00:00Z"))]
+        );
     }
 
     #[test]

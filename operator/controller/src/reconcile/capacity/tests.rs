@@ -33,11 +33,15 @@ fn hosts(free: &[(&str, Resources)]) -> Vec<HostCap> {
         })
         .collect()
 }
+fn own(windows: &[Window]) -> Own<'_> {
+    Own { windows, held: &[] }
+}
 fn reserved(who: &str, window: Window, unplaced: Vec<Demand>) -> Admitted {
     Admitted {
         who: who.into(),
-        window,
+        windows: vec![window],
         placed: vec![],
+        in_use: true,
         unplaced,
     }
 }
@@ -47,7 +51,11 @@ fn fits_alone_and_refused_when_overlapping_names_site_resource_window_and_holder
     let hs = hosts(&[("h1", r(3, 4096)), ("h2", r(3, 4096))]);
     let mine = w("2026-01-01T10:00:00Z", Some("2026-01-01T12:00:00Z"));
     let empty = Calendar::default();
-    assert!(empty.admit(&mine, &nodes("m", 4, r(1, 1024)), &hs).is_ok());
+    assert!(
+        empty
+            .admit(std::slice::from_ref(&mine), &nodes("m", 4, r(1, 1024)), &hs)
+            .is_ok()
+    );
     // Another admitted reservation starts inside my window and takes 4 cpu.
     let cal = Calendar {
         reservations: vec![reserved(
@@ -57,7 +65,7 @@ fn fits_alone_and_refused_when_overlapping_names_site_resource_window_and_holder
         )],
     };
     let err = cal
-        .admit(&mine, &nodes("m", 4, r(1, 1024)), &hs)
+        .admit(std::slice::from_ref(&mine), &nodes("m", 4, r(1, 1024)), &hs)
         .unwrap_err();
     assert!(err.contains("site a"), "{err}");
     assert!(err.contains("cpu short by 2"), "{err}");
@@ -69,7 +77,14 @@ fn fits_alone_and_refused_when_overlapping_names_site_resource_window_and_holder
     assert!(err.contains("reserved then by ns/other"), "{err}");
     // Back to back (the other starts when mine ends): no overlap.
     let before = w("2026-01-01T08:00:00Z", Some("2026-01-01T11:00:00Z"));
-    assert!(cal.admit(&before, &nodes("m", 4, r(1, 1024)), &hs).is_ok());
+    assert!(
+        cal.admit(
+            std::slice::from_ref(&before),
+            &nodes("m", 4, r(1, 1024)),
+            &hs
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -78,7 +93,11 @@ fn host_level_fit_refuses_what_only_the_sites_sum_would_admit() {
     let hs = hosts(&[("h1", r(2, 8192)), ("h2", r(2, 8192))]);
     let mine = w("2026-01-01T10:00:00Z", None);
     let err = Calendar::default()
-        .admit(&mine, &nodes("big", 1, r(3, 1024)), &hs)
+        .admit(
+            std::slice::from_ref(&mine),
+            &nodes("big", 1, r(3, 1024)),
+            &hs,
+        )
         .unwrap_err();
     assert!(
         err.contains("no host has room for big-0 (3 cpu, 1024 MiB)"),
@@ -88,7 +107,11 @@ fn host_level_fit_refuses_what_only_the_sites_sum_would_admit() {
     // Largest first: 2+1+1 fills both hosts exactly, in any input order.
     let mut d = nodes("s", 2, r(1, 1024));
     d.extend(nodes("l", 1, r(2, 1024)));
-    assert!(Calendar::default().admit(&mine, &d, &hs).is_ok());
+    assert!(
+        Calendar::default()
+            .admit(std::slice::from_ref(&mine), &d, &hs)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -103,7 +126,7 @@ fn an_admitted_reservation_active_at_my_start_counts_and_memory_is_named() {
     };
     let mine = w("2026-01-01T10:00:00Z", Some("2026-01-01T11:00:00Z"));
     let err = cal
-        .admit(&mine, &nodes("m", 3, r(1, 1024)), &hs)
+        .admit(std::slice::from_ref(&mine), &nodes("m", 3, r(1, 1024)), &hs)
         .unwrap_err();
     assert!(err.contains("memory short by 1024 MiB"), "{err}");
     assert!(!err.contains("cpu short"), "{err}");
@@ -116,15 +139,30 @@ fn a_placed_reservation_gives_its_hosts_back_when_it_ends() {
     let cal = Calendar {
         reservations: vec![Admitted {
             who: "ns/now".into(),
-            window: w("2026-01-01T09:00:00Z", Some("2026-01-01T11:00:00Z")),
+            windows: vec![w("2026-01-01T09:00:00Z", Some("2026-01-01T11:00:00Z"))],
             placed: vec![("h1".into(), r(4, 4096))],
+            in_use: true,
             unplaced: vec![],
         }],
     };
     let at_11 = w("2026-01-01T11:00:00Z", Some("2026-01-01T12:00:00Z"));
-    assert!(cal.admit(&at_11, &nodes("m", 4, r(1, 1024)), &hs).is_ok());
+    assert!(
+        cal.admit(
+            std::slice::from_ref(&at_11),
+            &nodes("m", 4, r(1, 1024)),
+            &hs
+        )
+        .is_ok()
+    );
     let at_10 = w("2026-01-01T10:00:00Z", Some("2026-01-01T12:00:00Z"));
-    assert!(cal.admit(&at_10, &nodes("m", 1, r(1, 1024)), &hs).is_err());
+    assert!(
+        cal.admit(
+            std::slice::from_ref(&at_10),
+            &nodes("m", 1, r(1, 1024)),
+            &hs
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -149,13 +187,21 @@ fn spills_to_the_next_allowed_site() {
         })
         .collect();
     let mine = w("2026-01-01T10:00:00Z", None);
-    assert!(Calendar::default().admit(&mine, &demand, &hs).is_ok());
+    assert!(
+        Calendar::default()
+            .admit(std::slice::from_ref(&mine), &demand, &hs)
+            .is_ok()
+    );
     let mut demand5 = demand.clone();
     demand5.push(Demand {
         node: "n-4".into(),
         ..demand[0].clone()
     });
-    assert!(Calendar::default().admit(&mine, &demand5, &hs).is_err());
+    assert!(
+        Calendar::default()
+            .admit(std::slice::from_ref(&mine), &demand5, &hs)
+            .is_err()
+    );
 }
 
 #[test]
@@ -171,10 +217,10 @@ fn a_permanent_node_may_not_take_capacity_promised_to_a_later_window() {
         )],
     };
     // 1 cpu per host is spare: a 1-cpu node fits on either.
-    assert!(cal.permits(&hs, "h1", r(1, 512), now).is_ok());
+    assert!(cal.permits(&hs, "h1", r(1, 512), now, None).is_ok());
     // A 2-cpu node would leave only 2 cpu on its host: refused, naming the
     // reservation, its window and the instant.
-    let err = cal.permits(&hs, "h2", r(2, 512), now).unwrap_err();
+    let err = cal.permits(&hs, "h2", r(2, 512), now, None).unwrap_err();
     assert!(
         err.contains(
             "capacity reserved for ns/course from 2026-01-01T10:00:00Z to 2026-01-01T12:00:00Z (at 2026-01-01T10:00:00Z)"
@@ -184,11 +230,106 @@ fn a_permanent_node_may_not_take_capacity_promised_to_a_later_window() {
     // Without reservations ahead, anything that fits is permitted.
     assert!(
         Calendar::default()
-            .permits(&hs, "h2", r(4, 4096), now)
+            .permits(&hs, "h2", r(4, 4096), now, None)
             .is_ok()
     );
     // A reservation the fleet can no longer give does not block the rest.
     let shrunk = hosts(&[("h1", r(2, 4096)), ("h2", r(4, 4096))]);
-    assert!(cal.breaks(&shrunk, ts("2026-01-01T10:00:00Z")).is_some());
-    assert!(cal.permits(&shrunk, "h1", r(1, 512), now).is_ok());
+    assert!(
+        cal.at(&shrunk, ts("2026-01-01T10:00:00Z"), true)
+            .1
+            .is_some()
+    );
+    assert!(cal.permits(&shrunk, "h1", r(1, 512), now, None).is_ok());
+}
+
+#[test]
+fn weekly_clusters_on_alternate_days_share_a_host_and_keep_it_for_their_windows() {
+    // Monday 2026-01-05 08:00; one host of 4 cpu, 4 GiB, all free now.
+    let now = ts("2026-01-05T08:00:00Z");
+    let hs = hosts(&[("h1", r(4, 4096))]);
+    let mon = |d: u32| {
+        w(
+            &format!("2026-01-{d:02}T09:00:00Z"),
+            Some(&format!("2026-01-{d:02}T12:00:00Z")),
+        )
+    };
+    // A Monday class, asleep now (stopped on h1, 3 GiB), back at 09:00.
+    let monday = Admitted {
+        who: "ns/monday".into(),
+        windows: vec![mon(5), mon(12)],
+        placed: vec![("h1".into(), r(2, 3072))],
+        in_use: false,
+        unplaced: vec![],
+    };
+    let cal = Calendar {
+        reservations: vec![monday],
+    };
+    assert!(cal.holds_ahead());
+    // A Tuesday class may sleep on the same host: its windows never meet
+    // Monday's.
+    let tue = [w("2026-01-06T09:00:00Z", Some("2026-01-06T12:00:00Z"))];
+    assert!(
+        cal.permits(&hs, "h1", r(2, 3072), now, Some(own(&tue)))
+            .is_ok()
+    );
+    // Admitted as a whole, too.
+    assert!(
+        cal.admit(&tue, &nodes("t", 1, r(2, 3072)), &hs).is_ok(),
+        "Tuesday fits"
+    );
+    // Another Monday class overlapping does not fit beside it...
+    let err = cal
+        .permits(&hs, "h1", r(2, 3072), now, Some(own(&[mon(5)])))
+        .unwrap_err();
+    assert!(
+        err.contains(
+            "capacity reserved for ns/monday from 2026-01-05T09:00:00Z to 2026-01-05T12:00:00Z (at 2026-01-05T09:00:00Z)"
+        ),
+        "{err}"
+    );
+    // ...nor does a permanent node that would hold the room for ever,
+    // though the host is free now.
+    let err = cal.permits(&hs, "h1", r(1, 2048), now, None).unwrap_err();
+    assert!(err.contains("capacity reserved for ns/monday"), "{err}");
+    // What is left beside Monday's class may go for ever.
+    assert!(cal.permits(&hs, "h1", r(2, 1024), now, None).is_ok());
+}
+
+#[test]
+fn a_weekly_clusters_own_sleeping_nodes_count_at_its_windows() {
+    let now = ts("2026-01-05T08:00:00Z");
+    let hs = hosts(&[("h1", r(4, 4096))]);
+    let mon = [w("2026-01-05T09:00:00Z", Some("2026-01-05T12:00:00Z"))];
+    // Another reservation elsewhere in time makes the calendar non-empty.
+    let cal = Calendar::default();
+    // One sleeping node of 3 GiB already on h1: a second does not fit
+    // there at 09:00, though h1 is free now.
+    let held = [("h1".to_string(), r(1, 3072))];
+    let err = cal
+        .permits(
+            &hs,
+            "h1",
+            r(1, 3072),
+            now,
+            Some(Own {
+                windows: &mon,
+                held: &held,
+            }),
+        )
+        .unwrap_err();
+    assert!(err.contains("no room at 2026-01-05T09:00:00Z"), "{err}");
+    assert!(
+        cal.permits(
+            &hs,
+            "h1",
+            r(1, 1024),
+            now,
+            Some(Own {
+                windows: &mon,
+                held: &held
+            })
+        )
+        .is_ok()
+    );
 }

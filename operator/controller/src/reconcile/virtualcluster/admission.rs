@@ -3,50 +3,84 @@
 //! re-derives it), under the placement lock (two decisions never take the
 //! same capacity); no API write happens under it.
 //!
-//! A dated reservation is admitted once against it; every node placed is
-//! checked against it (it may not take what an admitted reservation needs
-//! in a later window).
+//! A scheduled cluster (a dated reservation, weekly windows, or both) is
+//! admitted once against it; every node placed is checked against it (it
+//! may not take what an admitted reservation needs in a later window). A
+//! weekly cluster's nodes, stopped outside its windows, hold no capacity
+//! then: they keep their host (and disks) and hold it again at each window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use yukumo_api::virtualcluster::{EndAction, Reservation, VirtualCluster};
 use yukumo_api::virtualnode::VirtualNode;
 
-use super::super::capacity::{self, Admitted, Calendar, HostCap};
+use super::super::capacity::{self, Admitted, Calendar, HostCap, Window};
 use super::super::nodes::{DesiredNode, desired_nodes};
+use super::super::reservation;
 use super::converge::{NodeKey, host_views};
 use crate::context::{Ctx, PendingNode, Placements};
 use crate::scheduler::HostView;
 
-/// Whether a reservation is dated (has a start or an end) and so holds
-/// capacity for a window that is admitted once.
-pub fn dated(r: Option<&Reservation>) -> bool {
-    r.is_some_and(|r| r.start.is_some() || r.end.is_some())
+/// How far ahead weekly windows are listed: a week and a day past now, or
+/// past the latest dated start (capped at about a year).
+const WEEK_AND_A_DAY: SignedDuration = SignedDuration::from_hours(8 * 24);
+const MAX_HORIZON: SignedDuration = SignedDuration::from_hours(400 * 24);
+
+/// Whether a reservation is scheduled (dated: a start or an end; or
+/// weekly) and so holds capacity in windows that are admitted once.
+pub fn scheduled(r: Option<&Reservation>) -> bool {
+    r.is_some_and(|r| r.start.is_some() || r.end.is_some() || !r.weekly.is_empty())
 }
 
-/// The window a dated reservation holds capacity for; `None` once it no
-/// longer holds any (ended with `endAction: Delete`).
-fn capacity_window(
+/// The windows a scheduled reservation holds capacity in up to `horizon`;
+/// empty once it holds none (ended with `endAction: Delete`, or a weekly
+/// one past its end).
+pub fn capacity_windows(
     r: &Reservation,
     admitted: Option<Timestamp>,
     now: Timestamp,
-) -> Option<capacity::Window> {
+    horizon: Timestamp,
+) -> Vec<Window> {
+    if !r.weekly.is_empty() {
+        return reservation::weekly_windows(r, now, horizon)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(start, end)| Window {
+                start,
+                end: Some(end),
+            })
+            .collect();
+    }
     let start = r.start.as_ref().map(|t| t.0).or(admitted).unwrap_or(now);
     let end = match r.end_action {
         EndAction::Delete => r.end.as_ref().map(|t| t.0),
-        // Stopped nodes keep their hosts.
+        // Stopped at its end for good, its nodes keep their hosts.
         EndAction::Stop => None,
     };
     if end.is_some_and(|e| e <= now) {
-        return None;
+        return vec![];
     }
-    Some(capacity::Window {
+    vec![Window {
         start: start.max(now),
         end,
-    })
+    }]
+}
+
+/// Whether `vc` is a weekly cluster outside its windows now (its stopped
+/// nodes hold no capacity).
+fn asleep(vc: &VirtualCluster, now: Timestamp) -> bool {
+    let Some(r) = vc
+        .spec
+        .reservation
+        .as_ref()
+        .filter(|r| !r.weekly.is_empty())
+    else {
+        return false;
+    };
+    reservation::plan(Some(r), now).is_ok_and(|p| p.exists && !p.run)
 }
 
 fn demand(desired: &[DesiredNode]) -> Vec<capacity::Demand> {
@@ -73,24 +107,61 @@ pub fn host_caps(views: &[HostView]) -> Vec<HostCap> {
         .collect()
 }
 
-/// The admitted reservations of every cluster but `exclude_uid`: each
-/// one's placed nodes (in the cache or written moments ago) and the rest
-/// of its desired nodes.
-pub fn calendar(ctx: &Ctx, pending: &Placements, exclude_uid: &str, now: Timestamp) -> Calendar {
+/// The calendar as one decision sees it.
+pub struct Seen {
+    /// The admitted reservations of every cluster but the deciding one.
+    pub calendar: Calendar,
+    /// Uids of weekly clusters outside their windows: their stopped nodes
+    /// hold no capacity now.
+    pub asleep: HashSet<String>,
+    /// How far ahead windows are listed.
+    pub horizon: Timestamp,
+}
+
+impl Seen {
+    /// The windows `vc`'s nodes hold their hosts in, if it is a weekly
+    /// cluster (else they hold them for ever once placed).
+    pub fn own_windows(&self, vc: &VirtualCluster, now: Timestamp) -> Option<Vec<Window>> {
+        let r = vc
+            .spec
+            .reservation
+            .as_ref()
+            .filter(|r| !r.weekly.is_empty())?;
+        Some(capacity_windows(r, None, now, self.horizon))
+    }
+}
+
+/// The calendar for a decision about the cluster `exclude_uid`: every other
+/// admitted reservation's windows, placed nodes (in the cache or written
+/// moments ago) and the rest of its desired nodes.
+pub fn calendar(ctx: &Ctx, pending: &Placements, exclude_uid: &str, now: Timestamp) -> Seen {
     let sites = ctx.stores.all_sites();
     let nodes = ctx.stores.nodes.state();
     let hosts = ctx.stores.hosts.state();
-    let present: std::collections::HashSet<String> = host_views(&hosts, &[], &HashMap::new())
+    let clusters = ctx.stores.clusters.state();
+    let asleep: HashSet<String> = clusters
+        .iter()
+        .filter(|c| asleep(c, now))
+        .filter_map(|c| c.metadata.uid.clone())
+        .collect();
+    let latest = clusters
+        .iter()
+        .filter_map(|c| c.spec.reservation.as_ref()?.start.as_ref().map(|t| t.0))
+        .max()
+        .unwrap_or(now)
+        .max(now);
+    let horizon = (latest + WEEK_AND_A_DAY).min(now + MAX_HORIZON);
+    let present: HashSet<String> = host_views(&hosts, &[], &HashMap::new(), &HashSet::new())
         .into_iter()
         .filter(|h| !h.lost)
         .map(|h| h.name)
         .collect();
     let mut reservations = Vec::new();
-    for other in ctx.stores.clusters.state() {
+    for other in &clusters {
         let ouid = other.metadata.uid.clone().unwrap_or_default();
         // A cluster being deleted places nothing more.
         if ouid == exclude_uid
-            || !dated(other.spec.reservation.as_ref())
+            || !scheduled(other.spec.reservation.as_ref())
             || other.metadata.deletion_timestamp.is_some()
         {
             continue;
@@ -106,13 +177,14 @@ pub fn calendar(ctx: &Ctx, pending: &Placements, exclude_uid: &str, now: Timesta
         let (Some(or), Some(ons)) = (other.spec.reservation.as_ref(), other.namespace()) else {
             continue;
         };
-        let Some(window) = capacity_window(or, admitted_at, now) else {
+        let windows = capacity_windows(or, admitted_at, now, horizon);
+        if windows.is_empty() {
             continue;
-        };
+        }
         let Some(ong) = ctx.stores.network_group(&ons, &other.spec.network_group) else {
             continue;
         };
-        let Ok(desired) = desired_nodes(&other, &ong, &sites) else {
+        let Ok(desired) = desired_nodes(other, &ong, &sites) else {
             continue;
         };
         // A node on a lost (or vanished) host is placed anew (recovery):
@@ -126,12 +198,17 @@ pub fn calendar(ctx: &Ctx, pending: &Placements, exclude_uid: &str, now: Timesta
             .collect();
         reservations.push(Admitted {
             who: format!("{ons}/{}", other.name_any()),
-            window,
+            windows,
             placed: placed.into_values().collect(),
+            in_use: !asleep.contains(&ouid),
             unplaced: demand(&unplaced),
         });
     }
-    Calendar { reservations }
+    Seen {
+        calendar: Calendar { reservations },
+        asleep,
+        horizon,
+    }
 }
 
 /// The nodes of the cluster `uid` (namespace `ns`) that hold a host: name
@@ -159,8 +236,8 @@ fn placed_of(
     out
 }
 
-/// Admit `vc`'s dated reservation against the calendar; the error names
-/// site, resource, window, instant and the reservations holding it.
+/// Admit `vc`'s scheduled reservation against the calendar; the error
+/// names site, resource, window, instant and the reservations holding it.
 pub async fn admit_reservation(
     ctx: &Ctx,
     vc: &VirtualCluster,
@@ -170,28 +247,33 @@ pub async fn admit_reservation(
     let Some(r) = vc.spec.reservation.as_ref() else {
         return Ok(());
     };
-    let Some(window) = capacity_window(r, None, now) else {
-        return Ok(());
-    };
     let uid = vc.metadata.uid.clone().unwrap_or_default();
     let mut pending = ctx.placements.lock().await;
     pending.prune(&ctx.stores);
-    let cal = calendar(ctx, &pending, &uid, now);
+    let seen = calendar(ctx, &pending, &uid, now);
+    let windows = capacity_windows(r, None, now, seen.horizon);
+    if windows.is_empty() {
+        return Ok(());
+    }
     let views = host_views(
         &ctx.stores.hosts.state(),
         &ctx.stores.nodes.state(),
         &pending.nodes,
+        &seen.asleep,
     );
     // A cluster given a reservation while it runs: its own nodes are in the
     // hosts' use and in its demand; count them once.
     let mut caps = host_caps(&views);
-    let ns = vc.namespace().unwrap_or_default();
-    for (host, need) in placed_of(&ctx.stores.nodes.state(), &pending.nodes, &ns, &uid).values() {
-        if let Some(h) = caps.iter_mut().find(|h| &h.name == host) {
-            h.free = h.free.plus(*need);
+    if !seen.asleep.contains(&uid) {
+        let ns = vc.namespace().unwrap_or_default();
+        for (host, need) in placed_of(&ctx.stores.nodes.state(), &pending.nodes, &ns, &uid).values()
+        {
+            if let Some(h) = caps.iter_mut().find(|h| &h.name == host) {
+                h.free = h.free.plus(*need);
+            }
         }
     }
-    cal.admit(&window, &demand(desired), &caps)?;
+    seen.calendar.admit(&windows, &demand(desired), &caps)?;
     pending.admitted.insert(uid, std::time::Instant::now());
     Ok(())
 }

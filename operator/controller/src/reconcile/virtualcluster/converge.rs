@@ -3,7 +3,7 @@
 //! placement (persisted in the node when it is created, and never changed
 //! while its host exists), recovery from lost hosts, scale-down, and power.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use yukumo_api::virtualcluster::{RecoveryPolicy, VirtualCluster};
 use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
 use yukumo_api::{Reason, finalizers, labels};
 
-use super::super::capacity::Calendar;
+use super::super::capacity::{Calendar, Own, Window};
 use super::super::nodes::{DesiredNode, should_run};
 use super::admission::host_caps;
 use crate::context::PendingNode;
@@ -61,6 +61,11 @@ pub struct PlanInputs<'a> {
     /// The admitted reservations of other clusters: a node placed now may
     /// not take what they need later.
     pub calendar: &'a Calendar,
+    /// Weekly clusters outside their windows (their stopped nodes use nothing).
+    pub asleep: &'a HashSet<String>,
+    /// This cluster's windows if it is weekly (its nodes hold their hosts
+    /// then only); `None`: for ever.
+    pub own_windows: Option<&'a [Window]>,
     pub now: Instant,
     pub wall: Timestamp,
 }
@@ -89,13 +94,23 @@ pub struct NodePlan {
 
 /// The scheduler's view of every host: allocatable, and what placed nodes
 /// (in the cache or written moments ago) use.
+/// The stopped nodes of clusters in `asleep` (weekly clusters outside
+/// their windows) use nothing: the calendar holds their hosts for their
+/// next window.
 pub fn host_views(
     hosts: &[Arc<Host>],
     all_nodes: &[Arc<VirtualNode>],
     pending: &HashMap<NodeKey, PendingNode>,
+    asleep: &HashSet<String>,
 ) -> Vec<HostView> {
     let mut used: HashMap<&str, Resources> = HashMap::new();
     for n in all_nodes {
+        let sleeping = !n.spec.running
+            && !asleep.is_empty()
+            && n.owner_references().iter().any(|o| asleep.contains(&o.uid));
+        if sleeping {
+            continue;
+        }
         if let Some(h) = n.spec.host.as_deref() {
             let e = used.entry(h).or_default();
             *e = e.plus(n.spec.resources);
@@ -168,7 +183,18 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 && n.owner_references().iter().any(|o| o.uid == owner.uid)
         })
         .collect();
-    let mut views = host_views(inp.hosts, inp.all_nodes, inp.pending);
+    let mut views = host_views(inp.hosts, inp.all_nodes, inp.pending, inp.asleep);
+    // A weekly cluster outside its windows: its new nodes use nothing now,
+    // and hold their hosts at its windows with its sleeping ones.
+    let sleeping = inp.own_windows.is_some() && inp.asleep.contains(&owner.uid);
+    let mut own_held: Vec<(String, Resources)> = if sleeping {
+        mine.iter()
+            .filter(|n| !n.spec.running)
+            .filter_map(|n| Some((n.spec.host.clone()?, n.spec.resources)))
+            .collect()
+    } else {
+        vec![]
+    };
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for n in &mine {
         if let Some(h) = &n.spec.host {
@@ -246,18 +272,29 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                     gateway: d.gateway,
                     vlan: d.vlan,
                     pinned: d.pinned.clone(),
+                    holds_now: !sleeping,
                 },
                 &mut views,
                 &mut counts,
                 &|views: &[HostView], h: &HostView, need: Resources| {
-                    if !inp.calendar.holds_ahead() {
+                    let own = inp.own_windows.map(|windows| Own {
+                        windows,
+                        held: &own_held,
+                    });
+                    if own.is_none() && !inp.calendar.holds_ahead() {
                         return Ok(());
                     }
                     inp.calendar
-                        .permits(&host_caps(views), &h.name, need, inp.wall)
+                        .permits(&host_caps(views), &h.name, need, inp.wall, own)
                 },
             ),
         };
+        if sleeping
+            && existing.is_none()
+            && let Placement::Host { host, .. } = &placement
+        {
+            own_held.push((host.clone(), d.spec.resources));
+        }
         let (host, site) = match placement {
             Placement::Host { host, site } => (host, site),
             Placement::Unschedulable(msg) => {

@@ -122,7 +122,8 @@ async fn converge_nodes(
         let mut pending = ctx.placements.lock().await;
         pending.prune(&ctx.stores);
         let wall = k8s_openapi::jiff::Timestamp::now();
-        let calendar = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
+        let seen = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
+        let own_windows = seen.own_windows(vc, wall);
         let plan = plan_nodes(&PlanInputs {
             cluster: vc,
             owner: &owner,
@@ -131,7 +132,9 @@ async fn converge_nodes(
             all_nodes: &ctx.stores.nodes.state(),
             hosts: &ctx.stores.hosts.state(),
             pending: &pending.nodes,
-            calendar: &calendar,
+            calendar: &seen.calendar,
+            asleep: &seen.asleep,
+            own_windows: own_windows.as_deref(),
             now: Instant::now(),
             wall,
         });
@@ -465,7 +468,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         let mut desired = desired_nodes(&vc, ng, &observed.sites);
         if let Ok(all) = &desired
             && capacity_admitted_at.is_none()
-            && admission::dated(vc.spec.reservation.as_ref())
+            && admission::scheduled(vc.spec.reservation.as_ref())
         {
             match admission::admit_reservation(&ctx, &vc, all, now).await {
                 Ok(()) => capacity_admitted_at = Some(Time(now)),

@@ -39,6 +39,8 @@ fn plan(w: &World, running: bool) -> NodePlan {
         hosts: &w.hosts,
         pending: &w.pending,
         calendar: &Calendar::default(),
+        asleep: &HashSet::new(),
+        own_windows: None,
         now: Instant::now(),
         wall: k8s_openapi::jiff::Timestamp::now(),
     })
