@@ -22,6 +22,10 @@ cleanup() {
 trap cleanup EXIT
 # shellcheck disable=SC1091
 source "$ROOT/e2e/lib/tools.sh" >/dev/null   # puts the pinned kubectl/helm first on PATH
+# The environment runs the controller and agents from target/release: build
+# them from this tree first (a no-op after `make build`), so a run after a
+# checkout never tests stale binaries.
+cargo build --release --workspace --all-targets
 # Fast heartbeats and a short lease keep the failure tests quick.
 export YUKUMO_HEARTBEAT=2s YUKUMO_LEASE_DURATION=6s
 "$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 3 --no-example --storage ceph
