@@ -414,6 +414,14 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
         "the first reservation is admitted: {}",
         first["status"]
     );
+    // Its status says what is guaranteed, for which window, until when.
+    let g = &first["status"]["guarantee"];
+    let at = |s: u64| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
+    assert_eq!(g["basis"], "Reservation", "{g}");
+    assert_eq!(g["nodes"], n + 1, "{g}");
+    assert_eq!(g["memoryMiB"], big * u64::from(n) + 128, "{g}");
+    assert_eq!(g["window"]["start"], at(a_start), "{g}");
+    assert_eq!(g["until"], at(a_end), "{g}");
     // Overlapping the second half of the first: refused, naming site, resource, window.
     env.apply(&dated_cluster(
         ns,
@@ -434,6 +442,10 @@ fn an_overbooking_reservation_is_refused_with_site_resource_and_window() {
     );
     let second = json(&env, &["-n", ns, "get", "vc", "second"]);
     assert!(second["status"]["capacityAdmittedAt"].is_null());
+    assert!(
+        second["status"]["guarantee"].is_null(),
+        "nothing guaranteed"
+    );
     assert!(
         yukumo_e2e::condition(&second, "Ready").is_some_and(|c| c.0 == "False"),
         "Ready=False"
@@ -492,6 +504,16 @@ fn a_permanent_cluster_may_not_take_capacity_reserved_for_a_later_window() {
     // A small permanent cluster still fits beside the reservation.
     env.apply(&cluster(ns, "small", 1, "128Mi"));
     wait_count(&env, ns, "small", 2);
+    // Without a reservation, what is placed is held while the cluster exists.
+    wait_for(Duration::from_secs(30), "small's guarantee", || {
+        let g = json(&env, &["-n", ns, "get", "vc", "small"])["status"]["guarantee"].clone();
+        if g["basis"] == "Placed" && g["nodes"] == 2 && g["until"].is_null() {
+            Ok(())
+        } else {
+            Err(g.to_string())
+        }
+    })
+    .unwrap();
     // The course is cancelled: the permanent cluster is placed by itself.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "course"])
         .unwrap();
@@ -543,12 +565,23 @@ fn weekly_clusters_on_alternate_days_share_hosts() {
             .all(|v| v["spec"]["host"].is_string() && v["spec"]["running"] == false),
         "every node of the sleeping class is placed, stopped"
     );
-    for vc in ["today", "later"] {
+    // Both are admitted; each status shows the window its capacity is held
+    // in now or next: today's, and the one of the day after tomorrow.
+    let midnight = now / 86_400 * 86_400;
+    for (vc, days) in [("today", 0), ("later", 2)] {
         let v = json(&env, &["-n", ns, "get", "vc", vc]);
         assert!(
             v["status"]["capacityAdmittedAt"].is_string(),
             "{vc} is admitted: {}",
             v["status"]
+        );
+        let g = &v["status"]["guarantee"];
+        assert_eq!(g["basis"], "Weekly", "{g}");
+        assert_eq!(g["nodes"], n + 1, "{g}");
+        assert_eq!(
+            g["window"]["start"],
+            rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(midnight + days * 86_400)),
+            "{vc}: {g}"
         );
     }
     // A third class on the same day as the sleeping one does not fit: its
@@ -558,6 +591,112 @@ fn weekly_clusters_on_alternate_days_share_hosts() {
     assert!(msg.contains("site local"), "{msg}");
     assert!(msg.contains("reserved then by alternate/later"), "{msg}");
     assert!(nodes(&env, ns, "clash").is_empty(), "nothing placed");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+/// Restores a host whose agent a test killed (and the Site's grace), also
+/// when the test fails.
+struct Revive<'a> {
+    env: &'a Env,
+    host: String,
+}
+
+impl Drop for Revive<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.env_sh(&["start-agent", &self.host]);
+        self.env.set_site_grace(20);
+        let _ = wait_for(Duration::from_secs(60), "the lost host Ready again", || {
+            let h = json(self.env, &["get", "host", &self.host]);
+            match yukumo_e2e::condition(&h, "Ready") {
+                Some(c) if c.0 == "True" => Ok(()),
+                c => Err(format!("{c:?}")),
+            }
+        });
+    }
+}
+
+#[test]
+fn a_reservations_nodes_on_a_lost_host_are_re_placed_before_other_clusters() {
+    let env = Env::get();
+    let ns = "preempt";
+    let (n, sixty, now) = sixty_percent(&env, ns);
+    let third = sixty / 2; // 30% of a host
+    // A reservation running now, a permanent cluster and a filler, each
+    // with 30%-of-a-host workers spread one per host: every host is at 60%,
+    // and all but one (`spare`) at 90%.
+    env.apply(&dated_cluster(ns, "course", n, third, now, now + 1800));
+    wait_count(&env, ns, "course", n as usize + 1);
+    env.apply(&cluster(ns, "perm", n, &format!("{third}Mi")));
+    wait_count(&env, ns, "perm", n as usize + 1);
+    env.apply(&cluster(ns, "filler", n - 1, &format!("{third}Mi")));
+    let filler = wait_count(&env, ns, "filler", n as usize);
+    let host_of = |v: &Value| v["spec"]["host"].as_str().unwrap_or("").to_string();
+    let worker_hosts: Vec<String> = filler
+        .iter()
+        .filter(|v| v["spec"]["role"] == "worker")
+        .map(host_of)
+        .collect();
+    let (n_hosts, _) = local_hosts(&env);
+    assert_eq!(n_hosts, n, "every host Ready");
+    let all_hosts: Vec<String> = json(&env, &["get", "hosts"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["spec"]["site"] == "local")
+        .map(|h| h["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let spare = all_hosts
+        .iter()
+        .find(|h| !worker_hosts.contains(h))
+        .expect("one host without a filler worker")
+        .clone();
+    // Lose a host with a filler worker: its course, perm and filler workers
+    // need a new host, and only `spare` has room for one of them.
+    let lost = worker_hosts[0].clone();
+    let course_node = nodes(&env, ns, "course")
+        .into_iter()
+        .find(|v| v["spec"]["role"] == "worker" && host_of(v) == lost)
+        .expect("a course worker on the lost host");
+    let course_name = course_node["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let perm_name = nodes(&env, ns, "perm")
+        .into_iter()
+        .find(|v| v["spec"]["role"] == "worker" && host_of(v) == lost)
+        .and_then(|v| v["metadata"]["name"].as_str().map(str::to_string))
+        .expect("a perm worker on the lost host");
+    env.set_site_grace(6);
+    let _revive = Revive {
+        env: &env,
+        host: lost.clone(),
+    };
+    env.env_sh(&["stop", &format!("agent-{lost}"), "--signal", "KILL"])
+        .unwrap();
+    // The reservation's node takes the spare room, whichever cluster is
+    // reconciled first: the others may not take what it needs.
+    let (_, took) = wait_for(Duration::from_secs(120), "course node re-placed", || {
+        let out = env.kubectl(&["-n", ns, "get", "vn", &course_name, "-o", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if host_of(&v) == spare {
+            Ok(())
+        } else {
+            Err(format!("on {:?}", host_of(&v)))
+        }
+    })
+    .unwrap();
+    println!("{course_name} re-placed on {spare} {took:?} after {lost}'s agent was killed");
+    // The permanent cluster's node waits: no host has room for it.
+    let msg = wait_reason(&env, ns, "perm", "Unschedulable");
+    assert!(msg.contains(&perm_name), "{msg}");
+    let out = env.kubectl(&["-n", ns, "get", "vn", &perm_name, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_ne!(
+        host_of(&v),
+        spare,
+        "{perm_name} did not take the spare room"
+    );
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

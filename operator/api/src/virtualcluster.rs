@@ -30,6 +30,8 @@ use crate::virtualnode::{NodePhase, NodeRole};
     printcolumn = r#"{"name":"Public IP","type":"string","jsonPath":".status.frontend.publicIP"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Guarantee","type":"string","priority":1,"jsonPath":".status.guarantee.basis","description":"how its capacity is guaranteed"}"#,
+    printcolumn = r#"{"name":"Until","type":"date","priority":1,"jsonPath":".status.guarantee.until","description":"end of the guarantee (empty: while the cluster exists)"}"#,
     validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: node names and hostnames are derived from it")
 )]
 #[serde(rename_all = "camelCase")]
@@ -399,6 +401,11 @@ pub struct VirtualClusterStatus {
     /// later may take what its windows need (`Unschedulable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_admitted_at: Option<Time>,
+    /// The capacity the calendar guarantees the cluster, and until when
+    /// (absent while nothing is guaranteed: a reservation not admitted, or
+    /// a cluster with no node placed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guarantee: Option<Guarantee>,
     /// What the namespace's ResourceQuota granted the cluster (its spec's
     /// total when last granted; absent when no quota limits yukumo
     /// resources there). A growth the quota refuses keeps this grant.
@@ -502,6 +509,50 @@ pub struct FrontendEndpoint {
     /// An ssh command line that reaches the frontend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<String>,
+}
+
+/// The capacity guaranteed to a cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Guarantee {
+    /// How it is held: `Placed` (no reservation: its placed nodes hold their
+    /// hosts), `Reservation` (a dated reservation admitted for its window),
+    /// `Weekly` (admitted at each weekly window; outside them its stopped
+    /// nodes hold nothing, and their hosts are held for them at the next).
+    pub basis: GuaranteeBasis,
+    /// Nodes held (frontend included).
+    pub nodes: u32,
+    /// vCPUs held.
+    pub cpu: u32,
+    /// Memory held, MiB.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// When the guarantee ends (the reservation's end); absent: for as long
+    /// as the cluster exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Time>,
+    /// The window the capacity is held in now, or the next one (absent: it
+    /// is held without interruption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<HeldWindow>,
+}
+
+/// How a cluster's capacity is guaranteed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GuaranteeBasis {
+    Placed,
+    Reservation,
+    Weekly,
+}
+
+/// A window of held capacity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldWindow {
+    pub start: Time,
+    /// Absent: open-ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Time>,
 }
 
 /// A scheduled power transition.

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod converge;
+pub mod guarantee;
 pub mod status;
 pub mod validate;
 pub mod volumes;
@@ -423,6 +424,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
     let mut verdict = validate(&ns, &vc.spec, &observed);
     let old = vc.status.clone().unwrap_or_default();
     let mut capacity_admitted_at = old.capacity_admitted_at.clone();
+    let mut held = old.guarantee.clone();
     let mut nodes_status = old.nodes.clone();
     let mut ready_nodes = old.ready_nodes;
     let now = k8s_openapi::jiff::Timestamp::now();
@@ -475,6 +477,31 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                 Err(msg) => desired = Err(Verdict::progressing(Reason::InsufficientCapacity, msg)),
             }
         }
+        let uid = vc.metadata.uid.clone().unwrap_or_default();
+        let all_nodes = ctx.stores.nodes.state();
+        let mine: Vec<&VirtualNode> = all_nodes
+            .iter()
+            .map(|n| n.as_ref())
+            .filter(|n| {
+                n.namespace().as_deref() == Some(ns.as_str())
+                    && n.owner_references().iter().any(|o| o.uid == uid)
+            })
+            .collect();
+        if let Ok(all) = &desired {
+            let need: Vec<_> = all.iter().map(|d| d.spec.resources).collect();
+            let placed: Vec<_> = mine
+                .iter()
+                .filter(|n| n.spec.host.is_some())
+                .map(|n| n.spec.resources)
+                .collect();
+            held = guarantee::guarantee(
+                vc.spec.reservation.as_ref(),
+                capacity_admitted_at.as_ref().map(|t| t.0),
+                &need,
+                &placed,
+                now,
+            );
+        }
         match desired.map(|d| if power.exists { d } else { vec![] }) {
             Err(v) => {
                 if v.reason() == &Reason::InsufficientCapacity {
@@ -484,16 +511,6 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                 verdict = v
             }
             Ok(mut desired) => {
-                let uid = vc.metadata.uid.clone().unwrap_or_default();
-                let all_nodes = ctx.stores.nodes.state();
-                let mine: Vec<&VirtualNode> = all_nodes
-                    .iter()
-                    .map(|n| n.as_ref())
-                    .filter(|n| {
-                        n.namespace().as_deref() == Some(ns.as_str())
-                            && n.owner_references().iter().any(|o| o.uid == uid)
-                    })
-                    .collect();
                 let all_volumes = ctx.stores.volumes.state();
                 let vols: Vec<&yukumo_api::Volume> = all_volumes
                     .iter()
@@ -559,6 +576,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         frontend: frontend.or(old.frontend.clone()),
         next_transition,
         capacity_admitted_at,
+        guarantee: held,
         granted,
     };
     if status != old {
