@@ -257,6 +257,13 @@ impl Resources {
             memory_mib: self.memory_mib + o.memory_mib,
         }
     }
+    /// Component-wise difference, never below zero.
+    pub fn minus(self, o: Resources) -> Resources {
+        Resources {
+            cpu: self.cpu.saturating_sub(o.cpu),
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+        }
+    }
     /// Whether `need` fits within `self`.
     pub fn fits(self, need: Resources) -> bool {
         need.cpu <= self.cpu && need.memory_mib <= self.memory_mib

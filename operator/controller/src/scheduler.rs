@@ -29,13 +29,7 @@ pub struct HostView {
 
 impl HostView {
     fn free(&self) -> Resources {
-        Resources {
-            cpu: self.allocatable.cpu.saturating_sub(self.used.cpu),
-            memory_mib: self
-                .allocatable
-                .memory_mib
-                .saturating_sub(self.used.memory_mib),
-        }
+        self.allocatable.minus(self.used)
     }
 }
 

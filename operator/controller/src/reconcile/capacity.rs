@@ -110,14 +110,6 @@ pub struct HostCap {
     pub free: Resources,
 }
 
-/// `a - b`, never below zero.
-pub fn minus(a: Resources, b: Resources) -> Resources {
-    Resources {
-        cpu: a.cpu.saturating_sub(b.cpu),
-        memory_mib: a.memory_mib.saturating_sub(b.memory_mib),
-    }
-}
-
 fn largest_first(demand: &[Demand]) -> Vec<&Demand> {
     let mut order: Vec<&Demand> = demand.iter().collect();
     order.sort_by_key(|d| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
@@ -142,7 +134,7 @@ fn best_host(hosts: &[HostCap], d: &Demand) -> Option<usize> {
 fn pack<'a>(hosts: &mut [HostCap], demand: &'a [Demand]) -> Result<(), &'a Demand> {
     for d in largest_first(demand) {
         let i = best_host(hosts, d).ok_or(d)?;
-        hosts[i].free = minus(hosts[i].free, d.need);
+        hosts[i].free = hosts[i].free.minus(d.need);
     }
     Ok(())
 }
@@ -161,7 +153,7 @@ fn pack_admitted(hosts: &mut [HostCap], demand: &[Demand]) {
                 .map(|(i, _)| i)
         });
         if let Some(i) = i {
-            hosts[i].free = minus(hosts[i].free, d.need);
+            hosts[i].free = hosts[i].free.minus(d.need);
         }
     }
 }
@@ -208,7 +200,7 @@ impl Calendar {
                     if !h.free.fits(*need) {
                         broken.get_or_insert(r);
                     }
-                    h.free = minus(h.free, *need);
+                    h.free = h.free.minus(*need);
                 }
             }
         }
@@ -371,7 +363,7 @@ impl Calendar {
             let mut base = hosts.to_vec();
             for (h, n) in held {
                 if let Some(f) = base.iter_mut().find(|f| &f.name == h) {
-                    f.free = minus(f.free, *n);
+                    f.free = f.free.minus(*n);
                 }
             }
             let (free, broken_without) = self.at(&base, t, true);
@@ -399,7 +391,7 @@ impl Calendar {
             }
             let mut with = base;
             if let Some(h) = with.iter_mut().find(|h| h.name == host) {
-                h.free = minus(h.free, need);
+                h.free = h.free.minus(need);
             }
             // Refused only if this node is what breaks a reservation that
             // fits without it (one the fleet can no longer give does not

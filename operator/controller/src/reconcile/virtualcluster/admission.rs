@@ -102,7 +102,7 @@ pub fn host_caps(views: &[HostView]) -> Vec<HostCap> {
         .map(|h| HostCap {
             name: h.name.clone(),
             site: h.site.clone(),
-            free: capacity::minus(h.allocatable, h.used),
+            free: h.allocatable.minus(h.used),
         })
         .collect()
 }
