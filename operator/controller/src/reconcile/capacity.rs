@@ -188,15 +188,27 @@ impl Calendar {
     ) -> (Vec<HostCap>, Option<&'a Admitted>) {
         let mut free = hosts.to_vec();
         let mut broken = None;
-        for r in &self.reservations {
-            let active = r.active(t);
+        // Every host given back first, then every host taken: a take before
+        // a give-back on the same host would saturate at zero and lose the
+        // difference (the result must not depend on the reservations' order).
+        for r in self
+            .reservations
+            .iter()
+            .filter(|r| r.in_use && !r.active(t))
+        {
             for (host, need) in &r.placed {
-                let Some(h) = free.iter_mut().find(|h| &h.name == host) else {
-                    continue;
-                };
-                if r.in_use && !active {
+                if let Some(h) = free.iter_mut().find(|h| &h.name == host) {
                     h.free = h.free.plus(*need);
-                } else if !r.in_use && active {
+                }
+            }
+        }
+        for r in self
+            .reservations
+            .iter()
+            .filter(|r| !r.in_use && r.active(t))
+        {
+            for (host, need) in &r.placed {
+                if let Some(h) = free.iter_mut().find(|h| &h.name == host) {
                     if !h.free.fits(*need) {
                         broken.get_or_insert(r);
                     }

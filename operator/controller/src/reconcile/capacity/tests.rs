@@ -333,3 +333,61 @@ fn a_weekly_clusters_own_sleeping_nodes_count_at_its_windows() {
         .is_ok()
     );
 }
+
+#[test]
+fn the_verdict_does_not_depend_on_the_order_of_the_reservations() {
+    // Live case (2026-12-03): three hosts at 60% with today's class; the
+    // sleeping class holds 60% of each on Saturday. A third class on
+    // Saturday must be refused whichever reservation the cache lists
+    // first (a take before the give-back saturated at zero and admitted it).
+    let hs = hosts(&[
+        ("h1", r(15, 9540)),
+        ("h2", r(15, 9540)),
+        ("h3", r(15, 9540)),
+    ]);
+    let placed = |mib| {
+        vec![
+            ("h1".to_string(), r(1, mib)),
+            ("h2".to_string(), r(1, mib)),
+            ("h3".to_string(), r(1, mib)),
+        ]
+    };
+    let today = Admitted {
+        who: "ns/today".into(),
+        windows: vec![w("2026-12-03T22:50:00Z", Some("2026-12-03T23:59:00Z"))],
+        placed: placed(14309),
+        in_use: true,
+        unplaced: vec![],
+    };
+    let saturday = w("2026-12-05T00:00:00Z", Some("2026-12-05T23:59:00Z"));
+    let later = Admitted {
+        who: "ns/later".into(),
+        windows: vec![saturday.clone()],
+        placed: placed(14309),
+        in_use: false,
+        unplaced: vec![],
+    };
+    for reservations in [
+        vec![today.clone(), later.clone()],
+        vec![later.clone(), today.clone()],
+    ] {
+        let cal = Calendar { reservations };
+        let err = cal
+            .admit(
+                std::slice::from_ref(&saturday),
+                &nodes("clash", 3, r(1, 14309)),
+                &hs,
+            )
+            .unwrap_err();
+        assert!(err.contains("reserved then by ns/later"), "{err}");
+        // A class half as big fits beside it.
+        assert!(
+            cal.admit(
+                std::slice::from_ref(&saturday),
+                &nodes("half", 3, r(1, 7000)),
+                &hs
+            )
+            .is_ok()
+        );
+    }
+}
