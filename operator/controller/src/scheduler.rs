@@ -28,7 +28,8 @@ pub struct HostView {
 }
 
 impl HostView {
-    fn free(&self) -> Resources {
+    /// Allocatable less what its placed nodes use, never below zero.
+    pub fn free(&self) -> Resources {
         self.allocatable.minus(self.used)
     }
 }

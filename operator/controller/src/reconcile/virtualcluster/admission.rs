@@ -26,7 +26,7 @@ use crate::scheduler::HostView;
 
 /// How far ahead weekly windows are listed: a week and a day past now, or
 /// past the latest dated start (capped at about a year).
-const WEEK_AND_A_DAY: SignedDuration = SignedDuration::from_hours(8 * 24);
+pub(super) const WEEK_AND_A_DAY: SignedDuration = SignedDuration::from_hours(8 * 24);
 const MAX_HORIZON: SignedDuration = SignedDuration::from_hours(400 * 24);
 
 /// Whether a reservation is scheduled (dated: a start or an end; or
@@ -55,11 +55,7 @@ pub fn capacity_windows(
             .collect();
     }
     let start = r.start.as_ref().map(|t| t.0).or(admitted).unwrap_or(now);
-    let end = match r.end_action {
-        EndAction::Delete => r.end.as_ref().map(|t| t.0),
-        // Stopped at its end for good, its nodes keep their hosts.
-        EndAction::Stop => None,
-    };
+    let end = dated_until(r);
     if end.is_some_and(|e| e <= now) {
         return vec![];
     }
@@ -67,6 +63,16 @@ pub fn capacity_windows(
         start: start.max(now),
         end,
     }]
+}
+
+/// When a dated reservation stops holding capacity: its end with
+/// `endAction: Delete`; `None` with `Stop` (stopped at its end for good,
+/// its nodes keep their hosts).
+pub(super) fn dated_until(r: &Reservation) -> Option<Timestamp> {
+    match r.end_action {
+        EndAction::Delete => r.end.as_ref().map(|t| t.0),
+        EndAction::Stop => None,
+    }
 }
 
 /// Whether `vc` is a weekly cluster outside its windows now (its stopped
@@ -102,7 +108,7 @@ pub fn host_caps(views: &[HostView]) -> Vec<HostCap> {
         .map(|h| HostCap {
             name: h.name.clone(),
             site: h.site.clone(),
-            free: h.allocatable.minus(h.used),
+            free: h.free(),
         })
         .collect()
 }

@@ -3,14 +3,13 @@
 //! desired nodes and its placed ones.
 
 use super::super::reservation;
-use super::admission::scheduled;
+use super::admission::{WEEK_AND_A_DAY, dated_until, scheduled};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use yukumo_api::common::Resources;
-use yukumo_api::virtualcluster::{EndAction, Guarantee, GuaranteeBasis, HeldWindow, Reservation};
+use yukumo_api::virtualcluster::{Guarantee, GuaranteeBasis, HeldWindow, Reservation};
 
 const WEEK: SignedDuration = SignedDuration::from_hours(7 * 24);
-const WEEK_AND_A_DAY: SignedDuration = SignedDuration::from_hours(8 * 24);
 
 fn total<'a>(needs: impl Iterator<Item = &'a Resources>) -> (u32, Resources) {
     needs.fold((0, Resources::default()), |(n, sum), r| {
@@ -20,9 +19,9 @@ fn total<'a>(needs: impl Iterator<Item = &'a Resources>) -> (u32, Resources) {
 
 /// The guarantee of a cluster with reservation `r`, admitted at
 /// `admitted_at` (a scheduled reservation), whose desired nodes need
-/// `desired` and whose nodes placed on a host need `placed`, at `now`. Values are stable between calls (window
-/// starts are not clipped to `now`), so the status is not rewritten on
-/// every pass.
+/// `desired` and whose nodes placed on a host need `placed`, at `now`.
+/// Values are stable between calls (window starts are not clipped to
+/// `now`), so the status is not rewritten on every pass.
 pub fn guarantee(
     r: Option<&Reservation>,
     admitted_at: Option<Timestamp>,
@@ -46,9 +45,7 @@ pub fn guarantee(
     let (nodes, sum) = total(desired.iter());
     let end = r.end.as_ref().map(|t| t.0);
     let (basis, until, window) = if r.weekly.is_empty() {
-        // After its end, `endAction: Stop` leaves the stopped nodes on
-        // their hosts for good.
-        let until = end.filter(|_| r.end_action == EndAction::Delete);
+        let until = dated_until(r);
         let start = r.start.as_ref().map_or(admitted_at, |t| t.0);
         (GuaranteeBasis::Reservation, until, Some((start, until)))
     } else {
@@ -81,7 +78,7 @@ pub fn guarantee(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yukumo_api::virtualcluster::{Weekday, WeeklyWindow};
+    use yukumo_api::virtualcluster::{EndAction, Weekday, WeeklyWindow};
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
