@@ -639,3 +639,226 @@ fn a_weekly_window_powers_the_cluster_on_and_off_at_its_boundaries() {
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
+
+/// Which of `names` run now, per libvirt on every host (a domain is
+/// `yk-<namespace>-<node>`).
+fn running_domains(env: &Env, ns: &str, names: &[String]) -> Vec<String> {
+    let mut up: Vec<String> = env
+        .hosts()
+        .iter()
+        .flat_map(|h| {
+            virsh(env, h, &["list", "--name"])
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|d| d.strip_prefix(&format!("yk-{ns}-")).map(str::to_string))
+        .filter(|n| names.contains(n))
+        .collect();
+    up.sort();
+    up.dedup();
+    up
+}
+
+/// The pool's nodes: name → (uid, image url, host).
+fn pool_nodes(env: &Env, ns: &str) -> BTreeMap<String, (String, String, String)> {
+    json(env, &["-n", ns, "get", "vn", "-l", "yukumo.io/pool=worker"])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            (
+                n["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                (
+                    n["metadata"]["uid"].as_str().unwrap_or("").to_string(),
+                    n["spec"]["image"]["url"].as_str().unwrap_or("").to_string(),
+                    n["spec"]["host"].as_str().unwrap_or("").to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Apply the cluster's `manifest` (its pool's image changed), wait until
+/// every node is at the cluster's new revision and ready, sampling libvirt
+/// meanwhile: returns (revision, the fewest pool domains seen running,
+/// seconds, samples).
+fn roll_to(env: &Env, ns: &str, manifest: &str, names: &[String]) -> (String, usize, f64, usize) {
+    let before = json(env, &["-n", ns, "get", "vc", "roll"])["status"]["revision"].clone();
+    env.apply(manifest);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let (ns, names) = (ns.to_string(), names.to_vec());
+        std::thread::spawn(move || {
+            let env = Env::get();
+            let (mut fewest, mut samples) = (usize::MAX, 0);
+            let start = std::time::Instant::now();
+            // Bounded: the wait below gives up after 300 s.
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(330)
+            {
+                fewest = fewest.min(running_domains(&env, &ns, &names).len());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (fewest, samples)
+        })
+    };
+    let waited = wait_for(Duration::from_secs(300), "rollout done", || {
+        let vc = json(env, &["-n", ns, "get", "vc", "roll"]);
+        let st = &vc["status"];
+        let ready = st["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready").cloned())
+            .unwrap_or_default();
+        if st["revision"] != before
+            && st["updatedNodes"] == 5
+            && st["ready"] == "5/5"
+            && ready["status"] == "True"
+        {
+            Ok(st["revision"].as_str().unwrap_or("").to_string())
+        } else {
+            Err(format!(
+                "{} {} {}",
+                st["revision"], st["updatedNodes"], ready["message"]
+            ))
+        }
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (fewest, samples) = sampler.join().unwrap();
+    let (revision, took) = waited.unwrap();
+    (revision, fewest, took.as_secs_f64(), samples)
+}
+
+/// Versioned server sets: a pool of 4 rolled to another image keeps at
+/// least 3 of its VMs running throughout (libvirt sampled every 0.1 s on
+/// every host), every node ends up made again from the new image (new uid,
+/// its overlay on the new image), under its name and address; applying
+/// the previous spec again rolls back the same way, to the same revision.
+#[test]
+fn a_rolling_image_change_keeps_three_of_four_running_and_rolls_back() {
+    let env = Env::get();
+    let ns = "rollout";
+    let (path, _) = tiny_image();
+    // The second image: the same guest as a raw file (another checksum,
+    // another format).
+    let raw = env.dir.join("tiny-guest.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", &path])
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let raw_sum = {
+        let out = std::process::Command::new("sha256sum")
+            .arg(&raw)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)[..64].to_string()
+    };
+    let original = tiny_cluster(ns, "roll", "", 4, "128Mi", None);
+    env.apply(&original);
+    let names: Vec<String> = (0..4).map(|i| format!("roll-worker-{i}")).collect();
+    let (_, took) = wait_for(Duration::from_secs(240), "5/5 nodes ready", || {
+        let vc = json(&env, &["-n", ns, "get", "vc", "roll"]);
+        if vc["status"]["ready"] == "5/5" {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} {}",
+                vc["status"]["ready"], vc["status"]["conditions"]
+            ))
+        }
+    })
+    .unwrap();
+    println!("apply -> 5/5 ready: {:.1}s", took.as_secs_f64());
+    let first = pool_nodes(&env, ns);
+    let ips = |env: &Env| -> BTreeMap<String, String> {
+        json(env, &["-n", ns, "get", "vc", "roll"])["status"]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap_or("").to_string(),
+                    n["ip"].to_string(),
+                )
+            })
+            .collect()
+    };
+    let first_ips = ips(&env);
+    let rev0 = json(&env, &["-n", ns, "get", "vc", "roll"])["status"]["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fe = |env: &Env| env.jsonpath(&["-n", ns, "get", "vn", "roll-frontend"], "{.metadata.uid}");
+    let fe_uid = fe(&env);
+
+    let image = format!(
+        "replicas: 4, image: {{url: 'file://{}', checksum: 'sha256:{raw_sum}', format: raw}}, ",
+        raw.display()
+    );
+    assert_eq!(original.matches("replicas: 4, ").count(), 1);
+    let changed = original.replace("replicas: 4, ", &image);
+    let (rev1, fewest, took, samples) = roll_to(&env, ns, &changed, &names);
+    println!(
+        "rolled to {rev1} in {took:.1}s; fewest pool VMs running: {fewest}/4 ({samples} samples)"
+    );
+    assert!(fewest >= 3, "only {fewest} of 4 ran at one point");
+    assert!(samples > 10, "{samples} samples");
+    let second = pool_nodes(&env, ns);
+    for n in &names {
+        let (uid, url, host) = &second[n];
+        assert_ne!(uid, &first[n].0, "{n} was made again");
+        assert_eq!(url, &format!("file://{}", raw.display()), "{n}");
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(
+                env.dir
+                    .join(format!("hosts/{host}/agent/nodes/{uid}/root.qcow2")),
+            )
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+        let backing = info["backing-filename"].as_str().unwrap_or("");
+        assert!(backing.contains(&raw_sum), "{n}: overlay on {backing:?}");
+        assert_eq!(info["backing-filename-format"], "raw", "{n}");
+    }
+    assert_eq!(ips(&env), first_ips, "names and addresses kept");
+
+    // Rollback: the previous spec applied again (the pool takes the
+    // frontend's image, as it did).
+    let (rev2, fewest, took, samples) = roll_to(&env, ns, &original, &names);
+    println!(
+        "rolled back to {rev2} in {took:.1}s; fewest pool VMs running: {fewest}/4 ({samples} samples)"
+    );
+    assert_eq!(rev2, rev0, "rolled back to the first revision");
+    assert!(fewest >= 3, "only {fewest} of 4 ran at one point");
+    let third = pool_nodes(&env, ns);
+    for n in &names {
+        assert_eq!(third[n].1, format!("file://{path}"), "{n}");
+        assert_ne!(third[n].0, second[n].0, "{n} was made again");
+    }
+    // The frontend's image never changed: it was never replaced.
+    assert_eq!(fe(&env), fe_uid, "the frontend was left alone");
+    let events = env
+        .kubectl_ok(&[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            "reason=NodesReplaced",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])
+        .unwrap();
+    // (Events of one reason are one series: its note is the first one's.)
+    assert!(events.contains(&rev1), "{events}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+    let _ = std::fs::remove_file(&raw);
+}

@@ -49,6 +49,9 @@ pub mod labels {
     pub const STORAGE_HOST: &str = "yukumo.io/storage-host";
     /// On a boot Volume the controller made: the VirtualCluster it is for.
     pub const ROOT_OF: &str = "yukumo.io/root-of";
+    /// The revision of the template a VirtualNode was made from (see
+    /// `VirtualClusterStatus::revision`).
+    pub const REVISION: &str = "yukumo.io/revision";
     /// Marks objects yukumo itself manages.
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].

@@ -102,6 +102,11 @@ reasons! {
     NodesRemoved,
     /// Event: nodes of a lost host are placed again.
     NodesRecovering,
+    /// Outdated nodes are being replaced by nodes of the spec's revision.
+    RollingOut,
+    /// Event: outdated nodes were deleted, to be made again from the
+    /// spec's revision.
+    NodesReplaced,
     // --- NetworkGroup
     /// Segment, addresses, public IPs and router are allocated.
     Allocated,

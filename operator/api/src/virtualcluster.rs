@@ -30,6 +30,8 @@ use crate::virtualnode::{NodePhase, NodeRole};
     printcolumn = r#"{"name":"Public IP","type":"string","jsonPath":".status.frontend.publicIP"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","priority":1,"jsonPath":".status.revision","description":"the revision the spec asks for"}"#,
+    printcolumn = r#"{"name":"Updated","type":"integer","priority":1,"jsonPath":".status.updatedNodes","description":"nodes at that revision"}"#,
     printcolumn = r#"{"name":"Guarantee","type":"string","priority":1,"jsonPath":".status.guarantee.basis","description":"how its capacity is guaranteed"}"#,
     printcolumn = r#"{"name":"Until","type":"date","priority":1,"jsonPath":".status.guarantee.until","description":"end of the guarantee (empty: while the cluster exists)"}"#,
     validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: node names and hostnames are derived from it")
@@ -201,6 +203,22 @@ pub struct NodePool {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub volumes: Vec<VolumeAttachment>,
+    /// How many of the pool's nodes may be unavailable at once while it is
+    /// rolled to a new revision (a change of `image`, `size`, `diskSize` or
+    /// `userData`): outdated nodes are replaced one budget at a time — each
+    /// deleted and made again under its name, address and hostname from the
+    /// new revision — and the next only once the replacement runs and is
+    /// ready. Nodes already unavailable are replaced first, without using
+    /// the budget. Default 1. (No surge: a node's identity is its name and
+    /// address, which its replacement takes over, so there is no spare
+    /// node to start first.)
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_unavailable: u32,
+}
+
+fn default_max_unavailable() -> u32 {
+    1
 }
 
 /// A node's boot disk as a Volume: `<node>-root` in the cluster's
@@ -406,6 +424,16 @@ pub struct VirtualClusterStatus {
     /// a cluster with no node placed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarantee: Option<Guarantee>,
+    /// The revision the spec asks for: a hash of every node's template
+    /// (image, size, boot disk size, user data). Nodes are rolled to it
+    /// pool by pool within `maxUnavailable`; applying an earlier spec
+    /// rolls back to its revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Nodes made from `revision` (the others are outdated, or being
+    /// replaced).
+    #[serde(default)]
+    pub updated_nodes: i32,
     /// What the namespace's ResourceQuota granted the cluster (its spec's
     /// total when last granted; absent when no quota limits yukumo
     /// resources there). A growth the quota refuses keeps this grant.

@@ -217,6 +217,9 @@ pub struct Placements {
     /// Segments chosen, by NetworkGroup `namespace/name`: (home Site,
     /// segment, when); the caches show them moments later.
     pub segments: std::collections::HashMap<String, (Vec<String>, Segment, Instant)>,
+    /// Nodes deleted to be replaced (a rollout), by (namespace, name):
+    /// (their uid, when), until the store shows them deleting or gone.
+    pub replacing: std::collections::HashMap<(String, String), (String, Instant)>,
     /// Public IPs granted, by address: (NetworkGroup `namespace/name`, when).
     pub public_ips: std::collections::HashMap<Ipv4Addr, (String, Instant)>,
 }
@@ -239,6 +242,15 @@ impl Placements {
         });
         self.admitted
             .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        self.replacing.retain(|(ns, name), (uid, t)| {
+            let unchanged = stores
+                .nodes
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|n| {
+                    n.metadata.uid.as_ref() == Some(uid) && n.metadata.deletion_timestamp.is_none()
+                });
+            unchanged && t.elapsed() < Duration::from_secs(60)
+        });
         // A chosen segment id is pending until the cache shows it in the
         // group's status; a group gone from the cache holds nothing.
         self.segments.retain(|key, (_, seg, t)| {

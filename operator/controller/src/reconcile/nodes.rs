@@ -26,6 +26,69 @@ pub struct DesiredNode {
     pub pinned: Option<(String, String)>,
     /// Not created yet: a volume of it waits (the cluster's condition says which).
     pub hold: bool,
+    /// It boots from a Volume (`rootVolume`): its image only seeds that
+    /// Volume, once, and is not part of its revision.
+    pub boots_from_volume: bool,
+    /// How many nodes of its set (the frontend alone, or its pool) may be
+    /// unavailable at once while they are rolled to a new revision.
+    pub max_unavailable: u32,
+}
+
+impl DesiredNode {
+    /// The revision of its template.
+    pub fn revision(&self) -> String {
+        template_revision(&self.spec, self.boots_from_volume)
+    }
+}
+
+/// The revision of a node's template: a hash of what cannot change without
+/// making the VM again (image and boot disk size, unless it boots from a
+/// Volume; size; user data, which cloud-init reads once per instance).
+/// Stable across versions of yukumo (sha256 of a fixed encoding).
+pub fn template_revision(spec: &VirtualNodeSpec, boots_from_volume: bool) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!(
+        "cpu={}\nmemoryMiB={}\n",
+        spec.resources.cpu, spec.resources.memory_mib
+    ));
+    if !boots_from_volume {
+        let format = serde_json::to_string(&spec.image.format).unwrap_or_default();
+        h.update(format!(
+            "image={}\nchecksum={}\nformat={format}\ndiskBytes={}\n",
+            spec.image.url, spec.image.checksum, spec.disk_bytes
+        ));
+    }
+    if let Some(u) = &spec.user_data {
+        h.update(format!("userData={}\n", u.len()));
+        h.update(u.as_bytes());
+    }
+    hex10(&h.finalize())
+}
+
+fn hex10(d: &[u8]) -> String {
+    d.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cluster's revision: a hash of the revisions of its frontend and of
+/// each pool with nodes (the replica counts are not part of it: scaling
+/// is not a rollout).
+pub fn cluster_revision(desired: &[DesiredNode]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut last: Option<&Option<String>> = None;
+    for d in desired {
+        if last == Some(&d.spec.pool) {
+            continue;
+        }
+        last = Some(&d.spec.pool);
+        h.update(format!(
+            "{}={}\n",
+            d.spec.pool.as_deref().unwrap_or("(frontend)"),
+            d.revision()
+        ));
+    }
+    hex10(&h.finalize())
 }
 
 /// Deterministic node name: `<cluster>-frontend` or `<cluster>-<pool>-<index>`.
@@ -145,6 +208,8 @@ pub fn desired_nodes(
         sites: fe_sites,
         pinned: None,
         hold: false,
+        boots_from_volume: spec.frontend.root_volume.is_some(),
+        max_unavailable: 1,
     });
     for (pi, pool) in spec.pools.iter().enumerate() {
         let sites_for_pool: Vec<String> = if pool.sites.is_empty() {
@@ -184,6 +249,8 @@ pub fn desired_nodes(
                 },
                 pinned: None,
                 hold: false,
+                boots_from_volume: pool.root_volume.is_some(),
+                max_unavailable: pool.max_unavailable.max(1),
             });
         }
     }

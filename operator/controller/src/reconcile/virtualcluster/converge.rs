@@ -18,7 +18,7 @@ use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
 use yukumo_api::{Reason, finalizers, labels};
 
 use super::super::capacity::{Calendar, Own, Window};
-use super::super::nodes::{DesiredNode, should_run};
+use super::super::nodes::{DesiredNode, should_run, template_revision};
 use super::admission::host_caps;
 use crate::context::PendingNode;
 use crate::scheduler::{HostView, Placement, Request, place};
@@ -34,13 +34,16 @@ pub enum Write {
     /// Delete a node; `recovering`: its host is lost (its finalizer is
     /// released first, nobody there can clean up), else scaled down.
     Delete { name: String, recovering: bool },
+    /// Delete an outdated node, to make it again from the spec's revision
+    /// once its host's agent has removed it (a rollout).
+    Replace { name: String },
 }
 
 impl Write {
     pub fn name(&self) -> String {
         match self {
             Write::Apply { vn, .. } => vn.name_any(),
-            Write::Delete { name, .. } => name.clone(),
+            Write::Delete { name, .. } | Write::Replace { name } => name.clone(),
         }
     }
 }
@@ -63,6 +66,9 @@ pub struct PlanInputs<'a> {
     pub calendar: &'a Calendar,
     /// Weekly clusters outside their windows (their stopped nodes use nothing).
     pub asleep: &'a HashSet<String>,
+    /// Nodes deleted moments ago to be replaced (by uid), which the cache
+    /// may still show as they were.
+    pub replacing: &'a HashMap<NodeKey, String>,
     /// This cluster's windows if it is weekly (its nodes hold their hosts
     /// then only); `None`: for ever.
     pub own_windows: Option<&'a [Window]>,
@@ -90,6 +96,16 @@ pub struct NodePlan {
     pub waiting_for_cache: usize,
     pub placed: Vec<(NodeKey, PendingNode)>,
     pub forget: Vec<NodeKey>,
+    /// Outdated nodes deleted by this plan (key, uid), to remember until
+    /// the cache shows them deleted.
+    pub replaced: Vec<(NodeKey, String)>,
+    /// Outdated nodes that keep their template until the rollout's budget
+    /// lets them be replaced.
+    pub outdated: Vec<String>,
+    /// Outdated nodes being deleted, to be made again.
+    pub replacing: Vec<String>,
+    /// Nodes at (or being written from) the spec's revision.
+    pub updated: i32,
 }
 
 /// The scheduler's view of every host: allocatable, and what placed nodes
@@ -201,6 +217,27 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             *counts.entry(h.clone()).or_default() += 1;
         }
     }
+    // A rollout's budget: per node set (frontend, each pool), how many of
+    // its desired nodes are unavailable now (missing, being deleted or
+    // replaced, stopped, not ready).
+    let replaced_now = |n: &VirtualNode| {
+        let key = (ns.clone(), n.name_any());
+        n.metadata.uid.is_some() && inp.replacing.get(&key) == n.metadata.uid.as_ref()
+    };
+    let available = |n: &VirtualNode| {
+        n.metadata.deletion_timestamp.is_none()
+            && !replaced_now(n)
+            && n.spec.running
+            && n.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.is_true(condition_types::READY))
+    };
+    let mut unavailable: HashMap<Option<String>, u32> = HashMap::new();
+    for d in inp.desired {
+        if !mine.iter().any(|n| n.name_any() == d.name && available(n)) {
+            *unavailable.entry(d.spec.pool.clone()).or_default() += 1;
+        }
+    }
     let frontend_running = mine.iter().any(|n| {
         n.spec.role == NodeRole::Frontend
             && n.status
@@ -231,12 +268,51 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 .push(format!("{} (was on {h})", n.name_any()));
             continue;
         }
-        if existing.is_some_and(|n| n.metadata.deletion_timestamp.is_some()) {
-            // Being deleted (recovery or recreation); placed anew once gone.
-            out.recovering.push(d.name.clone());
+        let want_revision = d.revision();
+        if let Some(n) = existing
+            && (n.metadata.deletion_timestamp.is_some() || replaced_now(n))
+        {
+            // Being deleted (a rollout's replacement, or recovery); placed
+            // anew once gone.
+            if template_revision(&n.spec, d.boots_from_volume) != want_revision {
+                out.replacing.push(d.name.clone());
+            } else {
+                out.recovering.push(d.name.clone());
+            }
             continue;
         }
+        // A rollout: an outdated node is replaced when the budget of its
+        // set allows (at once if it is unavailable anyway); until then it
+        // keeps its template (and gets every other change).
+        let mut outdated = None;
+        if let Some(n) = existing
+            && template_revision(&n.spec, d.boots_from_volume) != want_revision
+        {
+            let down = unavailable.entry(d.spec.pool.clone()).or_default();
+            let free = !available(n);
+            if free || *down < d.max_unavailable {
+                if !free {
+                    *down += 1;
+                }
+                out.writes.push(Write::Replace {
+                    name: d.name.clone(),
+                });
+                out.replaced
+                    .push((key.clone(), n.metadata.uid.clone().unwrap_or_default()));
+                out.replacing.push(d.name.clone());
+                out.forget.push(key.clone());
+                continue;
+            }
+            out.outdated.push(d.name.clone());
+            outdated = Some(n);
+        }
         let mut spec = d.spec.clone();
+        if let Some(n) = outdated {
+            spec.resources = n.spec.resources;
+            spec.image = n.spec.image.clone();
+            spec.disk_bytes = n.spec.disk_bytes;
+            spec.user_data = n.spec.user_data.clone();
+        }
         spec.running = should_run(
             inp.cluster_running,
             spec.role,
@@ -257,6 +333,7 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             // Written moments ago; the cache will show it (and trigger
             // this cluster again): writing it twice would be waste.
             out.waiting_for_cache += 1;
+            out.updated += 1;
             continue;
         }
         let placement = match existing
@@ -325,7 +402,14 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             out.waiting_network.push((d.name.clone(), d.spec.role));
             continue;
         }
-        let labels = node_labels(&vc_name, d, &host, &site);
+        let mut labels = node_labels(&vc_name, d, &host, &site);
+        labels.insert(
+            labels::REVISION.to_string(),
+            template_revision(&spec, d.boots_from_volume),
+        );
+        if outdated.is_none() {
+            out.updated += 1;
+        }
         let unchanged = existing.is_some_and(|n| {
             n.spec == spec
                 && n.finalizers().iter().any(|f| f == finalizers::HOST_CLEANUP)

@@ -71,6 +71,12 @@ pub struct NodesOutcome {
     pub waiting_volumes: Vec<(String, NodeRole)>,
     pub unschedulable: Vec<String>,
     pub recovering: Vec<String>,
+    /// A rollout: nodes that keep an earlier revision for now, and nodes
+    /// being replaced.
+    pub outdated: Vec<String>,
+    pub replacing: Vec<String>,
+    /// Nodes at the spec's revision.
+    pub updated: i32,
 }
 
 /// A write done (with the node as applied), or the node's name and the error.
@@ -88,8 +94,11 @@ async fn write(api: Api<VirtualNode>, w: Write) -> WriteResult {
                 let pp = PatchParams::apply(managers::CONTROLLER).force();
                 Ok(Some(api.patch(&name, &pp, &Patch::Apply(vn)).await?))
             }
-            Write::Delete { recovering, .. } => {
-                if *recovering {
+            Write::Delete { .. } | Write::Replace { .. } => {
+                if let Write::Delete {
+                    recovering: true, ..
+                } = &w
+                {
                     release_finalizer(&api, &name).await?;
                 }
                 match api.delete(&name, &Default::default()).await {
@@ -125,6 +134,11 @@ async fn converge_nodes(
         let wall = k8s_openapi::jiff::Timestamp::now();
         let seen = admission::calendar(ctx, &pending, owner.uid.as_str(), wall);
         let own_windows = seen.own_windows(vc, wall);
+        let replacing: HashMap<(String, String), String> = pending
+            .replacing
+            .iter()
+            .map(|(k, (uid, _))| (k.clone(), uid.clone()))
+            .collect();
         let plan = plan_nodes(&PlanInputs {
             cluster: vc,
             owner: &owner,
@@ -133,6 +147,7 @@ async fn converge_nodes(
             all_nodes: &ctx.stores.nodes.state(),
             hosts: &ctx.stores.hosts.state(),
             pending: &pending.nodes,
+            replacing: &replacing,
             calendar: &seen.calendar,
             asleep: &seen.asleep,
             own_windows: own_windows.as_deref(),
@@ -143,6 +158,10 @@ async fn converge_nodes(
             pending.nodes.remove(key);
         }
         pending.nodes.extend(plan.placed.iter().cloned());
+        let now = Instant::now();
+        for (key, uid) in &plan.replaced {
+            pending.replacing.insert(key.clone(), (uid.clone(), now));
+        }
         plan
     };
     let results: Vec<WriteResult> =
@@ -151,7 +170,8 @@ async fn converge_nodes(
             .collect()
             .await;
     let mut nodes = plan.unchanged;
-    let (mut scheduled, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut scheduled, mut removed, mut moved, mut replaced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut first_error = None;
     let mut failed = Vec::new();
     for r in results {
@@ -166,6 +186,7 @@ async fn converge_nodes(
                 }
                 nodes.push(applied);
             }
+            Ok((Write::Replace { name }, _)) => replaced.push(name),
             Ok((Write::Delete { name, recovering }, _)) => {
                 if recovering {
                     moved.push(name)
@@ -181,7 +202,17 @@ async fn converge_nodes(
         }
     }
     // One Event per kind of change and reconcile, not one per node.
+    let replaced_what = format!(
+        "replaced (rolling to revision {})",
+        super::nodes::cluster_revision(&desired)
+    );
     for (list, type_, reason, what) in [
+        (
+            &mut replaced,
+            EventType::Normal,
+            Reason::NodesReplaced,
+            replaced_what.as_str(),
+        ),
         (
             &mut scheduled,
             EventType::Normal,
@@ -210,7 +241,9 @@ async fn converge_nodes(
         // Failed writes are decided again on the retry.
         let mut pending = ctx.placements.lock().await;
         for name in failed {
-            pending.nodes.remove(&(ns.to_string(), name));
+            let key = (ns.to_string(), name);
+            pending.nodes.remove(&key);
+            pending.replacing.remove(&key);
         }
         return Err(e);
     }
@@ -230,6 +263,9 @@ async fn converge_nodes(
         waiting_volumes: plan.waiting_volumes,
         unschedulable: plan.unschedulable,
         recovering: plan.recovering,
+        outdated: plan.outdated,
+        replacing: plan.replacing,
+        updated: plan.updated,
     })
 }
 
@@ -427,6 +463,8 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
     let mut held = old.guarantee.clone();
     let mut nodes_status = old.nodes.clone();
     let mut ready_nodes = old.ready_nodes;
+    let mut revision = old.revision.clone();
+    let mut updated_nodes = old.updated_nodes;
     let now = k8s_openapi::jiff::Timestamp::now();
     let power =
         reservation::plan(vc.spec.reservation.as_ref(), now).unwrap_or(reservation::PowerPlan {
@@ -528,7 +566,9 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     }
                     d.hold = !vplan.may_create(&d.name);
                 }
+                let rev = super::nodes::cluster_revision(&desired);
                 let outcome = converge_nodes(&ctx, &vc, &ns, desired, running_now).await?;
+                updated_nodes = outcome.updated;
                 nodes_status = status::summaries(&outcome);
                 ready_nodes = status::ready_count(&outcome);
                 let v = status::verdict(&status::Facts {
@@ -540,7 +580,9 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     running_now,
                     desired: desired_count,
                     ready: ready_nodes,
+                    revision: &rev,
                 });
+                revision = Some(rev);
                 if !power.exists {
                     desired_count = 0;
                 }
@@ -578,6 +620,8 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
         capacity_admitted_at,
         guarantee: held,
         granted,
+        revision,
+        updated_nodes,
     };
     if status != old {
         ctx.apply_status(

@@ -74,6 +74,8 @@ pub struct Facts<'a> {
     pub running_now: bool,
     pub desired: i32,
     pub ready: i32,
+    /// The spec's revision.
+    pub revision: &'a str,
 }
 
 /// The verdict, and a sooner requeue where the state moves by itself.
@@ -173,6 +175,24 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
             30,
         );
     }
+    if !o.outdated.is_empty() || !o.replacing.is_empty() {
+        // A rollout moves by itself (each replacement's progress triggers
+        // the cluster); the requeue is a safety net.
+        let mut doing = String::new();
+        if !o.replacing.is_empty() {
+            doing = format!("; replacing {}", o.replacing.join(", "));
+        }
+        return soon(
+            Verdict::progressing(
+                Reason::RollingOut,
+                format!(
+                    "rolling out revision {}: {}/{} nodes updated{doing}",
+                    f.revision, o.updated, f.desired
+                ),
+            ),
+            5,
+        );
+    }
     if !f.running_now {
         let stopped = o
             .nodes
@@ -244,6 +264,7 @@ mod tests {
             running_now: true,
             desired: 2,
             ready: 0,
+            revision: "0123456789",
         }
     }
 

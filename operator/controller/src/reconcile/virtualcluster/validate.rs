@@ -226,6 +226,7 @@ mod tests {
                 user_data: None,
                 root_volume: None,
                 volumes: vec![],
+                max_unavailable: 1,
             }],
             ssh_keys: vec![],
             running: true,

@@ -12,6 +12,7 @@ struct World {
     hosts: Vec<Arc<Host>>,
     nodes: Vec<Arc<VirtualNode>>,
     pending: HashMap<NodeKey, PendingNode>,
+    replacing: HashMap<NodeKey, String>,
 }
 
 fn world(workers: i32, allocated: &[&str]) -> World {
@@ -26,6 +27,7 @@ fn world(workers: i32, allocated: &[&str]) -> World {
         hosts: vec![Arc::new(obj(host("h1", 8))), Arc::new(obj(host("h2", 8)))],
         nodes: vec![],
         pending: HashMap::new(),
+        replacing: HashMap::new(),
     }
 }
 
@@ -38,6 +40,7 @@ fn plan(w: &World, running: bool) -> NodePlan {
         all_nodes: &w.nodes,
         hosts: &w.hosts,
         pending: &w.pending,
+        replacing: &w.replacing,
         calendar: &Calendar::default(),
         asleep: &HashSet::new(),
         own_windows: None,
@@ -56,7 +59,7 @@ fn written(p: &NodePlan) -> Vec<Arc<VirtualNode>> {
                 vn.metadata.uid = Some(format!("uid-{}", vn.metadata.name.clone().unwrap()));
                 Some(Arc::new(vn))
             }
-            Write::Delete { .. } => None,
+            Write::Delete { .. } | Write::Replace { .. } => None,
         })
         .collect()
 }
@@ -170,4 +173,142 @@ fn frontend_first_defers_workers_and_another_owner_is_not_adopted() {
     w.nodes = vec![Arc::new(old)];
     let p = plan(&w, true);
     assert!(matches!(&p.writes[0], Write::Apply { new: true, .. }));
+}
+
+/// The nodes as the cache shows them once their agents run them.
+fn ready(nodes: &[Arc<VirtualNode>]) -> Vec<Arc<VirtualNode>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let mut n = (**n).clone();
+            n.status = Some(
+                serde_json::from_value(serde_json::json!({
+                    "phase": "Running",
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "Running",
+                        "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+                }))
+                .unwrap(),
+            );
+            Arc::new(n)
+        })
+        .collect()
+}
+
+fn replaced(p: &NodePlan) -> Vec<String> {
+    p.writes
+        .iter()
+        .filter(|w| matches!(w, Write::Replace { .. }))
+        .map(Write::name)
+        .collect()
+}
+
+/// A pool's image changes: its outdated nodes are replaced one at a time
+/// (`maxUnavailable: 1`), the next only once the replacement is ready;
+/// the others keep their image meanwhile; the frontend (whose image did
+/// not change) is left alone; applying the old spec again rolls back.
+#[test]
+fn a_rollout_replaces_outdated_nodes_within_the_budget() {
+    let all = ["c-frontend", "c-w-0", "c-w-1", "c-w-2", "c-w-3"];
+    let w0 = world(4, &all);
+    let old_revision = crate::reconcile::nodes::cluster_revision(&w0.desired);
+    let mut w = world(4, &all);
+    w.nodes = ready(&written(&plan(&w, true)));
+    let old_image = w.nodes[1].spec.image.clone();
+    let new_image = yukumo_api::common::ImageSource {
+        url: "file:///j".into(),
+        ..old_image.clone()
+    };
+    let pool_image = |w: &mut World, image: &yukumo_api::common::ImageSource| {
+        w.vc.spec.pools[0].image = Some(image.clone());
+        let ng: NetworkGroup = obj(group(&all));
+        w.desired = desired_nodes(&w.vc, &ng, &[obj(site())]).unwrap();
+    };
+    pool_image(&mut w, &new_image);
+    assert_ne!(
+        crate::reconcile::nodes::cluster_revision(&w.desired),
+        old_revision
+    );
+    let p = plan(&w, true);
+    assert_eq!(replaced(&p), ["c-w-0"]);
+    assert_eq!(p.outdated, ["c-w-1", "c-w-2", "c-w-3"]);
+    assert_eq!(p.updated, 1, "the frontend is at the new revision");
+    // The outdated nodes keep their image (no write for them at all).
+    assert!(p.writes.iter().all(|w| matches!(w, Write::Replace { .. })));
+    assert_eq!(p.unchanged.len(), 4);
+    // Moments later, before the cache shows c-w-0 deleting: not again, and
+    // nothing else (c-w-0 counts as unavailable).
+    w.replacing = p.replaced.iter().cloned().collect();
+    let again = plan(&w, true);
+    assert!(replaced(&again).is_empty(), "{:?}", replaced(&again));
+    assert_eq!(again.replacing, ["c-w-0"]);
+    // c-w-0 is gone: made again from the new image; still nothing else.
+    w.replacing.clear();
+    w.nodes.retain(|n| n.name_any() != "c-w-0");
+    let p = plan(&w, true);
+    assert_eq!(names(&p.writes), ["c-w-0"]);
+    let made = written(&p);
+    assert_eq!(made[0].spec.image, new_image);
+    // Made but not ready yet: the budget is used.
+    w.nodes.extend(made.iter().cloned());
+    assert!(replaced(&plan(&w, true)).is_empty());
+    // Ready: the next one goes.
+    w.nodes = ready(&w.nodes);
+    assert_eq!(replaced(&plan(&w, true)), ["c-w-1"]);
+    // A budget of 2 lets two go at once.
+    w.vc.spec.pools[0].max_unavailable = 2;
+    pool_image(&mut w, &new_image);
+    assert_eq!(replaced(&plan(&w, true)), ["c-w-1", "c-w-2"]);
+    // Rolled back (the old spec applied again): only c-w-0, the one node
+    // made from the new image, is outdated now.
+    w.vc.spec.pools[0].max_unavailable = 1;
+    w.vc.spec.pools[0].image = None;
+    let ng: NetworkGroup = obj(group(&all));
+    w.desired = desired_nodes(&w.vc, &ng, &[obj(site())]).unwrap();
+    assert_eq!(
+        crate::reconcile::nodes::cluster_revision(&w.desired),
+        old_revision
+    );
+    let p = plan(&w, true);
+    assert_eq!(replaced(&p), ["c-w-0"]);
+    assert!(p.outdated.is_empty());
+    // A stopped cluster's nodes are unavailable anyway: all go at once.
+    pool_image(&mut w, &new_image);
+    let mut stopped = w.nodes.clone();
+    for n in &mut stopped {
+        let mut m = (**n).clone();
+        m.spec.running = false;
+        *n = Arc::new(m);
+    }
+    w.nodes = stopped;
+    assert_eq!(replaced(&plan(&w, false)), ["c-w-1", "c-w-2", "c-w-3"]);
+}
+
+/// A size or user-data change is a new revision too; ssh keys (rewritten
+/// in the config disk) and power are not.
+#[test]
+fn what_makes_a_new_revision() {
+    use crate::reconcile::nodes::template_revision;
+    let w = world(1, &["c-frontend", "c-w-0"]);
+    let base = w.desired[1].spec.clone();
+    let r = |s: &yukumo_api::virtualnode::VirtualNodeSpec| template_revision(s, false);
+    let mut s = base.clone();
+    s.running = true;
+    s.ssh_keys = vec!["ssh-ed25519 AAAA k".into()];
+    s.host = Some("h1".into());
+    assert_eq!(r(&s), r(&base));
+    for change in [
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.resources.cpu += 1,
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.user_data = Some("#!/bin/sh".into()),
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.disk_bytes = 1 << 30,
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.image.checksum = "sha256:1".into(),
+    ] {
+        let mut s = base.clone();
+        change(&mut s);
+        assert_ne!(r(&s), r(&base));
+    }
+    // Booting from a Volume, the image only seeded it once.
+    let mut s = base.clone();
+    s.image.url = "file:///other".into();
+    assert_eq!(template_revision(&s, true), template_revision(&base, true));
+    assert_eq!(r(&base).len(), 10);
 }
