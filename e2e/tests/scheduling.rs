@@ -591,6 +591,45 @@ fn weekly_clusters_on_alternate_days_share_hosts() {
     assert!(msg.contains("site local"), "{msg}");
     assert!(msg.contains("reserved then by alternate/later"), "{msg}");
     assert!(nodes(&env, ns, "clash").is_empty(), "nothing placed");
+
+    // A controller killed (-9) in the middle of this re-derives the same
+    // calendar from the API alone: compared object for object, at one
+    // instant, before and after.
+    let at = rfc3339(std::time::SystemTime::now());
+    let calendar = |env: &Env| -> Result<Value, String> {
+        let port = env.metrics_port("controller-1").ok_or("no port")?;
+        match env.http_get(port, &format!("/calendar?at={at}")) {
+            Ok((200, body)) => serde_json::from_str(&body).map_err(|e| e.to_string()),
+            Ok((code, body)) => Err(format!("{code} {body}")),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let before = calendar(&env).unwrap();
+    let held: Vec<&str> = before["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["who"].as_str())
+        .collect();
+    assert!(
+        held.contains(&"alternate/today") && held.contains(&"alternate/later"),
+        "{before}"
+    );
+    env.env_sh(&["stop", "controller-1", "--signal", "KILL"])
+        .unwrap();
+    env.env_sh(&["start-controller", "1"]).unwrap();
+    let (after, took) = wait_for(
+        Duration::from_secs(60),
+        "the restarted leader's calendar",
+        || calendar(&env),
+    )
+    .unwrap();
+    println!(
+        "calendar after kill -9 and restart ({took:?}): {} reservations, identical: {}",
+        held.len(),
+        after == before
+    );
+    assert_eq!(after, before, "the calendar re-derived after a restart");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
@@ -697,6 +736,135 @@ fn a_reservations_nodes_on_a_lost_host_are_re_placed_before_other_clusters() {
         spare,
         "{perm_name} did not take the spare room"
     );
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}
+
+/// `running: false` gives a cluster's hosts back: its stopped nodes hold
+/// nothing (another cluster is placed where they are, and no guarantee is
+/// shown); started again, each node holds its host only if there is room
+/// (`Unschedulable`, naming the host and what is free, while there is
+/// not), and starts there, the same node on the same host, once there is.
+#[test]
+fn a_stopped_cluster_gives_its_hosts_back_and_starts_where_there_is_room() {
+    let env = Env::get();
+    let ns = "parked";
+    let (n, big, _) = sixty_percent(&env, ns);
+    env.apply(&cluster(ns, "sleeper", n, &format!("{big}Mi")));
+    let before: BTreeMap<String, (String, String)> =
+        wait_count(&env, ns, "sleeper", n as usize + 1)
+            .iter()
+            .map(|v| {
+                (
+                    v["metadata"]["name"].as_str().unwrap().to_string(),
+                    (
+                        v["metadata"]["uid"].as_str().unwrap().to_string(),
+                        v["spec"]["host"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect();
+    let power = |on: bool| {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "patch",
+            "vc",
+            "sleeper",
+            "--type",
+            "merge",
+            "-p",
+            &format!("{{\"spec\":{{\"running\":{on}}}}}"),
+        ])
+        .unwrap();
+    };
+    // (60 s: once the other cluster is deleted, its nodes go when their
+    // agents have cleaned up, and a capacity wait is retried every 10 s.)
+    let all_running = |on: bool| {
+        let (_, took) = wait_for(
+            Duration::from_secs(60),
+            &format!("every node running: {on}"),
+            || {
+                let ns_nodes = nodes(&env, ns, "sleeper");
+                if ns_nodes.len() == n as usize + 1
+                    && ns_nodes.iter().all(|v| v["spec"]["running"] == on)
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{:?}",
+                        ns_nodes
+                            .iter()
+                            .map(|v| v["spec"]["running"].clone())
+                            .collect::<Vec<_>>()
+                    ))
+                }
+            },
+        )
+        .unwrap();
+        took
+    };
+    power(false);
+    all_running(false);
+    let (_, took) = wait_for(
+        Duration::from_secs(30),
+        "no guarantee while stopped",
+        || {
+            let g = json(&env, &["-n", ns, "get", "vc", "sleeper"])["status"]["guarantee"].clone();
+            if g.is_null() {
+                Ok(())
+            } else {
+                Err(g.to_string())
+            }
+        },
+    )
+    .unwrap();
+    println!("stopped: guarantee gone after {took:?}");
+    // Another cluster of 60%-of-a-host workers is placed on the same hosts.
+    env.apply(&cluster(ns, "taker", n, &format!("{big}Mi")));
+    let taken = wait_count(&env, ns, "taker", n as usize + 1);
+    let taken_hosts: std::collections::BTreeSet<&str> = taken
+        .iter()
+        .filter_map(|v| v["spec"]["host"].as_str())
+        .collect();
+    assert_eq!(taken_hosts.len(), n as usize, "spread over every host");
+    // Started again: no room on their hosts.
+    power(true);
+    let msg = wait_reason(&env, ns, "sleeper", "Unschedulable");
+    assert!(msg.contains("cannot start on host-"), "{msg}");
+    assert!(msg.contains("where its boot disk is"), "{msg}");
+    assert!(msg.contains("MiB free there for 1 cpu"), "{msg}");
+    let workers_running = nodes(&env, ns, "sleeper")
+        .iter()
+        .filter(|v| v["spec"]["pool"] == "worker" && v["spec"]["running"] == true)
+        .count();
+    assert_eq!(workers_running, 0, "no worker overbooks its host");
+    // Room again: every node starts, the same node on the same host.
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "taker", "--wait=false"])
+        .unwrap();
+    let took = all_running(true);
+    println!("started on their hosts {took:?} after the other cluster was deleted");
+    for v in nodes(&env, ns, "sleeper") {
+        let name = v["metadata"]["name"].as_str().unwrap();
+        assert_eq!(
+            (
+                v["metadata"]["uid"].as_str().unwrap(),
+                v["spec"]["host"].as_str().unwrap()
+            ),
+            (before[name].0.as_str(), before[name].1.as_str()),
+            "{name}"
+        );
+    }
+    let g = json(&env, &["-n", ns, "get", "vc", "sleeper"])["status"]["guarantee"].clone();
+    let _ = wait_for(Duration::from_secs(10), "guarantee back", || {
+        let g = json(&env, &["-n", ns, "get", "vc", "sleeper"])["status"]["guarantee"].clone();
+        if g["basis"] == "Placed" {
+            Ok(())
+        } else {
+            Err(g.to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e} {g}"));
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }

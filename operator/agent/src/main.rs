@@ -148,6 +148,7 @@ async fn agent() -> anyhow::Result<()> {
         registry,
         health.clone(),
         shutdown.clone(),
+        Default::default(),
     ));
     // Domain lifecycle events (a domain stopped, crashed or undefined by
     // hand) reach the compute reconciler through this channel.

@@ -62,6 +62,10 @@ pub struct VirtualClusterSpec {
     pub ssh_keys: Vec<SshKey>,
     /// Power state: `true` (default) runs every node, `false` stops them all
     /// and keeps their disks. A reservation overrides this outside its window.
+    /// Without a reservation, stopped nodes hold no capacity: started
+    /// again, each starts on its host if there is room there (else it waits,
+    /// `Unschedulable`; one booting from a network Volume is placed again
+    /// elsewhere).
     #[serde(default = "default_true")]
     pub running: bool,
     /// Optional reservation: a start/end time and/or recurring weekly windows

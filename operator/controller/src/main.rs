@@ -64,11 +64,14 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Metrics::register(&mut registry);
     let health = Health::default();
     let shutdown = yukumo_telemetry::shutdown_signal();
+    // The leader's context, for `/calendar` (None while following).
+    let leading: Leading = Default::default();
     let server = tokio::spawn(yukumo_telemetry::serve(
         args.metrics_addr,
         registry,
         health.clone(),
         shutdown.clone(),
+        calendar_route(leading.clone()),
     ));
     tracing::info!(%identity, namespace = %args.namespace, "controller starting");
 
@@ -108,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             metrics.clone(),
             health.clone(),
             stop_rx,
+            leading.clone(),
         ));
         // Renew; stop leading if a renewal has not succeeded within the lease duration.
         let mut last_renew = tokio::time::Instant::now();
@@ -337,6 +341,51 @@ where
     (store, writer, start)
 }
 
+/// The leader's context while it leads.
+type Leading = Arc<std::sync::Mutex<Option<Arc<Ctx>>>>;
+
+/// Clears the leader's context when its reconcilers stop.
+struct ForgetOnDrop(Leading);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// `GET /calendar[?at=<RFC 3339>]`: the capacity calendar the leader
+/// decides with at that instant (default now), as JSON — derived from its
+/// caches alone, so a restarted controller serves the same one (503 while
+/// not leading).
+fn calendar_route(leading: Leading) -> yukumo_telemetry::axum::Router {
+    use yukumo_telemetry::axum::{extract::RawQuery, http::StatusCode, routing::get};
+    yukumo_telemetry::axum::Router::new().route(
+        "/calendar",
+        get(move |RawQuery(q): RawQuery| {
+            let leading = leading.clone();
+            async move {
+                let at = q.as_deref().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("at="))
+                        .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
+                });
+                let at = match at.map(|v| v.parse::<k8s_openapi::jiff::Timestamp>()) {
+                    None => k8s_openapi::jiff::Timestamp::now(),
+                    Some(Ok(t)) => t,
+                    Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("at: {e}\n")),
+                };
+                let ctx = leading.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let Some(ctx) = ctx else {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "not leading\n".to_string());
+                };
+                let pending = ctx.placements.lock().await;
+                let seen = reconcile::virtualcluster::admission::calendar(&ctx, &pending, "", at);
+                (StatusCode::OK, seen.to_json().to_string())
+            }
+        }),
+    )
+}
+
 /// Run every reconciler until `stop` turns true.
 async fn run_controllers(
     client: Client,
@@ -344,6 +393,7 @@ async fn run_controllers(
     metrics: Metrics,
     health: Health,
     stop: watch::Receiver<bool>,
+    leading: Leading,
 ) {
     let stopper = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -426,6 +476,8 @@ async fn run_controllers(
         }
     }
     let ctx = Ctx::new(client.clone(), &identity, metrics, health, stores);
+    *leading.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
+    let _forget = ForgetOnDrop(leading);
 
     let vc_store2 = vc_store.clone();
     let vc_store3 = vc_store.clone();

@@ -49,6 +49,11 @@ pub struct Request {
     /// outside its windows; it uses nothing now, and `ahead` judges it at
     /// its windows).
     pub holds_now: bool,
+    /// Among the hosts with as few of the cluster's nodes, the tightest
+    /// fit rather than the roomiest: a scheduled cluster's nodes go closer
+    /// to where the capacity calendar's packing (best fit, largest first)
+    /// put them when it admitted the reservation.
+    pub pack: bool,
 }
 
 /// The capacity calendar's say on a candidate host (all hosts, the
@@ -105,11 +110,22 @@ pub fn place(
             continue;
         }
         let key = |h: &HostView| {
-            (
-                cluster_nodes.get(&h.name).copied().unwrap_or(0),
-                std::cmp::Reverse(h.free().memory_mib),
-                h.name.clone(),
-            )
+            let free = h.free();
+            if req.pack {
+                (
+                    cluster_nodes.get(&h.name).copied().unwrap_or(0),
+                    free.memory_mib as i64,
+                    free.cpu as i64,
+                    h.name.clone(),
+                )
+            } else {
+                (
+                    cluster_nodes.get(&h.name).copied().unwrap_or(0),
+                    -(free.memory_mib as i64),
+                    0,
+                    h.name.clone(),
+                )
+            }
         };
         if best.is_none_or(|b| key(h) < key(&hosts[b])) {
             best = Some(i);
@@ -222,6 +238,7 @@ mod tests {
             vlan: false,
             pinned: None,
             holds_now: true,
+            pack: false,
         }
     }
 

@@ -99,12 +99,17 @@ async fn healthz(State(s): State<ServerState>) -> impl IntoResponse {
     }
 }
 
-/// Serve `/metrics` and `/healthz` on `addr` until `shutdown` flips to true.
+/// The HTTP framework of the endpoint, for components adding routes.
+pub use axum;
+
+/// Serve `/metrics`, `/healthz` and the component's `extra` routes on
+/// `addr` until `shutdown` flips to true.
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     health: Health,
     mut shutdown: watch::Receiver<bool>,
+    extra: Router,
 ) -> anyhow::Result<()> {
     let state = ServerState {
         registry: Arc::new(registry),
@@ -113,7 +118,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(state);
+        .with_state(state)
+        .merge(extra);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics and /healthz");
     axum::serve(listener, app)

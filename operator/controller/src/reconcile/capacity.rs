@@ -100,6 +100,10 @@ impl Admitted {
 pub struct Own<'a> {
     pub windows: &'a [Window],
     pub held: &'a [(String, Resources)],
+    /// Its nodes still to be placed after this one (largest first): the
+    /// host chosen must leave them room (what the calendar admitted is
+    /// what the scheduler places).
+    pub rest: &'a [Demand],
 }
 
 /// A host as the calendar sees it: what is free on it now.
@@ -108,12 +112,6 @@ pub struct HostCap {
     pub name: String,
     pub site: String,
     pub free: Resources,
-}
-
-fn largest_first(demand: &[Demand]) -> Vec<&Demand> {
-    let mut order: Vec<&Demand> = demand.iter().collect();
-    order.sort_by_key(|d| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
-    order
 }
 
 /// The host `d` goes to: the tightest fit in the first of its sites that
@@ -129,33 +127,56 @@ fn best_host(hosts: &[HostCap], d: &Demand) -> Option<usize> {
     })
 }
 
-/// Pack `demand` onto `hosts` (best fit, largest first); on failure, the
-/// first node that found no host.
-fn pack<'a>(hosts: &mut [HostCap], demand: &'a [Demand]) -> Result<(), &'a Demand> {
-    for d in largest_first(demand) {
-        let i = best_host(hosts, d).ok_or(d)?;
-        hosts[i].free = hosts[i].free.minus(d.need);
-    }
-    Ok(())
+/// How many placements the exact search may try before it gives up (and
+/// the best-fit verdict stands): enough for every set of a few dozen nodes
+/// with distinct hosts, bounded for fleets of any size.
+const EXACT_SEARCH_STEPS: u32 = 20_000;
+
+/// The unplaced nodes of the reservations active at `t` and `extra`,
+/// largest first.
+fn items_sorted<'a>(cal: &'a Calendar, t: Timestamp, extra: &'a [Demand]) -> Vec<&'a Demand> {
+    let mut items: Vec<&Demand> = cal
+        .reservations
+        .iter()
+        .filter(|r| r.active(t))
+        .flat_map(|r| r.unplaced.iter())
+        .chain(extra.iter())
+        .collect();
+    items.sort_by_key(|d| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
+    items
 }
 
-/// Pack an admitted reservation: a node that no longer fits (the fleet
-/// shrank since it was admitted) takes what is left of its sites' roomiest
-/// host — whatever it cannot get is not free for anyone else either.
-fn pack_admitted(hosts: &mut [HostCap], demand: &[Demand]) {
-    for d in largest_first(demand) {
-        let i = best_host(hosts, d).or_else(|| {
-            hosts
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| d.sites.contains(&h.site))
-                .max_by_key(|(_, h)| (h.free.memory_mib, h.free.cpu))
-                .map(|(i, _)| i)
-        });
-        if let Some(i) = i {
-            hosts[i].free = hosts[i].free.minus(d.need);
+/// Whether every node of `items` (largest first) can be put on a host of
+/// its sites without exceeding any (depth-first; hosts in the same state
+/// are tried once). `None`: the search ran out of `budget`.
+fn exact_fit(free: &mut [HostCap], items: &[&Demand], budget: &mut u32) -> Option<bool> {
+    let Some((d, rest)) = items.split_first() else {
+        return Some(true);
+    };
+    let mut tried: Vec<(String, Resources)> = Vec::new();
+    for i in 0..free.len() {
+        if !d.sites.contains(&free[i].site) || !free[i].free.fits(d.need) {
+            continue;
+        }
+        let state = (free[i].site.clone(), free[i].free);
+        if tried.contains(&state) {
+            continue;
+        }
+        tried.push(state);
+        if *budget == 0 {
+            return None;
+        }
+        *budget -= 1;
+        let i_need = d.need;
+        free[i].free = free[i].free.minus(i_need);
+        let r = exact_fit(free, rest, budget);
+        free[i].free = free[i].free.plus(i_need);
+        match r {
+            Some(false) => {}
+            other => return other,
         }
     }
+    Some(false)
 }
 
 /// The calendar: the admitted reservations (of other clusters than the one
@@ -172,19 +193,64 @@ impl Calendar {
         self.reservations.iter().any(Admitted::holds_ahead)
     }
 
-    /// What is free at `t`, `hosts` being what is free now: reservations
-    /// that hold their hosts now but not at `t` give them back, placed
-    /// nodes that hold theirs at `t` but not now take them, and the
-    /// unplaced nodes of every reservation active at `t` are packed. With
-    /// `strict`, the first reservation that does not fit then is returned;
-    /// else one that does not (the fleet shrank since it was admitted)
-    /// takes what is left of its sites' roomiest hosts — whatever it cannot
-    /// get is not free for anyone else either.
-    fn at<'a>(
+    /// Pack, at `t`, the unplaced nodes of every reservation active then
+    /// together with `extra` (the deciding cluster's), all largest first
+    /// (one order for everyone: the verdict does not depend on which
+    /// reservation was admitted first), onto `free` (what placed nodes
+    /// leave then, see [`Calendar::placed_at`]). A node that finds no host
+    /// takes what is left of its sites' roomiest one (whatever it cannot
+    /// get is not free for anyone else either) and is returned as failed:
+    /// (the index of its reservation, `None` for `extra`; its name).
+    fn joint(
+        &self,
+        mut free: Vec<HostCap>,
+        t: Timestamp,
+        extra: &[Demand],
+    ) -> (Vec<HostCap>, Vec<(Option<usize>, String)>) {
+        let mut items: Vec<(Option<usize>, &Demand)> = self
+            .reservations
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.active(t))
+            .flat_map(|(i, r)| r.unplaced.iter().map(move |d| (Some(i), d)))
+            .chain(extra.iter().map(|d| (None, d)))
+            .collect();
+        items.sort_by_key(|(_, d)| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
+        let start = free.clone();
+        let mut failed = Vec::new();
+        for (owner, d) in items {
+            let i = best_host(&free, d).or_else(|| {
+                failed.push((owner, d.node.clone()));
+                free.iter()
+                    .enumerate()
+                    .filter(|(_, h)| d.sites.contains(&h.site))
+                    .max_by_key(|(_, h)| (h.free.memory_mib, h.free.cpu))
+                    .map(|(i, _)| i)
+            });
+            if let Some(i) = i {
+                free[i].free = free[i].free.minus(d.need);
+            }
+        }
+        if !failed.is_empty() {
+            // Best fit missed, but an assignment may exist: searched for
+            // exactly within a bound (then nothing failed).
+            let all: Vec<&Demand> = items_sorted(self, t, extra);
+            let mut budget = EXACT_SEARCH_STEPS;
+            if exact_fit(&mut start.clone(), &all, &mut budget) == Some(true) {
+                failed.clear();
+            }
+        }
+        (free, failed)
+    }
+
+    /// What is free at `t` on each host from placed nodes alone (before
+    /// the unplaced ones of the reservations active then are packed,
+    /// wherever they fit best), and a reservation whose placed nodes do
+    /// not fit then.
+    fn placed_at<'a>(
         &'a self,
         hosts: &[HostCap],
         t: Timestamp,
-        strict: bool,
     ) -> (Vec<HostCap>, Option<&'a Admitted>) {
         let mut free = hosts.to_vec();
         let mut broken = None;
@@ -214,15 +280,6 @@ impl Calendar {
                     }
                     h.free = h.free.minus(*need);
                 }
-            }
-        }
-        for r in self.reservations.iter().filter(|r| r.active(t)) {
-            if strict {
-                if pack(&mut free, &r.unplaced).is_err() {
-                    broken.get_or_insert(r);
-                }
-            } else {
-                pack_admitted(&mut free, &r.unplaced);
             }
         }
         (free, broken)
@@ -261,9 +318,21 @@ impl Calendar {
         checkpoints.dedup();
         for t in checkpoints {
             let Some(window) = inside(t) else { continue };
-            let (before, _) = self.at(hosts, t, false);
-            let mut free = before.clone();
-            if let Err(d) = pack(&mut free, demand) {
+            // Refused if, packed with everything active then, one of its
+            // nodes — or of an admitted reservation's that fits without
+            // it — finds no host.
+            let (placed, _) = self.placed_at(hosts, t);
+            let (before, without) = self.joint(placed.clone(), t, &[]);
+            let (_, with) = self.joint(placed, t, demand);
+            let new: Vec<&(Option<usize>, String)> =
+                with.iter().filter(|f| !without.contains(f)).collect();
+            if !new.is_empty() {
+                let d = new
+                    .iter()
+                    .find(|f| f.0.is_none())
+                    .and_then(|f| demand.iter().find(|d| d.node == f.1))
+                    .or_else(|| demand.first())
+                    .expect("a demand");
                 let site = d.sites.first().cloned().unwrap_or_default();
                 return Err(self.refusal(window, demand, &before, t, &site, d));
             }
@@ -354,9 +423,9 @@ impl Calendar {
             start: now,
             end: None,
         }];
-        let (windows, held) = match &own {
-            Some(o) => (o.windows, o.held),
-            None => (&for_ever[..], &[][..]),
+        let (windows, held, rest) = match &own {
+            Some(o) => (o.windows, o.held, o.rest),
+            None => (&for_ever[..], &[][..], &[][..]),
         };
         let mut checkpoints: Vec<Timestamp> = vec![now];
         checkpoints.extend(windows.iter().map(|w| w.start.max(now)));
@@ -378,12 +447,14 @@ impl Calendar {
                     f.free = f.free.minus(*n);
                 }
             }
-            let (free, broken_without) = self.at(&base, t, true);
-            if free
-                .iter()
-                .find(|h| h.name == host)
-                .is_some_and(|h| !h.free.fits(need))
-            {
+            // This node must fit next to what is placed then; the unplaced
+            // nodes of reservations (and its cluster's still to place) may
+            // go anywhere they still pack.
+            let (free, _) = self.placed_at(&base, t);
+            let Some(here) = free.iter().find(|h| h.name == host) else {
+                continue;
+            };
+            if !here.free.fits(need) {
                 // Taken then by a reservation: the one holding this host
                 // first, else any active then.
                 let active = || self.reservations.iter().filter(|r| r.active(t));
@@ -401,21 +472,36 @@ impl Calendar {
                     },
                 );
             }
-            let mut with = base;
+            // Refused only if putting it here is what makes a node fail
+            // that would fit were it placed anywhere (a reservation the
+            // fleet can no longer give does not stop every placement).
+            let this = Demand {
+                node: String::new(),
+                sites: vec![here.site.clone()],
+                need,
+            };
+            let anywhere: Vec<Demand> = std::iter::once(this).chain(rest.iter().cloned()).collect();
+            let (_, without) = self.joint(free.clone(), t, &anywhere);
+            let mut with = free;
             if let Some(h) = with.iter_mut().find(|h| h.name == host) {
                 h.free = h.free.minus(need);
             }
-            // Refused only if this node is what breaks a reservation that
-            // fits without it (one the fleet can no longer give does not
-            // stop every other placement).
-            if let (_, Some(r)) = self.at(&with, t, true)
-                && broken_without.is_none()
-            {
-                return Err(format!(
-                    "capacity reserved for {} {} (at {t})",
-                    r.who,
-                    r.describe_at(t)
-                ));
+            let (_, failed) = self.joint(with, t, rest);
+            if let Some((owner, _)) = failed.iter().find(|f| !without.contains(f)) {
+                return Err(match owner {
+                    Some(i) => {
+                        let r = &self.reservations[*i];
+                        format!(
+                            "capacity reserved for {} {} (at {t})",
+                            r.who,
+                            r.describe_at(t)
+                        )
+                    }
+                    None => format!(
+                        "room kept for the cluster's {} other nodes (at {t})",
+                        rest.len()
+                    ),
+                });
             }
         }
         Ok(())

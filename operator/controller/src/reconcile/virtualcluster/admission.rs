@@ -8,6 +8,9 @@
 //! may not take what an admitted reservation needs in a later window). A
 //! weekly cluster's nodes, stopped outside its windows, hold no capacity
 //! then: they keep their host (and disks) and hold it again at each window.
+//! A cluster stopped with `running: false` (no reservation) holds none
+//! either; its nodes take their hosts again when it starts, if there is
+//! room.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -75,9 +78,19 @@ pub(super) fn dated_until(r: &Reservation) -> Option<Timestamp> {
     }
 }
 
-/// Whether `vc` is a weekly cluster outside its windows now (its stopped
-/// nodes hold no capacity).
+/// Whether `vc` is stopped with `running: false` and holds no reservation:
+/// its stopped nodes hold no capacity (they keep host and disks, and hold
+/// the host again when they start, if there is room).
+pub fn parked(vc: &VirtualCluster) -> bool {
+    !vc.spec.running && !scheduled(vc.spec.reservation.as_ref())
+}
+
+/// Whether `vc`'s stopped nodes hold no capacity now: a weekly cluster
+/// outside its windows, or a parked one.
 fn asleep(vc: &VirtualCluster, now: Timestamp) -> bool {
+    if parked(vc) {
+        return true;
+    }
     let Some(r) = vc
         .spec
         .reservation
@@ -117,23 +130,75 @@ pub fn host_caps(views: &[HostView]) -> Vec<HostCap> {
 pub struct Seen {
     /// The admitted reservations of every cluster but the deciding one.
     pub calendar: Calendar,
-    /// Uids of weekly clusters outside their windows: their stopped nodes
-    /// hold no capacity now.
+    /// Uids of weekly clusters outside their windows and of parked
+    /// clusters: their stopped nodes hold no capacity now.
     pub asleep: HashSet<String>,
     /// How far ahead windows are listed.
     pub horizon: Timestamp,
 }
 
 impl Seen {
-    /// The windows `vc`'s nodes hold their hosts in, if it is a weekly
-    /// cluster (else they hold them for ever once placed).
+    /// The calendar as JSON, in a stable order (reservations by holder,
+    /// their nodes sorted), to compare two controllers' views object for
+    /// object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut reservations: Vec<serde_json::Value> = self
+            .calendar
+            .reservations
+            .iter()
+            .map(|a| {
+                let mut placed: Vec<_> = a
+                    .placed
+                    .iter()
+                    .map(|(h, r)| serde_json::json!([h, r.cpu, r.memory_mib]))
+                    .collect();
+                placed.sort_by_key(|v| v.to_string());
+                let mut unplaced: Vec<_> = a
+                    .unplaced
+                    .iter()
+                    .map(|d| serde_json::json!([d.node, d.sites, d.need.cpu, d.need.memory_mib]))
+                    .collect();
+                unplaced.sort_by_key(|v| v.to_string());
+                serde_json::json!({
+                    "who": a.who,
+                    "windows": a.windows.iter().map(|w| serde_json::json!({
+                        "start": w.start.to_string(),
+                        "end": w.end.map(|e| e.to_string()),
+                    })).collect::<Vec<_>>(),
+                    "placed": placed,
+                    "unplaced": unplaced,
+                    "inUse": a.in_use,
+                })
+            })
+            .collect();
+        reservations.sort_by_key(|v| v["who"].to_string());
+        let mut asleep: Vec<&String> = self.asleep.iter().collect();
+        asleep.sort();
+        serde_json::json!({
+            "reservations": reservations,
+            "asleep": asleep,
+            "horizon": self.horizon.to_string(),
+        })
+    }
+
+    /// The windows `vc`'s nodes hold their hosts in, if it is scheduled:
+    /// a weekly cluster's windows, a dated reservation's window (to its
+    /// end with `endAction: Delete`, else for ever); `None`: for ever once
+    /// placed. A node placed now is judged against the other reservations
+    /// in these windows only: one that ends before another reservation on
+    /// the same capacity starts does not take it from that one.
     pub fn own_windows(&self, vc: &VirtualCluster, now: Timestamp) -> Option<Vec<Window>> {
         let r = vc
             .spec
             .reservation
             .as_ref()
-            .filter(|r| !r.weekly.is_empty())?;
-        Some(capacity_windows(r, None, now, self.horizon))
+            .filter(|r| scheduled(Some(r)))?;
+        let admitted = vc
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity_admitted_at.as_ref())
+            .map(|t| t.0);
+        Some(capacity_windows(r, admitted, now, self.horizon))
     }
 }
 

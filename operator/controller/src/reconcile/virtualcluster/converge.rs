@@ -17,7 +17,7 @@ use yukumo_api::virtualcluster::{RecoveryPolicy, VirtualCluster};
 use yukumo_api::virtualnode::{NodePhase, NodeRole, VirtualNode};
 use yukumo_api::{Reason, finalizers, labels};
 
-use super::super::capacity::{Calendar, Own, Window};
+use super::super::capacity::{Calendar, Demand, Own, Window};
 use super::super::nodes::{DesiredNode, should_run, template_revision};
 use super::admission::host_caps;
 use crate::context::PendingNode;
@@ -34,16 +34,17 @@ pub enum Write {
     /// Delete a node; `recovering`: its host is lost (its finalizer is
     /// released first, nobody there can clean up), else scaled down.
     Delete { name: String, recovering: bool },
-    /// Delete an outdated node, to make it again from the spec's revision
-    /// once its host's agent has removed it (a rollout).
-    Replace { name: String },
+    /// Delete a node to make it again once its host's agent has removed
+    /// it: an outdated node (a rollout), or (`moving`) a node that booted
+    /// from a network Volume and has no room to start on its host.
+    Replace { name: String, moving: bool },
 }
 
 impl Write {
     pub fn name(&self) -> String {
         match self {
             Write::Apply { vn, .. } => vn.name_any(),
-            Write::Delete { name, .. } | Write::Replace { name } => name.clone(),
+            Write::Delete { name, .. } | Write::Replace { name, .. } => name.clone(),
         }
     }
 }
@@ -64,13 +65,14 @@ pub struct PlanInputs<'a> {
     /// The admitted reservations of other clusters: a node placed now may
     /// not take what they need later.
     pub calendar: &'a Calendar,
-    /// Weekly clusters outside their windows (their stopped nodes use nothing).
+    /// Clusters whose stopped nodes use nothing now: weekly clusters
+    /// outside their windows, clusters stopped with `running: false`.
     pub asleep: &'a HashSet<String>,
     /// Nodes deleted moments ago to be replaced (by uid), which the cache
     /// may still show as they were.
     pub replacing: &'a HashMap<NodeKey, String>,
-    /// This cluster's windows if it is weekly (its nodes hold their hosts
-    /// then only); `None`: for ever.
+    /// This cluster's windows if it is scheduled (weekly, or a dated
+    /// reservation: its nodes hold their hosts then only); `None`: for ever.
     pub own_windows: Option<&'a [Window]>,
     pub now: Instant,
     pub wall: Timestamp,
@@ -160,6 +162,34 @@ pub fn host_views(
         .collect()
 }
 
+/// Take room on `host` for a stopped node that starts: what is free there
+/// must fit it, and `guard` (the calendar) must allow it.
+fn room_to_start(
+    views: &mut [HostView],
+    host: &str,
+    need: Resources,
+    guard: impl Fn(&[HostView], &HostView, Resources) -> Result<(), String>,
+) -> Result<(), String> {
+    let i = views
+        .iter()
+        .position(|v| v.name == host)
+        .ok_or_else(|| format!("host {host} is gone"))?;
+    let v = &views[i];
+    let free = v.free();
+    if !v.ready {
+        return Err(format!("host {host} is not Ready"));
+    }
+    if !free.fits(need) {
+        return Err(format!(
+            "{} cpu, {} MiB free there for {} cpu, {} MiB (its room was taken while it was stopped)",
+            free.cpu, free.memory_mib, need.cpu, need.memory_mib
+        ));
+    }
+    guard(views, v, need)?;
+    views[i].used = views[i].used.plus(need);
+    Ok(())
+}
+
 /// The labels of a node: its cluster, role, pool, host and site.
 pub fn node_labels(
     vc_name: &str,
@@ -199,7 +229,15 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 && n.owner_references().iter().any(|o| o.uid == owner.uid)
         })
         .collect();
-    let mut views = host_views(inp.hosts, inp.all_nodes, inp.pending, inp.asleep);
+    // A running cluster's own stopped nodes are not counted: each holds
+    // its host again only when it starts, if there is room (below).
+    let mut views = if inp.cluster_running {
+        let mut me = inp.asleep.clone();
+        me.insert(owner.uid.clone());
+        host_views(inp.hosts, inp.all_nodes, inp.pending, &me)
+    } else {
+        host_views(inp.hosts, inp.all_nodes, inp.pending, inp.asleep)
+    };
     // A weekly cluster outside its windows: its new nodes use nothing now,
     // and hold their hosts at its windows with its sleeping ones.
     let sleeping = inp.own_windows.is_some() && inp.asleep.contains(&owner.uid);
@@ -244,7 +282,55 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 .as_ref()
                 .is_some_and(|s| s.phase == NodePhase::Running)
     });
-    for d in inp.desired {
+    // What an admitted reservation of another cluster needs later: a node
+    // may take a host now only if every one still packs.
+    let guard = |views: &[HostView],
+                 h: &HostView,
+                 need: Resources,
+                 own_held: &[(String, Resources)],
+                 rest: &[Demand]| {
+        let own = inp.own_windows.map(|windows| Own {
+            windows,
+            held: own_held,
+            rest,
+        });
+        if own.is_none() && !inp.calendar.holds_ahead() {
+            return Ok(());
+        }
+        inp.calendar
+            .permits(&host_caps(views), &h.name, need, inp.wall, own)
+    };
+    // A scheduled cluster's nodes are placed largest first, each leaving
+    // room for the rest at its windows: what the calendar admitted (packed
+    // largest first) is what is placed.
+    let mut order: Vec<&DesiredNode> = inp.desired.iter().collect();
+    if inp.own_windows.is_some() {
+        order.sort_by_key(|d| {
+            std::cmp::Reverse((d.spec.resources.cpu, d.spec.resources.memory_mib))
+        });
+    }
+    let to_place: Vec<Demand> = order
+        .iter()
+        .filter(|d| {
+            !mine.iter().any(|n| n.name_any() == d.name)
+                && !inp.pending.contains_key(&(ns.clone(), d.name.clone()))
+        })
+        .map(|d| Demand {
+            node: d.name.clone(),
+            sites: d.sites.clone(),
+            need: d.spec.resources,
+        })
+        .collect();
+    let rest_after = |name: &str| -> &[Demand] {
+        if inp.own_windows.is_none() {
+            return &[];
+        }
+        match to_place.iter().position(|d| d.node == name) {
+            Some(i) => &to_place[i + 1..],
+            None => &to_place[..],
+        }
+    };
+    for d in order {
         let key = (ns.clone(), d.name.clone());
         let existing = mine.iter().copied().find(|n| n.name_any() == d.name);
         // Host loss: with RestartElsewhere, a node on a lost (or vanished)
@@ -296,6 +382,7 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 }
                 out.writes.push(Write::Replace {
                     name: d.name.clone(),
+                    moving: false,
                 });
                 out.replaced
                     .push((key.clone(), n.metadata.uid.clone().unwrap_or_default()));
@@ -350,22 +437,48 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                     vlan: d.vlan,
                     pinned: d.pinned.clone(),
                     holds_now: !sleeping,
+                    pack: inp.own_windows.is_some(),
                 },
                 &mut views,
                 &mut counts,
                 &|views: &[HostView], h: &HostView, need: Resources| {
-                    let own = inp.own_windows.map(|windows| Own {
-                        windows,
-                        held: &own_held,
-                    });
-                    if own.is_none() && !inp.calendar.holds_ahead() {
-                        return Ok(());
-                    }
-                    inp.calendar
-                        .permits(&host_caps(views), &h.name, need, inp.wall, own)
+                    guard(views, h, need, &own_held, rest_after(&d.name))
                 },
             ),
         };
+        // A stopped node that starts holds its host again only if there is
+        // room there now (others may have taken what it left). Its boot
+        // disk is there: without room it waits, unless it boots from a
+        // network Volume, which follows it to another host.
+        let starting =
+            inp.cluster_running && spec.running && existing.is_some_and(|n| !n.spec.running);
+        if starting
+            && let Placement::Host { host, .. } = &placement
+            && let Err(why) = room_to_start(&mut views, host, spec.resources, |v, h, need| {
+                if inp.own_windows.is_some() {
+                    // Admitted at its windows: held for it.
+                    Ok(())
+                } else {
+                    guard(v, h, need, &own_held, &[])
+                }
+            })
+        {
+            if d.boots_from_volume && d.pinned.is_none() {
+                out.writes.push(Write::Replace {
+                    name: d.name.clone(),
+                    moving: true,
+                });
+                out.recovering
+                    .push(format!("{} (no room to start on {host})", d.name));
+                out.forget.push(key.clone());
+            } else {
+                out.unschedulable.push(format!(
+                    "{} cannot start on {host}, where its boot disk is: {why}; it starts once there is room there",
+                    d.name
+                ));
+            }
+            continue;
+        }
         if sleeping
             && existing.is_none()
             && let Placement::Host { host, .. } = &placement

@@ -170,8 +170,8 @@ async fn converge_nodes(
             .collect()
             .await;
     let mut nodes = plan.unchanged;
-    let (mut scheduled, mut removed, mut moved, mut replaced) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut scheduled, mut removed, mut moved, mut replaced, mut relocated) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut first_error = None;
     let mut failed = Vec::new();
     for r in results {
@@ -186,7 +186,13 @@ async fn converge_nodes(
                 }
                 nodes.push(applied);
             }
-            Ok((Write::Replace { name }, _)) => replaced.push(name),
+            Ok((Write::Replace { name, moving }, _)) => {
+                if moving {
+                    relocated.push(name)
+                } else {
+                    replaced.push(name)
+                }
+            }
             Ok((Write::Delete { name, recovering }, _)) => {
                 if recovering {
                     moved.push(name)
@@ -230,6 +236,12 @@ async fn converge_nodes(
             EventType::Warning,
             Reason::NodesRecovering,
             "were on a lost host; placing them again elsewhere",
+        ),
+        (
+            &mut relocated,
+            EventType::Warning,
+            Reason::NodesRecovering,
+            "had no room to start on their hosts (taken while they were stopped); placing them again elsewhere, their boot Volumes follow",
         ),
     ] {
         if !list.is_empty() {
@@ -527,9 +539,11 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
             .collect();
         if let Ok(all) = &desired {
             let need: Vec<_> = all.iter().map(|d| d.spec.resources).collect();
+            // A parked cluster's stopped nodes hold nothing.
+            let parked = admission::parked(&vc);
             let placed: Vec<_> = mine
                 .iter()
-                .filter(|n| n.spec.host.is_some())
+                .filter(|n| n.spec.host.is_some() && (n.spec.running || !parked))
                 .map(|n| n.spec.resources)
                 .collect();
             held = guarantee::guarantee(

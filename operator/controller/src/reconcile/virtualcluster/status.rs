@@ -98,7 +98,7 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
         return soon(
             Verdict::progressing(
                 Reason::RecoveringNodes,
-                format!("placing again after host loss: {}", o.recovering.join(", ")),
+                format!("placing again elsewhere: {}", o.recovering.join(", ")),
             ),
             1,
         );

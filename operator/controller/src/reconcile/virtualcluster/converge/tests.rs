@@ -312,3 +312,89 @@ fn what_makes_a_new_revision() {
     assert_eq!(template_revision(&s, true), template_revision(&base, true));
     assert_eq!(r(&base).len(), 10);
 }
+
+/// A node of another cluster using `cpu` of `host` (running).
+fn filler(host: &str, cpu: u32) -> Arc<VirtualNode> {
+    let mut n: VirtualNode = (*written(&plan(&world(0, &["c-frontend"]), true))[0]).clone();
+    n.metadata.name = Some(format!("other-{host}"));
+    n.metadata.owner_references.as_mut().unwrap()[0].uid = "other-uid".into();
+    n.spec.host = Some(host.into());
+    n.spec.resources.cpu = cpu;
+    n.spec.running = true;
+    Arc::new(n)
+}
+
+/// A cluster stopped with `running: false` holds nothing: others may take
+/// its hosts; when it starts, each node holds its host again if there is
+/// room, else it waits there (its boot disk is there), naming what is
+/// free, or, booting from a network Volume, is placed again elsewhere.
+#[test]
+fn a_parked_cluster_holds_nothing_and_its_nodes_start_where_there_is_room() {
+    let mut w = world(1, &["c-frontend", "c-w-0"]);
+    w.nodes = written(&plan(&w, true));
+    w.nodes = written(&plan_with(&w, false, &HashSet::new()));
+    assert!(w.nodes.iter().all(|n| !n.spec.running));
+    let (fe_host, w_host) = (
+        w.nodes[0].spec.host.clone().unwrap(),
+        w.nodes[1].spec.host.clone().unwrap(),
+    );
+    assert_ne!(fe_host, w_host, "spread");
+    // Parked: its stopped nodes are not in the hosts' use.
+    let parked: HashSet<String> = ["vc-uid".to_string()].into();
+    let views = host_views(&w.hosts, &w.nodes, &HashMap::new(), &parked);
+    assert!(views.iter().all(|v| v.used == Resources::default()));
+    let views = host_views(&w.hosts, &w.nodes, &HashMap::new(), &HashSet::new());
+    assert!(views.iter().all(|v| v.used.cpu == 1));
+    // Meanwhile another cluster took all of the worker's host.
+    let mut all = w.nodes.clone();
+    all.push(filler(&w_host, 8));
+    w.nodes = all;
+    let p = plan(&w, true);
+    assert_eq!(names(&p.writes), ["c-frontend"], "the frontend starts");
+    assert_eq!(p.unschedulable.len(), 1, "{:?}", p.unschedulable);
+    let msg = &p.unschedulable[0];
+    assert!(
+        msg.starts_with(&format!("c-w-0 cannot start on {w_host}, where its boot disk is: 0 cpu, 7936 MiB free there for 1 cpu, 256 MiB")),
+        "{msg}"
+    );
+    // Room again: it starts where it was.
+    w.nodes
+        .retain(|n| n.name_any() != format!("other-{w_host}"));
+    w.nodes.push(filler(&w_host, 7));
+    let p = plan(&w, true);
+    assert_eq!(names(&p.writes), ["c-frontend", "c-w-0"]);
+    assert!(written(&p).iter().all(|n| n.spec.running));
+    assert_eq!(written(&p)[1].spec.host.as_deref(), Some(w_host.as_str()));
+    // Booting from a network Volume, a node without room moves.
+    w.nodes
+        .retain(|n| n.name_any() != format!("other-{w_host}"));
+    w.nodes.push(filler(&w_host, 8));
+    w.desired[1].boots_from_volume = true;
+    let p = plan(&w, true);
+    assert!(
+        p.writes
+            .iter()
+            .any(|x| matches!(x, Write::Replace { name, moving: true } if name == "c-w-0")),
+        "{:?}",
+        p.writes
+    );
+    assert!(p.unschedulable.is_empty());
+}
+
+fn plan_with(w: &World, running: bool, asleep: &HashSet<String>) -> NodePlan {
+    plan_nodes(&PlanInputs {
+        cluster: &w.vc,
+        owner: &w.owner,
+        desired: &w.desired,
+        cluster_running: running,
+        all_nodes: &w.nodes,
+        hosts: &w.hosts,
+        pending: &w.pending,
+        replacing: &w.replacing,
+        calendar: &Calendar::default(),
+        asleep,
+        own_windows: None,
+        now: Instant::now(),
+        wall: k8s_openapi::jiff::Timestamp::now(),
+    })
+}
