@@ -32,21 +32,7 @@ fn world(workers: i32, allocated: &[&str]) -> World {
 }
 
 fn plan(w: &World, running: bool) -> NodePlan {
-    plan_nodes(&PlanInputs {
-        cluster: &w.vc,
-        owner: &w.owner,
-        desired: &w.desired,
-        cluster_running: running,
-        all_nodes: &w.nodes,
-        hosts: &w.hosts,
-        pending: &w.pending,
-        replacing: &w.replacing,
-        calendar: &Calendar::default(),
-        asleep: &HashSet::new(),
-        own_windows: None,
-        now: Instant::now(),
-        wall: k8s_openapi::jiff::Timestamp::now(),
-    })
+    plan_with(w, running, &HashSet::new())
 }
 
 /// The nodes the plan applies, as the cache would show them once written.
