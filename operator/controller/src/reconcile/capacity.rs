@@ -132,20 +132,6 @@ fn best_host(hosts: &[HostCap], d: &Demand) -> Option<usize> {
 /// with distinct hosts, bounded for fleets of any size.
 const EXACT_SEARCH_STEPS: u32 = 20_000;
 
-/// The unplaced nodes of the reservations active at `t` and `extra`,
-/// largest first.
-fn items_sorted<'a>(cal: &'a Calendar, t: Timestamp, extra: &'a [Demand]) -> Vec<&'a Demand> {
-    let mut items: Vec<&Demand> = cal
-        .reservations
-        .iter()
-        .filter(|r| r.active(t))
-        .flat_map(|r| r.unplaced.iter())
-        .chain(extra.iter())
-        .collect();
-    items.sort_by_key(|d| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
-    items
-}
-
 /// Whether every node of `items` (largest first) can be put on a host of
 /// its sites without exceeding any (depth-first; hosts in the same state
 /// are tried once). `None`: the search ran out of `budget`.
@@ -218,7 +204,7 @@ impl Calendar {
         items.sort_by_key(|(_, d)| std::cmp::Reverse((d.need.cpu, d.need.memory_mib)));
         let start = free.clone();
         let mut failed = Vec::new();
-        for (owner, d) in items {
+        for &(owner, d) in &items {
             let i = best_host(&free, d).or_else(|| {
                 failed.push((owner, d.node.clone()));
                 free.iter()
@@ -234,7 +220,7 @@ impl Calendar {
         if !failed.is_empty() {
             // Best fit missed, but an assignment may exist: searched for
             // exactly within a bound (then nothing failed).
-            let all: Vec<&Demand> = items_sorted(self, t, extra);
+            let all: Vec<&Demand> = items.iter().map(|(_, d)| *d).collect();
             let mut budget = EXACT_SEARCH_STEPS;
             if exact_fit(&mut start.clone(), &all, &mut budget) == Some(true) {
                 failed.clear();
@@ -245,15 +231,9 @@ impl Calendar {
 
     /// What is free at `t` on each host from placed nodes alone (before
     /// the unplaced ones of the reservations active then are packed,
-    /// wherever they fit best), and a reservation whose placed nodes do
-    /// not fit then.
-    fn placed_at<'a>(
-        &'a self,
-        hosts: &[HostCap],
-        t: Timestamp,
-    ) -> (Vec<HostCap>, Option<&'a Admitted>) {
+    /// wherever they fit best, see [`Calendar::joint`]).
+    fn placed_at(&self, hosts: &[HostCap], t: Timestamp) -> Vec<HostCap> {
         let mut free = hosts.to_vec();
-        let mut broken = None;
         // Every host given back first, then every host taken: a take before
         // a give-back on the same host would saturate at zero and lose the
         // difference (the result must not depend on the reservations' order).
@@ -275,14 +255,11 @@ impl Calendar {
         {
             for (host, need) in &r.placed {
                 if let Some(h) = free.iter_mut().find(|h| &h.name == host) {
-                    if !h.free.fits(*need) {
-                        broken.get_or_insert(r);
-                    }
                     h.free = h.free.minus(*need);
                 }
             }
         }
-        (free, broken)
+        free
     }
 
     /// The reservations active at `t`, for a refusal.
@@ -321,7 +298,7 @@ impl Calendar {
             // Refused if, packed with everything active then, one of its
             // nodes — or of an admitted reservation's that fits without
             // it — finds no host.
-            let (placed, _) = self.placed_at(hosts, t);
+            let placed = self.placed_at(hosts, t);
             let (before, without) = self.joint(placed.clone(), t, &[]);
             let (_, with) = self.joint(placed, t, demand);
             let new: Vec<&(Option<usize>, String)> =
@@ -450,7 +427,7 @@ impl Calendar {
             // This node must fit next to what is placed then; the unplaced
             // nodes of reservations (and its cluster's still to place) may
             // go anywhere they still pack.
-            let (free, _) = self.placed_at(&base, t);
+            let free = self.placed_at(&base, t);
             let Some(here) = free.iter().find(|h| h.name == host) else {
                 continue;
             };

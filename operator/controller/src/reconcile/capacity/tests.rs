@@ -240,7 +240,7 @@ fn a_permanent_node_may_not_take_capacity_promised_to_a_later_window() {
     // A reservation the fleet can no longer give does not block the rest.
     let shrunk = hosts(&[("h1", r(2, 4096)), ("h2", r(4, 4096))]);
     let t = ts("2026-01-01T10:00:00Z");
-    assert!(!cal.joint(cal.placed_at(&shrunk, t).0, t, &[]).1.is_empty());
+    assert!(!cal.joint(cal.placed_at(&shrunk, t), t, &[]).1.is_empty());
     assert!(cal.permits(&shrunk, "h1", r(1, 512), now, None).is_ok());
 }
 
@@ -509,6 +509,17 @@ fn fifty_generated_scenarios_against_a_brute_force_model() {
             start: hour(q.start),
             end: Some(hour(q.end)),
         };
+        // The brute-force model: do the reservations `set` active at hour
+        // `h` fit the hosts by some assignment?
+        let model_fits = |set: &[usize], h: i64| {
+            let needs: Vec<Resources> = set
+                .iter()
+                .filter(|&&j| reqs[j].start <= h && h < reqs[j].end)
+                .flat_map(|&j| reqs[j].nodes.clone())
+                .collect();
+            let mut free: Vec<Resources> = hosts.iter().map(|h| h.1).collect();
+            brute_fits(&mut free, &needs)
+        };
         // Admission, at hour 0, in request order.
         let mut admitted: Vec<usize> = vec![];
         for (i, q) in reqs.iter().enumerate() {
@@ -526,15 +537,7 @@ fn fifty_generated_scenarios_against_a_brute_force_model() {
                     // (the model agrees), or the heuristic missed one.
                     let mut with = admitted.clone();
                     with.push(i);
-                    let feasible = (q.start..q.end).all(|h| {
-                        let needs: Vec<Resources> = with
-                            .iter()
-                            .filter(|&&j| reqs[j].start <= h && h < reqs[j].end)
-                            .flat_map(|&j| reqs[j].nodes.clone())
-                            .collect();
-                        let mut free: Vec<Resources> = hosts.iter().map(|h| h.1).collect();
-                        brute_fits(&mut free, &needs)
-                    });
+                    let feasible = (q.start..q.end).all(|h| model_fits(&with, h));
                     if feasible {
                         heuristic_refusals += 1;
                     }
@@ -544,14 +547,8 @@ fn fifty_generated_scenarios_against_a_brute_force_model() {
         admitted_total += admitted.len();
         // The model: every instant's admitted set fits some assignment.
         for h in 0..=24 {
-            let needs: Vec<Resources> = admitted
-                .iter()
-                .filter(|&&j| reqs[j].start <= h && h < reqs[j].end)
-                .flat_map(|&j| reqs[j].nodes.clone())
-                .collect();
-            let mut free: Vec<Resources> = hosts.iter().map(|h| h.1).collect();
             assert!(
-                brute_fits(&mut free, &needs),
+                model_fits(&admitted, h),
                 "seed {seed}: admitted reservations cannot all fit at hour {h}: {hosts:?} {reqs:?} admitted {admitted:?}"
             );
         }
