@@ -20,9 +20,12 @@
 //!   of its peaks afterwards — so a permanent cluster never takes capacity
 //!   promised to a later window.
 //!
-//! Packing is best-fit decreasing, preferring a node's sites in order: what
-//! the calendar accepts, the scheduler can place. Refusals name the site,
-//! the resource, the instant and the reservations holding it.
+//! Packing is best-fit decreasing, preferring a node's sites in order, with
+//! an exact search when best fit misses. Each instant is checked on its own
+//! first (its refusals name the site, the resource, the instant and the
+//! reservations holding it), then all instants at once: a node keeps one
+//! host for its whole window (`temporal`), so what the calendar accepts,
+//! the scheduler can place.
 
 use k8s_openapi::jiff::Timestamp;
 use yukumo_api::common::Resources;
@@ -100,6 +103,9 @@ impl Admitted {
 pub struct Own<'a> {
     pub windows: &'a [Window],
     pub held: &'a [(String, Resources)],
+    /// Its nodes placed and counted in what is free now: they hold their
+    /// hosts in its windows only (given back for later reservations).
+    pub placed: &'a [(String, Resources)],
     /// Its nodes still to be placed after this one (largest first): the
     /// host chosen must leave them room (what the calendar admitted is
     /// what the scheduler places).
@@ -314,7 +320,51 @@ impl Calendar {
                 return Err(self.refusal(window, demand, &before, t, &site, d));
             }
         }
+        // Every instant packs; each node must also keep one host for its
+        // whole window (refused only if that is what this reservation
+        // breaks; an unfinished search leaves the verdict above).
+        let extra: Vec<(&[Window], &Demand)> = demand.iter().map(|d| (windows, d)).collect();
+        if self.packs_over_time(hosts, None, &[], &[]) == Some(true)
+            && self.packs_over_time(hosts, None, &extra, &[]) == Some(false)
+        {
+            let site = demand
+                .first()
+                .and_then(|d| d.sites.first())
+                .cloned()
+                .unwrap_or_default();
+            let span = windows.iter().map(Window::describe).collect::<Vec<_>>();
+            return Err(format!(
+                "site {site}: the reservation's nodes fit at every instant {} but not each on one host for all of it (a node keeps its host from its start to its end){}",
+                span.join(", "),
+                self.overlapping_note(windows)
+            ));
+        }
         Ok(())
+    }
+
+    /// `; reserved then by …`: the reservations with nodes whose windows
+    /// overlap `windows`.
+    fn overlapping_note(&self, windows: &[Window]) -> String {
+        let overlaps = |a: &Window, b: &Window| {
+            a.end.is_none_or(|e| b.start < e) && b.end.is_none_or(|e| a.start < e)
+        };
+        let who: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|r| !r.unplaced.is_empty() || !r.placed.is_empty())
+            .filter_map(|r| {
+                let w = r
+                    .windows
+                    .iter()
+                    .find(|rw| windows.iter().any(|w| overlaps(w, rw)))?;
+                Some(format!("{} ({})", r.who, w.describe()))
+            })
+            .collect();
+        if who.is_empty() {
+            String::new()
+        } else {
+            format!("; reserved then by {}", who.join(", "))
+        }
     }
 
     fn refusal(
@@ -400,9 +450,9 @@ impl Calendar {
             start: now,
             end: None,
         }];
-        let (windows, held, rest) = match &own {
-            Some(o) => (o.windows, o.held, o.rest),
-            None => (&for_ever[..], &[][..], &[][..]),
+        let (windows, held, placed, rest) = match &own {
+            Some(o) => (o.windows, o.held, o.placed, o.rest),
+            None => (&for_ever[..], &[][..], &[][..], &[][..]),
         };
         let mut checkpoints: Vec<Timestamp> = vec![now];
         checkpoints.extend(windows.iter().map(|w| w.start.max(now)));
@@ -481,9 +531,57 @@ impl Calendar {
                 });
             }
         }
+        // Every instant allows it; every reservation's nodes (and its
+        // cluster's still to place) must also keep one host each for their
+        // whole windows with this node here.
+        let Some(site) = hosts
+            .iter()
+            .find(|h| h.name == host)
+            .map(|h| h.site.clone())
+        else {
+            return Ok(());
+        };
+        let this = Demand {
+            node: String::new(),
+            sites: vec![site],
+            need,
+        };
+        let mut now_free = hosts.to_vec();
+        for (h, n) in placed {
+            if let Some(f) = now_free.iter_mut().find(|f| &f.name == h) {
+                f.free = f.free.plus(*n);
+            }
+        }
+        let mut fixed: Vec<temporal::Fixed> = held
+            .iter()
+            .chain(placed)
+            .map(|(h, n)| temporal::Fixed {
+                host: h,
+                need: *n,
+                windows,
+            })
+            .collect();
+        let later: Vec<(&[Window], &Demand)> = rest.iter().map(|d| (windows, d)).collect();
+        let anywhere: Vec<(&[Window], &Demand)> =
+            later.iter().copied().chain([(windows, &this)]).collect();
+        if self.packs_over_time(&now_free, Some(now), &anywhere, &fixed) == Some(true) {
+            fixed.push(temporal::Fixed {
+                host,
+                need,
+                windows,
+            });
+            if self.packs_over_time(&now_free, Some(now), &later, &fixed) == Some(false) {
+                return Err(format!(
+                    "capacity reserved over its window: on {host}, the nodes still to place would not each keep one host for their whole window{}",
+                    self.overlapping_note(windows)
+                ));
+            }
+        }
         Ok(())
     }
 }
+
+pub(crate) mod temporal;
 
 #[cfg(test)]
 mod tests;

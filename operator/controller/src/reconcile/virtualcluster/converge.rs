@@ -249,6 +249,26 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
     } else {
         vec![]
     };
+    // Its nodes counted in the views: they hold their hosts in its windows
+    // only (a scheduled cluster's are given back for what comes after).
+    let mut own_in_use: Vec<(String, Resources)> = Vec::new();
+    if inp.own_windows.is_some() && !sleeping {
+        own_in_use.extend(
+            mine.iter()
+                .filter(|n| n.spec.running)
+                .filter_map(|n| Some((n.spec.host.clone()?, n.spec.resources))),
+        );
+        own_in_use.extend(
+            inp.pending
+                .iter()
+                .filter(|((pns, name), p)| {
+                    *pns == ns
+                        && p.owner_uid == owner.uid
+                        && !mine.iter().any(|n| &n.name_any() == name)
+                })
+                .map(|(_, p)| (p.host.clone(), p.resources)),
+        );
+    }
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for n in &mine {
         if let Some(h) = &n.spec.host {
@@ -288,10 +308,12 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                  h: &HostView,
                  need: Resources,
                  own_held: &[(String, Resources)],
+                 own_in_use: &[(String, Resources)],
                  rest: &[Demand]| {
         let own = inp.own_windows.map(|windows| Own {
             windows,
             held: own_held,
+            placed: own_in_use,
             rest,
         });
         if own.is_none() && !inp.calendar.holds_ahead() {
@@ -442,7 +464,7 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                 &mut views,
                 &mut counts,
                 &|views: &[HostView], h: &HostView, need: Resources| {
-                    guard(views, h, need, &own_held, rest_after(&d.name))
+                    guard(views, h, need, &own_held, &own_in_use, rest_after(&d.name))
                 },
             ),
         };
@@ -459,7 +481,7 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
                     // Admitted at its windows: held for it.
                     Ok(())
                 } else {
-                    guard(v, h, need, &own_held, &[])
+                    guard(v, h, need, &own_held, &own_in_use, &[])
                 }
             })
         {
@@ -479,11 +501,14 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             }
             continue;
         }
-        if sleeping
-            && existing.is_none()
+        if existing.is_none()
             && let Placement::Host { host, .. } = &placement
         {
-            own_held.push((host.clone(), d.spec.resources));
+            if sleeping {
+                own_held.push((host.clone(), d.spec.resources));
+            } else if inp.own_windows.is_some() {
+                own_in_use.push((host.clone(), d.spec.resources));
+            }
         }
         let (host, site) = match placement {
             Placement::Host { host, site } => (host, site),
