@@ -310,6 +310,7 @@ const SUBSCRIBER_BUFFER: usize = 4096;
 fn shared_reflector<K>(
     client: &Client,
     wc: &watcher::Config,
+    deleted: Option<futures::channel::mpsc::UnboundedSender<Arc<K>>>,
 ) -> (
     Store<K>,
     reflector::store::Writer<K>,
@@ -335,7 +336,14 @@ where
                 // halves the memory of the caches.
                 .modify(|o| o.managed_fields_mut().clear())
                 .reflect_shared(writer)
-                .for_each(|_| futures::future::ready(())),
+                .for_each(move |ev| {
+                    // A shared store's subscribers see applies only; a
+                    // deletion is passed on here.
+                    if let (Some(tx), Ok(watcher::Event::Delete(o))) = (&deleted, &ev) {
+                        let _ = tx.unbounded_send(Arc::new(o.clone()));
+                    }
+                    futures::future::ready(())
+                }),
         )
     };
     (store, writer, start)
@@ -401,13 +409,20 @@ async fn run_controllers(
     let wc = watcher::Config::default().any_semantic();
 
     // One watch per kind, shared by every reconciler that reads it.
-    let (vc_store, vc_w, vc_start) = shared_reflector::<VirtualCluster>(&client, &wc);
-    let (vn_store, vn_w, vn_start) = shared_reflector::<VirtualNode>(&client, &wc);
-    let (host_store, host_w, host_start) = shared_reflector::<Host>(&client, &wc);
-    let (site_store, site_w, site_start) = shared_reflector::<Site>(&client, &wc);
-    let (ng_store, ng_w, ng_start) = shared_reflector::<NetworkGroup>(&client, &wc);
-    let (vol_store, vol_w, vol_start) = shared_reflector::<Volume>(&client, &wc);
-    let (rq_store, rq_w, rq_start) = shared_reflector::<ResourceQuota>(&client, &wc);
+    // VirtualNodes and VirtualClusters gone (capacity and reservations
+    // freed): clusters waiting for capacity try again at once, not at
+    // their next retry.
+    let (vc_gone_tx, vc_gone) = futures::channel::mpsc::unbounded::<Arc<VirtualCluster>>();
+    let (vn_gone_tx, vn_gone) = futures::channel::mpsc::unbounded::<Arc<VirtualNode>>();
+    let (vc_store, vc_w, vc_start) =
+        shared_reflector::<VirtualCluster>(&client, &wc, Some(vc_gone_tx));
+    let (vn_store, vn_w, vn_start) =
+        shared_reflector::<VirtualNode>(&client, &wc, Some(vn_gone_tx));
+    let (host_store, host_w, host_start) = shared_reflector::<Host>(&client, &wc, None);
+    let (site_store, site_w, site_start) = shared_reflector::<Site>(&client, &wc, None);
+    let (ng_store, ng_w, ng_start) = shared_reflector::<NetworkGroup>(&client, &wc, None);
+    let (vol_store, vol_w, vol_start) = shared_reflector::<Volume>(&client, &wc, None);
+    let (rq_store, rq_w, rq_start) = shared_reflector::<ResourceQuota>(&client, &wc, None);
     // Writers made by `store_shared` always hand out subscriptions.
     const SHARED: &str = "a shared store's writer subscribes";
     let vc_for = vc_w.subscribe().expect(SHARED);
@@ -485,6 +500,25 @@ async fn run_controllers(
     let vc_store5 = vc_store.clone();
     let vc_store6 = vc_store.clone();
     let vc_store7 = vc_store.clone();
+    let vc_store8 = vc_store.clone();
+    let vc_store9 = vc_store.clone();
+    // A cluster with fewer nodes ready than it wants, not yet seen, or
+    // refused or unplaced for want of capacity: maybe waiting for capacity.
+    let waiting = |vc: &VirtualCluster| {
+        use yukumo_api::Reason;
+        use yukumo_api::common::{Conditions, condition_types};
+        vc.status.as_ref().is_none_or(|s| {
+            s.ready_nodes < s.desired_nodes
+                || s.conditions
+                    .get_condition(condition_types::READY)
+                    .is_some_and(|c| {
+                        matches!(
+                            c.reason,
+                            Reason::InsufficientCapacity | Reason::Unschedulable
+                        )
+                    })
+        })
+    };
     let ng_store_for_vc = ng_store.clone();
     let vcs = Controller::for_shared_stream(vc_for, vc_store)
         .with_config(controller::Config::default().debounce(Duration::from_millis(250)))
@@ -561,17 +595,37 @@ async fn run_controllers(
                     .state()
                     .into_iter()
                     .filter(|vc| {
-                        vc.status.as_ref().is_none_or(|s| {
-                            s.ready_nodes < s.desired_nodes
-                                || s.nodes
+                        waiting(vc)
+                            || vc.status.as_ref().is_some_and(|s| {
+                                s.nodes
                                     .iter()
                                     .any(|n| n.host.as_deref() == Some(name.as_str()))
-                        })
+                            })
                     })
                     .map(|vc| ObjectRef::from_obj(vc.as_ref()))
                     .collect::<Vec<_>>()
             },
         )
+        .watches_shared_stream(vc_gone, move |gone| {
+            vc_store9
+                .state()
+                .into_iter()
+                .filter(|vc| waiting(vc) && vc.metadata.uid != gone.metadata.uid)
+                .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_shared_stream(vn_gone, move |gone| {
+            // A node gone frees its host's capacity: its cluster (a
+            // replacement may be made now) and the clusters waiting for
+            // capacity.
+            let owner = gone.owner_references().first().map(|o| o.uid.clone());
+            vc_store8
+                .state()
+                .into_iter()
+                .filter(|vc| waiting(vc) || vc.metadata.uid == owner)
+                .map(|vc| ObjectRef::from_obj(vc.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopper(stop.clone()))
         .run(
             reconcile::virtualcluster::reconcile,
