@@ -868,3 +868,109 @@ fn a_stopped_cluster_gives_its_hosts_back_and_starts_where_there_is_room() {
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
+
+/// `kubectl yukumo` as kubectl finds it (a `kubectl-yukumo` on the PATH),
+/// with the environment's kubeconfig and no namespace in it (`-n`).
+fn plugin(env: &Env, args: &[&str]) -> std::process::Output {
+    let bin = env.root.join("target/release");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::process::Command::new("kubectl")
+        .arg("yukumo")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", env.kubeconfig())
+        .output()
+        .expect("run kubectl yukumo")
+}
+
+/// The kubectl plugin against the real API server: a pool scaled (and an
+/// unknown pool refused, naming the pools), the status tree, the cluster
+/// stopped and started.
+#[test]
+fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
+    let env = Env::get();
+    let ns = "plugin";
+    setup(&env, ns);
+    env.apply(&cluster(ns, "pc", 1, "128Mi"));
+    wait_count(&env, ns, "pc", 2);
+
+    let out = plugin(&env, &["-n", ns, "scale", "pc", "worker", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "virtualcluster plugin/pc: pool worker scaled to 3"
+    );
+    wait_count(&env, ns, "pc", 4);
+
+    let out = plugin(&env, &["-n", ns, "scale", "pc", "workers", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has no pool \"workers\" (its pools: worker)"),
+        "{err}"
+    );
+    let out = plugin(&env, &["-n", ns, "scale", "nope", "worker", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("virtualcluster plugin/nope not found"));
+
+    // The tree: every node under its pool, the group, the conditions.
+    let (tree, _) = wait_for(Duration::from_secs(30), "status shows 4 nodes", || {
+        let out = plugin(&env, &["-n", ns, "status", "pc"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success()
+            && text.contains("pool worker (3 replicas")
+            && text.contains("pc-worker-2")
+        {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    })
+    .unwrap();
+    println!("{tree}");
+    assert!(tree.starts_with("VirtualCluster plugin/pc: "), "{tree}");
+    assert!(tree.contains("├─ frontend pc-frontend"), "{tree}");
+    assert!(tree.contains("network group net (vxlan "), "{tree}");
+    assert!(tree.contains("conditions\n│  ├─ Ready="), "{tree}");
+
+    // Stop: every node's spec.running follows; start: back.
+    for (verb, running) in [("stop", false), ("start", true)] {
+        let out = plugin(&env, &["-n", ns, verb, "pc"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_, took) = wait_for(
+            Duration::from_secs(30),
+            &format!("{verb}: nodes follow"),
+            || {
+                let ns_nodes = nodes(&env, ns, "pc");
+                let following = ns_nodes
+                    .iter()
+                    .filter(|n| n["spec"]["running"] == running)
+                    .count();
+                if ns_nodes.len() == 4 && following == 4 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{following}/{} nodes running={running}",
+                        ns_nodes.len()
+                    ))
+                }
+            },
+        )
+        .unwrap();
+        println!("kubectl yukumo {verb}: every node's spec.running={running} after {took:?}");
+    }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+}

@@ -1,0 +1,151 @@
+//! `kubectl yukumo`: what a user of a virtual cluster does by hand.
+//!
+//! - `status CLUSTER`: the cluster as a tree (nodes by pool, hosts,
+//!   addresses, its network and volumes, conditions, recent Events);
+//! - `scale CLUSTER POOL N`: a pool's replicas (a JSON patch that first
+//!   tests the pool's name, so a concurrent edit of the list fails
+//!   instead of scaling another pool);
+//! - `start CLUSTER` / `stop CLUSTER`: `spec.running` (stopped nodes keep
+//!   their disks).
+//!
+//! Installed as `kubectl-yukumo` on the `PATH` (kubectl finds plugins by
+//! name); it uses the current kubeconfig context and its namespace unless
+//! `-n` says otherwise. Every request is the user's own: RBAC decides.
+
+mod render;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use yukumo_api::{NetworkGroup, VirtualCluster, VirtualNode, Volume, labels};
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl yukumo",
+    version,
+    about = "Use yukumo virtual clusters"
+)]
+struct Cli {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The cluster as a tree: nodes by pool, hosts, addresses, network,
+    /// volumes, conditions and recent Events.
+    Status { cluster: String },
+    /// Set a pool's number of workers.
+    Scale {
+        cluster: String,
+        pool: String,
+        replicas: i32,
+    },
+    /// Run every node of the cluster (`spec.running: true`).
+    Start { cluster: String },
+    /// Stop every node of the cluster, keeping their disks (`spec.running: false`).
+    Stop { cluster: String },
+}
+
+/// Writes are made as this field manager.
+fn params() -> PatchParams {
+    PatchParams {
+        field_manager: Some("kubectl-yukumo".into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let ns = cli
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let vcs: Api<VirtualCluster> = Api::namespaced(client.clone(), &ns);
+    match cli.command {
+        Command::Status { cluster } => {
+            let vc = get(&vcs, &ns, &cluster).await?;
+            let nodes: Api<VirtualNode> = Api::namespaced(client.clone(), &ns);
+            let nodes = nodes
+                .list(&ListParams::default().labels(&format!("{}={cluster}", labels::CLUSTER)))
+                .await
+                .context("listing the cluster's VirtualNodes")?
+                .items;
+            let group = Api::<NetworkGroup>::namespaced(client.clone(), &ns)
+                .get_opt(&vc.spec.network_group)
+                .await
+                .context("reading the cluster's NetworkGroup")?;
+            let wanted = render::volume_names(&vc);
+            let volumes: Vec<Volume> = Api::<Volume>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+                .context("listing Volumes")?
+                .items
+                .into_iter()
+                .filter(|v| wanted.contains(&v.metadata.name.clone().unwrap_or_default()))
+                .collect();
+            let events: Vec<Event> = Api::<Event>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+                .context("listing Events")?
+                .items;
+            print!(
+                "{}",
+                render::status(&ns, &vc, &nodes, group.as_ref(), &volumes, &events)
+            );
+        }
+        Command::Scale {
+            cluster,
+            pool,
+            replicas,
+        } => {
+            let vc = get(&vcs, &ns, &cluster).await?;
+            let patch = render::scale_patch(&vc, &pool, replicas)?;
+            vcs.patch(&cluster, &params(), &Patch::Merge(&patch))
+                .await
+                .with_context(|| format!("scaling pool {pool:?} of {ns}/{cluster}"))?;
+            println!("virtualcluster {ns}/{cluster}: pool {pool} scaled to {replicas}");
+        }
+        Command::Start { cluster } => power(&vcs, &ns, &cluster, true).await?,
+        Command::Stop { cluster } => power(&vcs, &ns, &cluster, false).await?,
+    }
+    Ok(())
+}
+
+async fn get(vcs: &Api<VirtualCluster>, ns: &str, name: &str) -> Result<VirtualCluster> {
+    match vcs.get_opt(name).await {
+        Ok(Some(vc)) => Ok(vc),
+        Ok(None) => bail!("virtualcluster {ns}/{name} not found"),
+        Err(e) => Err(e).with_context(|| format!("reading virtualcluster {ns}/{name}")),
+    }
+}
+
+async fn power(vcs: &Api<VirtualCluster>, ns: &str, name: &str, running: bool) -> Result<()> {
+    get(vcs, ns, name).await?;
+    let patch = serde_json::json!({ "spec": { "running": running } });
+    vcs.patch(name, &params(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("setting spec.running of {ns}/{name}"))?;
+    let (verb, note) = if running {
+        ("started", "")
+    } else {
+        ("stopped", " (disks kept)")
+    };
+    println!("virtualcluster {ns}/{name} {verb}{note}");
+    Ok(())
+}
