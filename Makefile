@@ -49,7 +49,7 @@ lint:
 unit: build
 	$(CARGO) test --release --workspace --lib --bins   # includes the CRD drift check
 
-chart: tools
+chart: tools build
 	e2e/chart-test.sh
 
 # The container image, without a daemon: target/image/yukumo-<version>.oci.tar.

@@ -29,6 +29,30 @@ check "no Ceph keyring by default" refuses grep -q -- '--ceph-keyring' <<<"$rend
 ceph=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.cephKeyringSecret=ceph-yukumo)
 check "agent.cephKeyringSecret passes --ceph-keyring" grep -q -- '--ceph-keyring=/etc/yukumo/ceph/keyring' <<<"$ceph"
 check "agent.cephKeyringSecret mounts the Secret" grep -q 'secretName: ceph-yukumo' <<<"$ceph"
+# Every flag the chart passes exists and parses (clap validates what comes
+# before --help, then prints help and exits 0), with all options set.
+args_of() { # rendered manifest, template file: the container's args, one per line
+  helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --show-only "templates/$2" "${@:3}" \
+    | sed -n '/^        args:/,/^        env:/p' | sed -n 's/^        - //p' | tr -d '"' | sed 's/\$(NODE_NAME)/host-1/'
+}
+full=(--set agent.gateway=true --set agent.uplink=eno1 --set agent.cephKeyringSecret=ceph --set-json agent.cpuOvercommit=1.5
+      --set agent.domainType=qemu --set 'agent.extraArgs[0]=--iscsi-portal=192.0.2.1:3260' --set 'controller.extraArgs[0]=--identity=controller-a')
+mapfile -t agent_args < <(args_of x agent.yaml "${full[@]}")
+mapfile -t ctl_args < <(args_of x controller.yaml "${full[@]}")
+check "the agent accepts every flag the chart passes (${#agent_args[@]})" "$ROOT/target/release/yukumo-agent" "${agent_args[@]}" --help
+check "the controller accepts every flag the chart passes (${#ctl_args[@]})" "$ROOT/target/release/yukumo-controller" "${ctl_args[@]}" --help
+check "a wrong flag would be caught" refuses "$ROOT/target/release/yukumo-agent" "${agent_args[@]}" --no-such-flag --help
+for bad in "agent.domainType=xen" "agent.uplink=this-name-is-too-long" "controller.priorityClassName=Bad_Name" "controller.extraArgs[0]=not-a-flag"; do
+  check "values schema refuses $bad" refuses helm lint "$CHART" --set "$bad"
+done
+check "controller PodDisruptionBudget with 2 replicas" grep -q '^kind: PodDisruptionBudget' <<<"$render"
+check "no PodDisruptionBudget for 1 replica" refuses grep -q '^kind: PodDisruptionBudget' \
+  <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set controller.replicas=1)"
+check "controller replicas prefer different nodes" grep -q 'podAntiAffinity' <<<"$render"
+check "agent has a readiness probe" grep -q 'readinessProbe' <<<"$(helm template yukumo "$CHART" --kube-version 1.35.4 --show-only templates/agent.yaml)"
+pulls=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set 'image.pullSecrets[0].name=regcred' --set agent.priorityClassName=system-node-critical)
+check "image.pullSecrets reach both pods" test "$(grep -c 'name: regcred' <<<"$pulls")" -eq 2
+check "agent.priorityClassName is set" grep -q 'priorityClassName: system-node-critical' <<<"$pulls"
 norender=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set crds.install=false)
 check "crds.install=false renders no CRD" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$norender" || true)" -eq 0
 echo "$pass passed, $fail failed"

@@ -539,6 +539,61 @@ fn bad_volume_specs_and_other_tenants_volumes_are_refused_clearly() {
             "bob: can-i {verb} {what} -n {ns}"
         );
     }
+    // team-b's namespace admin: the built-in `admin` role only (which the
+    // chart's yukumo-admin aggregates into), nothing of yukumo's own.
+    env.kubectl_ok(&[
+        "-n",
+        "team-b",
+        "create",
+        "rolebinding",
+        "team-b-admin",
+        "--clusterrole=admin",
+        "--user=carol",
+    ])
+    .unwrap();
+    let carol = |verb: &str, what: &str, ns: &str| {
+        let mut args = vec!["auth", "can-i", verb];
+        args.extend(what.split_whitespace());
+        args.extend(["-n", ns, "--as", "carol"]);
+        String::from_utf8_lossy(&env.kubectl(&args).stdout)
+            .trim()
+            .to_string()
+    };
+    let mut wrong = Vec::new();
+    let mut checks = 0;
+    for kind in [
+        "virtualclusters.yukumo.io",
+        "networkgroups.yukumo.io",
+        "volumes.yukumo.io",
+    ] {
+        for verb in ["create", "get", "list", "patch", "delete"] {
+            for (ns, want) in [("team-b", "yes"), ("team-a", "no")] {
+                checks += 1;
+                let got = carol(verb, kind, ns);
+                if got != want {
+                    wrong.push(format!("carol {verb} {kind} -n {ns}: {got}, want {want}"));
+                }
+            }
+        }
+    }
+    for (verb, what, ns, want) in [
+        ("get", "virtualnodes.yukumo.io", "team-b", "yes"),
+        ("create", "virtualnodes.yukumo.io", "team-b", "no"),
+        ("delete", "virtualnodes.yukumo.io", "team-b", "no"),
+        ("patch", "virtualclusters.yukumo.io --subresource=status", "team-b", "no"),
+        ("get", "resourcequotas", "team-b", "yes"),
+        ("create", "resourcequotas", "team-b", "no"),
+        ("get", "sites.yukumo.io", "default", "no"),
+        ("patch", "hosts.yukumo.io", "default", "no"),
+    ] {
+        checks += 1;
+        let got = carol(verb, what, ns);
+        if got != want {
+            wrong.push(format!("carol {verb} {what} -n {ns}: {got}, want {want}"));
+        }
+    }
+    println!("team-b admin (built-in admin): {checks} can-i checks");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     // Refused by the API server, naming the field.
     let out = env.kubectl_stdin(&["apply", "-f", "-"], &volume("team-a", "bad", "lots"));
     let err = String::from_utf8_lossy(&out.stderr);
