@@ -49,6 +49,10 @@ check "controller PodDisruptionBudget with 2 replicas" grep -q '^kind: PodDisrup
 check "no PodDisruptionBudget for 1 replica" refuses grep -q '^kind: PodDisruptionBudget' \
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set controller.replicas=1)"
 check "controller replicas prefer different nodes" grep -q 'podAntiAffinity' <<<"$render"
+check "the agent reads its Node's labels (and may get Nodes)" grep -q -- '--from-node-labels' <<<"$render"
+check "agent RBAC: get nodes" grep -B2 -A1 'resources: \[nodes\]' <<<"$render"
+check "fromNodeLabels=false: neither" refuses grep -q -- 'resources: \[nodes\]\|--from-node-labels' \
+  <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.fromNodeLabels=false)"
 check "agent has a readiness probe" grep -q 'readinessProbe' <<<"$(helm template yukumo "$CHART" --kube-version 1.35.4 --show-only templates/agent.yaml)"
 pulls=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set 'image.pullSecrets[0].name=regcred' --set agent.priorityClassName=system-node-critical)
 check "image.pullSecrets reach both pods" test "$(grep -c 'name: regcred' <<<"$pulls")" -eq 2

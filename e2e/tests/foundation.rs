@@ -1635,3 +1635,143 @@ spec: {{size: 16Mi, pool: no-such-pool}}
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
         .unwrap();
 }
+
+/// An agent started with the environment's (the chart's) agent credentials
+/// and `--from-node-labels`, on the in-process test hypervisor. Killed (our
+/// own PID) and its Host and Node removed when dropped, also on failure.
+struct LabelledAgent<'a> {
+    env: &'a Env,
+    node: String,
+    child: Option<std::process::Child>,
+}
+
+impl<'a> LabelledAgent<'a> {
+    fn start(env: &'a Env, node: &str, labels: &str) -> LabelledAgent<'a> {
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels: {{{labels}}}\n"
+        );
+        let out = env.kubectl_stdin(&["apply", "-f", "-"], &text);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let state = env.dir.join(format!("labelled-{node}"));
+        let child = std::process::Command::new(env.root.join("target/release/yukumo-agent"))
+            .env("KUBECONFIG", env.dir.join("kubeconfig-agent"))
+            .env("RUST_LOG", "warn")
+            .args([
+                "--host-name",
+                node,
+                "--site",
+                "fallback",
+                "--from-node-labels",
+            ])
+            .args(["--libvirt-uri", "test:///default", "--no-network"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                "2s",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        LabelledAgent {
+            env,
+            node: node.to_string(),
+            child: Some(child),
+        }
+    }
+}
+
+impl Drop for LabelledAgent<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.env.kubectl(&[
+            "delete",
+            "host",
+            &self.node,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+        let _ = self
+            .env
+            .kubectl(&["delete", "node", &self.node, "--ignore-not-found"]);
+    }
+}
+
+/// The chart's one agent DaemonSet serves several Sites: each agent reads
+/// its Site, gateway role and uplink from its Node's labels (a Node object
+/// as a kubelet registers it: none runs here), through the chart's RBAC;
+/// a wrong label stops the agent naming it.
+#[test]
+fn an_agent_takes_its_site_gateway_and_uplink_from_its_nodes_labels() {
+    let env = Env::get();
+    // A Site of its own: no test's groups or clusters use it.
+    let out = env.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {name: labelled}\nspec: {description: per-node labels test}\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = LabelledAgent::start(
+        &env,
+        "labelled-1",
+        "yukumo.io/site: labelled, yukumo.io/gateway: 'true', yukumo.io/uplink: eno7",
+    );
+    let (spec, took) = wait_for(Duration::from_secs(30), "Host labelled-1", || {
+        let out = env.kubectl(&["get", "host", "labelled-1", "-o", "json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Ok(h["spec"].clone())
+    })
+    .unwrap();
+    println!("Host registered {took:?} after the agent started: {spec}");
+    assert_eq!(spec["site"], "labelled", "the label, not --site fallback");
+    assert_eq!(spec["gateway"], true);
+    assert_eq!(spec["uplink"], "eno7");
+    drop(agent);
+
+    // A label that cannot be right: the agent stops, naming it.
+    let mut bad = LabelledAgent::start(&env, "labelled-2", "yukumo.io/gateway: maybe");
+    let mut child = bad.child.take().unwrap();
+    let (status, _) = wait_for(Duration::from_secs(30), "the agent exits", || {
+        child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "running".to_string())
+    })
+    .unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(
+            "Node labelled-2: label yukumo.io/gateway=\"maybe\" must be \"true\" or \"false\""
+        ),
+        "{err}"
+    );
+    let out = env.kubectl(&["get", "host", "labelled-2"]);
+    assert!(!out.status.success(), "no Host for a refused node");
+    drop(bad);
+    env.kubectl_ok(&["delete", "site", "labelled", "--wait=false"])
+        .unwrap();
+}

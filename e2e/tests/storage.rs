@@ -580,7 +580,12 @@ fn bad_volume_specs_and_other_tenants_volumes_are_refused_clearly() {
         ("get", "virtualnodes.yukumo.io", "team-b", "yes"),
         ("create", "virtualnodes.yukumo.io", "team-b", "no"),
         ("delete", "virtualnodes.yukumo.io", "team-b", "no"),
-        ("patch", "virtualclusters.yukumo.io --subresource=status", "team-b", "no"),
+        (
+            "patch",
+            "virtualclusters.yukumo.io --subresource=status",
+            "team-b",
+            "no",
+        ),
         ("get", "resourcequotas", "team-b", "yes"),
         ("create", "resourcequotas", "team-b", "no"),
         ("get", "sites.yukumo.io", "default", "no"),

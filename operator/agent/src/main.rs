@@ -12,6 +12,7 @@ mod compute;
 mod finalizer;
 mod hypervisor;
 mod network;
+mod node_labels;
 mod probe;
 mod register;
 mod storage;
@@ -31,9 +32,16 @@ pub struct Args {
     /// Name of this host's Host object (the node name on a real cluster).
     #[arg(long, env = "NODE_NAME")]
     pub host_name: String,
-    /// Site the host belongs to.
-    #[arg(long, env = "YUKUMO_SITE")]
+    /// Site the host belongs to (with `--from-node-labels`, the default
+    /// for a Node without the `yukumo.io/site` label).
+    #[arg(long, env = "YUKUMO_SITE", default_value = "")]
     pub site: String,
+    /// Read the Site, the gateway role and the uplink from this host's
+    /// Kubernetes Node labels `yukumo.io/site`, `yukumo.io/gateway`
+    /// (`"true"`/`"false"`) and `yukumo.io/uplink`, where present (they win
+    /// over `--site`, `--gateway` and `--uplink`).
+    #[arg(long)]
+    pub from_node_labels: bool,
     /// libvirt URI of the host's hypervisor.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt_uri: String,
@@ -133,12 +141,31 @@ fn main() -> anyhow::Result<()> {
 
 async fn agent() -> anyhow::Result<()> {
     yukumo_telemetry::init_tracing();
-    let args = Args::parse();
+    let mut args = Args::parse();
     std::fs::create_dir_all(&args.state_dir)?;
     // Two netlink sockets per router namespace (network::watch): a host
     // with many routers needs more descriptors than the usual soft limit.
     raise_fd_limit();
     let client = Client::try_default().await?;
+    let defaults = node_labels::Settings {
+        site: args.site.clone(),
+        gateway: args.gateway,
+        uplink: args.uplink.clone(),
+    };
+    let labels = if args.from_node_labels {
+        let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .get(&args.host_name)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("--from-node-labels: reading Node {}: {e}", args.host_name)
+            })?;
+        node.metadata.labels.unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    let settings =
+        node_labels::resolve(&args.host_name, &labels, defaults).map_err(anyhow::Error::msg)?;
+    (args.site, args.gateway, args.uplink) = (settings.site, settings.gateway, settings.uplink);
     let mut registry = Registry::default();
     let metrics = register::Metrics::register(&mut registry);
     let health = Health::default();
