@@ -362,6 +362,10 @@ fn rbac_gives_each_service_account_what_it_needs_and_no_more() {
             false,
         ),
         (agent, "delete", "hosts.yukumo.io", "", false),
+        // Its Node's labels (--from-node-labels), nothing more of Nodes.
+        (agent, "get", "nodes", "", true),
+        (agent, "list", "nodes", "", false),
+        (agent, "patch", "nodes", "", false),
         (agent, "get", "secrets/other-secret", "yukumo-system", false),
         (agent, "list", "secrets", "yukumo-system", false),
         (agent, "get", "secrets", "default", false),

@@ -242,6 +242,21 @@ impl JsonSchema for Reason {
 mod tests {
     use super::*;
 
+    /// docs/TROUBLESHOOTING.md explains every reason (and what to do).
+    #[test]
+    fn every_reason_is_in_the_troubleshooting_guide() {
+        let guide = include_str!("../../../docs/TROUBLESHOOTING.md");
+        let missing: Vec<&str> = Reason::ALL
+            .iter()
+            .map(Reason::as_str)
+            .filter(|name| !guide.contains(&format!("| `{name}` |")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/TROUBLESHOOTING.md has no row for {missing:?}"
+        );
+    }
+
     #[test]
     fn names_round_trip_and_unknown_ones_are_kept() {
         for r in Reason::ALL {
