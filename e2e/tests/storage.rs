@@ -1525,14 +1525,10 @@ fn ceph_images(env: &Env) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshots_live_and_restores()
- {
-    let env = Env::get();
-    let ns = "rbd";
-    // The environment declares the `ceph` pool on the Site `local`, but a
-    // test that re-applies examples/local-site.yaml replaces the Site's
-    // pools: declare it again if it is gone.
+/// The environment declares the `ceph` pool on the Site `local`, but a
+/// test that re-applies examples/local-site.yaml replaces the Site's
+/// pools: declare it again if it is gone.
+fn ensure_ceph_pool(env: &Env) {
     let site = env.get_json(&["get", "site", "local"]);
     let pools = site["spec"]["storagePools"]
         .as_array()
@@ -1548,6 +1544,20 @@ fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshot
         env.kubectl_ok(&["patch", "site", "local", "--type", "json", "-p", &patch])
             .unwrap();
     }
+}
+
+#[test]
+fn an_rbd_volume_attached_read_only_serves_several_guests_at_once_and_keeps_writers_out() {
+    ensure_ceph_pool(&Env::get());
+    readers_share_and_exclude_a_writer("ceph");
+}
+
+#[test]
+fn an_rbd_volume_in_a_real_ceph_serves_a_guest_on_any_host_grows_online_snapshots_live_and_restores()
+ {
+    let env = Env::get();
+    let ns = "rbd";
+    ensure_ceph_pool(&env);
     env.apply(&namespace(ns));
     env.apply(&volume_in(ns, "data", "64Mi", "ceph"));
     let (vol, took) = available(&env, ns, "data", 90);
@@ -1807,11 +1817,14 @@ fn readers_share_and_exclude_a_writer(pool: &str) {
         .iter()
         .map(|r| r["host"].as_str().unwrap().to_string())
         .collect();
-    let targets = if pool == "san" {
-        host1_targets(&env)
-    } else {
-        assert!(hosts.iter().all(|h| h == "host-1"), "{hosts:?}");
-        String::new()
+    // (rbd: any host, through librbd with the pool's Ceph user.)
+    let targets = match pool {
+        "san" => host1_targets(&env),
+        "default" => {
+            assert!(hosts.iter().all(|h| h == "host-1"), "{hosts:?}");
+            String::new()
+        }
+        _ => String::new(),
     };
     for h in hosts.iter().filter(|_| pool == "san") {
         assert!(
