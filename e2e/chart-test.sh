@@ -48,6 +48,10 @@ done
 check "controller PodDisruptionBudget with 2 replicas" grep -q '^kind: PodDisruptionBudget' <<<"$render"
 check "no PodDisruptionBudget for 1 replica" refuses grep -q '^kind: PodDisruptionBudget' \
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set controller.replicas=1)"
+check "ships the site agents' role and the policy keeping each to its own Host" \
+  test "$(grep -c 'name: yukumo-site-agent' <<<"$render")" -ge 3
+check "admissionPolicy.enabled=false: no policy" refuses grep -q '^kind: ValidatingAdmissionPolicy' \
+  <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set admissionPolicy.enabled=false)"
 check "controller replicas prefer different nodes" grep -q 'podAntiAffinity' <<<"$render"
 check "the agent reads its Node's labels (and may get Nodes)" grep -q -- '--from-node-labels' <<<"$render"
 check "agent RBAC: get nodes" grep -B2 -A1 'resources: \[nodes\]' <<<"$render"

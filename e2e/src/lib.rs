@@ -114,6 +114,24 @@ impl Env {
         );
     }
 
+    /// `kubectl yukumo` as kubectl finds it (a `kubectl-yukumo` on the
+    /// PATH), with the environment's kubeconfig.
+    pub fn plugin(&self, args: &[&str]) -> Output {
+        let bin = self.root.join("target/release");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("kubectl")
+            .arg("yukumo")
+            .args(args)
+            .env("PATH", path)
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("run kubectl yukumo")
+    }
+
     /// Run `e2e/env.sh` with a subcommand against this environment.
     pub fn env_sh(&self, args: &[&str]) -> anyhow::Result<()> {
         let out = Command::new(self.root.join("e2e/env.sh"))

@@ -5,6 +5,7 @@
 //! The tests share one environment and run one at a time; each restores what
 //! it stops.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -1643,6 +1644,30 @@ spec: {{size: 16Mi, pool: no-such-pool}}
 /// An agent started with the environment's (the chart's) agent credentials
 /// and `--from-node-labels`, on the in-process test hypervisor. Killed (our
 /// own PID) and its Host and Node removed when dropped, also on failure.
+/// A real agent process with no libvirtd (`test:///default`) and no
+/// networking: it registers and heartbeats its Host with `kubeconfig`.
+fn spawn_agent(env: &Env, kubeconfig: &Path, host: &str, args: &[&str]) -> std::process::Child {
+    let state = env.dir.join(format!("agent-state-{host}"));
+    std::process::Command::new(env.root.join("target/release/yukumo-agent"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .args(["--host-name", host])
+        .args(args)
+        .args(["--libvirt-uri", "test:///default", "--no-network"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--heartbeat-interval",
+            "2s",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent")
+}
+
 struct LabelledAgent<'a> {
     env: &'a Env,
     node: String,
@@ -1660,30 +1685,12 @@ impl<'a> LabelledAgent<'a> {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let state = env.dir.join(format!("labelled-{node}"));
-        let child = std::process::Command::new(env.root.join("target/release/yukumo-agent"))
-            .env("KUBECONFIG", env.dir.join("kubeconfig-agent"))
-            .env("RUST_LOG", "warn")
-            .args([
-                "--host-name",
-                node,
-                "--site",
-                "fallback",
-                "--from-node-labels",
-            ])
-            .args(["--libvirt-uri", "test:///default", "--no-network"])
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--heartbeat-interval",
-                "2s",
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the agent");
+        let child = spawn_agent(
+            env,
+            &env.dir.join("kubeconfig-agent"),
+            node,
+            &["--site", "fallback", "--from-node-labels"],
+        );
         LabelledAgent {
             env,
             node: node.to_string(),
@@ -1778,4 +1785,257 @@ fn an_agent_takes_its_site_gateway_and_uplink_from_its_nodes_labels() {
     drop(bad);
     env.kubectl_ok(&["delete", "site", "labelled", "--wait=false"])
         .unwrap();
+}
+
+/// A remote Site's agents: `kubectl yukumo site join` makes one host's
+/// credential (kubeconfig and the command to start the agent); the agent
+/// registers and heartbeats its Host with it; the same credential may not
+/// register another Host, move its own to another Site, or write the
+/// status of a Host, VirtualNode or Volume that is not its host's (the
+/// chart's admission policy, naming why); revoking it stops it at once.
+#[test]
+fn a_remote_sites_agent_joins_with_a_credential_that_writes_only_its_own_host() {
+    let env = Env::get();
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {name: remote}\nspec: {description: remote agents test}\n",
+    );
+    // An unknown Site and a bad host name are refused before anything is made.
+    let out = env.plugin(&["site", "join", "nowhere", "r-1"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("site nowhere not found"),
+        "{err}"
+    );
+    let out = env.plugin(&["site", "join", "remote", "R_1"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("DNS subdomain"),
+        "{err}"
+    );
+
+    let kc = |h: &str| env.dir.join(format!("site-remote-{h}.kubeconfig"));
+    for h in ["r-1", "r-2"] {
+        let file = kc(h);
+        let out = env.plugin(&["site", "join", "remote", h, "-o", file.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!("yukumo-agent --host-name {h} --site remote")),
+            "{text}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the kubeconfig holds a token");
+    }
+    let mut agent = spawn_agent(&env, &kc("r-1"), "r-1", &["--site", "remote"]);
+    let (_, took) = wait_for(Duration::from_secs(60), "Host r-1 Ready", || {
+        let out = env.kubectl(&["get", "host", "r-1", "-o", "json"]);
+        let h: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        match (h["spec"]["site"].as_str(), condition(&h, "Ready")) {
+            (Some("remote"), Some((status, _, _))) if status == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .inspect_err(|_| {
+        let _ = agent.kill();
+        let mut err = String::new();
+        use std::io::Read;
+        let _ = agent.stderr.take().unwrap().read_to_string(&mut err);
+        eprintln!("agent r-1: {err}");
+    })
+    .unwrap();
+    println!("the remote agent's Host was Ready {took:?} after it started");
+    let _ = agent.kill();
+    let _ = agent.wait();
+
+    let as_host = |h: &str, args: &[&str]| {
+        std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kc(h))
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    };
+    let host_file = |name: &str, site: &str| {
+        let f = env.dir.join(format!("host-{name}-{site}.yaml"));
+        std::fs::write(
+            &f,
+            format!("apiVersion: yukumo.io/v1alpha1\nkind: Host\nmetadata: {{name: {name}}}\nspec: {{site: {site}}}\n"),
+        )
+        .unwrap();
+        f.to_str().unwrap().to_string()
+    };
+    // r-2's credential cannot register r-2 at another Site, nor r-1's r-3.
+    for (who, name, site) in [("r-2", "r-2", "default"), ("r-1", "r-3", "remote")] {
+        let out = as_host(who, &["create", "-f", &host_file(name, site)]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let want = format!(
+            "the site agent of Host {who} at Site remote may register and report only that Host, at that Site"
+        );
+        assert!(
+            !out.status.success() && err.contains(&want),
+            "{who} creating {name} at {site}: {err}"
+        );
+    }
+
+    // Objects of another host, made by the admin.
+    env.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: remote-agents}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: Host
+metadata: {name: r-2}
+spec: {site: remote}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualNode
+metadata: {name: on-r2, namespace: remote-agents, labels: {yukumo.io/host: r-2}}
+spec:
+  cluster: c
+  role: worker
+  hostname: on-r2
+  host: r-2
+  resources: {cpu: 1, memoryMiB: 64}
+  image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualNode
+metadata: {name: on-r1, namespace: remote-agents, labels: {yukumo.io/host: r-1}}
+spec:
+  cluster: c
+  role: worker
+  hostname: on-r1
+  host: r-1
+  resources: {cpu: 1, memoryMiB: 64}
+  image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {name: elsewhere, namespace: remote-agents}
+spec: {size: 1Gi, pool: nowhere}
+",
+    );
+    let as_r1 = |args: &[&str]| as_host("r-1", args);
+    let refused = |args: &[&str], want: &str| {
+        let out = as_r1(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?} as r-1: want {want:?}, got {err}"
+        );
+    };
+    let host_only = "the site agent of Host r-1 at Site remote may register and report only that Host, at that Site";
+    // Reads are allowed (the agent watches what it needs).
+    assert!(as_r1(&["get", "sites,hosts"]).status.success());
+    refused(
+        &[
+            "patch",
+            "host",
+            "r-2",
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"observedGeneration":1}}"#,
+        ],
+        host_only,
+    );
+    refused(
+        &[
+            "-n",
+            "remote-agents",
+            "patch",
+            "vn",
+            "on-r2",
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"host":"r-2"}}"#,
+        ],
+        "the site agent of Host r-1 may update only the VirtualNodes placed on that Host",
+    );
+    refused(
+        &[
+            "-n",
+            "remote-agents",
+            "patch",
+            "volume",
+            "elsewhere",
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"observedGeneration":1}}"#,
+        ],
+        "the site agent of Host r-1 may update only the Volumes whose storage that Host serves",
+    );
+    refused(&["delete", "host", "r-2"], "forbidden");
+    refused(&["get", "secrets", "-A"], "forbidden");
+    // Its own node's status is its to write.
+    let out = as_r1(&[
+        "-n",
+        "remote-agents",
+        "patch",
+        "vn",
+        "on-r1",
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"host":"r-1"}}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Revoked: the token stops working.
+    let out = env.plugin(&["site", "revoke", "remote", "r-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(30), "r-1's token refused", || {
+        let out = as_r1(&["get", "hosts"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if err.contains("Unauthorized") || err.contains("must be logged in") {
+            Ok(())
+        } else {
+            Err(format!("{}{err}", String::from_utf8_lossy(&out.stdout)))
+        }
+    })
+    .unwrap();
+    let out = env.plugin(&["site", "revoke", "remote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.kubectl(&["get", "clusterrolebinding", "yukumo-site-remote"]);
+    assert!(!out.status.success(), "the Site's binding is gone");
+
+    for args in [
+        &["delete", "namespace", "remote-agents", "--wait=false"][..],
+        &[
+            "delete",
+            "host",
+            "r-1",
+            "r-2",
+            "--ignore-not-found",
+            "--wait=false",
+        ],
+        &["delete", "site", "remote", "--wait=false"],
+    ] {
+        let _ = env.kubectl(args);
+    }
 }

@@ -869,24 +869,6 @@ fn a_stopped_cluster_gives_its_hosts_back_and_starts_where_there_is_room() {
         .unwrap();
 }
 
-/// `kubectl yukumo` as kubectl finds it (a `kubectl-yukumo` on the PATH),
-/// with the environment's kubeconfig and no namespace in it (`-n`).
-fn plugin(env: &Env, args: &[&str]) -> std::process::Output {
-    let bin = env.root.join("target/release");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    std::process::Command::new("kubectl")
-        .arg("yukumo")
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", env.kubeconfig())
-        .output()
-        .expect("run kubectl yukumo")
-}
-
 /// The kubectl plugin against the real API server: a pool scaled (and an
 /// unknown pool refused, naming the pools), the status tree, the cluster
 /// stopped and started.
@@ -898,7 +880,7 @@ fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
     env.apply(&cluster(ns, "pc", 1, "128Mi"));
     wait_count(&env, ns, "pc", 2);
 
-    let out = plugin(&env, &["-n", ns, "scale", "pc", "worker", "3"]);
+    let out = env.plugin(&["-n", ns, "scale", "pc", "worker", "3"]);
     assert!(
         out.status.success(),
         "{}",
@@ -910,20 +892,20 @@ fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
     );
     wait_count(&env, ns, "pc", 4);
 
-    let out = plugin(&env, &["-n", ns, "scale", "pc", "workers", "2"]);
+    let out = env.plugin(&["-n", ns, "scale", "pc", "workers", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("has no pool \"workers\" (its pools: worker)"),
         "{err}"
     );
-    let out = plugin(&env, &["-n", ns, "scale", "nope", "worker", "2"]);
+    let out = env.plugin(&["-n", ns, "scale", "nope", "worker", "2"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("virtualcluster plugin/nope not found"));
 
     // The tree: every node under its pool, the group, the conditions.
     let (tree, _) = wait_for(Duration::from_secs(30), "status shows 4 nodes", || {
-        let out = plugin(&env, &["-n", ns, "status", "pc"]);
+        let out = env.plugin(&["-n", ns, "status", "pc"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         if out.status.success()
             && text.contains("pool worker (3 replicas")
@@ -943,7 +925,7 @@ fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
 
     // Stop: every node's spec.running follows; start: back.
     for (verb, running) in [("stop", false), ("start", true)] {
-        let out = plugin(&env, &["-n", ns, verb, "pc"]);
+        let out = env.plugin(&["-n", ns, verb, "pc"]);
         assert!(
             out.status.success(),
             "{}",

@@ -7,12 +7,15 @@
 //!   instead of scaling another pool);
 //! - `start CLUSTER` / `stop CLUSTER`: `spec.running` (stopped nodes keep
 //!   their disks).
+//! - `site join SITE HOST` / `site revoke SITE [HOST]`: the credential of a
+//!   remote Site's host agent (a fleet operator's command, see `site.rs`).
 //!
 //! Installed as `kubectl-yukumo` on the `PATH` (kubectl finds plugins by
 //! name); it uses the current kubeconfig context and its namespace unless
 //! `-n` says otherwise. Every request is the user's own: RBAC decides.
 
 mod render;
+mod site;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -50,6 +53,34 @@ enum Command {
     Start { cluster: String },
     /// Stop every node of the cluster, keeping their disks (`spec.running: false`).
     Stop { cluster: String },
+    /// Credentials of a remote Site's agents (for the fleet's operator).
+    #[command(subcommand)]
+    Site(SiteCommand),
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Make (or renew) the credential of HOST's agent at SITE, write its
+    /// kubeconfig and print how to start the agent on that host.
+    Join {
+        site: String,
+        host: String,
+        /// The API server as the Site's hosts reach it (default: this kubeconfig's).
+        #[arg(long)]
+        server: Option<String>,
+        /// PEM file of the CA that signed the API server's certificate
+        /// (default: this kubeconfig's).
+        #[arg(long)]
+        certificate_authority: Option<std::path::PathBuf>,
+        /// The token's lifetime (s, m, h or d); run join again to renew it.
+        #[arg(long, default_value = "8760h", value_parser = site::parse_duration)]
+        duration: std::time::Duration,
+        /// Where to write the kubeconfig (default: yukumo-agent-SITE-HOST.kubeconfig).
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Withdraw HOST's credential, or without HOST every credential of SITE.
+    Revoke { site: String, host: Option<String> },
 }
 
 /// Writes are made as this field manager.
@@ -70,9 +101,10 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let client = Client::try_from(config.clone()).context("connecting to the API server")?;
     let ns = cli
         .namespace
         .unwrap_or_else(|| client.default_namespace().to_string());
@@ -123,6 +155,27 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Start { cluster } => power(&vcs, &ns, &cluster, true).await?,
         Command::Stop { cluster } => power(&vcs, &ns, &cluster, false).await?,
+        Command::Site(SiteCommand::Join {
+            site,
+            host,
+            server,
+            certificate_authority,
+            duration,
+            output,
+        }) => {
+            let j = site::Join {
+                site,
+                host,
+                server,
+                certificate_authority,
+                duration,
+                output,
+            };
+            site::join(client, &config, j).await?
+        }
+        Command::Site(SiteCommand::Revoke { site, host }) => {
+            site::revoke(client, &site, host.as_deref()).await?
+        }
     }
     Ok(())
 }
