@@ -49,7 +49,7 @@ trap cleanup EXIT
 # shellcheck disable=SC1091
 source "$ROOT/e2e/lib/tools.sh" >/dev/null
 export YUKUMO_HEARTBEAT=10s
-"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example --storage ceph
+"$ROOT/e2e/env.sh" up --dir "$YUKUMO_ENV_DIR" --hosts 2 --no-example --storage ceph --no-prometheus
 export KUBECONFIG=$YUKUMO_ENV_DIR/kubeconfig
 # The real guests boot right after 2,000 nodes are deleted; with 10 s
 # heartbeats the local Site's 20 s grace (the e2e's) lets one late heartbeat

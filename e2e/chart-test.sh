@@ -52,6 +52,25 @@ check "ships the site agents' role and the policy keeping each to its own Host" 
   test "$(grep -c 'name: yukumo-site-agent' <<<"$render")" -ge 3
 check "admissionPolicy.enabled=false: no policy" refuses grep -q '^kind: ValidatingAdmissionPolicy' \
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set admissionPolicy.enabled=false)"
+# Monitoring: the alerts pass promtool (syntax, and unit tests with
+# synthetic series), the chart ships them, the PodMonitor and the dashboard.
+check "promtool accepts the alerts" "$YUKUMO_PROMETHEUS_DIR/promtool" check rules "$CHART/files/alerts.yaml"
+check "the alerts' promtool unit tests pass" "$YUKUMO_PROMETHEUS_DIR/promtool" test rules "$ROOT/e2e/monitoring/alerts-test.yaml"
+mon=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set metrics.podMonitor.enabled=true \
+  --set metrics.prometheusRule.enabled=true --set metrics.dashboard.enabled=true --show-only templates/monitoring.yaml)
+check "monitoring: a PodMonitor, the PrometheusRule and the dashboard ConfigMap" \
+  test "$(grep -c '^kind: \(PodMonitor\|PrometheusRule\|ConfigMap\)' <<<"$mon")" -eq 3
+check "the PrometheusRule holds the alerts file, the ConfigMap the dashboard" python3 -c '
+import sys, json, textwrap
+docs = sys.stdin.read().split("\n---\n")
+rule = next(d for d in docs if "\nkind: PrometheusRule\n" in d)
+spec = textwrap.dedent(rule.split("\nspec:\n", 1)[1])
+assert spec.strip() == open(sys.argv[1]).read().strip(), "differs from files/alerts.yaml"
+cm = next(d for d in docs if "\nkind: ConfigMap\n" in d)
+dash = json.loads(textwrap.dedent(cm.split("  yukumo.json: |\n", 1)[1]))
+assert dash == json.load(open(sys.argv[2])) and dash["panels"], "differs from files/dashboard.json"
+' "$CHART/files/alerts.yaml" "$CHART/files/dashboard.json" <<<"$mon"
+check "no monitoring objects by default" test -z "$(helm template yukumo "$CHART" --kube-version 1.35.4 --show-only templates/monitoring.yaml 2>/dev/null | grep '^kind:')"
 check "controller replicas prefer different nodes" grep -q 'podAntiAffinity' <<<"$render"
 check "the agent reads its Node's labels (and may get Nodes)" grep -q -- '--from-node-labels' <<<"$render"
 check "agent RBAC: get nodes" grep -B2 -A1 'resources: \[nodes\]' <<<"$render"

@@ -3,6 +3,7 @@
 # end-to-end tests.
 #
 #   e2e/env.sh up      [--dir D] [--hosts N] [--vm-hosts N] [--controllers N] [--no-example]
+#                      [--no-prometheus]   (the benchmarks: no scrapes in their figures)
 #                      [--storage ceph]   (also a single-node Ceph and the `ceph` rbd pool)
 #   e2e/env.sh down    [--dir D]
 #   e2e/env.sh status  [--dir D]
@@ -20,7 +21,8 @@
 #   (garbage collection, namespace deletion), the yukumo Helm chart (CRDs,
 #   ServiceAccounts, RBAC), N simulated hosts (each a network namespace with
 #   its own libvirtd and virtlogd in a private mount namespace), the
-#   controller(s) and one agent per host. The controller and agents run as
+#   controller(s), one agent per host, and Prometheus (Debian's) scraping
+#   them with the chart's alerts loaded. The controller and agents run as
 #   processes authenticated with the chart's ServiceAccount tokens, so RBAC is
 #   exercised for real.
 #
@@ -36,6 +38,7 @@ HOSTS=3
 VM_HOSTS=0
 CONTROLLERS=1
 EXAMPLE=1
+PROMETHEUS=1
 STORAGE=${YUKUMO_STORAGE:-}
 NAMESPACE=yukumo-system
 SIGNAL=TERM
@@ -66,6 +69,60 @@ stop_proc() { # name [signal]
     if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
   fi
   rm -f "$pidf"
+  write_prom_targets
+}
+
+# Prometheus's scrape targets: every controller and agent running now (their
+# metrics ports in $DIR/ports; a VM host's agent is alive while its VM is),
+# rewritten whenever one starts or stops; Prometheus re-reads the file.
+write_prom_targets() {
+  [ -d "$DIR/prometheus" ] || return 0
+  python3 - "$DIR" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+ports = os.path.join(d, "ports")
+out = []
+for f in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
+    comp, _, name = f.partition("-")
+    if comp not in ("agent", "controller"):
+        continue
+    alive = False
+    for pidname in (f, "vm-" + name):
+        try:
+            os.kill(int(open(os.path.join(d, "pids", pidname + ".pid")).read()), 0)
+            alive = True
+        except (OSError, ValueError):
+            pass
+    if alive:
+        port = open(os.path.join(ports, f)).read().strip()
+        out.append({"targets": ["127.0.0.1:" + port], "labels": {"component": comp, "name": name}})
+tmp = os.path.join(d, "prometheus", "targets.json.tmp")
+with open(tmp, "w") as fh:
+    json.dump(out, fh, indent=1)
+os.replace(tmp, os.path.join(d, "prometheus", "targets.json"))
+PY
+}
+
+# Debian's Prometheus, scraping every controller and agent every 5 s, with
+# the chart's alerts loaded (its port is in $DIR/prometheus.port).
+start_prometheus() {
+  local port
+  port=$(free_port)
+  echo "$port" > "$DIR/prometheus.port"
+  mkdir -p "$DIR/prometheus/data"
+  cat > "$DIR/prometheus/prometheus.yml" <<EOF
+global: {scrape_interval: 5s, evaluation_interval: 5s}
+rule_files: ["$ROOT/charts/yukumo/files/alerts.yaml"]
+scrape_configs:
+- job_name: yukumo
+  file_sd_configs: [{files: ["$DIR/prometheus/targets.json"], refresh_interval: 5s}]
+EOF
+  write_prom_targets
+  log "starting Prometheus on http://127.0.0.1:$port"
+  spawn prometheus "$YUKUMO_PROMETHEUS_DIR/prometheus" --config.file "$DIR/prometheus/prometheus.yml" \
+    --storage.tsdb.path "$DIR/prometheus/data" --storage.tsdb.retention.time 1d \
+    --web.listen-address "127.0.0.1:$port" --log.level warn
+  wait_for 60 Prometheus curl -sf "http://127.0.0.1:$port/-/ready"
 }
 
 wait_for() { # seconds, description, command...
@@ -324,6 +381,7 @@ start_agent() { # host
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent" \
     $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" ) \
     $( [ -f "$DIR/ceph/keyring" ] && echo "--ceph-keyring $DIR/ceph/keyring" )
+  write_prom_targets
 }
 
 # An agent on its own in-process libvirt test driver (test:///default): a
@@ -338,6 +396,7 @@ start_test_agent() { # name site
     "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri test:///default --no-network \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-10s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
+  write_prom_targets
 }
 
 start_controller() { # id
@@ -349,6 +408,7 @@ start_controller() { # id
     "$(controller_binary)" --namespace "$NAMESPACE" --identity "controller-$id" \
     --metrics-addr "127.0.0.1:$mport" \
     --lease-duration "${YUKUMO_LEASE_DURATION:-15s}"
+  write_prom_targets
 }
 
 cmd_up() {
@@ -357,7 +417,7 @@ cmd_up() {
   mkdir -p "$DIR"
   # shellcheck disable=SC1091
   source "$ROOT/e2e/lib/tools.sh" >/dev/null
-  echo "YUKUMO_TOOLS_BIN=$YUKUMO_TOOLS_BIN" > "$DIR/tools"
+  printf 'YUKUMO_TOOLS_BIN=%q\nYUKUMO_PROMETHEUS_DIR=%q\n' "$YUKUMO_TOOLS_BIN" "$YUKUMO_PROMETHEUS_DIR" > "$DIR/tools"
   start_control_plane
   install_chart
   local i
@@ -366,6 +426,7 @@ cmd_up() {
   [ "$STORAGE" = ceph ] && start_ceph
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
   for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
+  [ "$PROMETHEUS" = 1 ] && start_prometheus
   # VM hosts (802.1Q VLAN segments), in a Site of their own: underlay
   # addresses from 10.255.0.11 on.
   if [ "$VM_HOSTS" -gt 0 ]; then
@@ -488,6 +549,7 @@ main() {
       --vm-hosts) VM_HOSTS=$2; shift 2 ;;
       --controllers) CONTROLLERS=$2; shift 2 ;;
       --no-example) EXAMPLE=0; shift ;;
+      --no-prometheus) PROMETHEUS=0; shift ;;
       --storage) STORAGE=$2; shift 2 ;;
       --signal) SIGNAL=$2; shift 2 ;;
       *) args+=("$1"); shift ;;

@@ -5,6 +5,8 @@
 #     kernel and syslinux for the tiny test guest, ...)
 #   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
+#   - Debian's Prometheus and promtool, unpacked from its package (never
+#     installed: no service is started), keyed by the package's version.
 # Go binaries are cached under $YUKUMO_CACHE (default ~/.cache/yukumo), keyed
 # by version, outside the clone: CI runs in a fresh clone.
 #
@@ -67,9 +69,34 @@ build_go_tools() {
   mv "$tmp" "$YUKUMO_TOOLS_BIN"
 }
 
+# Debian's prometheus package, unpacked (not installed: its service would
+# start) into $YUKUMO_CACHE/tools/prometheus-<version>/.
+fetch_prometheus() {
+  local version dir tmp
+  version=$(apt-cache policy prometheus 2>/dev/null | awk '$1=="Candidate:"{print $2}')
+  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    apt-get update -q >/dev/null
+    version=$(apt-cache policy prometheus | awk '$1=="Candidate:"{print $2}')
+  fi
+  [ -n "$version" ] && [ "$version" != "(none)" ] || { tools_log "no Debian prometheus package"; return 1; }
+  dir="$YUKUMO_CACHE/tools/prometheus-${version//[^A-Za-z0-9.+-]/_}"
+  if [ ! -x "$dir/prometheus" ] || [ ! -x "$dir/promtool" ]; then
+    tools_log "fetching Debian's prometheus $version"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -q "prometheus=$version" >/dev/null 2>&1 \
+      && dpkg-deb -x prometheus_*.deb x) || { rm -rf "$tmp"; tools_log "cannot fetch prometheus $version"; return 1; }
+    mkdir -p "$dir.tmp.$$"
+    cp "$tmp/x/usr/bin/prometheus" "$tmp/x/usr/bin/promtool" "$dir.tmp.$$/"
+    rm -rf "$tmp" "$dir"
+    mv "$dir.tmp.$$" "$dir"
+  fi
+  YUKUMO_PROMETHEUS_DIR=$dir
+}
+
 install_apt
 build_go_tools
-export YUKUMO_TOOLS_BIN
+fetch_prometheus
+export YUKUMO_TOOLS_BIN YUKUMO_PROMETHEUS_DIR
 export PATH="$YUKUMO_TOOLS_BIN:$PATH"
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "$YUKUMO_TOOLS_BIN"

@@ -94,6 +94,7 @@ EOF
   ip -n "$p-ul" link set "${p}v${i}u" master br0 up
   ip link set "${p}v${i}e" netns "$p-out"
   ip -n "$p-out" link set "${p}v${i}e" master br0 up
+  write_prom_targets
 }
 
 # Stop a VM host: its QEMU, by PID (the VM and everything in it go with it).
@@ -103,4 +104,5 @@ stop_vm_host() { # name
   sock=$(cat "$DIR/hosts/$name/shell" 2>/dev/null || true)
   [ -n "$sock" ] && rm -f "$sock"
   rm -rf "${DIR:?}/hosts/$name" "$DIR/ports/agent-$name"
+  write_prom_targets
 }

@@ -2039,3 +2039,155 @@ spec: {size: 1Gi, pool: nowhere}
         let _ = env.kubectl(args);
     }
 }
+
+/// Prometheus's HTTP API: GET `path` with `query` (URL-encoded), as JSON.
+fn prometheus(env: &Env, path: &str, query: Option<&str>) -> Result<Value, String> {
+    let port = std::fs::read_to_string(env.dir.join("prometheus.port"))
+        .map_err(|e| format!("no Prometheus in this environment: {e}"))?;
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sf", "-m", "10", "-G"])
+        .arg(format!("http://127.0.0.1:{}{path}", port.trim()));
+    if let Some(q) = query {
+        cmd.arg("--data-urlencode").arg(format!("query={q}"));
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("GET {path} {query:?}: curl exit {}", out.status));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// The environment's Prometheus (Debian's) scrapes every controller and
+/// agent (up), has loaded the chart's alerts and evaluates every rule
+/// without error, and every panel of the chart's dashboard returns data.
+#[test]
+fn prometheus_scrapes_every_target_and_every_dashboard_panel_has_data() {
+    let env = Env::get();
+    // Objects of every kind the panels count, whatever other tests left.
+    env.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: monitoring}\n---
+apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {name: data, namespace: monitoring}
+spec: {size: 1Gi, pool: no-such-pool}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {name: watched, namespace: monitoring}
+spec:
+  networkGroup: no-such-group
+  frontend:
+    size: {cpu: 1, memory: 128Mi}
+    image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
+",
+    );
+    let targets: Value = serde_json::from_str(
+        &std::fs::read_to_string(env.dir.join("prometheus/targets.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = targets.as_array().unwrap().len();
+    assert!(expected >= 4, "a controller and the agents: {targets}");
+    let (n, took) = wait_for(Duration::from_secs(90), "every target up", || {
+        let t = prometheus(&env, "/api/v1/targets", None)?;
+        let active = t["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let down: Vec<String> = active
+            .iter()
+            .filter(|a| a["health"] != "up")
+            .map(|a| {
+                format!(
+                    "{} {}: {}",
+                    a["labels"]["name"], a["health"], a["lastError"]
+                )
+            })
+            .collect();
+        if active.len() == expected && down.is_empty() {
+            Ok(active.len())
+        } else {
+            Err(format!(
+                "{} of {expected} targets, down: {down:?}",
+                active.len()
+            ))
+        }
+    })
+    .unwrap();
+    println!("Prometheus scrapes {n} targets, all up ({took:?})");
+    let up = prometheus(&env, "/api/v1/query", Some("min(up)")).unwrap();
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    // Fleet gauges come from the leading controller.
+    let leaders = prometheus(&env, "/api/v1/query", Some("sum(yukumo_leader)")).unwrap();
+    assert_eq!(leaders["data"]["result"][0]["value"][1], "1", "{leaders}");
+
+    let (rules, _) = wait_for(Duration::from_secs(60), "every rule evaluated", || {
+        let r = prometheus(&env, "/api/v1/rules", None)?;
+        let groups = r["data"]["groups"].as_array().cloned().unwrap_or_default();
+        let rules: Vec<Value> = groups
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let bad: Vec<String> = rules
+            .iter()
+            .filter(|r| r["health"] != "ok")
+            .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
+            .collect();
+        if groups.len() == 3 && rules.len() == 11 && bad.is_empty() {
+            Ok(rules.len())
+        } else {
+            Err(format!(
+                "{} groups, {} rules, not ok: {bad:?}",
+                groups.len(),
+                rules.len()
+            ))
+        }
+    })
+    .unwrap();
+    println!("{rules} alerting rules loaded and evaluated without error");
+
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(env.root.join("charts/yukumo/files/dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    let mut empty = Vec::new();
+    let (_, took) = wait_for(Duration::from_secs(120), "every panel has data", || {
+        empty.clear();
+        for p in panels {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                let r = prometheus(&env, "/api/v1/query", Some(expr))?;
+                if r["status"] != "success" {
+                    return Err(format!("{expr}: {r}"));
+                }
+                if r["data"]["result"].as_array().is_none_or(|a| a.is_empty()) {
+                    empty.push(format!("{:?}: {expr}", p["title"]));
+                }
+            }
+        }
+        if empty.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("no data: {empty:#?}"))
+        }
+    })
+    .unwrap();
+    println!(
+        "all {} dashboard panels return data ({took:?})",
+        panels.len()
+    );
+    let states = prometheus(
+        &env,
+        "/api/v1/query",
+        Some(r#"yukumo_virtualclusters{state="stalled",reason="NetworkGroupNotFound"}"#),
+    )
+    .unwrap();
+    assert!(
+        states["data"]["result"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "the cluster without its group is counted as stalled: {states}"
+    );
+    env.kubectl_ok(&["delete", "namespace", "monitoring", "--wait=false"])
+        .unwrap();
+}

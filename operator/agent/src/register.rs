@@ -14,6 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use yukumo_api::common::{Condition, ConditionStatus, Conditions, Resources};
@@ -59,6 +60,17 @@ pub struct Metrics {
     pub orphaned_volumes: Gauge,
     /// Storage operations done (create, grow, delete), by op.
     pub storage_ops: Family<OpLabel, Counter>,
+    /// Seconds a network pass took, by pass (`changed`: on a watch event;
+    /// `verify`: the periodic check of the host).
+    pub network_pass_seconds: Family<PassLabel, Histogram>,
+    /// Seconds from a VirtualNode's creation to its domain running here
+    /// (scheduling, image, disks, define and start).
+    pub provision_seconds: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PassLabel {
+    pub pass: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -93,6 +105,10 @@ impl Metrics {
             images: CacheMetrics::default(),
             orphaned_volumes: Gauge::default(),
             storage_ops: Family::default(),
+            network_pass_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            provision_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
         };
         r.register(
             "yukumo_agent_orphaned_volumes",
@@ -163,6 +179,21 @@ impl Metrics {
             "yukumo_agent_image_fetched_bytes",
             "Image bytes fetched into the cache (counted as they arrive: the progress of a fetch)",
             m.images.fetched_bytes.clone(),
+        );
+        r.register(
+            "yukumo_agent_image_fetch_duration_seconds",
+            "Seconds an image fetch took, to the verified file",
+            m.images.fetch_seconds.clone(),
+        );
+        r.register(
+            "yukumo_agent_network_pass_duration_seconds",
+            "Seconds a network pass took, by pass (changed: on a watch event; verify: the periodic check)",
+            m.network_pass_seconds.clone(),
+        );
+        r.register(
+            "yukumo_agent_provision_duration_seconds",
+            "Seconds from a VirtualNode's creation to its domain running on this host",
+            m.provision_seconds.clone(),
         );
         m
     }

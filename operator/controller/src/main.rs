@@ -9,6 +9,7 @@
 mod context;
 #[cfg(test)]
 mod fixtures;
+mod fleet;
 mod leader;
 mod reconcile;
 mod scheduler;
@@ -64,8 +65,10 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Metrics::register(&mut registry);
     let health = Health::default();
     let shutdown = yukumo_telemetry::shutdown_signal();
-    // The leader's context, for `/calendar` (None while following).
+    // The leader's context, for `/calendar` and the fleet gauges (None
+    // while following).
     let leading: Leading = Default::default();
+    registry.register_collector(Box::new(fleet::Fleet(leading.clone())));
     let server = tokio::spawn(yukumo_telemetry::serve(
         args.metrics_addr,
         registry,

@@ -40,13 +40,29 @@ pub enum ImageError {
 pub const PARTIAL_PREFIX: &str = ".partial-";
 
 /// Image cache metrics.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CacheMetrics {
     /// Image bytes fetched (progress of downloads in flight, too).
     pub fetched_bytes: Counter,
     pub evictions: Counter,
     pub evicted_bytes: Counter,
     pub bytes: Gauge,
+    /// Seconds a fetch took, to the verified file.
+    pub fetch_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for CacheMetrics {
+    fn default() -> Self {
+        CacheMetrics {
+            fetched_bytes: Counter::default(),
+            evictions: Counter::default(),
+            evicted_bytes: Counter::default(),
+            bytes: Gauge::default(),
+            fetch_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 12),
+            ),
+        }
+    }
 }
 
 /// The cache under `<state>/images`.
@@ -120,7 +136,11 @@ impl ImageCache {
             touch(&path);
             return Ok(CachedImage { path, _lock: lock });
         }
+        let started = std::time::Instant::now();
         let path = fetch_verified(&self.dir, image, &self.metrics.fetched_bytes).await?;
+        self.metrics
+            .fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
         tracing::info!(image = %image.url, checksum = %image.checksum, "image fetched and verified");
         // This image's lock is held: it is not a candidate.
         if let Err(e) = self.evict().await {

@@ -159,6 +159,22 @@ impl<D: Domains> ComputeCtx<D> {
             &Patch::Apply(&patch),
         )
         .await?;
+        // First seen running (a restarted agent's nodes already say so).
+        let was_running = vn
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == NodePhase::Running);
+        if status.phase == NodePhase::Running
+            && !was_running
+            && let Some(created) = &vn.metadata.creation_timestamp
+        {
+            let secs = k8s_openapi::jiff::Timestamp::now()
+                .duration_since(created.0)
+                .as_secs_f64();
+            if secs >= 0.0 {
+                self.metrics.provision_seconds.observe(secs);
+            }
+        }
         Ok(())
     }
 

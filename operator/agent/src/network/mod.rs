@@ -156,6 +156,12 @@ pub async fn run(
             dataplane::Pass::Verify
         };
         let result = cfg.dataplane.apply(&p, pass).await;
+        metrics
+            .network_pass_seconds
+            .get_or_create(&crate::register::PassLabel {
+                pass: if poked { "changed" } else { "verify" },
+            })
+            .observe(started.elapsed().as_secs_f64());
         if !poked {
             period = cfg.verify_interval.max(started.elapsed() * 3);
             next_verify = tokio::time::Instant::now() + period;
