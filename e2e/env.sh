@@ -261,7 +261,6 @@ install_chart() {
     kubectl -n "$NAMESPACE" create token "yukumo-$sa" --duration 48h > "$DIR/token-$sa"
     kubeconfig "$DIR/kubeconfig-$sa" token "$DIR/token-$sa"
   done
-  kubeconfig "$DIR/kubeconfig-agent-vm" token "$DIR/token-agent" "https://$VM_API_ADDR:$VM_API_PORT"
 }
 
 netns_prefix() { echo "yk$(echo "$DIR" | md5sum | cut -c1-6)"; }
@@ -365,6 +364,7 @@ source "$ROOT/e2e/lib/ceph.sh"
 
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
 controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-controller"; }
+plugin_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/kubectl-yukumo"; }
 
 start_agent() { # host
   local host=$1 site hdir=$DIR/hosts/$1 mport

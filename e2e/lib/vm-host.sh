@@ -19,6 +19,11 @@
 #   ul0    on the environment's underlay bridge, 10.255.0.INDEX: the uplink
 #          that carries the tagged VLAN segments (and VXLAN);
 #   ext0   on the environment's outside bridge (the Site's external network).
+# Its agent is a remote Site's agent: it reaches the API server only through
+# mgmt0's guestfwd, with the credential `kubectl yukumo site join SITE NAME`
+# makes for it (its own ServiceAccount, kept by the chart's
+# yukumo-site-agent-scope policy to its own Host, nodes and volumes);
+# stopping the VM host revokes it.
 # A root shell on its second serial port is the unix socket named in
 # $DIR/hosts/NAME/shell; its console, with the agent's log, is
 # $DIR/logs/vm-NAME-console.log. Everything it holds lives in its memory: stopping
@@ -37,6 +42,9 @@ start_vm_host() { # name site index (index: 10..250, the underlay address)
   sock=/run/yukumo/$p-$name.sock
   echo "$sock" > "$hdir/shell"
   mac=$(printf '52:54:00:79:%02x' "$i")
+  "$(plugin_binary)" site join "$site" "$name" --server "https://$VM_API_ADDR:$VM_API_PORT" \
+    --duration 48h -o "$hdir/kubeconfig" >>"$DIR/logs/vm-$name-join.log" 2>&1 \
+    || die "kubectl yukumo site join $site $name failed: $(tail -n 3 "$DIR/logs/vm-$name-join.log")"
   cat > "$hdir/vm.sh" <<EOF
 #!/bin/sh
 # Runs inside VM host $name (written by e2e/env.sh start-vm-host).
@@ -62,7 +70,7 @@ if [ -c /dev/ttyS1 ]; then
 fi
 echo "YUKUMO-VM-HOST ready \$(uname -r)"
 while true; do
-  KUBECONFIG=$DIR/kubeconfig-agent-vm RUST_LOG=${RUST_LOG:-info} $(agent_binary) \\
+  KUBECONFIG=$hdir/kubeconfig RUST_LOG=${RUST_LOG:-info} $(agent_binary) \\
     --host-name $name --site $site --libvirt-uri test:///default \\
     --gateway --uplink ul0 --underlay-address 10.255.0.$i \\
     --heartbeat-interval ${YUKUMO_HEARTBEAT:-5s} --cpu-overcommit 8 --domain-type qemu \\
@@ -99,8 +107,10 @@ EOF
 
 # Stop a VM host: its QEMU, by PID (the VM and everything in it go with it).
 stop_vm_host() { # name
-  local name=$1 sock
+  local name=$1 sock site
   stop_proc "vm-$name" KILL
+  site=$(cat "$DIR/hosts/$name/site" 2>/dev/null || true)
+  [ -n "$site" ] && "$(plugin_binary)" site revoke "$site" "$name" >/dev/null 2>&1 || true
   sock=$(cat "$DIR/hosts/$name/shell" 2>/dev/null || true)
   [ -n "$sock" ] && rm -f "$sock"
   rm -rf "${DIR:?}/hosts/$name" "$DIR/ports/agent-$name"
