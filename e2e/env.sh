@@ -15,6 +15,9 @@
 #              a VM with a kernel of its own, e2e/lib/vm-host.sh)
 #   e2e/env.sh stop-vm-host HOST [--dir D]
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
+#   e2e/env.sh guest NAMESPACE NODE COMMAND... [--dir D]  (runs COMMAND in the
+#              guest's root shell on its second serial port: the tiny guest
+#              only; the agent's local control socket, root on this machine)
 #
 # What `up` starts, all on loopback with generated certificates:
 #   etcd, kube-apiserver (RBAC on, audit log), kube-controller-manager
@@ -473,6 +476,44 @@ yukumo local environment is up ($DIR).
 EOF
 }
 
+# Run a command in a tiny guest's root shell (its second serial port, the
+# control socket the agent gives each domain): prints its output, exits
+# with its status. The protocol is e2e/src/lib.rs guest_sh's.
+cmd_guest() { # namespace node command...
+  load_state
+  local ns=$1 node=$2 uid sock
+  shift 2
+  [ $# -gt 0 ] || die "usage: e2e/env.sh guest NAMESPACE NODE COMMAND..."
+  uid=$(kubectl -n "$ns" get virtualnode "$node" -o jsonpath='{.metadata.uid}') \
+    || die "no VirtualNode $ns/$node (kubectl -n $ns get vn)"
+  sock=/run/yukumo/$uid.sock
+  [ -S "$sock" ] || die "VirtualNode $ns/$node has no control socket on this machine ($sock): is it running here?"
+  python3 - "$sock" "$*" <<'PY'
+import base64, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(0.2)
+marker = "END%d" % time.time_ns()
+s.sendall(("%s %s\n" % (marker, base64.b64encode(sys.argv[2].encode()).decode())).encode())
+pat, buf, deadline = "__%s__" % marker, b"", time.time() + 60
+while time.time() < deadline:
+    try:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    except socket.timeout:
+        pass
+    text = buf.decode(errors="replace")
+    i = text.find(pat)
+    if i >= 0 and "\n" in text[i + len(pat):]:
+        sys.stdout.write(text[:i])
+        rest = text[i + len(pat):].split("\n", 1)[0].strip()
+        sys.exit(int(rest) if rest.lstrip("-").isdigit() else 1)
+sys.exit("the guest did not answer within 60 s")
+PY
+}
+
 cmd_status() {
   load_state
   local f name pid
@@ -567,6 +608,7 @@ main() {
     start-vm-host) load_state; start_vm_host "${args[0]}" "${args[1]}" "${args[2]}" ;;
     stop-vm-host) load_state; stop_vm_host "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
+    guest) cmd_guest "${args[@]}" ;;
     *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 }

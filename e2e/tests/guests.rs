@@ -156,6 +156,29 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
         env.hosts().len().min(3),
         "spread over hosts: {hosts:?}"
     );
+    // The README's way into a guest: `e2e/env.sh guest NS NODE COMMAND`
+    // prints the command's output and exits with its status.
+    let guest = |cmd: &str| {
+        std::process::Command::new(env.root.join("e2e/env.sh"))
+            .args(["guest", ns, "tiny-frontend", cmd, "--dir"])
+            .arg(&env.dir)
+            .output()
+            .expect("run e2e/env.sh guest")
+    };
+    // (Booted: its shell on ttyS1 starts moments after the line above; a
+    // command sent before that is lost, so the wait allows a few tries.)
+    let (keys, took) = wait_for(Duration::from_secs(180), "a shell in the frontend", || {
+        let out = guest("cat /root/.ssh/authorized_keys");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    })
+    .unwrap();
+    assert!(keys.contains(KEY), "{keys}");
+    println!("e2e/env.sh guest: a shell in the frontend after {took:?}");
+    assert_eq!(guest("exit 7").status.code(), Some(7));
     let fe = &boots["tiny-frontend"];
     for w in ["tiny-worker-0", "tiny-worker-1"] {
         assert!(&boots[w] >= fe, "frontend first: {boots:?}");
