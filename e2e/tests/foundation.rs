@@ -1883,41 +1883,38 @@ fn a_remote_sites_agent_joins_with_a_credential_that_writes_only_its_own_host() 
     }
 
     // Objects of another host, made by the admin.
-    env.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: remote-agents}\n---
+    let vn = |name: &str, host: &str| {
+        format!(
+            "apiVersion: yukumo.io/v1alpha1
+kind: VirtualNode
+metadata: {{name: {name}, namespace: remote-agents, labels: {{yukumo.io/host: {host}}}}}
+spec:
+  cluster: c
+  role: worker
+  hostname: {name}
+  host: {host}
+  resources: {{cpu: 1, memoryMiB: 64}}
+  image: {{url: 'file:///x', checksum: 'sha256:{}'}}
+---
+",
+            "e".repeat(64)
+        )
+    };
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: remote-agents}}\n---
 apiVersion: yukumo.io/v1alpha1
 kind: Host
-metadata: {name: r-2}
-spec: {site: remote}
+metadata: {{name: r-2}}
+spec: {{site: remote}}
 ---
-apiVersion: yukumo.io/v1alpha1
-kind: VirtualNode
-metadata: {name: on-r2, namespace: remote-agents, labels: {yukumo.io/host: r-2}}
-spec:
-  cluster: c
-  role: worker
-  hostname: on-r2
-  host: r-2
-  resources: {cpu: 1, memoryMiB: 64}
-  image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
----
-apiVersion: yukumo.io/v1alpha1
-kind: VirtualNode
-metadata: {name: on-r1, namespace: remote-agents, labels: {yukumo.io/host: r-1}}
-spec:
-  cluster: c
-  role: worker
-  hostname: on-r1
-  host: r-1
-  resources: {cpu: 1, memoryMiB: 64}
-  image: {url: 'file:///x', checksum: 'sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee'}
----
-apiVersion: yukumo.io/v1alpha1
+{}{}apiVersion: yukumo.io/v1alpha1
 kind: Volume
-metadata: {name: elsewhere, namespace: remote-agents}
-spec: {size: 1Gi, pool: nowhere}
+metadata: {{name: elsewhere, namespace: remote-agents}}
+spec: {{size: 1Gi, pool: nowhere}}
 ",
-    );
+        vn("on-r2", "r-2"),
+        vn("on-r1", "r-1")
+    ));
     let as_r1 = |args: &[&str]| as_host("r-1", args);
     let refused = |args: &[&str], want: &str| {
         let out = as_r1(args);

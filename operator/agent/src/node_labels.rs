@@ -21,15 +21,6 @@ pub struct Settings {
     pub uplink: Option<String>,
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Node `node`'s `labels` over the flags' `defaults`.
 pub fn resolve(
     node: &str,
@@ -38,7 +29,7 @@ pub fn resolve(
 ) -> Result<Settings, String> {
     let mut s = defaults;
     if let Some(site) = labels.get(SITE) {
-        if !dns_label(site) {
+        if !yukumo_api::is_dns_label(site) {
             return Err(format!(
                 "Node {node}: label {SITE}={site:?} is not a Site name (a DNS label)"
             ));

@@ -33,6 +33,18 @@ pub const GROUP: &str = "yukumo.io";
 /// The served (and stored) version.
 pub const VERSION: &str = "v1alpha1";
 
+/// Whether `s` is a DNS label (RFC 1123): 1-63 lower-case letters, digits
+/// and '-', neither first nor last — what names of Sites, namespaces and
+/// label values yukumo reads must be.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Labels yukumo sets and selects on.
 pub mod labels {
     /// The Host a VirtualNode is placed on; agents select their VirtualNodes by it.

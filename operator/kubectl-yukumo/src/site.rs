@@ -49,7 +49,7 @@ pub struct Join {
 /// long for a namespace is refused, naming the limit.
 pub fn namespace(site: &str) -> Result<String> {
     let ns = format!("{NS_PREFIX}{site}");
-    if site.is_empty() || ns.len() > 63 || !is_dns_label(site) {
+    if site.is_empty() || ns.len() > 63 || !yukumo_api::is_dns_label(site) {
         bail!(
             "site {site:?}: its agents' namespace {ns:?} must be a DNS label of at most 63 \
              characters (a Site name of at most {} lower-case letters, digits and '-')",
@@ -59,18 +59,9 @@ pub fn namespace(site: &str) -> Result<String> {
     Ok(ns)
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// A Host name is a ServiceAccount name: a DNS subdomain.
 pub fn check_host(host: &str) -> Result<()> {
-    if host.is_empty() || host.len() > 253 || !host.split('.').all(is_dns_label) {
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(yukumo_api::is_dns_label) {
         bail!(
             "host {host:?}: a Host (and its agent's ServiceAccount) is named by a DNS subdomain \
              (lower-case letters, digits, '-' and '.', at most 253 characters)"
