@@ -270,6 +270,92 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     .unwrap();
     println!("cluster started again in {:.1}s", took.as_secs_f64());
 
+    // One node switched off while the rest runs, with `kubectl yukumo`:
+    // its domain shuts off, the cluster is Ready and says which is off.
+    let plugin = |args: &[&str]| {
+        let mut a = vec!["-n", ns];
+        a.extend_from_slice(args);
+        let out = env.plugin(&a);
+        assert!(
+            out.status.success(),
+            "kubectl yukumo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let node = |name: &str| {
+        let n = nodes
+            .iter()
+            .find(|n| n["metadata"]["name"] == name)
+            .unwrap();
+        (
+            n["spec"]["host"].as_str().unwrap().to_string(),
+            n["metadata"]["uid"].as_str().unwrap().to_string(),
+        )
+    };
+    let ready_says = |want: &str| {
+        wait_for(Duration::from_secs(120), want, || {
+            let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
+            let ready = vc["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                .cloned()
+                .unwrap_or_default();
+            if ready["status"] == "True" && ready["message"] == want {
+                Ok(())
+            } else {
+                Err(ready.to_string())
+            }
+        })
+        .unwrap()
+        .1
+    };
+    plugin(&["stop", "tiny", "--node", "worker-1"]);
+    let took = ready_says("2/2 running nodes ready; 1 node switched off: tiny-worker-1");
+    let (h1, u1) = node("tiny-worker-1");
+    assert_eq!(virsh(&env, &h1, &["domstate", &u1]).trim(), "shut off");
+    for w in ["tiny-frontend", "tiny-worker-0"] {
+        let (h, u) = node(w);
+        assert_eq!(virsh(&env, &h, &["domstate", &u]).trim(), "running", "{w}");
+    }
+    println!(
+        "kubectl yukumo stop --node worker-1: Ready, that domain shut off, after {:.1}s",
+        took.as_secs_f64()
+    );
+    // Restart the frontend: stopped, waited for, started — a new qemu
+    // process for the same node.
+    let (fh, _) = node("tiny-frontend");
+    let fe_dom = format!("yk-{ns}-tiny-frontend");
+    let pid_before = qemu_pids(&env, &fh).get(&fe_dom).cloned();
+    assert!(pid_before.is_some(), "{:?}", qemu_pids(&env, &fh));
+    let t = std::time::Instant::now();
+    assert_eq!(
+        plugin(&["restart", "tiny", "--node", "frontend", "--timeout", "120s"]),
+        format!(
+            "node tiny-frontend of virtualcluster {ns}/tiny stopped (disks kept)\nnode tiny-frontend of virtualcluster {ns}/tiny started"
+        )
+    );
+    ready_says("2/2 running nodes ready; 1 node switched off: tiny-worker-1");
+    let pid_after = qemu_pids(&env, &fh).get(&fe_dom).cloned();
+    assert!(
+        pid_after.is_some() && pid_after != pid_before,
+        "{pid_before:?} → {pid_after:?}"
+    );
+    println!(
+        "kubectl yukumo restart --node frontend: running and Ready again after {:.1}s (qemu {} → {})",
+        t.elapsed().as_secs_f64(),
+        pid_before.unwrap_or_default(),
+        pid_after.unwrap_or_default()
+    );
+    // Starting the pool starts its node switched off one by one.
+    plugin(&["start", "tiny", "--pool", "worker"]);
+    let took = ready_says("3/3 nodes ready");
+    assert_eq!(virsh(&env, &h1, &["domstate", &u1]).trim(), "running");
+    println!(
+        "kubectl yukumo start --pool worker: 3/3 ready after {:.1}s",
+        took.as_secs_f64()
+    );
+
     // Deleting the cluster removes every domain and file from every host.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "tiny", "--wait=true"])
         .unwrap();

@@ -870,10 +870,13 @@ fn a_stopped_cluster_gives_its_hosts_back_and_starts_where_there_is_room() {
 }
 
 /// The kubectl plugin against the real API server: a pool scaled (and an
-/// unknown pool refused, naming the pools), the status tree, the cluster
-/// stopped and started.
+/// unknown pool refused, naming the pools), the status tree, a pool and one
+/// node stopped and started while the rest runs (an entry naming no node
+/// refused by the API server; scaling below a stopped node drops it), the
+/// cluster stopped and started. (Real guests switched off, the cluster's
+/// Ready meanwhile, and `restart`: the guests test.)
 #[test]
-fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
+fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster_a_pool_and_a_node() {
     let env = Env::get();
     let ns = "plugin";
     setup(&env, ns);
@@ -922,6 +925,95 @@ fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster() {
     assert!(tree.contains("├─ frontend pc-frontend"), "{tree}");
     assert!(tree.contains("network group net (vxlan "), "{tree}");
     assert!(tree.contains("conditions\n│  ├─ Ready="), "{tree}");
+
+    // One pool, then one node, switched off and on while the cluster runs.
+    let ok = |args: &[&str]| {
+        let mut a = vec!["-n", ns];
+        a.extend_from_slice(args);
+        let out = env.plugin(&a);
+        assert!(
+            out.status.success(),
+            "kubectl yukumo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Which nodes are off (spec.running). (These nodes' image does not
+    // exist, so they never run: their Ready is the guests test's.)
+    let settle = |what: &str, off: &[&str]| {
+        let (_, took) = wait_for(Duration::from_secs(60), what, || {
+            let ns_nodes = nodes(&env, ns, "pc");
+            let mut off_now: Vec<String> = ns_nodes
+                .iter()
+                .filter(|n| n["spec"]["running"] == false)
+                .map(|n| {
+                    n["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            off_now.sort();
+            if off_now == off && ns_nodes.len() == 4 {
+                Ok(())
+            } else {
+                Err(format!("off {off_now:?}"))
+            }
+        })
+        .unwrap();
+        println!("kubectl yukumo {what}: nodes followed after {took:?}");
+    };
+    assert_eq!(
+        ok(&["stop", "pc", "--pool", "worker"]),
+        "pool worker of virtualcluster plugin/pc stopped (disks kept)"
+    );
+    settle(
+        "stop --pool worker",
+        &["pc-worker-0", "pc-worker-1", "pc-worker-2"],
+    );
+    ok(&["start", "pc", "--pool", "worker"]);
+    settle("start --pool worker", &[]);
+    assert_eq!(
+        ok(&["stop", "pc", "--node", "pc-worker-1"]),
+        "node pc-worker-1 of virtualcluster plugin/pc stopped (disks kept)"
+    );
+    settle("stop --node pc-worker-1", &["pc-worker-1"]);
+    let out = env.plugin(&["-n", ns, "start", "pc", "--node", "worker-9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "has no node \"worker-9\" (its nodes: frontend, worker-0, worker-1, worker-2)"
+            ),
+        "{err}"
+    );
+    let spec = json(&env, &["-n", ns, "get", "vc", "pc"])["spec"].clone();
+    assert_eq!(spec["stoppedNodes"], serde_json::json!(["worker-1"]));
+    // The API server refuses an entry naming no node, by field.
+    let out = env.kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "vc",
+        "pc",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"stoppedNodes":["worker-1","worker-7"]}}"#,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("spec.stoppedNodes")
+            && err.contains("must name a node of this cluster"),
+        "{err}"
+    );
+    // Scaling below a stopped node drops its entry in the same change.
+    ok(&["scale", "pc", "worker", "1"]);
+    wait_count(&env, ns, "pc", 2);
+    let spec = json(&env, &["-n", ns, "get", "vc", "pc"])["spec"].clone();
+    assert!(spec["stoppedNodes"].is_null(), "{spec}");
+    ok(&["scale", "pc", "worker", "3"]);
+    wait_count(&env, ns, "pc", 4);
 
     // Stop: every node's spec.running follows; start: back.
     for (verb, running) in [("stop", false), ("start", true)] {

@@ -43,6 +43,9 @@ use crate::virtualnode::{NodePhase, NodeRole};
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.pools) || self.pools.all(p, p.name != 'frontend')"
 ).message("spec.pools: a pool may not be named 'frontend'").field_path(".pools"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.stoppedNodes) || self.stoppedNodes.all(n, n == 'frontend' || (has(self.pools) && self.pools.exists(p, n.startsWith(p.name + '-') && n.substring(size(p.name) + 1).matches('^[0-9]+$') && int(n.substring(size(p.name) + 1)) < p.replicas)))"
+).message("spec.stoppedNodes: each entry must name a node of this cluster, 'frontend' or POOL-INDEX with INDEX below that pool's replicas (scaling a pool down drops its stopped entries in the same change)").field_path(".stoppedNodes"))]
 pub struct VirtualClusterSpec {
     /// Name of the NetworkGroup (same namespace) the cluster's nodes attach to.
     #[schemars(
@@ -68,6 +71,16 @@ pub struct VirtualClusterSpec {
     /// elsewhere).
     #[serde(default = "default_true")]
     pub running: bool,
+    /// Nodes stopped one by one while the rest of the cluster runs (their
+    /// disks kept, their room given back like any stopped node's): each is
+    /// `frontend` or `POOL-INDEX` (e.g. `worker-2`, the node
+    /// `<cluster>-worker-2`) of a node the spec has, so a pool scaled below
+    /// a listed index must drop it in the same change. Removing an entry
+    /// starts that node again. With the frontend listed, workers start
+    /// without waiting for it (`startOrder` orders a frontend that runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    pub stopped_nodes: Vec<StoppedNode>,
     /// Optional reservation: a start/end time and/or recurring weekly windows
     /// during which the cluster runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +99,18 @@ pub struct VirtualClusterSpec {
 fn default_true() -> bool {
     true
 }
+
+/// A node of a VirtualCluster by its place in the spec: `frontend` or
+/// `POOL-INDEX`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(transparent)]
+pub struct StoppedNode(
+    #[schemars(
+        length(min = 1, max = 20),
+        regex(pattern = r"^(frontend|[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]{0,3}))$")
+    )]
+    pub String,
+);
 
 /// An SSH public key in OpenSSH format, e.g. `ssh-ed25519 AAAA… user@host`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -219,6 +244,11 @@ pub struct NodePool {
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_unavailable: u32,
+    /// Power state of the pool's nodes: `false` stops them (disks kept,
+    /// their room given back) while the rest of the cluster runs. The
+    /// cluster's `running: false` stops every pool whatever this says.
+    #[serde(default = "default_true")]
+    pub running: bool,
 }
 
 fn default_max_unavailable() -> u32 {
@@ -614,5 +644,21 @@ impl VirtualClusterSpec {
     /// Number of nodes the spec asks for, frontend included.
     pub fn desired_nodes(&self) -> i32 {
         1 + self.pools.iter().map(|p| p.replicas.max(0)).sum::<i32>()
+    }
+
+    /// Whether the user asked for this node to be off while the cluster
+    /// runs: its pool's `running: false`, or its entry in `stoppedNodes`
+    /// (`frontend`, `POOL-INDEX`). The cluster's own power is not part of it.
+    pub fn node_switched_off(&self, pool: Option<&str>, index: u32) -> bool {
+        let entry = match pool {
+            None => "frontend".to_string(),
+            Some(p) => {
+                if self.pools.iter().any(|q| q.name == p && !q.running) {
+                    return true;
+                }
+                format!("{p}-{index}")
+            }
+        };
+        self.stopped_nodes.iter().any(|n| n.0 == entry)
     }
 }

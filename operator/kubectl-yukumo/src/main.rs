@@ -5,8 +5,10 @@
 //! - `scale CLUSTER POOL N`: a pool's replicas (a JSON patch that first
 //!   tests the pool's name, so a concurrent edit of the list fails
 //!   instead of scaling another pool);
-//! - `start CLUSTER` / `stop CLUSTER`: `spec.running` (stopped nodes keep
-//!   their disks).
+//! - `start|stop|restart CLUSTER [--pool P | --node N]`: the cluster's
+//!   `spec.running`, a pool's `running`, or one node's entry in
+//!   `spec.stoppedNodes` (stopped nodes keep their disks); `restart` stops,
+//!   waits until they are stopped, and starts them again (`power.rs`).
 //! - `site join SITE HOST` / `site revoke SITE [HOST]`: the credential of a
 //!   remote Site's host agent (a fleet operator's command, see `site.rs`).
 //!
@@ -14,6 +16,7 @@
 //! name); it uses the current kubeconfig context and its namespace unless
 //! `-n` says otherwise. Every request is the user's own: RBAC decides.
 
+mod power;
 mod render;
 mod site;
 
@@ -22,6 +25,7 @@ use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
+use yukumo_api::virtualnode::NodePhase;
 use yukumo_api::{NetworkGroup, VirtualCluster, VirtualNode, Volume, labels};
 
 #[derive(Parser)]
@@ -49,10 +53,28 @@ enum Command {
         pool: String,
         replicas: i32,
     },
-    /// Run every node of the cluster (`spec.running: true`).
-    Start { cluster: String },
-    /// Stop every node of the cluster, keeping their disks (`spec.running: false`).
-    Stop { cluster: String },
+    /// Run the cluster, one pool or one node again.
+    Start {
+        cluster: String,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Stop the cluster, one pool or one node, keeping their disks.
+    Stop {
+        cluster: String,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Stop the cluster, one pool or one node, wait until they are
+    /// stopped, and start them again.
+    Restart {
+        cluster: String,
+        #[command(flatten)]
+        which: Which,
+        /// How long to wait for the nodes to stop (s, m or h).
+        #[arg(long, default_value = "5m", value_parser = site::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Credentials of a remote Site's agents (for the fleet's operator).
     #[command(subcommand)]
     Site(SiteCommand),
@@ -73,7 +95,7 @@ enum SiteCommand {
         #[arg(long)]
         certificate_authority: Option<std::path::PathBuf>,
         /// The token's lifetime (s, m, h or d); run join again to renew it.
-        #[arg(long, default_value = "8760h", value_parser = site::parse_duration)]
+        #[arg(long, default_value = "8760h", value_parser = site::parse_token_duration)]
         duration: std::time::Duration,
         /// Where to write the kubeconfig (default: yukumo-agent-SITE-HOST.kubeconfig).
         #[arg(short, long)]
@@ -81,6 +103,17 @@ enum SiteCommand {
     },
     /// Withdraw HOST's credential, or without HOST every credential of SITE.
     Revoke { site: String, host: Option<String> },
+}
+
+/// What `start`, `stop` and `restart` act on (neither: the whole cluster).
+#[derive(clap::Args, Clone)]
+struct Which {
+    /// One pool.
+    #[arg(long, conflicts_with = "node")]
+    pool: Option<String>,
+    /// One node: `frontend`, `POOL-INDEX` or its full name.
+    #[arg(long)]
+    node: Option<String>,
 }
 
 /// Writes are made as this field manager.
@@ -153,8 +186,27 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("scaling pool {pool:?} of {ns}/{cluster}"))?;
             println!("virtualcluster {ns}/{cluster}: pool {pool} scaled to {replicas}");
         }
-        Command::Start { cluster } => power(&vcs, &ns, &cluster, true).await?,
-        Command::Stop { cluster } => power(&vcs, &ns, &cluster, false).await?,
+        Command::Start { cluster, which } => {
+            power(&vcs, &ns, &cluster, which, true).await?;
+        }
+        Command::Stop { cluster, which } => {
+            power(&vcs, &ns, &cluster, which, false).await?;
+        }
+        Command::Restart {
+            cluster,
+            which,
+            timeout,
+        } => {
+            let nodes = power(&vcs, &ns, &cluster, which.clone(), false).await?;
+            wait_stopped(
+                &Api::<VirtualNode>::namespaced(client.clone(), &ns),
+                &cluster,
+                &nodes,
+                timeout,
+            )
+            .await?;
+            power(&vcs, &ns, &cluster, which, true).await?;
+        }
         Command::Site(SiteCommand::Join {
             site,
             host,
@@ -188,17 +240,63 @@ async fn get(vcs: &Api<VirtualCluster>, ns: &str, name: &str) -> Result<VirtualC
     }
 }
 
-async fn power(vcs: &Api<VirtualCluster>, ns: &str, name: &str, running: bool) -> Result<()> {
-    get(vcs, ns, name).await?;
-    let patch = serde_json::json!({ "spec": { "running": running } });
+/// Switch the cluster, a pool or a node on or off; the VirtualNodes it
+/// covers, by name.
+async fn power(
+    vcs: &Api<VirtualCluster>,
+    ns: &str,
+    name: &str,
+    which: Which,
+    running: bool,
+) -> Result<Vec<String>> {
+    let vc = get(vcs, ns, name).await?;
+    let target = power::Target::parse(&vc, which.pool, which.node)?;
+    let what = target.describe(ns, name);
+    let patch = power::patch(&vc, &target, running)?;
     vcs.patch(name, &params(), &Patch::Merge(&patch))
         .await
-        .with_context(|| format!("setting spec.running of {ns}/{name}"))?;
+        .with_context(|| format!("{} {what}", if running { "starting" } else { "stopping" }))?;
     let (verb, note) = if running {
         ("started", "")
     } else {
         ("stopped", " (disks kept)")
     };
-    println!("virtualcluster {ns}/{name} {verb}{note}");
-    Ok(())
+    println!("{what} {verb}{note}");
+    Ok(target.nodes(&vc))
+}
+
+/// Wait until every one of `nodes` (of `cluster`) that exists is stopped.
+async fn wait_stopped(
+    api: &Api<VirtualNode>,
+    cluster: &str,
+    nodes: &[String],
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let lp = ListParams::default().labels(&format!("{}={cluster}", labels::CLUSTER));
+    loop {
+        let running: Vec<String> = api
+            .list(&lp)
+            .await
+            .context("listing the cluster's VirtualNodes")?
+            .items
+            .into_iter()
+            .filter(|vn| nodes.contains(&vn.metadata.name.clone().unwrap_or_default()))
+            .filter(|vn| {
+                vn.spec.running || vn.status.as_ref().map(|s| s.phase) != Some(NodePhase::Stopped)
+            })
+            .filter_map(|vn| vn.metadata.name)
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "not stopped after {}s: {} (they stay stopped; start them with `start`)",
+                timeout.as_secs(),
+                running.join(", ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

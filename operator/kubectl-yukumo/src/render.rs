@@ -297,27 +297,15 @@ pub fn scale_patch(vc: &VirtualCluster, pool: &str, replicas: i32) -> Result<Val
     if replicas < 0 {
         bail!("replicas must be 0 or more, not {replicas}");
     }
-    if !vc.spec.pools.iter().any(|p| p.name == pool) {
-        let names: Vec<&str> = vc.spec.pools.iter().map(|p| p.name.as_str()).collect();
-        bail!(
-            "virtualcluster {} has no pool {pool:?} (its pools: {})",
-            vc.metadata.name.as_deref().unwrap_or_default(),
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        );
-    }
+    let at = crate::power::pool_index(vc, pool)?;
     let mut pools = val(&vc.spec.pools);
-    for p in pools.as_array_mut().into_iter().flatten() {
-        if p["name"] == pool {
-            p["replicas"] = json!(replicas);
-        }
-    }
+    pools[at]["replicas"] = json!(replicas);
+    // Nodes stopped one by one beyond the new count go with them (the API
+    // server refuses entries naming no node).
+    let stopped = crate::power::stopped_after_scale(vc, pool, replicas);
     Ok(json!({
         "metadata": { "resourceVersion": vc.metadata.resource_version },
-        "spec": { "pools": pools },
+        "spec": { "pools": pools, "stoppedNodes": crate::power::stopped_value(&stopped) },
     }))
 }
 

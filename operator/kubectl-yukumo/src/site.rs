@@ -71,6 +71,16 @@ pub fn check_host(host: &str) -> Result<()> {
 }
 
 /// `90s`, `30m`, `12h`, `365d`: a token's lifetime.
+pub fn parse_token_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    // The API server's floor for a TokenRequest.
+    if d.as_secs() < 600 {
+        return Err(format!("{s:?}: a token lives at least 10m"));
+    }
+    Ok(d)
+}
+
+/// A duration as `<number><s|m|h|d>`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
@@ -83,10 +93,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86400,
         _ => return Err(format!("{s:?}: a number then s, m, h or d (e.g. 8760h)")),
     };
-    // The API server's floor for a TokenRequest.
-    if secs < 600 {
-        return Err(format!("{s:?}: a token lives at least 10m"));
-    }
     Ok(Duration::from_secs(secs))
 }
 
@@ -364,7 +370,8 @@ mod tests {
         assert_eq!(parse_duration("8760h").unwrap().as_secs(), 8760 * 3600);
         assert_eq!(parse_duration("30d").unwrap().as_secs(), 30 * 86400);
         assert_eq!(parse_duration("10m").unwrap().as_secs(), 600);
-        assert!(parse_duration("5m").unwrap_err().contains("at least 10m"));
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert!(parse_token_duration("5m").unwrap_err().contains("at least 10m"));
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
     }

@@ -32,6 +32,9 @@ pub struct DesiredNode {
     /// How many nodes of its set (the frontend alone, or its pool) may be
     /// unavailable at once while they are rolled to a new revision.
     pub max_unavailable: u32,
+    /// Switched off by the user while the cluster runs (its pool's
+    /// `running: false` or its `stoppedNodes` entry).
+    pub switched_off: bool,
 }
 
 impl DesiredNode {
@@ -210,6 +213,7 @@ pub fn desired_nodes(
         hold: false,
         boots_from_volume: spec.frontend.root_volume.is_some(),
         max_unavailable: 1,
+        switched_off: spec.node_switched_off(None, 0),
     });
     for (pi, pool) in spec.pools.iter().enumerate() {
         let sites_for_pool: Vec<String> = if pool.sites.is_empty() {
@@ -251,6 +255,7 @@ pub fn desired_nodes(
                 hold: false,
                 boots_from_volume: pool.root_volume.is_some(),
                 max_unavailable: pool.max_unavailable.max(1),
+                switched_off: spec.node_switched_off(Some(&pool.name), i),
             });
         }
     }

@@ -296,12 +296,16 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             *unavailable.entry(d.spec.pool.clone()).or_default() += 1;
         }
     }
+    // A frontend the user switched off does not hold the workers back.
     let frontend_running = mine.iter().any(|n| {
         n.spec.role == NodeRole::Frontend
             && n.status
                 .as_ref()
                 .is_some_and(|s| s.phase == NodePhase::Running)
-    });
+    }) || inp
+        .desired
+        .iter()
+        .any(|d| d.spec.role == NodeRole::Frontend && d.switched_off);
     // What an admitted reservation of another cluster needs later: a node
     // may take a host now only if every one still packs.
     let guard = |views: &[HostView],
@@ -422,17 +426,20 @@ pub fn plan_nodes(inp: &PlanInputs) -> NodePlan {
             spec.disk_bytes = n.spec.disk_bytes;
             spec.user_data = n.spec.user_data.clone();
         }
-        spec.running = should_run(
-            inp.cluster_running,
-            spec.role,
-            vc.spec.start_order,
-            frontend_running,
-            existing.is_some_and(|n| n.spec.running),
-        );
+        spec.running = !d.switched_off
+            && should_run(
+                inp.cluster_running,
+                spec.role,
+                vc.spec.start_order,
+                frontend_running,
+                existing.is_some_and(|n| n.spec.running),
+            );
         // A worker that may not start yet is created when it may (creating
         // it stopped and patching it later would cost a write per node);
         // it is placed now all the same, to say early if it cannot be.
-        let deferred = existing.is_none() && inp.cluster_running && !spec.running;
+        // (One switched off is created stopped, as in a stopped cluster.)
+        let deferred =
+            existing.is_none() && inp.cluster_running && !d.switched_off && !spec.running;
         let just_written = inp
             .pending
             .get(&key)

@@ -581,6 +581,11 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     d.hold = !vplan.may_create(&d.name);
                 }
                 let rev = super::nodes::cluster_revision(&desired);
+                let switched_off: Vec<String> = desired
+                    .iter()
+                    .filter(|d| d.switched_off)
+                    .map(|d| d.name.clone())
+                    .collect();
                 let outcome = converge_nodes(&ctx, &vc, &ns, desired, running_now).await?;
                 updated_nodes = outcome.updated;
                 nodes_status = status::summaries(&outcome);
@@ -595,6 +600,7 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     desired: desired_count,
                     ready: ready_nodes,
                     revision: &rev,
+                    switched_off: &switched_off,
                 });
                 revision = Some(rev);
                 if !power.exists {

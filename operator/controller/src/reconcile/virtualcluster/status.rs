@@ -76,6 +76,9 @@ pub struct Facts<'a> {
     pub ready: i32,
     /// The spec's revision.
     pub revision: &'a str,
+    /// Nodes the user switched off while the cluster runs (a pool's
+    /// `running: false`, `stoppedNodes`).
+    pub switched_off: &'a [String],
 }
 
 /// The verdict, and a sooner requeue where the state moves by itself.
@@ -223,6 +226,45 @@ pub fn verdict(f: &Facts) -> StatusVerdict {
             )
         });
     }
+    if !f.switched_off.is_empty() {
+        // Ready once every other node runs and is ready and these are
+        // stopped: the state the user asked for.
+        let meant = f.desired - f.switched_off.len() as i32;
+        let still_up: Vec<&str> = o
+            .nodes
+            .iter()
+            .filter(|n| f.switched_off.contains(&n.name_any()))
+            .filter(|n| {
+                n.spec.running
+                    || n.status
+                        .as_ref()
+                        .is_none_or(|s| s.phase != NodePhase::Stopped)
+            })
+            .map(|n| n.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        let ready = o
+            .nodes
+            .iter()
+            .filter(|n| !f.switched_off.contains(&n.name_any()) && node_ready(n))
+            .count() as i32;
+        let off = super::abbreviated("switched off", f.switched_off);
+        return v(if ready == meant && still_up.is_empty() {
+            Verdict::ready(
+                Reason::AllNodesReady,
+                format!("{ready}/{meant} running nodes ready; {off}"),
+            )
+        } else if ready == meant {
+            Verdict::progressing(
+                Reason::Stopping,
+                format!("stopping {} ({off})", still_up.join(", ")),
+            )
+        } else {
+            Verdict::progressing(
+                Reason::NodesStarting,
+                format!("{}/{meant} running nodes ready; {off}", f.ready),
+            )
+        });
+    }
     v(if f.ready == f.desired {
         Verdict::ready(
             Reason::AllNodesReady,
@@ -265,6 +307,7 @@ mod tests {
             desired: 2,
             ready: 0,
             revision: "0123456789",
+            switched_off: &[],
         }
     }
 
@@ -323,6 +366,57 @@ mod tests {
         assert_eq!(
             v.message(),
             "reserved; nodes are created at 2030-01-01T09:00:00Z"
+        );
+    }
+
+    /// Nodes switched off while the cluster runs: Ready once the others are
+    /// ready and these are stopped, saying which; until then, progress.
+    #[test]
+    fn switched_off_nodes_are_ready_when_stopped() {
+        let g: NetworkGroup = serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "NetworkGroup",
+            "metadata": {"name": "net", "namespace": "t1"},
+            "spec": {"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"}
+        }))
+        .unwrap();
+        let power = PowerPlan {
+            exists: true,
+            run: true,
+            next: None,
+            why: "",
+        };
+        let mut up = node("c-frontend", "Running", "Running", "");
+        up.status.as_mut().unwrap().conditions[0].status = ConditionStatus::True;
+        up.spec.running = true;
+        let mut w0 = node("c-w-0", "Running", "Running", "");
+        w0.status.as_mut().unwrap().conditions[0].status = ConditionStatus::True;
+        w0.spec.running = true;
+        let off = ["c-w-0".to_string()];
+        let o = NodesOutcome {
+            nodes: vec![up.clone(), w0.clone()],
+            ..Default::default()
+        };
+        let mut f = facts(&o, &g, &power);
+        f.ready = 2;
+        f.switched_off = &off;
+        let v = verdict(&f).verdict;
+        assert_eq!(v.reason(), &Reason::Stopping, "{v:?}");
+        assert_eq!(v.message(), "stopping c-w-0 (1 node switched off: c-w-0)");
+        w0.spec.running = false;
+        w0.status.as_mut().unwrap().phase = NodePhase::Stopped;
+        w0.status.as_mut().unwrap().conditions[0].status = ConditionStatus::False;
+        let o = NodesOutcome {
+            nodes: vec![up, w0],
+            ..Default::default()
+        };
+        let mut f = facts(&o, &g, &power);
+        f.ready = 1;
+        f.switched_off = &off;
+        let v = verdict(&f).verdict;
+        assert!(matches!(v, Verdict::Ready { .. }), "{v:?}");
+        assert_eq!(
+            v.message(),
+            "1/1 running nodes ready; 1 node switched off: c-w-0"
         );
     }
 }

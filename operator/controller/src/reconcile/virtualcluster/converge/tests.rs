@@ -384,3 +384,75 @@ fn plan_with(w: &World, running: bool, asleep: &HashSet<String>) -> NodePlan {
         wall: k8s_openapi::jiff::Timestamp::now(),
     })
 }
+
+/// The desired nodes of `w`'s cluster after `edit` changes its spec.
+fn redesire(w: &mut World, allocated: &[&str], edit: impl FnOnce(&mut VirtualCluster)) {
+    edit(&mut w.vc);
+    let ng: NetworkGroup = obj(group(allocated));
+    w.desired = desired_nodes(&w.vc, &ng, &[obj(site())]).unwrap();
+}
+
+/// A pool or one node switched off while the cluster runs: written
+/// stopped (new ones created stopped, not deferred), their room not held;
+/// switched on again, they start where they are. A switched-off frontend
+/// does not hold `FrontendFirst` workers back.
+#[test]
+fn a_pool_or_one_node_is_switched_off_while_the_cluster_runs() {
+    let all = ["c-frontend", "c-w-0", "c-w-1"];
+    let mut w = world(2, &all);
+    w.nodes = written(&plan(&w, true));
+    redesire(&mut w, &all, |vc| {
+        vc.spec.stopped_nodes = vec![yukumo_api::virtualcluster::StoppedNode("w-1".into())]
+    });
+    assert!(w.desired[2].switched_off && !w.desired[1].switched_off);
+    let p = plan(&w, true);
+    assert_eq!(names(&p.writes), ["c-w-1"]);
+    assert!(!written(&p)[0].spec.running);
+    w.nodes = w
+        .nodes
+        .iter()
+        .map(|n| {
+            written(&p)
+                .into_iter()
+                .find(|x| x.name_any() == n.name_any())
+                .unwrap_or_else(|| n.clone())
+        })
+        .collect();
+    // Its room is given back: the host views count only the running two.
+    let views = host_views(
+        &w.hosts,
+        &w.nodes,
+        &HashMap::new(),
+        &["vc-uid".into()].into(),
+    );
+    assert_eq!(views.iter().map(|v| v.used.cpu).sum::<u32>(), 2);
+    // The whole pool off, and scaled up meanwhile: the new node is created
+    // stopped (not deferred as a worker waiting for its frontend).
+    let all3 = ["c-frontend", "c-w-0", "c-w-1", "c-w-2"];
+    let mut w3 = world(3, &all3);
+    w3.nodes = w.nodes.clone();
+    redesire(&mut w3, &all3, |vc| vc.spec.pools[0].running = false);
+    let p = plan(&w3, true);
+    assert_eq!(names(&p.writes), ["c-w-0", "c-w-2"]);
+    assert!(written(&p).iter().all(|n| !n.spec.running));
+    assert!(p.waiting.is_empty());
+    // Switched on again: both start, on the hosts they had.
+    let before = w.nodes.clone();
+    redesire(&mut w, &all, |vc| vc.spec.stopped_nodes.clear());
+    let p = plan(&w, true);
+    assert_eq!(names(&p.writes), ["c-w-1"]);
+    let n = &written(&p)[0];
+    assert!(n.spec.running);
+    assert_eq!(n.spec.host, before[2].spec.host);
+    // The frontend off, FrontendFirst: workers start all the same.
+    let mut f = world(1, &["c-frontend", "c-w-0"]);
+    f.vc.spec.start_order = yukumo_api::virtualcluster::StartOrder::FrontendFirst;
+    redesire(&mut f, &["c-frontend", "c-w-0"], |vc| {
+        vc.spec.stopped_nodes = vec![yukumo_api::virtualcluster::StoppedNode("frontend".into())]
+    });
+    let p = plan(&f, true);
+    assert_eq!(names(&p.writes), ["c-frontend", "c-w-0"]);
+    let ws = written(&p);
+    assert!(!ws[0].spec.running && ws[1].spec.running);
+    assert!(p.waiting.is_empty());
+}
