@@ -23,7 +23,9 @@ check "renders 6 CRDs" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$re
 check "CRDs are kept on uninstall" test "$(grep -c 'helm.sh/resource-policy: keep' <<<"$render")" -eq 6
 check "renders the controller Deployment with 2 replicas" grep -q 'replicas: 2' <<<"$render"
 check "renders the agent DaemonSet" grep -q '^kind: DaemonSet' <<<"$render"
-check "ships the user roles, aggregated into view/edit/admin" test "$(grep -c "rbac.authorization.k8s.io/aggregate-to-" <<<"$render")" -eq 6
+check "ships the user roles, aggregated into view/edit/admin" test "$(grep -c "rbac.authorization.k8s.io/aggregate-to-" <<<"$render")" -eq 8
+check "the console is for editors and admins, not viewers" grep -Pzq 'name: yukumo-console\n  labels:\n(    .*\n)*?    rbac.authorization.k8s.io/aggregate-to-edit: "true"\n    rbac.authorization.k8s.io/aggregate-to-admin: "true"\nrules:\n- apiGroups: \[yukumo.io\]\n  resources: \[virtualnodes/console\]\n  verbs: \[get\]' <<<"$render"
+check "the agent serves consoles on the host's address" grep -q -- '--console-url=https://$(HOST_IP):9443' <<<"$render"
 check "controller runs as non-root with no capabilities" grep -q 'runAsNonRoot: true' <<<"$render"
 check "no Ceph keyring by default" refuses grep -q -- '--ceph-keyring' <<<"$render"
 ceph=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.cephKeyringSecret=ceph-yukumo)

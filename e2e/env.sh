@@ -370,18 +370,20 @@ controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-contr
 plugin_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/kubectl-yukumo"; }
 
 start_agent() { # host
-  local host=$1 site hdir=$DIR/hosts/$1 mport
+  local host=$1 site hdir=$DIR/hosts/$1 mport cport
   [ -f "$hdir/site" ] || die "unknown host $host"
   site=$(cat "$hdir/site")
-  mport=$(free_port)
+  mport=$(free_port); cport=$(free_port)
   mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/agent-$host"
-  log "starting agent for $host (metrics on 127.0.0.1:$mport)"
+  echo "$cport" > "$DIR/ports/console-$host"
+  log "starting agent for $host (metrics on 127.0.0.1:$mport, consoles on 127.0.0.1:$cport)"
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-info}" \
     "$(agent_binary)" --host-name "$host" --site "$site" \
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
     --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent" \
+    --console-addr "127.0.0.1:$cport" --console-url "https://127.0.0.1:$cport" \
     $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" ) \
     $( [ -f "$DIR/ceph/keyring" ] && echo "--ceph-keyring $DIR/ceph/keyring" )
   write_prom_targets
@@ -554,7 +556,7 @@ cmd_down() {
     done
     # and the serial-console sockets of this host's guests (named by uid)
     for f in "$hdir"/agent/nodes/*; do
-      [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock"
+      [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock" "/run/yukumo/$(basename "$f").console.sock"
     done
   done
   # Routers the agents made: their DHCP servers (PID files in the agents'

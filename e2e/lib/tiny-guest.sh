@@ -6,7 +6,8 @@
 # installs the ssh keys and reports on the serial console:
 #   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
 # then brings up eth0 with DHCP when the config asks for it, runs a root
-# shell on its second serial port (ttyS1), and idles. Besides busybox it has
+# shell for tests on its second serial port (ttyS1) and an interactive one
+# on its console (ttyS0). Besides busybox it has
 # rawsend (e2e/lib/rawsend.c), which sends a raw Ethernet frame given in hex,
 # and blkbench (e2e/lib/blkbench.c), the storage benchmark's block I/O.
 #
@@ -84,7 +85,9 @@ if [ -c /dev/ttyS1 ]; then
   (while true; do sh -c 'while read -r m c; do sh -c "$(echo "$c" | base64 -d)" </dev/null; echo "__${m}__$?"; done' </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
 fi
 echo "YUKUMO-GUEST ready"
-while true; do sleep 3600; done
+# The serial console (ttyS0): a root shell, as a console login would give
+# (`kubectl yukumo console`); started again whenever it exits.
+while true; do sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done
 INIT
   cat > "$root/bin/tiny-dhcp" <<'DHCP'
 #!/bin/sh

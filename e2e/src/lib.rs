@@ -117,19 +117,51 @@ impl Env {
     /// `kubectl yukumo` as kubectl finds it (a `kubectl-yukumo` on the
     /// PATH), with the environment's kubeconfig.
     pub fn plugin(&self, args: &[&str]) -> Output {
+        self.plugin_command(&self.kubeconfig(), args)
+            .output()
+            .expect("run kubectl yukumo")
+    }
+
+    /// A kubeconfig for ServiceAccount `sa` of `ns` (created if missing)
+    /// with a fresh token: the environment's server and CA, that user.
+    pub fn token_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
+        let _ = self.kubectl(&["-n", ns, "create", "serviceaccount", sa]);
+        let token = self
+            .kubectl_ok(&["-n", ns, "create", "token", sa, "--duration", "1h"])
+            .expect("kubectl create token");
+        let raw: serde_json::Value = serde_json::from_str(
+            &self
+                .kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])
+                .expect("kubectl config view"),
+        )
+        .expect("kubeconfig json");
+        let cluster = &raw["clusters"][0]["cluster"];
+        let text = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "e2e", "cluster": cluster}],
+            "users": [{"name": sa, "user": {"token": token.trim()}}],
+            "contexts": [{"name": sa, "context": {"cluster": "e2e", "user": sa, "namespace": ns}}],
+            "current-context": sa,
+        });
+        let path = self.dir.join(format!("kubeconfig-{ns}-{sa}"));
+        std::fs::write(&path, text.to_string()).expect("write kubeconfig");
+        path
+    }
+
+    /// `kubectl yukumo` with another kubeconfig (another user).
+    pub fn plugin_command(&self, kubeconfig: &Path, args: &[&str]) -> Command {
         let bin = self.root.join("target/release");
         let path = format!(
             "{}:{}",
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        Command::new("kubectl")
-            .arg("yukumo")
+        let mut c = Command::new("kubectl");
+        c.arg("yukumo")
             .args(args)
             .env("PATH", path)
-            .env("KUBECONFIG", self.kubeconfig())
-            .output()
-            .expect("run kubectl yukumo")
+            .env("KUBECONFIG", kubeconfig);
+        c
     }
 
     /// Run `e2e/env.sh` with a subcommand against this environment.

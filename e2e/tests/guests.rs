@@ -356,6 +356,126 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
         took.as_secs_f64()
     );
 
+    // The serial console as a user: an editor (built-in `edit`) gets the
+    // worker's shell through its agent; a viewer is refused (403), and so
+    // is a request without a token (401); the endpoint's certificate is
+    // the one the node's status names.
+    for (sa, role) in [("console-alice", "edit"), ("console-bob", "view")] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "create",
+            "rolebinding",
+            sa,
+            "--clusterrole",
+            role,
+            "--serviceaccount",
+            &format!("{ns}:{sa}"),
+        ])
+        .unwrap();
+    }
+    let alice = env.token_kubeconfig(ns, "console-alice");
+    let bob = env.token_kubeconfig(ns, "console-bob");
+    let (endpoint, _) = wait_for(
+        Duration::from_secs(30),
+        "worker-0's console endpoint",
+        || {
+            let vn = json(&env, &["-n", ns, "get", "vn", "tiny-worker-0"]);
+            let c = vn["status"]["console"].clone();
+            if c["url"].is_string() {
+                Ok(c)
+            } else {
+                Err(vn["status"].to_string())
+            }
+        },
+    )
+    .unwrap();
+    let url = endpoint["url"].as_str().unwrap().to_string();
+    let ca = env.dir.join("console-ca.pem");
+    std::fs::write(&ca, endpoint["caCertificate"].as_str().unwrap()).unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: yukumo-console"])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("{url}/v1/console/{ns}/tiny-worker-0"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success()
+            && text.ends_with("\n401")
+            && text.contains("bearer token is required"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env
+        .plugin_command(&bob, &["console", "tiny-worker-0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains("refused (403 Forbidden)")
+            && err.contains(&format!(
+                "\"system:serviceaccount:{ns}:console-bob\" may not get virtualnodes/console of {ns}/tiny-worker-0"
+            )),
+        "{err}"
+    );
+    let t = std::time::Instant::now();
+    let mut child = env
+        .plugin_command(&alice, &["console", "tiny-worker-0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    // The answer, not the echoed command, holds "42-<hostname>".
+    let answered = wait_for(
+        Duration::from_secs(30),
+        "a shell answers on the console",
+        || {
+            use std::io::Write;
+            let _ = stdin.write_all(b"echo $((6*7))-$(hostname)\n");
+            let _ = stdin.flush();
+            std::thread::sleep(Duration::from_millis(300));
+            let text = String::from_utf8_lossy(&seen.lock().unwrap()).to_string();
+            if text.contains("42-tiny-worker-0") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    );
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    drop(stdin);
+    let _ = reader.join();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    answered.unwrap_or_else(|e| panic!("{e}; plugin {status}: {err}"));
+    println!(
+        "kubectl yukumo console tiny-worker-0: the guest's shell answered after {:.1}s (editor); viewer 403, no token 401",
+        t.elapsed().as_secs_f64()
+    );
+
     // Deleting the cluster removes every domain and file from every host.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "tiny", "--wait=true"])
         .unwrap();

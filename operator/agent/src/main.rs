@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod compute;
+mod console;
 mod finalizer;
 mod hypervisor;
 mod network;
@@ -97,6 +98,15 @@ pub struct Args {
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+    /// Serve the guests' serial consoles here (TLS; each caller checked by
+    /// the API server: `console.rs`). Unset: no console endpoint.
+    #[arg(long)]
+    pub console_addr: Option<SocketAddr>,
+    /// The console endpoint's URL as clients reach it (published in the
+    /// Host's status; its host is in the certificate). Default:
+    /// `https://<the first underlay address>:<port of --console-addr>`.
+    #[arg(long, requires = "console_addr")]
+    pub console_url: Option<String>,
     /// Portal of this host's iSCSI target (tgtd), as other hosts reach it,
     /// e.g. `10.255.0.1:3260`: the volumes of its `iscsi` pools are
     /// exported there.
@@ -202,6 +212,27 @@ async fn agent() -> anyhow::Result<()> {
             }
         });
     }
+    let console = match args.console_addr {
+        None => None,
+        Some(addr) => {
+            let url = match &args.console_url {
+                Some(u) => u.clone(),
+                None => {
+                    let a = probe::underlay_addresses(args.netns.clone())?
+                        .first()
+                        .copied()
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--console-addr: no address for the URL; give --console-url"
+                            )
+                        })?;
+                    format!("https://{a}:{}", addr.port())
+                }
+            };
+            Some(console::prepare(addr, &url, &args.state_dir)?)
+        }
+    };
+    let endpoint = console.as_ref().map(|c| c.endpoint.clone());
     let compute = compute::reconcile::ComputeCtx::new(
         client.clone(),
         hv.clone(),
@@ -209,7 +240,10 @@ async fn agent() -> anyhow::Result<()> {
         &args,
         &metrics,
         health.clone(),
-        (!args.no_network).then(|| net_state.clone()),
+        compute::reconcile::HostServices {
+            net: (!args.no_network).then(|| net_state.clone()),
+            console: endpoint,
+        },
     )?;
     let network_task = if args.no_network {
         None
@@ -278,7 +312,21 @@ async fn agent() -> anyhow::Result<()> {
         args.resync_interval,
         shutdown.clone(),
     ));
+    let console_task = console.map(|c| {
+        tokio::spawn(console::serve(
+            c,
+            client.clone(),
+            args.host_name.clone(),
+            args.state_dir.clone(),
+            shutdown.clone(),
+        ))
+    });
     let result = register::run(args, client, hv, metrics, health, shutdown).await;
+    if let Some(t) = console_task
+        && let Ok(Err(e)) = t.await
+    {
+        tracing::warn!(error = %e, "console endpoint");
+    }
     let _ = storage_task.await;
     let _ = compute_task.await;
     if let Some(t) = network_task {

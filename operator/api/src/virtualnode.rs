@@ -224,4 +224,22 @@ pub struct VirtualNodeStatus {
     /// definition): a Volume is released only when no node lists it here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<AttachedDisk>,
+    /// Where its serial console is served (running nodes on hosts whose
+    /// agent serves consoles): `kubectl yukumo console` connects there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleEndpoint>,
+}
+
+/// A host agent's console endpoint. Each caller is authenticated by its
+/// bearer token (TokenReview) and must itself be allowed `get` on the
+/// node's `virtualnodes/console` (SubjectAccessReview).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleEndpoint {
+    /// The endpoint's base URL, e.g. `https://192.0.2.10:9443`; a node's
+    /// console is at `/v1/console/<namespace>/<name>`.
+    pub url: String,
+    /// PEM of the CA that signed the endpoint's certificate (the agent's
+    /// own), so clients trust the endpoint through the API server.
+    pub ca_certificate: String,
 }

@@ -9,6 +9,8 @@
 //!   `spec.running`, a pool's `running`, or one node's entry in
 //!   `spec.stoppedNodes` (stopped nodes keep their disks); `restart` stops,
 //!   waits until they are stopped, and starts them again (`power.rs`).
+//! - `console NODE`: the node's serial console through its host agent's
+//!   authenticated endpoint (`console.rs`);
 //! - `site join SITE HOST` / `site revoke SITE [HOST]`: the credential of a
 //!   remote Site's host agent (a fleet operator's command, see `site.rs`).
 //!
@@ -16,6 +18,7 @@
 //! name); it uses the current kubeconfig context and its namespace unless
 //! `-n` says otherwise. Every request is the user's own: RBAC decides.
 
+mod console;
 mod power;
 mod render;
 mod site;
@@ -74,6 +77,13 @@ enum Command {
         /// How long to wait for the nodes to stop (s, m or h).
         #[arg(long, default_value = "5m", value_parser = site::parse_duration)]
         timeout: std::time::Duration,
+    },
+    /// The node's serial console (ttyS0), through its host agent; the API
+    /// server checks your token and your right to `get`
+    /// virtualnodes/console. `Ctrl-]` leaves.
+    Console {
+        /// The VirtualNode, e.g. `quickstart-worker-0`.
+        node: String,
     },
     /// Credentials of a remote Site's agents (for the fleet's operator).
     #[command(subcommand)]
@@ -207,6 +217,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await?;
             power(&vcs, &ns, &cluster, which, true).await?;
         }
+        Command::Console { node } => console::run(client, &config, &ns, &node).await?,
         Command::Site(SiteCommand::Join {
             site,
             host,

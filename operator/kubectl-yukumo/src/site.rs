@@ -371,7 +371,11 @@ mod tests {
         assert_eq!(parse_duration("30d").unwrap().as_secs(), 30 * 86400);
         assert_eq!(parse_duration("10m").unwrap().as_secs(), 600);
         assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
-        assert!(parse_token_duration("5m").unwrap_err().contains("at least 10m"));
+        assert!(
+            parse_token_duration("5m")
+                .unwrap_err()
+                .contains("at least 10m")
+        );
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
     }

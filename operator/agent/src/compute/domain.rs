@@ -15,7 +15,7 @@ use yukumo_api::virtualnode::VirtualNode;
 /// The XML namespace of yukumo's domain metadata.
 pub const METADATA_NS: &str = "https://yukumo.io/xmlns/node/v1";
 
-/// Where guests' second serial ports (ttyS1) listen.
+/// Where guests' serial ports (ttyS0, the console; ttyS1) listen.
 pub const CONTROL_DIR: &str = "/run/yukumo";
 
 /// Where a node's files live on the host.
@@ -25,6 +25,9 @@ pub struct NodePaths {
     pub root_disk: PathBuf,
     pub config_iso: PathBuf,
     pub console_log: PathBuf,
+    /// The guest's serial console (ttyS0), served to its users
+    /// (`console.rs`); its output is also kept in `console_log`.
+    pub console_socket: PathBuf,
     /// The guest's second serial port (ttyS1), for operators.
     pub control_socket: PathBuf,
 }
@@ -39,6 +42,7 @@ impl NodePaths {
             // Unix socket paths are limited to 108 bytes: a short fixed
             // directory, not the (arbitrarily deep) state directory.
             control_socket: PathBuf::from(CONTROL_DIR).join(format!("{uid}.sock")),
+            console_socket: PathBuf::from(CONTROL_DIR).join(format!("{uid}.console.sock")),
             dir,
         }
     }
@@ -287,8 +291,9 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
       <target dev='vdb' bus='virtio'/>
       <readonly/>
     </disk>
-    <serial type='file'>
-      <source path='{console}' append='on'/>
+    <serial type='unix'>
+      <source mode='bind' path='{console_socket}'/>
+      <log file='{console}' append='on'/>
       <target port='0'/>
     </serial>
     <serial type='unix'>
@@ -312,6 +317,7 @@ pub fn render(vn: &VirtualNode, paths: &NodePaths, domain_type: &str) -> (String
         iso = esc(&paths.config_iso.to_string_lossy()),
         console = esc(&paths.console_log.to_string_lossy()),
         control = esc(&paths.control_socket.to_string_lossy()),
+        console_socket = esc(&paths.console_socket.to_string_lossy()),
         nic = nic(vn),
         volumes = vn
             .spec

@@ -63,6 +63,16 @@ pub struct ComputeCtx<D: Domains> {
     boot_times: std::sync::Mutex<HashMap<String, Time>>,
     /// The host's network (None: networking is not managed here).
     pub net: Option<Arc<crate::network::NetState>>,
+    /// Where this agent serves consoles (in running nodes' status).
+    pub console: Option<yukumo_api::virtualnode::ConsoleEndpoint>,
+}
+
+/// What else the agent runs on its host that nodes' reconciles refer to.
+pub struct HostServices {
+    /// The host's network (None: networking is not managed here).
+    pub net: Option<Arc<crate::network::NetState>>,
+    /// Where consoles are served (None: not here).
+    pub console: Option<yukumo_api::virtualnode::ConsoleEndpoint>,
 }
 
 impl<D: Domains> ComputeCtx<D> {
@@ -73,8 +83,9 @@ impl<D: Domains> ComputeCtx<D> {
         args: &Args,
         metrics: &Metrics,
         health: Health,
-        net: Option<Arc<crate::network::NetState>>,
+        services: HostServices,
     ) -> std::io::Result<Arc<Self>> {
+        let HostServices { net, console } = services;
         let reporter = Reporter {
             controller: managers::AGENT.into(),
             instance: Some(args.host_name.clone()),
@@ -96,6 +107,7 @@ impl<D: Domains> ComputeCtx<D> {
             metrics: metrics.clone(),
             boot_times: Default::default(),
             net,
+            console,
         }))
     }
 
@@ -147,6 +159,14 @@ impl<D: Domains> ComputeCtx<D> {
         vn: &VirtualNode,
         status: &VirtualNodeStatus,
     ) -> Result<(), Error> {
+        // A running node's console is served here.
+        let status = &VirtualNodeStatus {
+            console: self
+                .console
+                .clone()
+                .filter(|_| status.phase == NodePhase::Running),
+            ..status.clone()
+        };
         if vn.status.as_ref() == Some(status) {
             return Ok(());
         }
@@ -188,6 +208,7 @@ impl<D: Domains> ComputeCtx<D> {
             .remove(uid);
         let paths = NodePaths::new(&self.state_dir, uid);
         let _ = std::fs::remove_file(&paths.control_socket);
+        let _ = std::fs::remove_file(&paths.console_socket);
         if paths.dir.exists() {
             std::fs::remove_dir_all(&paths.dir).map_err(|e| Error::Disk(e.to_string()))?;
         }

@@ -89,6 +89,7 @@ async fn resync<D: Domains>(
             tracing::info!(%uid, "removing files of a node that is gone");
             let paths = NodePaths::new(&ctx.state_dir, &uid);
             let _ = std::fs::remove_file(&paths.control_socket);
+            let _ = std::fs::remove_file(&paths.console_socket);
             if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
                 tracing::warn!(%uid, error = %e, "cannot remove node files");
             }
