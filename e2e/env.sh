@@ -79,7 +79,8 @@ stop_proc() { # name [signal]
 # metrics ports in $DIR/ports; a VM host's agent is alive while its VM is),
 # rewritten whenever one starts or stops; Prometheus re-reads the file.
 write_prom_targets() {
-  [ -d "$DIR/prometheus" ] || return 0
+  # Not while `down` stops everything (Prometheus goes too).
+  [ -d "$DIR/prometheus" ] && [ -z "${DOWN:-}" ] || return 0
   python3 - "$DIR" <<'PY'
 import json, os, sys
 d = sys.argv[1]
@@ -530,6 +531,7 @@ cmd_status() {
 cmd_down() {
   [ -d "$DIR" ] || { log "nothing at $DIR"; return 0; }
   local f name hdir pid
+  DOWN=1
   # yukumo first (agents may still clean up), then hosts, then the control plane.
   for f in "$DIR"/pids/controller-*.pid "$DIR"/pids/agent-*.pid; do
     [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"

@@ -1928,70 +1928,60 @@ spec: {{size: 1Gi, pool: nowhere}}
         );
     };
     let host_only = "the site agent of Host r-1 at Site remote may register and report only that Host, at that Site";
+    // `kubectl [-n NS] patch KIND NAME --subresource status` with a merge
+    // patch ("" for a cluster-scoped kind).
+    fn status_patch<'a>(ns: &'a str, kind: &'a str, name: &'a str, patch: &'a str) -> Vec<&'a str> {
+        let mut a = if ns.is_empty() {
+            vec![]
+        } else {
+            vec!["-n", ns]
+        };
+        a.extend_from_slice(&[
+            "patch",
+            kind,
+            name,
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            patch,
+        ]);
+        a
+    }
     // Reads are allowed (the agent watches what it needs).
     assert!(as_r1(&["get", "sites,hosts"]).status.success());
     refused(
-        &[
-            "patch",
-            "host",
-            "r-2",
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"status":{"observedGeneration":1}}"#,
-        ],
+        &status_patch("", "host", "r-2", r#"{"status":{"observedGeneration":1}}"#),
         host_only,
     );
     refused(
-        &[
-            "-n",
+        &status_patch(
             "remote-agents",
-            "patch",
             "vn",
             "on-r2",
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
             r#"{"status":{"host":"r-2"}}"#,
-        ],
+        ),
         "the site agent of Host r-1 may update only the VirtualNodes placed on that Host",
     );
     refused(
-        &[
-            "-n",
+        &status_patch(
             "remote-agents",
-            "patch",
             "volume",
             "elsewhere",
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
             r#"{"status":{"observedGeneration":1}}"#,
-        ],
+        ),
         "the site agent of Host r-1 may update only the Volumes whose storage that Host serves",
     );
     refused(&["delete", "host", "r-2"], "forbidden");
     refused(&["get", "secrets", "-A"], "forbidden");
     // Its own node's status is its to write.
-    let out = as_r1(&[
-        "-n",
+    let out = as_r1(&status_patch(
         "remote-agents",
-        "patch",
         "vn",
         "on-r1",
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
         r#"{"status":{"host":"r-1"}}"#,
-    ]);
+    ));
     assert!(
         out.status.success(),
         "{}",

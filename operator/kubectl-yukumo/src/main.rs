@@ -94,23 +94,7 @@ enum Command {
 enum SiteCommand {
     /// Make (or renew) the credential of HOST's agent at SITE, write its
     /// kubeconfig and print how to start the agent on that host.
-    Join {
-        site: String,
-        host: String,
-        /// The API server as the Site's hosts reach it (default: this kubeconfig's).
-        #[arg(long)]
-        server: Option<String>,
-        /// PEM file of the CA that signed the API server's certificate
-        /// (default: this kubeconfig's).
-        #[arg(long)]
-        certificate_authority: Option<std::path::PathBuf>,
-        /// The token's lifetime (s, m, h or d); run join again to renew it.
-        #[arg(long, default_value = "8760h", value_parser = site::parse_token_duration)]
-        duration: std::time::Duration,
-        /// Where to write the kubeconfig (default: yukumo-agent-SITE-HOST.kubeconfig).
-        #[arg(short, long)]
-        output: Option<std::path::PathBuf>,
-    },
+    Join(site::Join),
     /// Withdraw HOST's credential, or without HOST every credential of SITE.
     Revoke { site: String, host: Option<String> },
 }
@@ -218,24 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
             power(&vcs, &ns, &cluster, which, true).await?;
         }
         Command::Console { node } => console::run(client, &config, &ns, &node).await?,
-        Command::Site(SiteCommand::Join {
-            site,
-            host,
-            server,
-            certificate_authority,
-            duration,
-            output,
-        }) => {
-            let j = site::Join {
-                site,
-                host,
-                server,
-                certificate_authority,
-                duration,
-                output,
-            };
-            site::join(client, &config, j).await?
-        }
+        Command::Site(SiteCommand::Join(j)) => site::join(client, &config, j).await?,
         Command::Site(SiteCommand::Revoke { site, host }) => {
             site::revoke(client, &site, host.as_deref()).await?
         }

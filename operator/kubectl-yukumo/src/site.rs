@@ -32,16 +32,22 @@ pub const ROLE: &str = "yukumo-site-agent";
 pub const POLICY: &str = "yukumo-site-agent-scope";
 
 /// What `site join` was asked.
+#[derive(clap::Args)]
 pub struct Join {
     pub site: String,
     pub host: String,
-    /// The API server's address as the Site's hosts reach it (default: the
-    /// kubeconfig's).
+    /// The API server as the Site's hosts reach it (default: this kubeconfig's).
+    #[arg(long)]
     pub server: Option<String>,
-    /// A PEM file with the CA that signed the API server's certificate
-    /// (default: the kubeconfig's).
+    /// PEM file of the CA that signed the API server's certificate
+    /// (default: this kubeconfig's).
+    #[arg(long)]
     pub certificate_authority: Option<std::path::PathBuf>,
+    /// The token's lifetime (s, m, h or d); run join again to renew it.
+    #[arg(long, default_value = "8760h", value_parser = parse_token_duration)]
     pub duration: Duration,
+    /// Where to write the kubeconfig (default: yukumo-agent-SITE-HOST.kubeconfig).
+    #[arg(short, long)]
     pub output: Option<std::path::PathBuf>,
 }
 

@@ -44,6 +44,16 @@ pub enum Pass {
     Verify,
 }
 
+impl Pass {
+    /// Its name in metrics (`pass` label).
+    pub fn label(self) -> &'static str {
+        match self {
+            Pass::Changed => "changed",
+            Pass::Verify => "verify",
+        }
+    }
+}
+
 /// The step name of a pass that found the host as the last one left it
 /// (instead of "observe host").
 pub const HOST_REUSED: &str = "host state reused";

@@ -158,9 +158,7 @@ pub async fn run(
         let result = cfg.dataplane.apply(&p, pass).await;
         metrics
             .network_pass_seconds
-            .get_or_create(&crate::register::PassLabel {
-                pass: if poked { "changed" } else { "verify" },
-            })
+            .get_or_create(&crate::register::PassLabel { pass: pass.label() })
             .observe(started.elapsed().as_secs_f64());
         if !poked {
             period = cfg.verify_interval.max(started.elapsed() * 3);
