@@ -18,6 +18,9 @@
 #   e2e/env.sh guest NAMESPACE NODE COMMAND... [--dir D]  (runs COMMAND in the
 #              guest's root shell on its second serial port: the tiny guest
 #              only; the agent's local control socket, root on this machine)
+#   e2e/env.sh user NAMESPACE NAME [ROLE] [--dir D]  (a ServiceAccount NAME
+#              bound to ROLE (default edit) in NAMESPACE, and a kubeconfig
+#              with a 24h token for it; prints the kubeconfig's path)
 #
 # What `up` starts, all on loopback with generated certificates:
 #   etcd, kube-apiserver (RBAC on, audit log), kube-controller-manager
@@ -482,6 +485,20 @@ EOF
 # Run a command in a tiny guest's root shell (its second serial port, the
 # control socket the agent gives each domain): prints its output, exits
 # with its status. The protocol is e2e/src/lib.rs guest_sh's.
+cmd_user() { # namespace name [role]
+  load_state
+  local ns=$1 name=$2 role=${3:-edit} file
+  [ -n "$ns" ] && [ -n "$name" ] || die "usage: e2e/env.sh user NAMESPACE NAME [ROLE]"
+  kubectl -n "$ns" create serviceaccount "$name" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n "$ns" create rolebinding "$name" --clusterrole "$role" --serviceaccount "$ns:$name" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  file=$DIR/kubeconfig-user-$ns-$name
+  kubectl -n "$ns" create token "$name" --duration 24h > "$file.token"
+  kubeconfig "$file" token "$file.token"
+  sed -i "s/^  context: {cluster: yukumo-local, user: user}$/  context: {cluster: yukumo-local, user: user, namespace: $ns}/" "$file"
+  echo "$file"
+}
+
 cmd_guest() { # namespace node command...
   load_state
   local ns=$1 node=$2 uid sock
@@ -613,6 +630,7 @@ main() {
     stop-vm-host) load_state; stop_vm_host "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
     guest) cmd_guest "${args[@]}" ;;
+    user) cmd_user "${args[@]}" ;;
     *) sed -n '2,16p' "$0"; exit 2 ;;
   esac
 }

@@ -122,30 +122,20 @@ impl Env {
             .expect("run kubectl yukumo")
     }
 
-    /// A kubeconfig for ServiceAccount `sa` of `ns` (created if missing)
-    /// with a fresh token: the environment's server and CA, that user.
-    pub fn token_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
-        let _ = self.kubectl(&["-n", ns, "create", "serviceaccount", sa]);
-        let token = self
-            .kubectl_ok(&["-n", ns, "create", "token", sa, "--duration", "1h"])
-            .expect("kubectl create token");
-        let raw: serde_json::Value = serde_json::from_str(
-            &self
-                .kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"])
-                .expect("kubectl config view"),
-        )
-        .expect("kubeconfig json");
-        let cluster = &raw["clusters"][0]["cluster"];
-        let text = serde_json::json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "e2e", "cluster": cluster}],
-            "users": [{"name": sa, "user": {"token": token.trim()}}],
-            "contexts": [{"name": sa, "context": {"cluster": "e2e", "user": sa, "namespace": ns}}],
-            "current-context": sa,
-        });
-        let path = self.dir.join(format!("kubeconfig-{ns}-{sa}"));
-        std::fs::write(&path, text.to_string()).expect("write kubeconfig");
-        path
+    /// A kubeconfig for ServiceAccount `sa` of `ns`, bound to `role` there,
+    /// with a fresh token (`e2e/env.sh user`, as the README shows).
+    pub fn token_kubeconfig(&self, ns: &str, sa: &str, role: &str) -> PathBuf {
+        let out = Command::new(self.root.join("e2e/env.sh"))
+            .args(["user", ns, sa, role, "--dir"])
+            .arg(&self.dir)
+            .output()
+            .expect("run e2e/env.sh user");
+        assert!(
+            out.status.success(),
+            "e2e/env.sh user: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     }
 
     /// `kubectl yukumo` with another kubeconfig (another user).

@@ -360,22 +360,8 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     // worker's shell through its agent; a viewer is refused (403), and so
     // is a request without a token (401); the endpoint's certificate is
     // the one the node's status names.
-    for (sa, role) in [("console-alice", "edit"), ("console-bob", "view")] {
-        env.kubectl_ok(&[
-            "-n",
-            ns,
-            "create",
-            "rolebinding",
-            sa,
-            "--clusterrole",
-            role,
-            "--serviceaccount",
-            &format!("{ns}:{sa}"),
-        ])
-        .unwrap();
-    }
-    let alice = env.token_kubeconfig(ns, "console-alice");
-    let bob = env.token_kubeconfig(ns, "console-bob");
+    let alice = env.token_kubeconfig(ns, "console-alice", "edit");
+    let bob = env.token_kubeconfig(ns, "console-bob", "view");
     let (endpoint, _) = wait_for(
         Duration::from_secs(30),
         "worker-0's console endpoint",
