@@ -2131,7 +2131,7 @@ spec:
             .filter(|r| r["health"] != "ok")
             .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
             .collect();
-        if groups.len() == 3 && rules.len() == 11 && bad.is_empty() {
+        if groups.len() == 3 && rules.len() == 12 && bad.is_empty() {
             Ok(rules.len())
         } else {
             Err(format!(
