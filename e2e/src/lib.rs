@@ -122,6 +122,20 @@ impl Env {
             .expect("run kubectl yukumo")
     }
 
+    /// `kubectl yukumo -n NS ARGS…` as the admin, which must succeed; its
+    /// output, trimmed.
+    pub fn plugin_ok(&self, ns: &str, args: &[&str]) -> String {
+        let mut a = vec!["-n", ns];
+        a.extend_from_slice(args);
+        let out = self.plugin(&a);
+        assert!(
+            out.status.success(),
+            "kubectl yukumo {a:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// A kubeconfig for ServiceAccount `sa` of `ns`, bound to `role` there,
     /// with a fresh token (`e2e/env.sh user`, as the README shows).
     pub fn token_kubeconfig(&self, ns: &str, sa: &str, role: &str) -> PathBuf {

@@ -272,17 +272,7 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
 
     // One node switched off while the rest runs, with `kubectl yukumo`:
     // its domain shuts off, the cluster is Ready and says which is off.
-    let plugin = |args: &[&str]| {
-        let mut a = vec!["-n", ns];
-        a.extend_from_slice(args);
-        let out = env.plugin(&a);
-        assert!(
-            out.status.success(),
-            "kubectl yukumo {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let plugin = |args: &[&str]| env.plugin_ok(ns, args);
     let node = |name: &str| {
         let n = nodes
             .iter()

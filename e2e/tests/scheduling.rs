@@ -927,17 +927,7 @@ fn the_kubectl_plugin_scales_shows_stops_and_starts_a_cluster_a_pool_and_a_node(
     assert!(tree.contains("conditions\n│  ├─ Ready="), "{tree}");
 
     // One pool, then one node, switched off and on while the cluster runs.
-    let ok = |args: &[&str]| {
-        let mut a = vec!["-n", ns];
-        a.extend_from_slice(args);
-        let out = env.plugin(&a);
-        assert!(
-            out.status.success(),
-            "kubectl yukumo {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let ok = |args: &[&str]| env.plugin_ok(ns, args);
     // Which nodes are off (spec.running). (These nodes' image does not
     // exist, so they never run: their Ready is the guests test's.)
     let settle = |what: &str, off: &[&str]| {

@@ -311,12 +311,9 @@ mod tests {
         }
     }
 
-    /// What GitOps tools read: a failed node fails its cluster, by name; a
-    /// capacity wait is progress; a reservation waiting for its window is
-    /// done and says when.
-    #[test]
-    fn failed_nodes_fail_capacity_waits_progress_pending_reservations_are_done() {
-        let g: NetworkGroup = serde_json::from_value(json!({
+    /// A group, and a power plan that runs the cluster now.
+    fn group_and_power() -> (NetworkGroup, PowerPlan) {
+        let g = serde_json::from_value(json!({
             "apiVersion": "yukumo.io/v1alpha1", "kind": "NetworkGroup",
             "metadata": {"name": "net", "namespace": "t1"},
             "spec": {"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"}
@@ -328,6 +325,15 @@ mod tests {
             next: None,
             why: "",
         };
+        (g, power)
+    }
+
+    /// What GitOps tools read: a failed node fails its cluster, by name; a
+    /// capacity wait is progress; a reservation waiting for its window is
+    /// done and says when.
+    #[test]
+    fn failed_nodes_fail_capacity_waits_progress_pending_reservations_are_done() {
+        let (g, power) = group_and_power();
         let o = NodesOutcome {
             nodes: vec![
                 node(
@@ -373,18 +379,7 @@ mod tests {
     /// ready and these are stopped, saying which; until then, progress.
     #[test]
     fn switched_off_nodes_are_ready_when_stopped() {
-        let g: NetworkGroup = serde_json::from_value(json!({
-            "apiVersion": "yukumo.io/v1alpha1", "kind": "NetworkGroup",
-            "metadata": {"name": "net", "namespace": "t1"},
-            "spec": {"cidr": "10.0.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a"}
-        }))
-        .unwrap();
-        let power = PowerPlan {
-            exists: true,
-            run: true,
-            next: None,
-            why: "",
-        };
+        let (g, power) = group_and_power();
         let mut up = node("c-frontend", "Running", "Running", "");
         up.status.as_mut().unwrap().conditions[0].status = ConditionStatus::True;
         up.spec.running = true;
