@@ -646,19 +646,120 @@ impl VirtualClusterSpec {
         1 + self.pools.iter().map(|p| p.replicas.max(0)).sum::<i32>()
     }
 
+    /// Every node of the spec as its `stoppedNodes` entry: `frontend`,
+    /// then each pool's `POOL-INDEX`.
+    pub fn node_entries(&self) -> Vec<String> {
+        std::iter::once(NodeEntry::Frontend.to_string())
+            .chain(self.pools.iter().flat_map(|p| {
+                (0..p.replicas.max(0) as u32).map(|index| {
+                    NodeEntry::Worker {
+                        pool: &p.name,
+                        index,
+                    }
+                    .to_string()
+                })
+            }))
+            .collect()
+    }
+
     /// Whether the user asked for this node to be off while the cluster
     /// runs: its pool's `running: false`, or its entry in `stoppedNodes`
     /// (`frontend`, `POOL-INDEX`). The cluster's own power is not part of it.
     pub fn node_switched_off(&self, pool: Option<&str>, index: u32) -> bool {
         let entry = match pool {
-            None => "frontend".to_string(),
+            None => NodeEntry::Frontend,
             Some(p) => {
                 if self.pools.iter().any(|q| q.name == p && !q.running) {
                     return true;
                 }
-                format!("{p}-{index}")
+                NodeEntry::Worker { pool: p, index }
             }
         };
-        self.stopped_nodes.iter().any(|n| n.0 == entry)
+        self.stopped_nodes
+            .iter()
+            .any(|n| NodeEntry::parse(&n.0) == Some(entry))
+    }
+}
+
+/// A node of a cluster as `spec.stoppedNodes` (and the plugin) name it:
+/// `frontend` or `POOL-INDEX` (decimal, no leading zero). Pool names may
+/// hold `-`: the index is what follows the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEntry<'a> {
+    Frontend,
+    Worker { pool: &'a str, index: u32 },
+}
+
+impl<'a> NodeEntry<'a> {
+    /// Reads an entry; `None` when it is neither form.
+    pub fn parse(entry: &'a str) -> Option<Self> {
+        if entry == "frontend" {
+            return Some(NodeEntry::Frontend);
+        }
+        let (pool, index) = entry.rsplit_once('-')?;
+        let canonical = !index.is_empty()
+            && index.bytes().all(|b| b.is_ascii_digit())
+            && (index == "0" || !index.starts_with('0'));
+        if pool.is_empty() || !canonical {
+            return None;
+        }
+        Some(NodeEntry::Worker {
+            pool,
+            index: index.parse().ok()?,
+        })
+    }
+
+    /// The pool it belongs to (`None`: the frontend).
+    pub fn pool(&self) -> Option<&'a str> {
+        match self {
+            NodeEntry::Frontend => None,
+            NodeEntry::Worker { pool, .. } => Some(pool),
+        }
+    }
+}
+
+impl std::fmt::Display for NodeEntry<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeEntry::Frontend => f.write_str("frontend"),
+            NodeEntry::Worker { pool, index } => write!(f, "{pool}-{index}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeEntry;
+
+    #[test]
+    fn entries_read_back_as_written_and_only_canonical_ones() {
+        for (s, want) in [
+            ("frontend", Some(NodeEntry::Frontend)),
+            (
+                "worker-0",
+                Some(NodeEntry::Worker {
+                    pool: "worker",
+                    index: 0,
+                }),
+            ),
+            (
+                "big-gpu-12",
+                Some(NodeEntry::Worker {
+                    pool: "big-gpu",
+                    index: 12,
+                }),
+            ),
+            ("worker-01", None),
+            ("worker-", None),
+            ("-3", None),
+            ("worker", None),
+            ("worker-x", None),
+            ("worker-99999999999", None),
+        ] {
+            assert_eq!(NodeEntry::parse(s), want, "{s}");
+            if let Some(e) = want {
+                assert_eq!(e.to_string(), s);
+            }
+        }
     }
 }

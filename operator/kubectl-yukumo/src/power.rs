@@ -7,6 +7,7 @@
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use yukumo_api::VirtualCluster;
+use yukumo_api::virtualcluster::NodeEntry;
 
 /// What a power command acts on.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,7 +39,7 @@ impl Target {
                 if !is_node(vc, &entry) {
                     bail!(
                         "virtualcluster {cluster} has no node {entry:?} (its nodes: {})",
-                        node_entries(vc).join(", ")
+                        vc.spec.node_entries().join(", ")
                     );
                 }
                 Target::Node(entry)
@@ -50,7 +51,8 @@ impl Target {
     /// The VirtualNodes it covers, by name.
     pub fn nodes(&self, vc: &VirtualCluster) -> Vec<String> {
         let cluster = vc.metadata.name.as_deref().unwrap_or_default();
-        node_entries(vc)
+        vc.spec
+            .node_entries()
             .into_iter()
             .filter(|e| self.covers(e))
             .map(|e| format!("{cluster}-{e}"))
@@ -86,17 +88,8 @@ pub fn pool_index(vc: &VirtualCluster, pool: &str) -> Result<usize> {
         })
 }
 
-/// Every node of the spec as its `stoppedNodes` entry.
-fn node_entries(vc: &VirtualCluster) -> Vec<String> {
-    let mut out = vec!["frontend".to_string()];
-    for p in &vc.spec.pools {
-        out.extend((0..p.replicas.max(0)).map(|i| format!("{}-{i}", p.name)));
-    }
-    out
-}
-
 fn is_node(vc: &VirtualCluster, entry: &str) -> bool {
-    node_entries(vc).iter().any(|e| e == entry)
+    vc.spec.node_entries().iter().any(|e| e == entry)
 }
 
 /// `stoppedNodes` in a merge patch: `null` (the field removed) when empty.
@@ -169,10 +162,7 @@ impl Target {
     /// Whether a `stoppedNodes` entry is one of this pool's nodes.
     fn covers(&self, entry: &str) -> bool {
         match self {
-            Target::Pool(p) => entry
-                .strip_prefix(p.as_str())
-                .and_then(|r| r.strip_prefix('-'))
-                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())),
+            Target::Pool(p) => NodeEntry::parse(entry).and_then(|e| e.pool()) == Some(p.as_str()),
             Target::Node(n) => entry == n,
             Target::Cluster => true,
         }
@@ -186,11 +176,11 @@ pub fn stopped_after_scale(vc: &VirtualCluster, pool: &str, replicas: i32) -> Ve
         .stopped_nodes
         .iter()
         .map(|n| n.0.clone())
-        .filter(|e| {
-            !Target::Pool(pool.into()).covers(e)
-                || e[pool.len() + 1..]
-                    .parse::<i64>()
-                    .is_ok_and(|i| i < i64::from(replicas))
+        .filter(|e| match NodeEntry::parse(e) {
+            Some(NodeEntry::Worker { pool: p, index }) if p == pool => {
+                i64::from(index) < i64::from(replicas)
+            }
+            _ => true,
         })
         .collect()
 }
