@@ -81,16 +81,9 @@ fn ca_key(state_dir: &std::path::Path) -> Result<rcgen::KeyPair> {
 /// Bind `addr` and make the endpoint's certificate for `url`'s host, signed
 /// by the host's console CA.
 pub fn prepare(addr: SocketAddr, url: &str, state_dir: &std::path::Path) -> Result<Console> {
-    let host = url
-        .strip_prefix("https://")
-        .and_then(|r| r.split('/').next())
-        .map(|hp| match hp.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => hp,
-        })
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-        .filter(|h| !h.is_empty())
-        .with_context(|| format!("--console-url {url:?}: not https://HOST[:PORT]"))?;
+    let (host, _) =
+        ConsoleEndpoint::host_port(url).map_err(|e| anyhow::anyhow!("--console-url {e}"))?;
+    let host = host.as_str();
     let ca_key = ca_key(state_dir)?;
     let mut ca = rcgen::CertificateParams::default();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));

@@ -243,3 +243,63 @@ pub struct ConsoleEndpoint {
     /// own), so clients trust the endpoint through the API server.
     pub ca_certificate: String,
 }
+
+impl ConsoleEndpoint {
+    /// Host and port of an `https://HOST[:PORT][/]` URL (port 443 when
+    /// absent; an IPv6 host in brackets, returned without them). The agent
+    /// checks `--console-url` with it; the plugin dials what it returns.
+    pub fn host_port(url: &str) -> Result<(String, u16), String> {
+        let bad = || format!("{url:?}: not https://HOST[:PORT]");
+        let hp = url
+            .strip_prefix("https://")
+            .map(|r| r.strip_suffix('/').unwrap_or(r))
+            .filter(|hp| !hp.is_empty() && !hp.contains('/'))
+            .ok_or_else(bad)?;
+        let (host, port) = if let Some(r) = hp.strip_prefix('[') {
+            let (h, rest) = r.split_once(']').ok_or_else(bad)?;
+            match rest {
+                "" => (h, None),
+                _ => (h, Some(rest.strip_prefix(':').ok_or_else(bad)?)),
+            }
+        } else {
+            match hp.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hp, None),
+            }
+        };
+        let port = match port {
+            None => 443,
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok((host.to_string(), port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConsoleEndpoint;
+
+    #[test]
+    fn console_urls_give_host_and_port() {
+        let hp = |u| ConsoleEndpoint::host_port(u);
+        assert_eq!(hp("https://10.0.0.1:9443"), Ok(("10.0.0.1".into(), 9443)));
+        assert_eq!(hp("https://h.example/"), Ok(("h.example".into(), 443)));
+        assert_eq!(hp("https://[fd00::1]:9443"), Ok(("fd00::1".into(), 9443)));
+        assert_eq!(hp("https://[fd00::1]"), Ok(("fd00::1".into(), 443)));
+        for bad in [
+            "http://x",
+            "https://",
+            "https://:9443",
+            "https://h:0",
+            "https://h:x",
+            "https://h/path",
+            "https://[fd00::1",
+            "https://fd00::1:9443",
+        ] {
+            assert!(hp(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -20,6 +20,7 @@ use kube::Api;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use yukumo_api::VirtualNode;
+use yukumo_api::virtualnode::ConsoleEndpoint;
 
 /// The byte that ends an interactive session (`Ctrl-]`, as telnet's).
 const ESCAPE: u8 = 0x1d;
@@ -39,22 +40,6 @@ fn bearer(config: &kube::Config) -> Result<String> {
     bail!(
         "console needs a bearer token in the kubeconfig (a ServiceAccount or OIDC token): the agent has the API server check it; client certificates and exec plugins cannot be passed on"
     )
-}
-
-/// Host and port of an `https://HOST[:PORT]` URL.
-fn host_port(url: &str) -> Result<(String, u16)> {
-    let hp = url
-        .strip_prefix("https://")
-        .and_then(|r| r.split('/').next())
-        .filter(|h| !h.is_empty())
-        .with_context(|| format!("console URL {url:?}: not https://HOST[:PORT]"))?;
-    Ok(match hp.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || hp.starts_with('[') => match p.parse() {
-            Ok(port) => (h.trim_matches(['[', ']']).to_string(), port),
-            Err(_) => (hp.to_string(), 443),
-        },
-        _ => (hp.trim_matches(['[', ']']).to_string(), 443),
-    })
 }
 
 pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &str) -> Result<()> {
@@ -77,7 +62,8 @@ pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &s
         );
     };
     let token = bearer(config)?;
-    let (host, port) = host_port(&endpoint.url)?;
+    let (host, port) = ConsoleEndpoint::host_port(&endpoint.url)
+        .map_err(|e| anyhow::anyhow!("virtualnode {ns}/{node}'s console URL {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(endpoint.ca_certificate.as_bytes()) {
         roots
@@ -202,27 +188,5 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         use nix::sys::termios::{SetArg, tcsetattr};
         let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_give_host_and_port() {
-        assert_eq!(
-            host_port("https://10.0.0.1:9443").unwrap(),
-            ("10.0.0.1".into(), 9443)
-        );
-        assert_eq!(
-            host_port("https://h.example/").unwrap(),
-            ("h.example".into(), 443)
-        );
-        assert_eq!(
-            host_port("https://[fd00::1]:9443").unwrap(),
-            ("fd00::1".into(), 9443)
-        );
-        assert!(host_port("http://x").is_err());
     }
 }
