@@ -209,47 +209,12 @@ pub fn gauges(stores: &Stores) -> Vec<Gauge> {
     }
     // The backlog: objects whose latest spec is not yet acted on (kube-rs
     // exposes no work-queue depth; this is what a deep queue would show).
-    fn backlog(generations: impl Iterator<Item = (Option<i64>, Option<i64>)>) -> i64 {
-        generations
-            .filter(|(g, o)| g.is_some_and(|g| o.is_none_or(|o| o < g)))
-            .count() as i64
-    }
     let backlog = [
-        (
-            "virtualclusters",
-            backlog(clusters.iter().map(|o| {
-                let observed = o.status.as_ref().and_then(|s| s.observed_generation);
-                (o.metadata.generation, observed)
-            })),
-        ),
-        (
-            "networkgroups",
-            backlog(groups.iter().map(|o| {
-                let observed = o.status.as_ref().and_then(|s| s.observed_generation);
-                (o.metadata.generation, observed)
-            })),
-        ),
-        (
-            "volumes",
-            backlog(volumes.iter().map(|o| {
-                let observed = o.status.as_ref().and_then(|s| s.observed_generation);
-                (o.metadata.generation, observed)
-            })),
-        ),
-        (
-            "sites",
-            backlog(sites.iter().map(|o| {
-                let observed = o.status.as_ref().and_then(|s| s.observed_generation);
-                (o.metadata.generation, observed)
-            })),
-        ),
-        (
-            "virtualnodes",
-            backlog(nodes.iter().map(|o| {
-                let observed = o.status.as_ref().and_then(|s| s.observed_generation);
-                (o.metadata.generation, observed)
-            })),
-        ),
+        ("virtualclusters", backlog(&clusters)),
+        ("networkgroups", backlog(&groups)),
+        ("volumes", backlog(&volumes)),
+        ("sites", backlog(&sites)),
+        ("virtualnodes", backlog(&nodes)),
     ];
     out.push(Gauge {
         name: "yukumo_unobserved_objects",
@@ -295,6 +260,40 @@ impl Collector for Fleet {
         }
         Ok(())
     }
+}
+
+/// A kind whose status says which generation it acted on.
+trait Observed: kube::Resource {
+    fn observed_generation(&self) -> Option<i64>;
+}
+
+macro_rules! observed {
+    ($($kind:ty),*) => {$(
+        impl Observed for $kind {
+            fn observed_generation(&self) -> Option<i64> {
+                self.status.as_ref().and_then(|s| s.observed_generation)
+            }
+        }
+    )*};
+}
+observed!(
+    yukumo_api::VirtualCluster,
+    yukumo_api::NetworkGroup,
+    yukumo_api::Volume,
+    yukumo_api::Site,
+    yukumo_api::VirtualNode
+);
+
+/// How many objects have a generation their status has not observed yet.
+fn backlog<K: Observed>(objects: &[Arc<K>]) -> i64 {
+    objects
+        .iter()
+        .filter(|o| {
+            o.meta()
+                .generation
+                .is_some_and(|g| o.observed_generation().is_none_or(|seen| seen < g))
+        })
+        .count() as i64
 }
 
 #[cfg(test)]
