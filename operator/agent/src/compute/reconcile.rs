@@ -142,7 +142,7 @@ impl<D: Domains> ComputeCtx<D> {
         let changed = vn.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
         self.write_status(
             vn,
-            &VirtualNodeStatus {
+            VirtualNodeStatus {
                 last_error: Some(message.clone()),
                 ..status
             },
@@ -157,22 +157,19 @@ impl<D: Domains> ComputeCtx<D> {
     async fn write_status(
         &self,
         vn: &VirtualNode,
-        status: &VirtualNodeStatus,
+        mut status: VirtualNodeStatus,
     ) -> Result<(), Error> {
         // A running node's console is served here.
-        let status = &VirtualNodeStatus {
-            console: self
-                .console
-                .clone()
-                .filter(|_| status.phase == NodePhase::Running),
-            ..status.clone()
-        };
-        if vn.status.as_ref() == Some(status) {
+        status.console = self
+            .console
+            .clone()
+            .filter(|_| status.phase == NodePhase::Running);
+        if vn.status.as_ref() == Some(&status) {
             return Ok(());
         }
         let api: Api<VirtualNode> =
             Api::namespaced(self.client.clone(), &vn.namespace().unwrap_or_default());
-        let patch = yukumo_api::status_apply_patch::<VirtualNode, _>(status);
+        let patch = yukumo_api::status_apply_patch::<VirtualNode, _>(&status);
         api.patch_status(
             &vn.name_any(),
             &PatchParams::apply(managers::AGENT).force(),
@@ -273,7 +270,7 @@ pub async fn reconcile<D: Domains>(
                 "powered off; not yet created".into(),
             )
         };
-        ctx.write_status(&vn, &status).await?;
+        ctx.write_status(&vn, status).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
     // The image first (it may take long); the node's directory, disks and
@@ -404,7 +401,7 @@ pub async fn reconcile<D: Domains>(
         .collect();
     ctx.write_status(
         &vn,
-        &VirtualNodeStatus {
+        VirtualNodeStatus {
             disks: disks.clone(),
             ..decide::settled_status(&vn, &ctx.host, active, boot_time)
         },
