@@ -296,6 +296,29 @@ start_fabric() {
   ip -n "$p-client" route add default via 203.0.113.1
 }
 
+# An ssh identity for the environment's guests and an ssh configuration
+# that reaches public IPs (203.0.113.0/24) as the outside world does: from
+# the client namespace (socat there; nothing is routed from this machine).
+# The guests are rebuilt often and reuse addresses, so their host keys are
+# not remembered. `kubectl yukumo ssh CLUSTER -F $DIR/ssh/config`.
+start_ssh_client() {
+  local p; p=$(netns_prefix)
+  mkdir -p "$DIR/ssh"
+  [ -f "$DIR/ssh/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C "yukumo-local@$(hostname)" -f "$DIR/ssh/id_ed25519"
+  cat > "$DIR/ssh/config" <<EOF2
+Host 203.0.113.*
+  ProxyCommand ip netns exec $p-client socat - TCP:%h:%p,connect-timeout=10
+Host *
+  IdentityFile $DIR/ssh/id_ed25519
+  IdentitiesOnly yes
+  BatchMode yes
+  ConnectTimeout 15
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+EOF2
+}
+
 # Attach simulated host number I (namespace NS) to the underlay and the
 # external network: ul0 (10.255.0.I) and ext0 (no address; routers' WAN
 # legs are macvlans on it).
@@ -431,6 +454,7 @@ cmd_up() {
   install_chart
   local i
   start_fabric
+  start_ssh_client
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
   [ "$STORAGE" = ceph ] && start_ceph
   for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
@@ -462,8 +486,11 @@ cmd_up() {
         $(for i in $(seq 1 "$VM_HOSTS"); do echo "host/vmhost-$i"; done)
       examples+=("$ROOT/examples/vmlab-vlan.yaml")
     fi
+    # Its ssh key: the environment's (`kubectl yukumo ssh`).
+    local key; key=$(cat "$DIR/ssh/id_ed25519.pub")
     for f in "${examples[@]}"; do
       sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
+          -e "s|^  - ssh-ed25519 .* demo@yukumo\$|  - $key|" \
           -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$f" | kubectl apply -f - >/dev/null
     done
   fi
@@ -475,6 +502,7 @@ yukumo local environment is up ($DIR).
   kubectl get yukumo                 # every yukumo object
   kubectl get hosts,sites            # the simulated hosts and their site
   kubectl -n demo get vc,vn          # the quickstart cluster and its VMs
+  kubectl yukumo -n demo ssh quickstart -F $DIR/ssh/config   # its frontend's shell (plugin: $ROOT/target/release)
   kubectl -n vlan-lab get ng,vc,vn   # with VM_HOSTS: the lab on an 802.1Q VLAN
   kubectl explain virtualcluster.spec
   logs: $DIR/logs/   audit log: $DIR/logs/audit.log

@@ -5,9 +5,10 @@
 # NoCloud config disk (label cidata) like cloud-init does, sets the hostname,
 # installs the ssh keys and reports on the serial console:
 #   YUKUMO-GUEST hostname=<h> instance=<id> sshkeys=<n> sshkey0=<sha256 of key 0>
-# then brings up eth0 with DHCP when the config asks for it, runs a root
-# shell for tests on its second serial port (ttyS1) and an interactive one
-# on its console (ttyS0). Besides busybox it has
+# then brings up eth0 with DHCP when the config asks for it, starts an sshd
+# (Debian's dropbear: public keys only, host keys made at first use), runs a
+# root shell for tests on its second serial port (ttyS1) and an interactive
+# one on its console (ttyS0). Besides busybox and dropbear it has
 # rawsend (e2e/lib/rawsend.c), which sends a raw Ethernet frame given in hex,
 # and blkbench (e2e/lib/blkbench.c), the storage benchmark's block I/O.
 #
@@ -24,15 +25,27 @@ RAWSEND=$LIB/rawsend.c
 BLKBENCH=$LIB/blkbench.c
 # shellcheck source=initramfs-modules.sh
 source "$LIB/initramfs-modules.sh"
-SCRIPT_SUM=$(cat "$0" "$RAWSEND" "$BLKBENCH" "$LIB/initramfs-modules.sh" | sha256sum | cut -c1-12)
+[ -x /usr/sbin/dropbear ] || { echo "tiny-guest: no /usr/sbin/dropbear (install dropbear-bin)" >&2; exit 1; }
+SCRIPT_SUM=$(cat "$0" "$RAWSEND" "$BLKBENCH" "$LIB/initramfs-modules.sh" /usr/sbin/dropbear | sha256sum | cut -c1-12)
 OUT=${OUT%.qcow2}-$SCRIPT_SUM.qcow2
 if [ ! -f "$OUT" ]; then
   mkdir -p "$OUT_DIR"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   root=$work/root
-  mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc,tmp,root/.ssh,cidata,lib/modules,usr/bin,usr/sbin,run,var/run}
+  mkdir -p "$root"/{bin,sbin,proc,sys,dev,etc/dropbear,tmp,root/.ssh,cidata,lib/modules,usr/bin,usr/sbin,run,var/run,var/log}
+  chmod 700 "$root/root/.ssh"
   cp /bin/busybox "$root/bin/busybox"
+  # dropbear and the shared libraries it links (glibc has nss "files"
+  # built in, so /etc/passwd is all the user database it needs).
+  cp /usr/sbin/dropbear "$root/usr/sbin/dropbear"
+  for lib in $(ldd /usr/sbin/dropbear | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+  echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
+  echo 'root:x:0:' > "$root/etc/group"
+  echo '/bin/sh' > "$root/etc/shells"
   # rawsend: a frame as a hostile tenant would send it (tests of the guard).
   gcc -static -Os -s -o "$root/bin/rawsend" "$RAWSEND"
   gcc -static -O2 -s -o "$root/bin/blkbench" "$BLKBENCH"
@@ -46,6 +59,7 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 exec >/dev/ttyS0 2>&1
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m 2>/dev/null; done
 found=""
@@ -76,6 +90,8 @@ else
     udhcpc -i eth0 -t 20 -T 1 -n -q -s /bin/tiny-dhcp && echo "YUKUMO-GUEST dhcp=$(ip -4 -o addr show eth0 | awk '{print $4}')"
   fi
 fi
+# sshd: public keys only (-s), host keys made at the first connection (-R).
+dropbear -R -s -p 22 && echo "YUKUMO-GUEST sshd=dropbear"
 # A root shell on the second serial port (ttyS1), for tests to drive the
 # guest from the host side without any network.
 if [ -c /dev/ttyS1 ]; then

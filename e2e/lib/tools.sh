@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and caches everything yukumo's tests and `make up` need, so that a
 # fresh machine of this kind needs nothing installed by hand:
-#   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, a Debian
+#   - Debian packages (libvirt, QEMU, nftables, dnsmasq, busybox, dropbear, a Debian
 #     kernel and syslinux for the tiny test guest, ...)
 #   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
@@ -30,7 +30,7 @@ APT_PACKAGES=(
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
   gcc libc6-dev strace tgt qemu-block-extra
   ceph-mon ceph-osd ceph-mgr ceph-common librbd1
-  lua5.1 lua-cjson umoci
+  lua5.1 lua-cjson umoci dropbear-bin openssh-client
 )
 
 tools_log() { echo "[tools] $*" >&2; }

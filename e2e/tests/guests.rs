@@ -90,14 +90,24 @@ fn console(env: &Env, host: &str, uid: &str) -> String {
 fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     let env = Env::get();
     let ns = "guests";
-    env.apply(&tiny_cluster(
-        ns,
-        "tiny",
-        &format!("  sshKeys: ['{KEY}']\n"),
-        2,
-        "160Mi",
-        None,
-    ));
+    // As the quickstart: a public IP with ssh open to the frontend, and the
+    // environment's own key besides (`kubectl yukumo ssh` below).
+    let own_key = std::fs::read_to_string(env.dir.join("ssh/id_ed25519.pub")).unwrap();
+    env.apply(
+        &tiny_cluster(
+            ns,
+            "tiny",
+            &format!("  sshKeys: ['{KEY}', '{}']\n", own_key.trim()),
+            2,
+            "160Mi",
+            None,
+        )
+        .replace(
+            "homeSite: local}",
+            "homeSite: local, firewall: [{protocol: tcp, ports: '22', to: Frontend}]}",
+        )
+        .replace("  frontend:\n", "  frontend:\n    publicIP: true\n"),
+    );
     let (_, took) = wait_for(Duration::from_secs(240), "all 3 nodes ready", || {
         let vc = json(&env, &["-n", ns, "get", "vc", "tiny"]);
         let ready = vc["status"]["ready"].as_str().unwrap_or("").to_string();
@@ -179,6 +189,81 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     assert!(keys.contains(KEY), "{keys}");
     println!("e2e/env.sh guest: a shell in the frontend after {took:?}");
     assert_eq!(guest("exit 7").status.code(), Some(7));
+
+    // `kubectl yukumo ssh`: OpenSSH from the outside network (the ssh
+    // configuration reaches public IPs from the client namespace) to the
+    // frontend's public IP and its dropbear, and to a worker through it.
+    let config = env.dir.join("ssh/config");
+    let config = config.to_str().unwrap();
+    for (node, want) in [
+        (None, "tiny-frontend"),
+        (Some("worker-1"), "tiny-worker-1"),
+        (Some("tiny-worker-0"), "tiny-worker-0"),
+    ] {
+        let mut args = vec!["ssh", "tiny"];
+        args.extend(node);
+        args.extend(["-F", config, "--", "hostname; ip -4 -o addr show eth0"]);
+        let (out, took) = wait_for(Duration::from_secs(120), &format!("ssh to {want}"), || {
+            let mut a = vec!["-n", ns];
+            a.extend_from_slice(&args);
+            let out = env.plugin(&a);
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).to_string())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).to_string())
+            }
+        })
+        .unwrap();
+        assert_eq!(out.lines().next(), Some(want), "{out}");
+        println!(
+            "kubectl yukumo ssh tiny {}: {} (+{:.1}s)",
+            node.unwrap_or(""),
+            out.trim().replace('\n', " | "),
+            took.as_secs_f64()
+        );
+    }
+    // The same with --print: the command line, for scripts and other hops.
+    let printed = env.plugin_ok(ns, &["ssh", "tiny", "worker-0", "-F", config, "--print"]);
+    assert!(
+        printed.starts_with(&format!(
+            "ssh -F {config} -o 'ProxyCommand=ssh -F {config} -W %h:%p root@203.0.113."
+        )),
+        "{printed}"
+    );
+    // A key the guest does not hold is refused.
+    let other = env.dir.join("ssh/other_key");
+    if !other.exists() {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let other_config = env.dir.join("ssh/config-other-key");
+    std::fs::write(
+        &other_config,
+        std::fs::read_to_string(config)
+            .unwrap()
+            .replace("ssh/id_ed25519", "ssh/other_key"),
+    )
+    .unwrap();
+    let refused = env.plugin(&[
+        "-n",
+        ns,
+        "ssh",
+        "tiny",
+        "-F",
+        other_config.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success(), "a foreign key was let in");
     let fe = &boots["tiny-frontend"];
     for w in ["tiny-worker-0", "tiny-worker-1"] {
         assert!(&boots[w] >= fe, "frontend first: {boots:?}");

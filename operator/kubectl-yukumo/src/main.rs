@@ -9,6 +9,8 @@
 //!   `spec.running`, a pool's `running`, or one node's entry in
 //!   `spec.stoppedNodes` (stopped nodes keep their disks); `restart` stops,
 //!   waits until they are stopped, and starts them again (`power.rs`).
+//! - `ssh CLUSTER [NODE]`: OpenSSH to the frontend's public IP, or to a
+//!   worker through the frontend (`ssh.rs`);
 //! - `console NODE`: the node's serial console through its host agent's
 //!   authenticated endpoint (`console.rs`);
 //! - `site join SITE HOST` / `site revoke SITE [HOST]`: the credential of a
@@ -22,6 +24,7 @@ mod console;
 mod power;
 mod render;
 mod site;
+mod ssh;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -85,6 +88,10 @@ enum Command {
         /// The VirtualNode, e.g. `quickstart-worker-0`.
         node: String,
     },
+    /// OpenSSH to a node: the frontend at its public IP, a worker through
+    /// the frontend. `-F`, `-i` and `-o` apply to both hops; a command
+    /// after `--` runs instead of a shell.
+    Ssh(ssh::Ssh),
     /// Credentials of a remote Site's agents (for the fleet's operator).
     #[command(subcommand)]
     Site(SiteCommand),
@@ -200,6 +207,27 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             power(&vcs, &ns, &cluster, which, true).await?;
+        }
+        Command::Ssh(args) => {
+            let vc = get(&vcs, &ns, &args.cluster).await?;
+            let nodes = Api::<VirtualNode>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default().labels(&format!(
+                    "{}={}",
+                    labels::CLUSTER,
+                    args.cluster
+                )))
+                .await
+                .context("listing the cluster's VirtualNodes")?
+                .items;
+            let argv = ssh::plan(&vc, &nodes, &args)?;
+            if args.print {
+                let words: Vec<String> = argv.iter().map(|a| ssh::quote(a)).collect();
+                println!("ssh {}", words.join(" "));
+            } else {
+                use std::os::unix::process::CommandExt;
+                let e = std::process::Command::new("ssh").args(&argv).exec();
+                bail!("running ssh (the OpenSSH client): {e}");
+            }
         }
         Command::Console { node } => console::run(client, &config, &ns, &node).await?,
         Command::Site(SiteCommand::Join(j)) => site::join(client, &config, j).await?,
