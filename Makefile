@@ -6,12 +6,13 @@
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
 #   make image   the container image (umoci, no daemon): target/image/
+#   make krew    the kubectl plugin's krew archive and manifest: target/dist/
 #   make bench   the network, compute and storage benchmarks (figures and ratios; target/bench/{network,compute,storage}.json)
 SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
 
-.PHONY: all tools build crds up down status test lint unit chart image image-test e2e bench bench-smoke clean
+.PHONY: all tools build crds up down status test lint unit chart image image-test krew krew-test e2e bench bench-smoke clean
 
 all: build
 
@@ -40,7 +41,7 @@ down:
 status:
 	e2e/env.sh status
 
-test: tools lint build unit chart image-test e2e bench-smoke
+test: tools lint build unit chart image-test krew-test e2e bench-smoke
 
 lint:
 	$(CARGO) fmt --all --check
@@ -59,6 +60,14 @@ image: build
 # Built twice (reproducible), unpacked, every program in it run from its root.
 image-test: build
 	e2e/image-test.sh
+
+# The plugin as krew installs it: target/dist/{yukumo.yaml,kubectl-yukumo_v*.tar.gz}.
+krew: build
+	image/krew.sh
+
+# Reproducible; krew installs it from the manifest, refuses a tampered archive.
+krew-test: build
+	e2e/krew-test.sh
 
 e2e: build
 	e2e/run.sh

@@ -5,6 +5,8 @@
 #     kernel and syslinux for the tiny test guest, ...)
 #   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
+#   - krew (the kubectl plugin manager) from e2e/tools/krew/go.mod, keyed by
+#     its own version: it tests the plugin's krew manifest.
 #   - Debian's Prometheus and promtool, unpacked from its package (never
 #     installed: no service is started), keyed by the package's version.
 # Go binaries are cached under $YUKUMO_CACHE (default ~/.cache/yukumo), keyed
@@ -21,6 +23,8 @@ K8S_VERSION=$(awk '$1=="k8s.io/kubernetes"{print $2}' "$YUKUMO_ROOT/e2e/tools/k8
 ETCD_VERSION=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2}' "$YUKUMO_ROOT/e2e/tools/k8s/go.mod")
 HELM_VERSION=$(awk '$1=="require" && $2=="helm.sh/helm/v3"{print $3}' "$YUKUMO_ROOT/e2e/tools/helm/go.mod")
 GO_VERSION=$(go env GOVERSION)
+KREW_VERSION=$(awk '$1=="require" && $2=="sigs.k8s.io/krew"{print $3}' "$YUKUMO_ROOT/e2e/tools/krew/go.mod")
+YUKUMO_KREW="$YUKUMO_CACHE/tools/krew-$KREW_VERSION-$GO_VERSION/kubectl-krew"
 YUKUMO_TOOLS_BIN="$YUKUMO_CACHE/tools/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-$GO_VERSION/bin"
 
 APT_PACKAGES=(
@@ -69,6 +73,15 @@ build_go_tools() {
   mv "$tmp" "$YUKUMO_TOOLS_BIN"
 }
 
+build_krew() {
+  [ -x "$YUKUMO_KREW" ] && return 0
+  tools_log "building krew $KREW_VERSION"
+  local tmp="$YUKUMO_KREW.tmp.$$"
+  mkdir -p "$(dirname "$YUKUMO_KREW")"
+  (cd "$YUKUMO_ROOT/e2e/tools/krew" && go build -trimpath -ldflags "-s -w" -o "$tmp" sigs.k8s.io/krew/cmd/krew)
+  mv "$tmp" "$YUKUMO_KREW"
+}
+
 # Debian's prometheus package, unpacked (not installed: its service would
 # start) into $YUKUMO_CACHE/tools/prometheus-<version>/.
 fetch_prometheus() {
@@ -95,8 +108,9 @@ fetch_prometheus() {
 
 install_apt
 build_go_tools
+build_krew
 fetch_prometheus
-export YUKUMO_TOOLS_BIN YUKUMO_PROMETHEUS_DIR
+export YUKUMO_TOOLS_BIN YUKUMO_PROMETHEUS_DIR YUKUMO_KREW
 export PATH="$YUKUMO_TOOLS_BIN:$PATH"
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "$YUKUMO_TOOLS_BIN"
