@@ -522,6 +522,13 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
             }
         },
     );
+    // A second session while this one is open is refused, naming who holds
+    // it (QEMU serves one client: it would otherwise wait unseen).
+    let second = env
+        .plugin_command(&alice, &["console", "tiny-worker-0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     let _ = child.kill();
     let status = child.wait().unwrap();
     drop(stdin);
@@ -532,6 +539,45 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
         let _ = e.read_to_string(&mut err);
     }
     answered.unwrap_or_else(|e| panic!("{e}; plugin {status}: {err}"));
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        second.status.code() == Some(1)
+            && second_err.contains("409")
+            && second_err.contains(&format!(
+                "its console is in use by system:serviceaccount:{ns}:console-alice"
+            )),
+        "{second_err}"
+    );
+    // Once it is closed, the console is free again: a new session stays
+    // open (it is not refused) until it is ended.
+    let (_, took) = wait_for(Duration::from_secs(20), "the console freed", || {
+        let mut c = env
+            .plugin_command(&alice, &["console", "tiny-worker-0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        match c.try_wait().unwrap() {
+            None => {
+                let _ = c.kill();
+                let _ = c.wait();
+                Ok(())
+            }
+            Some(st) => {
+                let mut e = String::new();
+                use std::io::Read;
+                let _ = c.stderr.take().unwrap().read_to_string(&mut e);
+                Err(format!("{st}: {e}"))
+            }
+        }
+    })
+    .unwrap();
+    println!(
+        "a second console session: 409 naming the holder; free again {:.1}s after it closed",
+        took.as_secs_f64()
+    );
     println!(
         "kubectl yukumo console tiny-worker-0: the guest's shell answered after {:.1}s (editor); viewer 403, no token 401",
         t.elapsed().as_secs_f64()

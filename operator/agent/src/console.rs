@@ -9,7 +9,9 @@
 //! with the guest's first serial port (ttyS0, whose output is also kept in
 //! the node's `console.log`). A refusal is an HTTP status with a one-line
 //! reason: 401 (no or bad token), 403 (not allowed), 404 (no such node
-//! here), 409 (not running, or its console is a log only).
+//! here), 409 (not running, its console is a log only, or another session
+//! holds it: QEMU serves one client per serial port, so a second would
+//! wait unseen — it is told who holds it instead).
 //!
 //! The certificate is made when the agent starts (a CA of its own and a
 //! leaf for the host in `--console-url`); the CA's PEM is published in
@@ -133,6 +135,48 @@ struct Ctx {
     client: Client,
     host: String,
     state_dir: PathBuf,
+    sessions: Sessions,
+}
+
+/// The open console sessions, by node (`ns/name`): who holds each, since
+/// when. One per node.
+#[derive(Clone, Default)]
+struct Sessions(
+    Arc<std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>>,
+);
+
+/// A held session; dropping it frees the node's console.
+struct Session {
+    sessions: Sessions,
+    node: String,
+}
+
+impl Sessions {
+    /// Take `node`'s console for `user`, or say who holds it.
+    fn claim(&self, node: &str, user: &str) -> Result<Session, String> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((holder, since)) = m.get(node) {
+            return Err(format!(
+                "node {node}: its console is in use by {holder} (for {}s); one session at a time — it ends when they leave (Ctrl-])",
+                since.elapsed().as_secs()
+            ));
+        }
+        m.insert(
+            node.to_string(),
+            (user.to_string(), std::time::Instant::now()),
+        );
+        Ok(Session {
+            sessions: self.clone(),
+            node: node.to_string(),
+        })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut m = self.sessions.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&self.node);
+    }
 }
 
 /// Serve until `shutdown` flips to true.
@@ -149,6 +193,7 @@ pub async fn serve(
         client,
         host,
         state_dir,
+        sessions: Sessions::default(),
     };
     loop {
         let (tcp, peer) = tokio::select! {
@@ -200,6 +245,13 @@ async fn handle(
             reply(status, msg)
         }
         Ok((user, node, socket)) => {
+            let session = match ctx.sessions.claim(&node, &user) {
+                Ok(s) => s,
+                Err(msg) => {
+                    tracing::info!(%peer, %user, %node, reason = %msg, "console refused");
+                    return Ok(reply(StatusCode::CONFLICT, msg));
+                }
+            };
             let guest = match tokio::net::UnixStream::connect(&socket).await {
                 Ok(g) => g,
                 Err(e) => {
@@ -214,6 +266,7 @@ async fn handle(
             tracing::info!(%peer, %user, %node, "console opened");
             let mut req = req;
             tokio::spawn(async move {
+                let _session = session;
                 match hyper::upgrade::on(&mut req).await {
                     Ok(up) => {
                         let mut up = TokioIo::new(up);
@@ -389,6 +442,23 @@ async fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_session_per_node_freed_when_it_ends() {
+        let s = Sessions::default();
+        let first = s.claim("t/n1", "alice").unwrap();
+        let e = s.claim("t/n1", "bob").err().unwrap();
+        assert!(
+            e.starts_with("node t/n1: its console is in use by alice (for 0s)"),
+            "{e}"
+        );
+        // Another node's console is free.
+        let other = s.claim("t/n2", "bob").unwrap();
+        drop(first);
+        let again = s.claim("t/n1", "bob").unwrap();
+        drop((other, again));
+        assert!(s.0.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn paths_name_a_namespace_and_a_node() {
