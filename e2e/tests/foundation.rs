@@ -1363,6 +1363,55 @@ metadata: {name: west}
 spec: {vniRange: {start: 4000, end: 4009}}
 ",
     );
+    // WAN settings this version does not act on are said to be so (a
+    // condition naming the fields and a Warning), never silently taken.
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: east}
+spec:
+  vniRange: {start: 4000, end: 4009}
+  gateway: {wanEndpoint: '192.0.2.10:4789'}
+  tunnel: {bandwidthMbps: 1000, encryption: none}
+",
+    );
+    let (msg, _) = wait_for(Duration::from_secs(30), "WanTunnels condition", || {
+        let site = json(&env, &["get", "site", "east"]);
+        let c = condition(&site, "WanTunnels").unwrap_or_default();
+        if c.0 == "False" && c.1 == "WanTunnelsNotBuilt" {
+            Ok(c.2)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .unwrap();
+    assert!(
+        msg.starts_with(
+            "spec.gateway, spec.tunnel not acted on: this version builds no WAN tunnels"
+        ),
+        "{msg}"
+    );
+    wait_for(Duration::from_secs(20), "its Warning event", || {
+        let ev = env
+            .kubectl_ok(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                "involvedObject.kind=Site,involvedObject.name=east,reason=WanTunnelsNotBuilt",
+                "-o",
+                "json",
+            ])
+            .map_err(|e| e.to_string())?;
+        if ev.contains("\"Warning\"") {
+            Ok(())
+        } else {
+            Err(ev)
+        }
+    })
+    .unwrap();
+    // West sets none: no such condition.
+    assert!(condition(&json(&env, &["get", "site", "west"]), "WanTunnels").is_none());
     let group = |name: &str, extra: &str| {
         format!(
             "apiVersion: yukumo.io/v1alpha1

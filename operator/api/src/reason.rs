@@ -165,6 +165,9 @@ reasons! {
     HostsReady,
     /// No Host of the Site is Ready.
     NoReadyHosts,
+    /// The Site's WAN settings (`gateway`, `tunnel`, `credentialsSecretRef`)
+    /// are not acted on: this version builds no tunnels between Sites.
+    WanTunnelsNotBuilt,
     // --- Volume
     /// A snapshot source does not exist.
     SourceNotFound,

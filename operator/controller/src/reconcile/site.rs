@@ -7,10 +7,10 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use yukumo_api::Reason;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
 use yukumo_api::host::Host;
 use yukumo_api::site::{PoolStatus, Site, SiteStatus, StoragePool};
+use yukumo_api::{Condition, ConditionStatus, Reason};
 
 use super::verdict::{Verdict, apply_verdict, reason_changed};
 use crate::context::{Ctx, Result};
@@ -84,6 +84,31 @@ pub fn aggregate(hosts: &[Host]) -> (SiteStatus, Verdict) {
     (status, verdict)
 }
 
+/// The Site's condition type that says whether its WAN settings are acted on.
+pub const WAN_TUNNELS: &str = "WanTunnels";
+
+/// The WAN settings a Site sets that this version does not act on, as the
+/// message of its `WanTunnels` condition (`None`: it sets none).
+pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
+    let set: Vec<&str> = [
+        ("spec.gateway", spec.gateway.is_some()),
+        ("spec.tunnel", spec.tunnel.is_some()),
+        (
+            "spec.credentialsSecretRef",
+            spec.credentials_secret_ref.is_some(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(f, on)| on.then_some(f))
+    .collect();
+    (!set.is_empty()).then(|| {
+        format!(
+            "{} not acted on: this version builds no WAN tunnels between Sites (no encryption, no bandwidth cap); a group stretched to another Site reaches it only where the hosts' underlays route to each other",
+            set.join(", ")
+        )
+    })
+}
+
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
     let _timer = ctx.measure("Site");
     let name = site.name_any();
@@ -97,9 +122,21 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         .collect();
     let (agg, verdict) = aggregate(&hosts);
     let old = site.status.clone().unwrap_or_default();
+    let mut conditions = apply_verdict(&old.conditions, site.metadata.generation, &verdict);
+    let unbuilt = wan_settings_unbuilt(&site.spec);
+    match &unbuilt {
+        Some(msg) => conditions.set_condition(Condition::new(
+            WAN_TUNNELS,
+            ConditionStatus::False,
+            Reason::WanTunnelsNotBuilt,
+            msg.clone(),
+            site.metadata.generation,
+        )),
+        None => conditions.retain(|c| c.type_ != WAN_TUNNELS),
+    }
     let status = SiteStatus {
         observed_generation: site.metadata.generation,
-        conditions: apply_verdict(&old.conditions, site.metadata.generation, &verdict),
+        conditions,
         peers: old.peers.clone(),
         storage_pools: pools(&site.spec.storage_pools, &hosts),
         ..agg
@@ -112,6 +149,19 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         )
         .await?;
     }
+    let had = old
+        .conditions
+        .get_condition(WAN_TUNNELS)
+        .map(|c| c.message.as_str());
+    if let Some(msg) = unbuilt.as_deref().filter(|m| had != Some(*m)) {
+        ctx.event(
+            site.as_ref(),
+            EventType::Warning,
+            &Reason::WanTunnelsNotBuilt,
+            msg.to_string(),
+        )
+        .await;
+    }
     if reason_changed(&old.conditions, &verdict) {
         ctx.event(
             site.as_ref(),
@@ -122,4 +172,41 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         .await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> yukumo_api::SiteSpec {
+        let mut v = serde_json::json!({"publicIPPool": ["203.0.113.64/26"]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn wan_settings_are_said_to_be_unbuilt_naming_each_field() {
+        assert_eq!(wan_settings_unbuilt(&spec(serde_json::json!({}))), None);
+        let msg = wan_settings_unbuilt(&spec(serde_json::json!({
+            "gateway": {"wanEndpoint": "192.0.2.10:4789"},
+            "tunnel": {"bandwidthMbps": 1000, "encryption": "none"},
+        })))
+        .unwrap();
+        assert!(
+            msg.starts_with(
+                "spec.gateway, spec.tunnel not acted on: this version builds no WAN tunnels"
+            ),
+            "{msg}"
+        );
+        let msg = wan_settings_unbuilt(&spec(serde_json::json!({
+            "credentialsSecretRef": {"name": "c", "namespace": "yukumo-system"},
+        })))
+        .unwrap();
+        assert!(
+            msg.starts_with("spec.credentialsSecretRef not acted on"),
+            "{msg}"
+        );
+    }
 }
