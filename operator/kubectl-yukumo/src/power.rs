@@ -29,21 +29,13 @@ impl Target {
                 pool_index(vc, &p)?;
                 Target::Pool(p)
             }
-            (None, Some(n)) => {
-                let entry = n
-                    .strip_prefix(cluster)
-                    .and_then(|r| r.strip_prefix('-'))
-                    .filter(|e| is_node(vc, e))
-                    .map(str::to_string)
-                    .unwrap_or(n);
-                if !is_node(vc, &entry) {
-                    bail!(
-                        "virtualcluster {cluster} has no node {entry:?} (its nodes: {})",
-                        vc.spec.node_entries().join(", ")
-                    );
-                }
-                Target::Node(entry)
-            }
+            (None, Some(n)) => match node_entry(vc, &n) {
+                Some(entry) => Target::Node(entry.to_string()),
+                None => bail!(
+                    "virtualcluster {cluster} has no node {n:?} (its nodes: {})",
+                    vc.spec.node_entries().join(", ")
+                ),
+            },
             (None, None) => Target::Cluster,
         })
     }
@@ -88,8 +80,17 @@ pub fn pool_index(vc: &VirtualCluster, pool: &str) -> Result<usize> {
         })
 }
 
-fn is_node(vc: &VirtualCluster, entry: &str) -> bool {
-    vc.spec.node_entries().iter().any(|e| e == entry)
+/// A node given as `frontend`, `POOL-INDEX` or its full name `CLUSTER-…`,
+/// as its `stoppedNodes` entry; `None` when the spec has no such node.
+pub fn node_entry<'a>(vc: &VirtualCluster, given: &'a str) -> Option<&'a str> {
+    let cluster = vc.metadata.name.as_deref().unwrap_or_default();
+    let entries = vc.spec.node_entries();
+    let is_node = |e: &str| entries.iter().any(|x| x == e);
+    given
+        .strip_prefix(cluster)
+        .and_then(|r| r.strip_prefix('-'))
+        .filter(|e| is_node(e))
+        .or_else(|| is_node(given).then_some(given))
 }
 
 /// `stoppedNodes` in a merge patch: `null` (the field removed) when empty.

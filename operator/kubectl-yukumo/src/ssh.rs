@@ -60,17 +60,12 @@ pub fn plan(vc: &VirtualCluster, nodes: &[VirtualNode], args: &Ssh) -> Result<Ve
     let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
     let cluster = vc.metadata.name.as_deref().unwrap_or_default();
     let given = args.node.as_deref().unwrap_or("frontend");
-    let entry_str = given
-        .strip_prefix(cluster)
-        .and_then(|r| r.strip_prefix('-'))
-        .filter(|e| vc.spec.node_entries().iter().any(|x| x == e))
-        .unwrap_or(given);
-    if !vc.spec.node_entries().iter().any(|x| x == entry_str) {
+    let Some(entry_str) = crate::power::node_entry(vc, given) else {
         bail!(
             "virtualcluster {ns}/{cluster} has no node {given:?} (its nodes: {})",
             vc.spec.node_entries().join(", ")
         );
-    }
+    };
     let Some(entry) = NodeEntry::parse(entry_str) else {
         bail!("{given:?} is not a node name");
     };
