@@ -709,6 +709,13 @@ impl<'a> NodeEntry<'a> {
         })
     }
 
+    /// The VirtualNode's name for this entry of `cluster`:
+    /// `<cluster>-frontend` or `<cluster>-<pool>-<index>` — the one place
+    /// the controller and the plugin get it from.
+    pub fn node_name(&self, cluster: &str) -> String {
+        format!("{cluster}-{self}")
+    }
+
     /// The pool it belongs to (`None`: the frontend).
     pub fn pool(&self) -> Option<&'a str> {
         match self {

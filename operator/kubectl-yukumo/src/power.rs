@@ -47,7 +47,8 @@ impl Target {
             .node_entries()
             .into_iter()
             .filter(|e| self.covers(e))
-            .map(|e| format!("{cluster}-{e}"))
+            // node_entries writes only entries that read back.
+            .filter_map(|e| NodeEntry::parse(&e).map(|n| n.node_name(cluster)))
             .collect()
     }
 

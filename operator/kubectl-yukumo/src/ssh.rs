@@ -69,7 +69,7 @@ pub fn plan(vc: &VirtualCluster, nodes: &[VirtualNode], args: &Ssh) -> Result<Ve
     let Some(entry) = NodeEntry::parse(entry_str) else {
         bail!("{given:?} is not a node name");
     };
-    let name = format!("{cluster}-{entry}");
+    let name = entry.node_name(cluster);
     let running = |name: &str| -> Result<&VirtualNode> {
         let Some(vn) = nodes
             .iter()
@@ -88,7 +88,7 @@ pub fn plan(vc: &VirtualCluster, nodes: &[VirtualNode], args: &Ssh) -> Result<Ve
         Ok(vn)
     };
     // Every hop goes through the frontend's public IP.
-    running(&format!("{cluster}-frontend"))?;
+    running(&NodeEntry::Frontend.node_name(cluster))?;
     let frontend = vc.status.as_ref().and_then(|s| s.frontend.as_ref());
     let Some(public) = frontend.and_then(|f| f.public_ip) else {
         bail!(

@@ -4,7 +4,7 @@
 use yukumo_api::common::{NodeSize, Resources, builtin_size_classes};
 use yukumo_api::quantity::{bytes_to_mib, parse_quantity};
 use yukumo_api::site::Site;
-use yukumo_api::virtualcluster::{StartOrder, VirtualCluster};
+use yukumo_api::virtualcluster::{NodeEntry, StartOrder, VirtualCluster};
 use yukumo_api::virtualnode::{NodeNetwork, NodeRole, VirtualNodeSpec};
 use yukumo_api::{NetworkGroup, Reason};
 
@@ -97,9 +97,10 @@ pub fn cluster_revision(desired: &[DesiredNode]) -> String {
 /// Deterministic node name: `<cluster>-frontend` or `<cluster>-<pool>-<index>`.
 pub fn node_name(cluster: &str, pool: Option<&str>, index: u32) -> String {
     match pool {
-        None => format!("{cluster}-frontend"),
-        Some(p) => format!("{cluster}-{p}-{index}"),
+        None => NodeEntry::Frontend,
+        Some(pool) => NodeEntry::Worker { pool, index },
     }
+    .node_name(cluster)
 }
 
 pub fn resolve_size(size: &NodeSize, sites: &[&Site], field: &str) -> Result<Resources, Verdict> {
