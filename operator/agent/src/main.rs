@@ -218,7 +218,7 @@ async fn agent() -> anyhow::Result<()> {
             let url = match &args.console_url {
                 Some(u) => u.clone(),
                 None => {
-                    let a = probe::underlay_addresses(args.netns.clone())?
+                    let a = probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
                         .first()
                         .copied()
                         .ok_or_else(|| {
@@ -250,7 +250,7 @@ async fn agent() -> anyhow::Result<()> {
     } else {
         let underlay = match args.underlay_address {
             Some(a) => Some(a),
-            None => probe::underlay_addresses(args.netns.clone())?
+            None => probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
                 .first()
                 .copied(),
         };

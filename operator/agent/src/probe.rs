@@ -83,8 +83,14 @@ pub fn capabilities() -> anyhow::Result<HostCapabilities> {
 
 /// Non-loopback, non-link-local IPv4 addresses in the network namespace
 /// `netns` (a name under /run/netns), or in the agent's own namespace when
-/// `None`: the host's underlay (tunnel endpoint) addresses.
-pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+/// `None`: the host's underlay (tunnel endpoint) addresses. With `uplink`,
+/// only that interface's (a host also has pod bridges, service addresses on
+/// `lo`, ...: none of them is a tunnel endpoint); an uplink that does not
+/// exist is an error naming it.
+pub fn underlay_addresses(
+    netns: Option<String>,
+    uplink: Option<String>,
+) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
     std::thread::spawn(move || -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
         if let Some(ns) = netns {
             let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
@@ -93,27 +99,47 @@ pub fn underlay_addresses(netns: Option<String>) -> anyhow::Result<Vec<std::net:
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            let mut out = Vec::new();
-            let mut addrs = handle.address().get().execute();
-            while let Some(msg) = addrs.try_next().await? {
-                for attr in msg.attributes {
-                    if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) = attr
-                        && usable(&IpAddr::V4(ip))
-                    {
-                        out.push(ip);
-                    }
-                }
-            }
-            out.sort();
-            out.dedup();
-            Ok(out)
-        })
+        rt.block_on(addresses_here(uplink.as_deref()))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("address discovery thread panicked"))?
+}
+
+async fn addresses_here(uplink: Option<&str>) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    let index = match uplink {
+        None => None,
+        Some(name) => {
+            let link = handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute()
+                .try_next()
+                .await
+                .map_err(|e| anyhow::anyhow!("uplink {name}: {e}"))?
+                .ok_or_else(|| anyhow::anyhow!("uplink {name}: no such interface"))?;
+            Some(link.header.index)
+        }
+    };
+    let mut out = Vec::new();
+    let mut addrs = handle.address().get().execute();
+    while let Some(msg) = addrs.try_next().await? {
+        if index.is_some_and(|i| i != msg.header.index) {
+            continue;
+        }
+        for attr in msg.attributes {
+            if let netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) = attr
+                && usable(&IpAddr::V4(ip))
+            {
+                out.push(ip);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn usable(ip: &IpAddr) -> bool {
@@ -133,6 +159,61 @@ mod tests {
         assert!(!usable(&"169.254.1.1".parse().unwrap()));
         assert!(!usable(&"fe80::1".parse().unwrap()));
         assert!(usable(&"10.0.0.1".parse().unwrap()));
+    }
+
+    /// With an uplink, only its addresses count: a lower address elsewhere
+    /// (a pod bridge, a service address on lo) is no tunnel endpoint.
+    /// Needs root (a private network namespace); skipped, saying so, otherwise.
+    #[test]
+    fn underlay_addresses_are_the_uplinks() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to create a network namespace");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(conn);
+                // (bridges: this kernel has no dummy links)
+                for (name, addr) in [("up0", [10, 255, 0, 7]), ("pods0", [10, 244, 1, 1])] {
+                    handle
+                        .link()
+                        .add(LinkBridge::new(name).up().build())
+                        .execute()
+                        .await
+                        .unwrap();
+                    let link = handle
+                        .link()
+                        .get()
+                        .match_name(name.to_string())
+                        .execute()
+                        .try_next()
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    handle
+                        .address()
+                        .add(link.header.index, IpAddr::from(addr), 24)
+                        .execute()
+                        .await
+                        .unwrap();
+                }
+                assert_eq!(
+                    addresses_here(Some("up0")).await.unwrap(),
+                    vec![std::net::Ipv4Addr::new(10, 255, 0, 7)]
+                );
+                assert_eq!(addresses_here(None).await.unwrap().len(), 2);
+                let e = addresses_here(Some("eth9")).await.unwrap_err().to_string();
+                assert!(e.contains("uplink eth9"), "{e}");
+            });
+        })
+        .join()
+        .unwrap();
     }
 
     /// Needs root (CAP_SYS_ADMIN for unshare); skipped, saying so, otherwise.

@@ -383,13 +383,14 @@ pub async fn run(
         if let Err(e) = &info {
             tracing::warn!(error = %e, "hypervisor unreachable");
         }
-        let ns = args.netns.clone();
-        let addresses = tokio::task::spawn_blocking(move || crate::probe::underlay_addresses(ns))
-            .await?
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot list underlay addresses");
-                Vec::new()
-            });
+        let (ns, uplink) = (args.netns.clone(), args.uplink.clone());
+        let addresses =
+            tokio::task::spawn_blocking(move || crate::probe::underlay_addresses(ns, uplink))
+                .await?
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot list underlay addresses");
+                    Vec::new()
+                });
         let caps = HostCapabilities {
             kvm: kvm.get().copied().unwrap_or(false),
             ..caps.clone()
