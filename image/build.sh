@@ -43,7 +43,10 @@ done
 rm -rf "$OUT"
 mkdir -p "$OUT"
 rootfs=$OUT/rootfs
-mkdir -p "$rootfs"/{usr/local/bin,usr/sbin,usr/share/yukumo,etc/ssl/certs,tmp,run,var/run,root}
+mkdir -p "$rootfs"/{usr/local/bin,usr/sbin,usr/share/yukumo,etc/ssl/certs,tmp,run,var,root}
+# /var/run is /run, as on the hosts: libvirt's client looks for
+# /var/run/libvirt/libvirt-sock, the agent pod mounts the host's /run/libvirt.
+ln -s ../run "$rootfs/var/run"
 chmod 1777 "$rootfs/tmp"
 declare -A FROM=()   # copied system file -> its Debian package
 
