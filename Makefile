@@ -1,7 +1,9 @@
 # yukumo — the targets the README names.
 #   make up      build, start the local environment, apply the quickstart
 #                (VM_HOSTS=2: and two VM hosts whose kernel has 802.1Q VLANs;
-#                STORAGE=ceph: and a single-node Ceph behind the `ceph` rbd pool)
+#                STORAGE=ceph: and a single-node Ceph behind the `ceph` rbd pool;
+#                KUBELETS=1: every host also a kubelet node, the chart's pods
+#                running the controller and agents)
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
@@ -12,7 +14,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export YUKUMO_ROOT := $(CURDIR)
 
-.PHONY: all tools build crds up down status test lint unit chart image image-test krew krew-test e2e bench bench-smoke clean
+.PHONY: all tools build crds up down status test lint unit chart image image-test krew krew-test pods-test e2e bench bench-smoke clean
 
 all: build
 
@@ -32,8 +34,9 @@ crds: build
 # VM_HOSTS=N adds N VM hosts (a kernel with 802.1Q VLANs: e2e/lib/vm-host.sh).
 VM_HOSTS ?= 0
 STORAGE ?=
+KUBELETS ?= 0
 up: build
-	e2e/env.sh up --vm-hosts $(VM_HOSTS) $(if $(STORAGE),--storage $(STORAGE))
+	e2e/env.sh up --vm-hosts $(VM_HOSTS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(filter 1,$(KUBELETS)),--kubelets)
 
 down:
 	e2e/env.sh down
@@ -41,7 +44,7 @@ down:
 status:
 	e2e/env.sh status
 
-test: tools lint build unit chart image-test krew-test e2e bench-smoke
+test: tools lint build unit chart image-test krew-test pods-test e2e bench-smoke
 
 lint:
 	$(CARGO) fmt --all --check
@@ -68,6 +71,11 @@ krew: build
 # Reproducible; krew installs it from the manifest, refuses a tampered archive.
 krew-test: build
 	e2e/krew-test.sh
+
+# The chart's pods on two kubelet nodes: leader and agent pod deletion,
+# helm upgrade to a new tag, with real guests running throughout.
+pods-test: build
+	e2e/pods-test.sh
 
 e2e: build
 	e2e/run.sh

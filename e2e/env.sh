@@ -5,6 +5,8 @@
 #   e2e/env.sh up      [--dir D] [--hosts N] [--vm-hosts N] [--controllers N] [--no-example]
 #                      [--no-prometheus]   (the benchmarks: no scrapes in their figures)
 #                      [--storage ceph]   (also a single-node Ceph and the `ceph` rbd pool)
+#                      [--kubelets]   (every host is also a kubelet node; the chart's
+#                                      pods run the controller and agents: lib/kubelet.sh)
 #   e2e/env.sh down    [--dir D]
 #   e2e/env.sh status  [--dir D]
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
@@ -46,6 +48,7 @@ CONTROLLERS=1
 EXAMPLE=1
 PROMETHEUS=1
 STORAGE=${YUKUMO_STORAGE:-}
+KUBELETS=${YUKUMO_KUBELETS:-0}
 NAMESPACE=yukumo-system
 SIGNAL=TERM
 
@@ -153,8 +156,10 @@ gen_pki() {
       -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
   }
   cert apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,IP:$VM_API_ADDR,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
+    "subjectAltName=IP:127.0.0.1,IP:$VM_API_ADDR,IP:10.250.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth"
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth"
+  cert scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
   cert admin "/O=system:masters/CN=yukumo-admin" "extendedKeyUsage=clientAuth"
   cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -205,9 +210,21 @@ load_state() {
 start_control_plane() {
   ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port)
   {
-    echo "API_PORT=$API_PORT"; echo "ETCD_PORT=$ETCD_PORT"
+    echo "API_PORT=$API_PORT"; echo "ETCD_PORT=$ETCD_PORT"; echo "KUBELETS=$KUBELETS"
   } > "$DIR/state"
   gen_pki
+  local kubelet_flags=()
+  if [ "$KUBELETS" = 1 ]; then
+    # The kubelets, in the hosts' namespaces, through e2e/lib/egress-proxy.py.
+    printf '%s\n' "apiVersion: apiserver.k8s.io/v1beta1" "kind: EgressSelectorConfiguration" \
+      "egressSelections:" "- name: cluster" "  connection:" "    proxyProtocol: HTTPConnect" \
+      "    transport: {uds: {udsName: $DIR/egress.sock}}" > "$DIR/egress.yaml"
+    kubelet_flags=(--egress-selector-config-file "$DIR/egress.yaml"
+      --kubelet-client-certificate "$DIR/pki/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$DIR/pki/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$DIR/pki/ca.crt"
+      --kubelet-preferred-address-types InternalIP)
+  fi
   log "starting etcd on 127.0.0.1:$ETCD_PORT"
   spawn etcd "$YUKUMO_TOOLS_BIN/etcd" --name yukumo-local --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -232,25 +249,26 @@ EOF
     --endpoint-reconciler-type none \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" \
-    --authorization-mode RBAC --allow-privileged=true \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction --allow-privileged=true \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.250.0.0/24 \
     --audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/logs/audit.log" \
     --audit-log-format json --audit-log-maxsize 200 \
     --enable-priority-and-fairness=false --max-requests-inflight 2000 --max-mutating-requests-inflight 1000 \
-    --v 1
+    "${kubelet_flags[@]}" --v 1
   kubeconfig "$DIR/kubeconfig" cert admin
   export KUBECONFIG=$DIR/kubeconfig
   wait_for 120 kube-apiserver kubectl get --raw /readyz
 
   kubeconfig "$DIR/kubeconfig-kcm" cert kcm
+  kubeconfig "$DIR/kubeconfig-scheduler" cert scheduler
   log "starting kube-controller-manager"
   spawn kube-controller-manager "$YUKUMO_TOOLS_BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kubeconfig-kcm" --authentication-kubeconfig "$DIR/kubeconfig-kcm" \
     --authorization-kubeconfig "$DIR/kubeconfig-kcm" \
     --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
-    --controllers 'garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,daemonset-controller' \
+    --controllers 'garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller,daemonset-controller,pod-garbage-collector-controller,disruption-controller,node-lifecycle-controller' \
     --service-account-private-key-file "$DIR/pki/sa.key" --root-ca-file "$DIR/pki/ca.crt" \
     --use-service-account-credentials=true --v 1
 }
@@ -259,8 +277,10 @@ install_chart() {
   log "installing the yukumo Helm chart into namespace $NAMESPACE"
   kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl label namespace "$NAMESPACE" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
+  local values=(-f "$ROOT/e2e/values-local.yaml")
+  [ "$KUBELETS" = 1 ] && values+=(-f "$ROOT/e2e/values-pods.yaml" --set "image.tag=$(image_version)")
   helm upgrade --install yukumo "$ROOT/charts/yukumo" -n "$NAMESPACE" \
-    -f "$ROOT/e2e/values-local.yaml" --wait=false >/dev/null
+    "${values[@]}" --wait=false >/dev/null
   wait_for 60 "CRDs established" kubectl wait --for condition=Established --timeout 5s \
     crd/virtualclusters.yukumo.io crd/networkgroups.yukumo.io crd/volumes.yukumo.io \
     crd/sites.yukumo.io crd/virtualnodes.yukumo.io crd/hosts.yukumo.io
@@ -350,6 +370,7 @@ start_host() { # name site [index]
   echo "$ns" > "$hdir/netns"
   echo "$site" > "$hdir/site"
   log "starting host $name (site $site, netns $ns)"
+  [ "$KUBELETS" = 1 ] && start_node "$name" "$3"
   start_libvirtd "$name"
   [ -n "${3:-}" ] && start_tgtd "$name" "$3"
   return 0
@@ -373,6 +394,18 @@ start_libvirtd() { # name
   local name=$1 hdir=$DIR/hosts/$1 ns
   ns=$(cat "$hdir/netns")
   rm -f "$hdir/run/libvirt-sock"
+  if [ -f "$hdir/mntns" ]; then
+    # A kubelet node: in the node's mount namespace (its folders are bound
+    # there), in one of its own where the cgroup hierarchies are hidden as
+    # `ip netns exec` hides them from the others.
+    spawn "libvirtd-$name" nsenter --net="/run/netns/$ns" --mount="$(cat "$hdir/mntns")" -- \
+      unshare --mount --propagation slave sh -c "
+      umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup
+      { virtlogd -d -p /run/libvirt/virtlogd.pid || true; } &&
+      exec libvirtd -p /run/libvirt/libvirtd.pid"
+    wait_for 30 "libvirtd of $name" test -S "$hdir/run/libvirt-sock"
+    return 0
+  fi
   # A private mount namespace with libvirt's state directories bind-mounted
   # from the host folder: one libvirtd per simulated host.
   spawn "libvirtd-$name" ip netns exec "$ns" unshare --mount --propagation private sh -c "
@@ -391,6 +424,10 @@ start_libvirtd() { # name
 source "$ROOT/e2e/lib/vm-host.sh"
 # shellcheck source=lib/ceph.sh
 source "$ROOT/e2e/lib/ceph.sh"
+# shellcheck source=lib/kubelet.sh
+source "$ROOT/e2e/lib/kubelet.sh"
+
+image_version() { awk -F'"' '/^version = /{print $2; exit}' "$ROOT/Cargo.toml"; }
 
 agent_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-agent"; }
 controller_binary() { echo "${YUKUMO_BIN_DIR:-$ROOT/target/release}/yukumo-controller"; }
@@ -446,19 +483,36 @@ start_controller() { # id
 cmd_up() {
   [ -f "$DIR/state" ] && die "an environment already runs at $DIR (run: make down)"
   case $STORAGE in ""|ceph) ;; *) die "--storage/STORAGE: unknown storage '$STORAGE' (known: ceph)" ;; esac
+  if [ "$KUBELETS" = 1 ]; then
+    # Not yet with kubelet nodes: the agent pods would need the Ceph CLIs
+    # (not in the image) and a keyring Secret; Prometheus and consoles
+    # would need ways into the hosts' namespaces for their ports.
+    [ -z "$STORAGE" ] || die "--storage ceph does not run with --kubelets yet (the image has no Ceph CLIs)"
+    [ "$PROMETHEUS" = 0 ] || log "--kubelets: no Prometheus (the pods' metrics ports are inside the hosts' namespaces)"
+    PROMETHEUS=0
+  fi
   mkdir -p "$DIR"
   # shellcheck disable=SC1091
   source "$ROOT/e2e/lib/tools.sh" >/dev/null
-  printf 'YUKUMO_TOOLS_BIN=%q\nYUKUMO_PROMETHEUS_DIR=%q\n' "$YUKUMO_TOOLS_BIN" "$YUKUMO_PROMETHEUS_DIR" > "$DIR/tools"
+  printf 'YUKUMO_TOOLS_BIN=%q\nYUKUMO_NODE_BIN=%q\nYUKUMO_PROMETHEUS_DIR=%q\n' \
+    "$YUKUMO_TOOLS_BIN" "$YUKUMO_NODE_BIN" "$YUKUMO_PROMETHEUS_DIR" > "$DIR/tools"
+  [ "$KUBELETS" = 1 ] && build_node_images
   start_control_plane
+  [ "$KUBELETS" = 1 ] && start_node_plumbing
   install_chart
   local i
   start_fabric
   start_ssh_client
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
   [ "$STORAGE" = ceph ] && start_ceph
-  for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
-  for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
+  if [ "$KUBELETS" = 1 ]; then
+    # The chart's pods: one agent per node, the controller's replicas.
+    wait_for 180 "the agent pods" kubectl -n "$NAMESPACE" rollout status ds/yukumo-agent --timeout 5s
+    wait_for 180 "the controller pods" kubectl -n "$NAMESPACE" rollout status deploy/yukumo-controller --timeout 5s
+  else
+    for i in $(seq 1 "$CONTROLLERS"); do start_controller "$i"; done
+    for i in $(seq 1 "$HOSTS"); do start_agent "host-$i"; done
+  fi
   [ "$PROMETHEUS" = 1 ] && start_prometheus
   # VM hosts (802.1Q VLAN segments), in a Site of their own: underlay
   # addresses from 10.255.0.11 on.
@@ -480,7 +534,16 @@ cmd_up() {
     # point it at that image and its checksum.
     local img sum
     read -r img sum < <("$ROOT/e2e/lib/tiny-guest.sh")
-    local examples=("$ROOT/examples/quickstart.yaml")
+    local examples=("$ROOT/examples/quickstart.yaml") url="file://$img" u
+    if [ "$KUBELETS" = 1 ]; then
+      # Staged on every host where the quickstart names it (the agent pods'
+      # /var/lib/yukumo is the host's): its URL stays as written.
+      url=file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2
+      for i in $(seq 1 "$HOSTS"); do
+        mkdir -p "$DIR/hosts/host-$i/agent/images"
+        cp "$img" "$DIR/hosts/host-$i/agent/images/yukumo-tiny-guest.qcow2"
+      done
+    fi
     if [ "$VM_HOSTS" -gt 0 ]; then
       wait_for 300 "VM hosts Ready" kubectl wait --for condition=Ready --timeout 5s \
         $(for i in $(seq 1 "$VM_HOSTS"); do echo "host/vmhost-$i"; done)
@@ -489,7 +552,9 @@ cmd_up() {
     # Its ssh key: the environment's (`kubectl yukumo ssh`).
     local key; key=$(cat "$DIR/ssh/id_ed25519.pub")
     for f in "${examples[@]}"; do
-      sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
+      # (VM hosts' agents read this machine's files)
+      u=file://$img; [ "$f" = "$ROOT/examples/quickstart.yaml" ] && u=$url
+      sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|$u|" \
           -e "s|^  - ssh-ed25519 .* demo@yukumo\$|  - $key|" \
           -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$f" | kubectl apply -f - >/dev/null
     done
@@ -581,6 +646,10 @@ cmd_down() {
   for f in "$DIR"/pids/controller-*.pid "$DIR"/pids/agent-*.pid; do
     [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"
   done
+  # Kubelet nodes: their pods (the controllers and agents), kubelets, containerd.
+  for hdir in "$DIR"/hosts/*; do
+    [ -f "$hdir/mntns" ] && stop_node "$(basename "$hdir")"
+  done
   for hdir in "$DIR"/hosts/*; do
     [ -f "$hdir/vm" ] && stop_vm_host "$(basename "$hdir")"
   done
@@ -622,6 +691,10 @@ cmd_down() {
   stop_proc kube-apiserver
   stop_proc etcd
   for f in "$DIR"/pids/*.pid; do [ -e "$f" ] && stop_proc "$(basename "$f" .pid)"; done
+  for hdir in "$DIR"/hosts/*; do
+    [ -f "$hdir/mntns" ] && remove_node "$(basename "$hdir")"
+  done
+  if mountpoint -q "$DIR/mntns"; then umount "$DIR/mntns" 2>/dev/null || umount -l "$DIR/mntns"; fi
   if [ -f "$DIR/netns" ]; then
     while read -r ns; do ip netns del "$ns" 2>/dev/null || true; done < "$DIR/netns"
   fi
@@ -641,6 +714,7 @@ main() {
       --no-example) EXAMPLE=0; shift ;;
       --no-prometheus) PROMETHEUS=0; shift ;;
       --storage) STORAGE=$2; shift 2 ;;
+      --kubelets) KUBELETS=1; shift ;;
       --signal) SIGNAL=$2; shift 2 ;;
       *) args+=("$1"); shift ;;
     esac

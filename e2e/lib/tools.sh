@@ -5,6 +5,9 @@
 #     kernel and syslinux for the tiny test guest, ...)
 #   - kube-apiserver, kube-controller-manager, kubectl and etcd, built from Go modules
 #     pinned in e2e/tools/k8s/go.mod; helm from e2e/tools/helm/go.mod.
+#   - kubelet and kube-scheduler (the local environment's nodes, which run the
+#     chart's pods) from e2e/tools/kubelet/go.mod, same Kubernetes version;
+#     containerd, runc and the CNI plugins from Debian.
 #   - krew (the kubectl plugin manager) from e2e/tools/krew/go.mod, keyed by
 #     its own version: it tests the plugin's krew manifest.
 #   - Debian's Prometheus and promtool, unpacked from its package (never
@@ -25,6 +28,7 @@ HELM_VERSION=$(awk '$1=="require" && $2=="helm.sh/helm/v3"{print $3}' "$YUKUMO_R
 GO_VERSION=$(go env GOVERSION)
 KREW_VERSION=$(awk '$1=="require" && $2=="sigs.k8s.io/krew"{print $3}' "$YUKUMO_ROOT/e2e/tools/krew/go.mod")
 YUKUMO_KREW="$YUKUMO_CACHE/tools/krew-$KREW_VERSION-$GO_VERSION/kubectl-krew"
+YUKUMO_NODE_BIN="$YUKUMO_CACHE/tools/kubelet-$K8S_VERSION-$GO_VERSION"
 YUKUMO_TOOLS_BIN="$YUKUMO_CACHE/tools/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-$GO_VERSION/bin"
 
 APT_PACKAGES=(
@@ -35,6 +39,7 @@ APT_PACKAGES=(
   gcc libc6-dev strace tgt qemu-block-extra
   ceph-mon ceph-osd ceph-mgr ceph-common librbd1
   lua5.1 lua-cjson umoci dropbear-bin openssh-client
+  containerd runc containernetworking-plugins
 )
 
 tools_log() { echo "[tools] $*" >&2; }
@@ -73,6 +78,21 @@ build_go_tools() {
   mv "$tmp" "$YUKUMO_TOOLS_BIN"
 }
 
+# kubelet and kube-scheduler: a module of their own (e2e/tools/kubelet) at
+# the control plane's Kubernetes version, cached by that version.
+build_node_tools() {
+  [ -x "$YUKUMO_NODE_BIN/kubelet" ] && [ -x "$YUKUMO_NODE_BIN/kube-scheduler" ] && return 0
+  local tmp="$YUKUMO_NODE_BIN.tmp.$$" minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  local vpkg=k8s.io/component-base/version
+  tools_log "building kubelet and kube-scheduler $K8S_VERSION"
+  mkdir -p "$tmp"
+  (cd "$YUKUMO_ROOT/e2e/tools/kubelet" && go build -trimpath \
+      -ldflags "-s -w -X $vpkg.gitVersion=$K8S_VERSION -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean" \
+      -o "$tmp/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler)
+  rm -rf "$YUKUMO_NODE_BIN"
+  mv "$tmp" "$YUKUMO_NODE_BIN"
+}
+
 build_krew() {
   [ -x "$YUKUMO_KREW" ] && return 0
   tools_log "building krew $KREW_VERSION"
@@ -108,9 +128,10 @@ fetch_prometheus() {
 
 install_apt
 build_go_tools
+build_node_tools
 build_krew
 fetch_prometheus
-export YUKUMO_TOOLS_BIN YUKUMO_PROMETHEUS_DIR YUKUMO_KREW
+export YUKUMO_TOOLS_BIN YUKUMO_NODE_BIN YUKUMO_PROMETHEUS_DIR YUKUMO_KREW
 export PATH="$YUKUMO_TOOLS_BIN:$PATH"
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   echo "$YUKUMO_TOOLS_BIN"

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The chart's pods on real kubelet nodes (`e2e/env.sh up --kubelets`): two
+# simulated hosts, each a kubelet node with containerd; the chart installed
+# with the image `image/build.sh` makes, imported into each node. Checks:
+#   - one agent pod per node, two controller replicas, one of them leader;
+#     both Hosts Ready through the agent pods (libvirtd of the host);
+#   - `kubectl logs` and `kubectl exec` reach the pods (API server → kubelet);
+#   - a VirtualCluster of real tiny guests comes up, driven by the pods;
+#   - deleting the leader's pod: the standby leads, a new replica starts,
+#     and the new leader acts (a pool scaled up gets its node);
+#   - deleting an agent pod: its successor takes the host over without
+#     restarting the guests (same QEMU processes), the Host stays Ready;
+#   - `helm upgrade` rolls every pod, guests untouched; `helm test` passes.
+# Timings are printed. Everything is removed at the end, also on failure.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/tools.sh
+source "$ROOT/e2e/lib/tools.sh" >/dev/null
+W=$(mktemp -d /tmp/yukumo-pods.XXXXXX)
+DIR=$W/env
+NS=yukumo-system
+cleanup() {
+  "$ROOT/e2e/env.sh" down --dir "$DIR" >"$W/down.log" 2>&1 || cat "$W/down.log" >&2
+  rm -rf "$W"
+}
+trap cleanup EXIT
+say() { echo "pods-test: $*"; }
+fail() {
+  echo "pods-test: FAILED: $*" >&2
+  kubectl -n "$NS" get pods -o wide >&2 2>/dev/null || true
+  kubectl get hosts >&2 2>/dev/null || true
+  exit 1
+}
+k() { kubectl -n "$NS" "$@"; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$1" "$(now)"; }
+# Wait up to $1 seconds for a command to succeed.
+until_ok() {
+  local secs=$1; shift
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.5
+  done
+}
+pods_of() { k get pods -l "app.kubernetes.io/component=$1" -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.nodeName}{" "}{.metadata.uid}{"\n"}{end}'; }
+leader() { k get lease yukumo-controller -o jsonpath='{.spec.holderIdentity}'; }
+# Every guest's QEMU process (libvirt's PID files), as NAME=PID.
+qemu_pids() {
+  local f
+  for f in "$DIR"/hosts/*/run/qemu/yk-*.pid; do
+    [ -e "$f" ] && echo "$(basename "$f" .pid)=$(cat "$f")"
+  done | sort | tr '\n' ' '
+}
+
+t=$(now)
+"$ROOT/e2e/env.sh" up --dir "$DIR" --hosts 2 --kubelets --no-example --no-prometheus > "$W/up.log" 2>&1 \
+  || { tail -20 "$W/up.log" >&2; fail "env.sh up --kubelets"; }
+say "environment with 2 kubelet nodes and the chart's pods up in $(since "$t") s"
+export KUBECONFIG=$DIR/kubeconfig
+
+# One agent pod per node; two controllers, one leading.
+[ "$(pods_of agent | awk '{print $2}' | sort | tr '\n' ' ')" = "host-1 host-2 " ] \
+  || fail "agent pods are not one per node: $(pods_of agent)"
+[ "$(pods_of controller | wc -l)" = 2 ] || fail "not 2 controller pods"
+pods_of controller | awk '{print $1}' | grep -qx "$(leader)" || fail "the lease holder $(leader) is no controller pod"
+kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
+t=$(now)
+until_ok 90 kubectl wait --for condition=Ready --timeout 5s hosts/host-1 hosts/host-2 || fail "Hosts not Ready"
+say "2 agent pods, 2 controller pods (leader $(leader)); Hosts Ready $(since "$t") s after the Site"
+
+# The API server reaches the kubelets.
+agent1=$(pods_of agent | awk '$2=="host-1"{print $1}')
+k logs "$agent1" --tail 50 | grep -q . || fail "kubectl logs $agent1 is empty"
+v=$(k exec "$agent1" -- /usr/local/bin/yukumo-agent --version) || fail "kubectl exec $agent1"
+say "kubectl logs and exec work ($v)"
+
+# A cluster of real tiny guests, its image staged on each host at the
+# quickstart's path (/var/lib/yukumo/images on the host: the agent's state).
+read -r img sum < <("$ROOT/e2e/lib/tiny-guest.sh")
+for h in host-1 host-2; do
+  mkdir -p "$DIR/hosts/$h/agent/images"
+  cp "$img" "$DIR/hosts/$h/agent/images/yukumo-tiny-guest.qcow2"
+done
+sed -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" -e "s|replicas: 3|replicas: 1|" \
+  "$ROOT/examples/quickstart.yaml" | kubectl apply -f - >/dev/null
+t=$(now)
+until_ok 300 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstart \
+  || fail "quickstart not Ready: $(kubectl -n demo get vc,vn 2>&1)"
+before=$(qemu_pids)
+[ "$(echo "$before" | wc -w)" = 2 ] || fail "expected 2 QEMU processes, found: $before"
+say "quickstart (frontend + 1 worker, real guests) Ready in $(since "$t") s; QEMU $before"
+
+# The leader's pod goes: the standby takes over, a new replica starts.
+old=$(leader)
+t=$(now)
+k delete pod "$old" --wait=false >/dev/null
+until_ok 60 sh -c "h=\$(kubectl -n $NS get lease yukumo-controller -o jsonpath='{.spec.holderIdentity}'); [ -n \"\$h\" ] && [ \"\$h\" != $old ]" \
+  || fail "no new leader after deleting $old"
+say "leader pod $old deleted: $(leader) leads after $(since "$t") s"
+until_ok 120 k rollout status deploy/yukumo-controller --timeout 5s || fail "no replacement controller replica"
+[ "$(pods_of controller | grep -c .)" = 2 ] || fail "not 2 controller pods after the deletion"
+t=$(now)
+kubectl -n demo patch vc quickstart --type json -p '[{"op":"replace","path":"/spec/pools/0/replicas","value":2}]' >/dev/null
+until_ok 300 sh -c "[ \"\$(kubectl -n demo get vc quickstart -o jsonpath='{.status.readyNodes}')\" = 3 ]" \
+  || fail "the new leader did not bring up the scaled pool: $(kubectl -n demo get vc,vn 2>&1)"
+until_ok 60 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstart || fail "quickstart not Ready after scaling"
+say "the new leader acts: pool scaled 1 → 2, 3/3 nodes Ready in $(since "$t") s"
+before=$(qemu_pids)
+
+# An agent pod goes: its successor adopts the guests without restarting
+# them, and the guests' network carries on (a ping from the frontend on
+# host-1 to a worker on host-2 throughout, 0.2 s apart).
+fe=quickstart-frontend
+w=$(kubectl -n demo get vn -o jsonpath='{range .items[?(@.spec.host!="host-1")]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | head -1)
+[ -n "$w" ] || w=$(kubectl -n demo get vn -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | grep -v "^$fe " | head -1)
+wip=${w#* }
+# (the guests' shells answer once they booted: up to a minute or two)
+until_ok 240 "$ROOT/e2e/env.sh" guest demo "$fe" "ping -c 1 -W 2 $wip" --dir "$DIR" \
+  || fail "$fe cannot ping ${w% *} ($wip) before the test"
+"$ROOT/e2e/env.sh" guest demo "$fe" "ping -q -c 75 -i 0.2 -W 1 $wip" --dir "$DIR" > "$W/ping.out" 2>&1 &
+ping_pid=$!
+sleep 2
+t=$(now)
+k delete pod "$agent1" --wait=false >/dev/null
+until_ok 120 sh -c "kubectl -n $NS get pods -l app.kubernetes.io/component=agent -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName} {.status.containerStatuses[0].ready}{\"\\n\"}{end}' | grep -v '^$agent1 ' | grep -q ' host-1 true'" \
+  || fail "no ready agent pod replaced $agent1"
+until_ok 60 kubectl wait --for condition=Ready --timeout 5s hosts/host-1 || fail "host-1 not Ready after its agent pod's replacement"
+[ "$(qemu_pids)" = "$before" ] || fail "guests restarted with the agent pod: QEMU $before → $(qemu_pids)"
+until_ok 60 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstart || fail "quickstart not Ready after the agent pod's replacement"
+say "agent pod $agent1 deleted: a new one ready and host-1 Ready in $(since "$t") s; guests untouched (QEMU $before)"
+wait "$ping_pid" || fail "ping $fe → ${w% *} across the agent pod's replacement: $(cat "$W/ping.out")"
+grep -q " 0% packet loss" "$W/ping.out" || fail "ping lost packets across the agent pod's replacement: $(grep loss "$W/ping.out")"
+say "ping $fe → ${w% *} throughout: $(grep -o '[0-9]* packets transmitted, [0-9]* packets received, [0-9]*% packet loss' "$W/ping.out")"
+
+# helm upgrade to a new image tag (the same image, tagged anew on each
+# node) rolls every pod; the guests stay, the cluster stays Ready.
+tag=$(kubectl -n "$NS" get ds yukumo-agent -o jsonpath='{.spec.template.spec.containers[0].image}')
+for h in host-1 host-2; do
+  nsenter --mount="$DIR/mntns/$h" -- ctr -n k8s.io images tag "$tag" "$tag-next" >/dev/null \
+    || fail "tagging the image anew on $h"
+done
+uids=$(pods_of agent; pods_of controller)
+t=$(now)
+helm upgrade yukumo "$ROOT/charts/yukumo" -n "$NS" --reuse-values --set "image.tag=${tag##*:}-next" \
+  --wait=false >/dev/null || fail "helm upgrade"
+ready_seen=$(mktemp -p "$W")
+( while sleep 1; do
+    kubectl -n demo get vc quickstart -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}{"\n"}' >> "$ready_seen" 2>/dev/null
+  done ) &
+watch_pid=$!
+until_ok 240 k rollout status ds/yukumo-agent --timeout 5s || fail "the agent DaemonSet did not roll"
+until_ok 240 k rollout status deploy/yukumo-controller --timeout 5s || fail "the controller Deployment did not roll"
+for uid in $(echo "$uids" | awk '{print $3}'); do
+  k get pods -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | grep -qx "$uid" && fail "pod $uid survived the upgrade"
+done
+until_ok 60 kubectl wait --for condition=Ready --timeout 5s hosts/host-1 hosts/host-2 || fail "Hosts not Ready after the upgrade"
+until_ok 60 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstart || fail "quickstart not Ready after the upgrade"
+[ "$(qemu_pids)" = "$before" ] || fail "guests restarted by the upgrade: QEMU $before → $(qemu_pids)"
+kill "$watch_pid" 2>/dev/null; wait "$watch_pid" 2>/dev/null || true
+grep -qv '^True$' "$ready_seen" && fail "the cluster was not Ready during the upgrade: $(sort "$ready_seen" | uniq -c | tr '\n' ' ')"
+k get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv -- "-next$" \
+  && fail "a pod runs another image than $tag-next"
+say "helm upgrade to ${tag##*:}-next rolled all 4 pods in $(since "$t") s; guests untouched, the cluster Ready throughout ($(wc -l < "$ready_seen") looks)"
+
+say "ok"
