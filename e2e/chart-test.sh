@@ -80,7 +80,10 @@ check "fromNodeLabels=false: neither" refuses grep -q -- 'resources: \[nodes\]\|
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.fromNodeLabels=false)"
 check "agent has a readiness probe" grep -q 'readinessProbe' <<<"$(helm template yukumo "$CHART" --kube-version 1.35.4 --show-only templates/agent.yaml)"
 pulls=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set 'image.pullSecrets[0].name=regcred' --set agent.priorityClassName=system-node-critical)
-check "image.pullSecrets reach both pods" test "$(grep -c 'name: regcred' <<<"$pulls")" -eq 2
+check "image.pullSecrets reach every pod (controller, agent, helm test)" test "$(grep -c 'name: regcred' <<<"$pulls")" -eq 3
+hook=$(helm template yukumo "$CHART" --kube-version 1.35.4 --show-only templates/tests/check.yaml)
+check "helm test: a hook pod running yukumo-controller --check" \
+  test "$(grep -c -e 'helm.sh/hook: test' -e '- --check' <<<"$hook")" -eq 2
 check "agent.priorityClassName is set" grep -q 'priorityClassName: system-node-critical' <<<"$pulls"
 norender=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set crds.install=false)
 check "crds.install=false renders no CRD" test "$(grep -c '^kind: CustomResourceDefinition' <<<"$norender" || true)" -eq 0

@@ -10,7 +10,9 @@
 #     and the new leader acts (a pool scaled up gets its node);
 #   - deleting an agent pod: its successor takes the host over without
 #     restarting the guests (same QEMU processes), the Host stays Ready;
-#   - `helm upgrade` rolls every pod, guests untouched; `helm test` passes.
+#   - `helm test` fails naming the cause while the Hosts have no Site, then
+#     passes;
+#   - `helm upgrade` to a new image tag rolls every pod, guests untouched.
 # Timings are printed. Everything is removed at the end, also on failure.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -64,10 +66,25 @@ export KUBECONFIG=$DIR/kubeconfig
   || fail "agent pods are not one per node: $(pods_of agent)"
 [ "$(pods_of controller | wc -l)" = 2 ] || fail "not 2 controller pods"
 pods_of controller | awk '{print $1}' | grep -qx "$(leader)" || fail "the lease holder $(leader) is no controller pod"
+# `helm test` while the Hosts' Site is missing: it fails, naming why.
+until_ok 60 sh -c "kubectl get hosts -o name | grep -c . | grep -qx 2" || fail "the agent pods registered no 2 Hosts"
+kubectl delete site local --wait=true --timeout 60s >/dev/null || fail "deleting the Site"
+until_ok 60 sh -c "kubectl get host host-1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].reason}' | grep -qx SiteNotFound" \
+  || fail "host-1 is not SiteNotFound without its Site"
+if helm test yukumo -n "$NS" --logs --timeout 120s > "$W/helm-test.out" 2>&1; then
+  fail "helm test passed with no Site for the Hosts: $(cat "$W/helm-test.out")"
+fi
+grep -q "FAILED: host host-1 is not Ready: SiteNotFound" "$W/helm-test.out" \
+  || fail "helm test did not name the Hosts' cause: $(cat "$W/helm-test.out")"
+say "helm test without the Site fails naming it: $(grep -m1 'FAILED: host' "$W/helm-test.out" | cut -c1-90)…"
 kubectl apply -f "$ROOT/examples/local-site.yaml" >/dev/null
 t=$(now)
 until_ok 90 kubectl wait --for condition=Ready --timeout 5s hosts/host-1 hosts/host-2 || fail "Hosts not Ready"
 say "2 agent pods, 2 controller pods (leader $(leader)); Hosts Ready $(since "$t") s after the Site"
+helm test yukumo -n "$NS" --logs --timeout 120s > "$W/helm-test.out" 2>&1 \
+  || fail "helm test: $(cat "$W/helm-test.out")"
+grep -q "ok: 2/2 Hosts Ready" "$W/helm-test.out" || fail "helm test said: $(cat "$W/helm-test.out")"
+say "helm test passes: $(grep '^ok:' "$W/helm-test.out" | tr '\n' ' ')"
 
 # The API server reaches the kubelets.
 agent1=$(pods_of agent | awk '$2=="host-1"{print $1}')
@@ -99,7 +116,8 @@ until_ok 60 sh -c "h=\$(kubectl -n $NS get lease yukumo-controller -o jsonpath='
   || fail "no new leader after deleting $old"
 say "leader pod $old deleted: $(leader) leads after $(since "$t") s"
 until_ok 120 k rollout status deploy/yukumo-controller --timeout 5s || fail "no replacement controller replica"
-[ "$(pods_of controller | grep -c .)" = 2 ] || fail "not 2 controller pods after the deletion"
+until_ok 60 sh -c "[ \$(kubectl -n $NS get pods -l app.kubernetes.io/component=controller -o name | grep -c .) = 2 ]" \
+  || fail "not 2 controller pods after the deletion: $(pods_of controller)"
 t=$(now)
 kubectl -n demo patch vc quickstart --type json -p '[{"op":"replace","path":"/spec/pools/0/replicas","value":2}]' >/dev/null
 until_ok 300 sh -c "[ \"\$(kubectl -n demo get vc quickstart -o jsonpath='{.status.readyNodes}')\" = 3 ]" \
@@ -151,15 +169,18 @@ ready_seen=$(mktemp -p "$W")
 watch_pid=$!
 until_ok 240 k rollout status ds/yukumo-agent --timeout 5s || fail "the agent DaemonSet did not roll"
 until_ok 240 k rollout status deploy/yukumo-controller --timeout 5s || fail "the controller Deployment did not roll"
+# (a replaced pod may take a moment to go once its successor is ready)
 for uid in $(echo "$uids" | awk '{print $3}'); do
-  k get pods -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | grep -qx "$uid" && fail "pod $uid survived the upgrade"
+  until_ok 60 sh -c "! kubectl -n $NS get pods -o jsonpath='{range .items[*]}{.metadata.uid}{\"\\n\"}{end}' | grep -qx $uid" \
+    || fail "pod $uid survived the upgrade"
 done
 until_ok 60 kubectl wait --for condition=Ready --timeout 5s hosts/host-1 hosts/host-2 || fail "Hosts not Ready after the upgrade"
 until_ok 60 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstart || fail "quickstart not Ready after the upgrade"
 [ "$(qemu_pids)" = "$before" ] || fail "guests restarted by the upgrade: QEMU $before → $(qemu_pids)"
 kill "$watch_pid" 2>/dev/null; wait "$watch_pid" 2>/dev/null || true
 grep -qv '^True$' "$ready_seen" && fail "the cluster was not Ready during the upgrade: $(sort "$ready_seen" | uniq -c | tr '\n' ' ')"
-k get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv -- "-next$" \
+k get pods -l 'app.kubernetes.io/component in (agent,controller)' \
+  -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv -- "-next$" \
   && fail "a pod runs another image than $tag-next"
 say "helm upgrade to ${tag##*:}-next rolled all 4 pods in $(since "$t") s; guests untouched, the cluster Ready throughout ($(wc -l < "$ready_seen") looks)"
 

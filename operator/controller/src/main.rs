@@ -6,6 +6,7 @@
 //! over at once.
 #![forbid(unsafe_code)]
 
+mod check;
 mod context;
 #[cfg(test)]
 mod fixtures;
@@ -50,12 +51,21 @@ struct Args {
     /// Address of the /metrics and /healthz endpoint.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_addr: SocketAddr,
+    /// Check the installation instead of running (the chart's `helm
+    /// test`): a leader renewing the Lease, Hosts registered and Ready.
+    /// Prints each finding; exits 1 naming what failed.
+    #[arg(long)]
+    check: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     yukumo_telemetry::init_tracing();
     let args = Args::parse();
+    if args.check {
+        let client = Client::try_default().await?;
+        return check::run(client, &args.namespace, args.lease_duration).await;
+    }
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
