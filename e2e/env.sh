@@ -86,7 +86,7 @@ stop_proc() { # name [signal]
 # rewritten whenever one starts or stops; Prometheus re-reads the file.
 write_prom_targets() {
   # Not while `down` stops everything (Prometheus goes too).
-  [ -d "$DIR/prometheus" ] && [ -z "${DOWN:-}" ] || return 0
+  [ -d "$DIR/prometheus" ] && [ -z "${DOWN:-}" ] && [ "$KUBELETS" != 1 ] || return 0
   python3 - "$DIR" <<'PY'
 import json, os, sys
 d = sys.argv[1]
@@ -125,8 +125,22 @@ global: {scrape_interval: 5s, evaluation_interval: 5s}
 rule_files: ["$ROOT/charts/yukumo/files/alerts.yaml"]
 scrape_configs:
 - job_name: yukumo
-  file_sd_configs: [{files: ["$DIR/prometheus/targets.json"], refresh_interval: 5s}]
 EOF
+  if [ "$KUBELETS" = 1 ]; then
+    # The chart's pods, scraped through the API server's pod proxy (the
+    # nodes' namespaces are reached only through it); e2e/lib/prom-pods.py
+    # keeps their list (Debian's Prometheus has no Kubernetes discovery).
+    local tls="{ca_file: $DIR/pki/ca.crt, cert_file: $DIR/pki/admin.crt, key_file: $DIR/pki/admin.key}"
+    printf '%s\n' "  tls_config: $tls" \
+      "  file_sd_configs: [{files: [\"$DIR/prometheus/targets.json\"], refresh_interval: 5s}]" \
+      >> "$DIR/prometheus/prometheus.yml"
+    echo '[]' > "$DIR/prometheus/targets.json"
+    spawn prom-pods env KUBECONFIG="$DIR/kubeconfig" python3 "$ROOT/e2e/lib/prom-pods.py" \
+      "$YUKUMO_TOOLS_BIN/kubectl" "$NAMESPACE" "127.0.0.1:$API_PORT" "$DIR/prometheus/targets.json"
+  else
+    echo "  file_sd_configs: [{files: [\"$DIR/prometheus/targets.json\"], refresh_interval: 5s}]" \
+      >> "$DIR/prometheus/prometheus.yml"
+  fi
   write_prom_targets
   log "starting Prometheus on http://127.0.0.1:$port"
   spawn prometheus "$YUKUMO_PROMETHEUS_DIR/prometheus" --config.file "$DIR/prometheus/prometheus.yml" \
@@ -485,11 +499,8 @@ cmd_up() {
   case $STORAGE in ""|ceph) ;; *) die "--storage/STORAGE: unknown storage '$STORAGE' (known: ceph)" ;; esac
   if [ "$KUBELETS" = 1 ]; then
     # Not yet with kubelet nodes: the agent pods would need the Ceph CLIs
-    # (not in the image) and a keyring Secret; Prometheus and consoles
-    # would need ways into the hosts' namespaces for their ports.
+    # (not in the image) and a keyring Secret.
     [ -z "$STORAGE" ] || die "--storage ceph does not run with --kubelets yet (the image has no Ceph CLIs)"
-    [ "$PROMETHEUS" = 0 ] || log "--kubelets: no Prometheus (the pods' metrics ports are inside the hosts' namespaces)"
-    PROMETHEUS=0
   fi
   mkdir -p "$DIR"
   # shellcheck disable=SC1091

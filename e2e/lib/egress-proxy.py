@@ -1,23 +1,32 @@
 #!/usr/bin/env python3
-"""The API server's way to the local environment's kubelets (`kubectl logs`,
-`exec`, `port-forward`): an HTTP CONNECT proxy on a unix socket, named by
-the API server's EgressSelectorConfiguration ("cluster" egress).
+"""The API server's way into the local environment's kubelet nodes
+(`kubectl logs`, `exec`, `port-forward`, the pod proxy Prometheus scrapes
+through): HTTP CONNECT over unix sockets, in two halves.
 
-The kubelets live in the simulated hosts' network namespaces, which nothing
-routes to from this machine's root namespace. Each node publishes its
-kubelet port as a unix socket DIR/IP_PORT.sock (socat inside the node's
-namespace); `CONNECT IP:PORT` is spliced onto that socket. Anything else
-is refused with 403: the proxy reaches only the environment's nodes.
+  egress-proxy.py route LISTEN NODES_DIR
+      On this machine, named by the API server's EgressSelectorConfiguration
+      ("cluster" egress). `CONNECT IP:PORT` for a node's address
+      (10.255.0.I) or one of its pods' (10.244.I.x) is passed on to node I's
+      half, NODES_DIR/node-I.sock; anything else is refused (403).
+  egress-proxy.py node LISTEN
+      In node I's network namespace: connects to IP:PORT there (only the
+      node's own addresses and pods: 10.255.0.0/24, 10.244.0.0/16) and
+      splices.
 
-Usage: egress-proxy.py LISTEN_SOCKET NODE_SOCKET_DIR
+The hosts' namespaces are never routed to from this machine's: each
+connection crosses a unix socket.
 """
 import asyncio
+import ipaddress
 import os
 import re
 import sys
 
-LISTEN, NODES = sys.argv[1], sys.argv[2]
+MODE, LISTEN = sys.argv[1], sys.argv[2]
+NODES = sys.argv[3] if MODE == "route" else None
 TARGET = re.compile(rb"^CONNECT (\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5}) HTTP/1\.[01]\r?$")
+UNDERLAY = ipaddress.ip_network("10.255.0.0/24")
+PODS = ipaddress.ip_network("10.244.0.0/16")
 
 
 async def pipe(reader, writer):
@@ -34,6 +43,21 @@ async def pipe(reader, writer):
             pass
 
 
+async def refuse(writer, status):
+    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def node_of(ip):
+    """The node index an address belongs to (None: not the environment's)."""
+    if ip in UNDERLAY:
+        return int(str(ip).split(".")[3])
+    if ip in PODS:
+        return int(str(ip).split(".")[2])
+    return None
+
+
 async def handle(reader, writer):
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -41,21 +65,20 @@ async def handle(reader, writer):
         writer.close()
         return
     m = TARGET.match(head.split(b"\n", 1)[0])
-    sock = os.path.join(NODES, "%s_%s.sock" % (m.group(1).decode(), m.group(2).decode())) if m else None
-    if sock is None or not os.path.exists(sock):
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-        return
+    ip = ipaddress.ip_address(m.group(1).decode()) if m else None
+    node = node_of(ip) if ip else None
+    if node is None:
+        return await refuse(writer, b"403 Forbidden")
     try:
-        r2, w2 = await asyncio.open_unix_connection(sock)
-    except OSError:
-        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-        return
-    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    await writer.drain()
+        if MODE == "route":
+            sock = os.path.join(NODES, "node-%d.sock" % node)
+            r2, w2 = await asyncio.open_unix_connection(sock)
+            w2.write(head)  # the node's half answers the CONNECT
+        else:
+            r2, w2 = await asyncio.wait_for(asyncio.open_connection(str(ip), int(m.group(2))), 10)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    except (OSError, asyncio.TimeoutError):
+        return await refuse(writer, b"502 Bad Gateway")
     await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
 
 
@@ -63,6 +86,7 @@ async def main():
     if os.path.exists(LISTEN):
         os.unlink(LISTEN)
     server = await asyncio.start_unix_server(handle, LISTEN)
+    os.chmod(LISTEN, 0o600)
     async with server:
         await server.serve_forever()
 

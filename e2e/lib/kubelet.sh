@@ -18,9 +18,11 @@
 #     on the host's lo): socat into a unix socket of this machine's, which
 #     another socat joins to the API server on 127.0.0.1 — no route between
 #     the root namespace and the hosts' is ever made.
-#   - its kubelet's port published as $DIR/kubelets/10.255.0.I_10250.sock,
-#     which the API server reaches through e2e/lib/egress-proxy.py (its
-#     "cluster" egress): `kubectl logs`, `exec` and `port-forward` work.
+#   - the API server's "cluster" egress into it: e2e/lib/egress-proxy.py
+#     `route` on this machine passes CONNECTs for 10.255.0.I and 10.244.I.x
+#     to the node's half ($DIR/kubelets/node-I.sock, `node`, in the host's
+#     namespace): `kubectl logs`, `exec`, `port-forward` and the pod proxy
+#     (Prometheus scrapes the pods through it) work.
 #   - pods: a CNI bridge cni0 in the host's namespace, 10.244.I.0/24, no
 #     masquerade (the pods reach only the host and the API server).
 # The kubelet authenticates callers by client certificate (this
@@ -81,7 +83,7 @@ EOF
 start_node_plumbing() {
   mkdir -p "$DIR/kubelets"
   spawn api-uds socat "UNIX-LISTEN:$DIR/api.sock,fork,mode=600,unlink-early" "TCP:127.0.0.1:$API_PORT"
-  spawn egress-proxy python3 "$ROOT/e2e/lib/egress-proxy.py" "$DIR/egress.sock" "$DIR/kubelets"
+  spawn egress-proxy python3 "$ROOT/e2e/lib/egress-proxy.py" route "$DIR/egress.sock" "$DIR/kubelets"
   wait_for 20 "the API socket" test -S "$DIR/api.sock"
   log "starting kube-scheduler"
   spawn kube-scheduler "$YUKUMO_NODE_BIN/kube-scheduler" --kubeconfig "$DIR/kubeconfig-scheduler" \
@@ -201,8 +203,8 @@ EOF
   ip -n "$ns" addr add "$KUBE_SVC_IP/32" dev lo 2>/dev/null || true
   spawn "apifwd-$name" nsenter --net="/run/netns/$ns" \
     socat "TCP-LISTEN:443,bind=$KUBE_SVC_IP,fork,reuseaddr" "UNIX-CONNECT:$DIR/api.sock"
-  spawn "kubeletfwd-$name" nsenter --net="/run/netns/$ns" \
-    socat "UNIX-LISTEN:$DIR/kubelets/${ip}_10250.sock,fork,mode=600,unlink-early" "TCP:$ip:10250"
+  spawn "nodeproxy-$name" nsenter --net="/run/netns/$ns" \
+    python3 "$ROOT/e2e/lib/egress-proxy.py" node "$DIR/kubelets/node-$i.sock"
   local enter=(nsenter --net="/run/netns/$ns" --mount="$nsf" --) h
   # The cgroup its pods live in, in every hierarchy.
   for h in /sys/fs/cgroup/*/; do
@@ -239,7 +241,7 @@ stop_node() { # name
     done
   fi
   stop_proc "apifwd-$name"
-  stop_proc "kubeletfwd-$name"
+  stop_proc "nodeproxy-$name"
 }
 
 # After every process of host NAME stopped: its mount namespace and the
