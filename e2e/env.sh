@@ -158,17 +158,21 @@ wait_for() { # seconds, description, command...
   done
 }
 
+# A key and a certificate signed by the environment's CA:
+# $DIR/pki/NAME.{key,crt}.
+cert() { # name, subject, extfile-content
+  local pki=$DIR/pki
+  openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
+  printf '%s\n' "$3" > "$pki/$1.ext"
+  openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
+}
+
 gen_pki() {
   local pki=$DIR/pki
   mkdir -p "$pki"
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=yukumo-local-ca" \
     -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
-  cert() { # name, subject, extfile-content
-    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
-    printf '%s\n' "$3" > "$pki/$1.ext"
-    openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-      -days 30 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
-  }
   cert apiserver "/CN=kube-apiserver" \
     "subjectAltName=IP:127.0.0.1,IP:$VM_API_ADDR,IP:10.250.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth"

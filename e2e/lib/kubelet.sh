@@ -38,12 +38,6 @@ node_ns_file() { echo "$DIR/mntns/$1"; }
 # The cgroup (in every hierarchy) holding node NAME's pods.
 node_cgroup() { echo "yukumo-$(netns_prefix)-$1"; }
 
-# Run a command in host NAME's network and mount namespaces.
-node_exec() { # name command...
-  local name=$1; shift
-  nsenter --net="/run/netns/$(cat "$DIR/hosts/$name/netns")" --mount="$(node_ns_file "$name")" -- "$@"
-}
-
 # The pause image (a static binary of ours: nothing can be pulled here) and
 # the yukumo image (image/build.sh), as OCI archives under $DIR/images.
 build_node_images() {
@@ -152,26 +146,12 @@ EOF
             "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "portmap", "capabilities": {"portMappings": true}, "snat": false}]}
 EOF
-  # The node's client certificate (Node authorizer: system:node:NAME).
-  local pki=$DIR/pki
-  openssl req -newkey rsa:2048 -nodes -subj "/O=system:nodes/CN=system:node:$name" \
-    -keyout "$n/kubelet-client.key" -out "$n/kubelet-client.csr" 2>/dev/null
-  printf 'extendedKeyUsage=clientAuth\n' > "$n/kubelet-client.ext"
-  openssl x509 -req -in "$n/kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 30 -extfile "$n/kubelet-client.ext" -out "$n/kubelet-client.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=$name" \
-    -keyout "$n/kubelet-serving.key" -out "$n/kubelet-serving.csr" 2>/dev/null
-  printf 'subjectAltName=IP:%s,DNS:%s\nextendedKeyUsage=serverAuth\n' "$ip" "$name" > "$n/kubelet-serving.ext"
-  openssl x509 -req -in "$n/kubelet-serving.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 30 -extfile "$n/kubelet-serving.ext" -out "$n/kubelet-serving.crt" 2>/dev/null
-  {
-    echo "apiVersion: v1"
-    echo "kind: Config"
-    echo "clusters: [{name: local, cluster: {server: 'https://$KUBE_SVC_IP:443', certificate-authority: '$pki/ca.crt'}}]"
-    echo "users: [{name: node, user: {client-certificate: '$n/kubelet-client.crt', client-key: '$n/kubelet-client.key'}}]"
-    echo "contexts: [{name: local, context: {cluster: local, user: node}}]"
-    echo "current-context: local"
-  } > "$n/kubeconfig"
+  # The node's client certificate (Node authorizer: system:node:NAME), its
+  # kubelet's serving one, and its kubeconfig (the API server through lo).
+  cert "node-$name" "/O=system:nodes/CN=system:node:$name" "extendedKeyUsage=clientAuth"
+  cert "kubelet-$name" "/CN=$name" "subjectAltName=IP:$ip,DNS:$name
+extendedKeyUsage=serverAuth"
+  kubeconfig "$n/kubeconfig" cert "node-$name" "https://$KUBE_SVC_IP:443"
   cat > "$n/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -186,12 +166,12 @@ port: 10250
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248
-tlsCertFile: $n/kubelet-serving.crt
-tlsPrivateKeyFile: $n/kubelet-serving.key
+tlsCertFile: $DIR/pki/kubelet-$name.crt
+tlsPrivateKeyFile: $DIR/pki/kubelet-$name.key
 authentication:
   anonymous: {enabled: false}
   webhook: {enabled: false}
-  x509: {clientCAFile: $pki/ca.crt}
+  x509: {clientCAFile: $DIR/pki/ca.crt}
 authorization: {mode: AlwaysAllow}
 podLogsDir: /var/log/pods
 resolvConf: /etc/resolv.conf
@@ -211,9 +191,9 @@ EOF
     [ -e "$h/cgroup.procs" ] && mkdir -p "$h$(node_cgroup "$name")"
   done
   spawn "containerd-$name" "${enter[@]}" containerd --config "$n/containerd.toml"
-  wait_for 30 "containerd of $name" node_exec "$name" ctr version
-  node_exec "$name" ctr -n k8s.io images import --base-name registry.k8s.io/pause "$DIR/images/pause.oci.tar" >/dev/null
-  node_exec "$name" ctr -n k8s.io images import --base-name ghcr.io/yukumo/yukumo "$DIR/images/yukumo.oci.tar" >/dev/null
+  wait_for 30 "containerd of $name" "${enter[@]}" ctr version
+  "${enter[@]}" ctr -n k8s.io images import --base-name "${PAUSE_IMAGE%:*}" "$DIR/images/pause.oci.tar" >/dev/null
+  "${enter[@]}" ctr -n k8s.io images import --base-name ghcr.io/yukumo/yukumo "$DIR/images/yukumo.oci.tar" >/dev/null
   spawn "kubelet-$name" "${enter[@]}" "$YUKUMO_NODE_BIN/kubelet" --config "$n/kubelet.yaml" \
     --kubeconfig "$n/kubeconfig" --hostname-override "$name" --node-ip "$ip" \
     --node-labels "yukumo.io/hypervisor=true,yukumo.io/site=$(cat "$hdir/site"),yukumo.io/gateway=true,yukumo.io/uplink=ul0" \

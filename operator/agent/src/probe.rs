@@ -110,18 +110,11 @@ async fn addresses_here(uplink: Option<&str>) -> anyhow::Result<Vec<std::net::Ip
     tokio::spawn(conn);
     let index = match uplink {
         None => None,
-        Some(name) => {
-            let link = handle
-                .link()
-                .get()
-                .match_name(name.to_string())
-                .execute()
-                .try_next()
+        Some(name) => Some(
+            link_index(&handle, name)
                 .await
-                .map_err(|e| anyhow::anyhow!("uplink {name}: {e}"))?
-                .ok_or_else(|| anyhow::anyhow!("uplink {name}: no such interface"))?;
-            Some(link.header.index)
-        }
+                .map_err(|e| anyhow::anyhow!("uplink {e}"))?,
+        ),
     };
     let mut out = Vec::new();
     let mut addrs = handle.address().get().execute();
@@ -140,6 +133,21 @@ async fn addresses_here(uplink: Option<&str>) -> anyhow::Result<Vec<std::net::Ip
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// The index of the interface `name` ("NAME: no such interface" when
+/// there is none).
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> anyhow::Result<u32> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+        .ok_or_else(|| anyhow::anyhow!("{name}: no such interface"))?;
+    Ok(link.header.index)
 }
 
 fn usable(ip: &IpAddr) -> bool {
@@ -187,18 +195,10 @@ mod tests {
                         .execute()
                         .await
                         .unwrap();
-                    let link = handle
-                        .link()
-                        .get()
-                        .match_name(name.to_string())
-                        .execute()
-                        .try_next()
-                        .await
-                        .unwrap()
-                        .unwrap();
+                    let index = link_index(&handle, name).await.unwrap();
                     handle
                         .address()
-                        .add(link.header.index, IpAddr::from(addr), 24)
+                        .add(index, IpAddr::from(addr), 24)
                         .execute()
                         .await
                         .unwrap();
