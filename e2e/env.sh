@@ -603,6 +603,11 @@ cmd_user() { # namespace name [role]
   file=$DIR/kubeconfig-user-$ns-$name
   kubectl -n "$ns" create token "$name" --duration 24h > "$file.token"
   kubeconfig "$file" token "$file.token"
+  # With kubelet nodes the agents' console endpoints are in the hosts'
+  # namespaces: the user's client reaches them (and the API server) through
+  # the users' proxy (e2e/lib/egress-proxy.py users), as a user behind a
+  # corporate proxy would.
+  [ "$KUBELETS" = 1 ] && sed -i "s|^    server: .*|&\n    proxy-url: http://127.0.0.1:$(cat "$DIR/ports/user-proxy")|" "$file"
   sed -i "s/^  context: {cluster: yukumo-local, user: user}$/  context: {cluster: yukumo-local, user: user, namespace: $ns}/" "$file"
   echo "$file"
 }

@@ -10,6 +10,8 @@
 #     and the new leader acts (a pool scaled up gets its node);
 #   - deleting an agent pod: its successor takes the host over without
 #     restarting the guests (same QEMU processes), the Host stays Ready;
+#   - `kubectl yukumo console` reaches a worker's shell through its host's
+#     agent pod for an editor and is refused (403) to a viewer;
 #   - `helm test` fails naming the cause while the Hosts have no Site, then
 #     passes;
 #   - `helm upgrade` to a new image tag rolls every pod, guests untouched.
@@ -150,6 +152,28 @@ say "agent pod $agent1 deleted: a new one ready and host-1 Ready in $(since "$t"
 wait "$ping_pid" || fail "ping $fe → ${w% *} across the agent pod's replacement: $(cat "$W/ping.out")"
 grep -q " 0% packet loss" "$W/ping.out" || fail "ping lost packets across the agent pod's replacement: $(grep loss "$W/ping.out")"
 say "ping $fe → ${w% *} throughout: $(grep -o '[0-9]* packets transmitted, [0-9]* packets received, [0-9]*% packet loss' "$W/ping.out")"
+
+# A worker's serial console as a user (`kubectl yukumo console`): the
+# agent pod's endpoint on host-2 (10.255.0.2:9443, in the host's namespace)
+# through the users' proxy the kubeconfig names; an editor gets the guest's
+# shell, a viewer a 403.
+plugin=${YUKUMO_BIN_DIR:-$ROOT/target/release}/kubectl-yukumo
+wname=${w% *}
+alice=$("$ROOT/e2e/env.sh" user demo console-alice edit --dir "$DIR")
+bob=$("$ROOT/e2e/env.sh" user demo console-bob view --dir "$DIR")
+grep -q "proxy-url: http://127.0.0.1:" "$alice" || fail "the user's kubeconfig names no proxy: $(cat "$alice")"
+if out=$(KUBECONFIG=$bob timeout 30 "$plugin" -n demo console "$wname" </dev/null 2>&1); then
+  fail "a viewer got $wname's console: $out"
+fi
+grep -q "refused (403 Forbidden)" <<<"$out" || fail "the viewer's refusal is not a 403: $out"
+t=$(now)
+( for _ in $(seq 1 60); do
+    grep -q "42-$wname" "$W/console.out" 2>/dev/null && break
+    echo 'echo $((6*7))-$(hostname)'; sleep 0.5
+  done ) | KUBECONFIG=$alice timeout 60 "$plugin" -n demo console "$wname" > "$W/console.out" 2>&1 \
+  || fail "kubectl yukumo console $wname as an editor: $(cat "$W/console.out")"
+grep -q "42-$wname" "$W/console.out" || fail "no shell answered on $wname's console: $(cat "$W/console.out")"
+say "kubectl yukumo console $wname (its host's agent pod, through the users' proxy): the guest's shell answered in $(since "$t") s as an editor; a viewer got 403"
 
 # helm upgrade to a new image tag (the same image, tagged anew on each
 # node) rolls every pod; the guests stay, the cluster stays Ready.

@@ -78,6 +78,12 @@ start_node_plumbing() {
   mkdir -p "$DIR/kubelets"
   spawn api-uds socat "UNIX-LISTEN:$DIR/api.sock,fork,mode=600,unlink-early" "TCP:127.0.0.1:$API_PORT"
   spawn egress-proxy python3 "$ROOT/e2e/lib/egress-proxy.py" route "$DIR/egress.sock" "$DIR/kubelets"
+  # Users' clients (`kubectl yukumo console`): the API server and the agents'
+  # console endpoints (the chart's agent.consolePort, 9443), nothing else.
+  local port
+  port=$(free_port)
+  mkdir -p "$DIR/ports"; echo "$port" > "$DIR/ports/user-proxy"
+  spawn user-proxy python3 "$ROOT/e2e/lib/egress-proxy.py" users "$port" "$DIR/kubelets" "$API_PORT" 9443
   wait_for 20 "the API socket" test -S "$DIR/api.sock"
   log "starting kube-scheduler"
   spawn kube-scheduler "$YUKUMO_NODE_BIN/kube-scheduler" --kubeconfig "$DIR/kubeconfig-scheduler" \

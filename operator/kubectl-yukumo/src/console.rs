@@ -6,7 +6,10 @@
 //! the request and the agent has the API server check it and the user's
 //! right to `get` `virtualnodes/console`. With a terminal on stdin it is put
 //! in raw mode and `Ctrl-]` ends the session; otherwise stdin is sent as it
-//! comes and, at its end, output is read for one more second.
+//! comes and, at its end, output is read for one more second. The endpoint
+//! is reached the way the API server is: through the kubeconfig's
+//! `proxy-url` or `HTTPS_PROXY` (a CONNECT tunnel) unless `NO_PROXY` names
+//! its host (proxy.rs).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,13 +79,10 @@ pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &s
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .with_context(|| format!("connecting to {}: timed out", endpoint.url))?
-    .with_context(|| format!("connecting to {}", endpoint.url))?;
+    let proxy = crate::proxy::for_host(config.proxy_url.as_ref(), &host);
+    let tcp = crate::proxy::connect(proxy.as_ref(), &host, port)
+        .await
+        .with_context(|| format!("console endpoint {}", endpoint.url))?;
     let name = ServerName::try_from(host.clone())
         .with_context(|| format!("console URL {:?}", endpoint.url))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))

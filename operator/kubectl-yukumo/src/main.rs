@@ -22,6 +22,7 @@
 
 mod console;
 mod power;
+mod proxy;
 mod render;
 mod site;
 mod ssh;

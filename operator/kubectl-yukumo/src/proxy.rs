@@ -1,0 +1,249 @@
+//! The way to a console endpoint: directly, or through the HTTP proxy the
+//! plugin's API requests take (the kubeconfig cluster's `proxy-url`, else
+//! `HTTPS_PROXY`/`https_proxy`), as a `CONNECT` tunnel. `NO_PROXY`/`no_proxy`
+//! names hosts reached directly: `*`, a host name (also matching its
+//! subdomains; a leading dot is ignored), an IP address or a CIDR block.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest proxy answer head read before giving up.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Whether `no_proxy` (comma separated) says `host` is reached directly.
+pub fn bypass(no_proxy: &str, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = host.parse::<IpAddr>().ok();
+    no_proxy
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            if let (Some(ip), Some((net, bits))) = (ip, entry.split_once('/')) {
+                return in_cidr(ip, net, bits);
+            }
+            // An entry with a port applies to the host whatever the port.
+            let name = match entry.rsplit_once(':') {
+                Some((h, p)) if p.parse::<u16>().is_ok() && !h.contains(':') => h,
+                _ => entry,
+            };
+            let name = name.trim_start_matches('.');
+            if let (Some(ip), Ok(e)) = (ip, name.parse::<IpAddr>()) {
+                return ip == e;
+            }
+            let host = host.to_ascii_lowercase();
+            let name = name.to_ascii_lowercase();
+            host == name || host.ends_with(&format!(".{name}"))
+        })
+}
+
+fn in_cidr(ip: IpAddr, net: &str, bits: &str) -> bool {
+    let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) else {
+        return false;
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The proxy for `host`: `proxy` unless `NO_PROXY`/`no_proxy` bypasses it.
+pub fn for_host(proxy: Option<&hyper::Uri>, host: &str) -> Option<hyper::Uri> {
+    let no_proxy = std::env::var("NO_PROXY")
+        .or_else(|_| std::env::var("no_proxy"))
+        .unwrap_or_default();
+    proxy.filter(|_| !bypass(&no_proxy, host)).cloned()
+}
+
+/// A TCP stream to `host:port`, through `proxy` when given.
+pub async fn connect(proxy: Option<&hyper::Uri>, host: &str, port: u16) -> Result<TcpStream> {
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let Some(proxy) = proxy else {
+        return timeout(TcpStream::connect((host, port)), &target).await;
+    };
+    if proxy.scheme_str() != Some("http") {
+        bail!(
+            "proxy {proxy}: only an http:// proxy can carry the console (a CONNECT tunnel); set NO_PROXY to reach {host} directly"
+        );
+    }
+    let authority = proxy
+        .authority()
+        .with_context(|| format!("proxy {proxy} names no host"))?;
+    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    let mut tcp = timeout(TcpStream::connect(addr.as_str()), &format!("proxy {addr}")).await?;
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
+        use base64::Engine;
+        let creds = base64::engine::general_purpose::STANDARD.encode(userinfo);
+        head.push_str(&format!("Proxy-Authorization: Basic {creds}\r\n"));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes())
+        .await
+        .with_context(|| format!("writing to proxy {addr}"))?;
+    // The answer's head, read byte by byte: nothing after it may be taken
+    // from the tunnel (the TLS handshake follows).
+    let mut answer = Vec::new();
+    let read = async {
+        while !answer.ends_with(b"\r\n\r\n") {
+            if answer.len() >= MAX_HEAD {
+                bail!("proxy {addr} answered with a head over {MAX_HEAD} bytes");
+            }
+            let b = tcp
+                .read_u8()
+                .await
+                .with_context(|| format!("proxy {addr} closed before answering CONNECT {target}"))?;
+            answer.push(b);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .with_context(|| format!("proxy {addr}: no answer to CONNECT {target} in 10 s"))??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.lines().next().unwrap_or_default();
+    let code = status.split_whitespace().nth(1).unwrap_or_default();
+    if !code.starts_with('2') || code.len() != 3 {
+        bail!("proxy {addr} refused CONNECT {target}: {status}");
+    }
+    Ok(tcp)
+}
+
+async fn timeout(
+    f: impl Future<Output = std::io::Result<TcpStream>>,
+    what: &str,
+) -> Result<TcpStream> {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .with_context(|| format!("connecting to {what}: timed out"))?
+        .with_context(|| format!("connecting to {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn no_proxy_entries() {
+        let np = "localhost, .svc.cluster.local,example.com:8443,10.255.0.0/24,192.0.2.7,::1";
+        for (host, direct) in [
+            ("localhost", true),
+            ("api.svc.cluster.local", true),
+            ("svc.cluster.local", true),
+            ("example.com", true),
+            ("www.EXAMPLE.com", true),
+            ("notexample.com", false),
+            ("10.255.0.3", true),
+            ("10.255.1.3", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("::1", true),
+            ("[::1]", true),
+            ("203.0.113.1", false),
+        ] {
+            assert_eq!(bypass(np, host), direct, "{host} with NO_PROXY={np}");
+        }
+        assert!(bypass("*", "anything"));
+        assert!(!bypass("", "10.255.0.3"));
+        assert!(!bypass("10.0.0.0/99,bad/x", "10.0.0.1"));
+        assert!(bypass("0.0.0.0/0", "10.0.0.1"));
+    }
+
+    /// A CONNECT proxy for one connection: answers `status`, then (on 200)
+    /// echoes what comes through the tunnel. Returns its URL and the head it got.
+    async fn proxy(status: &'static str) -> (hyper::Uri, tokio::task::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://user:pw@{}", l.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = tokio::io::BufReader::new(s);
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                s.read_line(&mut line).await.unwrap();
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut s = s.into_inner();
+            // The answer and the first tunnelled bytes in one write: the
+            // client must not swallow what follows the head.
+            let mut out = format!("HTTP/1.1 {status}\r\nX-Pad: y\r\n\r\n").into_bytes();
+            if status.starts_with("200") {
+                out.extend_from_slice(b"hello");
+                s.write_all(&out).await.unwrap();
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).await.unwrap();
+                s.write_all(&buf).await.unwrap();
+            } else {
+                s.write_all(&out).await.unwrap();
+            }
+            head
+        });
+        (url.parse().unwrap(), task)
+    }
+
+    #[tokio::test]
+    async fn connect_tunnels_through_the_proxy() {
+        let (url, task) = proxy("200 Connection established").await;
+        let mut s = connect(Some(&url), "10.255.0.1", 9443).await.unwrap();
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello", "bytes after the proxy's head reach the caller");
+        s.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        let head = task.await.unwrap();
+        assert!(head.starts_with("CONNECT 10.255.0.1:9443 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("Host: 10.255.0.1:9443\r\n"), "{head}");
+        // user:pw
+        assert!(head.contains("Proxy-Authorization: Basic dXNlcjpwdw==\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_proxy_and_its_answer() {
+        let (url, task) = proxy("403 Forbidden").await;
+        let err = connect(Some(&url), "192.0.2.1", 9443).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("refused CONNECT 192.0.2.1:9443: HTTP/1.1 403 Forbidden"), "{msg}");
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_http_proxies() {
+        let url: hyper::Uri = "socks5://127.0.0.1:1080".parse().unwrap();
+        let err = connect(Some(&url), "10.255.0.1", 9443).await.unwrap_err();
+        assert!(format!("{err}").contains("only an http:// proxy"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn direct_without_a_proxy() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move { l.accept().await.unwrap() });
+        connect(None, "127.0.0.1", port).await.unwrap();
+        accept.await.unwrap();
+    }
+}
