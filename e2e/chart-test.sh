@@ -31,6 +31,10 @@ check "no Ceph keyring by default" refuses grep -q -- '--ceph-keyring' <<<"$rend
 ceph=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.cephKeyringSecret=ceph-yukumo)
 check "agent.cephKeyringSecret passes --ceph-keyring" grep -q -- '--ceph-keyring=/etc/yukumo/ceph/keyring' <<<"$ceph"
 check "agent.cephKeyringSecret mounts the Secret" grep -q 'secretName: ceph-yukumo' <<<"$ceph"
+check "no iSCSI target by default" refuses grep -q -- '--iscsi-portal' <<<"$render"
+iscsi=$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set agent.iscsi.portal=auto)
+check "agent.iscsi.portal passes the portal and tgtd's control port" grep -Pzq -- '- --iscsi-portal=auto\n        - --iscsi-control-port=0\n' <<<"$iscsi"
+check "agent.iscsi.portal mounts tgtd's control socket" grep -q 'hostPath: {path: /run/tgtd, type: DirectoryOrCreate}' <<<"$iscsi"
 # Every flag the chart passes exists and parses (clap validates what comes
 # before --help, then prints help and exits 0), with all options set.
 args_of() { # rendered manifest, template file: the container's args, one per line
@@ -38,13 +42,13 @@ args_of() { # rendered manifest, template file: the container's args, one per li
     | sed -n '/^        args:/,/^        env:/p' | sed -n 's/^        - //p' | tr -d '"' | sed 's/\$(NODE_NAME)/host-1/'
 }
 full=(--set agent.gateway=true --set agent.uplink=eno1 --set agent.cephKeyringSecret=ceph --set-json agent.cpuOvercommit=1.5
-      --set agent.domainType=qemu --set 'agent.extraArgs[0]=--iscsi-portal=192.0.2.1:3260' --set 'controller.extraArgs[0]=--identity=controller-a')
+      --set agent.domainType=qemu --set agent.iscsi.portal=auto --set agent.iscsi.controlPort=7 --set 'agent.extraArgs[0]=--underlay-address=192.0.2.5' --set 'controller.extraArgs[0]=--identity=controller-a')
 mapfile -t agent_args < <(args_of x agent.yaml "${full[@]}")
 mapfile -t ctl_args < <(args_of x controller.yaml "${full[@]}")
 check "the agent accepts every flag the chart passes (${#agent_args[@]})" "$ROOT/target/release/yukumo-agent" "${agent_args[@]}" --help
 check "the controller accepts every flag the chart passes (${#ctl_args[@]})" "$ROOT/target/release/yukumo-controller" "${ctl_args[@]}" --help
 check "a wrong flag would be caught" refuses "$ROOT/target/release/yukumo-agent" "${agent_args[@]}" --no-such-flag --help
-for bad in "agent.domainType=xen" "agent.uplink=this-name-is-too-long" "controller.priorityClassName=Bad_Name" "controller.extraArgs[0]=not-a-flag"; do
+for bad in "agent.domainType=xen" "agent.iscsi.portal=10.0.0.1" "agent.uplink=this-name-is-too-long" "controller.priorityClassName=Bad_Name" "controller.extraArgs[0]=not-a-flag"; do
   check "values schema refuses $bad" refuses helm lint "$CHART" --set "$bad"
 done
 check "controller PodDisruptionBudget with 2 replicas" grep -q '^kind: PodDisruptionBudget' <<<"$render"

@@ -397,8 +397,19 @@ start_host() { # name site [index]
 # The host's iSCSI target (tgt, userspace), on its underlay address: it
 # exports the volumes of the host's `iscsi` pools. Its control socket
 # (/var/run/tgtd/socket.PORT) gets a port unique to this environment.
+# With kubelet nodes it runs in the node's mount namespace, whose /run/tgtd
+# is the node's own: control port 0, as on a real host, and the agent pod
+# (agent.iscsi, values-pods.yaml) reaches it there.
 start_tgtd() { # name index
   local name=$1 i=$2 hdir=$DIR/hosts/$1 port
+  if [ -f "$hdir/mntns" ]; then
+    echo "0 10.255.0.$i:3260" > "$hdir/tgt"
+    rm -f "$hdir/node/tgtd/socket.0" "$hdir/node/tgtd/socket.0.lock"
+    spawn "tgtd-$name" nsenter --net="/run/netns/$(cat "$hdir/netns")" --mount="$(cat "$hdir/mntns")" -- \
+      tgtd -f --iscsi "portal=10.255.0.$i:3260"
+    wait_for 20 "tgtd of $name" test -S "$hdir/node/tgtd/socket.0"
+    return
+  fi
   port=$(( $(printf '%d' "0x$(echo "$DIR" | md5sum | cut -c1-2)") * 16 + i ))
   rm -f "/var/run/tgtd/socket.$port" "/var/run/tgtd/socket.$port.lock"
   echo "$port 10.255.0.$i:3260" > "$hdir/tgt"
@@ -583,6 +594,8 @@ yukumo local environment is up ($DIR).
   kubectl get hosts,sites            # the simulated hosts and their site
   kubectl -n demo get vc,vn          # the quickstart cluster and its VMs
   kubectl yukumo -n demo ssh quickstart -F $DIR/ssh/config   # its frontend's shell (plugin: $ROOT/target/release)
+  KUBECONFIG=\$(e2e/env.sh user demo me edit) kubectl yukumo console quickstart-worker-0   # a worker's serial console
+$([ "$KUBELETS" = 1 ] && echo "  kubectl -n $NAMESPACE get pods -o wide   # the chart's controller and agent pods on the host nodes")
   kubectl -n vlan-lab get ng,vc,vn   # with VM_HOSTS: the lab on an 802.1Q VLAN
   kubectl explain virtualcluster.spec
   logs: $DIR/logs/   audit log: $DIR/logs/audit.log
@@ -680,7 +693,8 @@ cmd_down() {
     if [ -f "$hdir/tgt" ]; then
       # tgtd ignores TERM while it serves targets; it holds only files.
       stop_proc "tgtd-$name" KILL
-      rm -f "/var/run/tgtd/socket.$(cut -d' ' -f1 "$hdir/tgt")"{,.lock}
+      # (a node's tgtd kept its socket in the node's folder)
+      [ -f "$hdir/mntns" ] || rm -f "/var/run/tgtd/socket.$(cut -d' ' -f1 "$hdir/tgt")"{,.lock}
     fi
     # virtlogd daemonized inside the host's mount namespace; its PID file is ours.
     pid=$(cat "$hdir/run/virtlogd.pid" 2>/dev/null || true)

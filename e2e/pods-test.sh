@@ -12,6 +12,8 @@
 #     restarting the guests (same QEMU processes), the Host stays Ready;
 #   - `kubectl yukumo console` reaches a worker's shell through its host's
 #     agent pod for an editor and is refused (403) to a viewer;
+#   - an iSCSI volume is exported by host-1's agent pod (its node's tgtd)
+#     and read by a guest, and removed from the target when deleted;
 #   - `helm test` fails naming the cause while the Hosts have no Site, then
 #     passes;
 #   - `helm upgrade` to a new image tag rolls every pod, guests untouched.
@@ -174,6 +176,46 @@ t=$(now)
   || fail "kubectl yukumo console $wname as an editor: $(cat "$W/console.out")"
 grep -q "42-$wname" "$W/console.out" || fail "no shell answered on $wname's console: $(cat "$W/console.out")"
 say "kubectl yukumo console $wname (its host's agent pod, through the users' proxy): the guest's shell answered in $(since "$t") s as an editor; a viewer got 403"
+
+# An iSCSI volume (the Site's `san` pool on host-1): host-1's agent pod
+# exports it from the node's tgtd (agent.iscsi.portal auto, control socket
+# /run/tgtd mounted from the node), and a guest's QEMU reads it over the
+# underlay.
+t=$(now)
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {name: data, namespace: demo}
+spec: {size: 64Mi, pool: san}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {name: store, namespace: demo}
+spec:
+  networkGroup: demo-net
+  frontend:
+    size: {cpu: 1, memory: 160Mi}
+    image: {url: 'file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2', checksum: '$sum'}
+    volumes: [{name: data}]
+EOF
+until_ok 120 kubectl -n demo wait --for condition=Ready --timeout 5s volume/data \
+  || fail "the iSCSI volume is not Ready: $(kubectl -n demo get volume data -o yaml 2>&1)"
+portal=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.portal}')
+[ "$portal" = 10.255.0.1:3260 ] || fail "the iSCSI volume's portal is '$portal', not host-1's underlay address"
+iqn=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.iqn}')
+nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target | grep -q "$iqn" \
+  || fail "host-1's tgtd does not export $iqn"
+until_ok 300 kubectl -n demo wait --for condition=Ready --timeout 5s vc/store \
+  || fail "the cluster with the iSCSI volume is not Ready: $(kubectl -n demo get vc,vn 2>&1)"
+shost=$(kubectl -n demo get vn store-frontend -o jsonpath='{.spec.host}')
+until_ok 240 "$ROOT/e2e/env.sh" guest demo store-frontend "test \$(cat /sys/block/vdc/size) = 131072" --dir "$DIR" \
+  || fail "store-frontend (on $shost) does not see the 64 MiB iSCSI disk as vdc"
+say "iSCSI volume (pool san, portal $portal from the agent pod's 'auto') exported by host-1's tgtd and read by a guest on $shost in $(since "$t") s"
+kubectl -n demo delete vc store --wait=true --timeout 120s >/dev/null || fail "deleting the cluster store"
+kubectl -n demo delete volume data --wait=true --timeout 120s >/dev/null || fail "deleting the iSCSI volume"
+if nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target | grep -q "$iqn"; then
+  fail "host-1's tgtd still exports $iqn after the volume's deletion"
+fi
 
 # helm upgrade to a new image tag (the same image, tagged anew on each
 # node) rolls every pod; the guests stay, the cluster stays Ready.

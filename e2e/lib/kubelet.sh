@@ -95,14 +95,14 @@ start_node_plumbing() {
 start_node() { # name index
   local name=$1 i=$2 hdir=$DIR/hosts/$1 n ns nsf ip
   n=$hdir/node ns=$(cat "$hdir/netns") nsf=$(node_ns_file "$1") ip=10.255.0.$2
-  mkdir -p "$n"/{containerd,run-containerd,kubelet,cni-state,log-pods,log-containers,cni,libexec,netns,cg} \
+  mkdir -p "$n"/{containerd,run-containerd,kubelet,cni-state,log-pods,log-containers,cni,libexec,netns,cg,tgtd} \
     "$hdir/agent" "$DIR/mntns"
   if ! mountpoint -q "$DIR/mntns"; then
     mount --bind "$DIR/mntns" "$DIR/mntns" && mount --make-private "$DIR/mntns"
   fi
   touch "$nsf"
   mkdir -p /run/containerd /var/lib/containerd /var/lib/kubelet /var/lib/cni /var/log/pods \
-    /var/log/containers /etc/cni/net.d /usr/libexec/kubernetes /var/lib/yukumo /run/netns
+    /var/log/containers /etc/cni/net.d /usr/libexec/kubernetes /var/lib/yukumo /run/netns /run/tgtd
   nsenter --net="/run/netns/$ns" unshare --mount="$nsf" --propagation slave sh -ec "
     mount --rbind /sys/fs/cgroup '$n/cg'
     umount -l /sys
@@ -124,6 +124,7 @@ start_node() { # name index
     mount --bind '$n/cni' /etc/cni/net.d
     mount --bind '$n/libexec' /usr/libexec/kubernetes
     mount --bind '$hdir/agent' /var/lib/yukumo
+    mount --bind '$n/tgtd' /run/tgtd
     while umount -l /run/netns 2>/dev/null; do :; done
     mount --bind '$n/netns' /run/netns
     mount --make-shared /run/netns"

@@ -108,8 +108,9 @@ pub struct Args {
     #[arg(long, requires = "console_addr")]
     pub console_url: Option<String>,
     /// Portal of this host's iSCSI target (tgtd), as other hosts reach it,
-    /// e.g. `10.255.0.1:3260`: the volumes of its `iscsi` pools are
-    /// exported there.
+    /// e.g. `10.255.0.1:3260`, or `auto`: the host's first underlay address
+    /// (of `--uplink`) on port 3260 (one value for a whole DaemonSet). The
+    /// volumes of its `iscsi` pools are exported there.
     #[arg(long)]
     pub iscsi_portal: Option<String>,
     /// Control port of this host's tgtd (`tgtd -C`, default 0).
@@ -211,6 +212,29 @@ async fn agent() -> anyhow::Result<()> {
                 }
             }
         });
+    }
+    if args.iscsi_portal.as_deref() == Some("auto") {
+        let a = probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
+            .first()
+            .copied()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--iscsi-portal auto: the host has no underlay address{}; give the portal as IP:PORT",
+                    args.uplink
+                        .as_deref()
+                        .map(|u| format!(" on its uplink {u}"))
+                        .unwrap_or_default()
+                )
+            })?;
+        args.iscsi_portal = Some(format!("{a}:3260"));
+        tracing::info!(portal = ?args.iscsi_portal, "iSCSI portal");
+    }
+    if let Some(p) = &args.iscsi_portal
+        && !p
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0))
+    {
+        anyhow::bail!("--iscsi-portal {p:?}: give HOST:PORT (e.g. 10.255.0.1:3260) or auto");
     }
     let console = match args.console_addr {
         None => None,

@@ -87,7 +87,11 @@ pub async fn connect(proxy: Option<&hyper::Uri>, host: &str, port: u16) -> Resul
     let authority = proxy
         .authority()
         .with_context(|| format!("proxy {proxy} names no host"))?;
-    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
     let mut tcp = timeout(TcpStream::connect(addr.as_str()), &format!("proxy {addr}")).await?;
     let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
@@ -107,10 +111,9 @@ pub async fn connect(proxy: Option<&hyper::Uri>, host: &str, port: u16) -> Resul
             if answer.len() >= MAX_HEAD {
                 bail!("proxy {addr} answered with a head over {MAX_HEAD} bytes");
             }
-            let b = tcp
-                .read_u8()
-                .await
-                .with_context(|| format!("proxy {addr} closed before answering CONNECT {target}"))?;
+            let b = tcp.read_u8().await.with_context(|| {
+                format!("proxy {addr} closed before answering CONNECT {target}")
+            })?;
             answer.push(b);
         }
         Ok(())
@@ -210,16 +213,25 @@ mod tests {
         let mut s = connect(Some(&url), "10.255.0.1", 9443).await.unwrap();
         let mut hello = [0u8; 5];
         s.read_exact(&mut hello).await.unwrap();
-        assert_eq!(&hello, b"hello", "bytes after the proxy's head reach the caller");
+        assert_eq!(
+            &hello, b"hello",
+            "bytes after the proxy's head reach the caller"
+        );
         s.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
         s.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
         let head = task.await.unwrap();
-        assert!(head.starts_with("CONNECT 10.255.0.1:9443 HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.starts_with("CONNECT 10.255.0.1:9443 HTTP/1.1\r\n"),
+            "{head}"
+        );
         assert!(head.contains("Host: 10.255.0.1:9443\r\n"), "{head}");
         // user:pw
-        assert!(head.contains("Proxy-Authorization: Basic dXNlcjpwdw==\r\n"), "{head}");
+        assert!(
+            head.contains("Proxy-Authorization: Basic dXNlcjpwdw==\r\n"),
+            "{head}"
+        );
     }
 
     #[tokio::test]
@@ -227,7 +239,10 @@ mod tests {
         let (url, task) = proxy("403 Forbidden").await;
         let err = connect(Some(&url), "192.0.2.1", 9443).await.unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("refused CONNECT 192.0.2.1:9443: HTTP/1.1 403 Forbidden"), "{msg}");
+        assert!(
+            msg.contains("refused CONNECT 192.0.2.1:9443: HTTP/1.1 403 Forbidden"),
+            "{msg}"
+        );
         task.await.unwrap();
     }
 
