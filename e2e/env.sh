@@ -556,19 +556,16 @@ cmd_up() {
   fi
   wait_for 90 "Hosts Ready" kubectl wait --for condition=Ready --timeout 5s hosts --all
   if [ "$EXAMPLE" = 1 ]; then
-    # The quickstart boots the tiny guest built from this machine's kernel:
-    # point it at that image and its checksum.
+    # The quickstart boots the tiny guest built from this machine's kernel.
     local img sum
     read -r img sum < <("$ROOT/e2e/lib/tiny-guest.sh")
-    local examples=("$ROOT/examples/quickstart.yaml") url="file://$img" u
+    local examples=("$ROOT/examples/quickstart.yaml") as_is=0 f key
     if [ "$KUBELETS" = 1 ]; then
-      # Staged on every host where the quickstart names it (the agent pods'
-      # /var/lib/yukumo is the host's): its URL stays as written.
-      url=file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2
-      for i in $(seq 1 "$HOSTS"); do
-        mkdir -p "$DIR/hosts/host-$i/agent/images"
-        cp "$img" "$DIR/hosts/host-$i/agent/images/yukumo-tiny-guest.qcow2"
-      done
+      # Staged on every host where the examples name it, with its
+      # SHA256SUMS (the agent pods' /var/lib/yukumo is the host's): the
+      # quickstart applies as it is written.
+      as_is=1
+      for i in $(seq 1 "$HOSTS"); do stage_tiny_guest "$DIR/hosts/host-$i/agent/images" "$img" "$sum"; done
     fi
     if [ "$VM_HOSTS" -gt 0 ]; then
       wait_for 300 "VM hosts Ready" kubectl wait --for condition=Ready --timeout 5s \
@@ -576,13 +573,17 @@ cmd_up() {
       examples+=("$ROOT/examples/vmlab-vlan.yaml")
     fi
     # Its ssh key: the environment's (`kubectl yukumo ssh`).
-    local key; key=$(cat "$DIR/ssh/id_ed25519.pub")
+    key=$(cat "$DIR/ssh/id_ed25519.pub")
     for f in "${examples[@]}"; do
-      # (VM hosts' agents read this machine's files)
-      u=file://$img; [ "$f" = "$ROOT/examples/quickstart.yaml" ] && u=$url
-      sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|$u|" \
-          -e "s|^  - ssh-ed25519 .* demo@yukumo\$|  - $key|" \
-          -e "s|checksum: sha256:[0-9a-f]*|checksum: $sum|" "$f" | kubectl apply -f - >/dev/null
+      if [ "$as_is" = 1 ] && [ "$f" = "$ROOT/examples/quickstart.yaml" ]; then
+        sed -e "s|^  - ssh-ed25519 .* demo@yukumo\$|  - $key|" "$f"
+      else
+        # Agents that read this machine's files (processes, VM hosts): the
+        # image where tiny-guest.sh made it, and its sum.
+        sed -e "s|file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2|file://$img|" \
+            -e "s|^  - ssh-ed25519 .* demo@yukumo\$|  - $key|" \
+            -e "s|checksumURL: file:///var/lib/yukumo/images/SHA256SUMS|checksum: $sum|" "$f"
+      fi | kubectl apply -f - >/dev/null
     done
   fi
   cmd_status
@@ -601,6 +602,14 @@ $([ "$KUBELETS" = 1 ] && echo "  kubectl -n $NAMESPACE get pods -o wide   # the 
   logs: $DIR/logs/   audit log: $DIR/logs/audit.log
   stop everything: make down
 EOF
+}
+
+# The tiny guest as the examples name it on a host: DIR/yukumo-tiny-guest.qcow2
+# and DIR/SHA256SUMS (checksumURL).
+stage_tiny_guest() { # dir image sha256:sum
+  mkdir -p "$1"
+  cp "$2" "$1/yukumo-tiny-guest.qcow2"
+  echo "${3#sha256:}  yukumo-tiny-guest.qcow2" > "$1/SHA256SUMS"
 }
 
 # Run a command in a tiny guest's root shell (its second serial port, the

@@ -209,15 +209,38 @@ pub enum ImageFormat {
 }
 
 /// A boot disk image fetched by each host's agent once into its cache.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Its sha256 is given (`checksum`) or read from a published list
+/// (`checksumURL`); the image is used only when it matches.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.checksum) != has(self.checksumURL)"
+).message("image: give exactly one of checksum (sha256:<64 hex digits>) and checksumURL (a SHA256SUMS list naming the image's file)").field_path(".checksum"))]
 pub struct ImageSource {
     /// Where to fetch the image: an `http://`, `https://` or `file://` URL.
     #[schemars(length(min = 8, max = 2048), regex(pattern = "^(https?|file)://.+$"))]
     pub url: String,
-    /// Expected checksum of the image file, `sha256:` followed by 64 lowercase hex digits.
+    /// Expected checksum of the image file, `sha256:` followed by 64
+    /// lowercase hex digits: the image is pinned (a changed file at `url`
+    /// is refused). Give this or `checksumURL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^sha256:[a-f0-9]{64}$"))]
-    pub checksum: String,
+    pub checksum: Option<String>,
+    /// A checksum list in `sha256sum`'s format (lines `<64 hex digits>
+    /// <file name>`, e.g. a distribution's SHA256SUMS next to its images)
+    /// with a line for the image's file name (the last segment of `url`):
+    /// an `http://`, `https://` or `file://` URL, at most 1 MiB. Each host's
+    /// agent reads it when it needs the image and verifies the image against
+    /// the sum it finds, so the image follows the list (a new image
+    /// published with a new sum is taken by nodes created after it; running
+    /// nodes keep their disks). Give this or `checksum`.
+    #[serde(
+        default,
+        rename = "checksumURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(min = 8, max = 2048), regex(pattern = "^(https?|file)://.+$"))]
+    pub checksum_url: Option<String>,
     /// Image format: `qcow2` (default) or `raw`.
     #[serde(default)]
     pub format: ImageFormat,

@@ -33,7 +33,7 @@ use crate::virtualnode::{NodePhase, NodeRole};
     printcolumn = r#"{"name":"Revision","type":"string","priority":1,"jsonPath":".status.revision","description":"the revision the spec asks for"}"#,
     printcolumn = r#"{"name":"Updated","type":"integer","priority":1,"jsonPath":".status.updatedNodes","description":"nodes at that revision"}"#,
     printcolumn = r#"{"name":"Guarantee","type":"string","priority":1,"jsonPath":".status.guarantee.basis","description":"how its capacity is guaranteed"}"#,
-    printcolumn = r#"{"name":"Until","type":"date","priority":1,"jsonPath":".status.guarantee.until","description":"end of the guarantee (empty: while the cluster exists)"}"#,
+    printcolumn = r#"{"name":"Until","type":"string","format":"date-time","priority":1,"jsonPath":".status.guarantee.until","description":"end of the guarantee (empty: while the cluster exists)"}"#,
     validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: node names and hostnames are derived from it")
 )]
 #[serde(rename_all = "camelCase")]

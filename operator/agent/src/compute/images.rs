@@ -11,11 +11,18 @@
 //! header), while a VirtualNode placed here refers to it, and while its
 //! per-image lock is held (a fetch, or the overlay creation that follows it:
 //! [`CachedImage`] holds the lock).
+//!
+//! An image given by `checksumURL` is verified against the sum its list
+//! gives for the image's file name (sums.rs). The list is read when no sum
+//! of it is known or the known one is older than [`SUMS_REFRESH`]; each
+//! sum read is kept (in memory and in `<state>/image-sums/`), so while the
+//! list cannot be read the last sum stands for an image already cached — a
+//! list server's outage or an agent restart never stops running nodes.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,9 +39,23 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
+    #[error("checksumURL {list} for {url}: {reason}")]
+    Sums {
+        url: String,
+        list: String,
+        reason: String,
+    },
     #[error("image cache I/O: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// (image URL, checksum list URL).
+type SumsKey = (String, String);
+
+/// A checksum list is read again when the sum known from it is this old.
+pub const SUMS_REFRESH: Duration = Duration::from_secs(600);
+/// The largest checksum list read.
+const MAX_SUMS_BYTES: usize = 1 << 20;
 
 /// Prefix of in-progress downloads: `.partial-<checksum hex>-<random>`.
 pub const PARTIAL_PREFIX: &str = ".partial-";
@@ -79,6 +100,11 @@ pub struct ImageCache {
     wanted: Arc<std::sync::Mutex<HashSet<String>>>,
     /// One eviction pass at a time.
     evicting: Arc<Mutex<()>>,
+    /// Sums read from checksum lists, by (image URL, list URL), with when.
+    sums: Arc<std::sync::Mutex<HashMap<SumsKey, (String, Instant)>>>,
+    /// `<state>/image-sums`: the sums read, one file per (image, list).
+    sums_dir: PathBuf,
+    sums_refresh: Duration,
     metrics: CacheMetrics,
 }
 
@@ -116,8 +142,107 @@ impl ImageCache {
             locks: Arc::default(),
             wanted: Arc::default(),
             evicting: Arc::default(),
+            sums: Arc::default(),
+            sums_dir: state_dir.join("image-sums"),
+            sums_refresh: SUMS_REFRESH,
             metrics,
         })
+    }
+
+    /// Read checksum lists again after `d` (tests).
+    #[cfg(test)]
+    pub fn with_sums_refresh(mut self, d: Duration) -> Self {
+        self.sums_refresh = d;
+        self
+    }
+
+    /// The sum `image` is verified against (`sha256:<hex>`): its `checksum`,
+    /// or what its `checksumURL` list gives for its file name.
+    pub async fn checksum_of(&self, image: &ImageSource) -> Result<String, ImageError> {
+        let err = |list: &str, reason: String| ImageError::Sums {
+            url: image.url.clone(),
+            list: list.to_string(),
+            reason,
+        };
+        let list = match (&image.checksum, &image.checksum_url) {
+            (Some(c), _) => return Ok(c.clone()),
+            (None, Some(l)) => l.clone(),
+            (None, None) => {
+                return Err(err(
+                    "(none)",
+                    "the image has neither checksum nor checksumURL".into(),
+                ));
+            }
+        };
+        let key = (image.url.clone(), list.clone());
+        let known = self.known_sum(&key);
+        if let Some((c, at)) = &known
+            && at.elapsed() < self.sums_refresh
+        {
+            return Ok(c.clone());
+        }
+        let name = sums::file_name(&image.url).to_string();
+        match fetch::read_small(&list, MAX_SUMS_BYTES).await {
+            Ok(text) => {
+                let sum = format!(
+                    "sha256:{}",
+                    sums::lookup(&text, &name).map_err(|r| err(&list, r))?
+                );
+                self.remember_sum(&key, &sum);
+                Ok(sum)
+            }
+            Err(reason) => match known {
+                // The last sum read stands for an image already cached.
+                Some((c, _)) if self.dir.join(file_name_for(&c)).exists() => {
+                    tracing::warn!(list = %list, image = %image.url, %reason,
+                        "checksum list unreadable: the image's last sum stands");
+                    Ok(c)
+                }
+                _ => Err(err(&list, reason)),
+            },
+        }
+    }
+
+    /// The sum last read for `key`: in memory, else as kept on disk (then
+    /// as old as its file).
+    fn known_sum(&self, key: &SumsKey) -> Option<(String, Instant)> {
+        if let Some(k) = self.sums.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return Some(k.clone());
+        }
+        let path = self.sums_dir.join(sums_file(key));
+        let sum = std::fs::read_to_string(&path).ok()?.trim().to_string();
+        let valid = sum
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !valid {
+            return None;
+        }
+        let age = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .unwrap_or(Duration::MAX);
+        let at = Instant::now().checked_sub(age).unwrap_or_else(|| {
+            Instant::now()
+                .checked_sub(self.sums_refresh)
+                .unwrap_or_else(Instant::now)
+        });
+        Some((sum, at))
+    }
+
+    fn remember_sum(&self, key: &SumsKey, sum: &str) {
+        self.sums
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (sum.to_string(), Instant::now()));
+        let write = std::fs::create_dir_all(&self.sums_dir).and_then(|()| {
+            let tmp = self.sums_dir.join(format!(".{}.tmp", sums_file(key)));
+            std::fs::write(&tmp, sum)?;
+            std::fs::rename(&tmp, self.sums_dir.join(sums_file(key)))
+        });
+        if let Err(e) = write {
+            tracing::warn!(error = %e, "keeping a checksum list's sum");
+        }
     }
 
     async fn lock_for(&self, name: &str) -> Arc<Mutex<()>> {
@@ -129,7 +254,8 @@ impl ImageCache {
     /// evicting unused images if the cache outgrew its bound). A cache hit
     /// marks the image used now (its mtime), for the LRU order.
     pub async fn ensure(&self, image: &ImageSource) -> Result<CachedImage, ImageError> {
-        let name = file_name_for(&image.checksum);
+        let checksum = self.checksum_of(image).await?;
+        let name = file_name_for(&checksum);
         let lock = self.lock_for(&name).await.lock_owned().await;
         let path = self.dir.join(&name);
         if path.exists() {
@@ -137,11 +263,11 @@ impl ImageCache {
             return Ok(CachedImage { path, _lock: lock });
         }
         let started = std::time::Instant::now();
-        let path = fetch_verified(&self.dir, image, &self.metrics.fetched_bytes).await?;
+        let path = fetch_verified(&self.dir, image, &checksum, &self.metrics.fetched_bytes).await?;
         self.metrics
             .fetch_seconds
             .observe(started.elapsed().as_secs_f64());
-        tracing::info!(image = %image.url, checksum = %image.checksum, "image fetched and verified");
+        tracing::info!(image = %image.url, %checksum, "image fetched and verified");
         // This image's lock is held: it is not a candidate.
         if let Err(e) = self.evict().await {
             tracing::warn!(error = %e, "image cache eviction failed");
@@ -149,10 +275,18 @@ impl ImageCache {
         Ok(CachedImage { path, _lock: lock })
     }
 
-    /// Record the checksums of the images VirtualNodes placed here refer to;
-    /// they are never evicted.
-    pub fn set_wanted<'a>(&self, checksums: impl IntoIterator<Item = &'a str>) {
-        let names = checksums.into_iter().map(file_name_for).collect();
+    /// Record the images VirtualNodes placed here refer to; they are never
+    /// evicted (one given by a checksum list: by the sum last read from it).
+    pub fn set_wanted<'a>(&self, images: impl IntoIterator<Item = &'a ImageSource>) {
+        let names = images
+            .into_iter()
+            .filter_map(|i| match (&i.checksum, &i.checksum_url) {
+                (Some(c), _) => Some(c.clone()),
+                (None, Some(l)) => self.known_sum(&(i.url.clone(), l.clone())).map(|(c, _)| c),
+                (None, None) => None,
+            })
+            .map(|c| file_name_for(&c))
+            .collect();
         *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
@@ -272,8 +406,16 @@ fn cache_files(dir: &Path) -> std::io::Result<Vec<CacheFile>> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
+        // Only the cache's own files: verified images (`sha256-<hex>`) and
+        // downloads in progress. Anything else placed here (an image
+        // staged for a `file://` URL, its checksum list) is not the cache's
+        // to count or evict.
+        let verified = name.starts_with("sha256-");
+        if !verified && !name.starts_with(PARTIAL_PREFIX) {
+            continue;
+        }
         out.push(CacheFile {
-            verified: !name.starts_with('.'),
+            verified,
             size: meta.len(),
             used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             name,
@@ -364,7 +506,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 mod fetch;
+mod sums;
 use fetch::fetch_verified;
 
 #[cfg(test)]
 mod tests;
+
+/// The file keeping the sum read for (image URL, list URL).
+fn sums_file(key: &SumsKey) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(key.0.as_bytes());
+    h.update(b"\n");
+    h.update(key.1.as_bytes());
+    format!("{:x}", h.finalize())
+}

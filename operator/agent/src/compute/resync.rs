@@ -57,7 +57,7 @@ async fn resync<D: Domains>(
         nodes
             .iter()
             .filter(|vn| vn.spec.host.as_deref() == Some(ctx.host.as_str()))
-            .map(|vn| vn.spec.image.checksum.as_str()),
+            .map(|vn| &vn.spec.image),
     );
     if let Err(e) = ctx.images.evict().await {
         tracing::warn!(error = %e, "resync: image cache eviction failed");

@@ -59,8 +59,14 @@ pub fn template_revision(spec: &VirtualNodeSpec, boots_from_volume: bool) -> Str
         let format = serde_json::to_string(&spec.image.format).unwrap_or_default();
         h.update(format!(
             "image={}\nchecksum={}\nformat={format}\ndiskBytes={}\n",
-            spec.image.url, spec.image.checksum, spec.disk_bytes
+            spec.image.url,
+            spec.image.checksum.as_deref().unwrap_or_default(),
+            spec.disk_bytes
         ));
+        // (absent for a pinned checksum: those revisions stay as they were)
+        if let Some(list) = &spec.image.checksum_url {
+            h.update(format!("checksumURL={list}\n"));
+        }
     }
     if let Some(u) = &spec.user_data {
         h.update(format!("userData={}\n", u.len()));

@@ -17,19 +17,51 @@ enum Origin {
     Http(hyper::Uri),
 }
 
-fn origin(image: &ImageSource) -> Result<Origin, ImageError> {
-    let bad = |reason: String| ImageError::Fetch {
-        url: image.url.clone(),
-        reason,
-    };
-    if let Some(local) = image.url.strip_prefix("file://") {
+fn origin(url: &str) -> Result<Origin, String> {
+    if let Some(local) = url.strip_prefix("file://") {
         return Ok(Origin::File(PathBuf::from(local)));
     }
-    let uri: hyper::Uri = image.url.parse().map_err(|e| bad(format!("{e}")))?;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => Ok(Origin::Http(uri)),
-        _ => Err(bad("only http, https and file URLs are fetched".into())),
+        _ => Err("only http, https and file URLs are fetched".into()),
     }
+}
+
+/// The text at `url` (a checksum list), at most `max` bytes.
+pub(super) async fn read_small(url: &str, max: usize) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let bytes = match origin(url)? {
+        Origin::File(local) => {
+            let meta = tokio::fs::metadata(&local)
+                .await
+                .map_err(|e| e.to_string())?;
+            if meta.len() > max as u64 {
+                return Err(format!("{} bytes: over the {max} allowed", meta.len()));
+            }
+            tokio::fs::read(&local).await.map_err(|e| e.to_string())?
+        }
+        Origin::Http(uri) => {
+            let read = async {
+                let mut body = get(uri).await?.into_body();
+                let mut out = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| e.to_string())?;
+                    if let Ok(data) = frame.into_data() {
+                        if out.len() + data.len() > max {
+                            return Err(format!("over the {max} bytes allowed"));
+                        }
+                        out.extend_from_slice(&data);
+                    }
+                }
+                Ok(out)
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), read)
+                .await
+                .map_err(|_| "no complete answer within 60s".to_string())??
+        }
+    };
+    String::from_utf8(bytes).map_err(|_| "not text (UTF-8)".to_string())
 }
 
 /// Redirects followed at most.
@@ -64,6 +96,7 @@ fn http_client() -> std::io::Result<HttpClient> {
 pub(super) async fn fetch_verified(
     dir: &Path,
     image: &ImageSource,
+    checksum: &str,
     fetched: &Counter,
 ) -> Result<PathBuf, ImageError> {
     let fetch_err = |reason: String| ImageError::Fetch {
@@ -72,10 +105,10 @@ pub(super) async fn fetch_verified(
     };
     let prefix = format!(
         "{PARTIAL_PREFIX}{}-",
-        image.checksum.trim_start_matches("sha256:")
+        checksum.trim_start_matches("sha256:")
     );
     let tmp = tempfile::Builder::new().prefix(&prefix).tempfile_in(dir)?;
-    let actual = match origin(image)? {
+    let actual = match origin(&image.url).map_err(fetch_err)? {
         Origin::File(local) => {
             let (path, counter) = (tmp.path().to_path_buf(), fetched.clone());
             tokio::task::spawn_blocking(move || copy_hashing(&local, &path, &counter))
@@ -95,16 +128,16 @@ pub(super) async fn fetch_verified(
                 .map_err(fetch_err)?
         }
     };
-    let expected = image.checksum.trim_start_matches("sha256:");
+    let expected = checksum.trim_start_matches("sha256:");
     if actual != expected {
         // `tmp` is removed on drop: nothing partial stays in the cache.
         return Err(ImageError::Checksum {
             url: image.url.clone(),
-            expected: image.checksum.clone(),
+            expected: checksum.to_string(),
             actual,
         });
     }
-    let dest = dir.join(file_name_for(&image.checksum));
+    let dest = dir.join(file_name_for(checksum));
     tmp.persist(&dest).map_err(|e| ImageError::Io(e.error))?;
     Ok(dest)
 }
@@ -129,11 +162,8 @@ fn copy_hashing(from: &Path, to: &Path, fetched: &Counter) -> std::io::Result<St
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// GET `uri` (following redirects) into `to`, hashing as it streams; the
-/// hex sha256, or why not.
-async fn download(mut uri: hyper::Uri, to: &Path, fetched: &Counter) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    use tokio::io::AsyncWriteExt;
+/// GET `uri`, following redirects: a successful answer, or why not.
+async fn get(mut uri: hyper::Uri) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let client = http_client().map_err(|e| format!("TLS roots: {e}"))?;
     let mut redirects = 0;
     let resp = loop {
@@ -168,6 +198,15 @@ async fn download(mut uri: hyper::Uri, to: &Path, fetched: &Counter) -> Result<S
     if !resp.status().is_success() {
         return Err(format!("the server answered {}", resp.status()));
     }
+    Ok(resp)
+}
+
+/// GET `uri` (following redirects) into `to`, hashing as it streams; the
+/// hex sha256, or why not.
+async fn download(uri: hyper::Uri, to: &Path, fetched: &Counter) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let resp = get(uri).await?;
     let mut body = resp.into_body();
     let mut file = tokio::fs::File::create(to)
         .await

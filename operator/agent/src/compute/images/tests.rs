@@ -6,7 +6,8 @@ use std::time::Duration;
 fn src(path: &Path, checksum: String) -> ImageSource {
     ImageSource {
         url: format!("file://{}", path.display()),
-        checksum,
+        checksum: Some(checksum),
+        checksum_url: None,
         format: Default::default(),
     }
 }
@@ -57,7 +58,8 @@ async fn http_images_stream_verified_and_counted() {
     let cache = ImageCache::new(state.path(), u64::MAX, metrics.clone()).unwrap();
     let img = |path: &str, checksum: &str| ImageSource {
         url: format!("http://{addr}{path}"),
-        checksum: checksum.to_string(),
+        checksum: Some(checksum.to_string()),
+        checksum_url: None,
         format: Default::default(),
     };
     let bad = format!("sha256:{}", "1".repeat(64));
@@ -79,7 +81,8 @@ async fn http_images_stream_verified_and_counted() {
     let err = cache
         .ensure(&ImageSource {
             url: "ftp://example.invalid/x".into(),
-            checksum: bad,
+            checksum: Some(bad),
+            checksum_url: None,
             format: Default::default(),
         })
         .await
@@ -216,13 +219,18 @@ async fn an_image_in_use_is_never_evicted() {
     let (wanted, pw) = put(state.path(), "wanted", 100, 2);
     let (held, ph) = put(state.path(), "held", 100, 3);
     let (_, unused) = put(state.path(), "unused", 100, 4);
+    // Files staged in the cache's folder by someone else are not the cache's.
+    let staged = state.path().join("images/yukumo-tiny-guest.qcow2");
+    std::fs::write(&staged, [0u8; 100]).unwrap();
     overlay(state.path(), "node-1", &overlaid);
-    cache.set_wanted([wanted.checksum.as_str()]);
+    cache.set_wanted([&wanted]);
     // Held as during an overlay creation.
     let guard = cache.ensure(&held).await.unwrap();
     let ev = cache.evict().await.unwrap();
     assert_eq!(ev.evicted, vec![name(&unused)]);
     assert!(overlaid.exists() && pw.exists() && ph.exists() && !unused.exists());
+    assert!(staged.exists(), "a staged file is never evicted");
+    assert_eq!(ev.total_bytes, 400, "nor counted");
     // Released and no longer wanted, the two go; the overlaid one stays.
     drop(guard);
     cache.set_wanted([]);
@@ -291,4 +299,101 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(format!("{:x}", h.finalize()))
+}
+
+/// An image given by a checksum list: verified against the list's line for
+/// its file name; the list followed when it changes; the last sum standing
+/// (also for a new agent on the same state) while the list is unreadable;
+/// refusals naming the list and the reason; kept from eviction by it.
+#[tokio::test]
+async fn images_by_checksum_list() {
+    let state = tempfile::tempdir().unwrap();
+    let pubdir = state.path().join("pub");
+    std::fs::create_dir_all(&pubdir).unwrap();
+    let (image, list) = (pubdir.join("tiny.qcow2"), pubdir.join("SHA256SUMS"));
+    let publish = |bytes: &[u8]| {
+        std::fs::write(&image, bytes).unwrap();
+        let sum = sha256_file(&image).unwrap();
+        std::fs::write(
+            &list,
+            format!("{}  other.img\n{sum}  tiny.qcow2\n", "ab".repeat(32)),
+        )
+        .unwrap();
+        format!("sha256:{sum}")
+    };
+    let src = ImageSource {
+        url: format!("file://{}", image.display()),
+        checksum: None,
+        checksum_url: Some(format!("file://{}", list.display())),
+        format: Default::default(),
+    };
+    let v1 = publish(b"version one");
+    let cache = ImageCache::new(state.path(), u64::MAX, Default::default())
+        .unwrap()
+        .with_sums_refresh(Duration::ZERO);
+    let got = cache.ensure(&src).await.unwrap().path;
+    assert_eq!(
+        got.file_name().unwrap().to_str().unwrap(),
+        file_name_for(&v1)
+    );
+    assert_eq!(std::fs::read(&got).unwrap(), b"version one");
+
+    // A new image published with its sum: taken.
+    let v2 = publish(b"version two");
+    let got = cache.ensure(&src).await.unwrap().path;
+    assert_eq!(
+        got.file_name().unwrap().to_str().unwrap(),
+        file_name_for(&v2)
+    );
+
+    // The list unreadable: the last sum stands, also for a new agent.
+    std::fs::remove_file(&list).unwrap();
+    assert_eq!(cache.checksum_of(&src).await.unwrap(), v2);
+    let restarted = ImageCache::new(state.path(), u64::MAX, Default::default())
+        .unwrap()
+        .with_sums_refresh(Duration::ZERO);
+    let got = restarted.ensure(&src).await.unwrap().path;
+    assert_eq!(
+        got.file_name().unwrap().to_str().unwrap(),
+        file_name_for(&v2)
+    );
+
+    // An image the list does not name, or whose sum it does not match.
+    std::fs::write(&list, format!("{}  other.img\n", "ab".repeat(32))).unwrap();
+    let err = cache.ensure(&src).await.err().unwrap().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "checksumURL file://{} for {}: no line for tiny.qcow2 (it lists other.img)",
+            list.display(),
+            src.url
+        )
+    );
+    std::fs::write(&list, format!("{}  tiny.qcow2\n", "cd".repeat(32))).unwrap();
+    let err = cache.ensure(&src).await.err().unwrap();
+    assert!(matches!(err, ImageError::Checksum { .. }), "{err}");
+
+    // Never read and unreadable: refused, naming the list.
+    let fresh = tempfile::tempdir().unwrap();
+    let other = ImageCache::new(fresh.path(), u64::MAX, Default::default()).unwrap();
+    let missing = ImageSource {
+        checksum_url: Some("file:///nonexistent/SHA256SUMS".into()),
+        ..src.clone()
+    };
+    let err = other.ensure(&missing).await.err().unwrap().to_string();
+    assert!(
+        err.starts_with("checksumURL file:///nonexistent/SHA256SUMS for file://")
+            && err.contains("No such file"),
+        "{err}"
+    );
+
+    // Wanted by the sum last read: not evicted, the older version is.
+    assert_eq!(publish(b"version two"), v2);
+    let bounded = ImageCache::new(state.path(), 0, Default::default())
+        .unwrap()
+        .with_sums_refresh(Duration::ZERO);
+    assert_eq!(bounded.checksum_of(&src).await.unwrap(), v2);
+    bounded.set_wanted([&src]);
+    let ev = bounded.evict().await.unwrap();
+    assert_eq!(ev.evicted, vec![file_name_for(&v1)]);
 }

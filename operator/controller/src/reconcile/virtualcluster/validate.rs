@@ -204,7 +204,8 @@ mod tests {
                 size: size.clone(),
                 image: ImageSource {
                     url: "file:///x".into(),
-                    checksum: format!("sha256:{}", "0".repeat(64)),
+                    checksum: Some(format!("sha256:{}", "0".repeat(64))),
+                    checksum_url: None,
                     format: Default::default(),
                 },
                 disk_size: None,

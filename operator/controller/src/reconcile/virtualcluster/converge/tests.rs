@@ -286,7 +286,12 @@ fn what_makes_a_new_revision() {
         |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.resources.cpu += 1,
         |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.user_data = Some("#!/bin/sh".into()),
         |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.disk_bytes = 1 << 30,
-        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| s.image.checksum = "sha256:1".into(),
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| {
+            s.image.checksum = Some("sha256:1".into())
+        },
+        |s: &mut yukumo_api::virtualnode::VirtualNodeSpec| {
+            s.image.checksum_url = Some("https://example.com/SHA256SUMS".into())
+        },
     ] {
         let mut s = base.clone();
         change(&mut s);
