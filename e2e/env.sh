@@ -65,7 +65,15 @@ spawn() { # name, command...
   echo $! > "$DIR/pids/$name.pid"
 }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# Alive: exists and is not a zombie (an orphan that exited waits for this
+# machine's PID 1 to reap it, which takes up to ~2 s here).
+pid_alive() {
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
 
 # Stop a recorded process by its PID (TERM, then KILL after 10 s).
 stop_proc() { # name [signal]
