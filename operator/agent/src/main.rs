@@ -213,11 +213,21 @@ async fn agent() -> anyhow::Result<()> {
             }
         });
     }
-    if args.iscsi_portal.as_deref() == Some("auto") {
-        let a = probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
+    // The host's first underlay address (of `--uplink`), probed once when
+    // something needs it: the iSCSI portal, the console URL, the dataplane.
+    let probed = std::cell::OnceCell::new();
+    let (netns, uplink) = (args.netns.clone(), args.uplink.clone());
+    let first_underlay = || -> anyhow::Result<Option<std::net::Ipv4Addr>> {
+        if let Some(a) = probed.get() {
+            return Ok(*a);
+        }
+        let a = probe::underlay_addresses(netns.clone(), uplink.clone())?
             .first()
-            .copied()
-            .ok_or_else(|| {
+            .copied();
+        Ok(*probed.get_or_init(|| a))
+    };
+    if args.iscsi_portal.as_deref() == Some("auto") {
+        let a = first_underlay()?.ok_or_else(|| {
                 anyhow::anyhow!(
                     "--iscsi-portal auto: the host has no underlay address{}; give the portal as IP:PORT",
                     args.uplink
@@ -242,14 +252,11 @@ async fn agent() -> anyhow::Result<()> {
             let url = match &args.console_url {
                 Some(u) => u.clone(),
                 None => {
-                    let a = probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
-                        .first()
-                        .copied()
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "--console-addr: no address for the URL; give --console-url"
-                            )
-                        })?;
+                    let a = first_underlay()?.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--console-addr: no address for the URL; give --console-url"
+                        )
+                    })?;
                     format!("https://{a}:{}", addr.port())
                 }
             };
@@ -274,9 +281,7 @@ async fn agent() -> anyhow::Result<()> {
     } else {
         let underlay = match args.underlay_address {
             Some(a) => Some(a),
-            None => probe::underlay_addresses(args.netns.clone(), args.uplink.clone())?
-                .first()
-                .copied(),
+            None => first_underlay()?,
         };
         tracing::info!(?underlay, "network dataplane");
         let cfg = network::NetConfig {
