@@ -3,8 +3,8 @@
 #                node, the chart's pods running the controller and agents),
 #                apply the quickstart (VM_HOSTS=2: and two VM hosts whose
 #                kernel has 802.1Q VLANs; STORAGE=ceph: and a single-node Ceph
-#                behind the `ceph` rbd pool, with the controller and agents as
-#                processes; KUBELETS=0: processes, no kubelets)
+#                behind the `ceph` rbd pool; KUBELETS=0: the controller and
+#                agents as processes, no kubelets)
 #   make down    stop and remove everything `make up` started
 #   make test    the whole suite: lint, unit, CRD drift, chart, end-to-end,
 #                and a small benchmark smoke (figures not judged)
@@ -35,9 +35,8 @@ crds: build
 # VM_HOSTS=N adds N VM hosts (a kernel with 802.1Q VLANs: e2e/lib/vm-host.sh).
 VM_HOSTS ?= 0
 STORAGE ?=
-# The chart's pods on kubelet nodes, unless STORAGE=ceph (the image has no
-# Ceph CLIs: then the controller and agents run as processes).
-KUBELETS ?= $(if $(STORAGE),0,1)
+# The chart's pods on kubelet nodes (KUBELETS=0: processes).
+KUBELETS ?= 1
 up: build
 	e2e/env.sh up --vm-hosts $(VM_HOSTS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(filter 1,$(KUBELETS)),--kubelets)
 

@@ -305,6 +305,8 @@ install_chart() {
   kubectl label namespace "$NAMESPACE" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
   local values=(-f "$ROOT/e2e/values-local.yaml")
   [ "$KUBELETS" = 1 ] && values+=(-f "$ROOT/e2e/values-pods.yaml" --set "image.tag=$(image_version)")
+  # The Secret is made with Ceph's keys (start_ceph, before the hosts).
+  [ "$KUBELETS" = 1 ] && [ "$STORAGE" = ceph ] && values+=(--set agent.cephKeyringSecret=yukumo-ceph-keyring)
   helm upgrade --install yukumo "$ROOT/charts/yukumo" -n "$NAMESPACE" \
     "${values[@]}" --wait=false >/dev/null
   wait_for 60 "CRDs established" kubectl wait --for condition=Established --timeout 5s \
@@ -520,11 +522,6 @@ start_controller() { # id
 cmd_up() {
   [ -f "$DIR/state" ] && die "an environment already runs at $DIR (run: make down)"
   case $STORAGE in ""|ceph) ;; *) die "--storage/STORAGE: unknown storage '$STORAGE' (known: ceph)" ;; esac
-  if [ "$KUBELETS" = 1 ]; then
-    # Not yet with kubelet nodes: the agent pods would need the Ceph CLIs
-    # (not in the image) and a keyring Secret.
-    [ -z "$STORAGE" ] || die "--storage ceph does not run with --kubelets yet (the image has no Ceph CLIs)"
-  fi
   mkdir -p "$DIR"
   # shellcheck disable=SC1091
   source "$ROOT/e2e/lib/tools.sh" >/dev/null
@@ -536,9 +533,16 @@ cmd_up() {
   install_chart
   local i
   start_fabric
+  if [ "$STORAGE" = ceph ]; then
+    # Before the hosts: the agent pods mount its keyring's Secret.
+    start_ceph
+    if [ "$KUBELETS" = 1 ]; then
+      kubectl -n "$NAMESPACE" create secret generic yukumo-ceph-keyring \
+        --from-file "keyring=$DIR/ceph/keyring" >/dev/null
+    fi
+  fi
   start_ssh_client
   for i in $(seq 1 "$HOSTS"); do start_host "host-$i" local "$i"; done
-  [ "$STORAGE" = ceph ] && start_ceph
   if [ "$KUBELETS" = 1 ]; then
     # The chart's pods: one agent per node, the controller's replicas.
     wait_for 180 "the agent pods" kubectl -n "$NAMESPACE" rollout status ds/yukumo-agent --timeout 5s

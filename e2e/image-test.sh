@@ -3,7 +3,8 @@
 # twice (same digest), unpacked from its tar with umoci, and every program
 # in it run from its own root (chroot, a fresh network namespace for nft):
 # the controller as non-root, the agent, nft (a table added and listed),
-# dnsmasq (its configuration test), tgtadm and tgtd. Prints the size and the
+# dnsmasq (its configuration test), tgtadm and tgtd, rbd, qemu-img's rbd
+# module and the agent's librados helper. Prints the size and the
 # largest files.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,5 +49,14 @@ echo "image-test: $(run chroot "$rootfs" /usr/sbin/dnsmasq --version | head -n 1
 run chroot "$rootfs" /usr/sbin/tgtadm --help >/dev/null 2>&1 || fail "tgtadm"
 run chroot "$rootfs" /usr/sbin/tgtd --help >/dev/null 2>&1 || fail "tgtd"
 echo "image-test: tgtadm and tgtd run"
+# rbd pools: rbd, qemu-img's rbd module (it reads Ceph's configuration: the
+# module loaded) and librados (the agent's monitor helper loads it, then
+# reads the configuration).
+echo "image-test: $(run chroot "$rootfs" /usr/bin/rbd --version)"
+out=$(run chroot "$rootfs" /usr/bin/qemu-img info "rbd:p/i:conf=/nonexistent.conf" 2>&1 || true)
+grep -q "error reading conf file /nonexistent.conf" <<<"$out" || fail "qemu-img's rbd module: $out"
+out=$(run chroot "$rootfs" /usr/local/bin/yukumo-agent rados-mon-command /nonexistent.conf u '{}' 2>&1 || true)
+grep -q "reading /nonexistent.conf" <<<"$out" || fail "librados in the image: $out"
+echo "image-test: qemu-img opens rbd images, the agent loads librados"
 echo "image-test: $(du -sh --apparent-size "$rootfs" | cut -f1) unpacked, $(find "$rootfs" -type f | wc -l) files; largest:"
 find "$rootfs" -type f -printf '%s %P\n' | sort -rn | head -n 6 | awk '{printf "  %6.1f MiB  %s\n", $1/1048576, $2}'

@@ -14,6 +14,10 @@
 #     agent pod for an editor and is refused (403) to a viewer;
 #   - an iSCSI volume is exported by host-1's agent pod (its node's tgtd)
 #     and read by a guest, and removed from the target when deleted;
+#   - an `rbd` volume in a real single-node Ceph: its pool's capacity read
+#     by host-1's agent pod (the monitors' `df` through librados), made from
+#     an image by the pod's qemu-img, and read by the same guest's QEMU with
+#     the key the pod got from the keyring Secret (the bytes are the image's);
 #   - `helm test` fails naming the cause while the Hosts have no Site, then
 #     passes;
 #   - `helm upgrade` to a new image tag rolls every pod, guests untouched.
@@ -60,9 +64,9 @@ qemu_pids() {
 }
 
 t=$(now)
-"$ROOT/e2e/env.sh" up --dir "$DIR" --hosts 2 --kubelets --no-example --no-prometheus > "$W/up.log" 2>&1 \
-  || { tail -20 "$W/up.log" >&2; fail "env.sh up --kubelets"; }
-say "environment with 2 kubelet nodes and the chart's pods up in $(since "$t") s"
+"$ROOT/e2e/env.sh" up --dir "$DIR" --hosts 2 --kubelets --storage ceph --no-example --no-prometheus > "$W/up.log" 2>&1 \
+  || { tail -20 "$W/up.log" >&2; fail "env.sh up --kubelets --storage ceph"; }
+say "environment with 2 kubelet nodes, a single-node Ceph and the chart's pods up in $(since "$t") s"
 export KUBECONFIG=$DIR/kubeconfig
 
 # One agent pod per node; two controllers, one leading.
@@ -181,13 +185,31 @@ say "kubectl yukumo console $wname (its host's agent pod, through the users' pro
 # An iSCSI volume (the Site's `san` pool on host-1): host-1's agent pod
 # exports it from the node's tgtd (agent.iscsi.portal auto, control socket
 # /run/tgtd mounted from the node), and a guest's QEMU reads it over the
-# underlay.
+# underlay. With it an `rbd` volume in Ceph (the environment's `ceph` pool,
+# managed by host-1's agent pod), made from the tiny guest's image.
+kubectl patch site local --type json -p "[{\"op\":\"add\",\"path\":\"/spec/storagePools/-\",
+  \"value\":{\"name\":\"ceph\",\"type\":\"rbd\",\"host\":\"host-1\",
+  \"ceph\":{\"monitors\":[\"$(cat "$DIR/ceph/ip"):6789\"],\"pool\":\"yukumo\",\"user\":\"yukumo\"}}}]" >/dev/null \
+  || fail "adding the ceph pool to the Site"
+t=$(now)
+until_ok 60 sh -c "kubectl get site local -o jsonpath='{.status.storagePools[?(@.name==\"ceph\")].capacityBytes}' | grep -q '^[1-9]'" \
+  || fail "the ceph pool's capacity is not in the Site's status: $(kubectl get site local -o jsonpath='{.status.storagePools}' 2>&1)"
+cap=$(kubectl get site local -o jsonpath='{.status.storagePools[?(@.name=="ceph")].capacityBytes}')
+say "ceph pool: capacity $((cap / 1048576)) MiB read by host-1's agent pod (monitors' df through librados) $(since "$t") s after it was declared"
 t=$(now)
 kubectl apply -f - >/dev/null <<EOF
 apiVersion: yukumo.io/v1alpha1
 kind: Volume
 metadata: {name: data, namespace: demo}
 spec: {size: 64Mi, pool: san}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: Volume
+metadata: {name: cdata, namespace: demo}
+spec:
+  size: 96Mi
+  pool: ceph
+  source: {image: {url: 'file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2', checksum: '$sum'}}
 ---
 apiVersion: yukumo.io/v1alpha1
 kind: VirtualCluster
@@ -197,10 +219,13 @@ spec:
   frontend:
     size: {cpu: 1, memory: 160Mi}
     image: {url: 'file:///var/lib/yukumo/images/yukumo-tiny-guest.qcow2', checksum: '$sum'}
-    volumes: [{name: data}]
+    volumes: [{name: data}, {name: cdata}]
 EOF
 until_ok 120 kubectl -n demo wait --for condition=Ready --timeout 5s volume/data \
   || fail "the iSCSI volume is not Ready: $(kubectl -n demo get volume data -o yaml 2>&1)"
+until_ok 120 kubectl -n demo wait --for condition=Ready --timeout 5s volume/cdata \
+  || fail "the rbd volume is not Ready: $(kubectl -n demo get volume cdata -o yaml 2>&1)"
+say "rbd volume (96 MiB from the image, copied by the agent pod's qemu-img) Ready in $(since "$t") s"
 portal=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.portal}')
 [ "$portal" = 10.255.0.1:3260 ] || fail "the iSCSI volume's portal is '$portal', not host-1's underlay address"
 iqn=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.iqn}')
@@ -212,8 +237,17 @@ shost=$(kubectl -n demo get vn store-frontend -o jsonpath='{.spec.host}')
 until_ok 240 "$ROOT/e2e/env.sh" guest demo store-frontend "test \$(cat /sys/block/vdc/size) = 131072" --dir "$DIR" \
   || fail "store-frontend (on $shost) does not see the 64 MiB iSCSI disk as vdc"
 say "iSCSI volume (pool san, portal $portal from the agent pod's 'auto') exported by host-1's tgtd and read by a guest on $shost in $(since "$t") s"
+# The rbd disk: vdd, 96 MiB, its first MiB the image's (QEMU's librbd on
+# $shost with the libvirt secret its agent pod made from the keyring Secret).
+want=$(qemu-img convert -O raw "$img" "$W/guest.raw" && head -c 1048576 "$W/guest.raw" | md5sum | cut -d' ' -f1)
+until_ok 60 "$ROOT/e2e/env.sh" guest demo store-frontend \
+  "test \$(cat /sys/block/vdd/size) = 196608 && head -c 1048576 /dev/vdd | md5sum | grep -q ^$want" --dir "$DIR" \
+  || fail "store-frontend (on $shost) does not read the rbd volume as vdd with the image's bytes"
+say "rbd volume read by the guest on $shost as vdd: 96 MiB, the image's bytes (md5 of its first MiB $want)"
 kubectl -n demo delete vc store --wait=true --timeout 120s >/dev/null || fail "deleting the cluster store"
-kubectl -n demo delete volume data --wait=true --timeout 120s >/dev/null || fail "deleting the iSCSI volume"
+kubectl -n demo delete volume data cdata --wait=true --timeout 120s >/dev/null || fail "deleting the volumes"
+left=$(ip netns exec "$(cat "$DIR/ceph/netns")" rbd -c "$DIR/ceph/ceph.conf" ls -p yukumo) || fail "rbd ls in the environment's Ceph"
+[ -z "$left" ] || fail "Ceph still holds images after the rbd volume's deletion: $left"
 if nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target | grep -q "$iqn"; then
   fail "host-1's tgtd still exports $iqn after the volume's deletion"
 fi

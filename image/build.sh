@@ -7,17 +7,19 @@
 #   /usr/local/bin/yukumo-controller, /usr/local/bin/yukumo-agent
 #     (the release binaries, debug info stripped);
 #   the agent's runtime pieces: nft (firewall, NAT, anti-spoofing),
-#     dnsmasq (DHCP per group), tgtadm and tgtd (iscsi pools), each with
-#     exactly the shared libraries `ldd` names;
+#     dnsmasq (DHCP per group), tgtadm and tgtd (iscsi pools), rbd and
+#     qemu-img with its rbd module (rbd pools), each with exactly the
+#     shared libraries `ldd` names;
 #   /etc/ssl/certs/ca-certificates.crt (image URLs over https), /etc/passwd
 #   and /etc/group (root, and nonroot 65532 the controller runs as), /tmp;
 #   /usr/share/yukumo/packages.txt: the Debian package and version each
 #     copied file came from.
 # No time zone files: the binaries carry their own tz database (jiff's
 # bundle), so weekly windows in any IANA zone work in the image.
-# Not in it: the Ceph CLIs (`rbd`, `ceph`, Python) and qemu-img that an
-# agent serving an `rbd` pool runs; such an agent needs them on its PATH
-# (the pool's condition names the missing program otherwise).
+# They are in the one image, not in a flavour of it: an `rbd` pool may be
+# added to a Site at any time, and every agent must serve it then without a
+# new image rolled out. No Python `ceph` CLI: the agent asks the monitors
+# for `df` through librados itself.
 #
 # Reproducible from pinned inputs: the same binaries and package versions
 # give the same image digest (every mtime, the created time and the history
@@ -72,7 +74,12 @@ for b in yukumo-controller yukumo-agent; do
   strip --strip-debug "$rootfs/usr/local/bin/$b"
   copy_libs_of "$BIN/$b"
 done
-for p in /usr/sbin/nft /usr/sbin/dnsmasq /usr/sbin/tgtadm /usr/sbin/tgtd; do
+# The agent's tools, and those of `rbd` pools: rbd (librbd, librados: the
+# agent's monitor `df` loads the latter), qemu-img with its rbd module
+# (an image's copy into a pool), which QEMU loads from its module directory.
+for p in /usr/sbin/nft /usr/sbin/dnsmasq /usr/sbin/tgtadm /usr/sbin/tgtd \
+  /usr/bin/rbd /usr/bin/qemu-img /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so; do
+  [ -e "$p" ] || { echo "image: $p is missing (e2e/lib/tools.sh installs its package)" >&2; exit 1; }
   copy_file "$p"
   copy_libs_of "$p"
 done

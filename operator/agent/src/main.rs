@@ -139,6 +139,10 @@ fn limit_malloc_arenas() {
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(storage::rados::SUBCOMMAND) {
+        storage::rados::child_main(&argv[2..]);
+    }
     limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

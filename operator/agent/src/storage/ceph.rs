@@ -1,7 +1,8 @@
 //! `rbd` pools: a volume is an image in a Ceph pool. The pool's host's agent
-//! manages the images with Ceph's own tools (`rbd`, `ceph df`, and
-//! `qemu-img` for an image's copy), run in the host's network namespace as
-//! the pool's Ceph user, with the key of the agent's keyring
+//! manages the images with Ceph's own tools (`rbd`, and `qemu-img` for an
+//! image's copy) and reads the pool's capacity with the monitors' `df`
+//! command (through librados: [`rados`]), each run in the host's network
+//! namespace as the pool's Ceph user, with the key of the agent's keyring
 //! (`--ceph-keyring`). QEMU on every host reaches the images with librbd;
 //! the key is in each host's libvirt secret `yukumo-ceph-client.<user>`
 //! ([`ensure_secrets`], from the same keyring).
@@ -15,6 +16,7 @@ use std::process::Stdio;
 use yukumo_api::site::{CephPool, StoragePool};
 
 use super::decide::{PoolSeen, StorageOp, VolSeen};
+use super::rados;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
 /// The Ceph tools of an agent.
@@ -85,7 +87,7 @@ pub fn parse_ls(json: &[u8], pool: &str) -> Result<Vec<(String, VolSeen)>, Strin
                     path: format!("{pool}/{}", l.image),
                     capacity: l.size,
                     // Thin: what an image takes is not read (`rbd du` reads
-                    // every object); free space comes from `ceph df`.
+                    // every object); free space comes from the monitors' `df`.
                     allocation: 0,
                 },
             )
@@ -93,7 +95,8 @@ pub fn parse_ls(json: &[u8], pool: &str) -> Result<Vec<(String, VolSeen)>, Strin
         .collect())
 }
 
-/// (capacity, available) of a Ceph pool from `ceph df --format json`:
+/// (capacity, available) of a Ceph pool from the monitors' `df` (JSON, as
+/// `ceph df --format json` prints it):
 /// what it stores plus what it may still take, and the latter.
 pub fn parse_df(json: &[u8], pool: &str) -> Result<(u64, u64), String> {
     let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
@@ -161,18 +164,28 @@ impl Ceph {
         }
         let netns = self.netns.clone();
         let (tool, user) = (tool.to_string(), c.user.clone());
-        let what = format!("{tool} {}", args.join(" "));
+        let what = if tool == rados::SUBCOMMAND {
+            format!("Ceph monitor command {}", args.join(" "))
+        } else {
+            format!("{tool} {}", args.join(" "))
+        };
         // Started from a thread in the host's namespace (the child inherits
         // it), awaited here; dropped (killed) when it takes too long.
         let handle = tokio::runtime::Handle::current();
         let child = tokio::task::spawn_blocking(move || {
             yukumo_agent::netns::in_netns_opt(netns.as_deref(), || {
                 let _rt = handle.enter();
-                let mut cmd = tokio::process::Command::new(&tool);
+                let mut cmd;
                 if tool == "qemu-img" {
                     // The image's options carry the user and configuration.
+                    cmd = tokio::process::Command::new(&tool);
                     cmd.args(&args);
+                } else if tool == rados::SUBCOMMAND {
+                    // This very program, as librados's helper (rados.rs).
+                    cmd = tokio::process::Command::new("/proc/self/exe");
+                    cmd.arg(&tool).arg(&conf).arg(&user).args(&args);
                 } else {
+                    cmd = tokio::process::Command::new(&tool);
                     cmd.arg("-c").arg(&conf).arg("--id").arg(&user).args(&args);
                 }
                 cmd.stdin(Stdio::null())
@@ -222,8 +235,8 @@ impl Ceph {
         let df = self
             .run(
                 c,
-                "ceph",
-                vec!["df".into(), "--format".into(), "json".into()],
+                rados::SUBCOMMAND,
+                vec![r#"{"prefix":"df","format":"json"}"#.into()],
             )
             .await?;
         let (capacity, available) = parse_df(&df, &c.pool).map_err(err)?;

@@ -11,5 +11,7 @@
 pub mod ceph;
 pub mod decide;
 pub mod pools;
+#[allow(unsafe_code)] // librados through dlopen: the one FFI of storage.
+pub mod rados;
 pub mod reconcile;
 pub mod targets;
