@@ -163,7 +163,9 @@ say "ping $fe → ${w% *} throughout: $(grep -o '[0-9]* packets transmitted, [0-
 # A worker's serial console as a user (`kubectl yukumo console`): the
 # agent pod's endpoint on host-2 (10.255.0.2:9443, in the host's namespace)
 # through the users' proxy the kubeconfig names; an editor gets the guest's
-# shell, a viewer a 403.
+# shell, a viewer a 403. The editor has the usual NO_PROXY of a proxied
+# workstation (localhost, 127.0.0.1: the API server direct, the proxy still
+# taken to the hosts).
 plugin=${YUKUMO_BIN_DIR:-$ROOT/target/release}/kubectl-yukumo
 wname=${w% *}
 alice=$("$ROOT/e2e/env.sh" user demo console-alice edit --dir "$DIR")
@@ -177,7 +179,7 @@ t=$(now)
 ( for _ in $(seq 1 60); do
     grep -q "42-$wname" "$W/console.out" 2>/dev/null && break
     echo 'echo $((6*7))-$(hostname)'; sleep 0.5
-  done ) | KUBECONFIG=$alice timeout 60 "$plugin" -n demo console "$wname" > "$W/console.out" 2>&1 \
+  done ) | NO_PROXY=localhost,127.0.0.1 KUBECONFIG=$alice timeout 60 "$plugin" -n demo console "$wname" > "$W/console.out" 2>&1 \
   || fail "kubectl yukumo console $wname as an editor: $(cat "$W/console.out")"
 grep -q "42-$wname" "$W/console.out" || fail "no shell answered on $wname's console: $(cat "$W/console.out")"
 say "kubectl yukumo console $wname (its host's agent pod, through the users' proxy): the guest's shell answered in $(since "$t") s as an editor; a viewer got 403"

@@ -79,7 +79,7 @@ pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &s
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let proxy = crate::proxy::for_host(config.proxy_url.as_ref(), &host);
+    let proxy = crate::proxy::for_host(crate::proxy::configured()?.as_ref(), &host);
     let tcp = crate::proxy::connect(proxy.as_ref(), &host, port)
         .await
         .with_context(|| format!("console endpoint {}", endpoint.url))?;

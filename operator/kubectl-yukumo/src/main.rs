@@ -136,9 +136,12 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let config = kube::Config::infer()
+    let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    // The API server's proxy, chosen by its own host (proxy.rs says why).
+    let api_host = config.cluster_url.host().unwrap_or_default().to_string();
+    config.proxy_url = proxy::for_host(proxy::configured()?.as_ref(), &api_host);
     let client = Client::try_from(config.clone()).context("connecting to the API server")?;
     let ns = cli
         .namespace

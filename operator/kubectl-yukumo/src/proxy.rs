@@ -61,6 +61,50 @@ fn in_cidr(ip: IpAddr, net: &str, bits: &str) -> bool {
     }
 }
 
+/// The `proxy-url` of the current context's cluster in `kc`, if any.
+fn kubeconfig_proxy(kc: &kube::config::Kubeconfig) -> Option<String> {
+    let ctx = kc.current_context.as_deref()?;
+    let cluster = &kc
+        .contexts
+        .iter()
+        .find(|c| c.name == ctx)?
+        .context
+        .as_ref()?
+        .cluster;
+    kc.clusters
+        .iter()
+        .find(|c| &c.name == cluster)?
+        .cluster
+        .as_ref()?
+        .proxy_url
+        .clone()
+        .filter(|u| !u.is_empty())
+}
+
+fn env_proxy() -> Option<String> {
+    ["HTTPS_PROXY", "https_proxy"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// The proxy the configuration names, before any `NO_PROXY`: the current
+/// kubeconfig context's cluster `proxy-url`, else `HTTPS_PROXY`.
+///
+/// kube-rs matches `NO_PROXY` against the proxy's own address, not the API
+/// server's: a usual `NO_PROXY=localhost,127.0.0.1` drops a proxy on
+/// 127.0.0.1 altogether (and with it the console's way to the hosts), and a
+/// `NO_PROXY` naming the API server is not honoured. The plugin therefore
+/// chooses itself, per host ([`for_host`]).
+pub fn configured() -> Result<Option<hyper::Uri>> {
+    let kc = kube::config::Kubeconfig::read().ok();
+    let raw = kc.as_ref().and_then(kubeconfig_proxy).or_else(env_proxy);
+    raw.map(|u| {
+        u.parse::<hyper::Uri>()
+            .with_context(|| format!("proxy URL {u:?}"))
+    })
+    .transpose()
+}
+
 /// The proxy for `host`: `proxy` unless `NO_PROXY`/`no_proxy` bypasses it.
 pub fn for_host(proxy: Option<&hyper::Uri>, host: &str) -> Option<hyper::Uri> {
     let no_proxy = std::env::var("NO_PROXY")
@@ -145,6 +189,39 @@ mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn the_current_contexts_cluster_names_the_proxy() {
+        let kc = kube::config::Kubeconfig::from_yaml(
+            "apiVersion: v1
+kind: Config
+current-context: b
+clusters:
+- name: one
+  cluster: {server: 'https://127.0.0.1:6443', proxy-url: 'http://127.0.0.1:3128'}
+- name: two
+  cluster: {server: 'https://10.0.0.1:6443'}
+contexts:
+- name: a
+  context: {cluster: one, user: u}
+- name: b
+  context: {cluster: two, user: u}
+users:
+- name: u
+  user: {token: t}
+",
+        )
+        .unwrap();
+        assert_eq!(kubeconfig_proxy(&kc), None);
+        let kc = kube::config::Kubeconfig {
+            current_context: Some("a".into()),
+            ..kc
+        };
+        assert_eq!(
+            kubeconfig_proxy(&kc).as_deref(),
+            Some("http://127.0.0.1:3128")
+        );
+    }
 
     #[test]
     fn no_proxy_entries() {
