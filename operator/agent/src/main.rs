@@ -139,9 +139,10 @@ fn limit_malloc_arenas() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(storage::rados::SUBCOMMAND) {
-        storage::rados::child_main(&argv[2..]);
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(storage::rados::SUBCOMMAND))
+    {
+        storage::rados::child_main(&std::env::args_os().skip(2).collect::<Vec<_>>());
     }
     limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()

@@ -201,7 +201,10 @@ pub struct VirtualNodeStatus {
     /// The `metadata.generation` last acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Reconciling`, `Stalled`, `Scheduled`, `ImagePulled`.
+    /// `Ready`, set by the node's agent; its reason says where the node is
+    /// (`Running`, `Stopped`) or why it is not running (`ImagePullFailed`,
+    /// `ImageCacheError`, `DiskFailed`, `DomainFailed`, …). The VirtualCluster
+    /// carries the kstatus conditions.
     #[serde(default)]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -45,7 +45,13 @@ fn bearer(config: &kube::Config) -> Result<String> {
     )
 }
 
-pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &str) -> Result<()> {
+pub async fn run(
+    client: kube::Client,
+    config: &kube::Config,
+    proxies: &crate::proxy::Proxies,
+    ns: &str,
+    node: &str,
+) -> Result<()> {
     let vn = Api::<VirtualNode>::namespaced(client, ns)
         .get_opt(node)
         .await
@@ -79,7 +85,7 @@ pub async fn run(client: kube::Client, config: &kube::Config, ns: &str, node: &s
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let proxy = crate::proxy::for_host(crate::proxy::configured()?.as_ref(), &host);
+    let proxy = proxies.for_host(&host);
     let tcp = crate::proxy::connect(proxy.as_ref(), &host, port)
         .await
         .with_context(|| format!("console endpoint {}", endpoint.url))?;

@@ -136,12 +136,29 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut config = kube::Config::infer()
-        .await
-        .context("no Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    // As `Config::infer`: the kubeconfig (KUBECONFIG or ~/.kube/config),
+    // else in-cluster — read once, so its proxy is the configuration's own.
+    let (mut config, kubeconfig) = match kube::config::Kubeconfig::read() {
+        Ok(kc) => match kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await {
+            Ok(c) => (c, Some(kc)),
+            Err(e) => match kube::Config::incluster() {
+                Ok(c) => (c, None),
+                Err(_) => return Err(anyhow::Error::new(e).context("loading the kubeconfig")),
+            },
+        },
+        Err(e) => (
+            kube::Config::incluster().map_err(|ie| {
+                anyhow::anyhow!(
+                    "no Kubernetes configuration: kubeconfig (KUBECONFIG or ~/.kube/config): {e}; in-cluster: {ie}"
+                )
+            })?,
+            None,
+        ),
+    };
     // The API server's proxy, chosen by its own host (proxy.rs says why).
+    let proxies = proxy::Proxies::new(kubeconfig.as_ref())?;
     let api_host = config.cluster_url.host().unwrap_or_default().to_string();
-    config.proxy_url = proxy::for_host(proxy::configured()?.as_ref(), &api_host);
+    config.proxy_url = proxies.for_host(&api_host);
     let client = Client::try_from(config.clone()).context("connecting to the API server")?;
     let ns = cli
         .namespace
@@ -233,7 +250,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("running ssh (the OpenSSH client): {e}");
             }
         }
-        Command::Console { node } => console::run(client, &config, &ns, &node).await?,
+        Command::Console { node } => console::run(client, &config, &proxies, &ns, &node).await?,
         Command::Site(SiteCommand::Join(j)) => site::join(client, &config, j).await?,
         Command::Site(SiteCommand::Revoke { site, host }) => {
             site::revoke(client, &site, host.as_deref()).await?

@@ -1,8 +1,9 @@
-//! The way to a console endpoint: directly, or through the HTTP proxy the
-//! plugin's API requests take (the kubeconfig cluster's `proxy-url`, else
-//! `HTTPS_PROXY`/`https_proxy`), as a `CONNECT` tunnel. `NO_PROXY`/`no_proxy`
-//! names hosts reached directly: `*`, a host name (also matching its
-//! subdomains; a leading dot is ignored), an IP address or a CIDR block.
+//! The way to the API server and to a console endpoint: directly, or
+//! through an HTTP proxy as a `CONNECT` tunnel — the kubeconfig cluster's
+//! `proxy-url` for every host, else `HTTPS_PROXY`/`https_proxy` for hosts
+//! `NO_PROXY`/`no_proxy` does not name: `*`, a host name (also matching its
+//! subdomains; a leading dot is ignored), an IP address (IPv6 with or
+//! without brackets) or a CIDR block ([`Proxies`]).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -29,11 +30,17 @@ pub fn bypass(no_proxy: &str, host: &str) -> bool {
             if let (Some(ip), Some((net, bits))) = (ip, entry.split_once('/')) {
                 return in_cidr(ip, net, bits);
             }
-            // An entry with a port applies to the host whatever the port.
+            // An entry with a port applies to the host whatever the port;
+            // an IPv6 address may be in brackets (`[::1]`, `[fd00::1]:6443`).
             let name = match entry.rsplit_once(':') {
-                Some((h, p)) if p.parse::<u16>().is_ok() && !h.contains(':') => h,
+                Some((h, p))
+                    if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) =>
+                {
+                    h
+                }
                 _ => entry,
             };
+            let name = name.trim_start_matches('[').trim_end_matches(']');
             let name = name.trim_start_matches('.');
             if let (Some(ip), Ok(e)) = (ip, name.parse::<IpAddr>()) {
                 return ip == e;
@@ -81,36 +88,57 @@ fn kubeconfig_proxy(kc: &kube::config::Kubeconfig) -> Option<String> {
         .filter(|u| !u.is_empty())
 }
 
-fn env_proxy() -> Option<String> {
-    ["HTTPS_PROXY", "https_proxy"]
-        .iter()
+fn env_var(keys: [&str; 2]) -> Option<String> {
+    keys.iter()
         .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
 }
 
-/// The proxy the configuration names, before any `NO_PROXY`: the current
-/// kubeconfig context's cluster `proxy-url`, else `HTTPS_PROXY`.
-///
-/// kube-rs matches `NO_PROXY` against the proxy's own address, not the API
-/// server's: a usual `NO_PROXY=localhost,127.0.0.1` drops a proxy on
-/// 127.0.0.1 altogether (and with it the console's way to the hosts), and a
-/// `NO_PROXY` naming the API server is not honoured. The plugin therefore
-/// chooses itself, per host ([`for_host`]).
-pub fn configured() -> Result<Option<hyper::Uri>> {
-    let kc = kube::config::Kubeconfig::read().ok();
-    let raw = kc.as_ref().and_then(kubeconfig_proxy).or_else(env_proxy);
-    raw.map(|u| {
-        u.parse::<hyper::Uri>()
-            .with_context(|| format!("proxy URL {u:?}"))
-    })
-    .transpose()
+fn parse(u: String) -> Result<hyper::Uri> {
+    u.parse::<hyper::Uri>()
+        .with_context(|| format!("proxy URL {u:?}"))
 }
 
-/// The proxy for `host`: `proxy` unless `NO_PROXY`/`no_proxy` bypasses it.
-pub fn for_host(proxy: Option<&hyper::Uri>, host: &str) -> Option<hyper::Uri> {
-    let no_proxy = std::env::var("NO_PROXY")
-        .or_else(|_| std::env::var("no_proxy"))
-        .unwrap_or_default();
-    proxy.filter(|_| !bypass(&no_proxy, host)).cloned()
+/// The proxies the configuration names, chosen per host as kubectl does.
+///
+/// kube-rs matches `NO_PROXY` against the proxy's own address, not the
+/// host reached: a usual `NO_PROXY=localhost,127.0.0.1` dropped a proxy on
+/// 127.0.0.1 altogether (and with it the console's way to the hosts), and a
+/// `NO_PROXY` naming the API server was not honoured. So the plugin
+/// chooses: the kubeconfig context's `proxy-url` is taken for everything
+/// (as client-go does: the cluster is reached through it), `HTTPS_PROXY`
+/// for any host `NO_PROXY` does not name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Proxies {
+    /// The current context's cluster `proxy-url`.
+    pub kubeconfig: Option<hyper::Uri>,
+    /// `HTTPS_PROXY`/`https_proxy`.
+    pub env: Option<hyper::Uri>,
+    /// `NO_PROXY`/`no_proxy`.
+    pub no_proxy: String,
+}
+
+impl Proxies {
+    /// From the kubeconfig the configuration was loaded from (`None`:
+    /// in-cluster, where no proxy is taken) and the environment.
+    pub fn new(kc: Option<&kube::config::Kubeconfig>) -> Result<Proxies> {
+        let Some(kc) = kc else {
+            return Ok(Proxies::default());
+        };
+        Ok(Proxies {
+            kubeconfig: kubeconfig_proxy(kc).map(parse).transpose()?,
+            env: env_var(["HTTPS_PROXY", "https_proxy"])
+                .map(parse)
+                .transpose()?,
+            no_proxy: env_var(["NO_PROXY", "no_proxy"]).unwrap_or_default(),
+        })
+    }
+
+    /// The proxy for `host`, if any.
+    pub fn for_host(&self, host: &str) -> Option<hyper::Uri> {
+        self.kubeconfig
+            .clone()
+            .or_else(|| self.env.clone().filter(|_| !bypass(&self.no_proxy, host)))
+    }
 }
 
 /// A TCP stream to `host:port`, through `proxy` when given.
@@ -224,6 +252,25 @@ users:
     }
 
     #[test]
+    fn the_kubeconfigs_proxy_serves_every_host_the_environments_not_those_no_proxy_names() {
+        let uri = |u: &str| Some(u.parse::<hyper::Uri>().unwrap());
+        let p = Proxies {
+            kubeconfig: None,
+            env: uri("http://proxy:3128"),
+            no_proxy: "localhost,127.0.0.1".into(),
+        };
+        assert_eq!(p.for_host("127.0.0.1"), None);
+        assert_eq!(p.for_host("10.255.0.2"), uri("http://proxy:3128"));
+        let p = Proxies {
+            kubeconfig: uri("http://127.0.0.1:8888"),
+            ..p
+        };
+        assert_eq!(p.for_host("127.0.0.1"), uri("http://127.0.0.1:8888"));
+        assert_eq!(p.for_host("10.255.0.2"), uri("http://127.0.0.1:8888"));
+        assert_eq!(Proxies::default().for_host("10.255.0.2"), None);
+    }
+
+    #[test]
     fn no_proxy_entries() {
         let np = "localhost, .svc.cluster.local,example.com:8443,10.255.0.0/24,192.0.2.7,::1";
         for (host, direct) in [
@@ -243,6 +290,9 @@ users:
         ] {
             assert_eq!(bypass(np, host), direct, "{host} with NO_PROXY={np}");
         }
+        assert!(bypass("[::1]", "[::1]"));
+        assert!(bypass("[fd00::1]:6443", "fd00::1"));
+        assert!(!bypass("[fd00::1]:6443", "fd00::2"));
         assert!(bypass("*", "anything"));
         assert!(!bypass("", "10.255.0.3"));
         assert!(!bypass("10.0.0.0/99,bad/x", "10.0.0.1"));

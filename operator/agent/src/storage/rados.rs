@@ -133,7 +133,7 @@ pub fn mon_command(conf: &Path, user: &str, cmd: &str) -> Result<Vec<u8>, String
             ] {
                 let rc = (lib.conf_set)(r, k.as_ptr(), v.as_ptr());
                 if rc < 0 {
-                    return Err(errno("rados_conf_set", rc));
+                    return Err(errno(&format!("setting {k:?}"), rc));
                 }
             }
             let rc = (lib.connect)(r);
@@ -170,10 +170,11 @@ pub fn mon_command(conf: &Path, user: &str, cmd: &str) -> Result<Vec<u8>, String
             if rc < 0 {
                 let s = String::from_utf8_lossy(&s);
                 let s = s.trim();
+                // (the caller's message names the command)
                 return Err(if s.is_empty() {
-                    errno(cmd, rc)
+                    errno("refused", rc)
                 } else {
-                    format!("{}: {s}", errno(cmd, rc))
+                    format!("{}: {s}", errno("refused", rc))
                 });
             }
             Ok(o)
@@ -185,9 +186,10 @@ pub fn mon_command(conf: &Path, user: &str, cmd: &str) -> Result<Vec<u8>, String
 
 /// `yukumo-agent rados-mon-command CONF USER JSON`: the command's output
 /// on standard output; exit status 1 and the error on standard error.
-pub fn child_main(args: &[String]) -> ! {
+pub fn child_main(args: &[std::ffi::OsString]) -> ! {
     use std::io::Write;
-    let code = match args {
+    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    let code = match args[..] {
         [conf, user, cmd] => match mon_command(Path::new(conf), user, cmd) {
             Ok(out) => std::io::stdout()
                 .write_all(&out)
