@@ -109,6 +109,8 @@ pub struct Fdb {
     pub master: bool,
     /// `static` (NUD_NOARP): added by hand, never aged.
     pub is_static: bool,
+    /// `sticky`: never moved to another port by a frame from it.
+    pub sticky: bool,
     /// `permanent` (NUD_PERMANENT).
     pub permanent: bool,
 }
@@ -335,6 +337,7 @@ impl Netlink {
                         dst,
                         master,
                         is_static: n.header.state == NeighbourState::Noarp,
+                        sticky: n.header.flags.contains(NeighbourFlags::Sticky),
                         permanent: n.header.state == NeighbourState::Permanent,
                     })
                 }

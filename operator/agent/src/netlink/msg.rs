@@ -81,12 +81,15 @@ pub fn port_settings(name: &str, learning: bool, flood: bool) -> LinkMessage {
 }
 
 /// An FDB entry message: on `ifindex`, for `mac`, `self` (the device's own
-/// table, VXLAN remotes) or `master` (the bridge's).
+/// table, VXLAN remotes) or `master` (the bridge's); a `sticky` bridge
+/// entry never moves to another port (a frame with `mac` as its source
+/// arriving on a learning port would move even a static entry).
 pub fn fdb_entry(
     ifindex: u32,
     mac: MacAddr,
     dst: Option<Ipv4Addr>,
     master: bool,
+    sticky: bool,
     state: NeighbourState,
 ) -> NeighbourMessage {
     let mut n = NeighbourMessage::default();
@@ -98,6 +101,9 @@ pub fn fdb_entry(
     } else {
         NeighbourFlags::Own
     };
+    if sticky {
+        n.header.flags |= NeighbourFlags::Sticky;
+    }
     n.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
     if let Some(d) = dst {

@@ -374,12 +374,16 @@ pub fn tap_ops(plan: &HostPlan, have: &NsState) -> Vec<LinkOp> {
 /// Step 4: the bridges' forwarding state.
 /// - one all-zero FDB entry per remote host of each VXLAN segment
 ///   (head-end replication, no multicast, no learning on the VTEP);
-/// - every guest tap and router veth: a static entry for its own MAC,
-///   learning off and unknown-unicast flooding off. A unicast frame is
+/// - every guest tap and router veth: a static, sticky entry for its own
+///   MAC, learning off and unknown-unicast flooding off. A unicast frame is
 ///   delivered to a guest only if it is addressed to that guest (never
 ///   flooded to every guest of the group after an entry aged out), and
-///   nothing a guest sends moves another MAC to its port. Broadcast and
-///   multicast (ARP, DHCP) still reach every port.
+///   nothing a guest sends moves another MAC to its port. Sticky: a frame
+///   arriving from the VXLAN port with that MAC as its source (a group's
+///   router MAC is the same on every host, and a returning host's stale
+///   router speaks for a moment before it is removed) would otherwise move
+///   even a static entry there, and local guests would lose their gateway.
+///   Broadcast and multicast (ARP, DHCP) still reach every port.
 pub fn bridge_ops(plan: &HostPlan, have: &NsState) -> (Vec<FdbOp>, Vec<LinkOp>) {
     let want: BTreeSet<(String, Ipv4Addr)> = plan
         .segments

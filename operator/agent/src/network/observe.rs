@@ -128,7 +128,9 @@ pub fn from_netlink(
             Some(dst) if e.mac == MacAddr::default() && !e.master => {
                 out.remotes.insert((dev.clone(), dst));
             }
-            None if e.master && e.is_static => {
+            // Pinned: static and sticky (a pin from before sticky entries
+            // is pinned again, as sticky).
+            None if e.master && e.is_static && e.sticky => {
                 out.pinned.insert((dev.clone(), e.mac));
             }
             _ => {}

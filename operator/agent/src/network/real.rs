@@ -294,6 +294,7 @@ impl NsLinks for RealNs {
                         MacAddr::default(),
                         Some(*dst),
                         false,
+                        false,
                         NeighbourState::Permanent,
                     )),
                     netlink::APPEND,
@@ -304,6 +305,7 @@ impl NsLinks for RealNs {
                         index_of(&idx, dev, "fdb")?,
                         MacAddr::default(),
                         Some(*dst),
+                        false,
                         false,
                         NeighbourState::Permanent,
                     )),
@@ -316,10 +318,11 @@ impl NsLinks for RealNs {
                         *mac,
                         None,
                         true,
+                        true,
                         NeighbourState::Noarp,
                     )),
                     REPLACE,
-                    format!("fdb replace {mac} dev {port} master static"),
+                    format!("fdb replace {mac} dev {port} master static sticky"),
                 ),
             });
         }
