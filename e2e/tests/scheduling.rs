@@ -73,21 +73,21 @@ spec:
 }
 
 fn wait_count(env: &Env, ns: &str, vc: &str, n: usize) -> Vec<Value> {
-    let (v, took) = wait_for(
-        Duration::from_secs(30),
-        &format!("{n} nodes of {vc}"),
-        || {
-            let ns_nodes: Vec<Value> = nodes(env, ns, vc)
-                .into_iter()
-                .filter(|n| n["metadata"]["deletionTimestamp"].is_null())
-                .collect();
-            if ns_nodes.len() == n {
-                Ok(ns_nodes)
-            } else {
-                Err(format!("{} nodes", ns_nodes.len()))
-            }
-        },
-    )
+    wait_count_for(env, ns, vc, n, Duration::from_secs(30))
+}
+
+fn wait_count_for(env: &Env, ns: &str, vc: &str, n: usize, limit: Duration) -> Vec<Value> {
+    let (v, took) = wait_for(limit, &format!("{n} nodes of {vc}"), || {
+        let ns_nodes: Vec<Value> = nodes(env, ns, vc)
+            .into_iter()
+            .filter(|n| n["metadata"]["deletionTimestamp"].is_null())
+            .collect();
+        if ns_nodes.len() == n {
+            Ok(ns_nodes)
+        } else {
+            Err(format!("{} nodes", ns_nodes.len()))
+        }
+    })
     .unwrap();
     println!("{vc}: {n} nodes after {took:?}");
     v
@@ -298,8 +298,13 @@ fn a_reservation_starts_and_ends_on_time() {
         nodes(&env, ns, "window").is_empty(),
         "no nodes before the reservation starts"
     );
-    // Nodes appear at the start, not before (whole seconds: the API's timestamps).
-    wait_count(&env, ns, "window", 2);
+    // Nodes appear at the start, not before (whole seconds: the API's
+    // timestamps); the wait runs past the start so that a late start is
+    // measured and reported below rather than cut off by the wait.
+    let until_start = start
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    wait_count_for(&env, ns, "window", 2, until_start + Duration::from_secs(30));
     let late = std::time::SystemTime::now()
         .duration_since(start)
         .map(|d| d.as_secs_f64())

@@ -607,7 +607,8 @@ pub async fn reconcile(vc: Arc<VirtualCluster>, ctx: Arc<Ctx>) -> Result<Action>
                     desired_count = 0;
                 }
                 if let Some(r) = v.requeue {
-                    requeue = r;
+                    // Never later than the reservation's next boundary.
+                    requeue = requeue.min(r);
                 }
                 verdict = v.verdict;
                 if let Some(w) = vplan.waits.first()
