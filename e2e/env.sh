@@ -13,8 +13,9 @@
 #   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
 #   e2e/env.sh start-libvirtd HOST [--dir D]   (process "libvirtd-HOST")
 #   e2e/env.sh start-test-agent HOST SITE [--dir D]  (agent on test:///default)
-#   e2e/env.sh start-vm-host HOST SITE INDEX [--dir D] (process "vm-HOST":
-#              a VM with a kernel of its own, e2e/lib/vm-host.sh)
+#   e2e/env.sh start-vm-host HOST SITE INDEX [STORAGE_MIB] [--dir D] (process
+#              "vm-HOST": a VM with a kernel of its own, e2e/lib/vm-host.sh;
+#              with STORAGE_MIB a storage host: an LVM volume group and tgtd)
 #   e2e/env.sh stop-vm-host HOST [--dir D]
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
 #   e2e/env.sh guest NAMESPACE NODE COMMAND... [--dir D]  (runs COMMAND in the
@@ -783,7 +784,7 @@ main() {
     start-agent) load_state; start_agent "${args[0]}" ;;
     start-test-agent) load_state; start_test_agent "${args[0]}" "${args[1]}" ;;
     start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
-    start-vm-host) load_state; start_vm_host "${args[0]}" "${args[1]}" "${args[2]}" ;;
+    start-vm-host) load_state; start_vm_host "${args[0]}" "${args[1]}" "${args[2]}" "${args[3]:-}" ;;
     stop-vm-host) load_state; stop_vm_host "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;
     guest) cmd_guest "${args[@]}" ;;

@@ -24,13 +24,21 @@
 # makes for it (its own ServiceAccount, kept by the chart's
 # yukumo-site-agent-scope policy to its own Host, nodes and volumes);
 # stopping the VM host revokes it.
+# A storage VM host (a 4th argument: a disk size in MiB) is not a gateway:
+# it gets that disk (a sparse file in its folder, /dev/vda in the VM) as
+# the LVM volume group `yukumo` (1 MiB extents; device-mapper is in the
+# Debian kernel, not in this machine's), and a tgtd of its own serving
+# iSCSI on its underlay address (portal 10.255.0.INDEX:3260), for an
+# LVM-backed `iscsi` pool of its Site. LVM runs without udev, with its
+# configuration and metadata backups in the VM's /run (LVM_SYSTEM_DIR).
 # A root shell on its second serial port is the unix socket named in
 # $DIR/hosts/NAME/shell; its console, with the agent's log, is
 # $DIR/logs/vm-NAME-console.log. Everything it holds lives in its memory: stopping
 # its QEMU (process "vm-NAME") removes the host and all its state at once.
 
-start_vm_host() { # name site index (index: 10..250, the underlay address)
-  local name=$1 site=$2 i=$3 hdir=$DIR/hosts/$1 p kernel initrd mport sock mac
+start_vm_host() { # name site index [storage MiB] (index: 10..250, the underlay address)
+  local name=$1 site=$2 i=$3 disk=${4:-} hdir=$DIR/hosts/$1 p kernel initrd mport sock mac
+  local role="--gateway" storage="" drive=()
   p=$(netns_prefix)
   read -r kernel initrd < <("$ROOT/e2e/lib/vm-host-initrd.sh") || die "cannot build the VM host initramfs"
   mkdir -p "$hdir" /run/yukumo
@@ -42,6 +50,23 @@ start_vm_host() { # name site index (index: 10..250, the underlay address)
   sock=/run/yukumo/$p-$name.sock
   echo "$sock" > "$hdir/shell"
   mac=$(printf '52:54:00:79:%02x' "$i")
+  if [ -n "$disk" ]; then
+    truncate -s "${disk}M" "$hdir/pv.img"
+    drive=(-drive "file=$hdir/pv.img,format=raw,if=virtio,cache=unsafe,discard=unmap")
+    role="--iscsi-portal 10.255.0.$i:3260"
+    storage="modprobe -a virtio_blk dm_mod dm_snapshot
+mkdir -p /run/lvm-etc /run/lvm /run/lock/lvm
+cat > /run/lvm-etc/lvm.conf <<'LVM'
+devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 filter = [ \"a|^/dev/vd|\", \"r|.*|\" ] }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+global { use_lvmpolld = 0 }
+LVM
+export LVM_SYSTEM_DIR=/run/lvm-etc LVM_SUPPRESS_FD_WARNINGS=1
+for t in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 1; done
+lvm pvcreate -q /dev/vda && lvm vgcreate -q -s 1m yukumo /dev/vda || echo 'YUKUMO-VM-HOST error=no-volume-group'
+tgtd -f --iscsi portal=10.255.0.$i:3260 >/dev/null 2>&1 &"
+  fi
   "$(plugin_binary)" site join "$site" "$name" --server "https://$VM_API_ADDR:$VM_API_PORT" \
     --duration 48h -o "$hdir/kubeconfig" >>"$DIR/logs/vm-$name-join.log" 2>&1 \
     || die "kubectl yukumo site join $site $name failed: $(tail -n 3 "$DIR/logs/vm-$name-join.log")"
@@ -68,11 +93,12 @@ if [ -c /dev/ttyS1 ]; then
   stty -F /dev/ttyS1 -echo -onlcr -icanon min 1 time 0 2>/dev/null
   (while true; do sh -c 'while read -r m c; do sh -c "\$(echo "\$c" | base64 -d)" </dev/null; echo "__\${m}__\$?"; done' </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
 fi
+$storage
 echo "YUKUMO-VM-HOST ready \$(uname -r)"
 while true; do
   KUBECONFIG=$hdir/kubeconfig RUST_LOG=${RUST_LOG:-info} $(agent_binary) \\
     --host-name $name --site $site --libvirt-uri test:///default \\
-    --gateway --uplink ul0 --underlay-address 10.255.0.$i \\
+    $role --uplink ul0 --underlay-address 10.255.0.$i \\
     --heartbeat-interval ${YUKUMO_HEARTBEAT:-5s} --cpu-overcommit 8 --domain-type qemu \\
     --metrics-addr 10.0.2.15:9464 --state-dir /run/yukumo-agent
   echo "YUKUMO-VM-HOST agent exited with \$?"
@@ -91,7 +117,7 @@ EOF
     -netdev "tap,id=ul,ifname=${p}v${i}u,script=no,downscript=no" \
     -device "virtio-net-pci,netdev=ul,mac=$mac:02" \
     -netdev "tap,id=ext,ifname=${p}v${i}e,script=no,downscript=no" \
-    -device "virtio-net-pci,netdev=ext,mac=$mac:03" \
+    -device "virtio-net-pci,netdev=ext,mac=$mac:03" "${drive[@]}" \
     -serial "file:$DIR/logs/vm-$name-console.log" \
     -serial "unix:$sock,server=on,wait=off"
   # QEMU makes its taps in the namespace it runs in (this one, where its

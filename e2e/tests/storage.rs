@@ -1868,3 +1868,366 @@ fn readers_share_and_exclude_a_writer(pool: &str) {
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
         .unwrap();
 }
+
+/// A storage host with an LVM volume group (e2e/lib/vm-host.sh with a
+/// disk: a VM with the Debian kernel, which has device-mapper, running its
+/// own agent and tgtd) in the Site `local`, cordoned before it registers so
+/// that no VM is placed on it; on drop (also when the test fails) its pool
+/// is taken out of the Site, the VM stopped and its Host deleted.
+struct StorageVm<'a> {
+    env: &'a Env,
+    name: &'static str,
+    shell: PathBuf,
+}
+
+impl<'a> StorageVm<'a> {
+    fn start(env: &'a Env, name: &'static str, index: u32, mib: u32) -> StorageVm<'a> {
+        env.apply(&format!(
+            "apiVersion: yukumo.io/v1alpha1\nkind: Host\nmetadata: {{name: {name}}}\nspec: {{site: local, schedulable: false}}\n"
+        ));
+        // Stopped by the guard also when the start fails half way.
+        let mut vm = StorageVm {
+            env,
+            name,
+            shell: PathBuf::new(),
+        };
+        env.env_sh(&[
+            "start-vm-host",
+            name,
+            "local",
+            &index.to_string(),
+            &mib.to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let shell = std::fs::read_to_string(env.dir.join(format!("hosts/{name}/shell")))
+            .unwrap_or_else(|e| panic!("{name} has no shell socket: {e}"));
+        vm.shell = PathBuf::from(shell.trim());
+        vm
+    }
+
+    /// A shell command in the VM (LVM's configuration in its environment).
+    fn ok(&self, cmd: &str) -> String {
+        let full = format!("export LVM_SYSTEM_DIR=/run/lvm-etc LVM_SUPPRESS_FD_WARNINGS=1; {cmd}");
+        let (out, rc) = guest_sh(&self.shell, &full, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        assert_eq!(rc, 0, "{}: `{cmd}` failed: {out}", self.name);
+        out
+    }
+
+    /// The volume group's logical volumes: "name size tags" lines.
+    fn lvs(&self) -> String {
+        self.ok("lvm lvs --noheadings --units b --nosuffix -o lv_name,lv_size,lv_tags yukumo")
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for StorageVm<'_> {
+    fn drop(&mut self) {
+        let site = self.env.get_json(&["get", "site", "local"]);
+        let pools: Vec<Value> = site["spec"]["storagePools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["host"] != self.name)
+            .collect();
+        let patch =
+            serde_json::json!([{"op": "replace", "path": "/spec/storagePools", "value": pools}]);
+        let _ = self.env.kubectl(&[
+            "patch",
+            "site",
+            "local",
+            "--type",
+            "json",
+            "-p",
+            &patch.to_string(),
+        ]);
+        if let Err(e) = self.env.env_sh(&["stop-vm-host", self.name]) {
+            eprintln!("stopping {}: {e}", self.name);
+        }
+        let _ = self.env.kubectl(&[
+            "delete",
+            "host",
+            self.name,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+    }
+}
+
+/// The sha256 of `mib` MiB of zeros.
+fn zeros_sum(mib: usize) -> String {
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("head -c {} /dev/zero | sha256sum | cut -c1-64", mib << 20),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn an_lvm_backed_iscsi_pool_zeroes_what_it_hands_out_grows_snapshots_copies_and_frees() {
+    let env = Env::get();
+    let ns = "lvm";
+    let vm = StorageVm::start(&env, "store-1", 20, 512);
+    let (_, took) = wait_for(Duration::from_secs(180), "store-1 Ready", || {
+        let h = env.get_json(&["get", "host", "store-1"]);
+        match condition(&h, "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(h),
+            c => Err(format!("{c:?}")),
+        }
+    })
+    .unwrap();
+    println!("storage VM host Ready after {:.1}s", took.as_secs_f64());
+    assert_eq!(
+        env.get_json(&["get", "host", "store-1"])["spec"]["schedulable"],
+        false,
+        "the operator's cordon survives the agent's registration"
+    );
+    // The operator's own logical volume (not yukumo's: never touched, its
+    // room not the pool's), then 128 MiB of another tenant's bytes on the
+    // extents after it, freed: the pool's first volume and its growth get
+    // exactly those extents.
+    vm.ok("lvm lvcreate -q -y -L 32m -n other yukumo");
+    vm.ok(
+        "lvm lvcreate -q -y --zero n -L 128m -n junk yukumo && tr '\\000' '\\253' </dev/zero | dd of=/dev/yukumo/junk bs=1M count=128 2>/dev/null; sync; lvm lvremove -q -y yukumo/junk",
+    );
+    // Refused by the API server, naming the field.
+    for (bad, says) in [
+        (
+            r#"{"name":"bad","type":"dir","host":"store-1","lvm":{"volumeGroup":"yukumo"}}"#,
+            "only allowed with type iscsi",
+        ),
+        (
+            r#"{"name":"bad","type":"iscsi","host":"store-1","path":"/x","lvm":{"volumeGroup":"yukumo"}}"#,
+            "logical volumes of its volume group",
+        ),
+    ] {
+        let patch = format!(r#"[{{"op":"add","path":"/spec/storagePools/-","value":{bad}}}]"#);
+        let out = env.kubectl(&[
+            "patch",
+            "site",
+            "local",
+            "--type",
+            "json",
+            "-p",
+            &patch,
+            "--dry-run=server",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{bad}: {err}");
+    }
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/storagePools/-","value":{"name":"lvm","type":"iscsi","host":"store-1","lvm":{"volumeGroup":"yukumo"}}}]"#,
+    ])
+    .unwrap();
+    let (pool, took) = wait_for(Duration::from_secs(60), "the lvm pool's capacity", || {
+        let s = env.get_json(&["get", "site", "local"]);
+        let p = s["status"]["storagePools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == "lvm"))
+            .cloned();
+        match p {
+            Some(p) if p["capacityBytes"].as_u64().unwrap_or(0) > 0 => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    println!(
+        "lvm pool in the Site's status after {:.1}s: {pool}",
+        took.as_secs_f64()
+    );
+    let cap = pool["capacityBytes"].as_u64().unwrap();
+    // 512 MiB less LVM's metadata, less the operator's 32 MiB.
+    assert!(cap > 440 * MI && cap <= 480 * MI, "{pool}");
+    assert_eq!(pool["availableBytes"].as_u64().unwrap(), cap, "{pool}");
+
+    env.apply(&namespace(ns));
+    env.apply(&volume_in(ns, "data", "64Mi", "lvm"));
+    // Not a whole number of 1 MiB extents: refused, naming both.
+    env.apply(&volume_in(ns, "odd", "3584Ki", "lvm"));
+    let (vol, took) = available(&env, ns, "data", 90);
+    println!(
+        "LVM volume created, zeroed and exported in {:.1}s",
+        took.as_secs_f64()
+    );
+    let vuid = vol["metadata"]["uid"].as_str().unwrap().to_string();
+    let b = &vol["status"]["backing"];
+    assert_eq!(b["path"], format!("/dev/yukumo/{vuid}.raw").as_str(), "{b}");
+    assert_eq!(b["iscsi"]["portal"], "10.255.0.20:3260", "{b}");
+    let (_, took) = wait_for(Duration::from_secs(60), "odd refused", || {
+        let v = get(&env, ns, &["volume", "odd"]);
+        let c = condition(&v, "Ready");
+        match &c {
+            Some((s, _, m)) if s == "False" && m.contains("not a multiple of the extent size") => {
+                Ok(())
+            }
+            _ => Err(format!("{c:?}")),
+        }
+    })
+    .unwrap();
+    println!("odd size refused after {:.1}s", took.as_secs_f64());
+    let lvs = vm.lvs();
+    assert!(
+        lvs.contains(&format!("{vuid}.raw 67108864 yukumo")),
+        "{lvs}"
+    );
+    assert!(lvs.lines().any(|l| l == "other 33554432"), "{lvs}");
+
+    // A guest on a simulated host (store-1 is cordoned) reads zeros where
+    // another tenant's bytes were, writes, and sees an online grow whose
+    // new extents (more of those bytes) read as zeros too.
+    env.apply(&cluster(ns, "vc", &["data"], true));
+    let (sock, _) = frontend(&env, ns, "vc");
+    assert_eq!(
+        guest_disk(&sock, "vdc"),
+        Some((64 * MI, serial_of(&vuid).to_string()))
+    );
+    assert_eq!(
+        sh(
+            &sock,
+            "dd if=/dev/vdc bs=1048576 count=64 2>/dev/null | sha256sum | cut -c1-64"
+        ),
+        zeros_sum(64),
+        "a new volume reads as zeros"
+    );
+    let sum = fill(&sock, 16);
+    grow_online(&env, ns, "data", &sock, 96);
+    assert_eq!(
+        sh(
+            &sock,
+            "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdc bs=1048576 skip=64 count=32 iflag=direct 2>/dev/null | sha256sum | cut -c1-64"
+        ),
+        zeros_sum(32),
+        "the grown part reads as zeros"
+    );
+    assert_eq!(checksum(&sock, 16), sum);
+
+    // Detached, a snapshot is taken; a new volume is made from it, and one
+    // from the tiny guest's image.
+    env.apply(&cluster(ns, "vc", &[], true));
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "volume",
+        "data",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"snapshots":[{"name":"s1"}]}}"#,
+    ])
+    .unwrap();
+    let (_, took) = wait_for(Duration::from_secs(90), "snapshot taken", || {
+        let v = get(&env, ns, &["volume", "data"]);
+        match v["status"]["snapshots"][0]["name"].as_str() {
+            Some("s1") => Ok(()),
+            _ => Err(format!("{}", v["status"])),
+        }
+    })
+    .unwrap();
+    println!("LVM snapshot taken in {:.1}s", took.as_secs_f64());
+    let (path, isum) = tiny_image();
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: copy, namespace: {ns}}}\nspec: {{size: 128Mi, pool: lvm, source: {{snapshot: {{volume: data, name: s1}}}}}}\n---\napiVersion: yukumo.io/v1alpha1\nkind: Volume\nmetadata: {{name: img, namespace: {ns}}}\nspec: {{size: 64Mi, pool: lvm, source: {{image: {{url: 'file://{path}', checksum: '{isum}'}}}}}}\n"
+    ));
+    let (copy, took) = available(&env, ns, "copy", 120);
+    println!(
+        "LVM volume copied from the snapshot in {:.1}s",
+        took.as_secs_f64()
+    );
+    let (img, took) = available(&env, ns, "img", 120);
+    println!("LVM volume from the image in {:.1}s", took.as_secs_f64());
+    let lvs = vm.lvs();
+    assert!(
+        lvs.contains(&format!("{vuid}+s1.raw 100663296 yukumo")),
+        "{lvs}"
+    );
+    assert!(
+        !lvs.contains("yk-copy-") && !lvs.contains("yk-zero") && !lvs.contains("yk-copying"),
+        "{lvs}"
+    );
+
+    // All three attached: the data, the snapshot's copy (grown to its
+    // size, zeros after), and the image's bytes.
+    env.apply(&cluster(ns, "vc", &["data", "copy", "img"], true));
+    let serial = |v: &Value| serial_of(v["metadata"]["uid"].as_str().unwrap()).to_string();
+    let want = [serial(&vol), serial(&copy), serial(&img)];
+    let (devs, _) = wait_for(Duration::from_secs(90), "three volumes attached", || {
+        let seen: Vec<(String, u64, String)> = ["vdc", "vdd", "vde"]
+            .iter()
+            .filter_map(|d| guest_disk(&sock, d).map(|(b, s)| (d.to_string(), b, s)))
+            .collect();
+        let dev = |s: &str| seen.iter().find(|d| d.2 == s).cloned();
+        match (dev(&want[0]), dev(&want[1]), dev(&want[2])) {
+            (Some(a), Some(b), Some(c)) => Ok([a, b, c]),
+            _ => Err(format!("{seen:?}")),
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        (devs[0].1, devs[1].1, devs[2].1),
+        (96 * MI, 128 * MI, 64 * MI)
+    );
+    let first = |dev: &str, blocks: u32| {
+        sh(
+            &sock,
+            &format!(
+                "dd if=/dev/{dev} bs=65536 count={blocks} 2>/dev/null | sha256sum | cut -c1-64"
+            ),
+        )
+    };
+    assert_eq!(first(&devs[0].0, 16), sum, "the data");
+    assert_eq!(first(&devs[1].0, 16), sum, "the copy from the snapshot");
+    assert_eq!(
+        sh(
+            &sock,
+            &format!(
+                "dd if=/dev/{} bs=1048576 skip=96 count=32 2>/dev/null | sha256sum | cut -c1-64",
+                devs[1].0
+            )
+        ),
+        zeros_sum(32),
+        "the copy's growth reads as zeros"
+    );
+    assert_eq!(first(&devs[2].0, 16), first("vda", 16), "the image");
+
+    // Everything goes: the logical volumes are removed (the operator's
+    // stays), the targets too, and the pool's room is whole again.
+    env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
+        .unwrap();
+    for v in ["data", "copy", "img", "odd"] {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap();
+    }
+    let lvs = vm.lvs();
+    assert_eq!(
+        lvs, "other 33554432",
+        "only the operator's logical volume is left"
+    );
+    let targets = vm.ok("tgtadm --lld iscsi --mode target --op show");
+    assert!(!targets.contains("iqn."), "{targets}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
+        .unwrap();
+    drop(vm);
+}

@@ -332,6 +332,7 @@ async fn agent() -> anyhow::Result<()> {
                     netns: args.netns.clone(),
                     conf_dir: args.state_dir.join("ceph"),
                 },
+                lvm: storage::lvm::Lvm::default(),
             },
             storage::targets::Tgt {
                 control_port: args.iscsi_control_port,

@@ -186,6 +186,12 @@ impl Site {
 #[x_kube(validation = kube::core::Rule::new(
     "self.type != 'rbd' || !has(self.path)"
 ).message("path is a folder of dir and iscsi pools; an rbd pool's images live in its Ceph pool").field_path(".path"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.lvm) || self.type == 'iscsi'"
+).message("lvm backs an iscsi pool's volumes with logical volumes; it is only allowed with type iscsi").field_path(".lvm"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.lvm) || !has(self.path)"
+).message("path is the folder of a file-backed pool; an lvm-backed pool's volumes are logical volumes of its volume group").field_path(".path"))]
 pub struct StoragePool {
     /// Pool name (DNS label), e.g. `default`.
     #[schemars(
@@ -195,8 +201,9 @@ pub struct StoragePool {
     pub name: String,
     /// Backend: `dir` (qcow2 files in a folder of one host; a VM using a
     /// volume of it runs on that host), `iscsi` (raw files in a folder of
-    /// one host, each exported by that host's iSCSI target and attached by
-    /// QEMU's own initiator on any host of the Site) or `rbd` (images in a
+    /// one host, or logical volumes of its volume group with `lvm`, each
+    /// exported by that host's iSCSI target and attached by QEMU's own
+    /// initiator on any host of the Site) or `rbd` (images in a
     /// Ceph pool, attached by QEMU's librbd on any host of the Site).
     #[serde(rename = "type")]
     pub type_: PoolType,
@@ -215,6 +222,28 @@ pub struct StoragePool {
     /// The Ceph pool of an `rbd` pool (required with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph: Option<CephPool>,
+    /// An `iscsi` pool backed by LVM instead of files: each volume (and
+    /// snapshot) is a logical volume of this volume group on the pool's
+    /// host, exported by its iSCSI target as a block device. The volume
+    /// group is the fleet operator's (it may hold other logical volumes:
+    /// yukumo touches only those tagged `yukumo`); the pool's capacity and
+    /// free space are the group's. Volume sizes must be multiples of the
+    /// group's extent size (refused with a condition otherwise), so that a
+    /// guest sees exactly the size asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<LvmPool>,
+}
+
+/// The LVM volume group holding an `iscsi` pool's volumes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LvmPool {
+    /// The volume group's name on the pool's host (e.g. `yukumo`).
+    #[schemars(
+        length(min = 1, max = 127),
+        regex(pattern = "^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
+    )]
+    pub volume_group: String,
 }
 
 /// A Ceph pool holding an `rbd` pool's images. Every agent of the Site

@@ -12,6 +12,7 @@ use yukumo_api::site::{PoolType, StoragePool as PoolSpec};
 
 use super::ceph::Ceph;
 use super::decide::{PoolSeen, StorageOp, VolSeen};
+use super::lvm::Lvm;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 
 /// The libvirt pool of a yukumo pool.
@@ -35,17 +36,20 @@ pub trait Pools: Send + Sync + Clone + 'static {
 }
 
 /// A host's pools by backend: `dir` and `iscsi` pools through libvirt
-/// (`P`), `rbd` pools through Ceph's tools.
+/// (`P`), `rbd` pools through Ceph's tools, LVM-backed `iscsi` pools
+/// through LVM's.
 #[derive(Clone)]
 pub struct HostPools<P: Pools> {
     pub libvirt: P,
     pub ceph: Ceph,
+    pub lvm: Lvm,
 }
 
 impl<P: Pools> Pools for HostPools<P> {
     async fn observe(&self, pool: &PoolSpec) -> Result<PoolSeen, HypervisorError> {
         match pool.type_ {
             PoolType::Rbd => self.ceph.observe(pool).await,
+            PoolType::Iscsi if pool.lvm.is_some() => self.lvm.observe(pool).await,
             PoolType::Dir | PoolType::Iscsi => self.libvirt.observe(pool).await,
         }
     }
@@ -53,6 +57,7 @@ impl<P: Pools> Pools for HostPools<P> {
     async fn apply(&self, pool: &PoolSpec, op: StorageOp) -> Result<(), HypervisorError> {
         match pool.type_ {
             PoolType::Rbd => self.ceph.apply(pool, op).await,
+            PoolType::Iscsi if pool.lvm.is_some() => self.lvm.apply(pool, op).await,
             PoolType::Dir | PoolType::Iscsi => self.libvirt.apply(pool, op).await,
         }
     }
@@ -323,6 +328,7 @@ mod tests {
             host: "h".into(),
             path: None,
             ceph: None,
+            lvm: None,
         }
     }
 

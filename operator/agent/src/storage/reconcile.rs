@@ -120,10 +120,14 @@ impl<P: Pools, T: Targets> StorageCtx<P, T> {
         })
     }
 
-    /// The folder of a pool of this host (`rbd`: its Ceph pool).
+    /// The folder of a pool of this host (`rbd`: its Ceph pool; `lvm`:
+    /// its volume group).
     fn path(&self, pool: &StoragePool) -> String {
         if let Some(c) = &pool.ceph {
             return c.pool.clone();
+        }
+        if let Some(l) = &pool.lvm {
+            return l.volume_group.clone();
         }
         pool.path.clone().unwrap_or_else(|| {
             self.state_dir

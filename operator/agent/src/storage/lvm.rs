@@ -1,0 +1,698 @@
+//! LVM-backed `iscsi` pools: each volume (and snapshot) is a logical volume
+//! of the pool's volume group, made, grown, copied and removed with LVM's
+//! own tools (`lvm lvcreate|lvextend|lvremove|lvs|vgs`) and exported by the
+//! host's tgtd as a block device (`/dev/VG/LV`), exactly as a file-backed
+//! pool's files are.
+//!
+//! - The volume group is the fleet operator's and may hold other logical
+//!   volumes: yukumo lists and touches only those tagged [`TAG`]; the pool's
+//!   capacity is the group's size less what the others take.
+//! - A logical volume is made of extents that may have held another
+//!   tenant's data, so every extent a volume gets is zeroed before anything
+//!   reads it: a new volume whole, a grown one from its old end. The range
+//!   still to zero is kept in a tag (`yk-zero-from-N`) until it is done,
+//!   and a copy under way carries `yk-copying`: such a volume is not
+//!   reported (so never exported); an agent killed in between finishes the
+//!   zeroing, or removes the half copy, on its next look.
+//! - Changes run one at a time per agent (a copy may take minutes; other
+//!   pools and hosts are not held up), and a look repairs only while none
+//!   runs, so it never mistakes a copy under way for a leftover.
+//! - Sizes are multiples of the group's extent size, so that a guest sees
+//!   exactly the size asked for; any other size is refused with a message
+//!   naming both.
+//! - A copy (a snapshot taken, a restore, a volume seeded from a snapshot)
+//!   is read from a temporary LVM snapshot of the source (`yk-copy-…`), so it
+//!   is a point in time even while a guest writes the source.
+//!
+//! Names: a decision's file name is the logical volume's name, with a
+//! snapshot's `@` stored as `+` (LVM allows no `@`), as in `rbd` pools.
+
+use std::process::Stdio;
+
+use yukumo_api::site::{LvmPool, StoragePool};
+
+use super::ceph::{file_of, image_of};
+use super::decide::{PoolSeen, StorageOp, VolSeen};
+use crate::hypervisor::HypervisorError;
+
+/// The tag of every logical volume yukumo made.
+pub const TAG: &str = "yukumo";
+/// The tag prefix of a volume whose extents from N on are not zeroed yet.
+const ZERO_TAG: &str = "yk-zero-from-";
+/// The tag of a volume whose copy is under way.
+const COPYING: &str = "yk-copying";
+/// The name prefix of a temporary snapshot a copy is read from.
+const COPY_PREFIX: &str = "yk-copy-";
+
+/// LVM's tools, run by the agent.
+#[derive(Clone, Debug, Default)]
+pub struct Lvm {
+    /// Held by each change, and by a look that repairs.
+    busy: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+fn err(message: impl Into<String>) -> HypervisorError {
+    HypervisorError::Storage {
+        message: message.into(),
+    }
+}
+
+fn lvm_of(pool: &StoragePool) -> Result<&LvmPool, HypervisorError> {
+    pool.lvm
+        .as_ref()
+        .ok_or_else(|| err(format!("pool {:?} has no lvm settings", pool.name)))
+}
+
+/// A volume group as `vgs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vg {
+    pub size: u64,
+    pub free: u64,
+    pub extent: u64,
+}
+
+/// A logical volume as `lvs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lv {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    pub tags: Vec<String>,
+}
+
+impl Lv {
+    /// Made by yukumo (a volume, a snapshot, a copy's temporary snapshot).
+    fn tagged(&self) -> bool {
+        self.tags.iter().any(|t| t == TAG)
+    }
+
+    /// A volume or snapshot of yukumo's.
+    fn ours(&self) -> bool {
+        self.tagged() && !self.name.starts_with(COPY_PREFIX)
+    }
+
+    /// Not finished: zeroing or a copy is under way (or was cut off).
+    fn pending(&self) -> bool {
+        self.zero_from().is_some() || self.tags.iter().any(|t| t == COPYING)
+    }
+
+    /// Where zeroing has still to start, if it has not finished.
+    fn zero_from(&self) -> Option<u64> {
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(ZERO_TAG)?.parse().ok())
+    }
+}
+
+fn num(v: &serde_json::Value, key: &str) -> Result<u64, String> {
+    let s = v[key]
+        .as_str()
+        .ok_or_else(|| format!("lvm report: no {key}"))?;
+    s.trim()
+        .trim_end_matches(['B', 'b'])
+        .parse()
+        .map_err(|_| format!("lvm report: {key} {s:?} is not a number of bytes"))
+}
+
+/// The rows of an `lvm … --reportformat json` report of `kind` (`vg`, `lv`).
+fn rows(json: &[u8], kind: &str) -> Result<Vec<serde_json::Value>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("lvm report: {e}"))?;
+    Ok(v["report"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r[kind].as_array().cloned().unwrap_or_default())
+        .collect())
+}
+
+/// `vgs --reportformat json --units b -o vg_size,vg_free,vg_extent_size`.
+pub fn parse_vgs(json: &[u8]) -> Result<Vg, String> {
+    let r = rows(json, "vg")?;
+    let v = r.first().ok_or("lvm report: no volume group")?;
+    Ok(Vg {
+        size: num(v, "vg_size")?,
+        free: num(v, "vg_free")?,
+        extent: num(v, "vg_extent_size")?,
+    })
+}
+
+/// `lvs --reportformat json --units b -o lv_name,lv_path,lv_size,lv_tags`.
+pub fn parse_lvs(json: &[u8]) -> Result<Vec<Lv>, String> {
+    rows(json, "lv")?
+        .iter()
+        .map(|v| {
+            Ok(Lv {
+                name: v["lv_name"].as_str().unwrap_or_default().to_string(),
+                path: v["lv_path"].as_str().unwrap_or_default().to_string(),
+                size: num(v, "lv_size")?,
+                tags: v["lv_tags"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// The pool as the decision sees it: the group's room for yukumo's volumes
+/// (its size less what other logical volumes take) and yukumo's finished
+/// volumes.
+pub fn pool_seen(vg_name: &str, vg: &Vg, lvs: &[Lv]) -> PoolSeen {
+    let others: u64 = lvs.iter().filter(|l| !l.tagged()).map(|l| l.size).sum();
+    PoolSeen {
+        active: true,
+        path: vg_name.to_string(),
+        capacity: vg.size.saturating_sub(others),
+        available: vg.free,
+        volumes: lvs
+            .iter()
+            .filter(|l| l.ours() && !l.pending())
+            .map(|l| {
+                (
+                    file_of(&l.name),
+                    VolSeen {
+                        path: l.path.clone(),
+                        capacity: l.size,
+                        allocation: l.size,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// `bytes` as a volume's size in a group of `extent`-byte extents.
+pub fn check_size(vg_name: &str, extent: u64, bytes: u64) -> Result<(), String> {
+    if extent > 0 && !bytes.is_multiple_of(extent) {
+        return Err(format!(
+            "spec.size: {bytes} bytes is not a multiple of the extent size of volume group {vg_name:?} ({extent} bytes): a logical volume would be larger than asked; give a multiple of it"
+        ));
+    }
+    Ok(())
+}
+
+/// The temporary snapshot's name for copying into `target` (an LV name).
+pub fn copy_name(target: &str) -> String {
+    format!("{COPY_PREFIX}{target}")
+}
+
+/// The copy-on-write room of a temporary snapshot of `size` bytes: a
+/// quarter of it (the copy takes seconds), at least one extent.
+pub fn copy_room(size: u64, extent: u64) -> u64 {
+    let e = extent.max(1);
+    (size / 4).div_ceil(e).max(1) * e
+}
+
+/// Zero bytes `from..to` of a block device in place (the kernel's
+/// write-zeroes, or zero pages where the device has none).
+fn zero_range(path: &str, from: u64, to: u64) -> Result<(), String> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    if to <= from {
+        return Ok(());
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {path} to zero it: {e}"))?;
+    // At most 1 GiB per call, so a big volume is not one uninterruptible call.
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(1 << 30);
+        fallocate(
+            &f,
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            at as i64,
+            n as i64,
+        )
+        .map_err(|e| format!("zeroing {path} from byte {at}: {e}"))?;
+        at += n;
+    }
+    f.sync_all()
+        .map_err(|e| format!("zeroing {path}: flush: {e}"))
+}
+
+impl Lvm {
+    /// Run a program (killed after 120 s); its standard output.
+    async fn exec(&self, program: &str, args: &[String]) -> Result<Vec<u8>, HypervisorError> {
+        let what = format!("{program} {}", args.join(" "));
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => err(format!(
+                    "{program} is not installed where this host's agent runs: an LVM-backed pool's host needs LVM's tools (lvm2) and qemu-img"
+                )),
+                _ => err(format!("{what}: {e}")),
+            })?;
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            child.wait_with_output(),
+        )
+        .await
+        .map_err(|_| err(format!("{what}: no answer in 120 s")))?
+        .map_err(|e| err(format!("{what}: {e}")))?;
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let msg = msg
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("failed")
+                .trim();
+            return Err(err(format!("{what}: {msg}")));
+        }
+        Ok(out.stdout)
+    }
+
+    async fn lvm(&self, args: &[&str]) -> Result<Vec<u8>, HypervisorError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.exec("lvm", &a).await
+    }
+
+    async fn vg(&self, vg: &str) -> Result<Vg, HypervisorError> {
+        let out = self
+            .lvm(&[
+                "vgs",
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "vg_size,vg_free,vg_extent_size",
+                vg,
+            ])
+            .await
+            .map_err(|e| err(format!("volume group {vg:?}: {e}")))?;
+        parse_vgs(&out).map_err(err)
+    }
+
+    async fn lvs(&self, vg: &str) -> Result<Vec<Lv>, HypervisorError> {
+        let out = self
+            .lvm(&[
+                "lvs",
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "lv_name,lv_path,lv_size,lv_tags",
+                vg,
+            ])
+            .await?;
+        parse_lvs(&out).map_err(err)
+    }
+
+    async fn zero(&self, lv: &Lv, from: u64) -> Result<(), HypervisorError> {
+        let (path, to) = (lv.path.clone(), lv.size);
+        tokio::task::spawn_blocking(move || zero_range(&path, from, to))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(err)
+    }
+
+    /// Zero what a volume has not had zeroed yet, then drop its mark.
+    async fn finish_zeroing(&self, vg: &str, lv: &Lv) -> Result<(), HypervisorError> {
+        let Some(from) = lv.zero_from() else {
+            return Ok(());
+        };
+        self.zero(lv, from).await?;
+        let full = format!("{vg}/{}", lv.name);
+        self.lvm(&["lvchange", "--deltag", &format!("{ZERO_TAG}{from}"), &full])
+            .await?;
+        Ok(())
+    }
+
+    async fn find(&self, vg: &str, name: &str) -> Result<Option<Lv>, HypervisorError> {
+        Ok(self.lvs(vg).await?.into_iter().find(|l| l.name == name))
+    }
+
+    /// A new logical volume of `bytes`, tagged, zeroed whole (`copying`:
+    /// marked as a copy under way, see [`Lvm::copied`]).
+    async fn create(
+        &self,
+        vg: &str,
+        name: &str,
+        bytes: u64,
+        copying: bool,
+    ) -> Result<Lv, HypervisorError> {
+        let zero = format!("{ZERO_TAG}0");
+        let mut args = vec![
+            "lvcreate",
+            "--yes",
+            "--wipesignatures",
+            "n",
+            "--zero",
+            "n",
+            "--activate",
+            "y",
+            "--addtag",
+            TAG,
+            "--addtag",
+            &zero,
+        ];
+        if copying {
+            args.extend(["--addtag", COPYING]);
+        }
+        let size = format!("{bytes}b");
+        args.extend(["-L", &size, "-n", name, vg]);
+        self.lvm(&args).await?;
+        let lv = self
+            .find(vg, name)
+            .await?
+            .ok_or_else(|| err(format!("{vg}/{name} is not listed after lvcreate")))?;
+        self.finish_zeroing(vg, &lv).await?;
+        Ok(lv)
+    }
+
+    /// Before making `name` (under the lock): a volume of that name whose
+    /// zeroing was cut off is finished, a cut-off copy removed; whether a
+    /// finished volume is there (then nothing is to be made: a look ran
+    /// while another change held the lock and did not see it).
+    async fn settle(&self, vg: &str, name: &str) -> Result<bool, HypervisorError> {
+        let Some(lv) = self.find(vg, name).await? else {
+            return Ok(false);
+        };
+        if !lv.ours() {
+            return Err(err(format!(
+                "{vg}/{name} exists and is not yukumo's (no tag {TAG:?}): left alone"
+            )));
+        }
+        if lv.tags.iter().any(|t| t == COPYING) {
+            self.remove(vg, name).await?;
+            return Ok(false);
+        }
+        self.finish_zeroing(vg, &lv).await?;
+        Ok(true)
+    }
+
+    /// A copy is whole: the volume may be seen.
+    async fn copied(&self, vg: &str, name: &str) -> Result<(), HypervisorError> {
+        self.lvm(&["lvchange", "--deltag", COPYING, &format!("{vg}/{name}")])
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, vg: &str, name: &str) -> Result<(), HypervisorError> {
+        if self.find(vg, name).await?.is_some() {
+            self.lvm(&["lvremove", "--yes", &format!("{vg}/{name}")])
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn observe(&self, pool: &StoragePool) -> Result<PoolSeen, HypervisorError> {
+        let l = lvm_of(pool)?;
+        let vgn = l.volume_group.as_str();
+        let vg = self.vg(vgn).await?;
+        let mut lvs = self.lvs(vgn).await?;
+        if lvs.iter().any(|lv| lv.ours() && lv.pending()) {
+            // Unfinished work: under way (leave it), or left by an agent
+            // that stopped (finish the zeroing, remove a half copy).
+            if let Ok(_busy) = self.busy.try_lock() {
+                for lv in self.lvs(vgn).await?.iter().filter(|lv| lv.ours()) {
+                    if lv.tags.iter().any(|t| t == COPYING) {
+                        tracing::info!(volume = %lv.name, "removing a copy cut off by a stop");
+                        self.remove(vgn, &lv.name).await?;
+                    } else if lv.zero_from().is_some() {
+                        tracing::info!(volume = %lv.name, "finishing zeroing cut off by a stop");
+                        self.finish_zeroing(vgn, lv).await?;
+                    }
+                }
+                lvs = self.lvs(vgn).await?;
+            }
+        }
+        Ok(pool_seen(vgn, &vg, &lvs))
+    }
+
+    pub async fn apply(&self, pool: &StoragePool, op: StorageOp) -> Result<(), HypervisorError> {
+        let l = lvm_of(pool)?;
+        let vgn = l.volume_group.as_str();
+        let _busy = self.busy.lock().await;
+        match op {
+            // The volume group is the fleet operator's: it must exist.
+            StorageOp::EnsurePool { .. } => {
+                self.vg(vgn).await?;
+            }
+            StorageOp::Create { name, bytes } => {
+                let vg = self.vg(vgn).await?;
+                check_size(vgn, vg.extent, bytes).map_err(err)?;
+                if !self.settle(vgn, &image_of(&name)).await? {
+                    self.create(vgn, &image_of(&name), bytes, false).await?;
+                }
+            }
+            StorageOp::Grow { name, bytes } => {
+                let vg = self.vg(vgn).await?;
+                check_size(vgn, vg.extent, bytes).map_err(err)?;
+                let lvn = image_of(&name);
+                let lv = self
+                    .find(vgn, &lvn)
+                    .await?
+                    .ok_or_else(|| err(format!("{vgn}/{lvn} does not exist")))?;
+                if lv.size >= bytes {
+                    return Ok(());
+                }
+                let full = format!("{vgn}/{lvn}");
+                // Marked first: the new extents are zeroed even if this
+                // agent stops right after the extension.
+                self.lvm(&[
+                    "lvchange",
+                    "--addtag",
+                    &format!("{ZERO_TAG}{}", lv.size),
+                    &full,
+                ])
+                .await?;
+                self.lvm(&["lvextend", "--yes", "-L", &format!("{bytes}b"), &full])
+                    .await?;
+                let lv = self
+                    .find(vgn, &lvn)
+                    .await?
+                    .ok_or_else(|| err(format!("{full} is not listed after lvextend")))?;
+                self.finish_zeroing(vgn, &lv).await?;
+            }
+            StorageOp::Delete { name } => {
+                let lvn = image_of(&name);
+                if let Some(lv) = self.find(vgn, &lvn).await? {
+                    if !lv.ours() {
+                        return Err(err(format!(
+                            "{vgn}/{lvn} is not yukumo's (no tag {TAG:?}): left alone"
+                        )));
+                    }
+                    self.remove(vgn, &lvn).await?;
+                }
+            }
+            StorageOp::Clone { from, name } => {
+                let vg = self.vg(vgn).await?;
+                let (src, dst) = (image_of(&from), image_of(&name));
+                let s = self
+                    .find(vgn, &src)
+                    .await?
+                    .ok_or_else(|| err(format!("{vgn}/{src} does not exist")))?;
+                let snap = copy_name(&dst);
+                // A copy left by a stopped agent goes first.
+                self.remove(vgn, &snap).await?;
+                if self.settle(vgn, &dst).await? {
+                    return Ok(());
+                }
+                self.lvm(&[
+                    "lvcreate",
+                    "--yes",
+                    "--snapshot",
+                    "--addtag",
+                    TAG,
+                    "-L",
+                    &format!("{}b", copy_room(s.size, vg.extent)),
+                    "-n",
+                    &snap,
+                    &format!("{vgn}/{src}"),
+                ])
+                .await?;
+                let copied = async {
+                    let d = self.create(vgn, &dst, s.size, true).await?;
+                    self.exec(
+                        "qemu-img",
+                        &[
+                            "convert".into(),
+                            "-n".into(),
+                            "--target-is-zero".into(),
+                            "-f".into(),
+                            "raw".into(),
+                            "-O".into(),
+                            "raw".into(),
+                            format!("/dev/{vgn}/{snap}"),
+                            d.path.clone(),
+                        ],
+                    )
+                    .await?;
+                    self.copied(vgn, &dst).await
+                }
+                .await;
+                if copied.is_err() {
+                    let _ = self.remove(vgn, &dst).await;
+                }
+                let removed = self.remove(vgn, &snap).await;
+                copied?;
+                removed?;
+            }
+            StorageOp::CopyImage { image, bytes, name } => {
+                let vg = self.vg(vgn).await?;
+                let lvn = image_of(&name);
+                if self.settle(vgn, &lvn).await? {
+                    return Ok(());
+                }
+                // An image's size need not be a multiple of the extent size:
+                // the volume is grown to its own (checked) size next.
+                let size = bytes.div_ceil(vg.extent.max(1)) * vg.extent.max(1);
+                let d = self.create(vgn, &lvn, size, true).await?;
+                let copied = self
+                    .exec(
+                        "qemu-img",
+                        &[
+                            "convert".into(),
+                            "-n".into(),
+                            "--target-is-zero".into(),
+                            "-O".into(),
+                            "raw".into(),
+                            image.to_string_lossy().into_owned(),
+                            d.path.clone(),
+                        ],
+                    )
+                    .await;
+                let copied = match copied {
+                    Ok(_) => self.copied(vgn, &lvn).await,
+                    Err(e) => Err(e),
+                };
+                if copied.is_err() {
+                    let _ = self.remove(vgn, &lvn).await;
+                }
+                copied?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VGS: &[u8] = br#"  {
+      "report": [
+          {
+              "vg": [
+                  {"vg_size":"1069547520", "vg_free":"935329792", "vg_extent_size":"1048576"}
+              ]
+          }
+      ]
+  }
+"#;
+
+    const LVS: &[u8] = br#"  {
+      "report": [
+          {
+              "lv": [
+                  {"lv_name":"root", "lv_path":"/dev/yk/root", "lv_size":"67108864", "lv_tags":""},
+                  {"lv_name":"6f1c7e4a-0000-4000-8000-000000000001.raw", "lv_path":"/dev/yk/6f1c7e4a-0000-4000-8000-000000000001.raw", "lv_size":"33554432", "lv_tags":"yukumo"},
+                  {"lv_name":"6f1c7e4a-0000-4000-8000-000000000001+s1.raw", "lv_path":"/dev/yk/6f1c7e4a-0000-4000-8000-000000000001+s1.raw", "lv_size":"33554432", "lv_tags":"yk-zero-from-0,yukumo"},
+                  {"lv_name":"yk-copy-x.raw", "lv_path":"/dev/yk/yk-copy-x.raw", "lv_size":"8388608", "lv_tags":"yukumo"},
+                  {"lv_name":"6f1c7e4a-0000-4000-8000-000000000002.raw", "lv_path":"/dev/yk/6f1c7e4a-0000-4000-8000-000000000002.raw", "lv_size":"33554432", "lv_tags":"yk-copying,yukumo"}
+              ]
+          }
+      ]
+  }
+"#;
+
+    #[test]
+    fn vgs_and_lvs_reports_are_read() {
+        assert_eq!(
+            parse_vgs(VGS).unwrap(),
+            Vg {
+                size: 1069547520,
+                free: 935329792,
+                extent: 1 << 20
+            }
+        );
+        let lvs = parse_lvs(LVS).unwrap();
+        assert_eq!(lvs.len(), 5);
+        assert!(lvs[2].pending() && lvs[4].pending() && !lvs[1].pending());
+        assert_eq!(lvs[2].tags, vec!["yk-zero-from-0", "yukumo"]);
+        assert_eq!(lvs[2].zero_from(), Some(0));
+        assert_eq!(lvs[1].zero_from(), None);
+        assert!(parse_vgs(br#"{"report":[{"vg":[]}]}"#).is_err());
+        assert!(parse_lvs(b"{").is_err());
+        assert!(parse_lvs(br#"{"report":[{"lv":[]}]}"#).unwrap().is_empty());
+        assert!(
+            parse_lvs(br#"{"report":[{"lv":[{"lv_name":"a","lv_size":"x"}]}]}"#)
+                .unwrap_err()
+                .contains("lv_size")
+        );
+    }
+
+    #[test]
+    fn only_yukumos_volumes_are_seen_and_others_take_room() {
+        let seen = pool_seen("yk", &parse_vgs(VGS).unwrap(), &parse_lvs(LVS).unwrap());
+        assert!(seen.active);
+        assert_eq!(seen.path, "yk");
+        // The operator's `root` is not ours; its size is not the pool's.
+        // Unfinished volumes (zeroing, copying) are not seen yet.
+        assert_eq!(seen.capacity, 1069547520 - 67108864);
+        assert_eq!(seen.available, 935329792);
+        let names: Vec<&str> = seen.volumes.keys().map(String::as_str).collect();
+        assert_eq!(names, vec!["6f1c7e4a-0000-4000-8000-000000000001.raw"]);
+        let v = &seen.volumes["6f1c7e4a-0000-4000-8000-000000000001.raw"];
+        assert_eq!(v.path, "/dev/yk/6f1c7e4a-0000-4000-8000-000000000001.raw");
+        assert_eq!(v.capacity, 32 << 20);
+        let mut lvs = parse_lvs(LVS).unwrap();
+        lvs[2].tags.retain(|t| t == TAG);
+        let seen = pool_seen("yk", &parse_vgs(VGS).unwrap(), &lvs);
+        assert_eq!(
+            seen.volumes["6f1c7e4a-0000-4000-8000-000000000001@s1.raw"].path,
+            "/dev/yk/6f1c7e4a-0000-4000-8000-000000000001+s1.raw"
+        );
+    }
+
+    #[test]
+    fn sizes_must_be_whole_extents() {
+        assert!(check_size("yk", 1 << 20, 64 << 20).is_ok());
+        let e = check_size("yk", 4 << 20, (64 << 20) + (1 << 20)).unwrap_err();
+        assert!(
+            e.contains("spec.size") && e.contains("\"yk\"") && e.contains("4194304"),
+            "{e}"
+        );
+        assert_eq!(copy_room(64 << 20, 1 << 20), 16 << 20);
+        assert_eq!(copy_room(1 << 20, 4 << 20), 4 << 20);
+    }
+
+    #[test]
+    fn zeroing_a_range_writes_zeros_there_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev");
+        std::fs::write(&p, vec![0xabu8; 3 * 4096]).unwrap();
+        let path = p.to_string_lossy().into_owned();
+        match zero_range(&path, 4096, 2 * 4096) {
+            Ok(()) => {
+                let b = std::fs::read(&p).unwrap();
+                assert!(b[..4096].iter().all(|&x| x == 0xab));
+                assert!(b[4096..8192].iter().all(|&x| x == 0));
+                assert!(b[8192..].iter().all(|&x| x == 0xab));
+            }
+            // Some file systems (tmpfs, overlay) have no zero-range.
+            Err(e) => assert!(e.contains("zeroing"), "{e}"),
+        }
+        assert!(zero_range(&path, 10, 10).is_ok());
+        assert!(
+            zero_range("/nonexistent/dev", 0, 1)
+                .unwrap_err()
+                .contains("opening")
+        );
+    }
+}
