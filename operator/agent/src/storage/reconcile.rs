@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -781,15 +782,41 @@ pub async fn run<P: Pools, T: Targets>(
     let cfg = watcher::Config::default().labels(&format!("{}={}", labels::STORAGE_HOST, ctx.host));
     let reporter = {
         let (ctx, mut shutdown) = (ctx.clone(), shutdown.clone());
+        // A pool declared, moved or removed on the Site is reported at once,
+        // not at the next resync: the Site's spec changes wake the report.
+        let mut site_specs = watcher(
+            Api::<Site>::all(ctx.client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", ctx.site)),
+        )
+        .default_backoff()
+        .applied_objects()
+        .boxed();
         async move {
+            let mut generation = None;
             loop {
                 if let Err(e) = report(&ctx).await {
                     tracing::warn!(error = %e, "storage pool report failed");
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = ctx.changed.notified() => {}
-                    _ = shutdown.changed() => return,
+                let tick = tokio::time::sleep(every);
+                tokio::pin!(tick);
+                loop {
+                    tokio::select! {
+                        _ = &mut tick => break,
+                        _ = ctx.changed.notified() => break,
+                        _ = shutdown.changed() => return,
+                        ev = site_specs.next() => match ev {
+                            Some(Ok(site)) if site.metadata.generation != generation => {
+                                let first = generation.is_none();
+                                generation = site.metadata.generation;
+                                if !first {
+                                    break;
+                                }
+                            }
+                            Some(_) => {}
+                            // The watch ended (never, with a backoff): the resync stays.
+                            None => tokio::time::sleep(every).await,
+                        },
+                    }
                 }
             }
         }
