@@ -362,3 +362,44 @@ async fn a_volume_held_by_another_cluster_is_not_taken() {
     api.finish(task).await.unwrap().unwrap();
     assert!(api.event_reasons().contains(&"VolumeInUse".to_string()));
 }
+
+/// A reservation ending sooner than a capacity wait's retry: the requeue
+/// comes at the end, not at the retry (nodes are deleted on time).
+#[tokio::test]
+async fn a_capacity_wait_never_postpones_the_reservations_end() {
+    let (client, mut api) = ApiMock::new();
+    let mut f = fleet();
+    f.hosts = vec![obj(host("h1", 1))];
+    let ctx = ctx(client, f);
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let at = |s: i64| {
+        k8s_openapi::jiff::Timestamp::from_second(now + s)
+            .unwrap()
+            .to_string()
+    };
+    let mut c = cluster(1);
+    c["spec"]["reservation"] = json!({"start": at(-60), "end": at(3), "endAction": "Delete"});
+    c["status"] = json!({"capacityAdmittedAt": at(-120)});
+    let task = tokio::spawn(reconcile(Arc::new(obj(c)), ctx));
+    // The frontend fits (1 cpu); the worker does not: a capacity wait.
+    api.expect(Method::PATCH, NODES, |s| {
+        (StatusCode::CREATED, created(&s.body))
+    })
+    .await;
+    api.expect(Method::PATCH, CLUSTER, |s| {
+        (StatusCode::OK, with_status(&s.body))
+    })
+    .await;
+    let action = api.finish(task).await.unwrap().unwrap();
+    // `Action` has no accessor: its Debug form names the delay.
+    let shown = format!("{action:?}");
+    let secs: f64 = shown
+        .split_once("Some(")
+        .and_then(|(_, r)| r.split_once("s)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        (1.0..=3.3).contains(&secs),
+        "{shown}: at the reservation's end, not the capacity retry (10 s)"
+    );
+}
