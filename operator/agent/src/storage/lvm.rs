@@ -44,9 +44,33 @@ const COPYING: &str = "yk-copying";
 /// The name prefix of a temporary snapshot a copy is read from.
 const COPY_PREFIX: &str = "yk-copy-";
 
+/// What LVM-backed pools need of their host: its programs (`lvm`,
+/// `qemu-img`) and zeroing a range of a block device. [`Tools`] on a real
+/// host; a fake volume group in tests.
+pub trait LvmHost: Send + Sync + 'static {
+    /// Run a program; its standard output, or its last line of errors.
+    fn run(
+        &self,
+        program: &str,
+        args: &[String],
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, HypervisorError>> + Send;
+    /// Write zeros over bytes `from..to` of the block device at `path`.
+    fn zero(
+        &self,
+        path: &str,
+        from: u64,
+        to: u64,
+    ) -> impl std::future::Future<Output = Result<(), HypervisorError>> + Send;
+}
+
+/// The host's own programs and block devices.
+#[derive(Clone, Debug, Default)]
+pub struct Tools;
+
 /// LVM's tools, run by the agent.
 #[derive(Clone, Debug, Default)]
-pub struct Lvm {
+pub struct Lvm<H: LvmHost = Tools> {
+    host: std::sync::Arc<H>,
     /// Held by each change, and by a look that repairs.
     busy: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -235,9 +259,9 @@ fn zero_range(path: &str, from: u64, to: u64) -> Result<(), String> {
         .map_err(|e| format!("zeroing {path}: flush: {e}"))
 }
 
-impl Lvm {
+impl LvmHost for Tools {
     /// Run a program (killed after 120 s); its standard output.
-    async fn exec(&self, program: &str, args: &[String]) -> Result<Vec<u8>, HypervisorError> {
+    async fn run(&self, program: &str, args: &[String]) -> Result<Vec<u8>, HypervisorError> {
         let what = format!("{program} {}", args.join(" "));
         let child = tokio::process::Command::new(program)
             .args(args)
@@ -270,6 +294,28 @@ impl Lvm {
             return Err(err(format!("{what}: {msg}")));
         }
         Ok(out.stdout)
+    }
+
+    async fn zero(&self, path: &str, from: u64, to: u64) -> Result<(), HypervisorError> {
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || zero_range(&path, from, to))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(err)
+    }
+}
+
+impl<H: LvmHost> Lvm<H> {
+    #[cfg(test)]
+    fn on(host: H) -> Self {
+        Lvm {
+            host: std::sync::Arc::new(host),
+            busy: Default::default(),
+        }
+    }
+
+    async fn exec(&self, program: &str, args: &[String]) -> Result<Vec<u8>, HypervisorError> {
+        self.host.run(program, args).await
     }
 
     async fn lvm(&self, args: &[&str]) -> Result<Vec<u8>, HypervisorError> {
@@ -313,11 +359,7 @@ impl Lvm {
     }
 
     async fn zero(&self, lv: &Lv, from: u64) -> Result<(), HypervisorError> {
-        let (path, to) = (lv.path.clone(), lv.size);
-        tokio::task::spawn_blocking(move || zero_range(&path, from, to))
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .map_err(err)
+        self.host.zero(&lv.path, from, lv.size).await
     }
 
     /// Zero what a volume has not had zeroed yet, then drop its mark.
@@ -693,6 +735,367 @@ mod tests {
             zero_range("/nonexistent/dev", 0, 1)
                 .unwrap_err()
                 .contains("opening")
+        );
+    }
+
+    /// A volume group `yk` of 1 MiB extents, kept in memory, run through
+    /// the `lvm` command lines this module sends; `fail` makes the next
+    /// command line containing it fail once (an agent stopped there).
+    #[derive(Default)]
+    struct FakeVg {
+        lvs: std::sync::Mutex<Vec<Lv>>,
+        /// (device, from, to) of every zeroing.
+        zeroed: std::sync::Mutex<Vec<(String, u64, u64)>>,
+        /// (source, target) of every qemu-img copy.
+        copied: std::sync::Mutex<Vec<(String, String)>>,
+        fail: std::sync::Mutex<Vec<String>>,
+    }
+
+    const EXTENT: u64 = 1 << 20;
+    const SIZE: u64 = 512 << 20;
+
+    impl FakeVg {
+        fn failing(&self, line: &str) -> bool {
+            let mut f = self.fail.lock().unwrap();
+            match f.iter().position(|p| line.contains(p.as_str())) {
+                Some(i) => {
+                    f.remove(i);
+                    true
+                }
+                None => false,
+            }
+        }
+
+        fn names(&self) -> Vec<String> {
+            let lvs = self.lvs.lock().unwrap();
+            lvs.iter()
+                .map(|l| format!("{} {}", l.name, l.tags.join(",")))
+                .collect()
+        }
+    }
+
+    fn flag(args: &[String], f: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == f)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    fn bytes(v: &str) -> u64 {
+        v.trim_end_matches('b').parse().unwrap()
+    }
+
+    impl LvmHost for FakeVg {
+        async fn run(&self, program: &str, args: &[String]) -> Result<Vec<u8>, HypervisorError> {
+            let line = format!("{program} {}", args.join(" "));
+            if self.failing(&line) {
+                return Err(err(format!("{line}: injected failure")));
+            }
+            let mut lvs = self.lvs.lock().unwrap();
+            let target = args.last().cloned().unwrap_or_default();
+            let lv_name = target.split_once('/').map(|(_, n)| n.to_string());
+            let find = |lvs: &mut Vec<Lv>| -> Result<usize, HypervisorError> {
+                let n = lv_name.clone().unwrap_or_default();
+                lvs.iter().position(|l| l.name == n).ok_or_else(|| {
+                    err(format!(
+                        "{line}: Failed to find logical volume \"{target}\""
+                    ))
+                })
+            };
+            if program == "qemu-img" {
+                let n = args.len();
+                self.copied
+                    .lock()
+                    .unwrap()
+                    .push((args[n - 2].clone(), args[n - 1].clone()));
+                return Ok(vec![]);
+            }
+            match args[0].as_str() {
+                "vgs" => {
+                    if target != "yk" {
+                        return Err(err(format!("{line}: Volume group \"{target}\" not found")));
+                    }
+                    let used: u64 = lvs.iter().map(|l| l.size).sum();
+                    Ok(format!(
+                        r#"{{"report":[{{"vg":[{{"vg_size":"{SIZE}","vg_free":"{}","vg_extent_size":"{EXTENT}"}}]}}]}}"#,
+                        SIZE - used
+                    )
+                    .into_bytes())
+                }
+                "lvs" => {
+                    let rows: Vec<String> = lvs
+                        .iter()
+                        .map(|l| {
+                            format!(
+                                r#"{{"lv_name":"{}","lv_path":"{}","lv_size":"{}","lv_tags":"{}"}}"#,
+                                l.name,
+                                l.path,
+                                l.size,
+                                l.tags.join(",")
+                            )
+                        })
+                        .collect();
+                    Ok(format!(r#"{{"report":[{{"lv":[{}]}}]}}"#, rows.join(",")).into_bytes())
+                }
+                "lvcreate" => {
+                    let name = flag(args, "-n").pop().unwrap();
+                    if lvs.iter().any(|l| l.name == name) {
+                        return Err(err(format!(
+                            "{line}: Logical Volume \"{name}\" already exists"
+                        )));
+                    }
+                    let size = bytes(&flag(args, "-L").pop().unwrap()).div_ceil(EXTENT) * EXTENT;
+                    lvs.push(Lv {
+                        path: format!("/dev/yk/{name}"),
+                        name,
+                        size,
+                        tags: flag(args, "--addtag"),
+                    });
+                    Ok(vec![])
+                }
+                "lvextend" => {
+                    let i = find(&mut lvs)?;
+                    lvs[i].size = bytes(&flag(args, "-L").pop().unwrap());
+                    Ok(vec![])
+                }
+                "lvchange" => {
+                    let i = find(&mut lvs)?;
+                    for t in flag(args, "--addtag") {
+                        lvs[i].tags.push(t);
+                    }
+                    for t in flag(args, "--deltag") {
+                        lvs[i].tags.retain(|x| *x != t);
+                    }
+                    Ok(vec![])
+                }
+                "lvremove" => {
+                    let i = find(&mut lvs)?;
+                    lvs.remove(i);
+                    Ok(vec![])
+                }
+                other => Err(err(format!("{line}: unknown command {other}"))),
+            }
+        }
+
+        async fn zero(&self, path: &str, from: u64, to: u64) -> Result<(), HypervisorError> {
+            if self.failing(&format!("zero {path}")) {
+                return Err(err(format!("zeroing {path}: injected failure")));
+            }
+            self.zeroed
+                .lock()
+                .unwrap()
+                .push((path.to_string(), from, to));
+            Ok(())
+        }
+    }
+
+    fn lvm_pool() -> StoragePool {
+        StoragePool {
+            name: "lvm".into(),
+            type_: yukumo_api::site::PoolType::Iscsi,
+            host: "h".into(),
+            path: None,
+            ceph: None,
+            lvm: Some(LvmPool {
+                volume_group: "yk".into(),
+            }),
+        }
+    }
+
+    fn fake() -> Lvm<FakeVg> {
+        Lvm::on(FakeVg::default())
+    }
+
+    #[tokio::test]
+    async fn a_volume_is_zeroed_whole_and_seen_only_then() {
+        let lvm = fake();
+        let p = lvm_pool();
+        // The agent stops while zeroing: the volume exists, marked, unseen.
+        lvm.host
+            .fail
+            .lock()
+            .unwrap()
+            .push("zero /dev/yk/a.raw".into());
+        let create = StorageOp::Create {
+            name: "a.raw".into(),
+            bytes: 64 << 20,
+        };
+        assert!(lvm.apply(&p, create.clone()).await.is_err());
+        assert_eq!(lvm.host.names(), ["a.raw yukumo,yk-zero-from-0"]);
+        // A look while a change runs leaves it (and does not see it).
+        let busy = lvm.busy.clone();
+        let held = busy.lock().await;
+        let seen = lvm.observe(&p).await.unwrap();
+        assert!(seen.volumes.is_empty());
+        assert_eq!(lvm.host.names(), ["a.raw yukumo,yk-zero-from-0"]);
+        drop(held);
+        // The next look finishes the zeroing, then sees it.
+        let seen = lvm.observe(&p).await.unwrap();
+        assert_eq!(seen.volumes["a.raw"].capacity, 64 << 20);
+        assert_eq!(seen.volumes["a.raw"].path, "/dev/yk/a.raw");
+        assert_eq!(lvm.host.names(), ["a.raw yukumo"]);
+        assert_eq!(
+            *lvm.host.zeroed.lock().unwrap(),
+            [("/dev/yk/a.raw".to_string(), 0, 64 << 20)]
+        );
+        // Asked again (a look that missed it): nothing is made twice.
+        lvm.apply(&p, create).await.unwrap();
+        assert_eq!(lvm.host.names(), ["a.raw yukumo"]);
+        assert_eq!(lvm.host.zeroed.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_grown_volume_is_zeroed_from_its_old_end_also_after_a_stop() {
+        let lvm = fake();
+        let p = lvm_pool();
+        lvm.apply(
+            &p,
+            StorageOp::Create {
+                name: "a.raw".into(),
+                bytes: 32 << 20,
+            },
+        )
+        .await
+        .unwrap();
+        lvm.host
+            .fail
+            .lock()
+            .unwrap()
+            .push("zero /dev/yk/a.raw".into());
+        let grow = StorageOp::Grow {
+            name: "a.raw".into(),
+            bytes: 48 << 20,
+        };
+        assert!(lvm.apply(&p, grow.clone()).await.is_err());
+        assert!(lvm.observe(&p).await.unwrap().volumes["a.raw"].capacity == 48 << 20);
+        assert_eq!(
+            lvm.host.zeroed.lock().unwrap().last().cloned(),
+            Some(("/dev/yk/a.raw".to_string(), 32 << 20, 48 << 20))
+        );
+        assert_eq!(lvm.host.names(), ["a.raw yukumo"]);
+        lvm.apply(&p, grow).await.unwrap();
+        assert_eq!(lvm.host.zeroed.lock().unwrap().len(), 2, "not zeroed again");
+        // Not whole extents: refused, nothing changed.
+        let e = lvm
+            .apply(
+                &p,
+                StorageOp::Grow {
+                    name: "a.raw".into(),
+                    bytes: (64 << 20) + 512,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("extent size"), "{e}");
+        assert_eq!(
+            lvm.observe(&p).await.unwrap().volumes["a.raw"].capacity,
+            48 << 20
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_cut_off_is_removed_and_a_copy_reads_a_temporary_snapshot() {
+        let lvm = fake();
+        let p = lvm_pool();
+        lvm.apply(
+            &p,
+            StorageOp::Create {
+                name: "a.raw".into(),
+                bytes: 32 << 20,
+            },
+        )
+        .await
+        .unwrap();
+        let clone = StorageOp::Clone {
+            from: "a.raw".into(),
+            name: "a@s1.raw".into(),
+        };
+        // Stopped during the copy: the half copy is unseen, then removed.
+        lvm.host.fail.lock().unwrap().push("qemu-img".into());
+        // (an injected failure returns an error like a killed qemu-img; the
+        // agent's own cleanup would remove it, so make that fail too)
+        lvm.host
+            .fail
+            .lock()
+            .unwrap()
+            .push("lvremove --yes yk/a+s1.raw".into());
+        assert!(lvm.apply(&p, clone.clone()).await.is_err());
+        assert!(
+            lvm.host
+                .names()
+                .contains(&"a+s1.raw yukumo,yk-copying".to_string())
+        );
+        let seen = lvm.observe(&p).await.unwrap();
+        assert_eq!(seen.volumes.keys().collect::<Vec<_>>(), ["a.raw"]);
+        assert_eq!(
+            lvm.host.names(),
+            ["a.raw yukumo"],
+            "half copy and snapshot gone"
+        );
+        // A whole copy: from a temporary snapshot, which goes after.
+        lvm.apply(&p, clone).await.unwrap();
+        assert_eq!(lvm.host.names(), ["a.raw yukumo", "a+s1.raw yukumo"]);
+        assert_eq!(
+            lvm.host.copied.lock().unwrap().last().cloned(),
+            Some((
+                "/dev/yk/yk-copy-a+s1.raw".to_string(),
+                "/dev/yk/a+s1.raw".to_string()
+            ))
+        );
+        let seen = lvm.observe(&p).await.unwrap();
+        assert_eq!(seen.volumes["a@s1.raw"].capacity, 32 << 20);
+    }
+
+    #[tokio::test]
+    async fn the_operators_volumes_and_a_missing_group_are_left_alone() {
+        let lvm = fake();
+        let p = lvm_pool();
+        lvm.host.lvs.lock().unwrap().push(Lv {
+            name: "b.raw".into(),
+            path: "/dev/yk/b.raw".into(),
+            size: 16 << 20,
+            tags: vec![],
+        });
+        let seen = lvm.observe(&p).await.unwrap();
+        assert!(seen.volumes.is_empty());
+        assert_eq!(seen.capacity, SIZE - (16 << 20));
+        let e = lvm
+            .apply(
+                &p,
+                StorageOp::Delete {
+                    name: "b.raw".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not yukumo's"), "{e}");
+        let e = lvm
+            .apply(
+                &p,
+                StorageOp::Create {
+                    name: "b.raw".into(),
+                    bytes: 16 << 20,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not yukumo's"), "{e}");
+        assert_eq!(lvm.host.names(), ["b.raw "]);
+        let mut other = lvm_pool();
+        other.lvm = Some(LvmPool {
+            volume_group: "nope".into(),
+        });
+        let e = lvm.observe(&other).await.unwrap_err();
+        assert!(e.to_string().contains("volume group \"nope\""), "{e}");
+        assert!(
+            lvm.apply(
+                &other,
+                StorageOp::EnsurePool {
+                    path: "nope".into()
+                }
+            )
+            .await
+            .is_err()
         );
     }
 }
