@@ -92,7 +92,12 @@ async fn write(api: Api<VirtualNode>, w: Write) -> WriteResult {
         match &w {
             Write::Apply { vn, .. } => {
                 let pp = PatchParams::apply(managers::CONTROLLER).force();
-                Ok(Some(api.patch(&name, &pp, &Patch::Apply(vn)).await?))
+                let mut applied = api.patch(&name, &pp, &Patch::Apply(vn)).await?;
+                // Held until the whole reconcile's writes are done (for
+                // every node of every cluster at once on a big apply), and
+                // nothing reads them: as in the caches.
+                applied.metadata.managed_fields = None;
+                Ok(Some(applied))
             }
             Write::Delete { .. } | Write::Replace { .. } => {
                 if let Write::Delete {
