@@ -54,6 +54,22 @@ spec:
     )
 }
 
+/// Delete Volumes of `ns`, each waited for (at most 90 s: its storage freed).
+fn delete_volumes(env: &Env, ns: &str, names: &[&str]) {
+    for v in names {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "delete",
+            "volume",
+            v,
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap();
+    }
+}
+
 fn get(env: &Env, ns: &str, what: &[&str]) -> Value {
     let mut args = vec!["-n", ns, "get"];
     args.extend_from_slice(what);
@@ -382,16 +398,7 @@ fn a_volume_keeps_its_data_across_clusters_grows_online_hot_plugs_and_is_deleted
 
     env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
         .unwrap();
-    env.kubectl_ok(&[
-        "-n",
-        ns,
-        "delete",
-        "volume",
-        "data",
-        "--wait=true",
-        "--timeout=90s",
-    ])
-    .unwrap();
+    delete_volumes(&env, ns, &["data"]);
     assert!(!std::path::Path::new(&path).exists(), "{path} removed");
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
@@ -916,18 +923,7 @@ fn kill_9_of_the_agent_mid_attach_grow_and_snapshot_converges_with_one_attachmen
         .filter(|e| e.file_name().to_string_lossy().starts_with(&data_uid))
         .count();
     assert_eq!(files, 1 + snaps.len(), "the volume and each snapshot once");
-    for v in ["data", "more"] {
-        env.kubectl_ok(&[
-            "-n",
-            ns,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=90s",
-        ])
-        .unwrap();
-    }
+    delete_volumes(&env, ns, &["data", "more"]);
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
@@ -1123,18 +1119,7 @@ fn snapshot_write_more_restore_gives_the_original_back_and_a_copy_from_the_snaps
     .unwrap();
     env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
         .unwrap();
-    for v in ["data", "copy"] {
-        env.kubectl_ok(&[
-            "-n",
-            ns,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=90s",
-        ])
-        .unwrap();
-    }
+    delete_volumes(&env, ns, &["data", "copy"]);
     assert!(!std::path::Path::new(&path).exists());
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
@@ -1194,18 +1179,7 @@ fn a_volume_from_an_image_holds_the_verified_image_at_its_size() {
     assert_eq!(first_mib("vdc"), first_mib("vda"));
     env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
         .unwrap();
-    for v in ["img", "bad"] {
-        env.kubectl_ok(&[
-            "-n",
-            ns,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=90s",
-        ])
-        .unwrap();
-    }
+    delete_volumes(&env, ns, &["img", "bad"]);
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])
         .unwrap();
 }
@@ -2208,18 +2182,7 @@ fn an_lvm_backed_iscsi_pool_zeroes_what_it_hands_out_grows_snapshots_copies_and_
     // stays), the targets too, and the pool's room is whole again.
     env.kubectl_ok(&["-n", ns, "delete", "vc", "vc", "--wait=true"])
         .unwrap();
-    for v in ["data", "copy", "img", "odd"] {
-        env.kubectl_ok(&[
-            "-n",
-            ns,
-            "delete",
-            "volume",
-            v,
-            "--wait=true",
-            "--timeout=90s",
-        ])
-        .unwrap();
-    }
+    delete_volumes(&env, ns, &["data", "copy", "img", "odd"]);
     let lvs = vm.lvs();
     assert_eq!(
         lvs, "other 33554432",

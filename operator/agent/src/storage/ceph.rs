@@ -37,6 +37,28 @@ fn err(message: impl Into<String>) -> HypervisorError {
     }
 }
 
+/// A storage tool's standard output once it exits (killed after 120 s), or
+/// its last line of errors, after `what`.
+pub async fn finish(child: tokio::process::Child, what: &str) -> Result<Vec<u8>, HypervisorError> {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .map_err(|_| err(format!("{what}: no answer in 120 s")))?
+    .map_err(|e| err(format!("{what}: {e}")))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        let msg = msg
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("failed")
+            .trim();
+        return Err(err(format!("{what}: {msg}")));
+    }
+    Ok(out.stdout)
+}
+
 /// An image name for a decision's file name.
 pub fn image_of(file: &str) -> String {
     file.replace('@', "+")
@@ -198,22 +220,7 @@ impl Ceph {
         .await
         .map_err(|e| err(e.to_string()))?
         .map_err(|e| err(format!("{what}: {e}")))?;
-        let out = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
-            child.wait_with_output(),
-        )
-        .await
-        .map_err(|_| err(format!("{what}: no answer in 120 s")))?
-        .map_err(|e| err(format!("{what}: {e}")))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr);
-            let msg = msg
-                .lines()
-                .rfind(|l| !l.trim().is_empty())
-                .unwrap_or("failed");
-            return Err(err(format!("{what}: {msg}")));
-        }
-        Ok(out.stdout)
+        finish(child, &what).await
     }
 
     async fn rbd(&self, c: &CephPool, args: &[&str]) -> Result<Vec<u8>, HypervisorError> {

@@ -277,23 +277,7 @@ impl LvmHost for Tools {
                 )),
                 _ => err(format!("{what}: {e}")),
             })?;
-        let out = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
-            child.wait_with_output(),
-        )
-        .await
-        .map_err(|_| err(format!("{what}: no answer in 120 s")))?
-        .map_err(|e| err(format!("{what}: {e}")))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr);
-            let msg = msg
-                .lines()
-                .rfind(|l| !l.trim().is_empty())
-                .unwrap_or("failed")
-                .trim();
-            return Err(err(format!("{what}: {msg}")));
-        }
-        Ok(out.stdout)
+        super::ceph::finish(child, &what).await
     }
 
     async fn zero(&self, path: &str, from: u64, to: u64) -> Result<(), HypervisorError> {
