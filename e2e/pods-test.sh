@@ -73,7 +73,10 @@ export KUBECONFIG=$DIR/kubeconfig
 [ "$(pods_of agent | awk '{print $2}' | sort | tr '\n' ' ')" = "host-1 host-2 " ] \
   || fail "agent pods are not one per node: $(pods_of agent)"
 [ "$(pods_of controller | wc -l)" = 2 ] || fail "not 2 controller pods"
-pods_of controller | awk '{print $1}' | grep -qx "$(leader)" || fail "the lease holder $(leader) is no controller pod"
+# (Outputs are read whole before grep -q: under pipefail, a writer killed
+# by SIGPIPE after grep's early exit would fail the pipeline.)
+controllers=$(pods_of controller | awk '{print $1}')
+grep -qx "$(leader)" <<<"$controllers" || fail "the lease holder $(leader) is no controller pod"
 # `helm test` while the Hosts' Site is missing: it fails, naming why.
 until_ok 60 sh -c "kubectl get hosts -o name | grep -c . | grep -qx 2" || fail "the agent pods registered no 2 Hosts"
 kubectl delete site local --wait=true --timeout 60s >/dev/null || fail "deleting the Site"
@@ -96,7 +99,8 @@ say "helm test passes: $(grep '^ok:' "$W/helm-test.out" | tr '\n' ' ')"
 
 # The API server reaches the kubelets.
 agent1=$(pods_of agent | awk '$2=="host-1"{print $1}')
-k logs "$agent1" --tail 50 | grep -q . || fail "kubectl logs $agent1 is empty"
+logs=$(k logs "$agent1" --tail 50) || fail "kubectl logs $agent1 failed"
+[ -n "$logs" ] || fail "kubectl logs $agent1 is empty"
 v=$(k exec "$agent1" -- /usr/local/bin/yukumo-agent --version) || fail "kubectl exec $agent1"
 say "kubectl logs and exec work ($v)"
 
@@ -231,8 +235,9 @@ say "rbd volume (96 MiB from the image, copied by the agent pod's qemu-img) Read
 portal=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.portal}')
 [ "$portal" = 10.255.0.1:3260 ] || fail "the iSCSI volume's portal is '$portal', not host-1's underlay address"
 iqn=$(kubectl -n demo get volume data -o jsonpath='{.status.backing.iscsi.iqn}')
-nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target | grep -q "$iqn" \
-  || fail "host-1's tgtd does not export $iqn"
+targets=$(nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target) \
+  || fail "tgtadm on host-1"
+grep -qF "$iqn" <<<"$targets" || fail "host-1's tgtd does not export $iqn"
 until_ok 300 kubectl -n demo wait --for condition=Ready --timeout 5s vc/store \
   || fail "the cluster with the iSCSI volume is not Ready: $(kubectl -n demo get vc,vn 2>&1)"
 shost=$(kubectl -n demo get vn store-frontend -o jsonpath='{.spec.host}')
@@ -250,7 +255,9 @@ kubectl -n demo delete vc store --wait=true --timeout 120s >/dev/null || fail "d
 kubectl -n demo delete volume data cdata --wait=true --timeout 120s >/dev/null || fail "deleting the volumes"
 left=$(ip netns exec "$(cat "$DIR/ceph/netns")" rbd -c "$DIR/ceph/ceph.conf" ls -p yukumo) || fail "rbd ls in the environment's Ceph"
 [ -z "$left" ] || fail "Ceph still holds images after the rbd volume's deletion: $left"
-if nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target | grep -q "$iqn"; then
+targets=$(nsenter --mount="$DIR/mntns/host-1" -- tgtadm --lld iscsi --op show --mode target) \
+  || fail "tgtadm on host-1"
+if grep -qF "$iqn" <<<"$targets"; then
   fail "host-1's tgtd still exports $iqn after the volume's deletion"
 fi
 
@@ -282,9 +289,9 @@ until_ok 60 kubectl -n demo wait --for condition=Ready --timeout 5s vc/quickstar
 [ "$(qemu_pids)" = "$before" ] || fail "guests restarted by the upgrade: QEMU $before → $(qemu_pids)"
 kill "$watch_pid" 2>/dev/null; wait "$watch_pid" 2>/dev/null || true
 grep -qv '^True$' "$ready_seen" && fail "the cluster was not Ready during the upgrade: $(sort "$ready_seen" | uniq -c | tr '\n' ' ')"
-k get pods -l 'app.kubernetes.io/component in (agent,controller)' \
-  -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -qv -- "-next$" \
-  && fail "a pod runs another image than $tag-next"
+images=$(k get pods -l 'app.kubernetes.io/component in (agent,controller)' \
+  -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}') || fail "kubectl get pods"
+grep -qv -- "-next$" <<<"$images" && fail "a pod runs another image than $tag-next: $images"
 say "helm upgrade to ${tag##*:}-next rolled all 4 pods in $(since "$t") s; guests untouched, the cluster Ready throughout ($(wc -l < "$ready_seen") looks)"
 
 say "ok"
