@@ -890,6 +890,21 @@ mod tests {
         Lvm::on(FakeVg::default())
     }
 
+    /// The fake and its pool, holding a finished 32 MiB volume `a.raw`.
+    async fn fake_with_a_32mib_volume() -> (Lvm<FakeVg>, StoragePool) {
+        let (lvm, p) = (fake(), lvm_pool());
+        lvm.apply(
+            &p,
+            StorageOp::Create {
+                name: "a.raw".into(),
+                bytes: 32 << 20,
+            },
+        )
+        .await
+        .unwrap();
+        (lvm, p)
+    }
+
     #[tokio::test]
     async fn a_volume_is_zeroed_whole_and_seen_only_then() {
         let lvm = fake();
@@ -930,17 +945,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_grown_volume_is_zeroed_from_its_old_end_also_after_a_stop() {
-        let lvm = fake();
-        let p = lvm_pool();
-        lvm.apply(
-            &p,
-            StorageOp::Create {
-                name: "a.raw".into(),
-                bytes: 32 << 20,
-            },
-        )
-        .await
-        .unwrap();
+        let (lvm, p) = fake_with_a_32mib_volume().await;
         lvm.host
             .fail
             .lock()
@@ -979,17 +984,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_cut_off_is_removed_and_a_copy_reads_a_temporary_snapshot() {
-        let lvm = fake();
-        let p = lvm_pool();
-        lvm.apply(
-            &p,
-            StorageOp::Create {
-                name: "a.raw".into(),
-                bytes: 32 << 20,
-            },
-        )
-        .await
-        .unwrap();
+        let (lvm, p) = fake_with_a_32mib_volume().await;
         let clone = StorageOp::Clone {
             from: "a.raw".into(),
             name: "a@s1.raw".into(),
