@@ -17,6 +17,10 @@
 #              "vm-HOST": a VM with a kernel of its own, e2e/lib/vm-host.sh;
 #              with STORAGE_MIB a storage host: an LVM volume group and tgtd)
 #   e2e/env.sh stop-vm-host HOST [--dir D]
+#   e2e/env.sh start-site-host HOST SITE INDEX [--dir D]  (a simulated host of
+#              another Site: its own underlay, the shared WAN 100.64.0.0/24;
+#              processes "libvirtd-HOST", "agent-HOST")
+#   e2e/env.sh stop-site-host HOST [--dir D]
 #   e2e/env.sh stop NAME [--signal KILL|TERM] [--dir D]
 #   e2e/env.sh guest NAMESPACE NODE COMMAND... [--dir D]  (runs COMMAND in the
 #              guest's root shell on its second serial port: the tiny guest
@@ -328,13 +332,17 @@ netns_prefix() { echo "yk$(echo "$DIR" | md5sum | cut -c1-6)"; }
 # at 203.0.113.200 stand for the internet.
 start_fabric() {
   local p; p=$(netns_prefix)
-  for n in ul out client; do
+  for n in ul out client wan; do
     ip netns add "$p-$n"
     echo "$p-$n" >> "$DIR/netns"
     ip -n "$p-$n" link set lo up
   done
   ip -n "$p-ul" link add br0 type bridge
   ip -n "$p-ul" link set br0 up
+  # The WAN between Sites' gateways (100.64.0.0/24): one bridge, no route
+  # anywhere else.
+  ip -n "$p-wan" link add br0 type bridge
+  ip -n "$p-wan" link set br0 up
   ip -n "$p-out" link add br0 type bridge
   ip -n "$p-out" addr add 203.0.113.1/24 dev br0
   ip -n "$p-out" link set br0 up
@@ -368,21 +376,28 @@ Host *
 EOF2
 }
 
-# Attach simulated host number I (namespace NS) to the underlay and the
-# external network: ul0 (10.255.0.I) and ext0 (no address; routers' WAN
-# legs are macvlans on it).
-attach_host() { # ns index
+# Attach simulated host number I (namespace NS) to the underlay (its
+# Site's: namespace UL, default the environment's), the external network
+# and the WAN: ul0 (10.255.0.I), ext0 (no address; routers' WAN legs are
+# macvlans on it) and wan0 (100.64.0.I/24; the Site's active gateway adds
+# the Site's WAN endpoint there).
+attach_host() { # ns index [underlay-ns]
   local ns=$1 i=$2 p; p=$(netns_prefix)
-  ip -n "$p-ul" link add "h$i" type veth peer name ul0 netns "$ns"
-  ip -n "$p-ul" link set "h$i" master br0 up
+  local ul=${3:-$p-ul}
+  ip -n "$ul" link add "h$i" type veth peer name ul0 netns "$ns"
+  ip -n "$ul" link set "h$i" master br0 up
   ip -n "$ns" addr add "10.255.0.$i/24" dev ul0
   ip -n "$ns" link set ul0 up
   ip -n "$p-out" link add "h$i" type veth peer name ext0 netns "$ns"
   ip -n "$p-out" link set "h$i" master br0 up
   ip -n "$ns" link set ext0 up
+  ip -n "$p-wan" link add "h$i" type veth peer name wan0 netns "$ns"
+  ip -n "$p-wan" link set "h$i" master br0 up
+  ip -n "$ns" addr add "100.64.0.$i/24" dev wan0
+  ip -n "$ns" link set wan0 up
 }
 
-start_host() { # name site [index]
+start_host() { # name site [index [underlay-ns]]
   local name=$1 site=$2 hdir=$DIR/hosts/$1 ns
   ns="$(netns_prefix)-$name"
   mkdir -p "$hdir"/{run,lib,etc,log,cache}
@@ -395,7 +410,7 @@ start_host() { # name site [index]
   ip netns add "$ns"
   echo "$ns" >> "$DIR/netns"
   ip -n "$ns" link set lo up
-  [ -n "${3:-}" ] && attach_host "$ns" "$3"
+  [ -n "${3:-}" ] && attach_host "$ns" "$3" "${4:-}"
   echo "$ns" > "$hdir/netns"
   echo "$site" > "$hdir/site"
   log "starting host $name (site $site, netns $ns)"
@@ -484,13 +499,57 @@ start_agent() { # host
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-info}" \
     "$(agent_binary)" --host-name "$host" --site "$site" \
     --libvirt-uri "qemu:///system?socket=$hdir/run/libvirt-sock" \
-    --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 \
+    --netns "$(cat "$hdir/netns")" --gateway --uplink ul0 --wan-interface wan0 \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-5s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent" \
     --console-addr "127.0.0.1:$cport" --console-url "https://127.0.0.1:$cport" \
     $( [ -f "$hdir/tgt" ] && read -r tport portal < "$hdir/tgt" && echo "--iscsi-control-port $tport --iscsi-portal $portal" ) \
     $( [ -f "$DIR/ceph/keyring" ] && echo "--ceph-keyring $DIR/ceph/keyring" )
   write_prom_targets
+}
+
+# A host of another Site: its own underlay (namespace <prefix>-ul-SITE,
+# made with the first of its hosts), the shared external network and WAN,
+# libvirtd and an agent process.
+start_site_host() { # name site index
+  local name=$1 site=$2 i=$3 ul
+  ul="$(netns_prefix)-ul-$site"
+  if [ ! -e "/run/netns/$ul" ]; then
+    ip netns add "$ul"
+    echo "$ul" >> "$DIR/netns"
+    ip -n "$ul" link set lo up
+    ip -n "$ul" link add br0 type bridge
+    ip -n "$ul" link set br0 up
+  fi
+  KUBELETS=0 start_host "$name" "$site" "$i" "$ul"
+  start_agent "$name"
+}
+
+# Stop a host started by start_site_host: its agent, guests, libvirtd, the
+# routers and links its agent made, and its namespace (its Host object stays
+# for the caller to delete).
+stop_site_host() { # name
+  local name=$1 hdir=$DIR/hosts/$1 ns f pid
+  [ -f "$hdir/netns" ] || die "unknown host $name"
+  ns=$(cat "$hdir/netns")
+  stop_proc "agent-$name"
+  for f in "$hdir"/run/qemu/*.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f"); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+  done
+  stop_proc "libvirtd-$name"
+  pid=$(cat "$hdir/run/virtlogd.pid" 2>/dev/null || true)
+  if pid_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  for f in "$hdir"/agent/net/*/dnsmasq.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f"); pid_alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
+  done
+  for f in "$hdir"/agent/nodes/*; do
+    [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock" "/run/yukumo/$(basename "$f").console.sock"
+  done
+  for r in /run/netns/"$ns"-r*; do [ -e "$r" ] && ip netns del "$(basename "$r")" 2>/dev/null || true; done
+  ip netns del "$ns" 2>/dev/null || true
+  rm -rf "$hdir"
 }
 
 # An agent on its own in-process libvirt test driver (test:///default): a
@@ -784,6 +843,8 @@ main() {
     start-agent) load_state; start_agent "${args[0]}" ;;
     start-test-agent) load_state; start_test_agent "${args[0]}" "${args[1]}" ;;
     start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
+    start-site-host) load_state; start_site_host "${args[0]}" "${args[1]}" "${args[2]}" ;;
+    stop-site-host) load_state; stop_site_host "${args[0]}" ;;
     start-vm-host) load_state; start_vm_host "${args[0]}" "${args[1]}" "${args[2]}" "${args[3]:-}" ;;
     stop-vm-host) load_state; stop_vm_host "${args[0]}" ;;
     stop) load_state; stop_proc "${args[0]}" "$SIGNAL" ;;

@@ -883,3 +883,327 @@ spec:
     env.kubectl_ok(&["delete", "namespace", "badnet", "--wait=false"])
         .unwrap();
 }
+
+/// A second Site, `far`, with two hosts on an underlay of their own, and
+/// both Sites' WAN endpoints on the WAN namespace (100.64.0.0/24); removed
+/// with the tenant, its Hosts, a stranger on the WAN and the Sites' WAN
+/// settings when dropped, also when the test fails.
+struct FarSite<'a> {
+    env: &'a Env,
+    ns: &'static str,
+    hosts: Vec<&'static str>,
+    stranger: String,
+}
+
+impl Drop for FarSite<'_> {
+    fn drop(&mut self) {
+        let env = self.env;
+        let _ = env.kubectl(&[
+            "delete",
+            "namespace",
+            self.ns,
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+        for h in &self.hosts {
+            if let Err(e) = env.env_sh(&["stop-site-host", h]) {
+                eprintln!("{e}");
+            }
+            let _ = env.kubectl(&["delete", "host", h, "--ignore-not-found", "--timeout=60s"]);
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.stranger])
+            .status();
+        let _ = env.kubectl(&["delete", "site", "far", "--ignore-not-found"]);
+        let _ = env.kubectl(&[
+            "patch",
+            "site",
+            "local",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/gateway"}]"#,
+        ]);
+    }
+}
+
+/// VXLAN (VNI `vni`) around a broadcast UDP frame from `src_mac`, as hex.
+fn vxlan_broadcast(vni: u64, src_mac: &str) -> String {
+    let inner = udp_frame(
+        "ff:ff:ff:ff:ff:ff",
+        src_mac,
+        "10.0.0.200".parse().unwrap(),
+        "10.0.0.255".parse().unwrap(),
+        9,
+    );
+    format!("08000000{:06x}00{inner}", vni)
+}
+
+/// Send `hex` as one UDP datagram from `src` (an address of namespace
+/// `ns`) to `dst:port`.
+fn send_udp(ns: &str, src: &str, dst: &str, port: u16, hex: &str) {
+    let (out, ok) = in_ns(
+        ns,
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{src}',0));s.sendto(bytes.fromhex('{hex}'),('{dst}',{port}))"
+            ),
+        ],
+    );
+    assert!(ok, "send from {src} in {ns}: {out}");
+}
+
+#[test]
+fn a_group_across_two_sites_is_one_segment_through_their_gateways_filtered_tunnel() {
+    let env = Env::get();
+    let p = env.netns_prefix();
+    let ns = "sites";
+    let far = FarSite {
+        env: &env,
+        ns,
+        hosts: vec!["far-1", "far-2"],
+        stranger: format!("{p}-stranger"),
+    };
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: far}
+spec:
+  vniRange: {start: 1000, end: 1999}
+  gateway: {wanEndpoint: 100.64.0.102}
+",
+    );
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
+    ])
+    .unwrap();
+    let started = Instant::now();
+    env.env_sh(&["start-site-host", "far-1", "far", "31"])
+        .unwrap();
+    env.env_sh(&["start-site-host", "far-2", "far", "32"])
+        .unwrap();
+    env.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "90s",
+        "host/far-1",
+        "host/far-2",
+    ])
+    .unwrap();
+    println!("Site far's hosts Ready {:?} after start", started.elapsed());
+    // Each Site's endpoint is held by its first gateway host, on its WAN
+    // interface, and the Site says so.
+    for (site, holder, endpoint) in [
+        ("local", "host-1", "100.64.0.101"),
+        ("far", "far-1", "100.64.0.102"),
+    ] {
+        let (_, took) = wait_for(
+            Duration::from_secs(60),
+            &format!("{site}'s gateway"),
+            || {
+                let s = env.get_json(&["get", "site", site]);
+                let c = condition(&s, "WanTunnels").unwrap_or_default();
+                let held = in_ns(
+                    &env.host_netns(holder),
+                    &["ip", "-4", "-o", "addr", "show", "wan0"],
+                )
+                .0;
+                if s["status"]["activeGateway"] == holder
+                    && c.1 == "GatewayActive"
+                    && held.contains(&format!("{endpoint}/32"))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{} {c:?} {held}", s["status"]["activeGateway"]))
+                }
+            },
+        )
+        .unwrap();
+        println!("{site}: {holder} holds {endpoint} ({took:?})");
+    }
+    let (path, sum) = tiny_image();
+    env.apply(&format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {ns}}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec:
+  cidr: 10.0.0.0/24
+  segment: {{type: vxlan}}
+  homeSite: local
+  sites: [far]
+  firewall:
+  - {{protocol: icmp}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: c, namespace: {ns}}}
+spec:
+  networkGroup: net
+  frontend:
+    site: local
+    size: {{cpu: 1, memory: 128Mi}}
+    image: {{url: 'file://{path}', checksum: '{sum}'}}
+  pools:
+  - {{name: w, replicas: 1, sites: [far], size: {{cpu: 1, memory: 128Mi}}}}
+"#
+    ));
+    // The worker at far got its address by DHCP from the home router,
+    // through the tunnel.
+    let g = wait_dhcp(&env, ns);
+    let (fe, w) = (&g["c-frontend"], &g["c-w-0"]);
+    assert!(fe.host.starts_with("host-"), "frontend on {}", fe.host);
+    assert!(w.host.starts_with("far-"), "worker on {}", w.host);
+    let st = ng_status(&env, ns);
+    let vni = st["segment"]["id"].as_u64().unwrap();
+    let ends: Vec<String> = st["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {}:{}",
+                t["site"].as_str().unwrap(),
+                t["address"].as_str().unwrap(),
+                t["port"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec!["local 100.64.0.101:4790", "far 100.64.0.102:4790"]
+    );
+    assert_eq!(st["mtu"], 1450);
+    // One segment: both ways, and the router from the far Site.
+    let started = Instant::now();
+    assert!(fe.pings(&w.ip), "frontend → far worker");
+    assert!(w.pings(&fe.ip), "far worker → frontend");
+    assert!(w.pings("10.0.0.1"), "far worker → home router");
+    println!("pings across the Sites took {:?}", started.elapsed());
+    // It crossed the WAN, through far-1's WAN port; far-2 floods only
+    // within its Site (to far-1), never to the other Site's hosts.
+    let stats = in_ns(
+        &env.host_netns("far-1"),
+        &["ip", "-s", "-j", "link", "show", &format!("ykw{vni}")],
+    )
+    .0;
+    let v: Value = serde_json::from_str(&stats).unwrap_or_else(|e| panic!("{e}: {stats}"));
+    let (rx, tx) = (
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap(),
+        v[0]["stats64"]["tx"]["packets"].as_u64().unwrap(),
+    );
+    println!("far-1's WAN port ykw{vni}: {rx} packets in, {tx} out");
+    assert!(rx > 0 && tx > 0);
+    if w.host == "far-2" {
+        let fdb = in_ns(
+            &env.host_netns("far-2"),
+            &["bridge", "fdb", "show", "dev", &format!("ykvx{vni}")],
+        )
+        .0;
+        assert!(fdb.contains("dst 10.255.0.31 "), "{fdb}");
+        assert!(
+            !fdb.contains("dst 10.255.0.1 ") && !fdb.contains("dst 10.255.0.2 "),
+            "{fdb}"
+        );
+    }
+    // Only peer gateways may inject: the same VXLAN packet, sent to the
+    // home endpoint from a stranger on the WAN, is dropped (counted by the
+    // gateway's filter); from the peer gateway's address it arrives.
+    let stranger = &far.stranger;
+    for cmd in [
+        vec!["ip", "netns", "add", stranger.as_str()],
+        vec![
+            "ip",
+            "-n",
+            &format!("{p}-wan"),
+            "link",
+            "add",
+            "hx250",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            stranger.as_str(),
+        ],
+        vec![
+            "ip",
+            "-n",
+            &format!("{p}-wan"),
+            "link",
+            "set",
+            "hx250",
+            "master",
+            "br0",
+            "up",
+        ],
+        vec![
+            "ip",
+            "-n",
+            stranger.as_str(),
+            "addr",
+            "add",
+            "100.64.0.250/24",
+            "dev",
+            "eth0",
+        ],
+        vec!["ip", "-n", stranger.as_str(), "link", "set", "eth0", "up"],
+    ] {
+        let st = Command::new(cmd[0]).args(&cmd[1..]).status().unwrap();
+        assert!(st.success(), "{cmd:?}");
+    }
+    let home = env.host_netns("host-1");
+    let fe_ns = env.host_netns(&fe.host);
+    let sniffer = Sniffer::start(&fe_ns, &tap_name(&fe.uid), 8);
+    for _ in 0..3 {
+        send_udp(
+            stranger,
+            "100.64.0.250",
+            "100.64.0.101",
+            4790,
+            &vxlan_broadcast(vni, "02:de:ad:be:ef:01"),
+        );
+    }
+    send_udp(
+        &env.host_netns("far-1"),
+        "100.64.0.102",
+        "100.64.0.101",
+        4790,
+        &vxlan_broadcast(vni, "02:de:ad:be:ef:02"),
+    );
+    let frames = sniffer.frames();
+    let from = |mac: &str| frames.iter().filter(|f| f["src"] == mac).count();
+    println!(
+        "frontend's tap: {} frames from the stranger, {} from the peer gateway",
+        from("02:de:ad:be:ef:01"),
+        from("02:de:ad:be:ef:02")
+    );
+    assert_eq!(
+        from("02:de:ad:be:ef:01"),
+        0,
+        "a stranger's tunnel packet got through"
+    );
+    assert!(
+        from("02:de:ad:be:ef:02") >= 1,
+        "the peer's tunnel packet did not arrive"
+    );
+    let table = in_ns(&home, &["nft", "list", "table", "inet", "yukumo"]).0;
+    assert!(table.contains("counter packets 3 "), "{table}");
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
+        .unwrap();
+    drop(far);
+}

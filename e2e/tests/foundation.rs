@@ -1363,6 +1363,25 @@ metadata: {name: west}
 spec: {vniRange: {start: 4000, end: 4009}}
 ",
     );
+    // The Sites' own VXLAN port is refused for the WAN, naming the field.
+    let out = env.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: east}
+spec:
+  vniRange: {start: 4000, end: 4009}
+  gateway: {wanEndpoint: '192.0.2.10:4789'}
+",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "gateway.wanEndpoint: port 4789 carries the segments between a Site's own hosts"
+            ),
+        "{err}"
+    );
     // WAN settings this version does not act on are said to be so (a
     // condition naming the fields and a Warning), never silently taken.
     env.apply(
@@ -1371,7 +1390,7 @@ kind: Site
 metadata: {name: east}
 spec:
   vniRange: {start: 4000, end: 4009}
-  gateway: {wanEndpoint: '192.0.2.10:4789'}
+  gateway: {wanEndpoint: '192.0.2.10:4790'}
   tunnel: {bandwidthMbps: 1000, encryption: none}
 ",
     );
@@ -1387,7 +1406,7 @@ spec:
     .unwrap();
     assert!(
         msg.starts_with(
-            "spec.gateway, spec.tunnel not acted on: this version builds no WAN tunnels"
+            "not acted on by this version: spec.tunnel.bandwidthMbps (tunnels are not capped)"
         ),
         "{msg}"
     );

@@ -344,6 +344,8 @@ fn plan_for(f: &Fabric, groups: &[Arc<NetworkGroup>]) -> HostPlan {
             nodes: &[],
             external: Some(&ext),
             underlay: Some(UNDERLAY),
+            site: "bench",
+            gateway: None,
         },
         &mut f.memo.lock().expect("poisoned"),
     )

@@ -56,6 +56,10 @@ pub struct Args {
     /// Interface carrying the segments.
     #[arg(long)]
     pub uplink: Option<String>,
+    /// Interface facing the WAN: with `--gateway`, the host may hold its
+    /// Site's `gateway.wanEndpoint` there and the tunnels to other Sites.
+    #[arg(long)]
+    pub wan_interface: Option<String>,
     /// How often to heartbeat.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
@@ -167,6 +171,7 @@ async fn agent() -> anyhow::Result<()> {
         site: args.site.clone(),
         gateway: args.gateway,
         uplink: args.uplink.clone(),
+        wan_interface: args.wan_interface.clone(),
     };
     let labels = if args.from_node_labels {
         let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
@@ -181,7 +186,12 @@ async fn agent() -> anyhow::Result<()> {
     };
     let settings =
         node_labels::resolve(&args.host_name, &labels, defaults).map_err(anyhow::Error::msg)?;
-    (args.site, args.gateway, args.uplink) = (settings.site, settings.gateway, settings.uplink);
+    (args.site, args.gateway, args.uplink, args.wan_interface) = (
+        settings.site,
+        settings.gateway,
+        settings.uplink,
+        settings.wan_interface,
+    );
     let mut registry = Registry::default();
     let metrics = register::Metrics::register(&mut registry);
     let health = Health::default();
@@ -292,6 +302,7 @@ async fn agent() -> anyhow::Result<()> {
         let cfg = network::NetConfig {
             host: args.host_name.clone(),
             site: args.site.clone(),
+            wan_interface: args.wan_interface.clone(),
             verify_interval: args.network_verify_interval,
             dataplane: network::dataplane::Dataplane::new(
                 network::real::RealKernel::new(args.netns.clone(), args.state_dir.clone()),

@@ -91,7 +91,7 @@ pub struct Link {
     /// `bridge`, `vxlan`, `vlan`, `veth`, `macvlan`, …
     pub kind: Option<String>,
     /// VNI and local address of a VXLAN device.
-    pub vxlan: Option<(u32, Option<Ipv4Addr>)>,
+    pub vxlan: Option<(u32, Option<Ipv4Addr>, u16)>,
     /// Id of an 802.1Q VLAN sub-interface (None for 802.1ad).
     pub vlan: Option<u16>,
     /// Learning and unicast flooding of a bridge port.
@@ -369,14 +369,16 @@ fn parse_link(l: LinkMessage) -> Link {
                         LinkInfo::Data(InfoData::Vxlan(v)) => {
                             let mut vni = 0;
                             let mut local = None;
+                            let mut port = 0;
                             for x in v {
                                 match x {
                                     InfoVxlan::Id(id) => vni = id,
                                     InfoVxlan::Local(ip) => local = Some(ip),
+                                    InfoVxlan::Port(p) => port = p,
                                     _ => {}
                                 }
                             }
-                            out.vxlan = Some((vni, local));
+                            out.vxlan = Some((vni, local, port));
                         }
                         LinkInfo::Data(InfoData::Vlan(v)) => {
                             let mut id = None;

@@ -12,6 +12,8 @@ pub const SITE: &str = yukumo_api::labels::SITE;
 pub const GATEWAY: &str = "yukumo.io/gateway";
 /// The interface carrying the segments.
 pub const UPLINK: &str = "yukumo.io/uplink";
+/// The interface facing the WAN (a gateway's tunnels to other Sites).
+pub const WAN_INTERFACE: &str = "yukumo.io/wan-interface";
 
 /// What the labels (else the flags) say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,17 @@ pub struct Settings {
     pub site: String,
     pub gateway: bool,
     pub uplink: Option<String>,
+    pub wan_interface: Option<String>,
+}
+
+/// Whether `s` can be a Linux interface name: 1-15 bytes, no '/', ':' or
+/// whitespace.
+fn is_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && !s
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
 }
 
 /// Node `node`'s `labels` over the flags' `defaults`.
@@ -47,18 +60,18 @@ pub fn resolve(
             }
         };
     }
-    if let Some(u) = labels.get(UPLINK) {
-        // Linux interface names: 1-15 bytes, no '/', ':' or whitespace.
-        if u.is_empty()
-            || u.len() > 15
-            || u.bytes()
-                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
-        {
-            return Err(format!(
-                "Node {node}: label {UPLINK}={u:?} is not an interface name"
-            ));
+    for (label, field) in [
+        (UPLINK, &mut s.uplink),
+        (WAN_INTERFACE, &mut s.wan_interface),
+    ] {
+        if let Some(u) = labels.get(label) {
+            if !is_ifname(u) {
+                return Err(format!(
+                    "Node {node}: label {label}={u:?} is not an interface name"
+                ));
+            }
+            *field = Some(u.clone());
         }
-        s.uplink = Some(u.clone());
     }
     if s.site.is_empty() {
         return Err(format!(
@@ -82,6 +95,7 @@ mod tests {
             site: site.into(),
             gateway: false,
             uplink: None,
+            wan_interface: None,
         }
     }
 
@@ -89,7 +103,12 @@ mod tests {
     fn labels_win_over_the_flags_and_absent_labels_keep_them() {
         let s = resolve(
             "n1",
-            &labels(&[(SITE, "site-b"), (GATEWAY, "true"), (UPLINK, "eno2")]),
+            &labels(&[
+                (SITE, "site-b"),
+                (GATEWAY, "true"),
+                (UPLINK, "eno2"),
+                (WAN_INTERFACE, "eno3"),
+            ]),
             flags("default"),
         )
         .unwrap();
@@ -98,13 +117,15 @@ mod tests {
             Settings {
                 site: "site-b".into(),
                 gateway: true,
-                uplink: Some("eno2".into())
+                uplink: Some("eno2".into()),
+                wan_interface: Some("eno3".into()),
             }
         );
         let kept = Settings {
             site: "a".into(),
             gateway: true,
             uplink: Some("bond0".into()),
+            wan_interface: None,
         };
         assert_eq!(resolve("n1", &labels(&[]), kept.clone()).unwrap(), kept);
         // An explicit "false" turns a release-wide gateway flag off.

@@ -296,6 +296,7 @@ pub fn agent_status(
         capacity,
         allocatable,
         addresses: addresses.to_vec(),
+        wan_interface: args.wan_interface.clone(),
         capabilities: Some(caps),
         last_heartbeat_time: Some(Time(now)),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),

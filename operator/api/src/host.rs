@@ -101,6 +101,10 @@ pub struct HostStatus {
     /// Underlay addresses (VXLAN/tunnel endpoints).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<std::net::Ipv4Addr>,
+    /// The interface facing the WAN (agent `--wan-interface`): a gateway
+    /// host with one may hold its Site's `gateway.wanEndpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan_interface: Option<String>,
     /// Kernel networking capabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<HostCapabilities>,

@@ -290,6 +290,24 @@ pub struct NetworkGroupStatus {
     /// MTU of the guests' interfaces on this group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// The WAN tunnel ends of the Sites the group spans (each Site's
+    /// `gateway.wanEndpoint`), when it spans more than one: the active
+    /// gateway host of each of these Sites stretches the segment to the
+    /// others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<TunnelEnd>,
+}
+
+/// One Site's end of a group's WAN tunnels.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelEnd {
+    /// The Site.
+    pub site: String,
+    /// Its `gateway.wanEndpoint` address.
+    pub address: Ipv4Addr,
+    /// Its UDP port.
+    pub port: u16,
 }
 
 /// A host the segment spans.
@@ -300,6 +318,10 @@ pub struct SegmentHost {
     pub name: String,
     /// Its underlay address (VXLAN tunnel endpoint).
     pub underlay: Ipv4Addr,
+    /// Its Site: hosts flood only to the hosts of their own Site; the
+    /// Sites' gateways carry the segment between Sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Where a group's router runs.

@@ -130,6 +130,15 @@ reasons! {
     PublicIPNodeUnknown,
     /// No Ready gateway host can run the group's router.
     NoGatewayHost,
+    /// The Sites a group spans give their WAN endpoints different UDP
+    /// ports (one tunnel port per group).
+    TunnelPortsDiffer,
+    /// A VLAN group spans Sites joined by WAN tunnels, which carry VXLAN
+    /// groups only.
+    VlanNotStretched,
+    /// `spec.mtu` is larger than the WAN tunnels between the group's
+    /// Sites carry.
+    MtuTooLarge,
     /// No host of the Site offers what the segment needs (802.1Q).
     NoCapableHost,
     // --- VirtualNode (agent)
@@ -165,9 +174,14 @@ reasons! {
     HostsReady,
     /// No Host of the Site is Ready.
     NoReadyHosts,
-    /// The Site's WAN settings (`gateway`, `tunnel`, `credentialsSecretRef`)
-    /// are not acted on: this version builds no tunnels between Sites.
+    /// Some of the Site's WAN settings (the tunnels' bandwidth cap or
+    /// encryption, `credentialsSecretRef`) are not acted on by this version.
     WanTunnelsNotBuilt,
+    /// A gateway host holds the Site's WAN endpoint.
+    GatewayActive,
+    /// No Ready gateway host with a WAN interface can hold the Site's WAN
+    /// endpoint.
+    NoWanGateway,
     // --- Volume
     /// A snapshot source does not exist.
     SourceNotFound,

@@ -402,12 +402,37 @@ pub struct IdRange {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteGateway {
-    /// WAN endpoint: an IP address, optionally with `:port`.
+    /// WAN endpoint: an IPv4 address, optionally with `:port` (default
+    /// 4790, [`WAN_PORT`]). The Site's active gateway host holds the
+    /// address on its WAN interface (it moves to another gateway host when
+    /// that one is lost) and the tunnels to other Sites' gateways use it.
     #[x_kube(validation = kube::core::Rule::new(
-        "isIP(self) || (size(self.split(':')) == 2 && isIP(self.split(':')[0]) && int(self.split(':')[1]) > 0 && int(self.split(':')[1]) <= 65535)"
+        "(isIP(self) && ip(self).family() == 4) || (size(self.split(':')) == 2 && isIP(self.split(':')[0]) && ip(self.split(':')[0]).family() == 4 && self.split(':')[1].matches('^[0-9]{1,5}$') && int(self.split(':')[1]) > 0 && int(self.split(':')[1]) <= 65535)"
     ).message("gateway.wanEndpoint must be an IPv4 address, optionally with :port"))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "size(self.split(':')) != 2 || self.split(':')[1] != '4789'"
+    ).message("gateway.wanEndpoint: port 4789 carries the segments between a Site's own hosts; give the WAN tunnels another (default 4790)"))]
     #[schemars(length(max = 64), regex(pattern = "^[0-9a-fA-F.:]+$"))]
     pub wan_endpoint: String,
+}
+
+/// The UDP port of the WAN tunnels when `gateway.wanEndpoint` gives none.
+pub const WAN_PORT: u16 = 4790;
+
+impl SiteGateway {
+    /// The endpoint's address and port (the default port when none is
+    /// given); `None` when it is not an IPv4 address with a port 1-65535
+    /// (the schema refuses such endpoints).
+    pub fn endpoint(&self) -> Option<std::net::SocketAddrV4> {
+        let s = self.wan_endpoint.trim();
+        match s.split_once(':') {
+            None => Some(std::net::SocketAddrV4::new(s.parse().ok()?, WAN_PORT)),
+            Some((a, p)) => {
+                let port: u16 = p.parse().ok().filter(|p| *p != 0)?;
+                Some(std::net::SocketAddrV4::new(a.parse().ok()?, port))
+            }
+        }
+    }
 }
 
 /// Tunnel encryption.
@@ -471,6 +496,10 @@ pub struct SiteStatus {
     /// Total allocatable resources of ready Hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<Resources>,
+    /// The gateway host holding `spec.gateway.wanEndpoint` (the Site's end
+    /// of every WAN tunnel): a Ready gateway host with a WAN interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_gateway: Option<String>,
     /// State of the tunnel to each peer Site.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerStatus>,

@@ -251,6 +251,19 @@ fn site_spec(s: &Site) -> u64 {
     s.metadata.generation.unwrap_or_default() as u64
 }
 
+/// What a NetworkGroup reads of a Site: its spec, and which host holds its
+/// WAN endpoint (the group's span lists that host).
+fn site_for_groups(s: &Site) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    site_spec(s).hash(&mut hasher);
+    s.status
+        .as_ref()
+        .and_then(|st| st.active_gateway.as_deref())
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
 fn host_readiness(h: &Host) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -271,7 +284,9 @@ fn host_summary(h: &Host) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     host_readiness(h).hash(&mut hasher);
     h.spec.site.hash(&mut hasher);
+    h.spec.gateway.hash(&mut hasher);
     if let Some(s) = &h.status {
+        s.wan_interface.hash(&mut hasher);
         serde_json::to_string(&(s.capacity, s.allocatable, &s.storage_pools))
             .unwrap_or_default()
             .hash(&mut hasher);
@@ -662,12 +677,12 @@ async fn run_controllers(
             let group = vn.spec.network.as_ref()?.group.clone();
             Some(ObjectRef::<NetworkGroup>::new(&group).within(&vn.namespace()?))
         })
-        .watches_shared_stream(changed_only(site_for_ng, site_spec), move |site| {
+        .watches_shared_stream(changed_only(site_for_ng, site_for_groups), move |site| {
             let name = site.name_any();
             ng_store3
                 .state()
                 .into_iter()
-                .filter(|g| g.spec.home_site.0 == name)
+                .filter(|g| g.spec.span().contains(&name.as_str()))
                 .map(|g| ObjectRef::from_obj(g.as_ref()))
                 .collect::<Vec<_>>()
         })

@@ -114,6 +114,8 @@ pub struct Dataplane<K: Kernel> {
     applied: Mutex<HashMap<String, RouterMemo>>,
     /// The host's anti-spoofing table as last written: `Some(None)` deleted.
     guard: Mutex<Option<Option<String>>>,
+    /// The host's tunnel source filter as last written, likewise.
+    tunnel_filter: Mutex<Option<Option<String>>>,
     /// The host namespace's links and FDB as the last pass left them (read
     /// after its last write), while nothing else can have changed them:
     /// a pass on a watch event with no kernel event from the host uses it
@@ -200,6 +202,7 @@ impl<K: Kernel> Dataplane<K> {
             env,
             applied: Mutex::default(),
             guard: Mutex::default(),
+            tunnel_filter: Mutex::default(),
             host_seen: Mutex::default(),
             watches: None,
             host_watch: host_netns.unwrap_or_else(|| OWN.to_string()),
@@ -322,6 +325,35 @@ impl<K: Kernel> Dataplane<K> {
             stale: false,
         };
         clock.step(step);
+        // 0. The Site's WAN tunnel end: the source filter first (no tunnel
+        // packet from a stranger is taken in between), then the endpoint's
+        // address (the WAN ports send from it).
+        let planned = plan.tunnel.as_ref().map(|t| t.ruleset.clone());
+        let seen = self
+            .table_seen(
+                Family::Inet,
+                planned.as_deref(),
+                &self.tunnel_filter,
+                pass,
+                dirty,
+            )
+            .await?;
+        if let Some(op) = decide::tunnel_table_op(plan, &seen) {
+            self.kernel.apply_table(None, &op).await?;
+            ch.tables += 1;
+            *self.tunnel_filter.lock().expect("poisoned") = Some(match op {
+                TableOp::Replace { ruleset, .. } => Some(ruleset),
+                TableOp::Delete { .. } => None,
+            });
+        }
+        let addrs = decide::tunnel_addr_ops(plan, host.fresh().await?);
+        ch.addresses += addrs.len();
+        host.apply(NsOps {
+            addrs,
+            ..Default::default()
+        })
+        .await?;
+        clock.step("tunnel end");
         // 1. Links of the host namespace: stale ones go, segments come.
         let links = decide::host_links(plan, host.fresh().await?, &self.env)?;
         ch.links += links.len();
@@ -485,7 +517,9 @@ impl<K: Kernel> Dataplane<K> {
 
         clock.step("bridge ports and fdb");
         // 5. Anti-spoofing table.
-        let seen = self.guard_seen(plan, pass, dirty).await?;
+        let seen = self
+            .table_seen(Family::Bridge, Some(&plan.guard), &self.guard, pass, dirty)
+            .await?;
         if let Some(op) = decide::guard_op(plan, &seen) {
             self.kernel.apply_table(None, &op).await?;
             ch.tables += 1;
@@ -504,24 +538,28 @@ impl<K: Kernel> Dataplane<K> {
         Ok(ch)
     }
 
-    async fn guard_seen(
+    /// How a table of the host namespace is: from what the agent wrote
+    /// last while nothing can have changed it, else listed.
+    async fn table_seen(
         &self,
-        plan: &HostPlan,
+        family: Family,
+        planned: Option<&str>,
+        memo: &Mutex<Option<Option<String>>>,
         pass: Pass,
         dirty: &BTreeSet<String>,
     ) -> Result<TableSeen> {
-        let written = self.guard.lock().expect("poisoned").clone();
+        let written = memo.lock().expect("poisoned").clone();
         if self.quiet(&self.host_watch, pass, dirty) {
             match written {
                 Some(None) => return Ok(TableSeen::Absent),
-                Some(Some(r)) if ruleset_hash(&r) == ruleset_hash(&plan.guard) => {
+                Some(Some(r)) if planned.is_some_and(|p| ruleset_hash(&r) == ruleset_hash(p)) => {
                     return Ok(TableSeen::Unchanged);
                 }
                 Some(Some(_)) => return Ok(TableSeen::Outdated),
                 None => {}
             }
         }
-        Ok(match self.kernel.table(None, Family::Bridge).await? {
+        Ok(match self.kernel.table(None, family).await? {
             Some(l) => TableSeen::Listed(l),
             None => TableSeen::Absent,
         })

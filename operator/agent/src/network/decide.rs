@@ -10,7 +10,10 @@ use yukumo_api::net::{Ipv4Net, SegmentType};
 
 use super::observe::{LinkKind, NsState};
 use super::ops::{AddrOp, DefaultRoute, DhcpOp, Family, FdbOp, LinkOp, NsOps, TableOp};
-use super::plan::{DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, VXLAN_PORT};
+use super::plan::{
+    DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, SegmentPlan, TunnelPlan, VXLAN_PORT,
+    WanPort,
+};
 use super::ruleset::listing_is;
 
 /// The host's own facts a decision needs.
@@ -28,10 +31,10 @@ pub struct HostEnv {
 pub struct Impossible(pub String);
 
 /// Links yukumo makes in a host namespace: bridges (`ykbr` VXLAN, `ykbv`
-/// VLAN groups), segment links (`ykvx`, `ykvl`) and router veths (`ykgw`,
-/// `ykgv`). Guest taps (`ykt`) belong to libvirt.
+/// VLAN groups), segment links (`ykvx`, `ykvl`), WAN ports (`ykw`) and
+/// router veths (`ykgw`, `ykgv`). Guest taps (`ykt`) belong to libvirt.
 pub fn is_ours(name: &str) -> bool {
-    ["ykbr", "ykbv", "ykvx", "ykvl", "ykgw", "ykgv"]
+    ["ykbr", "ykbv", "ykvx", "ykvl", "ykgw", "ykgv", "ykw"]
         .iter()
         .any(|p| name.starts_with(p))
 }
@@ -48,6 +51,11 @@ pub fn host_links(
         .segments
         .values()
         .flat_map(|s| [s.bridge.as_str(), s.link.as_str()])
+        .chain(
+            plan.segments
+                .values()
+                .filter_map(|s| Some(s.wan.as_ref()?.link.as_str())),
+        )
         .chain(plan.routers.values().map(|r| r.host_veth.as_str()))
         .collect();
     for name in have.links.keys() {
@@ -71,8 +79,8 @@ pub fn host_links(
         let current = have
             .link(&s.link)
             .is_some_and(|l| match (&l.kind, s.segment.type_) {
-                (LinkKind::Vxlan { vni, local }, SegmentType::Vxlan) => {
-                    *vni == s.segment.id && *local == env.underlay
+                (LinkKind::Vxlan { vni, local, port }, SegmentType::Vxlan) => {
+                    *vni == s.segment.id && *local == env.underlay && *port == VXLAN_PORT
                 }
                 (LinkKind::Vlan { id: Some(id) }, SegmentType::Vlan) => {
                     u32::from(*id) == s.segment.id && l.parent.is_some() && l.parent == env.uplink
@@ -127,8 +135,89 @@ pub fn host_links(
         {
             ops.push(set);
         }
+        if let (Some(w), Some(t)) = (&s.wan, &plan.tunnel) {
+            wan_port_ops(s, w, t, have, &mut ops);
+        }
     }
     Ok(ops)
+}
+
+/// A segment's WAN port: a VXLAN link from the Site's endpoint on the WAN
+/// interface, on the tunnels' port, enslaved to the group's bridge.
+fn wan_port_ops(
+    s: &SegmentPlan,
+    w: &WanPort,
+    t: &TunnelPlan,
+    have: &NsState,
+    ops: &mut Vec<LinkOp>,
+) {
+    let local = t.endpoint.addr();
+    let current = have.link(&w.link).is_some_and(|l| {
+        matches!(l.kind, LinkKind::Vxlan { vni, local: Some(a), port }
+            if vni == s.segment.id && a == local && port == t.port)
+    });
+    let set = LinkOp::Set {
+        name: w.link.clone(),
+        master: Some(s.bridge.clone()),
+        mtu: Some(s.mtu),
+    };
+    if !current {
+        if have.has(&w.link) {
+            ops.push(LinkOp::Delete(w.link.clone()));
+        }
+        ops.push(LinkOp::AddVxlan {
+            name: w.link.clone(),
+            vni: s.segment.id,
+            local: Some(local),
+            dev: Some(t.dev.clone()),
+            port: t.port,
+            mtu: s.mtu,
+        });
+        ops.push(set);
+    } else if let Some(l) = have.link(&w.link)
+        && (l.master.as_deref() != Some(s.bridge.as_str()) || !l.up || l.mtu != s.mtu)
+    {
+        ops.push(set);
+    }
+}
+
+/// The Site's WAN endpoint on this host's WAN interface: held (a /32) while
+/// this host is the Site's active gateway, and let go when it is not.
+/// Returns the address ops and whether the endpoint was just taken (to be
+/// announced).
+pub fn tunnel_addr_ops(plan: &HostPlan, have: &NsState) -> Vec<AddrOp> {
+    let Some(t) = &plan.tunnel else {
+        return Vec::new();
+    };
+    let held = have
+        .addrs
+        .get(&t.dev)
+        .is_some_and(|a| a.contains(&t.endpoint));
+    match (t.active, held) {
+        (true, false) if have.has(&t.dev) => vec![AddrOp::Add {
+            dev: t.dev.clone(),
+            net: t.endpoint,
+        }],
+        (false, true) => vec![AddrOp::Del {
+            dev: t.dev.clone(),
+            net: t.endpoint,
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// Step 0: the WAN filter of a host with a WAN interface at a Site with a
+/// WAN endpoint.
+pub fn tunnel_table_op(plan: &HostPlan, seen: &TableSeen) -> Option<TableOp> {
+    match plan.tunnel.as_ref().map(|t| &t.ruleset) {
+        Some(r) => (!table_current(seen, r)).then(|| TableOp::Replace {
+            family: Family::Inet,
+            ruleset: r.clone(),
+        }),
+        None => (seen != &TableSeen::Absent).then_some(TableOp::Delete {
+            family: Family::Inet,
+        }),
+    }
 }
 
 /// Step 2a: the legs of a router whose namespace this pass creates (made
@@ -390,11 +479,21 @@ pub fn bridge_ops(plan: &HostPlan, have: &NsState) -> (Vec<FdbOp>, Vec<LinkOp>) 
         .values()
         .filter(|s| s.segment.type_ == SegmentType::Vxlan)
         .flat_map(|s| s.remotes.iter().map(|r| (s.link.clone(), *r)))
+        .chain(
+            plan.segments
+                .values()
+                .filter_map(|s| s.wan.as_ref())
+                .flat_map(|w| w.peers.iter().map(|p| (w.link.clone(), *p))),
+        )
         .collect();
     let mut fdb = Vec::new();
     for (dev, dst) in have.remotes.difference(&want) {
         // Entries of a link that is going away go with it.
-        if plan.segments.values().any(|s| &s.link == dev) {
+        if plan
+            .segments
+            .values()
+            .any(|s| &s.link == dev || s.wan.as_ref().is_some_and(|w| &w.link == dev))
+        {
             fdb.push(FdbOp::DelRemote {
                 dev: dev.clone(),
                 dst: *dst,

@@ -199,7 +199,7 @@ fn apply_link(m: &mut Model, ns: Option<&str>, op: &LinkOp) -> Result<()> {
             local,
             dev,
             mtu,
-            ..
+            port,
         } => {
             exists(m, ns, name)?;
             if let Some(d) = dev {
@@ -210,6 +210,7 @@ fn apply_link(m: &mut Model, ns: Option<&str>, op: &LinkOp) -> Result<()> {
                 LinkKind::Vxlan {
                     vni: *vni,
                     local: *local,
+                    port: *port,
                 },
                 *mtu,
                 false,

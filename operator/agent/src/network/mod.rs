@@ -41,8 +41,25 @@ impl NetState {
 pub struct NetConfig {
     pub host: String,
     pub site: String,
+    /// `--wan-interface`.
+    pub wan_interface: Option<String>,
     pub dataplane: dataplane::Dataplane<real::RealKernel>,
     pub verify_interval: Duration,
+}
+
+/// This host's WAN facts: where it has a WAN interface and its Site a WAN
+/// endpoint; active when the Site's status names it as the endpoint's holder.
+fn gateway_inputs(cfg: &NetConfig, site: Option<&Site>) -> Option<plan::GatewayInputs> {
+    let site = site?;
+    Some(plan::GatewayInputs {
+        dev: cfg.wan_interface.clone()?,
+        endpoint: site.spec.gateway.as_ref()?.endpoint()?,
+        active: site
+            .status
+            .as_ref()
+            .and_then(|s| s.active_gateway.as_deref())
+            == Some(cfg.host.as_str()),
+    })
 }
 
 /// Drive a watch stream, poking the loop on every item it yields.
@@ -137,6 +154,7 @@ pub async fn run(
         let nodes = vn_store.state();
         let site = site_store.state().into_iter().next();
         let external = site.as_ref().and_then(|s| s.spec.external_network.clone());
+        let gateway = gateway_inputs(&cfg, site.as_deref());
         let prefix = cfg.dataplane.router_prefix.clone();
         let p = plan::plan_memo(
             &plan::Inputs {
@@ -146,6 +164,8 @@ pub async fn run(
                 nodes: &nodes,
                 external: external.as_ref(),
                 underlay: cfg.dataplane.env.underlay,
+                site: &cfg.site,
+                gateway: gateway.as_ref(),
             },
             &mut memo,
         );

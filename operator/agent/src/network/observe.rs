@@ -14,6 +14,8 @@ pub enum LinkKind {
     Vxlan {
         vni: u32,
         local: Option<Ipv4Addr>,
+        /// Its UDP port.
+        port: u16,
     },
     /// An 802.1Q sub-interface (an 802.1ad one has no id here).
     Vlan {
@@ -47,10 +49,11 @@ pub struct Want {
 }
 
 impl Want {
-    /// Links and the bridge FDB (a host namespace).
+    /// Links, the bridge FDB and addresses (a host namespace: its WAN
+    /// interface may hold the Site's endpoint).
     pub const HOST: Want = Want {
         fdb: true,
-        addrs: false,
+        addrs: true,
         routes: false,
     };
     /// Links, addresses and routes (a router namespace).
@@ -98,8 +101,8 @@ pub fn from_netlink(
         let kind = match l.kind.as_deref() {
             Some("bridge") => LinkKind::Bridge,
             Some("vxlan") => {
-                let (vni, local) = l.vxlan.unwrap_or((0, None));
-                LinkKind::Vxlan { vni, local }
+                let (vni, local, port) = l.vxlan.unwrap_or((0, None, 0));
+                LinkKind::Vxlan { vni, local, port }
             }
             Some("vlan") => LinkKind::Vlan { id: l.vlan },
             Some("veth") => LinkKind::Veth,

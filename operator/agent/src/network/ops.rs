@@ -130,6 +130,8 @@ pub enum Family {
     Bridge,
     /// `table ip yukumo`: a router's NAT and firewall.
     Ip,
+    /// `table inet yukumo`: the WAN tunnels' source filter of a gateway.
+    Inet,
 }
 
 impl Family {
@@ -137,6 +139,7 @@ impl Family {
         match self {
             Family::Bridge => "bridge",
             Family::Ip => "ip",
+            Family::Inet => "inet",
         }
     }
 }

@@ -20,7 +20,7 @@ use yukumo_api::networkgroup::NetworkGroup;
 use yukumo_api::site::ExternalNetwork;
 use yukumo_api::virtualnode::{NodeRole, VirtualNode};
 
-use super::ruleset::{guard_ruleset, router_ruleset};
+use super::ruleset::{guard_ruleset, router_ruleset, tunnel_ruleset};
 
 /// The router namespace's interface on the group's segment.
 pub const ROUTER_LAN: &str = "gw0";
@@ -48,6 +48,11 @@ pub fn router_veth_name(seg: Segment) -> String {
         SegmentType::Vxlan => format!("ykgw{}", seg.id),
         SegmentType::Vlan => format!("ykgv{}", seg.id),
     }
+}
+/// A group's WAN port on the gateway holding its Site's tunnel end
+/// (VXLAN groups only; the VNI is the segment id).
+pub fn wan_link_name(seg: Segment) -> String {
+    format!("ykw{}", seg.id)
 }
 /// The guest tap of a node: `ykt` and the first 12 hex digits of its uid.
 pub fn tap_name(uid: &str) -> String {
@@ -79,8 +84,48 @@ pub struct SegmentPlan {
     pub bridge: String,
     pub link: String,
     pub mtu: u32,
-    /// Underlay addresses of the other hosts of the segment (VXLAN).
+    /// Underlay addresses of the other hosts of the segment (VXLAN) that
+    /// this host floods to directly: those of its own Site, and those of
+    /// Sites no tunnel joins to it.
     pub remotes: BTreeSet<Ipv4Addr>,
+    /// The segment's WAN port, on the host holding its Site's tunnel end.
+    pub wan: Option<WanPort>,
+}
+
+/// A group's port to the other Sites' gateways: one VXLAN link from the
+/// Site's WAN endpoint, flooding to every peer Site's endpoint. One port for
+/// all peers: the bridge never sends a frame back out of the port it came
+/// in by, so nothing is forwarded from one Site to another, and a full
+/// mesh of Sites has no loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WanPort {
+    pub link: String,
+    pub peers: BTreeSet<Ipv4Addr>,
+}
+
+/// This host's part in its Site's WAN tunnels: it holds the Site's
+/// endpoint (`active`) or must not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelPlan {
+    /// The WAN interface.
+    pub dev: String,
+    /// The Site's endpoint address, as a /32.
+    pub endpoint: Ipv4Net,
+    pub port: u16,
+    pub active: bool,
+    /// The `table inet yukumo` of the host: no VXLAN from the WAN to the
+    /// Site's own port, and while active, tunnel packets to the endpoint
+    /// only from peer Sites' endpoints.
+    pub ruleset: String,
+}
+
+/// This host's WAN facts: its WAN interface, its Site's endpoint, and
+/// whether the Site's status names it as the endpoint's holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInputs {
+    pub dev: String,
+    pub endpoint: std::net::SocketAddrV4,
+    pub active: bool,
 }
 
 /// A guest's tap and what it may send.
@@ -144,6 +189,9 @@ pub struct HostPlan {
     pub routers: BTreeMap<String, Arc<RouterPlan>>,
     /// The complete `table bridge yukumo` of the host.
     pub guard: String,
+    /// The Site's WAN tunnel end, where this host has a WAN interface and
+    /// the Site an endpoint.
+    pub tunnel: Option<TunnelPlan>,
 }
 
 /// What the plan is computed from.
@@ -154,6 +202,9 @@ pub struct Inputs<'a> {
     pub nodes: &'a [Arc<VirtualNode>],
     pub external: Option<&'a ExternalNetwork>,
     pub underlay: Option<Ipv4Addr>,
+    /// This host's Site.
+    pub site: &'a str,
+    pub gateway: Option<&'a GatewayInputs>,
 }
 
 /// A locally administered unicast MAC derived from `seed`.
@@ -180,7 +231,7 @@ pub struct PlanMemo {
 pub fn plan_memo(inp: &Inputs, memo: &mut PlanMemo) -> HostPlan {
     let env = {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (inp.host, inp.netns_prefix).hash(&mut h);
+        (inp.host, inp.netns_prefix, inp.site).hash(&mut h);
         serde_json::to_string(&inp.external)
             .unwrap_or_default()
             .hash(&mut h);
@@ -240,15 +291,40 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             continue;
         }
         let mtu = st.mtu.unwrap_or_else(|| g.spec.mtu_or_default());
+        // Sites joined by tunnels reach each other through their gateways.
+        let tunnel_sites: BTreeSet<&str> = st.tunnels.iter().map(|t| t.site.as_str()).collect();
+        let tunneled = |site: &str| {
+            site != inp.site && tunnel_sites.contains(inp.site) && tunnel_sites.contains(site)
+        };
         let remotes = match seg.type_ {
             SegmentType::Vxlan => st
                 .hosts
                 .iter()
                 .filter(|h| h.name != inp.host)
+                .filter(|h| !h.site.as_deref().is_some_and(tunneled))
                 .map(|h| h.underlay)
                 .filter(|a| Some(*a) != inp.underlay)
                 .collect(),
             SegmentType::Vlan => BTreeSet::new(),
+        };
+        let wan = match inp.gateway {
+            Some(gw)
+                if gw.active
+                    && seg.type_ == SegmentType::Vxlan
+                    && tunnel_sites.contains(inp.site) =>
+            {
+                let peers: BTreeSet<Ipv4Addr> = st
+                    .tunnels
+                    .iter()
+                    .filter(|t| t.site != inp.site && t.address != *gw.endpoint.ip())
+                    .map(|t| t.address)
+                    .collect();
+                (!peers.is_empty()).then(|| WanPort {
+                    link: wan_link_name(seg),
+                    peers,
+                })
+            }
+            _ => None,
         };
         out.segments.insert(
             bridge_name(seg),
@@ -258,6 +334,7 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 link: segment_link_name(seg),
                 mtu,
                 remotes,
+                wan,
             },
         );
         if router_here && let Some(r) = router(g, seg, mtu) {
@@ -287,6 +364,25 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
     }
     out.taps.sort_by(|a, b| a.name.cmp(&b.name));
     out.guard = guard_ruleset(&out.taps);
+    out.tunnel = inp.gateway.map(|gw| {
+        let peers: BTreeSet<Ipv4Addr> = out
+            .segments
+            .values()
+            .filter_map(|s| s.wan.as_ref())
+            .flat_map(|w| w.peers.iter().copied())
+            .collect();
+        TunnelPlan {
+            dev: gw.dev.clone(),
+            endpoint: Ipv4Net::new(*gw.endpoint.ip(), 32).expect("a /32"),
+            port: gw.endpoint.port(),
+            active: gw.active,
+            ruleset: tunnel_ruleset(
+                &gw.dev,
+                gw.active
+                    .then(|| (*gw.endpoint.ip(), gw.endpoint.port(), &peers)),
+            ),
+        }
+    });
     out
 }
 

@@ -4,6 +4,7 @@
 //! own text in a comment, so a listed table is recognised as current
 //! without parsing it.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
@@ -144,6 +145,38 @@ pub fn guard_ruleset(taps: &[TapPlan]) -> String {
     }
     let hash = hash_of(&body);
     format!("table bridge yukumo {{\n  comment \"yukumo:{hash}\"\n{body}}}\n")
+}
+
+/// The `table inet yukumo` of a host with a WAN interface `wan`: the
+/// Site's own VXLAN port is never taken from the WAN, and on the gateway
+/// holding the Site's WAN endpoint (`endpoint`: address, port, peers)
+/// tunnel packets are taken only from the peer Sites' endpoints (anyone
+/// else could inject frames into a group).
+pub fn tunnel_ruleset(wan: &str, endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4Addr>)>) -> String {
+    let mut body = String::new();
+    let mut rules = format!(
+        "    iifname \"{wan}\" udp dport {} counter drop\n",
+        super::plan::VXLAN_PORT
+    );
+    let peers = endpoint.map(|(_, _, p)| p.clone()).unwrap_or_default();
+    if let Some((endpoint, port, _)) = endpoint {
+        let _ = writeln!(
+            rules,
+            "    ip daddr {endpoint} udp dport {port} ip saddr != @peers counter drop"
+        );
+    }
+    let elems = if peers.is_empty() {
+        String::new()
+    } else {
+        let v: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
+        format!("\n    elements = {{ {} }}", v.join(", "))
+    };
+    let _ = write!(
+        body,
+        "  set peers {{\n    type ipv4_addr;{elems}\n  }}\n  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
+    );
+    let hash = hash_of(&body);
+    format!("table inet yukumo {{\n  comment \"yukumo:{hash}\"\n{body}}}\n")
 }
 
 /// The `comment "yukumo:<hash>"` of a rendered table.

@@ -93,5 +93,44 @@ pub fn plan_with(
         nodes: &nodes,
         external: Some(&ext),
         underlay: Some("10.255.0.1".parse().unwrap()),
+        site: "a",
+        gateway: None,
+    })
+}
+
+/// The fixture's group stretched over three Sites' tunnels (`a`, `b`, `c`),
+/// its span a host at each of `a` and `b` plus `h1`; planned for `h1` at
+/// Site `a` with WAN interface `wan0`, holding the Site's endpoint when
+/// `active`.
+pub fn plan_gateway(prefix: &str, active: bool) -> HostPlan {
+    let (mut groups, nodes, ext) = fixture();
+    let mut g = (*groups[0]).clone();
+    let st = g.status.as_mut().expect("a status");
+    st.tunnels = serde_json::from_value(serde_json::json!([
+        {"site": "a", "address": "100.64.0.101", "port": 4790},
+        {"site": "b", "address": "100.64.0.102", "port": 4790},
+        {"site": "c", "address": "100.64.0.103", "port": 4790}]))
+    .unwrap();
+    st.hosts = serde_json::from_value(serde_json::json!([
+        {"name": "h1", "underlay": "10.255.0.1", "site": "a"},
+        {"name": "h2", "underlay": "10.255.0.2", "site": "a"},
+        {"name": "h3", "underlay": "10.255.0.3", "site": "b"},
+        {"name": "h4", "underlay": "10.255.0.4"}]))
+    .unwrap();
+    groups[0] = Arc::new(g);
+    let gw = super::plan::GatewayInputs {
+        dev: "wan0".into(),
+        endpoint: "100.64.0.101:4790".parse().unwrap(),
+        active,
+    };
+    plan(&Inputs {
+        host: "h1",
+        netns_prefix: prefix,
+        groups: &groups,
+        nodes: &nodes,
+        external: Some(&ext),
+        underlay: Some("10.255.0.1".parse().unwrap()),
+        site: "a",
+        gateway: Some(&gw),
     })
 }

@@ -9,7 +9,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
 use yukumo_api::host::Host;
-use yukumo_api::site::{PoolStatus, Site, SiteStatus, StoragePool};
+use yukumo_api::site::{Encryption, PoolStatus, Site, SiteStatus, StoragePool};
 use yukumo_api::{Condition, ConditionStatus, Reason};
 
 use super::verdict::{Verdict, apply_verdict, reason_changed};
@@ -90,22 +90,80 @@ pub const WAN_TUNNELS: &str = "WanTunnels";
 /// The WAN settings a Site sets that this version does not act on, as the
 /// message of its `WanTunnels` condition (`None`: it sets none).
 pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
+    let tunnel = spec.tunnel.as_ref();
     let set: Vec<&str> = [
-        ("spec.gateway", spec.gateway.is_some()),
-        ("spec.tunnel", spec.tunnel.is_some()),
         (
-            "spec.credentialsSecretRef",
+            "spec.tunnel.bandwidthMbps (tunnels are not capped)",
+            tunnel.is_some_and(|t| t.bandwidth_mbps.is_some()),
+        ),
+        (
+            "spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)",
+            tunnel.is_some_and(|t| t.encryption == Encryption::Wireguard),
+        ),
+        (
+            "spec.credentialsSecretRef (agents use their own credentials)",
             spec.credentials_secret_ref.is_some(),
         ),
     ]
     .into_iter()
     .filter_map(|(f, on)| on.then_some(f))
     .collect();
-    (!set.is_empty()).then(|| {
-        format!(
-            "{} not acted on: this version builds no WAN tunnels between Sites (no encryption, no bandwidth cap); a group stretched to another Site reaches it only where the hosts' underlays route to each other",
-            set.join(", ")
-        )
+    (!set.is_empty()).then(|| format!("not acted on by this version: {}", set.join("; ")))
+}
+
+/// Whether a Host may hold its Site's WAN endpoint: a Ready gateway host
+/// whose agent has a WAN interface.
+pub fn can_hold_endpoint(h: &Host) -> bool {
+    h.spec.gateway
+        && h.status
+            .as_ref()
+            .is_some_and(|s| s.wan_interface.is_some() && s.conditions.is_true(ct::READY))
+}
+
+/// The host holding the Site's WAN endpoint: the current one while it can,
+/// else the first that can by name; none without `spec.gateway`.
+pub fn active_gateway(
+    spec: &yukumo_api::SiteSpec,
+    hosts: &[Host],
+    current: Option<&str>,
+) -> Option<String> {
+    spec.gateway.as_ref()?;
+    let mut able: Vec<String> = hosts
+        .iter()
+        .filter(|h| can_hold_endpoint(h))
+        .map(|h| h.name_any())
+        .collect();
+    able.sort();
+    match current {
+        Some(c) if able.iter().any(|h| h == c) => Some(c.to_string()),
+        _ => able.into_iter().next(),
+    }
+}
+
+/// The Site's `WanTunnels` condition: settings not acted on first, then
+/// whether a host holds the endpoint; `None` when the Site sets no WAN
+/// setting.
+pub fn wan_condition(
+    spec: &yukumo_api::SiteSpec,
+    active: Option<&str>,
+) -> Option<(ConditionStatus, Reason, String)> {
+    if let Some(msg) = wan_settings_unbuilt(spec) {
+        return Some((ConditionStatus::False, Reason::WanTunnelsNotBuilt, msg));
+    }
+    let endpoint = spec.gateway.as_ref()?.wan_endpoint.as_str();
+    Some(match active {
+        Some(h) => (
+            ConditionStatus::True,
+            Reason::GatewayActive,
+            format!("host {h} holds the WAN endpoint {endpoint}"),
+        ),
+        None => (
+            ConditionStatus::False,
+            Reason::NoWanGateway,
+            format!(
+                "spec.gateway.wanEndpoint {endpoint}: no Ready gateway host with a WAN interface (agent --wan-interface) can hold it; no tunnel reaches this Site"
+            ),
+        ),
     })
 }
 
@@ -123,12 +181,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
     let (agg, verdict) = aggregate(&hosts);
     let old = site.status.clone().unwrap_or_default();
     let mut conditions = apply_verdict(&old.conditions, site.metadata.generation, &verdict);
-    let unbuilt = wan_settings_unbuilt(&site.spec);
-    match &unbuilt {
-        Some(msg) => conditions.set_condition(Condition::new(
+    let active = active_gateway(&site.spec, &hosts, old.active_gateway.as_deref());
+    let wan = wan_condition(&site.spec, active.as_deref());
+    match &wan {
+        Some((st, reason, msg)) => conditions.set_condition(Condition::new(
             WAN_TUNNELS,
-            ConditionStatus::False,
-            Reason::WanTunnelsNotBuilt,
+            *st,
+            reason.clone(),
             msg.clone(),
             site.metadata.generation,
         )),
@@ -137,6 +196,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
     let status = SiteStatus {
         observed_generation: site.metadata.generation,
         conditions,
+        active_gateway: active,
         peers: old.peers.clone(),
         storage_pools: pools(&site.spec.storage_pools, &hosts),
         ..agg
@@ -153,14 +213,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         .conditions
         .get_condition(WAN_TUNNELS)
         .map(|c| c.message.as_str());
-    if let Some(msg) = unbuilt.as_deref().filter(|m| had != Some(*m)) {
-        ctx.event(
-            site.as_ref(),
-            EventType::Warning,
-            &Reason::WanTunnelsNotBuilt,
-            msg.to_string(),
-        )
-        .await;
+    if let Some((st, reason, msg)) = wan.as_ref().filter(|(_, _, m)| had != Some(m.as_str())) {
+        let kind = if *st == ConditionStatus::True {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(site.as_ref(), kind, reason, msg.clone()).await;
     }
     if reason_changed(&old.conditions, &verdict) {
         ctx.event(
@@ -189,24 +248,93 @@ mod tests {
     #[test]
     fn wan_settings_are_said_to_be_unbuilt_naming_each_field() {
         assert_eq!(wan_settings_unbuilt(&spec(serde_json::json!({}))), None);
+        // A gateway and an uncapped plain tunnel are built.
+        assert_eq!(
+            wan_settings_unbuilt(&spec(serde_json::json!({
+                "gateway": {"wanEndpoint": "192.0.2.10"},
+                "tunnel": {"mtu": 1500, "encryption": "none"},
+            }))),
+            None
+        );
         let msg = wan_settings_unbuilt(&spec(serde_json::json!({
-            "gateway": {"wanEndpoint": "192.0.2.10:4789"},
-            "tunnel": {"bandwidthMbps": 1000, "encryption": "none"},
+            "gateway": {"wanEndpoint": "192.0.2.10:4790"},
+            "tunnel": {"bandwidthMbps": 1000, "encryption": "wireguard"},
         })))
         .unwrap();
         assert!(
-            msg.starts_with(
-                "spec.gateway, spec.tunnel not acted on: this version builds no WAN tunnels"
-            ),
+            msg.starts_with("not acted on by this version: spec.tunnel.bandwidthMbps (tunnels are not capped); spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"),
             "{msg}"
         );
         let msg = wan_settings_unbuilt(&spec(serde_json::json!({
             "credentialsSecretRef": {"name": "c", "namespace": "yukumo-system"},
         })))
         .unwrap();
+        assert!(msg.contains("spec.credentialsSecretRef"), "{msg}");
+    }
+
+    fn host(name: &str, gateway: bool, wan: bool, ready: bool) -> Host {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "Host",
+            "metadata": {"name": name},
+            "spec": {"site": "a", "gateway": gateway},
+            "status": {
+                "wanInterface": if wan { Some("wan0") } else { None },
+                "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
+                    "reason": "AgentHeartbeating", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_wan_endpoint_stays_on_its_host_while_it_can_hold_it_and_moves_when_it_cannot() {
+        let with_gw = spec(serde_json::json!({"gateway": {"wanEndpoint": "192.0.2.10"}}));
+        let hosts = vec![
+            host("h1", true, true, true),
+            host("h2", true, true, true),
+            host("h3", false, true, true),
+            host("h4", true, false, true),
+        ];
+        // None without a gateway, whatever the hosts.
+        assert_eq!(
+            active_gateway(&spec(serde_json::json!({})), &hosts, None),
+            None
+        );
+        assert_eq!(
+            active_gateway(&with_gw, &hosts, None).as_deref(),
+            Some("h1")
+        );
+        // Kept while it can (no flapping back to h1).
+        assert_eq!(
+            active_gateway(&with_gw, &hosts, Some("h2")).as_deref(),
+            Some("h2")
+        );
+        // Not a gateway, or without a WAN interface: moved.
+        assert_eq!(
+            active_gateway(&with_gw, &hosts, Some("h3")).as_deref(),
+            Some("h1")
+        );
+        assert_eq!(
+            active_gateway(&with_gw, &hosts, Some("h4")).as_deref(),
+            Some("h1")
+        );
+        // h1 lost: h2.
+        let lost = vec![host("h1", true, true, false), host("h2", true, true, true)];
+        assert_eq!(
+            active_gateway(&with_gw, &lost, Some("h1")).as_deref(),
+            Some("h2")
+        );
+        let none = vec![host("h1", true, true, false)];
+        assert_eq!(active_gateway(&with_gw, &none, Some("h1")), None);
+        let (st, reason, msg) = wan_condition(&with_gw, None).unwrap();
+        assert_eq!((st, reason), (ConditionStatus::False, Reason::NoWanGateway));
         assert!(
-            msg.starts_with("spec.credentialsSecretRef not acted on"),
+            msg.starts_with("spec.gateway.wanEndpoint 192.0.2.10: no Ready gateway host"),
             "{msg}"
         );
+        let (st, reason, msg) = wan_condition(&with_gw, Some("h2")).unwrap();
+        assert_eq!((st, reason), (ConditionStatus::True, Reason::GatewayActive));
+        assert_eq!(msg, "host h2 holds the WAN endpoint 192.0.2.10");
+        assert_eq!(wan_condition(&spec(serde_json::json!({})), None), None);
     }
 }

@@ -140,3 +140,52 @@ async fn an_empty_plan_leaves_nothing_of_yukumo() {
         LinkKind::Other(_)
     ));
 }
+
+#[tokio::test]
+async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
+    use crate::network::testkit::plan_gateway;
+    let dp = dataplane();
+    dp.kernel.add_plain_link("wan0");
+    let plan = plan_gateway("t-", true);
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert_eq!(ch.tables, 3, "guard, router and filter: {ch:?}");
+    assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        let host = &m.host.state;
+        let w = &host.links["ykw1000"];
+        assert_eq!(w.master.as_deref(), Some("ykbr1000"));
+        assert_eq!(
+            w.kind,
+            LinkKind::Vxlan {
+                vni: 1000,
+                local: Some("100.64.0.101".parse().unwrap()),
+                port: 4790
+            }
+        );
+        let wan_remotes: Vec<String> = host
+            .remotes
+            .iter()
+            .filter(|(d, _)| d == "ykw1000")
+            .map(|(_, a)| a.to_string())
+            .collect();
+        assert_eq!(wan_remotes, vec!["100.64.0.102", "100.64.0.103"]);
+        assert!(host.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
+        assert!(m.host.tables["inet"].contains("ip saddr != @peers counter drop"));
+    });
+    // The endpoint moved to another host: port, address and filter go.
+    let plan = plan_gateway("t-", false);
+    let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert!(
+        ch.tables == 1 && ch.addresses == 1 && ch.links == 1 && ch.fdb == 0,
+        "{ch:?}"
+    );
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        let host = &m.host.state;
+        assert!(!host.has("ykw1000"));
+        assert!(host.remotes.iter().all(|(d, _)| d != "ykw1000"));
+        assert!(host.addrs.get("wan0").is_none_or(|a| a.is_empty()));
+        assert!(!m.host.tables["inet"].contains("@peers counter"));
+    });
+}

@@ -27,6 +27,7 @@ fn converged_host(plan: &HostPlan) -> NsState {
     let vx = LinkKind::Vxlan {
         vni: 1000,
         local: env().underlay,
+        port: VXLAN_PORT,
     };
     for link in [
         l("ykbr1000", LinkKind::Bridge, true, 1450, None),
@@ -99,6 +100,7 @@ fn stale_and_wrong_links_are_replaced_and_foreign_ones_kept() {
     have.links.get_mut("ykvx1000").unwrap().kind = LinkKind::Vxlan {
         vni: 1000,
         local: Some("10.9.9.9".parse().unwrap()),
+        port: VXLAN_PORT,
     };
     have.links.get_mut("ykbr1000").unwrap().up = false;
     let ops = host_links(&plan, &have, &env()).unwrap();

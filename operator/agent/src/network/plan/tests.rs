@@ -13,6 +13,8 @@ fn host_plan_is_deterministic_and_complete() {
         nodes: &nodes,
         external: Some(&ext),
         underlay: Some("10.255.0.1".parse().unwrap()),
+        site: "a",
+        gateway: None,
     };
     let p = plan(&inp);
     assert_eq!(p, plan(&inp), "pure and deterministic");
@@ -114,6 +116,8 @@ fn a_vlan_and_a_vxlan_group_with_the_same_id_share_no_name() {
         nodes: &nodes,
         external: Some(&ext),
         underlay: Some("10.255.0.1".parse().unwrap()),
+        site: "a",
+        gateway: None,
     });
     let names: Vec<(&str, &str)> = p
         .segments
@@ -170,6 +174,8 @@ fn rendered_tables_pass_nft_check() {
         nodes: &nodes,
         external: Some(&ext),
         underlay: None,
+        site: "a",
+        gateway: None,
     });
     for table in [
         &p.guard,
@@ -223,6 +229,8 @@ fn the_memo_plans_what_plan_plans() {
         nodes: &nodes,
         external: Some(&ext),
         underlay: Some("10.255.0.1".parse().unwrap()),
+        site: "a",
+        gateway: None,
     };
     let mut memo = PlanMemo::default();
     assert_eq!(plan_memo(&inp, &mut memo), plan(&inp));
@@ -248,4 +256,61 @@ fn the_memo_plans_what_plan_plans() {
     };
     assert_eq!(plan_memo(&inp4, &mut memo), plan(&inp4));
     assert!(memo.routers.is_empty());
+}
+
+#[test]
+fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_through_one_port() {
+    use crate::network::testkit::plan_gateway;
+    let p = plan_gateway("yk-", true);
+    let seg = &p.segments["ykbr1000"];
+    // Hosts of its own Site and of Sites without a tunnel: directly; those
+    // of a tunneled Site (h3 at b): through the gateways only.
+    let remotes: Vec<String> = seg.remotes.iter().map(|a| a.to_string()).collect();
+    assert_eq!(remotes, vec!["10.255.0.2", "10.255.0.4"]);
+    let wan = seg.wan.as_ref().expect("a WAN port");
+    assert_eq!(wan.link, "ykw1000");
+    let peers: Vec<String> = wan.peers.iter().map(|a| a.to_string()).collect();
+    assert_eq!(peers, vec!["100.64.0.102", "100.64.0.103"]);
+    let t = p.tunnel.as_ref().unwrap();
+    assert_eq!(
+        (t.dev.as_str(), t.endpoint.to_string(), t.port, t.active),
+        ("wan0", "100.64.0.101/32".into(), 4790, true)
+    );
+    let r = &t.ruleset;
+    assert!(r.starts_with("table inet yukumo {"), "{r}");
+    assert!(
+        r.contains("elements = { 100.64.0.102, 100.64.0.103 }"),
+        "{r}"
+    );
+    assert!(
+        r.contains("ip daddr 100.64.0.101 udp dport 4790 ip saddr != @peers counter drop"),
+        "{r}"
+    );
+    assert!(
+        r.contains("iifname \"wan0\" udp dport 4789 counter drop"),
+        "{r}"
+    );
+    assert_eq!(rule_count(r), 2);
+    // Another host of the Site (or this one, no longer holding the end):
+    // no WAN port, no filter, the endpoint to be let go; still no direct
+    // flooding to the tunneled Site.
+    let p = plan_gateway("yk-", false);
+    let seg = &p.segments["ykbr1000"];
+    assert!(seg.wan.is_none());
+    assert_eq!(seg.remotes.len(), 2);
+    let t = p.tunnel.as_ref().unwrap();
+    assert!(!t.active && !t.ruleset.contains("@peers counter") && rule_count(&t.ruleset) == 1);
+}
+
+#[test]
+fn without_tunnels_every_host_of_the_span_is_flooded_to_directly() {
+    let p = crate::network::testkit::plan_with("yk-", "ext0", |st| {
+        st.hosts = serde_json::from_value(serde_json::json!([
+            {"name": "h1", "underlay": "10.255.0.1", "site": "a"},
+            {"name": "h3", "underlay": "10.255.0.3", "site": "b"}]))
+        .unwrap();
+    });
+    let seg = &p.segments["ykbr1000"];
+    assert_eq!(seg.remotes.len(), 1);
+    assert!(seg.wan.is_none() && p.tunnel.is_none());
 }

@@ -175,6 +175,14 @@ async fn the_kernel_converges_like_the_fake() {
     for l in ["ul0", "ext0", "ykt0123abcdef45"] {
         fake.add_plain_link(l);
     }
+    fake.with(|m| {
+        m.host
+            .state
+            .addrs
+            .entry("ul0".into())
+            .or_default()
+            .insert("10.255.0.1/24".parse().unwrap());
+    });
     let fdp = Dataplane::new(fake, prefix.clone(), env, None);
     fdp.apply(&plan, Pass::Changed).await.unwrap();
     let real_host = dp
@@ -301,4 +309,55 @@ async fn a_watched_host_is_not_read_again_until_something_changes_it() {
     assert!(ch.links >= 4, "the deleted bridge was not rebuilt: {ch:?}");
     assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
     dp.apply(&HostPlan::default(), Pass::Changed).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
+    let Some((_sb, dp, _env, prefix)) = sandbox("w").await else {
+        return;
+    };
+    let host = dp.kernel.ns(None).await.unwrap();
+    host.apply(&NsOps {
+        links: vec![veth("wan0", "wanp", &_sb.outside), LinkOp::up("wan0")],
+        addrs: vec![AddrOp::Add {
+            dev: "wan0".into(),
+            net: "100.64.0.11/24".parse().unwrap(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let plan = crate::network::testkit::plan_gateway(&prefix, true);
+    dp.apply(&plan, Pass::Changed).await.unwrap();
+    let again = dp.apply(&plan, Pass::Verify).await.unwrap();
+    assert_eq!(again.total(), 0, "a converged pass changed {again:?}");
+    let s = host.observe(Want::HOST).await.unwrap();
+    assert_eq!(
+        s.links["ykw1000"].kind,
+        LinkKind::Vxlan {
+            vni: 1000,
+            local: Some("100.64.0.101".parse().unwrap()),
+            port: 4790
+        }
+    );
+    assert_eq!(s.links["ykw1000"].master.as_deref(), Some("ykbr1000"));
+    assert!(
+        s.remotes
+            .contains(&("ykw1000".into(), "100.64.0.103".parse().unwrap()))
+    );
+    assert!(s.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
+    let listed = dp.kernel.table(None, Family::Inet).await.unwrap().unwrap();
+    assert!(listed.contains("100.64.0.102"), "{listed}");
+    let plan = crate::network::testkit::plan_gateway(&prefix, false);
+    dp.apply(&plan, Pass::Changed).await.unwrap();
+    let again = dp.apply(&plan, Pass::Verify).await.unwrap();
+    assert_eq!(again.total(), 0, "a converged pass changed {again:?}");
+    let s = host.observe(Want::HOST).await.unwrap();
+    assert!(!s.has("ykw1000"));
+    assert!(!s.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
+    let listed = dp.kernel.table(None, Family::Inet).await.unwrap().unwrap();
+    assert!(
+        listed.contains("udp dport 4789") && !listed.contains("@peers counter"),
+        "{listed}"
+    );
 }

@@ -19,6 +19,7 @@ use yukumo_api::{Host, Reason, VirtualCluster, VirtualNode};
 
 pub use super::router::{no_vlan_host, offers_vlan, place_router, router_candidates, underlay_of};
 pub use super::segment::{choose_segment, validate};
+pub use super::tunnels::{Tunnels, gateway_host, tunnels};
 
 use super::super::ipam::{
     Member, PublicWant, allocate_addresses, allocate_public, node_addresses, pool_addresses,
@@ -423,7 +424,16 @@ pub fn decide(inp: &Inputs) -> Decision {
                 }
             }
         }
-        // The hosts the segment spans: members' hosts and the router's.
+        // Across Sites: the tunnel ends and the MTU they carry.
+        let tun = tunnels(spec, inp.sites).unwrap_or_else(|p| {
+            problems.push(p);
+            Tunnels::default()
+        });
+        if let Some(m) = tun.mtu {
+            status.mtu = Some(spec.mtu.unwrap_or(m.min(spec.mtu_or_default())));
+        }
+        // The hosts the segment spans: members' hosts, the router's, and
+        // the hosts holding the tunnel ends.
         let mut span: BTreeSet<String> = group_nodes
             .iter()
             .filter_map(|n| n.spec.host.clone())
@@ -431,12 +441,19 @@ pub fn decide(inp: &Inputs) -> Decision {
         if let Some(r) = &status.router {
             span.insert(r.host.clone());
         }
+        for e in &tun.ends {
+            if let Some(h) = gateway_host(inp.sites, inp.hosts, &e.site) {
+                span.insert(h.name_any());
+            }
+        }
+        status.tunnels = tun.ends;
         status.hosts = span
             .into_iter()
             .filter_map(|name| {
                 let h = inp.hosts.iter().find(|h| h.name_any() == name)?;
                 Some(SegmentHost {
                     underlay: underlay_of(h)?,
+                    site: Some(h.spec.site.clone()),
                     name,
                 })
             })

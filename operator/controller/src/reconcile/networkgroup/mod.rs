@@ -12,6 +12,7 @@
 pub mod decide;
 pub mod router;
 pub mod segment;
+pub mod tunnels;
 
 use std::sync::Arc;
 

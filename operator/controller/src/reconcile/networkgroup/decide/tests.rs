@@ -445,3 +445,99 @@ fn segment_ids_are_unique_at_every_site_a_group_spans() {
         "spec.segment.id: 1000 is already used by NetworkGroup t1/at-b at Site \"b\""
     );
 }
+
+#[test]
+fn a_group_across_sites_lists_their_tunnel_ends_their_gateways_and_the_mtu_they_carry() {
+    let named = |name: &str, spec: serde_json::Value, active: Option<&str>| -> Site {
+        serde_json::from_value(json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "Site", "metadata": {"name": name},
+            "spec": spec, "status": {"activeGateway": active}
+        }))
+        .unwrap()
+    };
+    let sites = vec![
+        named(
+            "a",
+            json!({"vniRange": {"start": 1000, "end": 1009}, "gateway": {"wanEndpoint": "100.64.0.101"}}),
+            Some("ga"),
+        ),
+        named(
+            "b",
+            json!({"gateway": {"wanEndpoint": "100.64.0.102"}, "tunnel": {"mtu": 1400}}),
+            Some("gb"),
+        ),
+    ];
+    let at = |name: &str, site: &str, i: u8| -> Arc<Host> {
+        let mut h = (*host(name, true, false, true)).clone();
+        h.spec.site = site.into();
+        h.status.as_mut().unwrap().addresses = vec![std::net::Ipv4Addr::new(10, 255, 0, i)];
+        Arc::new(h)
+    };
+    let hosts = vec![
+        at("ga", "a", 1),
+        at("a2", "a", 2),
+        at("gb", "b", 3),
+        at("b2", "b", 4),
+    ];
+    let g = group(
+        "net",
+        json!({"cidr": "10.30.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a", "sites": ["b"]}),
+        None,
+    );
+    let d = decide(&Inputs {
+        group: &g,
+        sites: &sites,
+        hosts: &hosts,
+        groups: &[],
+        clusters: &[],
+        nodes: &[],
+        claims: &no_claims(),
+        namespace_labels: &Default::default(),
+        limits: &Default::default(),
+    });
+    assert_eq!(d.verdict.reason(), &Reason::Allocated, "{:?}", d.verdict);
+    let ends: Vec<String> = d
+        .status
+        .tunnels
+        .iter()
+        .map(|t| format!("{} {}:{}", t.site, t.address, t.port))
+        .collect();
+    assert_eq!(ends, vec!["a 100.64.0.101:4790", "b 100.64.0.102:4790"]);
+    // The router's host and both Sites' endpoint holders, with their Sites.
+    let span: Vec<String> = d
+        .status
+        .hosts
+        .iter()
+        .map(|h| format!("{} {}", h.name, h.site.as_deref().unwrap_or("-")))
+        .collect();
+    assert!(
+        span.contains(&"ga a".to_string()) && span.contains(&"gb b".to_string()),
+        "{span:?}"
+    );
+    assert!(!span.iter().any(|s| s.starts_with("b2")), "{span:?}");
+    // Site b's tunnel carries 1400 - 50.
+    assert_eq!(d.status.mtu, Some(1350));
+    // Asking more is refused, naming the field.
+    let g = group(
+        "net",
+        json!({"cidr": "10.30.0.0/24", "segment": {"type": "vxlan"}, "homeSite": "a", "sites": ["b"], "mtu": 1400}),
+        None,
+    );
+    let d = decide(&Inputs {
+        group: &g,
+        sites: &sites,
+        hosts: &hosts,
+        groups: &[],
+        clusters: &[],
+        nodes: &[],
+        claims: &no_claims(),
+        namespace_labels: &Default::default(),
+        limits: &Default::default(),
+    });
+    assert_eq!(d.verdict.reason(), &Reason::MtuTooLarge);
+    assert!(
+        d.verdict.message().starts_with("spec.mtu 1400 is larger"),
+        "{}",
+        d.verdict.message()
+    );
+}
