@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: the compute and network benchmarks.
+# `make bench`: the compute, network, sites and storage benchmarks.
 #
 # Compute: starts a private environment (its own directory and ports) with 2
 # simulated libvirt hosts for real guests and 20 agents on their own
@@ -14,7 +14,11 @@
 # environment: a Volume of the local Site's dir pool created, hot-plugged
 # into a tiny guest, and block I/O in the guest against the same program on
 # a raw file on the host. Results: target/bench/storage.json.
-# YUKUMO_BENCH_ONLY=network|compute|storage runs one.
+# Sites: target/release/yukumo-sitesbench, two gateways of two Sites (its
+# own namespaces) on 1 Gbit/s WAN links, their tunnel made by the agent's
+# dataplane: guest-to-guest throughput and RTT through the tunnel against
+# the WAN's, and through a capped tunnel. Results: target/bench/sites.json.
+# YUKUMO_BENCH_ONLY=network|sites|compute|storage runs one.
 # YUKUMO_BENCH_SMOKE=1 (`make test`): both parts at a small scale (a few
 # nodes and groups, 2 real guests), figures not judged, results under
 # target/bench/smoke/ — so a change that breaks `make bench` fails CI.
@@ -22,11 +26,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$ROOT/target/bench
 NET_ARGS=()
+SITES_ARGS=()
 COMPUTE_ARGS=("$@")
 STORAGE_ARGS=()
 if [ "${YUKUMO_BENCH_SMOKE:-}" = 1 ]; then
   OUT=$ROOT/target/bench/smoke
   NET_ARGS=(--groups 20 --mappings 100 --single-rounds 4)
+  SITES_ARGS=(--seconds 1)
   STORAGE_ARGS=(--size-mib 16)
   COMPUTE_ARGS=(--clusters 2 --nodes-per-cluster 10 --steady-secs 5 --real-guests 2 "$@")
   export YUKUMO_BENCH_AGENTS=${YUKUMO_BENCH_AGENTS:-4}
@@ -35,7 +41,10 @@ mkdir -p "$OUT"
 if [ -z "${YUKUMO_BENCH_ONLY:-}" ] || [ "${YUKUMO_BENCH_ONLY:-}" = network ]; then
   "$ROOT/target/release/yukumo-netbench" --out "$OUT/network.json" "${NET_ARGS[@]}"
 fi
-[ "${YUKUMO_BENCH_ONLY:-}" = network ] && exit 0
+if [ -z "${YUKUMO_BENCH_ONLY:-}" ] || [ "${YUKUMO_BENCH_ONLY:-}" = sites ]; then
+  "$ROOT/target/release/yukumo-sitesbench" --out "$OUT/sites.json" "${SITES_ARGS[@]}"
+fi
+case "${YUKUMO_BENCH_ONLY:-}" in network|sites) exit 0 ;; esac
 WORK=$(mktemp -d /tmp/yukumo-bench.XXXXXX)
 export YUKUMO_ENV_DIR=$WORK/env
 AGENTS=${YUKUMO_BENCH_AGENTS:-20}

@@ -36,7 +36,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils nftables iproute2 dnsmasq-base busybox-static
   pkg-config xz-utils cpio genisoimage openssl python3 curl
   linux-image-amd64 syslinux syslinux-common mtools dosfstools kmod socat
-  gcc libc6-dev strace tgt qemu-block-extra lvm2
+  gcc libc6-dev strace tgt qemu-block-extra lvm2 iperf3 iputils-ping
   ceph-mon ceph-osd ceph-mgr ceph-common librbd1
   lua5.1 lua-cjson umoci dropbear-bin openssh-client
   containerd runc containernetworking-plugins

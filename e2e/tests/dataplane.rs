@@ -1107,6 +1107,43 @@ spec:
     );
     println!("far-1's WAN port ykw{vni}: {rx} packets in, {tx} out");
     assert!(rx > 0 && tx > 0);
+    // Both Sites cap their tunnels: each gateway shapes the pair at the
+    // smaller cap.
+    let cap = |site: &str, mbps: u32| {
+        env.kubectl_ok(&[
+            "patch",
+            "site",
+            site,
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"tunnel":{{"bandwidthMbps":{mbps}}}}}}}"#),
+        ])
+        .unwrap()
+    };
+    cap("local", 300);
+    cap("far", 100);
+    for holder in ["host-1", "far-1"] {
+        let (_, took) = wait_for(
+            Duration::from_secs(30),
+            &format!("{holder}'s shaper"),
+            || {
+                let c = in_ns(
+                    &env.host_netns(holder),
+                    &["tc", "class", "show", "dev", "wan0"],
+                )
+                .0;
+                if c.contains("class htb 796b:1 ") && c.contains("rate 100Mbit") {
+                    Ok(())
+                } else {
+                    Err(c)
+                }
+            },
+        )
+        .unwrap();
+        println!("{holder} caps its tunnel at 100 Mbit/s ({took:?} after the Sites' caps)");
+    }
+    assert!(w.pings(&fe.ip), "far worker → frontend, capped");
     if w.host == "far-2" {
         let fdb = in_ns(
             &env.host_netns("far-2"),

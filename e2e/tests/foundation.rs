@@ -1391,7 +1391,7 @@ metadata: {name: east}
 spec:
   vniRange: {start: 4000, end: 4009}
   gateway: {wanEndpoint: '192.0.2.10:4790'}
-  tunnel: {bandwidthMbps: 1000, encryption: none}
+  tunnel: {bandwidthMbps: 1000, encryption: wireguard}
 ",
     );
     let (msg, _) = wait_for(Duration::from_secs(30), "WanTunnels condition", || {
@@ -1406,7 +1406,7 @@ spec:
     .unwrap();
     assert!(
         msg.starts_with(
-            "not acted on by this version: spec.tunnel.bandwidthMbps (tunnels are not capped)"
+            "not acted on by this version: spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"
         ),
         "{msg}"
     );

@@ -308,6 +308,10 @@ pub struct TunnelEnd {
     pub address: Ipv4Addr,
     /// Its UDP port.
     pub port: u16,
+    /// The Site's `tunnel.bandwidthMbps`: a tunnel between two Sites is
+    /// capped at the smaller of theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u32>,
 }
 
 /// A host the segment spans.

@@ -346,6 +346,13 @@ impl<K: Kernel> Dataplane<K> {
                 TableOp::Delete { .. } => None,
             });
         }
+        if let Some(t) = &plan.tunnel {
+            let seen = self.kernel.shaping(&t.dev).await?;
+            if let Some(op) = decide::shape_op(plan, seen.as_deref()) {
+                self.kernel.apply_shaping(&op).await?;
+                ch.tables += 1;
+            }
+        }
         let addrs = decide::tunnel_addr_ops(plan, host.fresh().await?);
         ch.addresses += addrs.len();
         host.apply(NsOps {

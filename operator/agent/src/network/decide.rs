@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use yukumo_api::net::{Ipv4Net, SegmentType};
 
 use super::observe::{LinkKind, NsState};
-use super::ops::{AddrOp, DefaultRoute, DhcpOp, Family, FdbOp, LinkOp, NsOps, TableOp};
+use super::ops::{AddrOp, DefaultRoute, DhcpOp, Family, FdbOp, LinkOp, NsOps, ShapeOp, TableOp};
 use super::plan::{
     DhcpPlan, HostPlan, ROUTER_LAN, ROUTER_WAN, RouterPlan, SegmentPlan, TunnelPlan, VXLAN_PORT,
     WanPort,
@@ -203,6 +203,29 @@ pub fn tunnel_addr_ops(plan: &HostPlan, have: &NsState) -> Vec<AddrOp> {
             net: t.endpoint,
         }],
         _ => Vec::new(),
+    }
+}
+
+/// Step 0b: the shaper of the WAN interface: one class per capped tunnel
+/// while this host holds the Site's endpoint; the agent's qdisc removed
+/// when nothing is capped (another's root qdisc is never touched: `seen`
+/// is None for it).
+pub fn shape_op(plan: &HostPlan, seen: Option<&[(u16, u32)]>) -> Option<ShapeOp> {
+    let t = plan.tunnel.as_ref()?;
+    let want: Vec<(u16, u32)> = t
+        .caps
+        .iter()
+        .enumerate()
+        .map(|(i, (_, mbps))| (u16::try_from(i + 1).unwrap_or(u16::MAX), *mbps))
+        .collect();
+    match (want.is_empty(), seen) {
+        (true, None) => None,
+        (true, Some(_)) => Some(ShapeOp::Clear { dev: t.dev.clone() }),
+        (false, Some(s)) if s == want.as_slice() => None,
+        (false, _) => Some(ShapeOp::Set {
+            dev: t.dev.clone(),
+            classes: want,
+        }),
     }
 }
 

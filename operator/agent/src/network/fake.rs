@@ -27,6 +27,8 @@ pub struct NsModel {
     pub forwarding: bool,
     /// A DHCP server running here: its arguments.
     pub dhcp: Option<Vec<String>>,
+    /// The agent's shaper by interface: its classes (minor, Mbit/s).
+    pub shaping: BTreeMap<String, Vec<(u16, u32)>>,
 }
 
 /// The whole model: the host's namespace and the named ones.

@@ -10,7 +10,7 @@ use yukumo_api::net::MacAddr;
 
 use super::decide::DhcpSeen;
 use super::observe::{NsState, Want};
-use super::ops::{DhcpOp, Family, NsOps, TableOp};
+use super::ops::{DhcpOp, Family, NsOps, ShapeOp, TableOp};
 
 /// A kernel operation that failed: what, and why.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,14 @@ pub trait Firewall: Send + Sync {
     ) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Traffic shaping of an interface of the host namespace.
+pub trait Shaper: Send + Sync {
+    /// The classes (minor, Mbit/s) under the agent's root qdisc on `dev`
+    /// (`SHAPE_HANDLE:`); None: no such qdisc (absent, or another's).
+    fn shaping(&self, dev: &str) -> impl Future<Output = Result<Option<Vec<(u16, u32)>>>> + Send;
+    fn apply_shaping(&self, op: &ShapeOp) -> impl Future<Output = Result<()>> + Send;
+}
+
 /// The DHCP servers of routers.
 pub trait Dhcp: Send + Sync {
     /// The full command line of a router's server (its files included).
@@ -114,6 +122,6 @@ pub trait Announce: Send + Sync {
 }
 
 /// Everything a network pass needs of the kernel.
-pub trait Kernel: Links + Namespaces + Firewall + Dhcp + Announce {}
+pub trait Kernel: Links + Namespaces + Firewall + Dhcp + Announce + Shaper {}
 
-impl<T: Links + Namespaces + Firewall + Dhcp + Announce> Kernel for T {}
+impl<T: Links + Namespaces + Firewall + Dhcp + Announce + Shaper> Kernel for T {}

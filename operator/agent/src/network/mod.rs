@@ -54,6 +54,7 @@ fn gateway_inputs(cfg: &NetConfig, site: Option<&Site>) -> Option<plan::GatewayI
     Some(plan::GatewayInputs {
         dev: cfg.wan_interface.clone()?,
         endpoint: site.spec.gateway.as_ref()?.endpoint()?,
+        bandwidth_mbps: site.spec.tunnel.as_ref().and_then(|t| t.bandwidth_mbps),
         active: site
             .status
             .as_ref()

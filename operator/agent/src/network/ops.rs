@@ -157,6 +157,19 @@ pub enum TableOp {
     },
 }
 
+/// The shaper of a gateway's WAN interface: an HTB root qdisc
+/// (`SHAPE_HANDLE:`) with one class per capped tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShapeOp {
+    /// Make it exactly these classes: (minor, Mbit/s).
+    Set {
+        dev: String,
+        classes: Vec<(u16, u32)>,
+    },
+    /// Remove the agent's root qdisc.
+    Clear { dev: String },
+}
+
 /// What the DHCP server of a router must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DhcpOp {

@@ -113,18 +113,30 @@ pub struct TunnelPlan {
     pub endpoint: Ipv4Net,
     pub port: u16,
     pub active: bool,
+    /// While active: the cap of the tunnel to each peer endpoint that has
+    /// one (Mbit/s, the smaller of the two Sites' `tunnel.bandwidthMbps`),
+    /// by peer address; class `SHAPE_HANDLE:<n>` shapes the n-th (from 1).
+    pub caps: Vec<(Ipv4Addr, u32)>,
     /// The `table inet yukumo` of the host: no VXLAN from the WAN to the
     /// Site's own port, and while active, tunnel packets to the endpoint
-    /// only from peer Sites' endpoints.
+    /// only from peer Sites' endpoints, and those to capped peers given
+    /// their class.
     pub ruleset: String,
 }
 
-/// This host's WAN facts: its WAN interface, its Site's endpoint, and
-/// whether the Site's status names it as the endpoint's holder.
+/// The major handle of the root qdisc the agent puts on a gateway's WAN
+/// interface to cap its tunnels ("yk"); a root qdisc with another handle
+/// is not the agent's and is left alone.
+pub const SHAPE_HANDLE: u16 = 0x796b;
+
+/// This host's WAN facts: its WAN interface, its Site's endpoint, its
+/// Site's tunnel cap, and whether the Site's status names it as the
+/// endpoint's holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayInputs {
     pub dev: String,
     pub endpoint: std::net::SocketAddrV4,
+    pub bandwidth_mbps: Option<u32>,
     pub active: bool,
 }
 
@@ -371,6 +383,29 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             .filter_map(|s| s.wan.as_ref())
             .flat_map(|w| w.peers.iter().copied())
             .collect();
+        // A pair's cap: the smaller of the two Sites' (either may set none).
+        let mut caps: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        if gw.active {
+            for t in inp
+                .groups
+                .iter()
+                .filter_map(|g| g.status.as_ref())
+                .flat_map(|s| &s.tunnels)
+            {
+                if !peers.contains(&t.address) {
+                    continue;
+                }
+                let pair = match (gw.bandwidth_mbps, t.bandwidth_mbps) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(c) = pair {
+                    let e = caps.entry(t.address).or_insert(c);
+                    *e = (*e).min(c);
+                }
+            }
+        }
+        let caps: Vec<(Ipv4Addr, u32)> = caps.into_iter().collect();
         TunnelPlan {
             dev: gw.dev.clone(),
             endpoint: Ipv4Net::new(*gw.endpoint.ip(), 32).expect("a /32"),
@@ -380,7 +415,9 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 &gw.dev,
                 gw.active
                     .then(|| (*gw.endpoint.ip(), gw.endpoint.port(), &peers)),
+                &caps,
             ),
+            caps,
         }
     });
     out

@@ -19,9 +19,9 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::NeighbourState;
 use yukumo_api::net::MacAddr;
 
-use super::kernel::{Announce, Firewall, KernelError, Links, Namespaces, NsLinks, Result};
+use super::kernel::{Announce, Firewall, KernelError, Links, Namespaces, NsLinks, Result, Shaper};
 use super::observe::{self, NsState, Want};
-use super::ops::{AddrOp, Family, FdbOp, LinkOp, NsOps, TableOp};
+use super::ops::{AddrOp, Family, FdbOp, LinkOp, NsOps, ShapeOp, TableOp};
 use crate::netlink::{self, CREATE, Netlink, REPLACE, Request};
 use crate::netns;
 
@@ -419,6 +419,129 @@ async fn nft(
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Run `tc` in `ns` (None: this process's), `script` on its stdin.
+async fn tc(
+    ns: Option<String>,
+    args: Vec<String>,
+    script: Option<String>,
+) -> std::io::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        netns::run(
+            ns.as_deref(),
+            "tc",
+            &args,
+            script.as_deref().map(str::as_bytes),
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// A rate as `tc` prints it (`1Gbit`, `50Mbit`, `800Kbit`), in Mbit/s.
+fn mbit(rate: &str) -> Option<u32> {
+    let split = rate.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (n, unit) = rate.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let f = match unit {
+        "Gbit" => 1000.0,
+        "Mbit" => 1.0,
+        "Kbit" => 0.001,
+        "bit" => 0.000_001,
+        _ => return None,
+    };
+    Some((n * f).round() as u32)
+}
+
+/// The classes under the agent's root qdisc in `tc class show` output:
+/// (minor, Mbit/s), by minor.
+pub fn parse_classes(text: &str) -> Vec<(u16, u32)> {
+    let ours = format!("{:x}:", super::plan::SHAPE_HANDLE);
+    let mut out: Vec<(u16, u32)> = text
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() != Some(&"class") || w.get(1) != Some(&"htb") {
+                return None;
+            }
+            let minor = w.get(2)?.strip_prefix(ours.as_str())?;
+            let minor = u16::from_str_radix(minor, 16).ok()?;
+            let i = w.iter().position(|x| *x == "rate")?;
+            Some((minor, mbit(w.get(i + 1)?)?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+impl Shaper for RealKernel {
+    async fn shaping(&self, dev: &str) -> Result<Option<Vec<(u16, u32)>>> {
+        let ns = self.host_ns.clone();
+        let q = tc(
+            ns.clone(),
+            vec!["qdisc".into(), "show".into(), "dev".into(), dev.into()],
+            None,
+        )
+        .await
+        .map_err(|e| KernelError::io(format!("tc qdisc show dev {dev}"), e))?;
+        let ours = format!("qdisc htb {:x}: root", super::plan::SHAPE_HANDLE);
+        if !q.lines().any(|l| l.starts_with(&ours)) {
+            return Ok(None);
+        }
+        let c = tc(
+            ns,
+            vec!["class".into(), "show".into(), "dev".into(), dev.into()],
+            None,
+        )
+        .await
+        .map_err(|e| KernelError::io(format!("tc class show dev {dev}"), e))?;
+        Ok(Some(parse_classes(&c)))
+    }
+
+    async fn apply_shaping(&self, op: &ShapeOp) -> Result<()> {
+        let h = super::plan::SHAPE_HANDLE;
+        let (dev, script) = match op {
+            // The agent's qdisc made again with exactly these classes (a
+            // root qdisc of another kind is replaced: the Site asked for
+            // caps on this interface).
+            ShapeOp::Set { dev, classes } => {
+                let mut s = format!(
+                    "qdisc del dev {dev} root handle {h:x}:\nqdisc replace dev {dev} root handle {h:x}: htb\n"
+                );
+                for (minor, mbps) in classes {
+                    s.push_str(&format!(
+                        "class add dev {dev} parent {h:x}: classid {h:x}:{minor:x} htb rate {mbps}mbit ceil {mbps}mbit\n"
+                    ));
+                }
+                (dev, s)
+            }
+            ShapeOp::Clear { dev } => (dev, format!("qdisc del dev {dev} root handle {h:x}:\n")),
+        };
+        // -force: the first line may find no qdisc of ours to delete.
+        let out = tc(
+            self.host_ns.clone(),
+            vec!["-force".into(), "-batch".into(), "-".into()],
+            Some(script),
+        )
+        .await;
+        match (op, out) {
+            (_, Ok(_)) => Ok(()),
+            // A Set whose only failure was that first delete is checked by
+            // reading back.
+            (ShapeOp::Set { classes, .. }, Err(e)) => {
+                let have = self.shaping(dev).await?;
+                if have.as_deref() == Some(classes.as_slice()) {
+                    Ok(())
+                } else {
+                    Err(KernelError::io(format!("tc shaping of {dev}"), e))
+                }
+            }
+            (ShapeOp::Clear { .. }, Err(e)) => {
+                Err(KernelError::io(format!("tc qdisc del dev {dev}"), e))
+            }
+        }
+    }
 }
 
 impl RealKernel {

@@ -152,7 +152,11 @@ pub fn guard_ruleset(taps: &[TapPlan]) -> String {
 /// holding the Site's WAN endpoint (`endpoint`: address, port, peers)
 /// tunnel packets are taken only from the peer Sites' endpoints (anyone
 /// else could inject frames into a group).
-pub fn tunnel_ruleset(wan: &str, endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4Addr>)>) -> String {
+pub fn tunnel_ruleset(
+    wan: &str,
+    endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4Addr>)>,
+    caps: &[(Ipv4Addr, u32)],
+) -> String {
     let mut body = String::new();
     let mut rules = format!(
         "    iifname \"{wan}\" udp dport {} counter drop\n",
@@ -175,6 +179,26 @@ pub fn tunnel_ruleset(wan: &str, endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4
         body,
         "  set peers {{\n    type ipv4_addr;{elems}\n  }}\n  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
     );
+    if let Some((_, port, _)) = endpoint
+        && !caps.is_empty()
+    {
+        // The tunnel packets to each capped peer go to its class of the
+        // WAN interface's shaper (HTB takes a packet's priority as its
+        // class).
+        let mut shape = String::new();
+        for (i, (peer, _)) in caps.iter().enumerate() {
+            let _ = writeln!(
+                shape,
+                "    ip daddr {peer} udp dport {port} meta priority set {:x}:{:x}",
+                super::plan::SHAPE_HANDLE,
+                i + 1
+            );
+        }
+        let _ = write!(
+            body,
+            "  chain shape {{\n    type filter hook output priority filter; policy accept;\n{shape}  }}\n"
+        );
+    }
     let hash = hash_of(&body);
     format!("table inet yukumo {{\n  comment \"yukumo:{hash}\"\n{body}}}\n")
 }

@@ -108,7 +108,7 @@ pub fn plan_gateway(prefix: &str, active: bool) -> HostPlan {
     let st = g.status.as_mut().expect("a status");
     st.tunnels = serde_json::from_value(serde_json::json!([
         {"site": "a", "address": "100.64.0.101", "port": 4790},
-        {"site": "b", "address": "100.64.0.102", "port": 4790},
+        {"site": "b", "address": "100.64.0.102", "port": 4790, "bandwidthMbps": 200},
         {"site": "c", "address": "100.64.0.103", "port": 4790}]))
     .unwrap();
     st.hosts = serde_json::from_value(serde_json::json!([
@@ -121,6 +121,7 @@ pub fn plan_gateway(prefix: &str, active: bool) -> HostPlan {
     let gw = super::plan::GatewayInputs {
         dev: "wan0".into(),
         endpoint: "100.64.0.101:4790".parse().unwrap(),
+        bandwidth_mbps: Some(1000),
         active,
     };
     plan(&Inputs {

@@ -93,10 +93,6 @@ pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
     let tunnel = spec.tunnel.as_ref();
     let set: Vec<&str> = [
         (
-            "spec.tunnel.bandwidthMbps (tunnels are not capped)",
-            tunnel.is_some_and(|t| t.bandwidth_mbps.is_some()),
-        ),
-        (
             "spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)",
             tunnel.is_some_and(|t| t.encryption == Encryption::Wireguard),
         ),
@@ -262,8 +258,16 @@ mod tests {
         })))
         .unwrap();
         assert!(
-            msg.starts_with("not acted on by this version: spec.tunnel.bandwidthMbps (tunnels are not capped); spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"),
+            msg.starts_with("not acted on by this version: spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"),
             "{msg}"
+        );
+        // A cap alone is built.
+        assert_eq!(
+            wan_settings_unbuilt(&spec(serde_json::json!({
+                "gateway": {"wanEndpoint": "192.0.2.10"},
+                "tunnel": {"bandwidthMbps": 1000},
+            }))),
+            None
         );
         let msg = wan_settings_unbuilt(&spec(serde_json::json!({
             "credentialsSecretRef": {"name": "c", "namespace": "yukumo-system"},

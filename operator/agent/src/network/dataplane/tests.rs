@@ -148,7 +148,7 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
     dp.kernel.add_plain_link("wan0");
     let plan = plan_gateway("t-", true);
     let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
-    assert_eq!(ch.tables, 3, "guard, router and filter: {ch:?}");
+    assert_eq!(ch.tables, 4, "guard, router, filter and shaper: {ch:?}");
     assert_eq!(dp.apply(&plan, Pass::Changed).await.unwrap().total(), 0);
     assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
     dp.kernel.with(|m| {
@@ -172,13 +172,14 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
         assert_eq!(wan_remotes, vec!["100.64.0.102", "100.64.0.103"]);
         assert!(host.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
         assert!(m.host.tables["inet"].contains("ip saddr != @peers counter drop"));
+        assert_eq!(m.host.shaping["wan0"], vec![(1, 200), (2, 1000)]);
     });
     // The endpoint moved to another host: port, address and filter go.
     let plan = plan_gateway("t-", false);
     let ch = dp.apply(&plan, Pass::Changed).await.unwrap();
     assert!(
-        ch.tables == 1 && ch.addresses == 1 && ch.links == 1 && ch.fdb == 0,
-        "{ch:?}"
+        ch.tables == 2 && ch.addresses == 1 && ch.links == 1 && ch.fdb == 0,
+        "filter, shaper, address, port: {ch:?}"
     );
     assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
     dp.kernel.with(|m| {
@@ -187,5 +188,6 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
         assert!(host.remotes.iter().all(|(d, _)| d != "ykw1000"));
         assert!(host.addrs.get("wan0").is_none_or(|a| a.is_empty()));
         assert!(!m.host.tables["inet"].contains("@peers counter"));
+        assert!(!m.host.shaping.contains_key("wan0"));
     });
 }

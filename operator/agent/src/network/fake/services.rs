@@ -6,8 +6,31 @@ use yukumo_api::net::MacAddr;
 
 use super::{FakeKernel, errno};
 use crate::network::decide::DhcpSeen;
-use crate::network::kernel::{Announce, Dhcp, Firewall, Result};
-use crate::network::ops::{DhcpOp, Family, TableOp};
+use crate::network::kernel::{Announce, Dhcp, Firewall, Result, Shaper};
+use crate::network::ops::{DhcpOp, Family, ShapeOp, TableOp};
+
+impl Shaper for FakeKernel {
+    async fn shaping(&self, dev: &str) -> Result<Option<Vec<(u16, u32)>>> {
+        self.with(|m| Ok(m.host.shaping.get(dev).cloned()))
+    }
+    async fn apply_shaping(&self, op: &ShapeOp) -> Result<()> {
+        self.with(|m| {
+            m.log.push(format!("{op:?}"));
+            match op {
+                ShapeOp::Set { dev, classes } => {
+                    if !m.host.state.links.contains_key(dev) {
+                        return Err(errno(format!("tc on {dev}"), libc::ENODEV));
+                    }
+                    m.host.shaping.insert(dev.clone(), classes.clone());
+                }
+                ShapeOp::Clear { dev } => {
+                    m.host.shaping.remove(dev);
+                }
+            }
+            Ok(())
+        })
+    }
+}
 
 impl Firewall for FakeKernel {
     async fn table(&self, ns: Option<&str>, family: Family) -> Result<Option<String>> {

@@ -290,7 +290,19 @@ fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_throu
         r.contains("iifname \"wan0\" udp dport 4789 counter drop"),
         "{r}"
     );
-    assert_eq!(rule_count(r), 2);
+    // Capped: to b at the smaller of the two Sites' caps, to c (no cap of
+    // its own) at this Site's.
+    let caps: Vec<String> = t.caps.iter().map(|(a, m)| format!("{a} {m}")).collect();
+    assert_eq!(caps, vec!["100.64.0.102 200", "100.64.0.103 1000"]);
+    assert!(
+        r.contains("ip daddr 100.64.0.102 udp dport 4790 meta priority set 796b:1"),
+        "{r}"
+    );
+    assert!(
+        r.contains("ip daddr 100.64.0.103 udp dport 4790 meta priority set 796b:2"),
+        "{r}"
+    );
+    assert_eq!(rule_count(r), 4);
     // Another host of the Site (or this one, no longer holding the end):
     // no WAN port, no filter, the endpoint to be let go; still no direct
     // flooding to the tunneled Site.
@@ -300,6 +312,7 @@ fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_throu
     assert_eq!(seg.remotes.len(), 2);
     let t = p.tunnel.as_ref().unwrap();
     assert!(!t.active && !t.ruleset.contains("@peers counter") && rule_count(&t.ruleset) == 1);
+    assert!(t.caps.is_empty());
 }
 
 #[test]

@@ -348,6 +348,11 @@ async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
     assert!(s.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
     let listed = dp.kernel.table(None, Family::Inet).await.unwrap().unwrap();
     assert!(listed.contains("100.64.0.102"), "{listed}");
+    assert!(listed.contains("meta priority set 796b:2"), "{listed}");
+    assert_eq!(
+        dp.kernel.shaping("wan0").await.unwrap(),
+        Some(vec![(1, 200), (2, 1000)])
+    );
     let plan = crate::network::testkit::plan_gateway(&prefix, false);
     dp.apply(&plan, Pass::Changed).await.unwrap();
     let again = dp.apply(&plan, Pass::Verify).await.unwrap();
@@ -360,4 +365,11 @@ async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
         listed.contains("udp dport 4789") && !listed.contains("@peers counter"),
         "{listed}"
     );
+    assert_eq!(dp.kernel.shaping("wan0").await.unwrap(), None);
+}
+
+#[test]
+fn tc_classes_are_read_in_mbit_by_minor() {
+    let text = "class htb 796b:2 root prio 0 rate 1Gbit ceil 1Gbit burst 1375b cburst 1375b \nclass htb 796b:1 root prio 0 rate 200Mbit ceil 200Mbit burst 1600b cburst 1600b \nclass htb 1:1 root prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \nclass htb 796b:a root prio 0 rate 1500Kbit ceil 1500Kbit burst 1600b cburst 1600b \n";
+    assert_eq!(parse_classes(text), vec![(1, 200), (2, 1000), (10, 2)]);
 }

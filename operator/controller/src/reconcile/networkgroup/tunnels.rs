@@ -53,6 +53,7 @@ pub fn tunnels(spec: &NetworkGroupSpec, sites: &[Site]) -> Result<Tunnels, (Reas
             site: name.to_string(),
             address: *ep.ip(),
             port: ep.port(),
+            bandwidth_mbps: tunnel.and_then(|t| t.bandwidth_mbps),
         });
     }
     if ends.len() < 2 {
@@ -157,7 +158,7 @@ mod tests {
             site(
                 "b",
                 Some("100.64.0.102:4790"),
-                serde_json::json!({"mtu": 1400}),
+                serde_json::json!({"mtu": 1400, "bandwidthMbps": 100}),
             ),
             site("c", None, serde_json::Value::Null),
         ];
@@ -168,12 +169,14 @@ mod tests {
                 TunnelEnd {
                     site: "a".into(),
                     address: "100.64.0.101".parse().unwrap(),
-                    port: 4790
+                    port: 4790,
+                    bandwidth_mbps: None,
                 },
                 TunnelEnd {
                     site: "b".into(),
                     address: "100.64.0.102".parse().unwrap(),
-                    port: 4790
+                    port: 4790,
+                    bandwidth_mbps: Some(100),
                 },
             ]
         );
