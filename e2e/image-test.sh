@@ -3,7 +3,7 @@
 # twice (same digest), unpacked from its tar with umoci, and every program
 # in it run from its own root (chroot, a fresh network namespace for nft):
 # the controller as non-root, the agent, nft (a table added and listed),
-# dnsmasq (its configuration test), tgtadm and tgtd, rbd, qemu-img's rbd
+# dnsmasq (its configuration test), tc (a qdisc listed), tgtadm and tgtd, rbd, qemu-img's rbd
 # module and the agent's librados helper. Prints the size and the
 # largest files.
 set -euo pipefail
@@ -46,6 +46,8 @@ printf 'table inet imagetest {\n chain c { type filter hook input priority 0; }\
 echo "image-test: $(run chroot "$rootfs" /usr/sbin/nft --version)"
 run chroot "$rootfs" /usr/sbin/dnsmasq --test --conf-file=/dev/null >/dev/null 2>&1 || fail "dnsmasq --test"
 echo "image-test: $(run chroot "$rootfs" /usr/sbin/dnsmasq --version | head -n 1)"
+run unshare --net -- chroot "$rootfs" /usr/sbin/tc qdisc show dev lo >/dev/null 2>&1 || fail "tc in the image"
+echo "image-test: $(run chroot "$rootfs" /usr/sbin/tc -V)"
 run chroot "$rootfs" /usr/sbin/tgtadm --help >/dev/null 2>&1 || fail "tgtadm"
 run chroot "$rootfs" /usr/sbin/tgtd --help >/dev/null 2>&1 || fail "tgtd"
 echo "image-test: tgtadm and tgtd run"

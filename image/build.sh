@@ -7,7 +7,8 @@
 #   /usr/local/bin/yukumo-controller, /usr/local/bin/yukumo-agent
 #     (the release binaries, debug info stripped);
 #   the agent's runtime pieces: nft (firewall, NAT, anti-spoofing),
-#     dnsmasq (DHCP per group), tgtadm and tgtd (iscsi pools), rbd and
+#     dnsmasq (DHCP per group), tc (the WAN tunnels' caps), tgtadm and
+#     tgtd (iscsi pools), rbd and
 #     qemu-img with its rbd module (rbd pools), each with exactly the
 #     shared libraries `ldd` names;
 #   /etc/ssl/certs/ca-certificates.crt (image URLs over https), /etc/passwd
@@ -77,7 +78,7 @@ done
 # The agent's tools, and those of `rbd` pools: rbd (librbd, librados: the
 # agent's monitor `df` loads the latter), qemu-img with its rbd module
 # (an image's copy into a pool), which QEMU loads from its module directory.
-for p in /usr/sbin/nft /usr/sbin/dnsmasq /usr/sbin/tgtadm /usr/sbin/tgtd \
+for p in /usr/sbin/nft /usr/sbin/dnsmasq /usr/sbin/tc /usr/sbin/tgtadm /usr/sbin/tgtd \
   /usr/bin/rbd /usr/bin/qemu-img /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so; do
   [ -e "$p" ] || { echo "image: $p is missing (e2e/lib/tools.sh installs its package)" >&2; exit 1; }
   copy_file "$p"

@@ -1107,6 +1107,82 @@ spec:
     );
     println!("far-1's WAN port ykw{vni}: {rx} packets in, {tx} out");
     assert!(rx > 0 && tx > 0);
+    // Tunnel status: each Site's endpoint holder measures its tunnel (RTT,
+    // bytes each way) into the Site's status.
+    let peer = |site: &str| -> Value {
+        let s = env.get_json(&["get", "site", site]);
+        s["status"]["peers"]
+            .as_array()
+            .and_then(|p| p.first().cloned())
+            .unwrap_or_default()
+    };
+    for (site, other) in [("local", "far"), ("far", "local")] {
+        let (p, took) = wait_for(
+            Duration::from_secs(60),
+            &format!("{site}'s tunnel status"),
+            || {
+                let p = peer(site);
+                let c = condition(&env.get_json(&["get", "site", site]), "TunnelsReady")
+                    .unwrap_or_default();
+                if p["site"] == other
+                    && p["state"] == "Up"
+                    && p["rttMs"].as_f64().is_some()
+                    && p["rxBytes"].as_u64().unwrap_or(0) > 0
+                    && p["txBytes"].as_u64().unwrap_or(0) > 0
+                    && c.1 == "TunnelsUp"
+                {
+                    Ok(p)
+                } else {
+                    Err(format!("{p} {c:?}"))
+                }
+            },
+        )
+        .unwrap();
+        println!(
+            "{site} → {other}: Up, RTT {} ms, {} bytes in, {} out, via {} ({took:?})",
+            p["rttMs"], p["rxBytes"], p["txBytes"], p["via"]
+        );
+    }
+    // The WAN cut between them: Down, a condition and a Warning; back: Up.
+    let wan_ns = format!("{p}-wan");
+    let cut = |up: &str| {
+        let (out, ok) = in_ns(&wan_ns, &["ip", "link", "set", "h31", up]);
+        assert!(ok, "{out}");
+    };
+    cut("down");
+    let down = wait_for(Duration::from_secs(60), "the tunnel seen down", || {
+        let s = env.get_json(&["get", "site", "local"]);
+        let c = condition(&s, "TunnelsReady").unwrap_or_default();
+        if peer("local")["state"] == "Down" && c.1 == "TunnelDown" {
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    cut("up");
+    let (_, took) = down.unwrap();
+    println!("the WAN to far cut: local's tunnel Down after {took:?}");
+    let ev = env
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "involvedObject.kind=Site,involvedObject.name=local,reason=TunnelDown",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    assert!(ev.contains("\"Warning\""), "{ev}");
+    let (_, took) = wait_for(Duration::from_secs(60), "the tunnel back up", || {
+        if peer("local")["state"] == "Up" {
+            Ok(())
+        } else {
+            Err(peer("local").to_string())
+        }
+    })
+    .unwrap();
+    println!("the WAN back: Up after {took:?}");
     // Both Sites cap their tunnels: each gateway shapes the pair at the
     // smaller cap.
     let cap = |site: &str, mbps: u32| {

@@ -25,5 +25,6 @@ pub mod network {
     pub mod ruleset;
     #[cfg(test)]
     pub mod testkit;
+    pub mod tunnels;
     pub mod watch;
 }

@@ -367,7 +367,7 @@ async fn agent() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
-    let result = register::run(args, client, hv, metrics, health, shutdown).await;
+    let result = register::run(args, client, hv, metrics, health, net_state, shutdown).await;
     if let Some(t) = console_task
         && let Ok(Err(e)) = t.await
     {

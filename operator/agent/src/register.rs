@@ -66,6 +66,25 @@ pub struct Metrics {
     /// Seconds from a VirtualNode's creation to its domain running here
     /// (scheduling, image, disks, define and start).
     pub provision_seconds: Histogram,
+    /// 1 while the tunnel to a peer Site answers (this host holding its
+    /// Site's WAN endpoint), by peer Site.
+    pub tunnel_up: Family<SiteLabel, Gauge>,
+    /// Round trip to a peer Site's endpoint.
+    pub tunnel_rtt_seconds: Family<SiteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Tunnel bytes to (`tx`) and from (`rx`) a peer Site, as the filter
+    /// table counts them (from zero when the table is rewritten).
+    pub tunnel_bytes: Family<TunnelBytesLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct SiteLabel {
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TunnelBytesLabel {
+    pub site: String,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -109,7 +128,25 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
             provision_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
+            tunnel_up: Family::default(),
+            tunnel_rtt_seconds: Family::default(),
+            tunnel_bytes: Family::default(),
         };
+        r.register(
+            "yukumo_agent_tunnel_up",
+            "1 while the tunnel to the peer Site answers (on the host holding its Site's WAN endpoint)",
+            m.tunnel_up.clone(),
+        );
+        r.register(
+            "yukumo_agent_tunnel_rtt_seconds",
+            "Round trip to the peer Site's WAN endpoint",
+            m.tunnel_rtt_seconds.clone(),
+        );
+        r.register(
+            "yukumo_agent_tunnel_bytes",
+            "Tunnel bytes to (tx) and from (rx) the peer Site, as the filter table counts them",
+            m.tunnel_bytes.clone(),
+        );
         r.register(
             "yukumo_agent_orphaned_volumes",
             "Files in this host's pools with yukumo's marker but no Volume (kept, never deleted)",
@@ -297,6 +334,7 @@ pub fn agent_status(
         allocatable,
         addresses: addresses.to_vec(),
         wan_interface: args.wan_interface.clone(),
+        tunnels: vec![],
         capabilities: Some(caps),
         last_heartbeat_time: Some(Time(now)),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -315,6 +353,7 @@ pub async fn run(
     hv: Hypervisor,
     metrics: Metrics,
     health: Health,
+    net: std::sync::Arc<crate::network::NetState>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let hosts: Api<Host> = Api::all(client);
@@ -396,7 +435,7 @@ pub async fn run(
             kvm: kvm.get().copied().unwrap_or(false),
             ..caps.clone()
         };
-        let status = agent_status(
+        let mut status = agent_status(
             &args,
             info.as_ref().map_err(|e| e.clone()),
             &caps,
@@ -404,6 +443,7 @@ pub async fn run(
             &previous,
             Timestamp::now(),
         );
+        status.tunnels = net.tunnels();
         let patch = yukumo_api::status_apply_patch::<Host, _>(&status);
         match hosts
             .patch_status(&args.host_name, &pp, &Patch::Apply(&patch))

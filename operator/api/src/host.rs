@@ -105,6 +105,10 @@ pub struct HostStatus {
     /// host with one may hold its Site's `gateway.wanEndpoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan_interface: Option<String>,
+    /// While it holds its Site's WAN endpoint: the tunnel to each peer
+    /// Site's endpoint, as this host measures it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<crate::site::TunnelStatus>,
     /// Kernel networking capabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<HostCapabilities>,

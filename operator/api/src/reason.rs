@@ -182,6 +182,10 @@ reasons! {
     /// No Ready gateway host with a WAN interface can hold the Site's WAN
     /// endpoint.
     NoWanGateway,
+    /// Every tunnel to a peer Site answers.
+    TunnelsUp,
+    /// A tunnel to a peer Site does not answer.
+    TunnelDown,
     // --- Volume
     /// A snapshot source does not exist.
     SourceNotFound,

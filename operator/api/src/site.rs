@@ -514,11 +514,60 @@ pub struct SiteStatus {
 pub struct PeerStatus {
     /// Peer Site name.
     pub site: String,
-    /// `Up`, `Down` or `Pending`.
-    pub state: String,
-    /// Detail, e.g. the last error.
+    pub state: TunnelState,
+    /// The gateway host measuring it (this Site's endpoint holder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// The peer's WAN endpoint address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Round trip to the peer's endpoint (ICMP echo), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Tunnel bytes received from the peer (outer packets).
+    #[serde(default)]
+    pub rx_bytes: u64,
+    /// Tunnel bytes sent to the peer.
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// When `state` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Detail, e.g. why it is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// The state of a tunnel to a peer Site.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum TunnelState {
+    /// Its endpoint answers.
+    Up,
+    /// Its endpoint does not answer.
+    Down,
+    /// Not measured yet.
+    #[default]
+    Pending,
+}
+
+/// A tunnel as the gateway host holding its Site's endpoint measures it
+/// (in `Host.status.tunnels`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelStatus {
+    /// The peer Site.
+    pub site: String,
+    /// Its endpoint address.
+    pub address: std::net::Ipv4Addr,
+    pub state: TunnelState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// When `state` last changed.
+    pub last_change: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 #[cfg(test)]

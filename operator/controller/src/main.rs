@@ -287,6 +287,10 @@ fn host_summary(h: &Host) -> u64 {
     h.spec.gateway.hash(&mut hasher);
     if let Some(s) = &h.status {
         s.wan_interface.hash(&mut hasher);
+        // The tunnels the endpoint's holder measures (Site.status.peers).
+        serde_json::to_string(&s.tunnels)
+            .unwrap_or_default()
+            .hash(&mut hasher);
         serde_json::to_string(&(s.capacity, s.allocatable, &s.storage_pools))
             .unwrap_or_default()
             .hash(&mut hasher);

@@ -58,6 +58,9 @@ impl Pass {
 /// (instead of "observe host").
 pub const HOST_REUSED: &str = "host state reused";
 
+/// The name gratuitous ARPs for the Site's WAN endpoint are logged under.
+pub const WAN_ENDPOINT: &str = "wan-endpoint";
+
 /// Routers read in full per verification pass.
 pub const ROUTERS_PER_VERIFY: usize = 64;
 /// Routers applied at once.
@@ -353,13 +356,30 @@ impl<K: Kernel> Dataplane<K> {
                 ch.tables += 1;
             }
         }
-        let addrs = decide::tunnel_addr_ops(plan, host.fresh().await?);
+        let have = host.fresh().await?;
+        let addrs = decide::tunnel_addr_ops(plan, have);
+        // The endpoint just taken is announced (it may have moved here from
+        // another gateway host: the peers' neighbour caches point there).
+        let announce = plan.tunnel.as_ref().and_then(|t| {
+            let mac = have.link(&t.dev)?.mac?;
+            let taken: Vec<std::net::Ipv4Addr> = addrs
+                .iter()
+                .filter_map(|a| match a {
+                    super::ops::AddrOp::Add { net, .. } => Some(net.addr()),
+                    super::ops::AddrOp::Del { .. } => None,
+                })
+                .collect();
+            (!taken.is_empty()).then(|| (t.dev.clone(), mac, taken))
+        });
         ch.addresses += addrs.len();
         host.apply(NsOps {
             addrs,
             ..Default::default()
         })
         .await?;
+        if let Some((dev, mac, taken)) = announce {
+            self.kernel.announce(WAN_ENDPOINT, &dev, mac, taken).await;
+        }
         clock.step("tunnel end");
         // 1. Links of the host namespace: stale ones go, segments come.
         let links = decide::host_links(plan, host.fresh().await?, &self.env)?;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
-use yukumo_api::net::Ipv4Net;
+use yukumo_api::net::{Ipv4Net, MacAddr};
 
 use super::kernel::{KernelError, Links, Namespaces, NsLinks, Result};
 use super::observe::{LinkKind, LinkState, NsState, Want};
@@ -89,6 +89,7 @@ impl FakeKernel {
             m.host.state.links.insert(
                 name.to_string(),
                 LinkState {
+                    mac: Some(MacAddr([0x02, 0xaa, 0, 0, 0, name.len() as u8])),
                     name: name.to_string(),
                     kind: LinkKind::Other("veth".into()),
                     up: true,
@@ -123,6 +124,7 @@ impl Links for FakeKernel {
 
 fn link(name: &str, kind: LinkKind, mtu: u32, up: bool) -> LinkState {
     LinkState {
+        mac: None,
         name: name.to_string(),
         kind,
         up,

@@ -10,7 +10,7 @@
 //! `verify_interval` as a backstop that lists the tables and reads up to
 //! [`dataplane::ROUTERS_PER_VERIFY`] router namespaces in full.
 
-pub use yukumo_agent::network::{dataplane, plan, real, watch};
+pub use yukumo_agent::network::{dataplane, plan, real, ruleset, tunnels, watch};
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -20,6 +20,7 @@ use futures::StreamExt;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
+use yukumo_api::site::TunnelStatus;
 use yukumo_api::{NetworkGroup, Site, VirtualNode, labels};
 use yukumo_telemetry::Health;
 
@@ -30,11 +31,138 @@ use crate::register::Metrics;
 #[derive(Default)]
 pub struct NetState {
     bridges: RwLock<HashSet<String>>,
+    /// The tunnels to other Sites, as last measured (while this host holds
+    /// its Site's WAN endpoint); the heartbeat reports them.
+    tunnels: RwLock<Vec<TunnelStatus>>,
 }
 
 impl NetState {
     pub fn has_bridge(&self, name: &str) -> bool {
         self.bridges.read().expect("poisoned").contains(name)
+    }
+    pub fn tunnels(&self) -> Vec<TunnelStatus> {
+        self.tunnels.read().expect("poisoned").clone()
+    }
+}
+
+/// How often the tunnels are measured.
+const TUNNEL_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Measure the tunnels of the current [`tunnels::Probe`] every
+/// [`TUNNEL_PROBE_INTERVAL`] into `state` (and metrics); nothing while this
+/// host holds no endpoint.
+async fn probe_tunnels(
+    ns: Option<String>,
+    mut probe: tokio::sync::watch::Receiver<Option<tunnels::Probe>>,
+    state: Arc<NetState>,
+    metrics: Metrics,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tracker = tunnels::Tracker::default();
+    let mut seen_sites: HashSet<String> = HashSet::new();
+    loop {
+        let current = probe.borrow_and_update().clone();
+        let measured = match current {
+            None => Vec::new(),
+            Some(p) => {
+                let listing = {
+                    let ns = ns.clone();
+                    tokio::task::spawn_blocking(move || {
+                        yukumo_agent::netns::run(
+                            ns.as_deref(),
+                            "nft",
+                            &[
+                                "list".into(),
+                                "table".into(),
+                                "inet".into(),
+                                "yukumo".into(),
+                            ],
+                            None,
+                        )
+                    })
+                    .await
+                };
+                let counters = match listing {
+                    Ok(Ok(l)) => ruleset::tunnel_counters(&l),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot list the tunnel counters");
+                        Default::default()
+                    }
+                    Err(_) => Default::default(),
+                };
+                let mut jobs = Vec::new();
+                for (addr, site) in &p.peers {
+                    let (ns, src, dst, site) = (ns.clone(), p.endpoint, *addr, site.clone());
+                    jobs.push(async move {
+                        let rtt = tokio::task::spawn_blocking(move || {
+                            yukumo_agent::netns::in_netns_opt(ns.as_deref(), || {
+                                tunnels::rtt(src, dst, 3, Duration::from_secs(1))
+                            })
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                        let rtt = rtt.unwrap_or_else(|e| {
+                            tracing::warn!(peer = %dst, error = %e, "cannot probe the tunnel");
+                            None
+                        });
+                        (dst, site, rtt)
+                    });
+                }
+                futures::future::join_all(jobs)
+                    .await
+                    .into_iter()
+                    .map(|(dst, site, rtt)| {
+                        let c = counters.get(&dst).copied().unwrap_or_default();
+                        (dst, site, rtt, c)
+                    })
+                    .collect()
+            }
+        };
+        let statuses = tracker.update(measured, jiff::Timestamp::now());
+        let now_sites: HashSet<String> = statuses.iter().map(|s| s.site.clone()).collect();
+        for gone in seen_sites.difference(&now_sites) {
+            let l = crate::register::SiteLabel { site: gone.clone() };
+            metrics.tunnel_up.remove(&l);
+            metrics.tunnel_rtt_seconds.remove(&l);
+            for direction in ["rx", "tx"] {
+                metrics
+                    .tunnel_bytes
+                    .remove(&crate::register::TunnelBytesLabel {
+                        site: gone.clone(),
+                        direction,
+                    });
+            }
+        }
+        for s in &statuses {
+            let l = crate::register::SiteLabel {
+                site: s.site.clone(),
+            };
+            metrics
+                .tunnel_up
+                .get_or_create(&l)
+                .set(i64::from(s.state == yukumo_api::site::TunnelState::Up));
+            metrics
+                .tunnel_rtt_seconds
+                .get_or_create(&l)
+                .set(s.rtt_ms.map_or(f64::NAN, |ms| ms / 1000.0));
+            for (direction, v) in [("rx", s.rx_bytes), ("tx", s.tx_bytes)] {
+                metrics
+                    .tunnel_bytes
+                    .get_or_create(&crate::register::TunnelBytesLabel {
+                        site: s.site.clone(),
+                        direction,
+                    })
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+        seen_sites = now_sites;
+        *state.tunnels.write().expect("poisoned") = statuses;
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(TUNNEL_PROBE_INTERVAL) => {}
+            // A new endpoint or peer set: measured at once.
+            r = probe.changed() => if r.is_err() { break },
+        }
     }
 }
 
@@ -139,6 +267,14 @@ pub async fn run(
     let mut first = true;
     let mut last_error: Option<String> = None;
     let mut memo = plan::PlanMemo::default();
+    let (probe_tx, probe_rx) = tokio::sync::watch::channel::<Option<tunnels::Probe>>(None);
+    let prober = tokio::spawn(probe_tunnels(
+        cfg.dataplane.kernel.host_ns(),
+        probe_rx,
+        state.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let poked = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -170,6 +306,21 @@ pub async fn run(
             },
             &mut memo,
         );
+        let probe = p
+            .tunnel
+            .as_ref()
+            .filter(|t| t.active && !t.peers.is_empty())
+            .map(|t| tunnels::Probe {
+                endpoint: t.endpoint.addr(),
+                peers: t.peers.clone(),
+            });
+        probe_tx.send_if_modified(|cur| {
+            let changed = *cur != probe;
+            if changed {
+                *cur = probe;
+            }
+            changed
+        });
         let started = Instant::now();
         let pass = if poked {
             dataplane::Pass::Changed
@@ -223,4 +374,5 @@ pub async fn run(
         }
     }
     watches.abort();
+    prober.abort();
 }

@@ -38,6 +38,8 @@ pub struct LinkState {
     pub parent: Option<String>,
     /// Learning and unicast flooding, for a bridge port.
     pub port: Option<(bool, bool)>,
+    /// Its MAC address.
+    pub mac: Option<MacAddr>,
 }
 
 /// Which parts of a namespace to read.
@@ -119,6 +121,7 @@ pub fn from_netlink(
                 master: name_of(l.master),
                 parent: name_of(l.parent),
                 port: l.port,
+                mac: l.mac,
                 name: l.name,
             },
         );

@@ -117,6 +117,8 @@ pub struct TunnelPlan {
     /// one (Mbit/s, the smaller of the two Sites' `tunnel.bandwidthMbps`),
     /// by peer address; class `SHAPE_HANDLE:<n>` shapes the n-th (from 1).
     pub caps: Vec<(Ipv4Addr, u32)>,
+    /// While active: the peer Sites' endpoints (address → Site).
+    pub peers: BTreeMap<Ipv4Addr, String>,
     /// The `table inet yukumo` of the host: no VXLAN from the WAN to the
     /// Site's own port, and while active, tunnel packets to the endpoint
     /// only from peer Sites' endpoints, and those to capped peers given
@@ -385,6 +387,7 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             .collect();
         // A pair's cap: the smaller of the two Sites' (either may set none).
         let mut caps: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        let mut sites: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         if gw.active {
             for t in inp
                 .groups
@@ -395,6 +398,7 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 if !peers.contains(&t.address) {
                     continue;
                 }
+                sites.entry(t.address).or_insert_with(|| t.site.clone());
                 let pair = match (gw.bandwidth_mbps, t.bandwidth_mbps) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -418,6 +422,7 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 &caps,
             ),
             caps,
+            peers: sites,
         }
     });
     out

@@ -43,6 +43,11 @@ impl RealKernel {
     }
 
     /// Where a router's DHCP files are: `<state>/net/<router>/`.
+    /// The host's namespace (None: this process's).
+    pub fn host_ns(&self) -> Option<String> {
+        self.host_ns.clone()
+    }
+
     pub fn router_dir(&self, router: &str) -> PathBuf {
         self.state_dir.join("net").join(router)
     }

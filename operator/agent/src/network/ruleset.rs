@@ -168,6 +168,13 @@ pub fn tunnel_ruleset(
             rules,
             "    ip daddr {endpoint} udp dport {port} ip saddr != @peers counter drop"
         );
+        // Each peer's tunnel bytes, received (tunnel status).
+        for p in &peers {
+            let _ = writeln!(
+                rules,
+                "    ip daddr {endpoint} ip saddr {p} udp dport {port} counter"
+            );
+        }
     }
     let elems = if peers.is_empty() {
         String::new()
@@ -179,24 +186,31 @@ pub fn tunnel_ruleset(
         body,
         "  set peers {{\n    type ipv4_addr;{elems}\n  }}\n  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
     );
-    if let Some((_, port, _)) = endpoint
-        && !caps.is_empty()
+    if let Some((endpoint, port, _)) = endpoint
+        && !peers.is_empty()
     {
-        // The tunnel packets to each capped peer go to its class of the
-        // WAN interface's shaper (HTB takes a packet's priority as its
-        // class).
-        let mut shape = String::new();
-        for (i, (peer, _)) in caps.iter().enumerate() {
-            let _ = writeln!(
-                shape,
-                "    ip daddr {peer} udp dport {port} meta priority set {:x}:{:x}",
-                super::plan::SHAPE_HANDLE,
-                i + 1
+        // Each peer's tunnel bytes, sent; the packets to a capped peer go
+        // to its class of the WAN interface's shaper (HTB takes a packet's
+        // priority as its class).
+        let mut out = String::new();
+        for p in &peers {
+            let _ = write!(
+                out,
+                "    ip saddr {endpoint} ip daddr {p} udp dport {port} counter"
             );
+            if let Some(i) = caps.iter().position(|(c, _)| c == p) {
+                let _ = write!(
+                    out,
+                    " meta priority set {:x}:{:x}",
+                    super::plan::SHAPE_HANDLE,
+                    i + 1
+                );
+            }
+            out.push('\n');
         }
         let _ = write!(
             body,
-            "  chain shape {{\n    type filter hook output priority filter; policy accept;\n{shape}  }}\n"
+            "  chain out {{\n    type filter hook output priority filter; policy accept;\n{out}  }}\n"
         );
     }
     let hash = hash_of(&body);
@@ -242,4 +256,46 @@ pub fn listing_is(listing: &str, ruleset: &str) -> bool {
     ruleset_hash(listing).is_some()
         && ruleset_hash(listing) == ruleset_hash(ruleset)
         && listed_rule_count(listing) == rule_count(ruleset)
+}
+
+/// Each peer's tunnel bytes in a listing of the gateway's `table inet
+/// yukumo` (`nft list table inet yukumo`): peer → (received, sent).
+pub fn tunnel_counters(listing: &str) -> std::collections::BTreeMap<Ipv4Addr, (u64, u64)> {
+    let mut out: std::collections::BTreeMap<Ipv4Addr, (u64, u64)> = Default::default();
+    let mut chain = "";
+    for line in listing.lines() {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("chain ") {
+            chain = name.trim_end_matches(" {").trim();
+            continue;
+        }
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let after = |key: &str, key2: &str| {
+            w.windows(3)
+                .find(|x| x[0] == key && x[1] == key2)
+                .and_then(|x| x[2].parse::<Ipv4Addr>().ok())
+        };
+        let bytes = w
+            .windows(2)
+            .find(|x| x[0] == "bytes")
+            .and_then(|x| x[1].parse::<u64>().ok());
+        let Some(bytes) = bytes else { continue };
+        if l.contains("!=") {
+            continue;
+        }
+        match chain {
+            "wan" => {
+                if let Some(p) = after("ip", "saddr") {
+                    out.entry(p).or_default().0 = bytes;
+                }
+            }
+            "out" => {
+                if let Some(p) = after("ip", "daddr") {
+                    out.entry(p).or_default().1 = bytes;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }

@@ -9,7 +9,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use yukumo_api::common::{Conditions, Resources, condition_types as ct};
 use yukumo_api::host::Host;
-use yukumo_api::site::{Encryption, PoolStatus, Site, SiteStatus, StoragePool};
+use yukumo_api::site::{
+    Encryption, PeerStatus, PoolStatus, Site, SiteStatus, StoragePool, TunnelState,
+};
 use yukumo_api::{Condition, ConditionStatus, Reason};
 
 use super::verdict::{Verdict, apply_verdict, reason_changed};
@@ -107,6 +109,75 @@ pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
     (!set.is_empty()).then(|| format!("not acted on by this version: {}", set.join("; ")))
 }
 
+/// The Site's condition type that says whether its tunnels answer.
+pub const TUNNELS_READY: &str = "TunnelsReady";
+
+/// The tunnels to peer Sites as the endpoint's holder measures them.
+pub fn peers(active: Option<&str>, hosts: &[Host]) -> Vec<PeerStatus> {
+    let Some(holder) = active.and_then(|a| hosts.iter().find(|h| h.name_any() == a)) else {
+        return Vec::new();
+    };
+    holder
+        .status
+        .iter()
+        .flat_map(|s| &s.tunnels)
+        .map(|t| PeerStatus {
+            site: t.site.clone(),
+            state: t.state,
+            via: Some(holder.name_any()),
+            address: Some(t.address),
+            rtt_ms: t.rtt_ms,
+            rx_bytes: t.rx_bytes,
+            tx_bytes: t.tx_bytes,
+            last_change: Some(t.last_change.clone()),
+            message: (t.state == TunnelState::Down).then(|| {
+                format!(
+                    "no answer from Site {}'s WAN endpoint {} to ICMP echo from {}",
+                    t.site,
+                    t.address,
+                    holder.name_any()
+                )
+            }),
+        })
+        .collect()
+}
+
+/// The Site's `TunnelsReady` condition (None: no tunnel).
+pub fn tunnels_condition(peers: &[PeerStatus]) -> Option<(ConditionStatus, Reason, String)> {
+    if peers.is_empty() {
+        return None;
+    }
+    let up = peers.iter().filter(|p| p.state == TunnelState::Up).count();
+    let down: Vec<String> = peers
+        .iter()
+        .filter(|p| p.state == TunnelState::Down)
+        .map(|p| {
+            format!(
+                "{} ({})",
+                p.site,
+                p.address.map(|a| a.to_string()).unwrap_or_default()
+            )
+        })
+        .collect();
+    Some(if down.is_empty() {
+        (
+            ConditionStatus::True,
+            Reason::TunnelsUp,
+            format!("{up}/{} tunnels up", peers.len()),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            Reason::TunnelDown,
+            format!(
+                "{up}/{} tunnels up; down: tunnel to Site {}",
+                peers.len(),
+                down.join(", Site ")
+            ),
+        )
+    })
+}
+
 /// Whether a Host may hold its Site's WAN endpoint: a Ready gateway host
 /// whose agent has a WAN interface.
 pub fn can_hold_endpoint(h: &Host) -> bool {
@@ -189,11 +260,23 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         )),
         None => conditions.retain(|c| c.type_ != WAN_TUNNELS),
     }
+    let peers = peers(active.as_deref(), &hosts);
+    let tunnels = tunnels_condition(&peers);
+    match &tunnels {
+        Some((st, reason, msg)) => conditions.set_condition(Condition::new(
+            TUNNELS_READY,
+            *st,
+            reason.clone(),
+            msg.clone(),
+            site.metadata.generation,
+        )),
+        None => conditions.retain(|c| c.type_ != TUNNELS_READY),
+    }
     let status = SiteStatus {
         observed_generation: site.metadata.generation,
         conditions,
         active_gateway: active,
-        peers: old.peers.clone(),
+        peers,
         storage_pools: pools(&site.spec.storage_pools, &hosts),
         ..agg
     };
@@ -204,6 +287,22 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
             &status,
         )
         .await?;
+    }
+    // An Event when which tunnels are up changes (the message names them).
+    let had_tunnels = old
+        .conditions
+        .get_condition(TUNNELS_READY)
+        .map(|c| c.message.as_str());
+    if let Some((st, reason, msg)) = tunnels
+        .as_ref()
+        .filter(|(_, _, m)| had_tunnels != Some(m.as_str()))
+    {
+        let kind = if *st == ConditionStatus::True {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(site.as_ref(), kind, reason, msg.clone()).await;
     }
     let had = old
         .conditions
@@ -340,5 +439,41 @@ mod tests {
         assert_eq!((st, reason), (ConditionStatus::True, Reason::GatewayActive));
         assert_eq!(msg, "host h2 holds the WAN endpoint 192.0.2.10");
         assert_eq!(wan_condition(&spec(serde_json::json!({})), None), None);
+    }
+
+    #[test]
+    fn peers_come_from_the_endpoint_holder_and_a_down_tunnel_is_named() {
+        let mut h = host("h1", true, true, true);
+        h.status.as_mut().unwrap().tunnels = serde_json::from_value(serde_json::json!([
+            {"site": "b", "address": "100.64.0.102", "state": "Up", "rttMs": 0.5,
+             "rxBytes": 10, "txBytes": 20, "lastChange": "2026-01-01T00:00:00Z"},
+            {"site": "c", "address": "100.64.0.103", "state": "Down",
+             "rxBytes": 0, "txBytes": 0, "lastChange": "2026-01-01T00:00:05Z"}]))
+        .unwrap();
+        let hosts = vec![h, host("h2", true, true, true)];
+        assert!(peers(None, &hosts).is_empty());
+        assert!(
+            peers(Some("h2"), &hosts).is_empty(),
+            "only the holder's count"
+        );
+        let p = peers(Some("h1"), &hosts);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[0].via.as_deref(), p[0].rtt_ms, p[0].tx_bytes),
+            (Some("h1"), Some(0.5), 20)
+        );
+        assert_eq!(
+            p[1].message.as_deref(),
+            Some("no answer from Site c's WAN endpoint 100.64.0.103 to ICMP echo from h1")
+        );
+        let (st, reason, msg) = tunnels_condition(&p).unwrap();
+        assert_eq!((st, reason), (ConditionStatus::False, Reason::TunnelDown));
+        assert_eq!(msg, "1/2 tunnels up; down: tunnel to Site c (100.64.0.103)");
+        let (st, reason, msg) = tunnels_condition(&p[..1]).unwrap();
+        assert_eq!(
+            (st, reason, msg.as_str()),
+            (ConditionStatus::True, Reason::TunnelsUp, "1/1 tunnels up")
+        );
+        assert_eq!(tunnels_condition(&[]), None);
     }
 }

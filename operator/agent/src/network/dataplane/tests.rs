@@ -173,6 +173,14 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
         assert!(host.addrs["wan0"].contains(&"100.64.0.101/32".parse().unwrap()));
         assert!(m.host.tables["inet"].contains("ip saddr != @peers counter drop"));
         assert_eq!(m.host.shaping["wan0"], vec![(1, 200), (2, 1000)]);
+        assert!(
+            m.announced.contains(&(
+                WAN_ENDPOINT.to_string(),
+                vec!["100.64.0.101".parse().unwrap()]
+            )),
+            "{:?}",
+            m.announced
+        );
     });
     // The endpoint moved to another host: port, address and filter go.
     let plan = plan_gateway("t-", false);

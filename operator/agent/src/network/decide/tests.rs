@@ -11,6 +11,7 @@ fn env() -> HostEnv {
 
 fn l(name: &str, kind: LinkKind, up: bool, mtu: u32, master: Option<&str>) -> LinkState {
     LinkState {
+        mac: None,
         name: name.into(),
         kind,
         up,

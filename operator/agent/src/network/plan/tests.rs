@@ -295,14 +295,19 @@ fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_throu
     let caps: Vec<String> = t.caps.iter().map(|(a, m)| format!("{a} {m}")).collect();
     assert_eq!(caps, vec!["100.64.0.102 200", "100.64.0.103 1000"]);
     assert!(
-        r.contains("ip daddr 100.64.0.102 udp dport 4790 meta priority set 796b:1"),
+        r.contains("ip saddr 100.64.0.101 ip daddr 100.64.0.102 udp dport 4790 counter meta priority set 796b:1"),
         "{r}"
     );
     assert!(
-        r.contains("ip daddr 100.64.0.103 udp dport 4790 meta priority set 796b:2"),
+        r.contains("ip saddr 100.64.0.101 ip daddr 100.64.0.103 udp dport 4790 counter meta priority set 796b:2"),
         "{r}"
     );
-    assert_eq!(rule_count(r), 4);
+    assert!(
+        r.contains("ip daddr 100.64.0.101 ip saddr 100.64.0.102 udp dport 4790 counter\n"),
+        "{r}"
+    );
+    // The filter, the 4789 drop, a byte counter each way per peer.
+    assert_eq!(rule_count(r), 6);
     // Another host of the Site (or this one, no longer holding the end):
     // no WAN port, no filter, the endpoint to be let go; still no direct
     // flooding to the tunneled Site.

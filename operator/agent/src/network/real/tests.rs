@@ -349,6 +349,9 @@ async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
     let listed = dp.kernel.table(None, Family::Inet).await.unwrap().unwrap();
     assert!(listed.contains("100.64.0.102"), "{listed}");
     assert!(listed.contains("meta priority set 796b:2"), "{listed}");
+    // Its per-peer counters read back from the listing.
+    let counters = crate::network::ruleset::tunnel_counters(&listed);
+    assert_eq!(counters.len(), 2, "{listed}");
     assert_eq!(
         dp.kernel.shaping("wan0").await.unwrap(),
         Some(vec![(1, 200), (2, 1000)])
@@ -372,4 +375,12 @@ async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
 fn tc_classes_are_read_in_mbit_by_minor() {
     let text = "class htb 796b:2 root prio 0 rate 1Gbit ceil 1Gbit burst 1375b cburst 1375b \nclass htb 796b:1 root prio 0 rate 200Mbit ceil 200Mbit burst 1600b cburst 1600b \nclass htb 1:1 root prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \nclass htb 796b:a root prio 0 rate 1500Kbit ceil 1500Kbit burst 1600b cburst 1600b \n";
     assert_eq!(parse_classes(text), vec![(1, 200), (2, 1000), (10, 2)]);
+}
+
+#[test]
+fn tunnel_counters_are_read_per_peer_each_way() {
+    let listing = "table inet yukumo {\n\tcomment \"yukumo:0123456789abcdef\"\n\tset peers {\n\t\ttype ipv4_addr\n\t\telements = { 100.64.0.102 }\n\t}\n\n\tchain wan {\n\t\ttype filter hook input priority filter; policy accept;\n\t\tiifname \"wan0\" udp dport 4789 counter packets 1 bytes 50 drop\n\t\tip daddr 100.64.0.101 udp dport 4790 ip saddr != @peers counter packets 3 bytes 300 drop\n\t\tip daddr 100.64.0.101 ip saddr 100.64.0.102 udp dport 4790 counter packets 7 bytes 7000\n\t}\n\n\tchain out {\n\t\ttype filter hook output priority filter; policy accept;\n\t\tip saddr 100.64.0.101 ip daddr 100.64.0.102 udp dport 4790 counter packets 5 bytes 5500 meta priority set 796b:1\n\t}\n}\n";
+    let c = crate::network::ruleset::tunnel_counters(listing);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[&"100.64.0.102".parse().unwrap()], (7000, 5500));
 }
