@@ -61,4 +61,6 @@ out=$(run chroot "$rootfs" /usr/local/bin/yukumo-agent rados-mon-command /nonexi
 grep -q "reading /nonexistent.conf" <<<"$out" || fail "librados in the image: $out"
 echo "image-test: qemu-img opens rbd images, the agent loads librados"
 echo "image-test: $(du -sh --apparent-size "$rootfs" | cut -f1) unpacked, $(find "$rootfs" -type f | wc -l) files; largest:"
-find "$rootfs" -type f -printf '%s %P\n' | sort -rn | head -n 6 | awk '{printf "  %6.1f MiB  %s\n", $1/1048576, $2}'
+# (awk reads all: a `head` here can close the pipe early, and pipefail
+# turns sort's SIGPIPE into a failure.)
+find "$rootfs" -type f -printf '%s %P\n' | sort -rn | awk 'NR <= 6 {printf "  %6.1f MiB  %s\n", $1/1048576, $2}'

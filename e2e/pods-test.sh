@@ -143,8 +143,8 @@ before=$(qemu_pids)
 # them, and the guests' network carries on (a ping from the frontend on
 # host-1 to a worker on host-2 throughout, 0.2 s apart).
 fe=quickstart-frontend
-w=$(kubectl -n demo get vn -o jsonpath='{range .items[?(@.spec.host!="host-1")]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | head -1)
-[ -n "$w" ] || w=$(kubectl -n demo get vn -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | grep -v "^$fe " | head -1)
+w=$(kubectl -n demo get vn -o jsonpath='{range .items[?(@.spec.host!="host-1")]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | awk 'NR == 1')
+[ -n "$w" ] || w=$(kubectl -n demo get vn -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.network.ip}{"\n"}{end}' | grep -v "^$fe " | awk 'NR == 1')
 wip=${w#* }
 # (the guests' shells answer once they booted: up to a minute or two)
 until_ok 240 "$ROOT/e2e/env.sh" guest demo "$fe" "ping -c 1 -W 2 $wip" --dir "$DIR" \

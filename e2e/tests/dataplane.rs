@@ -892,6 +892,9 @@ struct FarSite<'a> {
     env: &'a Env,
     ns: &'static str,
     hosts: Vec<&'static str>,
+    /// The Sites it made (deleted), besides `local` (its WAN settings
+    /// removed).
+    sites: Vec<&'static str>,
     stranger: String,
 }
 
@@ -914,16 +917,20 @@ impl Drop for FarSite<'_> {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.stranger])
             .status();
-        let _ = env.kubectl(&["delete", "site", "far", "--ignore-not-found"]);
-        let _ = env.kubectl(&[
-            "patch",
-            "site",
-            "local",
-            "--type",
-            "json",
-            "-p",
-            r#"[{"op":"remove","path":"/spec/gateway"}]"#,
-        ]);
+        for s in &self.sites {
+            let _ = env.kubectl(&["delete", "site", s, "--ignore-not-found"]);
+        }
+        for field in ["gateway", "tunnel"] {
+            let _ = env.kubectl(&[
+                "patch",
+                "site",
+                "local",
+                "--type",
+                "json",
+                "-p",
+                &format!(r#"[{{"op":"remove","path":"/spec/{field}"}}]"#),
+            ]);
+        }
     }
 }
 
@@ -964,6 +971,7 @@ fn a_group_across_two_sites_is_one_segment_through_their_gateways_filtered_tunne
         env: &env,
         ns,
         hosts: vec!["far-1", "far-2"],
+        sites: vec!["far"],
         stranger: format!("{p}-stranger"),
     };
     env.apply(
@@ -1319,4 +1327,174 @@ spec:
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
         .unwrap();
     drop(far);
+}
+
+#[test]
+fn a_full_mesh_of_three_sites_forwards_nothing_from_one_sites_tunnel_to_anothers() {
+    let env = Env::get();
+    let p = env.netns_prefix();
+    let ns = "mesh";
+    let lab = FarSite {
+        env: &env,
+        ns,
+        hosts: vec!["far-1", "third-1"],
+        sites: vec!["far", "third"],
+        stranger: format!("{p}-stranger"),
+    };
+    env.apply(
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: far}
+spec: {gateway: {wanEndpoint: 100.64.0.102}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {name: third}
+spec: {gateway: {wanEndpoint: 100.64.0.103}}
+",
+    );
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
+    ])
+    .unwrap();
+    env.env_sh(&["start-site-host", "far-1", "far", "31"])
+        .unwrap();
+    env.env_sh(&["start-site-host", "third-1", "third", "33"])
+        .unwrap();
+    env.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "90s",
+        "host/far-1",
+        "host/third-1",
+    ])
+    .unwrap();
+    // One group across the three Sites, no node: its gateways alone carry
+    // its segment (and its router at home).
+    env.apply(&format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: {ns}}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local, sites: [far, third]}}
+"
+    ));
+    let holders = [
+        ("host-1", "100.64.0.101"),
+        ("far-1", "100.64.0.102"),
+        ("third-1", "100.64.0.103"),
+    ];
+    let (vni, took) = wait_for(Duration::from_secs(60), "the mesh's WAN ports", || {
+        let st = ng_status(&env, ns);
+        let vni = st["segment"]["id"].as_u64().ok_or("no segment yet")?;
+        for (h, _) in holders {
+            let fdb = in_ns(
+                &env.host_netns(h),
+                &["bridge", "fdb", "show", "dev", &format!("ykw{vni}")],
+            )
+            .0;
+            let peers = holders
+                .iter()
+                .filter(|(o, a)| *o != h && fdb.contains(&format!("dst {a} ")))
+                .count();
+            if peers != 2 {
+                return Err(format!("{h}: {fdb}"));
+            }
+        }
+        Ok(vni)
+    })
+    .unwrap();
+    println!("three Sites' gateways each flood to the two others ({took:?})");
+    // The storm: 300 broadcasts into the group from each of far and third
+    // to local's endpoint, and from third to far's. Each is delivered
+    // inside the Site it reaches; none may leave it again over the WAN.
+    let wan = format!("{p}-wan");
+    let sniff: Vec<(String, Sniffer)> = ["h1", "h31", "h33"]
+        .iter()
+        .map(|port| (port.to_string(), Sniffer::start(&wan, port, 8)))
+        .collect();
+    let router =
+        yukumo_agent::network::plan::router_veth_name(yukumo_api::net::Segment::vxlan(vni as u32));
+    let at_router = Sniffer::start(&env.host_netns("host-1"), &router, 8);
+    let started = Instant::now();
+    for (from, src, to) in [
+        ("far-1", "100.64.0.102", "100.64.0.101"),
+        ("third-1", "100.64.0.103", "100.64.0.101"),
+        ("third-1", "100.64.0.103", "100.64.0.102"),
+    ] {
+        let hex = vxlan_broadcast(vni, "02:de:ad:be:ef:05");
+        let (out, ok) = in_ns(
+            &env.host_netns(from),
+            &[
+                "python3",
+                "-c",
+                &format!(
+                    "import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{src}',0));m=bytes.fromhex('{hex}')\ns.sendto(m,('{to}',4790));time.sleep(0.3)\nfor _ in range(299): s.sendto(m,('{to}',4790))"
+                ),
+            ],
+        );
+        assert!(ok, "{out}");
+    }
+    println!("900 tunnel broadcasts sent in {:?}", started.elapsed());
+    let delivered = at_router
+        .frames()
+        .iter()
+        .filter(|f| f["src"] == "02:de:ad:be:ef:05")
+        .count();
+    let mut tunnel_frames = BTreeMap::new();
+    for (port, s) in sniff {
+        for f in s.frames() {
+            // The storm's own frames (what the gateways send of their
+            // own, e.g. their bridges' IPv6 multicast, is not counted).
+            if f["dport"] == 4790 && f["inner_src"] == "02:de:ad:be:ef:05" {
+                *tunnel_frames
+                    .entry(format!(
+                        "{port} {} -> {}",
+                        f["src_ip"].as_str().unwrap_or("?"),
+                        f["dst_ip"].as_str().unwrap_or("?")
+                    ))
+                    .or_insert(0u32) += 1;
+            }
+        }
+    }
+    println!(
+        "local's router got {delivered} of the 600 broadcasts sent to local; tunnel packets on the WAN: {tunnel_frames:?}"
+    );
+    assert!(
+        delivered >= 300,
+        "the broadcasts did not arrive at local ({delivered})"
+    );
+    // Only what was sent crosses the WAN: out of far's port towards local
+    // (300), out of third's towards local and far (600), into local's and
+    // far's ports; nothing from local's endpoint, nothing from far's.
+    for (k, n) in &tunnel_frames {
+        assert!(
+            !k.contains("100.64.0.101 ->") && !k.contains("100.64.0.102 -> 100.64.0.103"),
+            "forwarded WAN→WAN: {n} × {k}"
+        );
+    }
+    // (far's 300 to local are what it sent: third's 300 to far, forwarded
+    // on, would double them.)
+    let far_to_local = tunnel_frames
+        .get("h31 100.64.0.102 -> 100.64.0.101")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        far_to_local <= 300,
+        "far forwarded third's frames to local: {far_to_local}"
+    );
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"])
+        .unwrap();
+    drop(lab);
 }
