@@ -22,7 +22,7 @@ use futures::StreamExt;
 use super::decide::{self, HostEnv, RouterSeen, TableSeen};
 use super::kernel::{Kernel, NsLinks, Result};
 use super::observe::{NsState, Want};
-use super::ops::{Family, NsOps, TableOp};
+use super::ops::{Family, NsOps, ShapeOp, TableOp};
 use super::plan::{HostPlan, RouterPlan, is_router_netns};
 use super::ruleset::ruleset_hash;
 use super::watch::{OWN, RouterWatches};
@@ -119,6 +119,8 @@ pub struct Dataplane<K: Kernel> {
     guard: Mutex<Option<Option<String>>>,
     /// The host's tunnel source filter as last written, likewise.
     tunnel_filter: Mutex<Option<Option<String>>>,
+    /// The WAN interface's shaper classes as last left (`Some(None)`: none).
+    shaping: Mutex<Option<Option<Vec<(u16, u32)>>>>,
     /// The host namespace's links and FDB as the last pass left them (read
     /// after its last write), while nothing else can have changed them:
     /// a pass on a watch event with no kernel event from the host uses it
@@ -206,6 +208,7 @@ impl<K: Kernel> Dataplane<K> {
             applied: Mutex::default(),
             guard: Mutex::default(),
             tunnel_filter: Mutex::default(),
+            shaping: Mutex::default(),
             host_seen: Mutex::default(),
             watches: None,
             host_watch: host_netns.unwrap_or_else(|| OWN.to_string()),
@@ -348,13 +351,29 @@ impl<K: Kernel> Dataplane<K> {
                 TableOp::Replace { ruleset, .. } => Some(ruleset),
                 TableOp::Delete { .. } => None,
             });
+        } else {
+            // As planned (found so, or known so): not listed again while
+            // nothing changes the namespace.
+            *self.tunnel_filter.lock().expect("poisoned") = Some(planned);
         }
         if let Some(t) = &plan.tunnel {
-            let seen = self.kernel.shaping(&t.dev).await?;
-            if let Some(op) = decide::shape_op(plan, seen.as_deref()) {
-                self.kernel.apply_shaping(&op).await?;
+            // Read on a verification pass, after a kernel event, or when
+            // not known; else as the agent left it.
+            let known = self.shaping.lock().expect("poisoned").clone();
+            let seen = match known {
+                Some(k) if self.quiet(&self.host_watch, pass, dirty) => k,
+                _ => self.kernel.shaping(&t.dev).await?,
+            };
+            let op = decide::shape_op(plan, seen.as_deref());
+            if let Some(op) = &op {
+                self.kernel.apply_shaping(op).await?;
                 ch.tables += 1;
             }
+            *self.shaping.lock().expect("poisoned") = Some(match op {
+                Some(ShapeOp::Set { classes, .. }) => Some(classes),
+                Some(ShapeOp::Clear { .. }) => None,
+                None => seen,
+            });
         }
         let have = host.fresh().await?;
         let addrs = decide::tunnel_addr_ops(plan, have);
@@ -554,6 +573,12 @@ impl<K: Kernel> Dataplane<K> {
                 TableOp::Replace { ruleset, .. } => Some(ruleset),
                 TableOp::Delete { .. } => None,
             });
+        } else {
+            // As planned (found so, or known so): not listed again while
+            // nothing changes the namespace.
+            let planned =
+                (!plan.taps.is_empty() || !plan.segments.is_empty()).then(|| plan.guard.clone());
+            *self.guard.lock().expect("poisoned") = Some(planned);
         }
         clock.step("guard table");
         // Known exactly only when this pass did not change it since it last

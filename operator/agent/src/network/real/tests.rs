@@ -313,7 +313,7 @@ async fn a_watched_host_is_not_read_again_until_something_changes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kernel_takes_and_lets_go_the_sites_tunnel_end() {
-    let Some((_sb, dp, _env, prefix)) = sandbox("w").await else {
+    let Some((_sb, dp, _env, prefix)) = sandbox("t").await else {
         return;
     };
     let host = dp.kernel.ns(None).await.unwrap();
