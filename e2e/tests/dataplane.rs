@@ -1327,6 +1327,21 @@ spec:
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
         .unwrap();
     drop(far);
+    // Local without WAN settings again: host-1 lets its endpoint, filter
+    // and shaper go.
+    let (_, took) = wait_for(Duration::from_secs(30), "host-1's WAN end gone", || {
+        let ns = env.host_netns("host-1");
+        let a = in_ns(&ns, &["ip", "-4", "-o", "addr", "show", "wan0"]).0;
+        let q = in_ns(&ns, &["tc", "qdisc", "show", "dev", "wan0"]).0;
+        let t = in_ns(&ns, &["nft", "list", "tables"]).0;
+        if !a.contains("100.64.0.101") && !q.contains("796b:") && !t.contains("inet yukumo") {
+            Ok(())
+        } else {
+            Err(format!("{a} {q} {t}"))
+        }
+    })
+    .unwrap();
+    println!("host-1 let its WAN end go {took:?} after the Site's gateway went");
 }
 
 #[test]

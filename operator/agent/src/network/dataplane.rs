@@ -119,8 +119,11 @@ pub struct Dataplane<K: Kernel> {
     guard: Mutex<Option<Option<String>>>,
     /// The host's tunnel source filter as last written, likewise.
     tunnel_filter: Mutex<Option<Option<String>>>,
-    /// The WAN interface's shaper classes as last left (`Some(None)`: none).
-    shaping: Mutex<Option<Option<Vec<(u16, u32)>>>>,
+    /// The WAN interface and its shaper's classes as last left (None
+    /// inside: no shaper).
+    shaping: Mutex<Option<(String, Option<Vec<(u16, u32)>>)>>,
+    /// The Site's endpoint this agent holds (interface, address).
+    endpoint: Mutex<Option<(String, yukumo_api::net::Ipv4Net)>>,
     /// The host namespace's links and FDB as the last pass left them (read
     /// after its last write), while nothing else can have changed them:
     /// a pass on a watch event with no kernel event from the host uses it
@@ -209,6 +212,7 @@ impl<K: Kernel> Dataplane<K> {
             guard: Mutex::default(),
             tunnel_filter: Mutex::default(),
             shaping: Mutex::default(),
+            endpoint: Mutex::default(),
             host_seen: Mutex::default(),
             watches: None,
             host_watch: host_netns.unwrap_or_else(|| OWN.to_string()),
@@ -356,27 +360,43 @@ impl<K: Kernel> Dataplane<K> {
             // nothing changes the namespace.
             *self.tunnel_filter.lock().expect("poisoned") = Some(planned);
         }
-        if let Some(t) = &plan.tunnel {
-            // Read on a verification pass, after a kernel event, or when
-            // not known; else as the agent left it.
-            let known = self.shaping.lock().expect("poisoned").clone();
-            let seen = match known {
-                Some(k) if self.quiet(&self.host_watch, pass, dirty) => k,
-                _ => self.kernel.shaping(&t.dev).await?,
-            };
-            let op = decide::shape_op(plan, seen.as_deref());
-            if let Some(op) = &op {
-                self.kernel.apply_shaping(op).await?;
-                ch.tables += 1;
+        let known = self.shaping.lock().expect("poisoned").clone();
+        match &plan.tunnel {
+            Some(t) => {
+                // Read on a verification pass, after a kernel event, or
+                // when not known; else as the agent left it.
+                let seen = match known {
+                    Some((dev, k)) if dev == t.dev && self.quiet(&self.host_watch, pass, dirty) => {
+                        k
+                    }
+                    _ => self.kernel.shaping(&t.dev).await?,
+                };
+                let op = decide::shape_op(plan, seen.as_deref());
+                if let Some(op) = &op {
+                    self.kernel.apply_shaping(op).await?;
+                    ch.tables += 1;
+                }
+                *self.shaping.lock().expect("poisoned") = Some((
+                    t.dev.clone(),
+                    match op {
+                        Some(ShapeOp::Set { classes, .. }) => Some(classes),
+                        Some(ShapeOp::Clear { .. }) => None,
+                        None => seen,
+                    },
+                ));
             }
-            *self.shaping.lock().expect("poisoned") = Some(match op {
-                Some(ShapeOp::Set { classes, .. }) => Some(classes),
-                Some(ShapeOp::Clear { .. }) => None,
-                None => seen,
-            });
+            // No WAN end here any more: the agent's shaper goes.
+            None => {
+                if let Some((dev, Some(_))) = known {
+                    self.kernel.apply_shaping(&ShapeOp::Clear { dev }).await?;
+                    ch.tables += 1;
+                }
+                *self.shaping.lock().expect("poisoned") = None;
+            }
         }
         let have = host.fresh().await?;
-        let addrs = decide::tunnel_addr_ops(plan, have);
+        let taken = self.endpoint.lock().expect("poisoned").clone();
+        let addrs = decide::tunnel_addr_ops(plan, have, taken.as_ref());
         // The endpoint just taken is announced (it may have moved here from
         // another gateway host: the peers' neighbour caches point there).
         let announce = plan.tunnel.as_ref().and_then(|t| {
@@ -396,6 +416,11 @@ impl<K: Kernel> Dataplane<K> {
             ..Default::default()
         })
         .await?;
+        *self.endpoint.lock().expect("poisoned") = plan
+            .tunnel
+            .as_ref()
+            .filter(|t| t.active)
+            .map(|t| (t.dev.clone(), t.endpoint));
         if let Some((dev, mac, taken)) = announce {
             self.kernel.announce(WAN_ENDPOINT, &dev, mac, taken).await;
         }

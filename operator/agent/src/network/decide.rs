@@ -185,25 +185,50 @@ fn wan_port_ops(
 /// this host is the Site's active gateway, and let go when it is not.
 /// Returns the address ops and whether the endpoint was just taken (to be
 /// announced).
-pub fn tunnel_addr_ops(plan: &HostPlan, have: &NsState) -> Vec<AddrOp> {
-    let Some(t) = &plan.tunnel else {
-        return Vec::new();
-    };
-    let held = have
-        .addrs
-        .get(&t.dev)
-        .is_some_and(|a| a.contains(&t.endpoint));
-    match (t.active, held) {
-        (true, false) if have.has(&t.dev) => vec![AddrOp::Add {
-            dev: t.dev.clone(),
-            net: t.endpoint,
-        }],
-        (false, true) => vec![AddrOp::Del {
-            dev: t.dev.clone(),
-            net: t.endpoint,
-        }],
-        _ => Vec::new(),
+/// `taken`: an endpoint this agent took before (interface, address), let
+/// go too when it is not the one to hold now (the Site's endpoint changed,
+/// or the Site or this host has none any more).
+pub fn tunnel_addr_ops(
+    plan: &HostPlan,
+    have: &NsState,
+    taken: Option<&(String, Ipv4Net)>,
+) -> Vec<AddrOp> {
+    let on = |dev: &str, net: &Ipv4Net| have.addrs.get(dev).is_some_and(|a| a.contains(net));
+    let mut ops = Vec::new();
+    if let Some((dev, net)) = taken
+        && on(dev, net)
+        && !plan
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.active && &t.dev == dev && &t.endpoint == net)
+    {
+        ops.push(AddrOp::Del {
+            dev: dev.clone(),
+            net: *net,
+        });
     }
+    let Some(t) = &plan.tunnel else {
+        return ops;
+    };
+    let held = on(&t.dev, &t.endpoint);
+    match (t.active, held) {
+        (true, false) if have.has(&t.dev) => ops.push(AddrOp::Add {
+            dev: t.dev.clone(),
+            net: t.endpoint,
+        }),
+        (false, true)
+            if !ops.iter().any(
+                |o| matches!(o, AddrOp::Del { dev, net } if *dev == t.dev && *net == t.endpoint),
+            ) =>
+        {
+            ops.push(AddrOp::Del {
+                dev: t.dev.clone(),
+                net: t.endpoint,
+            })
+        }
+        _ => {}
+    }
+    ops
 }
 
 /// Step 0b: the shaper of the WAN interface: one class per capped tunnel

@@ -198,4 +198,20 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
         assert!(!m.host.tables["inet"].contains("@peers counter"));
         assert!(!m.host.shaping.contains_key("wan0"));
     });
+    // Held again, then the Site has no WAN end any more (no tunnel plan at
+    // all): endpoint, port, filter and shaper go all the same.
+    dp.apply(&plan_gateway("t-", true), Pass::Changed)
+        .await
+        .unwrap();
+    let none = plan_for("t-", "ext0");
+    assert!(none.tunnel.is_none());
+    dp.apply(&none, Pass::Changed).await.unwrap();
+    assert_eq!(dp.apply(&none, Pass::Verify).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        let host = &m.host.state;
+        assert!(!host.has("ykw1000"));
+        assert!(host.addrs.get("wan0").is_none_or(|a| a.is_empty()));
+        assert!(!m.host.tables.contains_key("inet"));
+        assert!(!m.host.shaping.contains_key("wan0"));
+    });
 }
