@@ -58,6 +58,10 @@ impl Pass {
 /// (instead of "observe host").
 pub const HOST_REUSED: &str = "host state reused";
 
+/// A WAN interface and the classes of the agent's shaper on it (None: no
+/// shaper).
+type Shaped = (String, Option<Vec<(u16, u32)>>);
+
 /// The name gratuitous ARPs for the Site's WAN endpoint are logged under.
 pub const WAN_ENDPOINT: &str = "wan-endpoint";
 
@@ -121,7 +125,7 @@ pub struct Dataplane<K: Kernel> {
     tunnel_filter: Mutex<Option<Option<String>>>,
     /// The WAN interface and its shaper's classes as last left (None
     /// inside: no shaper).
-    shaping: Mutex<Option<(String, Option<Vec<(u16, u32)>>)>>,
+    shaping: Mutex<Option<Shaped>>,
     /// The Site's endpoint this agent holds (interface, address).
     endpoint: Mutex<Option<(String, yukumo_api::net::Ipv4Net)>>,
     /// The host namespace's links and FDB as the last pass left them (read
