@@ -521,7 +521,13 @@ start_site_host() { # name site index
     ip -n "$ul" link add br0 type bridge
     ip -n "$ul" link set br0 up
   fi
+  # (ends left by a host of this index stopped moments ago: the kernel
+  # destroys a deleted namespace's links in the background)
+  ip -n "$ul" link del "h$i" 2>/dev/null || true
+  ip -n "$(netns_prefix)-out" link del "h$i" 2>/dev/null || true
+  ip -n "$(netns_prefix)-wan" link del "h$i" 2>/dev/null || true
   KUBELETS=0 start_host "$name" "$site" "$i" "$ul"
+  echo "$i $ul" > "$DIR/hosts/$name/attached"
   start_agent "$name"
 }
 
@@ -548,6 +554,14 @@ stop_site_host() { # name
     [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock" "/run/yukumo/$(basename "$f").console.sock"
   done
   for r in /run/netns/"$ns"-r*; do [ -e "$r" ] && ip netns del "$(basename "$r")" 2>/dev/null || true; done
+  # Its links' other ends, now (deleting the namespace would take them
+  # only when the kernel gets to it, and the index may be used again).
+  local i ul
+  if read -r i ul < "$hdir/attached" 2>/dev/null; then
+    ip -n "$ul" link del "h$i" 2>/dev/null || true
+    ip -n "$(netns_prefix)-out" link del "h$i" 2>/dev/null || true
+    ip -n "$(netns_prefix)-wan" link del "h$i" 2>/dev/null || true
+  fi
   ip netns del "$ns" 2>/dev/null || true
   rm -rf "$hdir"
 }

@@ -79,6 +79,8 @@ def main():
     ifname, seconds = sys.argv[1], float(sys.argv[2])
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    # Room for bursts (a test's storm of hundreds of frames at once).
+    s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE
     s.bind((ifname, 0))
     print(json.dumps({"ready": ifname}), flush=True)
     end = time.monotonic() + seconds
