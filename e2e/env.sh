@@ -544,6 +544,11 @@ stop_site_host() { # name
     pid=$(cat "$f"); pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
   done
   stop_proc "libvirtd-$name"
+  # tgtd ignores TERM while it serves targets; it holds only files.
+  if [ -f "$hdir/tgt" ]; then
+    stop_proc "tgtd-$name" KILL
+    rm -f "/var/run/tgtd/socket.$(cut -d' ' -f1 "$hdir/tgt")"{,.lock}
+  fi
   pid=$(cat "$hdir/run/virtlogd.pid" 2>/dev/null || true)
   if pid_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
   for f in "$hdir"/agent/net/*/dnsmasq.pid; do
