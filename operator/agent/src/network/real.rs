@@ -408,8 +408,10 @@ impl Namespaces for RealKernel {
     }
 }
 
-/// Run `nft` in `ns` with `args` (and a script on stdin), off the runtime.
-async fn nft(
+/// Run `prog` (`nft`, `tc`) in `ns` (None: this process's) with `args`
+/// (and a script on stdin), off the runtime.
+async fn tool(
+    prog: &'static str,
     ns: Option<String>,
     args: Vec<String>,
     script: Option<String>,
@@ -417,25 +419,7 @@ async fn nft(
     tokio::task::spawn_blocking(move || {
         netns::run(
             ns.as_deref(),
-            "nft",
-            &args,
-            script.as_deref().map(str::as_bytes),
-        )
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
-/// Run `tc` in `ns` (None: this process's), `script` on its stdin.
-async fn tc(
-    ns: Option<String>,
-    args: Vec<String>,
-    script: Option<String>,
-) -> std::io::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        netns::run(
-            ns.as_deref(),
-            "tc",
+            prog,
             &args,
             script.as_deref().map(str::as_bytes),
         )
@@ -483,7 +467,8 @@ pub fn parse_classes(text: &str) -> Vec<(u16, u32)> {
 impl Shaper for RealKernel {
     async fn shaping(&self, dev: &str) -> Result<Option<Vec<(u16, u32)>>> {
         let ns = self.host_ns.clone();
-        let q = tc(
+        let q = tool(
+            "tc",
             ns.clone(),
             vec!["qdisc".into(), "show".into(), "dev".into(), dev.into()],
             None,
@@ -494,7 +479,8 @@ impl Shaper for RealKernel {
         if !q.lines().any(|l| l.starts_with(&ours)) {
             return Ok(None);
         }
-        let c = tc(
+        let c = tool(
+            "tc",
             ns,
             vec!["class".into(), "show".into(), "dev".into(), dev.into()],
             None,
@@ -524,7 +510,8 @@ impl Shaper for RealKernel {
             ShapeOp::Clear { dev } => (dev, format!("qdisc del dev {dev} root handle {h:x}:\n")),
         };
         // -force: the first line may find no qdisc of ours to delete.
-        let out = tc(
+        let out = tool(
+            "tc",
             self.host_ns.clone(),
             vec!["-force".into(), "-batch".into(), "-".into()],
             Some(script),
@@ -563,7 +550,7 @@ impl Firewall for RealKernel {
             family.as_str().into(),
             "yukumo".into(),
         ];
-        match nft(self.ns_of(ns), args, None).await {
+        match tool("nft", self.ns_of(ns), args, None).await {
             Ok(listing) => Ok(Some(listing)),
             // nft ran and found no such table.
             Err(e) if e.kind() == std::io::ErrorKind::Other => Ok(None),
@@ -594,7 +581,7 @@ impl Firewall for RealKernel {
                 format!("delete table {} yukumo", family.as_str()),
             ),
         };
-        nft(self.ns_of(ns), args, script)
+        tool("nft", self.ns_of(ns), args, script)
             .await
             .map(|_| ())
             .map_err(|e| KernelError::io(what, e))
