@@ -216,7 +216,12 @@ pub struct NodePool {
         "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))"
     ).message("diskSize must be a positive quantity such as 20Gi"))]
     pub disk_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-    /// Sites this pool may be placed at; empty means the NetworkGroup's home site.
+    /// Sites this pool may be placed at, in order of preference (empty: the
+    /// NetworkGroup's home site). Nodes go to the first Site that can take
+    /// them; a later one takes a node only when no host of the earlier ones
+    /// can (full, cordoned, or the Site lost — with `recovery:
+    /// RestartElsewhere`, the nodes of a lost Site restart at the next one).
+    /// A running node is not moved back when an earlier Site returns.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub sites: Vec<SiteName>,

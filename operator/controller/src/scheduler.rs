@@ -2,7 +2,9 @@
 //!
 //! A node goes to a Ready, schedulable Host of one of its allowed Sites whose
 //! free allocatable resources (allocatable minus what placed VirtualNodes
-//! use) fit it; among those, the host with the fewest nodes of the same
+//! use) fit it; the allowed Sites are in order of preference (a later one
+//! takes the node only when no host of an earlier one can: full, cordoned
+//! or lost); among those, the host with the fewest nodes of the same
 //! cluster (spread), then the most free memory, then the name (determinism).
 //! Frontends that ask for a gateway host only go to gateway-capable hosts.
 
@@ -38,6 +40,7 @@ impl HostView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub node: String,
+    /// The Sites it may go to, the preferred first.
     pub sites: Vec<String>,
     pub need: Resources,
     pub gateway: bool,
@@ -111,8 +114,10 @@ pub fn place(
         }
         let key = |h: &HostView| {
             let free = h.free();
+            let preference = req.sites.iter().position(|s| s == &h.site);
             if req.pack {
                 (
+                    preference,
                     cluster_nodes.get(&h.name).copied().unwrap_or(0),
                     free.memory_mib as i64,
                     free.cpu as i64,
@@ -120,6 +125,7 @@ pub fn place(
                 )
             } else {
                 (
+                    preference,
                     cluster_nodes.get(&h.name).copied().unwrap_or(0),
                     -(free.memory_mib as i64),
                     0,
@@ -333,5 +339,41 @@ mod tests {
         assert!(
             matches!(place(&r, &mut hosts, &mut counts, &none), Placement::Unschedulable(m) if m.contains("no hosts registered"))
         );
+    }
+
+    #[test]
+    fn a_pools_first_site_is_preferred_and_a_later_one_takes_what_it_cannot() {
+        let mut b1 = host("b1", 8, 8192);
+        b1.site = "b".into();
+        let mut b2 = host("b2", 8, 8192);
+        b2.site = "b".into();
+        // Site a's host is roomier and has none of the cluster: b still wins.
+        let mut hosts = vec![host("a1", 64, 65536), b1, b2];
+        let mut counts = BTreeMap::new();
+        let mut r = req("w", 1, 256);
+        r.sites = vec!["b".into(), "a".into()];
+        for _ in 0..2 {
+            match place(&r, &mut hosts, &mut counts, &none) {
+                Placement::Host { site, .. } => assert_eq!(site, "b"),
+                p => panic!("{p:?}"),
+            }
+        }
+        // Site b lost: its nodes go to a.
+        for h in hosts.iter_mut().filter(|h| h.site == "b") {
+            h.ready = false;
+        }
+        assert_eq!(
+            place(&r, &mut hosts, &mut counts, &none),
+            Placement::Host {
+                host: "a1".into(),
+                site: "a".into()
+            }
+        );
+        // Nothing allowed is left: the refusal names both Sites.
+        hosts[0].ready = false;
+        match place(&r, &mut hosts, &mut counts, &none) {
+            Placement::Unschedulable(m) => assert!(m.contains("at site b/a"), "{m}"),
+            p => panic!("{p:?}"),
+        }
     }
 }
