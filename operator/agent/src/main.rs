@@ -327,10 +327,12 @@ async fn agent() -> anyhow::Result<()> {
         )))
     };
     let images = compute.images.clone();
+    let (swept_tx, swept) = tokio::sync::watch::channel(false);
     let compute_task = tokio::spawn(compute::resync::run(
         compute,
         args.resync_interval,
         Some(events_rx),
+        swept_tx,
         shutdown.clone(),
     ));
     let storage_task = tokio::spawn(storage::reconcile::run(
@@ -367,7 +369,19 @@ async fn agent() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
-    let result = register::run(args, client, hv, metrics, health, net_state, shutdown).await;
+    let result = register::run(
+        args,
+        client,
+        hv,
+        metrics,
+        health,
+        register::FromTasks {
+            net: net_state,
+            swept,
+        },
+        shutdown,
+    )
+    .await;
     if let Some(t) = console_task
         && let Ok(Err(e)) = t.await
     {

@@ -280,6 +280,23 @@ pub fn offered_capabilities(
     caps
 }
 
+/// Before the first sweep of stale domains (and the first network pass,
+/// which puts its filters in), a working hypervisor is not reported ready:
+/// a host returning after it was lost (its domains of nodes that restarted
+/// elsewhere still running) is not Ready — nothing is placed on it, its
+/// Site's tunnels stay closed — until they are gone.
+pub fn not_swept(status: &mut HostStatus) {
+    if status.conditions.is_true(HYPERVISOR_READY) {
+        status.conditions.set_condition(Condition::new(
+            HYPERVISOR_READY,
+            ConditionStatus::False,
+            yukumo_api::Reason::StaleDomainsNotSwept,
+            "removing the domains here whose nodes are no longer this host's before reporting ready",
+            None,
+        ));
+    }
+}
+
 /// The agent-owned part of the Host's status, as a pure function of facts.
 pub fn agent_status(
     args: &Args,
@@ -346,6 +363,14 @@ pub fn agent_status(
     }
 }
 
+/// What the agent's other tasks tell the heartbeat.
+pub struct FromTasks {
+    /// The network's state (tunnels measured, first pass over).
+    pub net: std::sync::Arc<crate::network::NetState>,
+    /// The compute resync's first sweep of stale domains is done.
+    pub swept: watch::Receiver<bool>,
+}
+
 /// Register the Host, then heartbeat until shutdown.
 pub async fn run(
     args: Args,
@@ -353,9 +378,10 @@ pub async fn run(
     hv: Hypervisor,
     metrics: Metrics,
     health: Health,
-    net: std::sync::Arc<crate::network::NetState>,
+    from: FromTasks,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let FromTasks { net, swept } = from;
     let hosts: Api<Host> = Api::all(client);
     let pp = PatchParams::apply(managers::AGENT).force();
     // The site of a Host is immutable (CEL): a mismatch is refused by the API
@@ -444,6 +470,9 @@ pub async fn run(
             Timestamp::now(),
         );
         status.tunnels = net.tunnels();
+        if !*swept.borrow() || !(args.no_network || net.passed()) {
+            not_swept(&mut status);
+        }
         let patch = yukumo_api::status_apply_patch::<Host, _>(&status);
         match hosts
             .patch_status(&args.host_name, &pp, &Patch::Apply(&patch))
@@ -492,6 +521,39 @@ mod tests {
             "--reserved-cpu",
             "1",
         ])
+    }
+
+    #[test]
+    fn a_working_hypervisor_is_not_ready_before_the_first_sweep() {
+        let info = HypervisorInfo {
+            cpus: 4,
+            memory_mib: 8192,
+            description: "libvirt".into(),
+        };
+        let mut s = agent_status(
+            &args(),
+            Ok(&info),
+            &HostCapabilities::default(),
+            &[],
+            &[],
+            Timestamp::now(),
+        );
+        not_swept(&mut s);
+        let c = s.conditions.get_condition(HYPERVISOR_READY).unwrap();
+        assert_eq!(c.status, ConditionStatus::False);
+        assert_eq!(c.reason, yukumo_api::Reason::StaleDomainsNotSwept);
+        // An unreachable libvirt keeps saying so.
+        let mut s = agent_status(
+            &args(),
+            Err("down".into()),
+            &HostCapabilities::default(),
+            &[],
+            &[],
+            Timestamp::now(),
+        );
+        not_swept(&mut s);
+        let c = s.conditions.get_condition(HYPERVISOR_READY).unwrap();
+        assert_eq!(c.reason, yukumo_api::Reason::LibvirtUnreachable);
     }
 
     #[test]

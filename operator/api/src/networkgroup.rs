@@ -312,6 +312,14 @@ pub struct TunnelEnd {
     /// capped at the smaller of theirs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mbps: Option<u32>,
+    /// The host holding the end (the Site's `status.activeGateway`). None
+    /// while the Site has no Ready gateway host (the Site lost): the other
+    /// Sites close their tunnels to it — nothing sent to the end, nothing
+    /// from it accepted — until one is Ready again. A returning host is
+    /// Ready only after it removed the domains of nodes that restarted
+    /// elsewhere, so nothing runs twice on the segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// A host the segment spans.

@@ -169,6 +169,10 @@ reasons! {
     Connected,
     /// Agent condition `HypervisorReady`: libvirt does not answer.
     LibvirtUnreachable,
+    /// Agent condition `HypervisorReady`: the agent has not yet removed the
+    /// domains here whose nodes are no longer this host's (a host returning
+    /// after it was lost is Ready only after that sweep).
+    StaleDomainsNotSwept,
     // --- Site
     /// At least one Host of the Site is Ready.
     HostsReady,

@@ -28,12 +28,13 @@ use crate::register::EventLabel;
 
 /// One pass of the resync: two libvirt calls list every domain (active and
 /// inactive); nodes whose domain is missing or in the wrong power state are
-/// queued; yukumo-marked domains whose node is gone are removed.
+/// queued; yukumo-marked domains whose node is gone are removed. True when
+/// the pass listed both and removed every such domain (the sweep is done).
 async fn resync<D: Domains>(
     ctx: &ComputeCtx<D>,
     tx: &mpsc::UnboundedSender<ObjectRef<VirtualNode>>,
     full: bool,
-) {
+) -> bool {
     // An authoritative list (one read) rather than the watch cache: an orphan
     // sweep must never act on a cache that is still filling.
     let api = Api::<VirtualNode>::all(ctx.client.clone());
@@ -42,14 +43,14 @@ async fn resync<D: Domains>(
         Ok(l) => l.items,
         Err(e) => {
             tracing::warn!(error = %e, "resync: cannot list VirtualNodes");
-            return;
+            return false;
         }
     };
     let domains = match ctx.domains.list().await {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "resync: cannot list domains");
-            return;
+            return false;
         }
     };
     // Images the nodes here refer to stay cached; then bound the cache.
@@ -95,18 +96,28 @@ async fn resync<D: Domains>(
             }
         }
     }
+    let mut swept = true;
     for (uid, d) in &domains {
         if wanted.contains(uid) || !d.name.starts_with("yk-") {
             continue;
         }
         // Confirm yukumo's marker before removing anything.
-        if ctx.domains.marked(uid).await.unwrap_or(false) {
-            tracing::info!(domain = %d.name, "removing orphaned domain (its VirtualNode is gone)");
-            if let Err(e) = ctx.remove_node(uid).await {
-                tracing::warn!(domain = %d.name, error = %e, "orphan removal failed");
+        match ctx.domains.marked(uid).await {
+            Ok(true) => {
+                tracing::info!(domain = %d.name, "removing orphaned domain (its VirtualNode is gone)");
+                if let Err(e) = ctx.remove_node(uid).await {
+                    tracing::warn!(domain = %d.name, error = %e, "orphan removal failed");
+                    swept = false;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(domain = %d.name, error = %e, "cannot read the domain's marker");
+                swept = false;
             }
         }
     }
+    swept
 }
 
 /// Node directories (under `<state>/nodes`) of nodes that are not wanted and
@@ -200,10 +211,14 @@ async fn forward_events<D: Domains>(
 
 /// Run the reconciler for the VirtualNodes placed on this host until
 /// shutdown; `events` (libvirt's domain events) queue nodes between resyncs.
+/// `swept` turns true after the first pass that removed every domain here
+/// whose node is no longer this host's (the heartbeat reports the host's
+/// hypervisor ready only from then on), and stays true.
 pub async fn run<D: Domains>(
     ctx: Arc<ComputeCtx<D>>,
     resync_every: Duration,
     events: Option<mpsc::UnboundedReceiver<HvEvent>>,
+    swept: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api = Api::<VirtualNode>::all(ctx.client.clone());
@@ -237,13 +252,23 @@ pub async fn run<D: Domains>(
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut full = false;
         loop {
-            resync(&resync_ctx, &tx, full).await;
+            // Until the first sweep is done, retried every few seconds.
+            let done = resync(&resync_ctx, &tx, full).await;
+            if done && !*swept.borrow() {
+                tracing::info!("first sweep of stale domains done");
+                swept.send_replace(true);
+            }
+            let wait = if *swept.borrow() {
+                resync_every
+            } else {
+                resync_every.min(Duration::from_secs(3))
+            };
             if full {
                 resync_ctx.metrics.full_resyncs.inc();
             }
             full = false;
             tokio::select! {
-                _ = tokio::time::sleep(resync_every) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = resync_now.notified() => {}
                 Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: full resync");

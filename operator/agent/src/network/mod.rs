@@ -34,9 +34,15 @@ pub struct NetState {
     /// The tunnels to other Sites, as last measured (while this host holds
     /// its Site's WAN endpoint); the heartbeat reports them.
     tunnels: RwLock<Vec<TunnelStatus>>,
+    /// The first pass over the dataplane is over (its filters are in,
+    /// whatever else failed).
+    passed: std::sync::atomic::AtomicBool,
 }
 
 impl NetState {
+    pub fn passed(&self) -> bool {
+        self.passed.load(std::sync::atomic::Ordering::Acquire)
+    }
     pub fn has_bridge(&self, name: &str) -> bool {
         self.bridges.read().expect("poisoned").contains(name)
     }
@@ -93,7 +99,11 @@ async fn probe_tunnels(
                 let mut jobs = Vec::new();
                 for (addr, site) in &p.peers {
                     let (ns, src, dst, site) = (ns.clone(), p.endpoint, *addr, site.clone());
+                    let closed = p.closed.contains(addr);
                     jobs.push(async move {
+                        if closed {
+                            return (dst, site, None);
+                        }
                         let rtt = tokio::task::spawn_blocking(move || {
                             yukumo_agent::netns::in_netns_opt(ns.as_deref(), || {
                                 tunnels::rtt(src, dst, 3, Duration::from_secs(1))
@@ -313,6 +323,7 @@ pub async fn run(
             .map(|t| tunnels::Probe {
                 endpoint: t.endpoint.addr(),
                 peers: t.peers.clone(),
+                closed: t.closed.clone(),
             });
         probe_tx.send_if_modified(|cur| {
             let changed = *cur != probe;
@@ -336,6 +347,9 @@ pub async fn run(
             period = cfg.verify_interval.max(started.elapsed() * 3);
             next_verify = tokio::time::Instant::now() + period;
         }
+        state
+            .passed
+            .store(true, std::sync::atomic::Ordering::Release);
         match result {
             Ok(ch) => {
                 let n = ch.total();

@@ -117,8 +117,12 @@ pub struct TunnelPlan {
     /// one (Mbit/s, the smaller of the two Sites' `tunnel.bandwidthMbps`),
     /// by peer address; class `SHAPE_HANDLE:<n>` shapes the n-th (from 1).
     pub caps: Vec<(Ipv4Addr, u32)>,
-    /// While active: the peer Sites' endpoints (address → Site).
+    /// While active: the peer Sites' endpoints (address → Site), open or
+    /// closed.
     pub peers: BTreeMap<Ipv4Addr, String>,
+    /// Those of `peers` whose Site has no holder (lost): closed, reported
+    /// down without being measured.
+    pub closed: BTreeSet<Ipv4Addr>,
     /// The `table inet yukumo` of the host: no VXLAN from the WAN to the
     /// Site's own port, and while active, tunnel packets to the endpoint
     /// only from peer Sites' endpoints, and those to capped peers given
@@ -296,6 +300,10 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             local_groups.insert(key(&n.namespace().unwrap_or_default(), &net.group));
         }
     }
+    // Peer endpoints of the groups' tunnels here (address → Site), and
+    // those closed (their Site has no holder).
+    let mut probed: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut closed: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for g in inp.groups {
         let Some(st) = &g.status else { continue };
         let Some(seg) = st.segment else { continue };
@@ -327,12 +335,21 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                     && seg.type_ == SegmentType::Vxlan
                     && tunnel_sites.contains(inp.site) =>
             {
-                let peers: BTreeSet<Ipv4Addr> = st
+                let ends = st
                     .tunnels
                     .iter()
-                    .filter(|t| t.site != inp.site && t.address != *gw.endpoint.ip())
-                    .map(|t| t.address)
-                    .collect();
+                    .filter(|t| t.site != inp.site && t.address != *gw.endpoint.ip());
+                // An end without a holder (its Site lost) is closed: no
+                // FDB entry, its packets not accepted; still measured.
+                let mut peers = BTreeSet::new();
+                for t in ends {
+                    probed.entry(t.address).or_insert_with(|| t.site.clone());
+                    if t.gateway.is_some() {
+                        peers.insert(t.address);
+                    } else {
+                        closed.insert(t.address);
+                    }
+                }
                 (!peers.is_empty()).then(|| WanPort {
                     link: wan_link_name(seg),
                     peers,
@@ -379,6 +396,13 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
     out.taps.sort_by(|a, b| a.name.cmp(&b.name));
     out.guard = guard_ruleset(&out.taps);
     out.tunnel = inp.gateway.map(|gw| {
+        // The hosts this one floods to: the only underlay VXLAN it takes
+        // while it holds the endpoint.
+        let span: BTreeSet<Ipv4Addr> = out
+            .segments
+            .values()
+            .flat_map(|s| s.remotes.iter().copied())
+            .collect();
         let peers: BTreeSet<Ipv4Addr> = out
             .segments
             .values()
@@ -387,7 +411,6 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             .collect();
         // A pair's cap: the smaller of the two Sites' (either may set none).
         let mut caps: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-        let mut sites: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         if gw.active {
             for t in inp
                 .groups
@@ -398,7 +421,6 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 if !peers.contains(&t.address) {
                     continue;
                 }
-                sites.entry(t.address).or_insert_with(|| t.site.clone());
                 let pair = match (gw.bandwidth_mbps, t.bandwidth_mbps) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -419,10 +441,12 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 &gw.dev,
                 gw.active
                     .then(|| (*gw.endpoint.ip(), gw.endpoint.port(), &peers)),
+                &span,
                 &caps,
             ),
             caps,
-            peers: sites,
+            closed: closed.difference(&peers).copied().collect(),
+            peers: probed,
         }
     });
     out

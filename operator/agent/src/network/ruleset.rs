@@ -151,10 +151,15 @@ pub fn guard_ruleset(taps: &[TapPlan]) -> String {
 /// Site's own VXLAN port is never taken from the WAN, and on the gateway
 /// holding the Site's WAN endpoint (`endpoint`: address, port, peers)
 /// tunnel packets are taken only from the peer Sites' endpoints (anyone
-/// else could inject frames into a group).
+/// else could inject frames into a group). The holder also takes the
+/// segments' VXLAN from the underlay only from the hosts it floods to
+/// (`span`, the hosts its groups span): a host whose nodes restarted
+/// elsewhere while it was lost, back with their domains still running, is
+/// in no span, so nothing of theirs reaches another Site.
 pub fn tunnel_ruleset(
     wan: &str,
     endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4Addr>)>,
+    span: &BTreeSet<Ipv4Addr>,
     caps: &[(Ipv4Addr, u32)],
 ) -> String {
     let mut body = String::new();
@@ -164,6 +169,11 @@ pub fn tunnel_ruleset(
     );
     let peers = endpoint.map(|(_, _, p)| p.clone()).unwrap_or_default();
     if let Some((endpoint, port, _)) = endpoint {
+        let _ = writeln!(
+            rules,
+            "    udp dport {} ip saddr != @span counter drop",
+            super::plan::VXLAN_PORT
+        );
         let _ = writeln!(
             rules,
             "    ip daddr {endpoint} udp dport {port} ip saddr != @peers counter drop"
@@ -176,15 +186,29 @@ pub fn tunnel_ruleset(
             );
         }
     }
-    let elems = if peers.is_empty() {
-        String::new()
-    } else {
-        let v: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
-        format!("\n    elements = {{ {} }}", v.join(", "))
+    let elems = |set: &BTreeSet<Ipv4Addr>| {
+        if set.is_empty() {
+            String::new()
+        } else {
+            let v: Vec<String> = set.iter().map(|p| p.to_string()).collect();
+            format!("\n    elements = {{ {} }}", v.join(", "))
+        }
     };
     let _ = write!(
         body,
-        "  set peers {{\n    type ipv4_addr;{elems}\n  }}\n  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
+        "  set peers {{\n    type ipv4_addr;{}\n  }}\n",
+        elems(&peers)
+    );
+    if endpoint.is_some() {
+        let _ = write!(
+            body,
+            "  set span {{\n    type ipv4_addr;{}\n  }}\n",
+            elems(span)
+        );
+    }
+    let _ = write!(
+        body,
+        "  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
     );
     if let Some((endpoint, port, _)) = endpoint
         && !peers.is_empty()

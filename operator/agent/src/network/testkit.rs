@@ -103,14 +103,25 @@ pub fn plan_with(
 /// Site `a` with WAN interface `wan0`, holding the Site's endpoint when
 /// `active`.
 pub fn plan_gateway(prefix: &str, active: bool) -> HostPlan {
+    plan_gateway_lost(prefix, active, &[])
+}
+
+/// `plan_gateway`, the Sites `lost` having no host holding their end.
+pub fn plan_gateway_lost(prefix: &str, active: bool, lost: &[&str]) -> HostPlan {
     let (mut groups, nodes, ext) = fixture();
     let mut g = (*groups[0]).clone();
     let st = g.status.as_mut().expect("a status");
-    st.tunnels = serde_json::from_value(serde_json::json!([
+    let mut ends = serde_json::json!([
         {"site": "a", "address": "100.64.0.101", "port": 4790},
         {"site": "b", "address": "100.64.0.102", "port": 4790, "bandwidthMbps": 200},
-        {"site": "c", "address": "100.64.0.103", "port": 4790}]))
-    .unwrap();
+        {"site": "c", "address": "100.64.0.103", "port": 4790}]);
+    for e in ends.as_array_mut().expect("a list") {
+        let site = e["site"].as_str().expect("a site").to_string();
+        if !lost.contains(&site.as_str()) {
+            e["gateway"] = serde_json::json!(format!("{site}-1"));
+        }
+    }
+    st.tunnels = serde_json::from_value(ends).unwrap();
     st.hosts = serde_json::from_value(serde_json::json!([
         {"name": "h1", "underlay": "10.255.0.1", "site": "a"},
         {"name": "h2", "underlay": "10.255.0.2", "site": "a"},

@@ -15,11 +15,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use yukumo_api::site::{TunnelState, TunnelStatus};
 
 /// What to measure: from `endpoint` (the Site's, held here), each peer
-/// endpoint (address → Site).
+/// endpoint (address → Site) but the closed ones (their Site lost), which
+/// are down without a measure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub endpoint: Ipv4Addr,
     pub peers: BTreeMap<Ipv4Addr, String>,
+    pub closed: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 /// An ICMP echo request (type 8) with identifier `id`, sequence `seq`.

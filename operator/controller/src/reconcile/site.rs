@@ -112,8 +112,10 @@ pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
 /// The Site's condition type that says whether its tunnels answer.
 pub const TUNNELS_READY: &str = "TunnelsReady";
 
-/// The tunnels to peer Sites as the endpoint's holder measures them.
-pub fn peers(active: Option<&str>, hosts: &[Host]) -> Vec<PeerStatus> {
+/// The tunnels to peer Sites as the endpoint's holder measures them;
+/// `lost(site)` says a peer Site has no host holding its endpoint (its
+/// tunnels are closed until one is Ready again).
+pub fn peers(active: Option<&str>, hosts: &[Host], lost: impl Fn(&str) -> bool) -> Vec<PeerStatus> {
     let Some(holder) = active.and_then(|a| hosts.iter().find(|h| h.name_any() == a)) else {
         return Vec::new();
     };
@@ -131,12 +133,19 @@ pub fn peers(active: Option<&str>, hosts: &[Host]) -> Vec<PeerStatus> {
             tx_bytes: t.tx_bytes,
             last_change: Some(t.last_change.clone()),
             message: (t.state == TunnelState::Down).then(|| {
-                format!(
-                    "no answer from Site {}'s WAN endpoint {} to ICMP echo from {}",
-                    t.site,
-                    t.address,
-                    holder.name_any()
-                )
+                if lost(&t.site) {
+                    format!(
+                        "Site {} has no Ready gateway host to hold its WAN endpoint {}: the tunnel is closed (nothing sent to it or accepted from it) until one is Ready again",
+                        t.site, t.address
+                    )
+                } else {
+                    format!(
+                        "no answer from Site {}'s WAN endpoint {} to ICMP echo from {}",
+                        t.site,
+                        t.address,
+                        holder.name_any()
+                    )
+                }
             }),
         })
         .collect()
@@ -260,7 +269,13 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
         )),
         None => conditions.retain(|c| c.type_ != WAN_TUNNELS),
     }
-    let peers = peers(active.as_deref(), &hosts);
+    let peers = peers(active.as_deref(), &hosts, |peer| {
+        ctx.stores.site(peer).is_some_and(|s| {
+            s.status
+                .as_ref()
+                .is_none_or(|st| st.active_gateway.is_none())
+        })
+    });
     let tunnels = tunnels_condition(&peers);
     match &tunnels {
         Some((st, reason, msg)) => conditions.set_condition(Condition::new(
@@ -451,12 +466,13 @@ mod tests {
              "rxBytes": 0, "txBytes": 0, "lastChange": "2026-01-01T00:00:05Z"}]))
         .unwrap();
         let hosts = vec![h, host("h2", true, true, true)];
-        assert!(peers(None, &hosts).is_empty());
+        let up = |_: &str| false;
+        assert!(peers(None, &hosts, up).is_empty());
         assert!(
-            peers(Some("h2"), &hosts).is_empty(),
+            peers(Some("h2"), &hosts, up).is_empty(),
             "only the holder's count"
         );
-        let p = peers(Some("h1"), &hosts);
+        let p = peers(Some("h1"), &hosts, up);
         assert_eq!(p.len(), 2);
         assert_eq!(
             (p[0].via.as_deref(), p[0].rtt_ms, p[0].tx_bytes),
@@ -475,5 +491,13 @@ mod tests {
             (ConditionStatus::True, Reason::TunnelsUp, "1/1 tunnels up")
         );
         assert_eq!(tunnels_condition(&[]), None);
+        // Site c lost (no host holds its endpoint): its tunnel is closed.
+        let p = peers(Some("h1"), &hosts, |s| s == "c");
+        assert_eq!(
+            p[1].message.as_deref(),
+            Some(
+                "Site c has no Ready gateway host to hold its WAN endpoint 100.64.0.103: the tunnel is closed (nothing sent to it or accepted from it) until one is Ready again"
+            )
+        );
     }
 }

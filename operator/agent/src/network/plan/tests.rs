@@ -306,8 +306,17 @@ fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_throu
         r.contains("ip daddr 100.64.0.101 ip saddr 100.64.0.102 udp dport 4790 counter\n"),
         "{r}"
     );
-    // The filter, the 4789 drop, a byte counter each way per peer.
-    assert_eq!(rule_count(r), 6);
+    // Underlay VXLAN only from the hosts it floods to.
+    assert!(
+        r.contains("set span {\n    type ipv4_addr;\n    elements = { 10.255.0.2, 10.255.0.4 }"),
+        "{r}"
+    );
+    assert!(
+        r.contains("udp dport 4789 ip saddr != @span counter drop"),
+        "{r}"
+    );
+    // The filters, the 4789 drop, a byte counter each way per peer.
+    assert_eq!(rule_count(r), 7);
     // Another host of the Site (or this one, no longer holding the end):
     // no WAN port, no filter, the endpoint to be let go; still no direct
     // flooding to the tunneled Site.
@@ -318,6 +327,47 @@ fn the_gateway_holding_its_sites_end_stretches_the_group_to_each_peer_site_throu
     let t = p.tunnel.as_ref().unwrap();
     assert!(!t.active && !t.ruleset.contains("@peers counter") && rule_count(&t.ruleset) == 1);
     assert!(t.caps.is_empty());
+}
+
+#[test]
+fn a_lost_sites_end_is_closed_but_measured_and_its_hosts_still_not_flooded_to() {
+    use crate::network::testkit::plan_gateway_lost;
+    let p = plan_gateway_lost("yk-", true, &["c"]);
+    let seg = &p.segments["ykbr1000"];
+    let peers: Vec<String> = seg
+        .wan
+        .as_ref()
+        .unwrap()
+        .peers
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    assert_eq!(
+        peers,
+        vec!["100.64.0.102"],
+        "no FDB entry to the closed end"
+    );
+    let remotes: Vec<String> = seg.remotes.iter().map(|a| a.to_string()).collect();
+    assert_eq!(remotes, vec!["10.255.0.2", "10.255.0.4"]);
+    let t = p.tunnel.as_ref().unwrap();
+    assert!(
+        t.ruleset.contains("elements = { 100.64.0.102 }"),
+        "{}",
+        t.ruleset
+    );
+    assert!(!t.ruleset.contains("100.64.0.103"), "{}", t.ruleset);
+    let caps: Vec<String> = t.caps.iter().map(|(a, m)| format!("{a} {m}")).collect();
+    assert_eq!(caps, vec!["100.64.0.102 200"]);
+    let probed: Vec<String> = t.peers.iter().map(|(a, s)| format!("{a} {s}")).collect();
+    assert_eq!(probed, vec!["100.64.0.102 b", "100.64.0.103 c"]);
+    let closed: Vec<String> = t.closed.iter().map(|a| a.to_string()).collect();
+    assert_eq!(closed, vec!["100.64.0.103"]);
+    // Every peer lost: no WAN port at all, nothing accepted from the WAN.
+    let p = plan_gateway_lost("yk-", true, &["b", "c"]);
+    assert!(p.segments["ykbr1000"].wan.is_none());
+    let t = p.tunnel.as_ref().unwrap();
+    assert!(!t.ruleset.contains("100.64.0.102") && !t.ruleset.contains("100.64.0.103"));
+    assert_eq!(t.closed.len(), 2);
 }
 
 #[test]

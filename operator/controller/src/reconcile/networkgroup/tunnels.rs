@@ -54,6 +54,7 @@ pub fn tunnels(spec: &NetworkGroupSpec, sites: &[Site]) -> Result<Tunnels, (Reas
             address: *ep.ip(),
             port: ep.port(),
             bandwidth_mbps: tunnel.and_then(|t| t.bandwidth_mbps),
+            gateway: s.status.as_ref().and_then(|st| st.active_gateway.clone()),
         });
     }
     if ends.len() < 2 {
@@ -153,8 +154,15 @@ mod tests {
 
     #[test]
     fn the_sites_with_a_gateway_are_the_ends_and_the_smallest_wan_mtu_sets_the_groups() {
+        let mut a = site("a", Some("100.64.0.101"), serde_json::json!({"mtu": 1500}));
+        a.status = Some(yukumo_api::site::SiteStatus {
+            active_gateway: Some("a-1".into()),
+            ..Default::default()
+        });
+        // b has no active gateway (lost): still an end (the MTU and who
+        // floods directly stay as they were), without a holder.
         let sites = [
-            site("a", Some("100.64.0.101"), serde_json::json!({"mtu": 1500})),
+            a,
             site(
                 "b",
                 Some("100.64.0.102:4790"),
@@ -171,12 +179,14 @@ mod tests {
                     address: "100.64.0.101".parse().unwrap(),
                     port: 4790,
                     bandwidth_mbps: None,
+                    gateway: Some("a-1".into()),
                 },
                 TunnelEnd {
                     site: "b".into(),
                     address: "100.64.0.102".parse().unwrap(),
                     port: 4790,
                     bandwidth_mbps: Some(100),
+                    gateway: None,
                 },
             ]
         );
