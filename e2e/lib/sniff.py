@@ -56,6 +56,8 @@ def decode(data, aux, pkttype):
         f["proto"] = p[9]
         f["src_ip"] = socket.inet_ntoa(p[12:16])
         f["dst_ip"] = socket.inet_ntoa(p[16:20])
+        if p[9] == 1 and len(p) > ihl:
+            f["icmp_type"] = p[ihl]
         if p[9] in (6, 17) and len(p) >= ihl + 4:
             f["sport"], f["dport"] = struct.unpack("!HH", p[ihl:ihl + 4])
         # VXLAN (yukumo's ports): the source MAC of the frame inside.

@@ -234,6 +234,18 @@ impl Env {
         serde_json::from_str(&self.kubectl_ok(&a).expect("kubectl get")).expect("json")
     }
 
+    /// `virsh ARGS` against a host's libvirtd; its standard output.
+    pub fn virsh(&self, host: &str, args: &[&str]) -> String {
+        let sock = self.dir.join(format!("hosts/{host}/run/libvirt-sock"));
+        let out = std::process::Command::new("virsh")
+            .arg("-c")
+            .arg(format!("qemu:///system?socket={}", sock.display()))
+            .args(args)
+            .output()
+            .expect("virsh");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// Set the `local` Site's host grace period.
     pub fn set_site_grace(&self, seconds: u64) {
         let patch = format!("{{\"spec\":{{\"hostGraceSeconds\":{seconds}}}}}");

@@ -104,12 +104,17 @@ fn console(env: &Env, g: &Guest) -> String {
 
 /// Wait until both nodes of a tenant run and report their DHCP address.
 fn wait_dhcp(env: &Env, ns: &str) -> BTreeMap<String, Guest> {
+    wait_dhcp_n(env, ns, 2)
+}
+
+/// Wait until the `n` nodes of a tenant run and report their DHCP address.
+fn wait_dhcp_n(env: &Env, ns: &str, n: usize) -> BTreeMap<String, Guest> {
     let (gs, took) = wait_for(
         Duration::from_secs(240),
         &format!("{ns}: DHCP in guests"),
         || {
             let gs = guests(env, ns);
-            if gs.len() != 2 {
+            if gs.len() != n {
                 return Err(format!("{} nodes", gs.len()));
             }
             for (name, g) in &gs {
@@ -128,7 +133,7 @@ fn wait_dhcp(env: &Env, ns: &str) -> BTreeMap<String, Guest> {
         },
     )
     .unwrap();
-    println!("{ns}: both guests got their address by DHCP after {took:?}");
+    println!("{ns}: {n} guests got their address by DHCP after {took:?}");
     gs
 }
 
@@ -1547,4 +1552,359 @@ spec: {{cidr: 10.0.0.0/24, segment: {{type: vxlan}}, homeSite: local, sites: [fa
     env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"])
         .unwrap();
     drop(lab);
+}
+
+#[test]
+fn a_lost_sites_nodes_restart_at_the_next_site_and_its_return_runs_nothing_twice() {
+    let env = Env::get();
+    let p = env.netns_prefix();
+    let ns = "siteloss";
+    let far = FarSite {
+        env: &env,
+        ns,
+        hosts: vec!["far-1", "far-2"],
+        sites: vec!["far"],
+        stranger: format!("{p}-stranger"),
+    };
+    let grace = 6;
+    env.apply(&format!(
+        "apiVersion: yukumo.io/v1alpha1
+kind: Site
+metadata: {{name: far}}
+spec:
+  vniRange: {{start: 1000, end: 1999}}
+  gateway: {{wanEndpoint: 100.64.0.102}}
+  hostGraceSeconds: {grace}
+"
+    ));
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "local",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
+    ])
+    .unwrap();
+    env.env_sh(&["start-site-host", "far-1", "far", "31"])
+        .unwrap();
+    env.env_sh(&["start-site-host", "far-2", "far", "32"])
+        .unwrap();
+    env.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "90s",
+        "host/far-1",
+        "host/far-2",
+    ])
+    .unwrap();
+    // The workers prefer far and may restart at local.
+    let (path, sum) = tiny_image();
+    env.apply(&format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {ns}}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: NetworkGroup
+metadata: {{name: net, namespace: {ns}}}
+spec:
+  cidr: 10.0.0.0/24
+  segment: {{type: vxlan}}
+  homeSite: local
+  sites: [far]
+  firewall:
+  - {{protocol: icmp}}
+---
+apiVersion: yukumo.io/v1alpha1
+kind: VirtualCluster
+metadata: {{name: c, namespace: {ns}}}
+spec:
+  networkGroup: net
+  startOrder: Parallel
+  frontend:
+    site: local
+    size: {{cpu: 1, memory: 128Mi}}
+    image: {{url: 'file://{path}', checksum: '{sum}'}}
+  pools:
+  - {{name: w, replicas: 2, sites: [far, local], size: {{cpu: 1, memory: 128Mi}}}}
+"#
+    ));
+    let before = wait_dhcp_n(&env, ns, 3);
+    let fe = before["c-frontend"].clone();
+    let workers: Vec<Guest> = ["c-w-0", "c-w-1"]
+        .iter()
+        .map(|n| before[*n].clone())
+        .collect();
+    for w in &workers {
+        assert!(w.host.starts_with("far-"), "a worker on {}", w.host);
+        assert!(fe.pings(&w.ip), "frontend → {}", w.ip);
+    }
+    let vni = ng_status(&env, ns)["segment"]["id"].as_u64().unwrap();
+    let wan_port = format!("ykw{vni}");
+    let home = env.host_netns("host-1");
+    let has_port = |netns: &str| {
+        // (in_ns's output has stderr too: "Device … does not exist")
+        in_ns(netns, &["ip", "-o", "link", "show", &wan_port]).1
+    };
+    assert!(has_port(&home), "host-1 has no WAN port {wan_port}");
+
+    // Site far lost: its agents and libvirtds die and its WAN is cut; its
+    // guests keep running, unfenced.
+    let wan_ns = format!("{p}-wan");
+    let wan = |up: &str| {
+        for link in ["h31", "h32"] {
+            let (out, ok) = in_ns(&wan_ns, &["ip", "link", "set", link, up]);
+            assert!(ok, "{out}");
+        }
+    };
+    let lost_at = Instant::now();
+    for h in ["far-1", "far-2"] {
+        env.env_sh(&["stop", &format!("agent-{h}"), "--signal", "KILL"])
+            .unwrap();
+        env.env_sh(&["stop", &format!("libvirtd-{h}"), "--signal", "KILL"])
+            .unwrap();
+    }
+    wan("down");
+    // The workers restart at local, the next of their Sites, and get their
+    // addresses from the home router.
+    let (after, _) = wait_for(
+        Duration::from_secs(grace + 180),
+        "the workers running at local",
+        || {
+            let gs = guests(&env, ns);
+            for w in &workers {
+                let name = gs
+                    .iter()
+                    .find(|(_, g)| g.ip == w.ip)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default();
+                let Some(g) = gs.get(&name) else {
+                    return Err(format!("no node with {}", w.ip));
+                };
+                if g.uid == w.uid || !g.host.starts_with("host-") {
+                    return Err(format!("{name} on {}", g.host));
+                }
+                let c = console(&env, g);
+                if !c.contains(&format!("YUKUMO-GUEST dhcp={}/24", g.ip))
+                    || !c.contains("YUKUMO-GUEST ready")
+                {
+                    return Err(format!("{name} on {} not up yet", g.host));
+                }
+            }
+            Ok(gs)
+        },
+    )
+    .unwrap();
+    println!(
+        "far lost: both workers running at local with their addresses by DHCP {:.1}s after the loss (grace {grace}s)",
+        lost_at.elapsed().as_secs_f64()
+    );
+    for name in ["c-w-0", "c-w-1"] {
+        assert!(fe.pings(&after[name].ip), "frontend → {name} at local");
+    }
+    wait_for(Duration::from_secs(60), "the cluster Ready", || {
+        let vc = env.get_json(&["-n", ns, "get", "vc", "c"]);
+        if vc["status"]["ready"] == "3/3" {
+            Ok(())
+        } else {
+            Err(vc["status"]["ready"].to_string())
+        }
+    })
+    .unwrap();
+    // Status while far is lost: far has no ready host and no gateway; the
+    // group's far end has no holder; local's tunnel to far is closed, and
+    // host-1 has no WAN port for the group (nothing from far enters it).
+    let (_, took) = wait_for(Duration::from_secs(60), "the loss in status", || {
+        let s = env.get_json(&["get", "site", "far"]);
+        let ready = condition(&s, "Ready").unwrap_or_default();
+        let wan = condition(&s, "WanTunnels").unwrap_or_default();
+        let ends = ng_status(&env, ns)["tunnels"].clone();
+        let far_end = ends
+            .as_array()
+            .and_then(|e| e.iter().find(|t| t["site"] == "far").cloned())
+            .unwrap_or_default();
+        let local = env.get_json(&["get", "site", "local"]);
+        let peer = local["status"]["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|x| x["site"] == "far").cloned())
+            .unwrap_or_default();
+        let tunnels = condition(&local, "TunnelsReady").unwrap_or_default();
+        let ok = ready.1 == "NoReadyHosts"
+            && s["status"]["hostsReady"] == "0/2"
+            && s["status"]["activeGateway"].is_null()
+            && wan.1 == "NoWanGateway"
+            && far_end["address"] == "100.64.0.102"
+            && far_end["gateway"].is_null()
+            && peer["state"] == "Down"
+            && peer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the tunnel is closed"))
+            && tunnels.1 == "TunnelDown"
+            && !has_port(&home);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{ready:?} {wan:?} {far_end} {peer} {tunnels:?}"))
+        }
+    })
+    .unwrap();
+    println!(
+        "far's loss in status (far: 0/2, NoWanGateway; local: tunnel to far Down, closed; no WAN port on host-1) ({took:?})"
+    );
+    // The old guests still run at far, unfenced (their hosts cannot be
+    // reached to stop them).
+    for (name, w) in ["c-w-0", "c-w-1"].iter().zip(&workers) {
+        let pid = std::fs::read_to_string(
+            env.dir
+                .join(format!("hosts/{}/run/qemu/yk-{ns}-{name}.pid", w.host)),
+        );
+        let alive = pid
+            .ok()
+            .is_some_and(|p| PathBuf::from(format!("/proc/{}", p.trim())).exists());
+        assert!(
+            alive,
+            "the old guest of {name} at {} is not running",
+            w.host
+        );
+    }
+
+    // far returns, its WAN first (the stale guests' tunnel reaches local
+    // again), then libvirtd and agents. Nothing runs twice: a far host is
+    // Ready only once its stale domains are gone, and until then nothing of
+    // theirs crosses to local — the stale guests ping the frontend all the
+    // while, and the frontend's tap sees none of it.
+    for w in &workers {
+        w.sh(&format!(
+            "(i=0; while [ $i -lt 120 ]; do ping -c 1 -W 1 {} >/dev/null 2>&1; i=$((i+1)); done) >/dev/null 2>&1 &",
+            fe.ip
+        ));
+    }
+    let fe_ns = env.host_netns(&fe.host);
+    let sniffer = Sniffer::start(&fe_ns, &tap_name(&fe.uid), 60);
+    wan("up");
+    let back_at = Instant::now();
+    for h in ["far-1", "far-2"] {
+        env.env_sh(&["start-libvirtd", h]).unwrap();
+        env.env_sh(&["start-agent", h]).unwrap();
+    }
+    let mut checked: BTreeMap<String, Duration> = BTreeMap::new();
+    wait_for(
+        Duration::from_secs(120),
+        "far's hosts Ready and its tunnel open",
+        || {
+            for h in ["far-1", "far-2"] {
+                if checked.contains_key(h) {
+                    continue;
+                }
+                let ready = condition(&env.get_json(&["get", "host", h]), "Ready")
+                    .is_some_and(|c| c.0 == "True");
+                if ready {
+                    // Ready: its stale domains are gone already.
+                    let list = env.virsh(h, &["list", "--all", "--uuid"]);
+                    let stale: Vec<&String> = workers
+                        .iter()
+                        .map(|w| &w.uid)
+                        .filter(|u| list.contains(u.as_str()))
+                        .collect();
+                    assert!(stale.is_empty(), "{h} Ready with stale domains {stale:?}");
+                    checked.insert(h.to_string(), back_at.elapsed());
+                }
+            }
+            if checked.len() == 2 && has_port(&home) {
+                Ok(())
+            } else {
+                Err(format!("Ready: {checked:?}"))
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "far back: hosts Ready (no stale domain left) after {checked:?}, its tunnel open {:.1}s after it returned",
+        back_at.elapsed().as_secs_f64()
+    );
+    let (_, took) = wait_for(
+        Duration::from_secs(90),
+        "far's status after its return",
+        || {
+            let s = env.get_json(&["get", "site", "far"]);
+            let local = env.get_json(&["get", "site", "local"]);
+            let up =
+                |site: &Value| condition(site, "TunnelsReady").is_some_and(|c| c.1 == "TunnelsUp");
+            let ends = ng_status(&env, ns)["tunnels"].clone();
+            let held = ends
+                .as_array()
+                .is_some_and(|e| e.iter().all(|t| t["gateway"].is_string()));
+            if s["status"]["hostsReady"] == "2/2"
+                && s["status"]["activeGateway"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("far-"))
+                && up(&s)
+                && up(&local)
+                && held
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} {:?} {:?} {ends}",
+                    s["status"]["hostsReady"],
+                    condition(&s, "TunnelsReady"),
+                    condition(&local, "TunnelsReady")
+                ))
+            }
+        },
+    )
+    .unwrap();
+    println!(
+        "far back: 2/2 hosts, tunnels Up at both Sites {took:?} later ({:.1}s after it returned)",
+        back_at.elapsed().as_secs_f64()
+    );
+    let stale_ips: Vec<&str> = workers.iter().map(|w| w.ip.as_str()).collect();
+    let echo = |frames: &[Value]| {
+        frames
+            .iter()
+            .filter(|f| {
+                f["dir"] == "tx"
+                    && f["proto"] == 1
+                    && f["icmp_type"] == 8
+                    && f["dst_ip"] == fe.ip.as_str()
+                    && f["src_ip"]
+                        .as_str()
+                        .is_some_and(|ip| stale_ips.contains(&ip))
+            })
+            .count()
+    };
+    let frames = sniffer.frames();
+    assert_eq!(
+        echo(&frames),
+        0,
+        "a stale guest's echo request reached the frontend while far returned"
+    );
+    println!(
+        "the frontend's tap over the 60 s of far's return: {} frames, no echo request from the stale guests",
+        frames.len()
+    );
+    // (Control: the same requests from a worker that runs are seen.)
+    let sniffer = Sniffer::start(&fe_ns, &tap_name(&fe.uid), 6);
+    assert!(after["c-w-0"].pings(&fe.ip), "c-w-0 → frontend");
+    assert!(
+        echo(&sniffer.frames()) >= 1,
+        "the control's echo requests not seen"
+    );
+    // The workers stay where they run; one of each, reachable.
+    let now = guests(&env, ns);
+    for name in ["c-w-0", "c-w-1"] {
+        assert_eq!(now[name].uid, after[name].uid, "{name} moved again");
+        assert!(fe.pings(&now[name].ip), "frontend → {name}");
+    }
+    for h in ["far-1", "far-2"] {
+        let doms = env.virsh(h, &["list", "--all", "--name"]);
+        assert!(doms.trim().is_empty(), "{h} runs {doms}");
+    }
+    env.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=180s"])
+        .unwrap();
+    drop(far);
 }

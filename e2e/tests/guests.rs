@@ -67,17 +67,6 @@ fn sha256_hex(s: &str) -> String {
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
 
-fn virsh(env: &Env, host: &str, args: &[&str]) -> String {
-    let sock = env.dir.join(format!("hosts/{host}/run/libvirt-sock"));
-    let out = std::process::Command::new("virsh")
-        .arg("-c")
-        .arg(format!("qemu:///system?socket={}", sock.display()))
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn console(env: &Env, host: &str, uid: &str) -> String {
     std::fs::read_to_string(
         env.dir
@@ -278,9 +267,9 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
         victim["spec"]["host"].as_str().unwrap(),
         victim["metadata"]["uid"].as_str().unwrap(),
     );
-    virsh(&env, vhost, &["destroy", vuid]);
+    env.virsh(vhost, &["destroy", vuid]);
     let (_, took) = wait_for(Duration::from_secs(30), "restart after destroy", || {
-        if virsh(&env, vhost, &["domstate", vuid]).trim() == "running" {
+        if env.virsh(vhost, &["domstate", vuid]).trim() == "running" {
             Ok(())
         } else {
             Err("not running".into())
@@ -324,7 +313,7 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
             n["spec"]["host"].as_str().unwrap(),
             n["metadata"]["uid"].as_str().unwrap(),
         );
-        assert_eq!(virsh(&env, host, &["domstate", uid]).trim(), "shut off");
+        assert_eq!(env.virsh(host, &["domstate", uid]).trim(), "shut off");
         assert!(
             env.dir
                 .join(format!("hosts/{host}/agent/nodes/{uid}/root.qcow2"))
@@ -388,10 +377,10 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     plugin(&["stop", "tiny", "--node", "worker-1"]);
     let took = ready_says("2/2 running nodes ready; 1 node switched off: tiny-worker-1");
     let (h1, u1) = node("tiny-worker-1");
-    assert_eq!(virsh(&env, &h1, &["domstate", &u1]).trim(), "shut off");
+    assert_eq!(env.virsh(&h1, &["domstate", &u1]).trim(), "shut off");
     for w in ["tiny-frontend", "tiny-worker-0"] {
         let (h, u) = node(w);
-        assert_eq!(virsh(&env, &h, &["domstate", &u]).trim(), "running", "{w}");
+        assert_eq!(env.virsh(&h, &["domstate", &u]).trim(), "running", "{w}");
     }
     println!(
         "kubectl yukumo stop --node worker-1: Ready, that domain shut off, after {:.1}s",
@@ -425,7 +414,7 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
     // Starting the pool starts its node switched off one by one.
     plugin(&["start", "tiny", "--pool", "worker"]);
     let took = ready_says("3/3 nodes ready");
-    assert_eq!(virsh(&env, &h1, &["domstate", &u1]).trim(), "running");
+    assert_eq!(env.virsh(&h1, &["domstate", &u1]).trim(), "running");
     println!(
         "kubectl yukumo start --pool worker: 3/3 ready after {:.1}s",
         took.as_secs_f64()
@@ -588,7 +577,7 @@ fn quickstart_shaped_cluster_boots_real_guests_that_read_their_config() {
         .unwrap();
     let (_, took) = wait_for(Duration::from_secs(90), "domains and files gone", || {
         for h in env.hosts().iter().map(String::as_str) {
-            let list = virsh(&env, h, &["list", "--all", "--name"]);
+            let list = env.virsh(h, &["list", "--all", "--name"]);
             if list.lines().any(|l| l.starts_with("yk-")) {
                 return Err(format!("{h}: {list}"));
             }
@@ -746,7 +735,7 @@ fn nodes_of_a_lost_host_restart_elsewhere_and_its_stale_domains_are_swept() {
         Duration::from_secs(60),
         "stale domain swept on the returned host",
         || {
-            let list = virsh(&env, &lost, &["list", "--all", "--uuid"]);
+            let list = env.virsh(&lost, &["list", "--all", "--uuid"]);
             if list.contains(&old_uid) {
                 Err(list)
             } else {
@@ -864,7 +853,8 @@ fn kill_9_of_controller_and_agents_mid_apply_converges_without_duplicates_or_res
     assert_eq!(nodes.len(), 10);
     for h in hosts.iter().map(String::as_str) {
         let mine: Vec<&Value> = nodes.iter().filter(|n| n["spec"]["host"] == h).collect();
-        let doms: Vec<String> = virsh(&env, h, &["list", "--all", "--name"])
+        let doms: Vec<String> = env
+            .virsh(h, &["list", "--all", "--name"])
             .lines()
             .filter(|l| l.starts_with("yk-"))
             .map(str::to_string)
@@ -983,7 +973,7 @@ fn running_domains(env: &Env, ns: &str, names: &[String]) -> Vec<String> {
         .hosts()
         .iter()
         .flat_map(|h| {
-            virsh(env, h, &["list", "--name"])
+            env.virsh(h, &["list", "--name"])
                 .lines()
                 .map(str::to_string)
                 .collect::<Vec<_>>()
