@@ -1652,23 +1652,95 @@ spec:
     };
     assert!(has_port(&home), "host-1 has no WAN port {wan_port}");
 
-    // Site far lost: its agents and libvirtds die and its WAN is cut; its
-    // guests keep running, unfenced.
+    // A far host lost: its agent and libvirtd die and its WAN link is cut;
+    // its guests keep running, unfenced.
     let wan_ns = format!("{p}-wan");
-    let wan = |up: &str| {
-        for link in ["h31", "h32"] {
-            let (out, ok) = in_ns(&wan_ns, &["ip", "link", "set", link, up]);
-            assert!(ok, "{out}");
-        }
+    let link = |h: &str, up: &str| {
+        let l = if h == "far-1" { "h31" } else { "h32" };
+        let (out, ok) = in_ns(&wan_ns, &["ip", "link", "set", l, up]);
+        assert!(ok, "{out}");
     };
-    let lost_at = Instant::now();
-    for h in ["far-1", "far-2"] {
+    let lose = |h: &str| {
         env.env_sh(&["stop", &format!("agent-{h}"), "--signal", "KILL"])
             .unwrap();
         env.env_sh(&["stop", &format!("libvirtd-{h}"), "--signal", "KILL"])
             .unwrap();
+        link(h, "down");
+    };
+    // Every guest that ran at far, by name (stale once far is lost).
+    let mut at_far: Vec<(String, Guest)> = ["c-w-0", "c-w-1"]
+        .iter()
+        .map(|n| (n.to_string(), before[*n].clone()))
+        .collect();
+
+    // First far's active gateway alone: the endpoint moves to far's other
+    // host, and a worker that ran on the lost one restarts there (far is
+    // still its first Site), its address from the home router through the
+    // moved end.
+    let first = env.get_json(&["get", "site", "far"])["status"]["activeGateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = if first == "far-1" { "far-2" } else { "far-1" };
+    let lost_at = Instant::now();
+    lose(&first);
+    let (_, took) = wait_for(
+        Duration::from_secs(grace + 60),
+        "far's endpoint moved",
+        || {
+            let s = env.get_json(&["get", "site", "far"]);
+            let held = in_ns(
+                &env.host_netns(second),
+                &["ip", "-4", "-o", "addr", "show", "wan0"],
+            )
+            .0;
+            if s["status"]["activeGateway"] == second && held.contains("100.64.0.102/32") {
+                Ok(())
+            } else {
+                Err(format!("{} {held}", s["status"]["activeGateway"]))
+            }
+        },
+    )
+    .unwrap();
+    println!("{first} lost: far's endpoint held by {second} {took:?} after (grace {grace}s)");
+    let moved: Vec<String> = at_far
+        .iter()
+        .filter(|(_, g)| g.host == first)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let (now, _) = wait_for(
+        Duration::from_secs(grace + 180),
+        "the lost gateway's worker running on the other far host",
+        || {
+            let gs = guests(&env, ns);
+            for n in &moved {
+                let Some(g) = gs.get(n) else {
+                    return Err(format!("{n} not made again yet"));
+                };
+                let c = console(&env, g);
+                if g.host != second
+                    || !c.contains(&format!("YUKUMO-GUEST dhcp={}/24", g.ip))
+                    || !c.contains("YUKUMO-GUEST ready")
+                {
+                    return Err(format!("{n} on {} not up yet", g.host));
+                }
+            }
+            Ok(gs)
+        },
+    )
+    .unwrap();
+    for n in &moved {
+        assert!(fe.pings(&now[n].ip), "frontend → {n} on {second}");
+        at_far.push((n.clone(), now[n].clone()));
     }
-    wan("down");
+    println!(
+        "{moved:?} running on {second} with its address by DHCP through the moved end {:.1}s after {first} was lost",
+        lost_at.elapsed().as_secs_f64()
+    );
+
+    // Then far's last host: Site far lost.
+    let lost_at = Instant::now();
+    lose(second);
     // The workers restart at local, the next of their Sites, and get their
     // addresses from the home router.
     let (after, _) = wait_for(
@@ -1757,7 +1829,7 @@ spec:
     );
     // The old guests still run at far, unfenced (their hosts cannot be
     // reached to stop them).
-    for (name, w) in ["c-w-0", "c-w-1"].iter().zip(&workers) {
+    for (name, w) in &at_far {
         let pid = std::fs::read_to_string(
             env.dir
                 .join(format!("hosts/{}/run/qemu/yk-{ns}-{name}.pid", w.host)),
@@ -1777,7 +1849,7 @@ spec:
     // Ready only once its stale domains are gone, and until then nothing of
     // theirs crosses to local — the stale guests ping the frontend all the
     // while, and the frontend's tap sees none of it.
-    for w in &workers {
+    for (_, w) in &at_far {
         w.sh(&format!(
             "(i=0; while [ $i -lt 120 ]; do ping -c 1 -W 1 {} >/dev/null 2>&1; i=$((i+1)); done) >/dev/null 2>&1 &",
             fe.ip
@@ -1785,7 +1857,8 @@ spec:
     }
     let fe_ns = env.host_netns(&fe.host);
     let sniffer = Sniffer::start(&fe_ns, &tap_name(&fe.uid), 60);
-    wan("up");
+    link("far-1", "up");
+    link("far-2", "up");
     let back_at = Instant::now();
     for h in ["far-1", "far-2"] {
         env.env_sh(&["start-libvirtd", h]).unwrap();
@@ -1805,9 +1878,9 @@ spec:
                 if ready {
                     // Ready: its stale domains are gone already.
                     let list = env.virsh(h, &["list", "--all", "--uuid"]);
-                    let stale: Vec<&String> = workers
+                    let stale: Vec<&String> = at_far
                         .iter()
-                        .map(|w| &w.uid)
+                        .map(|(_, w)| &w.uid)
                         .filter(|u| list.contains(u.as_str()))
                         .collect();
                     assert!(stale.is_empty(), "{h} Ready with stale domains {stale:?}");
@@ -1862,7 +1935,7 @@ spec:
         "far back: 2/2 hosts, tunnels Up at both Sites {took:?} later ({:.1}s after it returned)",
         back_at.elapsed().as_secs_f64()
     );
-    let stale_ips: Vec<&str> = workers.iter().map(|w| w.ip.as_str()).collect();
+    let stale_ips: Vec<&str> = at_far.iter().map(|(_, w)| w.ip.as_str()).collect();
     let echo = |frames: &[Value]| {
         frames
             .iter()
