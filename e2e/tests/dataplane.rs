@@ -1617,7 +1617,9 @@ spec:
   homeSite: local
   sites: [far]
   firewall:
-  - {{protocol: icmp}}
+  - {{protocol: icmp, to: All}}
+  publicIPs:
+  - {{node: c-w-0}}
 ---
 apiVersion: yukumo.io/v1alpha1
 kind: VirtualCluster
@@ -1643,6 +1645,28 @@ spec:
         assert!(w.host.starts_with("far-"), "a worker on {}", w.host);
         assert!(fe.pings(&w.ip), "frontend → {}", w.ip);
     }
+    // A public IP stays at the home Site and reaches its node wherever it
+    // runs: c-w-0 at far, through the home router's DNAT and the tunnel.
+    let client = format!("{p}-client");
+    let pub_ip = ng_status(&env, ns)["publicIPs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["node"] == "c-w-0"))
+        .and_then(|x| x["address"].as_str())
+        .expect("a public IP for c-w-0")
+        .to_string();
+    let reach = |when: &str| {
+        let host = guests(&env, ns)["c-w-0"].host.clone();
+        let (_, took) = wait_for(Duration::from_secs(30), "DNAT to c-w-0", || {
+            if in_ns(&client, &["busybox", "ping", "-c", "1", "-W", "1", &pub_ip]).1 {
+                Ok(())
+            } else {
+                Err("no reply".into())
+            }
+        })
+        .unwrap();
+        println!("{when}: the outside reaches {pub_ip} at home, c-w-0 on {host} ({took:?})");
+    };
+    reach("both Sites up");
     let vni = ng_status(&env, ns)["segment"]["id"].as_u64().unwrap();
     let wan_port = format!("ykw{vni}");
     let home = env.host_netns("host-1");
@@ -1738,6 +1762,7 @@ spec:
         lost_at.elapsed().as_secs_f64()
     );
 
+    reach(&format!("{first} lost"));
     // Then far's last host: Site far lost.
     let lost_at = Instant::now();
     lose(second);
@@ -1778,6 +1803,7 @@ spec:
     for name in ["c-w-0", "c-w-1"] {
         assert!(fe.pings(&after[name].ip), "frontend → {name} at local");
     }
+    reach("far lost");
     wait_for(Duration::from_secs(60), "the cluster Ready", || {
         let vc = env.get_json(&["-n", ns, "get", "vc", "c"]);
         if vc["status"]["ready"] == "3/3" {
