@@ -284,7 +284,8 @@ pub fn offered_capabilities(
 /// which puts its filters in), a working hypervisor is not reported ready:
 /// a host returning after it was lost (its domains of nodes that restarted
 /// elsewhere still running) is not Ready — nothing is placed on it, its
-/// Site's tunnels stay closed — until they are gone.
+/// Site's tunnels stay closed — until they are gone. (The first heartbeat
+/// waits for them, up to [`FIRST_HEARTBEAT_WAIT`]; this says why after.)
 pub fn not_swept(status: &mut HostStatus) {
     if status.conditions.is_true(HYPERVISOR_READY) {
         status.conditions.set_condition(Condition::new(
@@ -363,6 +364,10 @@ pub fn agent_status(
     }
 }
 
+/// How long the first heartbeat waits for the first sweep of stale domains
+/// and the first network pass.
+pub const FIRST_HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What the agent's other tasks tell the heartbeat.
 pub struct FromTasks {
     /// The network's state (tunnels measured, first pass over).
@@ -381,7 +386,6 @@ pub async fn run(
     from: FromTasks,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let FromTasks { net, swept } = from;
     let hosts: Api<Host> = Api::all(client);
     let pp = PatchParams::apply(managers::AGENT).force();
     // The site of a Host is immutable (CEL): a mismatch is refused by the API
@@ -420,6 +424,30 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "cannot read hypervisor capabilities"),
             }
         });
+    }
+    // The first heartbeat waits for the first sweep of stale domains and
+    // the first network pass: a host returning after it was lost stays
+    // NotReady (its last heartbeat is old) until they are done, and one
+    // restarted within its grace stays Ready (no NotReady heartbeat in
+    // between, which would move routers and WAN endpoints away). After
+    // FIRST_HEARTBEAT_WAIT it heartbeats anyway, not ready, saying why.
+    let FromTasks { net, swept } = from;
+    let waited = std::time::Instant::now();
+    loop {
+        if *swept.borrow() && (args.no_network || net.passed()) {
+            tracing::info!(took = ?waited.elapsed(), "stale domains swept and network passed: heartbeating");
+            break;
+        }
+        if waited.elapsed() >= FIRST_HEARTBEAT_WAIT {
+            tracing::warn!(
+                "stale domains not swept (or no network pass) yet: heartbeating, not ready"
+            );
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
     }
     let mut previous: Vec<Condition> = Vec::new();
     let mut cached: Option<(std::time::Instant, HypervisorInfo)> = None;
