@@ -903,6 +903,52 @@ struct FarSite<'a> {
     stranger: String,
 }
 
+impl<'a> FarSite<'a> {
+    /// The Sites `sites` (name, spec) made, `local`'s WAN endpoint
+    /// 100.64.0.101, and the hosts (name, Site, index) started and Ready.
+    fn up(
+        env: &'a Env,
+        ns: &'static str,
+        sites: &[(&'static str, &str)],
+        hosts: &[(&'static str, &str, &str)],
+    ) -> FarSite<'a> {
+        let lab = FarSite {
+            env,
+            ns,
+            hosts: hosts.iter().map(|h| h.0).collect(),
+            sites: sites.iter().map(|s| s.0).collect(),
+            stranger: format!("{}-stranger", env.netns_prefix()),
+        };
+        let yaml: Vec<String> = sites
+            .iter()
+            .map(|(name, spec)| {
+                format!("apiVersion: yukumo.io/v1alpha1\nkind: Site\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+            })
+            .collect();
+        env.apply(&yaml.join("---\n"));
+        env.kubectl_ok(&[
+            "patch",
+            "site",
+            "local",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
+        ])
+        .unwrap();
+        let started = Instant::now();
+        for (h, site, i) in hosts {
+            env.env_sh(&["start-site-host", h, site, i]).unwrap();
+        }
+        let names: Vec<String> = hosts.iter().map(|h| format!("host/{}", h.0)).collect();
+        let mut wait = vec!["wait", "--for", "condition=Ready", "--timeout", "90s"];
+        wait.extend(names.iter().map(String::as_str));
+        env.kubectl_ok(&wait).unwrap();
+        println!("{names:?} Ready {:?} after start", started.elapsed());
+        lab
+    }
+}
+
 impl Drop for FarSite<'_> {
     fn drop(&mut self) {
         let env = self.env;
@@ -972,48 +1018,15 @@ fn a_group_across_two_sites_is_one_segment_through_their_gateways_filtered_tunne
     let env = Env::get();
     let p = env.netns_prefix();
     let ns = "sites";
-    let far = FarSite {
-        env: &env,
+    let far = FarSite::up(
+        &env,
         ns,
-        hosts: vec!["far-1", "far-2"],
-        sites: vec!["far"],
-        stranger: format!("{p}-stranger"),
-    };
-    env.apply(
-        "apiVersion: yukumo.io/v1alpha1
-kind: Site
-metadata: {name: far}
-spec:
-  vniRange: {start: 1000, end: 1999}
-  gateway: {wanEndpoint: 100.64.0.102}
-",
+        &[(
+            "far",
+            "{vniRange: {start: 1000, end: 1999}, gateway: {wanEndpoint: 100.64.0.102}}",
+        )],
+        &[("far-1", "far", "31"), ("far-2", "far", "32")],
     );
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
-    ])
-    .unwrap();
-    let started = Instant::now();
-    env.env_sh(&["start-site-host", "far-1", "far", "31"])
-        .unwrap();
-    env.env_sh(&["start-site-host", "far-2", "far", "32"])
-        .unwrap();
-    env.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=Ready",
-        "--timeout",
-        "90s",
-        "host/far-1",
-        "host/far-2",
-    ])
-    .unwrap();
-    println!("Site far's hosts Ready {:?} after start", started.elapsed());
     // Each Site's endpoint is held by its first gateway host, on its WAN
     // interface, and the Site says so.
     for (site, holder, endpoint) in [
@@ -1354,49 +1367,15 @@ fn a_full_mesh_of_three_sites_forwards_nothing_from_one_sites_tunnel_to_anothers
     let env = Env::get();
     let p = env.netns_prefix();
     let ns = "mesh";
-    let lab = FarSite {
-        env: &env,
+    let lab = FarSite::up(
+        &env,
         ns,
-        hosts: vec!["far-1", "third-1"],
-        sites: vec!["far", "third"],
-        stranger: format!("{p}-stranger"),
-    };
-    env.apply(
-        "apiVersion: yukumo.io/v1alpha1
-kind: Site
-metadata: {name: far}
-spec: {gateway: {wanEndpoint: 100.64.0.102}}
----
-apiVersion: yukumo.io/v1alpha1
-kind: Site
-metadata: {name: third}
-spec: {gateway: {wanEndpoint: 100.64.0.103}}
-",
+        &[
+            ("far", "{gateway: {wanEndpoint: 100.64.0.102}}"),
+            ("third", "{gateway: {wanEndpoint: 100.64.0.103}}"),
+        ],
+        &[("far-1", "far", "31"), ("third-1", "third", "33")],
     );
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
-    ])
-    .unwrap();
-    env.env_sh(&["start-site-host", "far-1", "far", "31"])
-        .unwrap();
-    env.env_sh(&["start-site-host", "third-1", "third", "33"])
-        .unwrap();
-    env.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=Ready",
-        "--timeout",
-        "90s",
-        "host/far-1",
-        "host/third-1",
-    ])
-    .unwrap();
     // One group across the three Sites, no node: its gateways alone carry
     // its segment (and its router at home).
     env.apply(&format!(
@@ -1559,48 +1538,18 @@ fn a_lost_sites_nodes_restart_at_the_next_site_and_its_return_runs_nothing_twice
     let env = Env::get();
     let p = env.netns_prefix();
     let ns = "siteloss";
-    let far = FarSite {
-        env: &env,
-        ns,
-        hosts: vec!["far-1", "far-2"],
-        sites: vec!["far"],
-        stranger: format!("{p}-stranger"),
-    };
     let grace = 6;
-    env.apply(&format!(
-        "apiVersion: yukumo.io/v1alpha1
-kind: Site
-metadata: {{name: far}}
-spec:
-  vniRange: {{start: 1000, end: 1999}}
-  gateway: {{wanEndpoint: 100.64.0.102}}
-  hostGraceSeconds: {grace}
-"
-    ));
-    env.kubectl_ok(&[
-        "patch",
-        "site",
-        "local",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"gateway":{"wanEndpoint":"100.64.0.101"}}}"#,
-    ])
-    .unwrap();
-    env.env_sh(&["start-site-host", "far-1", "far", "31"])
-        .unwrap();
-    env.env_sh(&["start-site-host", "far-2", "far", "32"])
-        .unwrap();
-    env.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=Ready",
-        "--timeout",
-        "90s",
-        "host/far-1",
-        "host/far-2",
-    ])
-    .unwrap();
+    let far = FarSite::up(
+        &env,
+        ns,
+        &[(
+            "far",
+            &format!(
+                "{{vniRange: {{start: 1000, end: 1999}}, gateway: {{wanEndpoint: 100.64.0.102}}, hostGraceSeconds: {grace}}}"
+            ),
+        )],
+        &[("far-1", "far", "31"), ("far-2", "far", "32")],
+    );
     // The workers prefer far and may restart at local.
     let (path, sum) = tiny_image();
     env.apply(&format!(
