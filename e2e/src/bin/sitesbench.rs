@@ -125,8 +125,9 @@ const SITES: [(&str, &str, &str, &str, &str, &str); 2] = [
 fn group(cap: Option<u32>) -> Result<Arc<NetworkGroup>> {
     let tunnels: Vec<serde_json::Value> = SITES
         .iter()
-        .map(|(site, _, _, ep, _, _)| {
-            serde_json::json!({"site": site, "address": ep, "port": 4790, "bandwidthMbps": cap})
+        .map(|(site, gw, _, ep, _, _)| {
+            // Held by the Site's gateway (an end without one is closed).
+            serde_json::json!({"site": site, "address": ep, "port": 4790, "bandwidthMbps": cap, "gateway": gw})
         })
         .collect();
     Ok(Arc::new(serde_json::from_value(serde_json::json!({
