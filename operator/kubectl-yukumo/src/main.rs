@@ -201,11 +201,11 @@ async fn run(cli: Cli) -> Result<()> {
             pool,
             replicas,
         } => {
-            let vc = get(&vcs, &ns, &cluster).await?;
-            let patch = render::scale_patch(&vc, &pool, replicas)?;
-            vcs.patch(&cluster, &params(), &Patch::Merge(&patch))
-                .await
-                .with_context(|| format!("scaling pool {pool:?} of {ns}/{cluster}"))?;
+            patch_fresh(&vcs, &ns, &cluster, |vc| {
+                render::scale_patch(vc, &pool, replicas)
+            })
+            .await
+            .with_context(|| format!("scaling pool {pool:?} of {ns}/{cluster}"))?;
             println!("virtualcluster {ns}/{cluster}: pool {pool} scaled to {replicas}");
         }
         Command::Start { cluster, which } => {
@@ -267,6 +267,37 @@ async fn get(vcs: &Api<VirtualCluster>, ns: &str, name: &str) -> Result<VirtualC
     }
 }
 
+/// How many times a conditional patch is recomputed from a fresh read
+/// when the cluster changed between the read and the patch.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Apply `make`'s patch, computed from the cluster as read. Patches carry
+/// the resource version they were computed from, so a concurrent change
+/// (the controller's status writes among them) is a 409 Conflict, never a
+/// lost edit: the cluster is then read again and the patch recomputed
+/// from it, a bounded number of times. Returns the cluster as patched.
+async fn patch_fresh(
+    vcs: &Api<VirtualCluster>,
+    ns: &str,
+    name: &str,
+    make: impl Fn(&VirtualCluster) -> Result<serde_json::Value>,
+) -> Result<VirtualCluster> {
+    let mut attempt = 0;
+    loop {
+        let vc = get(vcs, ns, name).await?;
+        let patch = make(&vc)?;
+        match vcs.patch(name, &params(), &Patch::Merge(&patch)).await {
+            Ok(done) => return Ok(done),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+                    .await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Switch the cluster, a pool or a node on or off; the VirtualNodes it
 /// covers, by name.
 async fn power(
@@ -279,8 +310,7 @@ async fn power(
     let vc = get(vcs, ns, name).await?;
     let target = power::Target::parse(&vc, which.pool, which.node)?;
     let what = target.describe(ns, name);
-    let patch = power::patch(&vc, &target, running)?;
-    vcs.patch(name, &params(), &Patch::Merge(&patch))
+    let vc = patch_fresh(vcs, ns, name, |vc| power::patch(vc, &target, running))
         .await
         .with_context(|| format!("{} {what}", if running { "starting" } else { "stopping" }))?;
     let (verb, note) = if running {
@@ -325,5 +355,112 @@ async fn wait_stopped(
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    fn cluster(rv: &str, stopped: &[&str]) -> Value {
+        json!({
+            "apiVersion": "yukumo.io/v1alpha1", "kind": "VirtualCluster",
+            "metadata": {"name": "demo", "namespace": "t", "resourceVersion": rv},
+            "spec": {
+                "networkGroup": "net",
+                "frontend": {"size": {"sizeClass": "tiny"},
+                             "image": {"url": "file:///i", "checksum": format!("sha256:{}", "0".repeat(64))}},
+                "pools": [{"name": "w", "replicas": 2, "size": {"sizeClass": "tiny"}}],
+                "stoppedNodes": stopped,
+            }
+        })
+    }
+
+    fn reply(code: u16, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    /// A power command whose patch meets a concurrent change (409) reads
+    /// the cluster again and sends a patch computed from the new version,
+    /// keeping what the other writer changed; a conflict that never ends
+    /// is an error after a bounded number of tries.
+    #[tokio::test]
+    async fn a_conflicting_patch_is_recomputed_from_a_fresh_read_a_bounded_number_of_times() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let vcs: Api<VirtualCluster> = Api::namespaced(Client::new(service, "t"), "t");
+        let server = tokio::spawn(async move {
+            let mut patches = Vec::new();
+            // First read (the target), then read + patch refused, then a
+            // read that shows another writer's change, then the patch.
+            let plan: [(&Method, u16, Value); 5] = [
+                (&Method::GET, 200, cluster("1", &[])),
+                (&Method::GET, 200, cluster("1", &[])),
+                (
+                    &Method::PATCH,
+                    409,
+                    json!({"kind": "Status", "apiVersion": "v1",
+                    "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409,
+                    "message": "the object has been modified"}),
+                ),
+                (&Method::GET, 200, cluster("2", &["w-0"])),
+                (&Method::PATCH, 200, cluster("3", &["w-0", "w-1"])),
+            ];
+            for (method, code, body) in plan {
+                let (req, send) = handle.next_request().await.expect("a request");
+                assert_eq!(req.method(), method);
+                if method == Method::PATCH {
+                    let b = req.into_body().collect_bytes().await.unwrap();
+                    patches.push(serde_json::from_slice::<Value>(&b).unwrap());
+                }
+                send.send_response(reply(code, &body));
+            }
+            patches
+        });
+        let which = Which {
+            pool: None,
+            node: Some("w-1".into()),
+        };
+        let nodes = power(&vcs, "t", "demo", which, false).await.unwrap();
+        assert_eq!(nodes, ["demo-w-1"]);
+        let patches = server.await.unwrap();
+        assert_eq!(patches[0]["metadata"]["resourceVersion"], "1");
+        assert_eq!(patches[0]["spec"]["stoppedNodes"], json!(["w-1"]));
+        // Recomputed: version 2, and w-0 (stopped by the other writer) kept.
+        assert_eq!(patches[1]["metadata"]["resourceVersion"], "2");
+        assert_eq!(patches[1]["spec"]["stoppedNodes"], json!(["w-0", "w-1"]));
+
+        // Conflicts without end: 1 + CONFLICT_RETRIES patches, then the error.
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let vcs: Api<VirtualCluster> = Api::namespaced(Client::new(service, "t"), "t");
+        let server = tokio::spawn(async move {
+            let mut patches = 0;
+            while let Some((req, send)) = handle.next_request().await {
+                if req.method() == Method::PATCH {
+                    patches += 1;
+                    send.send_response(reply(
+                        409,
+                        &json!({"kind": "Status", "apiVersion": "v1",
+                        "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": "the object has been modified"}),
+                    ));
+                } else {
+                    send.send_response(reply(200, &cluster("1", &[])));
+                }
+            }
+            patches
+        });
+        let e = patch_fresh(&vcs, "t", "demo", |vc| render::scale_patch(vc, "w", 3))
+            .await
+            .unwrap_err();
+        drop(vcs);
+        assert!(format!("{e:#}").contains("modified"), "{e:#}");
+        assert_eq!(server.await.unwrap(), 1 + CONFLICT_RETRIES);
     }
 }

@@ -2,7 +2,8 @@
 //! `stop` and `restart` send (pure, so they are tested without a server).
 //!
 //! Every patch carries the resource version it was computed from, so a
-//! concurrent edit of the same lists fails instead of being overwritten.
+//! concurrent edit of the same lists fails instead of being overwritten
+//! (the plugin then reads the cluster again and recomputes the patch).
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
