@@ -8,8 +8,9 @@ from the interface, for a guest's tap what the guest sent; "tx": sent out
 of it, towards the guest), src/dst MAC, vlan (the 802.1Q id, also when the
 kernel moved the tag into packet metadata), type (the ethertype after any
 tag), vlans (every 802.1Q/802.1ad id of the frame, outermost first), and
-for IPv4 src_ip/dst_ip/proto/sport/dport (and inner_src, the source MAC
-inside a VXLAN packet to port 4789 or 4790), for IPv6 src_ip6/dst_ip6/
+for IPv4 src_ip/dst_ip/proto/sport/dport (udp_head, the first 4 bytes of
+a UDP payload in hex, and inner_src, the source MAC inside a VXLAN packet
+to port 4789, 4790 or 4791), for IPv6 src_ip6/dst_ip6/
 next_header (and icmp6_type), for ARP op/spa/tpa.
 Used by the e2e tests to prove what does and does not reach a guest; it
 stops by itself after SECONDS.
@@ -60,8 +61,14 @@ def decode(data, aux, pkttype):
             f["icmp_type"] = p[ihl]
         if p[9] in (6, 17) and len(p) >= ihl + 4:
             f["sport"], f["dport"] = struct.unpack("!HH", p[ihl:ihl + 4])
-        # VXLAN (yukumo's ports): the source MAC of the frame inside.
-        if p[9] == 17 and f.get("dport") in (4789, 4790) and len(p) >= ihl + 8 + 8 + 14:
+        # UDP: the first 4 bytes of its payload, in hex (a VXLAN header
+        # starts 08, a WireGuard message 01-04 then three zero bytes).
+        if p[9] == 17 and len(p) >= ihl + 12:
+            f["udp_head"] = p[ihl + 8:ihl + 12].hex()
+        # VXLAN (yukumo's ports, its I flag set): the source MAC of the
+        # frame inside.
+        if (p[9] == 17 and f.get("dport") in (4789, 4790, 4791)
+                and len(p) >= ihl + 8 + 8 + 14 and p[ihl + 8] & 0x08):
             inner = ihl + 8 + 8
             f["inner_src"] = mac(p[inner + 6:inner + 12])
     elif etype == 0x86DD and len(p) >= 40:

@@ -18,7 +18,9 @@
 #          metrics port to 127.0.0.1 of this machine;
 #   ul0    on the environment's underlay bridge, 10.255.0.INDEX: the uplink
 #          that carries the tagged VLAN segments (and VXLAN);
-#   ext0   on the environment's outside bridge (the Site's external network).
+#   ext0   on the environment's outside bridge (the Site's external network);
+#   wan0   on the environment's WAN bridge, 100.64.0.INDEX/24 (a gateway's
+#          WAN interface: its Site's tunnels to other Sites' gateways).
 # Its agent is a remote Site's agent: it reaches the API server only through
 # mgmt0's guestfwd, with the credential `kubectl yukumo site join SITE NAME`
 # makes for it (its own ServiceAccount, kept by the chart's
@@ -38,7 +40,7 @@
 
 start_vm_host() { # name site index [storage MiB] (index: 10..250, the underlay address)
   local name=$1 site=$2 i=$3 disk=${4:-} hdir=$DIR/hosts/$1 p kernel initrd mport sock mac
-  local role="--gateway" storage="" drive=()
+  local role="--gateway --wan-interface wan0" storage="" drive=()
   p=$(netns_prefix)
   read -r kernel initrd < <("$ROOT/e2e/lib/vm-host-initrd.sh") || die "cannot build the VM host initramfs"
   mkdir -p "$hdir" /run/yukumo
@@ -79,13 +81,15 @@ for d in /sys/class/net/*; do
     $mac:01) ip link set "\${d##*/}" name mgmt0 ;;
     $mac:02) ip link set "\${d##*/}" name ul0 ;;
     $mac:03) ip link set "\${d##*/}" name ext0 ;;
+    $mac:04) ip link set "\${d##*/}" name wan0 ;;
   esac
 done
 ip link set lo up
 ip addr add 10.0.2.15/24 dev mgmt0 && ip link set mgmt0 up
 ip addr add 10.255.0.$i/24 dev ul0 && ip link set ul0 up
 ip link set ext0 up
-modprobe -a 8021q bridge vxlan veth macvlan nf_tables
+ip addr add 100.64.0.$i/24 dev wan0 && ip link set wan0 up
+modprobe -a 8021q bridge vxlan veth macvlan nf_tables wireguard sch_netem sch_htb
 mkdir -p /run/netns /run/yukumo-agent
 if [ -c /dev/ttyS1 ]; then
   # One command per line, "<marker> <base64>" (e2e/src/lib.rs guest_sh):
@@ -117,17 +121,21 @@ EOF
     -netdev "tap,id=ul,ifname=${p}v${i}u,script=no,downscript=no" \
     -device "virtio-net-pci,netdev=ul,mac=$mac:02" \
     -netdev "tap,id=ext,ifname=${p}v${i}e,script=no,downscript=no" \
-    -device "virtio-net-pci,netdev=ext,mac=$mac:03" "${drive[@]}" \
+    -device "virtio-net-pci,netdev=ext,mac=$mac:03" \
+    -netdev "tap,id=wan,ifname=${p}v${i}w,script=no,downscript=no" \
+    -device "virtio-net-pci,netdev=wan,mac=$mac:04" "${drive[@]}" \
     -serial "file:$DIR/logs/vm-$name-console.log" \
     -serial "unix:$sock,server=on,wait=off"
   # QEMU makes its taps in the namespace it runs in (this one, where its
   # user networking reaches 127.0.0.1): they move to the environment's
   # underlay and outside bridges at once, before the VM's kernel is up.
-  wait_for 30 "the taps of VM host $name" ip link show "${p}v${i}e"
+  wait_for 30 "the taps of VM host $name" ip link show "${p}v${i}w"
   ip link set "${p}v${i}u" netns "$p-ul"
   ip -n "$p-ul" link set "${p}v${i}u" master br0 up
   ip link set "${p}v${i}e" netns "$p-out"
   ip -n "$p-out" link set "${p}v${i}e" master br0 up
+  ip link set "${p}v${i}w" netns "$p-wan"
+  ip -n "$p-wan" link set "${p}v${i}w" master br0 up
   write_prom_targets
 }
 

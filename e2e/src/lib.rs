@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod net;
+pub mod vm;
 
 /// The tiny guest image built by e2e/run.sh: (path, checksum).
 pub fn tiny_image() -> (String, String) {

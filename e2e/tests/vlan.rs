@@ -30,81 +30,12 @@ use std::time::Duration;
 use serde_json::Value;
 use yukumo_agent::network::plan::tap_name;
 use yukumo_e2e::net::{Sniffer, first_peer_listener, in_ns, wait_repaired_within};
-use yukumo_e2e::{Env, condition, guest_sh, wait_for};
+use yukumo_e2e::vm::{DHCP_SCRIPT, VmHosts, placeholder_image};
+use yukumo_e2e::{Env, condition, wait_for};
 
 const NS: &str = "vlant";
 /// Repairs on a VM host (software-emulated: a pass there takes about 1 s).
 const VM_REPAIR_BOUND: Duration = Duration::from_secs(10);
-
-/// The VM hosts of this test: started on creation, stopped (and their
-/// Host objects deleted) on drop, also when the test fails.
-struct VmHosts<'a> {
-    env: &'a Env,
-    names: Vec<String>,
-}
-
-impl<'a> VmHosts<'a> {
-    fn start(env: &'a Env, n: u32) -> VmHosts<'a> {
-        let mut hosts = VmHosts {
-            env,
-            names: Vec::new(),
-        };
-        for i in 1..=n {
-            let name = format!("vmhost-{i}");
-            env.env_sh(&["start-vm-host", &name, "local", &(10 + i).to_string()])
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            hosts.names.push(name);
-        }
-        hosts
-    }
-
-    /// Run a shell command in a VM host (its root shell on ttyS1).
-    fn sh(&self, host: &str, cmd: &str) -> (String, i32) {
-        let sock = std::fs::read_to_string(self.env.dir.join(format!("hosts/{host}/shell")))
-            .unwrap_or_else(|e| panic!("{host} has no shell socket: {e}"));
-        guest_sh(
-            std::path::Path::new(sock.trim()),
-            cmd,
-            Duration::from_secs(60),
-        )
-        .unwrap_or_else(|e| panic!("{host}: {e}"))
-    }
-
-    fn ok(&self, host: &str, cmd: &str) -> String {
-        let (out, rc) = self.sh(host, cmd);
-        assert_eq!(rc, 0, "{host}: `{cmd}` failed: {out}");
-        out
-    }
-}
-
-impl Drop for VmHosts<'_> {
-    fn drop(&mut self) {
-        // The test's namespace first, while the VM hosts' agents can still
-        // release its nodes (on the happy path it is gone already).
-        let _ = self.env.kubectl(&[
-            "delete",
-            "namespace",
-            NS,
-            "--ignore-not-found",
-            "--wait=false",
-        ]);
-        let _ = wait_for(Duration::from_secs(90), "the test namespace gone", || {
-            if self.env.kubectl(&["get", "namespace", NS]).status.success() {
-                Err("still there".into())
-            } else {
-                Ok(())
-            }
-        });
-        for name in &self.names {
-            if let Err(e) = self.env.env_sh(&["stop-vm-host", name]) {
-                eprintln!("stopping {name}: {e}");
-            }
-            let _ =
-                self.env
-                    .kubectl(&["delete", "host", name, "--ignore-not-found", "--wait=false"]);
-        }
-    }
-}
 
 /// A node of the group, where it is and what it was given.
 #[derive(Debug, Clone)]
@@ -152,29 +83,6 @@ fn host_caps(env: &Env, host: &str) -> Value {
     env.get_json(&["get", "host", host])["status"]["capabilities"].clone()
 }
 
-/// A small qcow2 image for nodes that libvirt's test driver "runs" (it
-/// never boots them): (file URL, checksum).
-fn placeholder_image(env: &Env) -> (String, String) {
-    let path = env.dir.join("vlan-node.qcow2");
-    let ok = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "qemu-img create");
-    let out = std::process::Command::new("sha256sum")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let sum = String::from_utf8_lossy(&out.stdout)[..64].to_string();
-    (
-        format!("file://{}", path.display()),
-        format!("sha256:{sum}"),
-    )
-}
-
 fn manifest(url: &str, sum: &str) -> String {
     format!(
         r#"apiVersion: v1
@@ -206,16 +114,17 @@ spec:
     )
 }
 
-/// A script in the VM host that udhcpc runs: it sets the lease and prints it.
-const DHCP_SCRIPT: &str = r#"printf '#!/bin/sh\ncase $1 in bound|renew) ip addr flush dev $interface; ip addr add $ip/${mask:-24} dev $interface; [ -n "$router" ] && ip route replace default via ${router%%%% *} dev $interface; echo "lease ip=$ip router=$router";; esac\n' > /run/yk-dhcp && chmod +x /run/yk-dhcp"#;
-
 #[test]
 fn vlan_segments_on_hosts_with_8021q() {
     let env = Env::get();
     let p = env.netns_prefix();
     let (outside, client, underlay) =
         (format!("{p}-out"), format!("{p}-client"), format!("{p}-ul"));
-    let vms = VmHosts::start(&env, 2);
+    let vms = VmHosts::start(
+        &env,
+        NS,
+        &[("vmhost-1", "local", 11), ("vmhost-2", "local", 12)],
+    );
 
     // The agents probe their kernels: 802.1Q on the VM hosts, not here.
     let (_, took) = wait_for(
@@ -251,7 +160,7 @@ fn vlan_segments_on_hosts_with_8021q() {
         println!("{h}: no 802.1Q: {}", caps["notes"]);
     }
 
-    let (url, sum) = placeholder_image(&env);
+    let (url, sum) = placeholder_image(&env, "vlan-node.qcow2");
     env.apply(&manifest(&url, &sum));
     let (st, took) = wait_for(Duration::from_secs(120), "the VLAN group allocated", || {
         let v = env.get_json(&["-n", NS, "get", "ng", "net"]);
@@ -385,9 +294,7 @@ fn vlan_segments_on_hosts_with_8021q() {
     // Across the trunk: a ping between the VM hosts travels tagged with the
     // group's id; a frame the guest tags itself (VLAN hopping, e.g. into
     // VLAN 150) never reaches the trunk.
-    let vm_index =
-        |h: &str| std::fs::read_to_string(env.dir.join(format!("hosts/{h}/vm"))).unwrap();
-    let w_uplink = format!("{p}v{}u", vm_index(&w.host).trim());
+    let w_uplink = format!("{p}v{}u", vms.index(&w.host));
     let sniff = Sniffer::start(&underlay, &w_uplink, 12);
     let (out, rc) = in_guest(&w, &format!("busybox ping -c 3 -W 2 {}", fe.ip));
     assert_eq!(rc, 0, "worker -> frontend across VM hosts: {out}");

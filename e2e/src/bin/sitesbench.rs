@@ -165,6 +165,8 @@ fn plan_of(lab: &Lab, i: usize, cap: Option<u32>) -> Result<HostPlan> {
         endpoint: format!("{ep}:4790").parse()?,
         bandwidth_mbps: cap,
         active: true,
+        encryption: Default::default(),
+        wan_mtu: 1500,
     };
     Ok(plan::plan(&plan::Inputs {
         host: gw,

@@ -27,4 +27,5 @@ pub mod network {
     pub mod testkit;
     pub mod tunnels;
     pub mod watch;
+    pub mod wireguard;
 }

@@ -192,6 +192,18 @@ async fn agent() -> anyhow::Result<()> {
         settings.uplink,
         settings.wan_interface,
     );
+    // A gateway with a WAN interface has a WireGuard key pair (made once,
+    // kept in the state directory); its public key is published when the
+    // kernel has WireGuard (register.rs).
+    let wireguard = if args.gateway && args.wan_interface.is_some() && !args.no_network {
+        Some(
+            yukumo_agent::network::wireguard::Keys::load_or_create(&args.state_dir).map_err(
+                |e| anyhow::anyhow!("WireGuard key in {}: {e}", args.state_dir.display()),
+            )?,
+        )
+    } else {
+        None
+    };
     let mut registry = Registry::default();
     let metrics = register::Metrics::register(&mut registry);
     let health = Health::default();
@@ -305,7 +317,8 @@ async fn agent() -> anyhow::Result<()> {
             wan_interface: args.wan_interface.clone(),
             verify_interval: args.network_verify_interval,
             dataplane: network::dataplane::Dataplane::new(
-                network::real::RealKernel::new(args.netns.clone(), args.state_dir.clone()),
+                network::real::RealKernel::new(args.netns.clone(), args.state_dir.clone())
+                    .with_wireguard(wireguard.clone()),
                 match &args.netns {
                     Some(ns) => format!("{ns}-"),
                     None => "yk-".to_string(),
@@ -378,6 +391,7 @@ async fn agent() -> anyhow::Result<()> {
         register::FromTasks {
             net: net_state,
             swept,
+            wireguard: wireguard.map(|k| yukumo_agent::network::wireguard::encode(&k.public)),
         },
         shutdown,
     )

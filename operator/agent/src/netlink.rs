@@ -268,6 +268,11 @@ impl Netlink {
 
     /// The IPv4 routes of the main table.
     pub async fn routes(&self) -> Result<Vec<Route>> {
+        self.routes_of(254).await
+    }
+
+    /// The IPv4 routes of routing table `table`.
+    pub async fn routes_of(&self, table: u32) -> Result<Vec<Route>> {
         let mut req = RouteMessage::default();
         req.header.address_family = AddressFamily::Inet;
         let msgs = self
@@ -276,23 +281,56 @@ impl Netlink {
         Ok(msgs
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) if r.header.table == 254 => {
+                RouteNetlinkMessage::NewRoute(r) => {
+                    let mut t = u32::from(r.header.table);
                     let mut dst = Ipv4Addr::UNSPECIFIED;
                     let mut gateway = None;
                     let mut oif = None;
                     for a in &r.attributes {
                         match a {
+                            RouteAttribute::Table(x) => t = *x,
                             RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
                             RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
                             RouteAttribute::Oif(i) => oif = Some(*i),
                             _ => {}
                         }
                     }
+                    (t == table).then_some(())?;
                     Some(Route {
                         dst: Ipv4Net::new(dst, r.header.destination_prefix_length)?,
                         gateway,
                         oif,
                     })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The IPv4 policy rules that look up `table`: (priority, fwmark,
+    /// inverted).
+    pub async fn rules_to(&self, table: u32) -> Result<Vec<(u32, Option<u32>, bool)>> {
+        use netlink_packet_route::rule::{RuleAttribute, RuleFlags, RuleMessage};
+        let mut req = RuleMessage::default();
+        req.header.family = AddressFamily::Inet;
+        let msgs = self
+            .dump(RouteNetlinkMessage::GetRule(req), "dump rules")
+            .await?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => {
+                    let mut t = u32::from(r.header.table);
+                    let (mut prio, mut mark) = (0, None);
+                    for a in &r.attributes {
+                        match a {
+                            RuleAttribute::Table(x) => t = *x,
+                            RuleAttribute::Priority(p) => prio = *p,
+                            RuleAttribute::FwMark(m) => mark = Some(*m),
+                            _ => {}
+                        }
+                    }
+                    (t == table).then_some((prio, mark, r.header.flags.contains(RuleFlags::Invert)))
                 }
                 _ => None,
             })
@@ -419,3 +457,4 @@ fn parse_link(l: LinkMessage) -> Link {
 
 mod msg;
 pub use msg::*;
+pub mod wg;

@@ -352,6 +352,7 @@ pub fn agent_status(
         allocatable,
         addresses: addresses.to_vec(),
         wan_interface: args.wan_interface.clone(),
+        wireguard_public_key: None,
         tunnels: vec![],
         capabilities: Some(caps),
         last_heartbeat_time: Some(Time(now)),
@@ -374,6 +375,9 @@ pub struct FromTasks {
     pub net: std::sync::Arc<crate::network::NetState>,
     /// The compute resync's first sweep of stale domains is done.
     pub swept: watch::Receiver<bool>,
+    /// This host's WireGuard public key (a gateway with a WAN interface);
+    /// published while the kernel has WireGuard.
+    pub wireguard: Option<String>,
 }
 
 /// Register the Host, then heartbeat until shutdown.
@@ -431,7 +435,11 @@ pub async fn run(
     // restarted within its grace stays Ready (no NotReady heartbeat in
     // between, which would move routers and WAN endpoints away). After
     // FIRST_HEARTBEAT_WAIT it heartbeats anyway, not ready, saying why.
-    let FromTasks { net, swept } = from;
+    let FromTasks {
+        net,
+        swept,
+        wireguard,
+    } = from;
     let waited = std::time::Instant::now();
     loop {
         if *swept.borrow() && (args.no_network || net.passed()) {
@@ -498,6 +506,7 @@ pub async fn run(
             Timestamp::now(),
         );
         status.tunnels = net.tunnels();
+        status.wireguard_public_key = wireguard.clone().filter(|_| caps.wireguard);
         if !*swept.borrow() || !(args.no_network || net.passed()) {
             not_swept(&mut status);
         }

@@ -105,6 +105,12 @@ pub struct HostStatus {
     /// host with one may hold its Site's `gateway.wanEndpoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan_interface: Option<String>,
+    /// The WireGuard public key (base64) of a gateway host whose kernel has
+    /// WireGuard: the key of its tunnel device, which the peers of its
+    /// Site's encrypted tunnels authenticate it by while it holds the
+    /// endpoint. Its private key stays in the agent's state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
     /// While it holds its Site's WAN endpoint: the tunnel to each peer
     /// Site's endpoint, as this host measures it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

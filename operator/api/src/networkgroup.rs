@@ -320,6 +320,15 @@ pub struct TunnelEnd {
     /// elsewhere, so nothing runs twice on the segment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The Site's `tunnel.encryption` (the same at every end of a group).
+    #[serde(default, skip_serializing_if = "crate::site::Encryption::is_none")]
+    pub encryption: crate::site::Encryption,
+    /// With `encryption: wireguard`: the holder's WireGuard public key (its
+    /// Host's `status.wireguardPublicKey`). An encrypted end without one (the
+    /// holder's kernel has no WireGuard) is closed like an end without a
+    /// holder: never a plaintext tunnel instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// A host the segment spans.

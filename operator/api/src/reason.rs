@@ -133,6 +133,12 @@ reasons! {
     /// The Sites a group spans give their WAN endpoints different UDP
     /// ports (one tunnel port per group).
     TunnelPortsDiffer,
+    /// The Sites a group spans differ in `tunnel.encryption` (a group's
+    /// tunnels are all encrypted or all plain).
+    TunnelEncryptionDiffers,
+    /// A Site asks for WireGuard and the host holding its WAN endpoint has
+    /// no WireGuard in its kernel: no tunnel is made to or from the Site.
+    WireguardUnavailable,
     /// A VLAN group spans Sites joined by WAN tunnels, which carry VXLAN
     /// groups only.
     VlanNotStretched,
@@ -178,8 +184,8 @@ reasons! {
     HostsReady,
     /// No Host of the Site is Ready.
     NoReadyHosts,
-    /// Some of the Site's WAN settings (the tunnels' bandwidth cap or
-    /// encryption, `credentialsSecretRef`) are not acted on by this version.
+    /// Some of the Site's WAN settings (`credentialsSecretRef`) are not
+    /// acted on by this version.
     WanTunnelsNotBuilt,
     /// A gateway host holds the Site's WAN endpoint.
     GatewayActive,

@@ -436,14 +436,24 @@ impl SiteGateway {
 }
 
 /// Tunnel encryption.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Encryption {
     /// Plain VXLAN over the WAN (trusted links only).
     #[default]
     None,
-    /// WireGuard (needs kernel support on the gateway hosts).
+    /// WireGuard between the gateways (needs kernel support on the gateway
+    /// hosts): the group's VXLAN runs inside it, and the endpoint's port is
+    /// WireGuard's.
     Wireguard,
+}
+
+impl Encryption {
+    pub fn is_none(&self) -> bool {
+        *self == Encryption::None
+    }
 }
 
 /// Settings of a Site's WAN tunnels.

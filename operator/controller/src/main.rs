@@ -278,6 +278,19 @@ fn host_readiness(h: &Host) -> u64 {
     hasher.finish()
 }
 
+/// Hash of what the groups spanning a Host's Site read of it: readiness and
+/// its WireGuard key (their encrypted tunnel ends carry it).
+fn host_for_groups(h: &Host) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    host_readiness(h).hash(&mut hasher);
+    h.status
+        .as_ref()
+        .map(|s| &s.wireguard_public_key)
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Hash of what a Site aggregates from a Host: readiness and resources.
 fn host_summary(h: &Host) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -287,6 +300,8 @@ fn host_summary(h: &Host) -> u64 {
     h.spec.gateway.hash(&mut hasher);
     if let Some(s) = &h.status {
         s.wan_interface.hash(&mut hasher);
+        // Who may hold a WireGuard Site's endpoint.
+        s.wireguard_public_key.hash(&mut hasher);
         // The tunnels the endpoint's holder measures (Site.status.peers).
         serde_json::to_string(&s.tunnels)
             .unwrap_or_default()
@@ -696,12 +711,12 @@ async fn run_controllers(
         .watches_shared_stream(changed_only(rq_for_ng, quota_hard), move |q| {
             in_namespace_of(&ng_store5, q.namespace())
         })
-        .watches_shared_stream(changed_only(host_for_ng, host_readiness), move |h| {
+        .watches_shared_stream(changed_only(host_for_ng, host_for_groups), move |h| {
             let site = h.spec.site.clone();
             ng_store2
                 .state()
                 .into_iter()
-                .filter(|g| g.spec.home_site.0 == site)
+                .filter(|g| g.spec.span().contains(&site.as_str()))
                 .map(|g| ObjectRef::from_obj(g.as_ref()))
                 .collect::<Vec<_>>()
         })

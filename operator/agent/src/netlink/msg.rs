@@ -143,3 +143,40 @@ pub fn default_route(gateway: Ipv4Addr, oif: u32) -> RouteMessage {
     r.attributes.push(RouteAttribute::Oif(oif));
     r
 }
+
+/// A route to `dst` (a /32) into link `oif`, in routing table `table`.
+pub fn table_route(dst: Ipv4Addr, table: u32, oif: u32) -> RouteMessage {
+    use netlink_packet_route::route::{RouteProtocol, RouteScope, RouteType};
+    let mut r = RouteMessage::default();
+    r.header.address_family = AddressFamily::Inet;
+    r.header.destination_prefix_length = 32;
+    r.header.table = if table < 256 { table as u8 } else { 252 };
+    r.header.protocol = RouteProtocol::Boot;
+    r.header.scope = RouteScope::Link;
+    r.header.kind = RouteType::Unicast;
+    r.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    r.attributes.push(RouteAttribute::Table(table));
+    r.attributes.push(RouteAttribute::Oif(oif));
+    r
+}
+
+/// The IPv4 rule "every packet *not* marked `mark` looks up `table`", at
+/// `priority`.
+pub fn unmarked_rule(
+    mark: u32,
+    table: u32,
+    priority: u32,
+) -> netlink_packet_route::rule::RuleMessage {
+    use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+    let mut r = RuleMessage::default();
+    r.header.family = AddressFamily::Inet;
+    r.header.table = if table < 256 { table as u8 } else { 252 };
+    r.header.action = RuleAction::ToTable;
+    r.header.flags = RuleFlags::Invert;
+    r.attributes.push(RuleAttribute::FwMark(mark));
+    r.attributes.push(RuleAttribute::FwMask(0xffff_ffff));
+    r.attributes.push(RuleAttribute::Table(table));
+    r.attributes.push(RuleAttribute::Priority(priority));
+    r
+}

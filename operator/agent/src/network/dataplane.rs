@@ -126,6 +126,8 @@ pub struct Dataplane<K: Kernel> {
     /// The WAN interface and its shaper's classes as last left (None
     /// inside: no shaper).
     shaping: Mutex<Option<Shaped>>,
+    /// The WireGuard device as last left (`Some(None)`: none).
+    wireguard: Mutex<Option<Option<super::wireguard::WgSeen>>>,
     /// The Site's endpoint this agent holds (interface, address).
     endpoint: Mutex<Option<(String, yukumo_api::net::Ipv4Net)>>,
     /// The host namespace's links and FDB as the last pass left them (read
@@ -216,6 +218,7 @@ impl<K: Kernel> Dataplane<K> {
             guard: Mutex::default(),
             tunnel_filter: Mutex::default(),
             shaping: Mutex::default(),
+            wireguard: Mutex::default(),
             endpoint: Mutex::default(),
             host_seen: Mutex::default(),
             watches: None,
@@ -398,6 +401,38 @@ impl<K: Kernel> Dataplane<K> {
                 *self.shaping.lock().expect("poisoned") = None;
             }
         }
+        // 0c. The WireGuard device of a WireGuard Site's endpoint holder
+        // (its WAN ports reach the peers through it; the filter above never
+        // lets their VXLAN out on the WAN interface in the clear). Read
+        // like the shaper.
+        let want = plan.tunnel.as_ref().and_then(|t| t.wireguard.as_ref());
+        let known = self.wireguard.lock().expect("poisoned").clone();
+        let seen = match known {
+            Some(k) if self.quiet(&self.host_watch, pass, dirty) => k,
+            _ if want.is_none() && known.is_none() && self.kernel.wireguard_key().is_none() => None,
+            _ => self.kernel.wireguard().await?,
+        };
+        let own = self.kernel.wireguard_key();
+        let left = match (want, own) {
+            (Some(_), None) => {
+                // Not chosen as the holder by the controller (it has no
+                // key); nothing is made, nothing leaves in the clear.
+                tracing::warn!("the Site's tunnels are WireGuard and this host has no WireGuard");
+                seen
+            }
+            (_, own) => match super::wireguard::op(want, seen.as_ref(), &own.unwrap_or_default()) {
+                Some(op) => {
+                    self.kernel.apply_wireguard(&op).await?;
+                    ch.links += 1;
+                    match op {
+                        super::wireguard::WgOp::Set(_) => self.kernel.wireguard().await?,
+                        super::wireguard::WgOp::Remove => None,
+                    }
+                }
+                None => seen,
+            },
+        };
+        *self.wireguard.lock().expect("poisoned") = Some(left);
         let have = host.fresh().await?;
         let taken = self.endpoint.lock().expect("poisoned").clone();
         let addrs = decide::tunnel_addr_ops(plan, have, taken.as_ref());

@@ -154,7 +154,7 @@ fn wan_port_ops(
     let local = t.endpoint.addr();
     let current = have.link(&w.link).is_some_and(|l| {
         matches!(l.kind, LinkKind::Vxlan { vni, local: Some(a), port }
-            if vni == s.segment.id && a == local && port == t.port)
+            if vni == s.segment.id && a == local && port == w.port)
     });
     let set = LinkOp::Set {
         name: w.link.clone(),
@@ -169,8 +169,8 @@ fn wan_port_ops(
             name: w.link.clone(),
             vni: s.segment.id,
             local: Some(local),
-            dev: Some(t.dev.clone()),
-            port: t.port,
+            dev: w.dev.clone(),
+            port: w.port,
             mtu: s.mtu,
         });
         ops.push(set);

@@ -29,6 +29,8 @@ pub struct NsModel {
     pub dhcp: Option<Vec<String>>,
     /// The agent's shaper by interface: its classes (minor, Mbit/s).
     pub shaping: BTreeMap<String, Vec<(u16, u32)>>,
+    /// The agent's WireGuard device, routes and rule.
+    pub wireguard: Option<super::wireguard::WgSeen>,
 }
 
 /// The whole model: the host's namespace and the named ones.
@@ -65,6 +67,8 @@ fn errno(what: String, e: i32) -> KernelError {
 #[derive(Clone, Default)]
 pub struct FakeKernel {
     pub model: Arc<Mutex<Model>>,
+    /// This host's WireGuard public key (None: no WireGuard).
+    pub wireguard_key: Option<super::wireguard::Key>,
 }
 
 impl FakeKernel {

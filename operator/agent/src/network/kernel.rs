@@ -91,6 +91,19 @@ pub trait Shaper: Send + Sync {
     fn apply_shaping(&self, op: &ShapeOp) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// The agent's WireGuard device on a gateway (host namespace), with the
+/// routes and the rule that send the peers' traffic into it.
+pub trait Wireguard: Send + Sync {
+    /// This host's public key (None: it has no key, so no WireGuard).
+    fn wireguard_key(&self) -> Option<super::wireguard::Key>;
+    /// The device, its routes and the rule as found (None: none of them).
+    fn wireguard(&self) -> impl Future<Output = Result<Option<super::wireguard::WgSeen>>> + Send;
+    fn apply_wireguard(
+        &self,
+        op: &super::wireguard::WgOp,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
 /// The DHCP servers of routers.
 pub trait Dhcp: Send + Sync {
     /// The full command line of a router's server (its files included).
@@ -122,6 +135,6 @@ pub trait Announce: Send + Sync {
 }
 
 /// Everything a network pass needs of the kernel.
-pub trait Kernel: Links + Namespaces + Firewall + Dhcp + Announce + Shaper {}
+pub trait Kernel: Links + Namespaces + Firewall + Dhcp + Announce + Shaper + Wireguard {}
 
-impl<T: Links + Namespaces + Firewall + Dhcp + Announce + Shaper> Kernel for T {}
+impl<T: Links + Namespaces + Firewall + Dhcp + Announce + Shaper + Wireguard> Kernel for T {}

@@ -193,6 +193,13 @@ fn gateway_inputs(cfg: &NetConfig, site: Option<&Site>) -> Option<plan::GatewayI
         dev: cfg.wan_interface.clone()?,
         endpoint: site.spec.gateway.as_ref()?.endpoint()?,
         bandwidth_mbps: site.spec.tunnel.as_ref().and_then(|t| t.bandwidth_mbps),
+        encryption: site
+            .spec
+            .tunnel
+            .as_ref()
+            .map(|t| t.encryption)
+            .unwrap_or_default(),
+        wan_mtu: site.spec.tunnel.as_ref().map_or(1500, |t| t.mtu),
         active: site
             .status
             .as_ref()

@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use yukumo_api::net::{Ipv4Net, MacAddr, Segment, SegmentType};
 use yukumo_api::networkgroup::NetworkGroup;
-use yukumo_api::site::ExternalNetwork;
+use yukumo_api::site::{Encryption, ExternalNetwork};
 use yukumo_api::virtualnode::{NodeRole, VirtualNode};
 
 use super::ruleset::{guard_ruleset, router_ruleset, tunnel_ruleset};
@@ -101,6 +101,12 @@ pub struct SegmentPlan {
 pub struct WanPort {
     pub link: String,
     pub peers: BTreeSet<Ipv4Addr>,
+    /// Its UDP port: the endpoint's, or with WireGuard the next one (inside
+    /// the WireGuard device, which has the endpoint's).
+    pub port: u16,
+    /// Bound to the WAN interface (without WireGuard); with it, unbound:
+    /// its packets take the policy rule into the WireGuard device.
+    pub dev: Option<String>,
 }
 
 /// This host's part in its Site's WAN tunnels: it holds the Site's
@@ -128,6 +134,8 @@ pub struct TunnelPlan {
     /// only from peer Sites' endpoints, and those to capped peers given
     /// their class.
     pub ruleset: String,
+    /// While active at a Site whose tunnels are WireGuard: the device.
+    pub wireguard: Option<super::wireguard::WgPlan>,
 }
 
 /// The major handle of the root qdisc the agent puts on a gateway's WAN
@@ -144,6 +152,9 @@ pub struct GatewayInputs {
     pub endpoint: std::net::SocketAddrV4,
     pub bandwidth_mbps: Option<u32>,
     pub active: bool,
+    /// The Site's `tunnel.encryption` and `tunnel.mtu` (the WAN's).
+    pub encryption: yukumo_api::site::Encryption,
+    pub wan_mtu: u32,
 }
 
 /// A guest's tap and what it may send.
@@ -304,6 +315,8 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
     // those closed (their Site has no holder).
     let mut probed: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     let mut closed: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    // WireGuard peers' keys (endpoint address → key).
+    let mut wg_peers: BTreeMap<Ipv4Addr, super::wireguard::Key> = BTreeMap::new();
     for g in inp.groups {
         let Some(st) = &g.status else { continue };
         let Some(seg) = st.segment else { continue };
@@ -339,13 +352,23 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                     .tunnels
                     .iter()
                     .filter(|t| t.site != inp.site && t.address != *gw.endpoint.ip());
+                let wireguard = gw.encryption == Encryption::Wireguard;
                 // An end without a holder (its Site lost) is closed: no
-                // FDB entry, its packets not accepted; still measured.
+                // FDB entry, its packets not accepted; still measured. So
+                // is an end whose encryption is not this Site's, or
+                // encrypted without its holder's key (never plaintext).
                 let mut peers = BTreeSet::new();
                 for t in ends {
                     probed.entry(t.address).or_insert_with(|| t.site.clone());
-                    if t.gateway.is_some() {
+                    let key = t.public_key.as_deref().and_then(super::wireguard::decode);
+                    let open = t.gateway.is_some()
+                        && t.encryption == gw.encryption
+                        && (!wireguard || key.is_some());
+                    if open {
                         peers.insert(t.address);
+                        if let Some(k) = key.filter(|_| wireguard) {
+                            wg_peers.insert(t.address, k);
+                        }
                     } else {
                         closed.insert(t.address);
                     }
@@ -353,6 +376,12 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                 (!peers.is_empty()).then(|| WanPort {
                     link: wan_link_name(seg),
                     peers,
+                    port: if wireguard {
+                        gw.endpoint.port().saturating_add(1)
+                    } else {
+                        gw.endpoint.port()
+                    },
+                    dev: (!wireguard).then(|| gw.dev.clone()),
                 })
             }
             _ => None,
@@ -432,7 +461,13 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
             }
         }
         let caps: Vec<(Ipv4Addr, u32)> = caps.into_iter().collect();
+        let wireguard = gw.encryption == Encryption::Wireguard;
         TunnelPlan {
+            wireguard: (gw.active && wireguard).then(|| super::wireguard::WgPlan {
+                port: gw.endpoint.port(),
+                mtu: gw.wan_mtu.saturating_sub(super::wireguard::OVERHEAD),
+                peers: wg_peers.clone(),
+            }),
             dev: gw.dev.clone(),
             endpoint: Ipv4Net::new(*gw.endpoint.ip(), 32).expect("a /32"),
             port: gw.endpoint.port(),
@@ -443,6 +478,7 @@ fn plan_with(inp: &Inputs, router: &mut RouterFn) -> HostPlan {
                     .then(|| (*gw.endpoint.ip(), gw.endpoint.port(), &peers)),
                 &span,
                 &caps,
+                wireguard,
             ),
             caps,
             closed: closed.difference(&peers).copied().collect(),

@@ -31,6 +31,8 @@ pub struct RealKernel {
     host_ns: Option<String>,
     state_dir: PathBuf,
     host: tokio::sync::OnceCell<Arc<Netlink>>,
+    /// This host's WireGuard keys (a gateway whose kernel has WireGuard).
+    wireguard: Option<super::wireguard::Keys>,
 }
 
 impl RealKernel {
@@ -39,7 +41,14 @@ impl RealKernel {
             host_ns,
             state_dir,
             host: tokio::sync::OnceCell::new(),
+            wireguard: None,
         }
+    }
+
+    /// With the keys of this host's WireGuard device.
+    pub fn with_wireguard(mut self, keys: Option<super::wireguard::Keys>) -> RealKernel {
+        self.wireguard = keys;
+        self
     }
 
     /// Where a router's DHCP files are: `<state>/net/<router>/`.
@@ -533,6 +542,171 @@ impl Shaper for RealKernel {
                 Err(KernelError::io(format!("tc qdisc del dev {dev}"), e))
             }
         }
+    }
+}
+
+impl super::kernel::Wireguard for RealKernel {
+    fn wireguard_key(&self) -> Option<super::wireguard::Key> {
+        self.wireguard.as_ref().map(|k| k.public)
+    }
+
+    async fn wireguard(&self) -> Result<Option<super::wireguard::WgSeen>> {
+        use super::wireguard::{FWMARK, LINK, RULE_PRIORITY, TABLE, WgSeen};
+        let nl = Links::ns(self, None).await?.nl;
+        let link = nl.links().await?.into_iter().find(|l| l.name == LINK);
+        let rule = nl
+            .rules_to(TABLE)
+            .await?
+            .contains(&(RULE_PRIORITY, Some(FWMARK), true));
+        let routes: std::collections::BTreeSet<Ipv4Addr> = nl
+            .routes_of(TABLE)
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.dst.prefix() == 32 && link.as_ref().is_some_and(|l| r.oif == Some(l.index))
+            })
+            .map(|r| r.dst.addr())
+            .collect();
+        let Some(link) = link else {
+            return Ok(rule.then(WgSeen::default));
+        };
+        let ns = self.host_ns.clone();
+        let dev = tokio::task::spawn_blocking(move || {
+            netns::in_netns_opt(ns.as_deref(), || crate::netlink::wg::get(LINK))
+        })
+        .await
+        .map_err(|e| KernelError::io("wireguard get", std::io::Error::other(e)))?
+        .map_err(|e| KernelError::io(format!("read WireGuard device {LINK}"), e))?
+        .unwrap_or_default();
+        Ok(Some(WgSeen {
+            up: link.up,
+            mtu: link.mtu,
+            port: dev.port,
+            fwmark: dev.fwmark,
+            public: dev.public,
+            peers: dev.peers,
+            routes,
+            rule,
+        }))
+    }
+
+    async fn apply_wireguard(&self, op: &super::wireguard::WgOp) -> Result<()> {
+        use super::wireguard::{FWMARK, KEEPALIVE, LINK, RULE_PRIORITY, TABLE, WgOp};
+        let nl = Links::ns(self, None).await?.nl;
+        let ours = |r: &(u32, Option<u32>, bool)| r.0 == RULE_PRIORITY;
+        let stale_rules: Vec<(u32, Option<u32>, bool)> =
+            nl.rules_to(TABLE).await?.into_iter().filter(ours).collect();
+        let links = nl.links().await?;
+        let link = links.iter().find(|l| l.name == LINK);
+        let plan = match op {
+            WgOp::Remove => {
+                let mut reqs = Vec::new();
+                if link.is_some() {
+                    reqs.push(Request::new(
+                        RouteNetlinkMessage::DelLink(netlink::link_named(LINK)),
+                        0,
+                        format!("delete {LINK}"),
+                    ));
+                }
+                for _ in &stale_rules {
+                    reqs.push(Request::new(
+                        RouteNetlinkMessage::DelRule(netlink::unmarked_rule(
+                            FWMARK,
+                            TABLE,
+                            RULE_PRIORITY,
+                        )),
+                        0,
+                        "delete the WireGuard rule",
+                    ));
+                }
+                return Ok(nl.apply(reqs).await?);
+            }
+            WgOp::Set(p) => p,
+        };
+        let keys = self.wireguard.clone().ok_or_else(|| {
+            KernelError::io(
+                "WireGuard",
+                std::io::Error::other(
+                    "this host has no WireGuard key (its kernel has no WireGuard)",
+                ),
+            )
+        })?;
+        if link.is_none() {
+            let mut m = netlink::link_of_kind(LINK, InfoKind::Wireguard, None);
+            m.header.interface_family = netlink_packet_route::AddressFamily::Unspec;
+            nl.apply(vec![Request::new(
+                RouteNetlinkMessage::NewLink(m),
+                CREATE,
+                format!("add wireguard {LINK}"),
+            )])
+            .await?;
+        }
+        let peers: Vec<crate::netlink::wg::PeerConf> = plan
+            .peers
+            .iter()
+            .map(|(addr, key)| crate::netlink::wg::PeerConf {
+                key: *key,
+                endpoint: std::net::SocketAddrV4::new(*addr, plan.port),
+                keepalive: KEEPALIVE,
+            })
+            .collect();
+        let (ns, port) = (self.host_ns.clone(), plan.port);
+        tokio::task::spawn_blocking(move || {
+            netns::in_netns_opt(ns.as_deref(), || {
+                crate::netlink::wg::set(LINK, &keys.private, port, FWMARK, &peers)
+            })
+        })
+        .await
+        .map_err(|e| KernelError::io("wireguard set", std::io::Error::other(e)))?
+        .map_err(|e| KernelError::io(format!("configure WireGuard device {LINK}"), e))?;
+        let mut m = netlink::link_named(LINK);
+        m.attributes.push(LinkAttribute::Mtu(plan.mtu));
+        netlink::set_up(&mut m);
+        nl.apply(vec![Request::new(
+            RouteNetlinkMessage::NewLink(m),
+            0,
+            format!("set {LINK} mtu {} up", plan.mtu),
+        )])
+        .await?;
+        let index = nl
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.name == LINK)
+            .map(|l| l.index)
+            .ok_or_else(|| {
+                KernelError::io(LINK, std::io::Error::other("gone after its creation"))
+            })?;
+        let mut reqs = Vec::new();
+        for net in nl.routes_of(TABLE).await?.into_iter().map(|r| r.dst) {
+            if !(net.prefix() == 32 && plan.peers.contains_key(&net.addr())) {
+                let mut r = netlink::table_route(net.addr(), TABLE, index);
+                r.header.destination_prefix_length = net.prefix();
+                r.attributes
+                    .retain(|a| !matches!(a, netlink_packet_route::route::RouteAttribute::Oif(_)));
+                reqs.push(Request::new(
+                    RouteNetlinkMessage::DelRoute(r),
+                    0,
+                    format!("delete route {net} from table {TABLE}"),
+                ));
+            }
+        }
+        for addr in plan.peers.keys() {
+            reqs.push(Request::new(
+                RouteNetlinkMessage::NewRoute(netlink::table_route(*addr, TABLE, index)),
+                REPLACE,
+                format!("route {addr} into {LINK} (table {TABLE})"),
+            ));
+        }
+        let exact = (RULE_PRIORITY, Some(FWMARK), true);
+        if !stale_rules.contains(&exact) {
+            reqs.push(Request::new(
+                RouteNetlinkMessage::NewRule(netlink::unmarked_rule(FWMARK, TABLE, RULE_PRIORITY)),
+                CREATE,
+                "add the WireGuard rule",
+            ));
+        }
+        Ok(nl.apply(reqs).await?)
     }
 }
 

@@ -156,11 +156,19 @@ pub fn guard_ruleset(taps: &[TapPlan]) -> String {
 /// (`span`, the hosts its groups span): a host whose nodes restarted
 /// elsewhere while it was lost, back with their domains still running, is
 /// in no span, so nothing of theirs reaches another Site.
+///
+/// With WireGuard (`wireguard`), the endpoint's port is WireGuard's (taken
+/// from peer endpoints only, WireGuard's own packets leaving from the
+/// endpoint: source NAT) and the groups' VXLAN runs inside it on the next
+/// port: taken only from the WireGuard device, from peer endpoints, never
+/// sent out on the WAN interface; its bytes are the tunnel's, and the caps
+/// classify WireGuard's packets to each peer.
 pub fn tunnel_ruleset(
     wan: &str,
     endpoint: Option<(Ipv4Addr, u16, &BTreeSet<Ipv4Addr>)>,
     span: &BTreeSet<Ipv4Addr>,
     caps: &[(Ipv4Addr, u32)],
+    wireguard: bool,
 ) -> String {
     let mut body = String::new();
     let mut rules = format!(
@@ -168,21 +176,45 @@ pub fn tunnel_ruleset(
         super::plan::VXLAN_PORT
     );
     let peers = endpoint.map(|(_, _, p)| p.clone()).unwrap_or_default();
+    // The port the groups' VXLAN uses between the gateways.
+    let vx = |port: u16| {
+        if wireguard {
+            port.saturating_add(1)
+        } else {
+            port
+        }
+    };
     if let Some((endpoint, port, _)) = endpoint {
         let _ = writeln!(
             rules,
             "    udp dport {} ip saddr != @span counter drop",
             super::plan::VXLAN_PORT
         );
+        if wireguard {
+            let _ = writeln!(
+                rules,
+                "    udp dport {} iifname != \"{}\" counter drop",
+                vx(port),
+                super::wireguard::LINK
+            );
+        }
         let _ = writeln!(
             rules,
             "    ip daddr {endpoint} udp dport {port} ip saddr != @peers counter drop"
         );
+        if wireguard {
+            let _ = writeln!(
+                rules,
+                "    ip daddr {endpoint} udp dport {} ip saddr != @peers counter drop",
+                vx(port)
+            );
+        }
         // Each peer's tunnel bytes, received (tunnel status).
         for p in &peers {
             let _ = writeln!(
                 rules,
-                "    ip daddr {endpoint} ip saddr {p} udp dport {port} counter"
+                "    ip daddr {endpoint} ip saddr {p} udp dport {} counter",
+                vx(port)
             );
         }
     }
@@ -211,18 +243,46 @@ pub fn tunnel_ruleset(
         "  chain wan {{\n    type filter hook input priority filter; policy accept;\n{rules}  }}\n"
     );
     if let Some((endpoint, port, _)) = endpoint
+        && wireguard
+    {
+        // WireGuard sends from whichever address the WAN route gives; its
+        // packets leave from the Site's endpoint, as the peers' filters
+        // and caps expect (and they never see it roam).
+        let _ = write!(
+            body,
+            "  chain wgsnat {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{wan}\" udp sport {port} ip saddr != {endpoint} snat ip to {endpoint}\n  }}\n"
+        );
+    }
+    if let Some((endpoint, port, _)) = endpoint
         && !peers.is_empty()
     {
         // Each peer's tunnel bytes, sent; the packets to a capped peer go
         // to its class of the WAN interface's shaper (HTB takes a packet's
         // priority as its class).
         let mut out = String::new();
+        if wireguard {
+            // The groups' VXLAN never leaves on the WAN interface itself
+            // (only inside WireGuard), whatever the routes say.
+            let _ = writeln!(
+                out,
+                "    oifname \"{wan}\" udp dport {} counter drop",
+                vx(port)
+            );
+        }
         for p in &peers {
             let _ = write!(
                 out,
-                "    ip saddr {endpoint} ip daddr {p} udp dport {port} counter"
+                "    ip saddr {endpoint} ip daddr {p} udp dport {} counter",
+                vx(port)
             );
-            if let Some(i) = caps.iter().position(|(c, _)| c == p) {
+            let cap = caps.iter().position(|(c, _)| c == p);
+            if wireguard && cap.is_some() {
+                // The caps classify WireGuard's packets (from whichever
+                // source address the WAN route gives them).
+                out.push('\n');
+                let _ = write!(out, "    ip daddr {p} udp dport {port}");
+            }
+            if let Some(i) = cap {
                 let _ = write!(
                     out,
                     " meta priority set {:x}:{:x}",

@@ -108,6 +108,17 @@ pub fn plan_gateway(prefix: &str, active: bool) -> HostPlan {
 
 /// `plan_gateway`, the Sites `lost` having no host holding their end.
 pub fn plan_gateway_lost(prefix: &str, active: bool, lost: &[&str]) -> HostPlan {
+    plan_gateway_with(prefix, active, lost, None)
+}
+
+/// `plan_gateway_lost` at Sites whose tunnels are WireGuard: each end with
+/// its holder's key as `keys` gives it (site → base64 key, or none).
+pub fn plan_gateway_with(
+    prefix: &str,
+    active: bool,
+    lost: &[&str],
+    keys: Option<&[(&str, Option<&str>)]>,
+) -> HostPlan {
     let (mut groups, nodes, ext) = fixture();
     let mut g = (*groups[0]).clone();
     let st = g.status.as_mut().expect("a status");
@@ -119,6 +130,12 @@ pub fn plan_gateway_lost(prefix: &str, active: bool, lost: &[&str]) -> HostPlan 
         let site = e["site"].as_str().expect("a site").to_string();
         if !lost.contains(&site.as_str()) {
             e["gateway"] = serde_json::json!(format!("{site}-1"));
+        }
+        if let Some(keys) = keys {
+            e["encryption"] = serde_json::json!("wireguard");
+            if let Some((_, Some(k))) = keys.iter().find(|(s, _)| *s == site) {
+                e["publicKey"] = serde_json::json!(k);
+            }
         }
     }
     st.tunnels = serde_json::from_value(ends).unwrap();
@@ -134,6 +151,12 @@ pub fn plan_gateway_lost(prefix: &str, active: bool, lost: &[&str]) -> HostPlan 
         endpoint: "100.64.0.101:4790".parse().unwrap(),
         bandwidth_mbps: Some(1000),
         active,
+        encryption: if keys.is_some() {
+            yukumo_api::site::Encryption::Wireguard
+        } else {
+            Default::default()
+        },
+        wan_mtu: 1500,
     };
     plan(&Inputs {
         host: "h1",

@@ -92,17 +92,10 @@ pub const WAN_TUNNELS: &str = "WanTunnels";
 /// The WAN settings a Site sets that this version does not act on, as the
 /// message of its `WanTunnels` condition (`None`: it sets none).
 pub fn wan_settings_unbuilt(spec: &yukumo_api::SiteSpec) -> Option<String> {
-    let tunnel = spec.tunnel.as_ref();
-    let set: Vec<&str> = [
-        (
-            "spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)",
-            tunnel.is_some_and(|t| t.encryption == Encryption::Wireguard),
-        ),
-        (
-            "spec.credentialsSecretRef (agents use their own credentials)",
-            spec.credentials_secret_ref.is_some(),
-        ),
-    ]
+    let set: Vec<&str> = [(
+        "spec.credentialsSecretRef (agents use their own credentials)",
+        spec.credentials_secret_ref.is_some(),
+    )]
     .into_iter()
     .filter_map(|(f, on)| on.then_some(f))
     .collect();
@@ -196,17 +189,34 @@ pub fn can_hold_endpoint(h: &Host) -> bool {
             .is_some_and(|s| s.wan_interface.is_some() && s.conditions.is_true(ct::READY))
 }
 
+/// Whether the Site's tunnels are WireGuard.
+pub fn wants_wireguard(spec: &yukumo_api::SiteSpec) -> bool {
+    spec.tunnel
+        .as_ref()
+        .is_some_and(|t| t.encryption == Encryption::Wireguard)
+}
+
+/// Whether a host has published a WireGuard key (its kernel has
+/// WireGuard and its agent made its key).
+fn has_wireguard(h: &Host) -> bool {
+    h.status
+        .as_ref()
+        .is_some_and(|s| s.wireguard_public_key.is_some())
+}
+
 /// The host holding the Site's WAN endpoint: the current one while it can,
-/// else the first that can by name; none without `spec.gateway`.
+/// else the first that can by name; none without `spec.gateway`. A Site
+/// asking for WireGuard has its endpoint held only by a host with it.
 pub fn active_gateway(
     spec: &yukumo_api::SiteSpec,
     hosts: &[Host],
     current: Option<&str>,
 ) -> Option<String> {
     spec.gateway.as_ref()?;
+    let wireguard = wants_wireguard(spec);
     let mut able: Vec<String> = hosts
         .iter()
-        .filter(|h| can_hold_endpoint(h))
+        .filter(|h| can_hold_endpoint(h) && (!wireguard || has_wireguard(h)))
         .map(|h| h.name_any())
         .collect();
     able.sort();
@@ -222,16 +232,38 @@ pub fn active_gateway(
 pub fn wan_condition(
     spec: &yukumo_api::SiteSpec,
     active: Option<&str>,
+    hosts: &[Host],
 ) -> Option<(ConditionStatus, Reason, String)> {
     if let Some(msg) = wan_settings_unbuilt(spec) {
         return Some((ConditionStatus::False, Reason::WanTunnelsNotBuilt, msg));
     }
     let endpoint = spec.gateway.as_ref()?.wan_endpoint.as_str();
+    let without: Vec<String> = hosts
+        .iter()
+        .filter(|h| can_hold_endpoint(h) && !has_wireguard(h))
+        .map(|h| h.name_any())
+        .collect();
     Some(match active {
         Some(h) => (
             ConditionStatus::True,
             Reason::GatewayActive,
-            format!("host {h} holds the WAN endpoint {endpoint}"),
+            format!(
+                "host {h} holds the WAN endpoint {endpoint}{}",
+                if wants_wireguard(spec) {
+                    " (WireGuard)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        None if wants_wireguard(spec) && !without.is_empty() => (
+            ConditionStatus::False,
+            Reason::WireguardUnavailable,
+            format!(
+                "spec.tunnel.encryption: wireguard, and no Ready gateway host with a WAN interface has WireGuard in its kernel ({} {} none): no tunnel is made to or from this Site, never a plaintext one",
+                without.join(", "),
+                if without.len() == 1 { "has" } else { "have" }
+            ),
         ),
         None => (
             ConditionStatus::False,
@@ -258,7 +290,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action> {
     let old = site.status.clone().unwrap_or_default();
     let mut conditions = apply_verdict(&old.conditions, site.metadata.generation, &verdict);
     let active = active_gateway(&site.spec, &hosts, old.active_gateway.as_deref());
-    let wan = wan_condition(&site.spec, active.as_deref());
+    let wan = wan_condition(&site.spec, active.as_deref(), &hosts);
     match &wan {
         Some((st, reason, msg)) => conditions.set_condition(Condition::new(
             WAN_TUNNELS,
@@ -366,14 +398,13 @@ mod tests {
             }))),
             None
         );
-        let msg = wan_settings_unbuilt(&spec(serde_json::json!({
-            "gateway": {"wanEndpoint": "192.0.2.10:4790"},
-            "tunnel": {"bandwidthMbps": 1000, "encryption": "wireguard"},
-        })))
-        .unwrap();
-        assert!(
-            msg.starts_with("not acted on by this version: spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"),
-            "{msg}"
+        // WireGuard is built (by hosts with it).
+        assert_eq!(
+            wan_settings_unbuilt(&spec(serde_json::json!({
+                "gateway": {"wanEndpoint": "192.0.2.10:4790"},
+                "tunnel": {"bandwidthMbps": 1000, "encryption": "wireguard"},
+            }))),
+            None
         );
         // A cap alone is built.
         assert_eq!(
@@ -444,16 +475,52 @@ mod tests {
         );
         let none = vec![host("h1", true, true, false)];
         assert_eq!(active_gateway(&with_gw, &none, Some("h1")), None);
-        let (st, reason, msg) = wan_condition(&with_gw, None).unwrap();
+        let (st, reason, msg) = wan_condition(&with_gw, None, &[]).unwrap();
         assert_eq!((st, reason), (ConditionStatus::False, Reason::NoWanGateway));
         assert!(
             msg.starts_with("spec.gateway.wanEndpoint 192.0.2.10: no Ready gateway host"),
             "{msg}"
         );
-        let (st, reason, msg) = wan_condition(&with_gw, Some("h2")).unwrap();
+        let (st, reason, msg) = wan_condition(&with_gw, Some("h2"), &hosts).unwrap();
         assert_eq!((st, reason), (ConditionStatus::True, Reason::GatewayActive));
         assert_eq!(msg, "host h2 holds the WAN endpoint 192.0.2.10");
-        assert_eq!(wan_condition(&spec(serde_json::json!({})), None), None);
+        assert_eq!(wan_condition(&spec(serde_json::json!({})), None, &[]), None);
+    }
+
+    #[test]
+    fn a_wireguard_sites_endpoint_is_held_only_by_a_host_with_wireguard() {
+        let wg = spec(serde_json::json!({
+            "gateway": {"wanEndpoint": "192.0.2.10"},
+            "tunnel": {"encryption": "wireguard"},
+        }));
+        let with_key = |mut h: Host| {
+            h.status.as_mut().unwrap().wireguard_public_key = Some("k".into());
+            h
+        };
+        // h1 (first by name) has no WireGuard: h2 holds it.
+        let hosts = vec![
+            host("h1", true, true, true),
+            with_key(host("h2", true, true, true)),
+        ];
+        assert_eq!(
+            active_gateway(&wg, &hosts, Some("h1")).as_deref(),
+            Some("h2")
+        );
+        let (st, reason, msg) = wan_condition(&wg, Some("h2"), &hosts).unwrap();
+        assert_eq!((st, reason), (ConditionStatus::True, Reason::GatewayActive));
+        assert_eq!(msg, "host h2 holds the WAN endpoint 192.0.2.10 (WireGuard)");
+        // None has it: no holder, and the condition says why, naming them.
+        let without = vec![host("h1", true, true, true), host("h2", true, true, true)];
+        assert_eq!(active_gateway(&wg, &without, None), None);
+        let (st, reason, msg) = wan_condition(&wg, None, &without).unwrap();
+        assert_eq!(
+            (st, reason),
+            (ConditionStatus::False, Reason::WireguardUnavailable)
+        );
+        assert_eq!(
+            msg,
+            "spec.tunnel.encryption: wireguard, and no Ready gateway host with a WAN interface has WireGuard in its kernel (h1, h2 have none): no tunnel is made to or from this Site, never a plaintext one"
+        );
     }
 
     #[test]

@@ -215,3 +215,84 @@ async fn the_sites_tunnel_end_is_held_filtered_and_let_go() {
         assert!(!m.host.shaping.contains_key("wan0"));
     });
 }
+
+#[tokio::test]
+async fn a_wireguard_sites_holder_makes_its_device_before_the_ports_inside_it_and_removes_it() {
+    use crate::network::testkit::plan_gateway_with;
+    use crate::network::wireguard::{FWMARK, WgOp, encode};
+    let (kb, kc) = (encode(&[2u8; 32]), encode(&[3u8; 32]));
+    let keys = [("b", Some(kb.as_str())), ("c", Some(kc.as_str()))];
+    let mut k = FakeKernel::new();
+    k.wireguard_key = Some([1u8; 32]);
+    k.add_plain_link("ul0");
+    k.add_plain_link("ext0");
+    k.add_plain_link("ykt0123abcdef45");
+    k.add_plain_link("wan0");
+    let dp = Dataplane::new(
+        k,
+        "t-".into(),
+        HostEnv {
+            underlay: Some("10.255.0.1".parse().unwrap()),
+            uplink: Some("ul0".into()),
+        },
+        None,
+    );
+    let plan = plan_gateway_with("t-", true, &[], Some(&keys));
+    dp.apply(&plan, Pass::Changed).await.unwrap();
+    let again = dp.apply(&plan, Pass::Changed).await.unwrap();
+    assert_eq!(
+        again.total(),
+        0,
+        "{again:?} {:?}",
+        dp.kernel.with(|m| m.log.clone())
+    );
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().total(), 0);
+    dp.kernel.with(|m| {
+        let wg = m.host.wireguard.as_ref().expect("the device");
+        assert_eq!(
+            (wg.port, wg.mtu, wg.fwmark, wg.up),
+            (4790, 1440, FWMARK, true)
+        );
+        assert_eq!(wg.public, Some([1u8; 32]));
+        let routes: Vec<String> = wg.routes.iter().map(|a| a.to_string()).collect();
+        assert_eq!(routes, ["100.64.0.102", "100.64.0.103"]);
+        // The device first, then the WAN port inside it.
+        let set = m.log.iter().position(|l| l.starts_with("Set(WgPlan"));
+        let port = m.log.iter().position(|l| l.contains("ykw1000"));
+        assert!(set.is_some() && set < port, "{:?}", m.log);
+        assert_eq!(
+            m.host.state.links["ykw1000"].kind,
+            LinkKind::Vxlan {
+                vni: 1000,
+                local: Some("100.64.0.101".parse().unwrap()),
+                port: 4791
+            }
+        );
+    });
+    // A peer's key changed by hand on the device: set again on a
+    // verification pass.
+    dp.kernel.with(|m| {
+        let wg = m.host.wireguard.as_mut().unwrap();
+        let p = wg.peers.remove(&[2u8; 32]).unwrap();
+        wg.peers.insert([9u8; 32], p);
+    });
+    assert_eq!(dp.apply(&plan, Pass::Verify).await.unwrap().links, 1);
+    // The endpoint moves away: the device goes.
+    dp.apply(
+        &plan_gateway_with("t-", false, &[], Some(&keys)),
+        Pass::Changed,
+    )
+    .await
+    .unwrap();
+    dp.kernel.with(|m| {
+        assert!(m.host.wireguard.is_none());
+        assert_eq!(
+            m.log
+                .iter()
+                .filter(|l| *l == &format!("{:?}", WgOp::Remove))
+                .count(),
+            1
+        );
+        assert!(!m.host.state.has("ykw1000"));
+    });
+}

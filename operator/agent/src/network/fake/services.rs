@@ -32,6 +32,54 @@ impl Shaper for FakeKernel {
     }
 }
 
+impl crate::network::kernel::Wireguard for FakeKernel {
+    fn wireguard_key(&self) -> Option<crate::network::wireguard::Key> {
+        self.wireguard_key
+    }
+    async fn wireguard(&self) -> Result<Option<crate::network::wireguard::WgSeen>> {
+        self.with(|m| Ok(m.host.wireguard.clone()))
+    }
+    async fn apply_wireguard(&self, op: &crate::network::wireguard::WgOp) -> Result<()> {
+        use crate::network::wireguard::{FWMARK, WgOp, WgPeerSeen, WgSeen};
+        let own = self.wireguard_key;
+        self.with(|m| {
+            m.log.push(format!("{op:?}"));
+            match op {
+                WgOp::Remove => m.host.wireguard = None,
+                WgOp::Set(p) => {
+                    let Some(own) = own else {
+                        return Err(errno("WireGuard".into(), libc::EOPNOTSUPP));
+                    };
+                    m.host.wireguard = Some(WgSeen {
+                        up: true,
+                        mtu: p.mtu,
+                        port: p.port,
+                        fwmark: FWMARK,
+                        public: Some(own),
+                        peers: p
+                            .peers
+                            .iter()
+                            .map(|(a, k)| {
+                                (
+                                    *k,
+                                    WgPeerSeen {
+                                        endpoint: Some(std::net::SocketAddrV4::new(*a, p.port)),
+                                        allowed: vec![(*a, 32)],
+                                        ..Default::default()
+                                    },
+                                )
+                            })
+                            .collect(),
+                        routes: p.peers.keys().copied().collect(),
+                        rule: true,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Firewall for FakeKernel {
     async fn table(&self, ns: Option<&str>, family: Family) -> Result<Option<String>> {
         self.with(|m| Ok(m.ns(ns)?.tables.get(family.as_str()).cloned()))

@@ -177,10 +177,18 @@ fn rendered_tables_pass_nft_check() {
         site: "a",
         gateway: None,
     });
+    let keys = [("b", Some("AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="))];
+    let tunnels = [
+        crate::network::testkit::plan_gateway("yk-", true),
+        crate::network::testkit::plan_gateway_with("yk-", true, &[], Some(&keys)),
+    ]
+    .map(|p| p.tunnel.expect("a tunnel").ruleset);
     for table in [
         &p.guard,
         &p.routers["yk-r1000"].ruleset,
         &guard_ruleset(&[]),
+        &tunnels[0],
+        &tunnels[1],
     ] {
         let mut child = match std::process::Command::new("nft")
             .args(["-c", "-f", "-"])
@@ -368,6 +376,68 @@ fn a_lost_sites_end_is_closed_but_measured_and_its_hosts_still_not_flooded_to() 
     let t = p.tunnel.as_ref().unwrap();
     assert!(!t.ruleset.contains("100.64.0.102") && !t.ruleset.contains("100.64.0.103"));
     assert_eq!(t.closed.len(), 2);
+}
+
+#[test]
+fn with_wireguard_the_wan_port_goes_through_the_device_and_an_end_without_a_key_is_closed() {
+    use crate::network::testkit::plan_gateway_with;
+    use crate::network::wireguard::{WgPlan, decode, encode};
+    let kb = encode(&[2u8; 32]);
+    // b's holder has a key; c's has none (its kernel has no WireGuard).
+    let keys = [
+        ("a", Some(encode(&[1u8; 32]))),
+        ("b", Some(kb.clone())),
+        ("c", None),
+    ];
+    let keys: Vec<(&str, Option<&str>)> = keys.iter().map(|(s, k)| (*s, k.as_deref())).collect();
+    let p = plan_gateway_with("yk-", true, &[], Some(&keys));
+    let wan = p.segments["ykbr1000"].wan.as_ref().expect("a WAN port");
+    let peers: Vec<String> = wan.peers.iter().map(|a| a.to_string()).collect();
+    assert_eq!(
+        peers,
+        vec!["100.64.0.102"],
+        "c is closed: never a plaintext tunnel"
+    );
+    // Inside the device: the next port, bound to no interface.
+    assert_eq!((wan.port, wan.dev.as_deref()), (4791, None));
+    let t = p.tunnel.as_ref().unwrap();
+    assert_eq!(
+        t.wireguard,
+        Some(WgPlan {
+            port: 4790,
+            mtu: 1440,
+            peers: [("100.64.0.102".parse().unwrap(), decode(&kb).unwrap())].into(),
+        })
+    );
+    let closed: Vec<String> = t.closed.iter().map(|a| a.to_string()).collect();
+    assert_eq!(closed, vec!["100.64.0.103"]);
+    let r = &t.ruleset;
+    for rule in [
+        // The inner VXLAN only from the device, never out on the WAN.
+        "udp dport 4791 iifname != \"ykwg\" counter drop",
+        "oifname \"wan0\" udp dport 4791 counter drop",
+        "ip daddr 100.64.0.101 udp dport 4791 ip saddr != @peers counter drop",
+        // Its bytes each way per peer, and the cap on WireGuard's packets.
+        "ip daddr 100.64.0.101 ip saddr 100.64.0.102 udp dport 4791 counter\n",
+        "ip saddr 100.64.0.101 ip daddr 100.64.0.102 udp dport 4791 counter\n",
+        "ip daddr 100.64.0.102 udp dport 4790 meta priority set 796b:1",
+    ] {
+        assert!(r.contains(rule), "{rule} in {r}");
+    }
+    // WireGuard's own port from peers only, its packets from the endpoint.
+    assert!(
+        r.contains("ip daddr 100.64.0.101 udp dport 4790 ip saddr != @peers counter drop"),
+        "{r}"
+    );
+    assert!(
+        r.contains(
+            "oifname \"wan0\" udp sport 4790 ip saddr != 100.64.0.101 snat ip to 100.64.0.101"
+        ),
+        "{r}"
+    );
+    // Not the holder: no device.
+    let p = plan_gateway_with("yk-", false, &[], Some(&keys));
+    assert_eq!(p.tunnel.as_ref().unwrap().wireguard, None);
 }
 
 #[test]

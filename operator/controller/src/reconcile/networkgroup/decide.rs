@@ -425,7 +425,7 @@ pub fn decide(inp: &Inputs) -> Decision {
             }
         }
         // Across Sites: the tunnel ends and the MTU they carry.
-        let tun = tunnels(spec, inp.sites).unwrap_or_else(|p| {
+        let tun = tunnels(spec, inp.sites, inp.hosts).unwrap_or_else(|p| {
             problems.push(p);
             Tunnels::default()
         });
