@@ -125,7 +125,7 @@ fn a_wireguard_tunnel_between_vm_host_gateways_carries_the_group_and_nothing_in_
     );
     // ~20 ms between the Sites: each WAN interface delays by 10 ms.
     for h in &vms.names {
-        vms.ok(h, "tc qdisc replace dev wan0 root netem delay 10ms");
+        vms.ok(h, "tc qdisc replace dev wan root netem delay 10ms");
     }
     // A Site asking for WireGuard whose gateway has none: a condition
     // naming it, and no holder.
@@ -390,6 +390,48 @@ spec:
         "wga's peers after {took:?}: {}",
         serde_json::to_string(&peers).unwrap()
     );
+
+    // A cap on the tunnel: WireGuard's packets to the peer go to its class
+    // of the shaper (which replaces netem on wga's WAN interface).
+    env.kubectl_ok(&[
+        "patch",
+        "site",
+        "wga",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"tunnel":{"bandwidthMbps":50}}}"#,
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(60), "the cap on wga's WAN", || {
+        let (out, _) = vms.sh("vmwg-1", "tc class show dev wan");
+        if out.contains("rate 50Mbit") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .unwrap();
+    let (ping, rc) = in_guest(
+        fe,
+        &format!(
+            "busybox ping -c 3 -W 2 {}",
+            w["spec"]["network"]["ip"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(rc, 0, "frontend (wga) → worker (wgb), capped: {ping}");
+    let classes = vms.ok("vmwg-1", "tc -s class show dev wan");
+    let sent: u64 = classes
+        .split("Sent ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        classes.contains("class htb 796b:1") && sent > 0,
+        "{classes}"
+    );
+    println!("capped at 50 Mbit/s: class 796b:1 sent {sent} bytes of WireGuard to wgb");
 
     // Nothing at all goes to wgc's endpoint (never a plaintext tunnel).
     let sniff = Sniffer::start(&wan, "h41", 8);

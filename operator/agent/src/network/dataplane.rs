@@ -422,6 +422,12 @@ impl<K: Kernel> Dataplane<K> {
             }
             (_, own) => match super::wireguard::op(want, seen.as_ref(), &own.unwrap_or_default()) {
                 Some(op) => {
+                    if let (super::wireguard::WgOp::Set(p), Some(s)) = (&op, &seen) {
+                        tracing::info!(
+                            differences = ?super::wireguard::differences(p, s, &own.unwrap_or_default()),
+                            "setting the WireGuard device"
+                        );
+                    }
                     self.kernel.apply_wireguard(&op).await?;
                     ch.links += 1;
                     match op {

@@ -34,9 +34,11 @@ pub struct Impossible(pub String);
 /// VLAN groups), segment links (`ykvx`, `ykvl`), WAN ports (`ykw`) and
 /// router veths (`ykgw`, `ykgv`). Guest taps (`ykt`) belong to libvirt.
 pub fn is_ours(name: &str) -> bool {
-    ["ykbr", "ykbv", "ykvx", "ykvl", "ykgw", "ykgv", "ykw"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    // The WireGuard device is the WireGuard step's (`wireguard.rs`).
+    name != super::wireguard::LINK
+        && ["ykbr", "ykbv", "ykvx", "ykvl", "ykgw", "ykgv", "ykw"]
+            .iter()
+            .any(|p| name.starts_with(p))
 }
 
 /// Step 1: the host namespace's bridges and segment links; stale yukumo

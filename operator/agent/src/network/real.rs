@@ -568,7 +568,10 @@ impl super::kernel::Wireguard for RealKernel {
             .map(|r| r.dst.addr())
             .collect();
         let Some(link) = link else {
-            return Ok(rule.then(WgSeen::default));
+            return Ok(rule.then(|| WgSeen {
+                rule: true,
+                ..Default::default()
+            }));
         };
         let ns = self.host_ns.clone();
         let dev = tokio::task::spawn_blocking(move || {

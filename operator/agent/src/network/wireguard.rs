@@ -158,23 +158,50 @@ pub enum WgOp {
     Remove,
 }
 
+/// What of `seen` differs from `plan` on a device keyed with `own` (empty:
+/// it is as planned).
+pub fn differences(plan: &WgPlan, seen: &WgSeen, own: &Key) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            d.push(what);
+        }
+    };
+    check(seen.up, "down".into());
+    check(seen.mtu == plan.mtu, format!("mtu {}", seen.mtu));
+    check(seen.port == plan.port, format!("port {}", seen.port));
+    check(seen.fwmark == FWMARK, format!("fwmark {:#x}", seen.fwmark));
+    check(seen.public.as_ref() == Some(own), "another key".into());
+    for (addr, key) in &plan.peers {
+        match seen.peers.get(key) {
+            None => check(false, format!("peer {addr} missing")),
+            Some(p) => {
+                check(
+                    p.endpoint == Some(SocketAddrV4::new(*addr, plan.port)),
+                    format!("peer {addr} at {:?}", p.endpoint),
+                );
+                check(
+                    p.allowed == [(*addr, 32)],
+                    format!("peer {addr} allows {:?}", p.allowed),
+                );
+            }
+        }
+    }
+    check(
+        seen.peers.len() == plan.peers.len(),
+        format!("{} peers", seen.peers.len()),
+    );
+    check(
+        seen.routes.iter().eq(plan.peers.keys()),
+        format!("routes {:?}", seen.routes),
+    );
+    check(seen.rule, "no rule".into());
+    d
+}
+
 /// Whether `seen` is `plan` on a device keyed with `own`.
 pub fn matches(plan: &WgPlan, seen: &WgSeen, own: &Key) -> bool {
-    let peers_ok = seen.peers.len() == plan.peers.len()
-        && plan.peers.iter().all(|(addr, key)| {
-            seen.peers.get(key).is_some_and(|p| {
-                p.endpoint == Some(SocketAddrV4::new(*addr, plan.port))
-                    && p.allowed == [(*addr, 32)]
-            })
-        });
-    seen.up
-        && seen.mtu == plan.mtu
-        && seen.port == plan.port
-        && seen.fwmark == FWMARK
-        && seen.public.as_ref() == Some(own)
-        && peers_ok
-        && seen.routes.iter().eq(plan.peers.keys())
-        && seen.rule
+    differences(plan, seen, own).is_empty()
 }
 
 /// The op that makes the device as planned (`plan` None: no device), given

@@ -37,19 +37,51 @@ impl crate::network::kernel::Wireguard for FakeKernel {
         self.wireguard_key
     }
     async fn wireguard(&self) -> Result<Option<crate::network::wireguard::WgSeen>> {
-        self.with(|m| Ok(m.host.wireguard.clone()))
+        // The device is a link of the host namespace: gone with it.
+        self.with(|m| {
+            let link = m.host.state.links.get(crate::network::wireguard::LINK);
+            Ok(match (&m.host.wireguard, link) {
+                (Some(w), Some(l)) => Some(crate::network::wireguard::WgSeen {
+                    up: l.up,
+                    mtu: l.mtu,
+                    ..w.clone()
+                }),
+                (Some(w), None) if w.rule => Some(crate::network::wireguard::WgSeen {
+                    rule: true,
+                    ..Default::default()
+                }),
+                _ => None,
+            })
+        })
     }
     async fn apply_wireguard(&self, op: &crate::network::wireguard::WgOp) -> Result<()> {
         use crate::network::wireguard::{FWMARK, WgOp, WgPeerSeen, WgSeen};
         let own = self.wireguard_key;
         self.with(|m| {
             m.log.push(format!("{op:?}"));
+            let link = crate::network::wireguard::LINK;
             match op {
-                WgOp::Remove => m.host.wireguard = None,
+                WgOp::Remove => {
+                    m.host.wireguard = None;
+                    m.host.state.links.remove(link);
+                }
                 WgOp::Set(p) => {
                     let Some(own) = own else {
                         return Err(errno("WireGuard".into(), libc::EOPNOTSUPP));
                     };
+                    m.host.state.links.insert(
+                        link.to_string(),
+                        crate::network::observe::LinkState {
+                            mac: None,
+                            name: link.to_string(),
+                            kind: crate::network::observe::LinkKind::Other("wireguard".into()),
+                            up: true,
+                            mtu: p.mtu,
+                            master: None,
+                            parent: None,
+                            port: None,
+                        },
+                    );
                     m.host.wireguard = Some(WgSeen {
                         up: true,
                         mtu: p.mtu,
