@@ -1383,7 +1383,8 @@ spec:
         "{err}"
     );
     // WAN settings this version does not act on are said to be so (a
-    // condition naming the fields and a Warning), never silently taken.
+    // condition naming the fields and a Warning), never silently taken
+    // (WireGuard and the cap are acted on: wireguard.rs, dataplane.rs).
     env.apply(
         "apiVersion: yukumo.io/v1alpha1
 kind: Site
@@ -1392,6 +1393,7 @@ spec:
   vniRange: {start: 4000, end: 4009}
   gateway: {wanEndpoint: '192.0.2.10:4790'}
   tunnel: {bandwidthMbps: 1000, encryption: wireguard}
+  credentialsSecretRef: {name: site-credentials, namespace: yukumo-system}
 ",
     );
     let (msg, _) = wait_for(Duration::from_secs(30), "WanTunnels condition", || {
@@ -1406,7 +1408,7 @@ spec:
     .unwrap();
     assert!(
         msg.starts_with(
-            "not acted on by this version: spec.tunnel.encryption: wireguard (no tunnel is made to or from this Site, never a plaintext one)"
+            "not acted on by this version: spec.credentialsSecretRef (agents use their own credentials)"
         ),
         "{msg}"
     );
