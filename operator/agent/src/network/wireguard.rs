@@ -18,7 +18,7 @@
 //! where the controller copies the holder's into its Site's tunnel ends.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
 use base64::Engine;
@@ -213,11 +213,6 @@ pub fn op(plan: Option<&WgPlan>, seen: Option<&WgSeen>, own: &Key) -> Option<WgO
         (Some(p), Some(s)) if matches(p, s, own) => None,
         (Some(p), _) => Some(WgOp::Set(p.clone())),
     }
-}
-
-/// The peer endpoints of a device's config as WireGuard takes them.
-pub fn endpoint(addr: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(addr, port))
 }
 
 #[cfg(test)]
