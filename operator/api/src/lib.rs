@@ -32,6 +32,11 @@ pub use volume::{Volume, VolumeSpec, VolumeStatus};
 pub const GROUP: &str = "yukumo.io";
 /// The served (and stored) version.
 pub const VERSION: &str = "v1alpha1";
+/// A SubjectAccessReview's `extra` key marking a question asked on purpose
+/// (`kubectl yukumo site join` asks whether a site agent's reads are
+/// scoped): the authorization webhook logs its answer quietly. The answer
+/// itself never depends on it.
+pub const SCOPE_PROBE: &str = "yukumo.io/scope-probe";
 
 /// Whether `s` is a DNS label (RFC 1123): 1-63 lower-case letters, digits
 /// and '-', neither first nor last — what names of Sites, namespaces and

@@ -6,6 +6,7 @@
 //! over at once.
 #![forbid(unsafe_code)]
 
+mod authz;
 mod check;
 mod context;
 #[cfg(test)]
@@ -56,6 +57,22 @@ struct Args {
     /// Prints each finding; exits 1 naming what failed.
     #[arg(long)]
     check: bool,
+    /// Serve the site agents' authorization webhook (`POST /authorize`,
+    /// HTTPS) at this address; every replica serves it. Needs
+    /// --authz-tls-cert and --authz-tls-key.
+    #[arg(long, requires_all = ["authz_tls_cert", "authz_tls_key"])]
+    authz_addr: Option<SocketAddr>,
+    /// PEM certificate (chain) of the webhook.
+    #[arg(long, requires = "authz_addr")]
+    authz_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the webhook.
+    #[arg(long, requires = "authz_addr")]
+    authz_tls_key: Option<std::path::PathBuf>,
+    /// Serve only the authorization webhook: no API client, no Lease, no
+    /// reconcilers — beside an API server that cannot reach the
+    /// controller's pods (a static pod on each control-plane node).
+    #[arg(long, requires = "authz_addr")]
+    authz_only: bool,
 }
 
 #[tokio::main]
@@ -70,6 +87,16 @@ async fn main() -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
+    if args.authz_only {
+        let (Some(addr), Some(cert), Some(key)) =
+            (args.authz_addr, args.authz_tls_cert, args.authz_tls_key)
+        else {
+            anyhow::bail!("--authz-only needs --authz-addr, --authz-tls-cert and --authz-tls-key");
+        };
+        let (listener, tls) = authz::bind(&authz::Serve { addr, cert, key })?;
+        authz::run(listener, tls, yukumo_telemetry::shutdown_signal()).await;
+        return Ok(());
+    }
     let client = Client::try_default().await?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -86,6 +113,19 @@ async fn main() -> anyhow::Result<()> {
         shutdown.clone(),
         calendar_route(leading.clone()),
     ));
+    // Bound before campaigning, so a bad certificate stops the replica at
+    // once, naming the file.
+    let authz = match (&args.authz_addr, &args.authz_tls_cert, &args.authz_tls_key) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let (listener, tls) = authz::bind(&authz::Serve {
+                addr: *addr,
+                cert: cert.clone(),
+                key: key.clone(),
+            })?;
+            Some(tokio::spawn(authz::run(listener, tls, shutdown.clone())))
+        }
+        _ => None,
+    };
     tracing::info!(%identity, namespace = %args.namespace, "controller starting");
 
     let mut elector = LeaderElector::new(
@@ -161,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let _ = server.await;
+    if let Some(a) = authz {
+        let _ = a.await;
+    }
     tracing::info!("controller stopped");
     Ok(())
 }
