@@ -413,11 +413,22 @@ async fn authorize(
             ),
         ));
     }
-    let vn = Api::<VirtualNode>::namespaced(ctx.client.clone(), ns)
-        .get_opt(name)
-        .await
-        .map_err(|e| internal("reading the node", e))?
-        .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no VirtualNode {ns}/{name}")))?;
+    // Read as this host's (a site agent may read no other node): one on
+    // another host is not found here.
+    let on_host = format!("{}={}", yukumo_api::labels::HOST, ctx.host);
+    let vn = crate::scoped::get(
+        &Api::<VirtualNode>::namespaced(ctx.client.clone(), ns),
+        name,
+        &on_host,
+    )
+    .await
+    .map_err(|e| internal("reading the node", e))?
+    .ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no VirtualNode {ns}/{name} on host {}", ctx.host),
+        )
+    })?;
     if vn.spec.host.as_deref() != Some(ctx.host.as_str()) {
         return Err((
             StatusCode::NOT_FOUND,

@@ -10,8 +10,14 @@ use yukumo_api::finalizers;
 /// Remove `finalizer` from `obj`, with its resourceVersion as a
 /// precondition; the cached object may be stale, so on a conflict it is
 /// read again and the removal retried (three times). `Ok(true)` once the
-/// finalizer is gone (or the object is).
-pub async fn release<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, kube::Error>
+/// finalizer is gone (or the object is). `scope` is the label selector the
+/// agent reads it by (`crate::scoped`).
+pub async fn release<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizer: &str,
+    scope: &str,
+) -> Result<bool, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
@@ -33,7 +39,7 @@ where
             Ok(_) => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                match api.get_opt(&obj.name_any()).await? {
+                match crate::scoped::get(api, &obj.name_any(), scope).await? {
                     Some(fresh) => current = fresh,
                     None => return Ok(true),
                 }

@@ -16,6 +16,7 @@ mod network;
 mod node_labels;
 mod probe;
 mod register;
+mod scoped;
 mod storage;
 
 use std::net::SocketAddr;

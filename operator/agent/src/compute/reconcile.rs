@@ -220,7 +220,8 @@ impl<D: Domains> ComputeCtx<D> {
 async fn release_finalizer<D: Domains>(ctx: &ComputeCtx<D>, vn: &VirtualNode) -> Result<(), Error> {
     let api: Api<VirtualNode> =
         Api::namespaced(ctx.client.clone(), &vn.namespace().unwrap_or_default());
-    if crate::finalizer::release(&api, vn, finalizers::HOST_CLEANUP).await? {
+    let scope = format!("{}={}", yukumo_api::labels::HOST, ctx.host);
+    if crate::finalizer::release(&api, vn, finalizers::HOST_CLEANUP, &scope).await? {
         tracing::info!(node = %vn.name_any(), "host cleaned up; finalizer released");
     }
     Ok(())

@@ -52,8 +52,9 @@ async fn initiators(
     site: &str,
     holders: &[&str],
 ) -> Result<Vec<String>, kube::Error> {
+    // By the Site's label: a site agent may list no other Hosts.
     let mut acl: Vec<String> = Api::<Host>::all(client.clone())
-        .list(&ListParams::default())
+        .list(&ListParams::default().labels(&format!("{}={site}", labels::SITE)))
         .await?
         .items
         .into_iter()
@@ -218,15 +219,16 @@ async fn seed(
         return Ok(None);
     };
     let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
-    let from = api
-        .get_opt(&src.volume)
+    // Read as this host's (a site agent may read no other Volume): one in
+    // another pool or on another host is not found here either.
+    let from = crate::scoped::get(&api, &src.volume, &format!("{}={host}", labels::STORAGE_HOST))
         .await
         .map_err(|e| (Reason::StorageFailed, e.to_string()))?
         .ok_or_else(|| {
             (
                 Reason::SourceNotFound,
                 format!(
-                    "spec.source.snapshot.volume: Volume {:?} not found",
+                    "spec.source.snapshot.volume: Volume {:?} not found in pool {pool:?} on {host}; a volume is made from a snapshot in the same pool",
                     src.volume
                 ),
             )
@@ -501,7 +503,7 @@ pub async fn reconcile<P: Pools, T: Targets>(
     let seen = ctx.pools.observe(&pool).await?;
     if want.delete {
         if !seen.volumes.contains_key(&file) && decide::snapshots_of(&seen, &uid).is_empty() {
-            release_finalizer(&ctx.client, &vol).await?;
+            release_finalizer(&ctx.client, &vol, &ctx.host).await?;
             return Ok(Action::await_change());
         }
         requeue = Duration::from_secs(5);
@@ -619,9 +621,10 @@ async fn export<P: Pools, T: Targets>(
     Ok(())
 }
 
-async fn release_finalizer(client: &Client, vol: &Volume) -> Result<(), Error> {
+async fn release_finalizer(client: &Client, vol: &Volume, host: &str) -> Result<(), Error> {
     let api: Api<Volume> = Api::namespaced(client.clone(), &vol.namespace().unwrap_or_default());
-    if crate::finalizer::release(&api, vol, finalizers::STORAGE_CLEANUP).await? {
+    let scope = format!("{}={host}", labels::STORAGE_HOST);
+    if crate::finalizer::release(&api, vol, finalizers::STORAGE_CLEANUP, &scope).await? {
         tracing::info!(volume = %vol.name_any(), "storage removed; finalizer released");
     }
     Ok(())
