@@ -277,7 +277,55 @@ pub async fn join(client: Client, config: &Config, j: Join) -> Result<()> {
             "note: {server} is this machine's loopback: pass --server with the address the Site's hosts reach"
         );
     }
+    match reads_unscoped(&client, &ns, &j.host).await {
+        Ok(false) => {}
+        Ok(true) => eprintln!(
+            "warning: this API server lets the agent list every VirtualNode of the fleet: its \
+             reads are not scoped (configure the API server with docs/authorization-config.yaml, \
+             the controller's authorization webhook)"
+        ),
+        Err(e) => eprintln!("note: could not check the agent's read scope: {e:#}"),
+    }
     Ok(())
+}
+
+/// Whether the API server would let the agent `ns/host` list every
+/// VirtualNode (no site-agent authorization webhook in its chain).
+async fn reads_unscoped(client: &Client, ns: &str, host: &str) -> Result<bool> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{ns}:{host}")),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ]),
+            // Not a read of the agent's: the webhook logs it quietly.
+            extra: Some(
+                [(
+                    yukumo_api::SCOPE_PROBE.to_string(),
+                    vec!["site-join".to_string()],
+                )]
+                .into(),
+            ),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(yukumo_api::GROUP.into()),
+                resource: Some("virtualnodes".into()),
+                verb: Some("list".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .context("asking the API server (SubjectAccessReview)")?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 fn is_loopback(server: &str) -> bool {
@@ -349,6 +397,62 @@ pub async fn revoke(client: Client, site: &str, host: Option<&str>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `join` asks the API server (a SubjectAccessReview for the agent's
+    /// account, with its groups) whether the agent could list every
+    /// VirtualNode: allowed means no webhook scopes its reads.
+    #[tokio::test]
+    async fn join_checks_whether_the_agents_reads_are_scoped() {
+        use http::{Method, Request, Response};
+        use kube::client::Body;
+        for allowed in [true, false] {
+            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let client = Client::new(service, "t");
+            let server = tokio::spawn(async move {
+                let (req, send) = handle.next_request().await.expect("a request");
+                assert_eq!(req.method(), Method::POST);
+                assert_eq!(
+                    req.uri().path(),
+                    "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+                );
+                let b = req.into_body().collect_bytes().await.unwrap();
+                let mut review: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                review["status"] = serde_json::json!({"allowed": allowed});
+                send.send_response(
+                    Response::builder()
+                        .status(201)
+                        .header("content-type", "application/json")
+                        .body(Body::from(serde_json::to_vec(&review).unwrap()))
+                        .unwrap(),
+                );
+                review
+            });
+            let unscoped = reads_unscoped(&client, "yukumo-site-b", "h1")
+                .await
+                .unwrap();
+            assert_eq!(unscoped, allowed);
+            let review = server.await.unwrap();
+            assert_eq!(
+                review["spec"]["user"],
+                "system:serviceaccount:yukumo-site-b:h1"
+            );
+            assert!(
+                review["spec"]["groups"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&"system:serviceaccounts:yukumo-site-b".into())
+            );
+            assert_eq!(
+                review["spec"]["resourceAttributes"]["resource"],
+                "virtualnodes"
+            );
+            assert_eq!(review["spec"]["resourceAttributes"]["verb"], "list");
+            assert_eq!(
+                review["spec"]["extra"]["yukumo.io/scope-probe"][0],
+                "site-join"
+            );
+        }
+    }
 
     #[test]
     fn a_sites_namespace_is_a_dns_label() {
