@@ -56,6 +56,24 @@ check "no PodDisruptionBudget for 1 replica" refuses grep -q '^kind: PodDisrupti
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set controller.replicas=1)"
 check "ships the site agents' role and the policy keeping each to its own Host" \
   test "$(grep -c 'name: yukumo-site-agent' <<<"$render")" -ge 3
+authz=(--set controller.authorizationWebhook.enabled=true --set controller.authorizationWebhook.tlsSecret=yukumo-authz-tls)
+mapfile -t authz_args < <(args_of x controller.yaml "${authz[@]}")
+check "the controller accepts the authorization webhook's flags (${#authz_args[@]})" "$ROOT/target/release/yukumo-controller" "${authz_args[@]}" --help
+check "authorizationWebhook: the flags, the Secret mounted, the Service yukumo-authz" python3 -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+dep = next(d for d in docs if d["kind"] == "Deployment")
+pod = dep["spec"]["template"]["spec"]; c = pod["containers"][0]
+assert "--authz-addr=0.0.0.0:8443" in c["args"], c["args"]
+assert {"name": "authz", "containerPort": 8443} in c["ports"], c["ports"]
+assert pod["volumes"][0]["secret"]["secretName"] == "yukumo-authz-tls", pod["volumes"]
+assert c["volumeMounts"][0]["mountPath"] == "/etc/yukumo/authz"
+svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "yukumo-authz")
+assert svc["spec"]["ports"][0]["targetPort"] == "authz"
+' < <(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 "${authz[@]}" --show-only templates/controller.yaml)
+check "authorizationWebhook without its tlsSecret is refused, naming the value" sh -c \
+  "helm template yukumo '$CHART' --kube-version 1.35.4 --set controller.authorizationWebhook.enabled=true 2>&1 | grep -q 'controller.authorizationWebhook.tlsSecret: name the'"
+check "no webhook by default" refuses grep -q 'authz' <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --show-only templates/controller.yaml)"
 check "admissionPolicy.enabled=false: no policy" refuses grep -q '^kind: ValidatingAdmissionPolicy' \
   <<<"$(helm template yukumo "$CHART" -n yukumo-system --kube-version 1.35.4 --set admissionPolicy.enabled=false)"
 # Monitoring: the alerts pass promtool (syntax, and unit tests with

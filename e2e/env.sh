@@ -193,6 +193,8 @@ extendedKeyUsage=serverAuth"
   cert scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
   cert admin "/O=system:masters/CN=yukumo-admin" "extendedKeyUsage=clientAuth"
   cert kcm "/CN=system:kube-controller-manager" "extendedKeyUsage=clientAuth"
+  cert authz "/CN=yukumo-authz" "subjectAltName=IP:127.0.0.1
+extendedKeyUsage=serverAuth"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 }
@@ -239,11 +241,26 @@ load_state() {
 }
 
 start_control_plane() {
-  ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port)
+  ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port); API_PORT=$(free_port); AUTHZ_PORT=$(free_port)
   {
     echo "API_PORT=$API_PORT"; echo "ETCD_PORT=$ETCD_PORT"; echo "KUBELETS=$KUBELETS"
+    echo "AUTHZ_PORT=$AUTHZ_PORT"
   } > "$DIR/state"
   gen_pki
+  # The site agents' read scope (README "A remote Site's agents"): the
+  # controller's authorization webhook, run on its own beside the API
+  # server as a static pod would be (`--authz-only`), asked before RBAC for
+  # a site agent's reads of yukumo kinds only, failing closed.
+  log "starting the site agents' authorization webhook on https://127.0.0.1:$AUTHZ_PORT"
+  spawn authz env RUST_LOG=info "$(controller_binary)" --authz-only --authz-addr "127.0.0.1:$AUTHZ_PORT" \
+    --authz-tls-cert "$DIR/pki/authz.crt" --authz-tls-key "$DIR/pki/authz.key"
+  printf '%s\n' "apiVersion: v1" "kind: Config" "clusters:" "- name: yukumo-authz" "  cluster:" \
+    "    server: https://127.0.0.1:$AUTHZ_PORT/authorize" "    certificate-authority: $DIR/pki/ca.crt" \
+    "users:" "- name: kube-apiserver" "contexts:" "- name: yukumo-authz" \
+    "  context: {cluster: yukumo-authz, user: kube-apiserver}" "current-context: yukumo-authz" \
+    > "$DIR/authz-webhook.kubeconfig"
+  sed "s|@KUBECONFIG@|$DIR/authz-webhook.kubeconfig|" "$ROOT/docs/authorization-config.yaml" \
+    > "$DIR/authorization-config.yaml"
   local kubelet_flags=()
   if [ "$KUBELETS" = 1 ]; then
     # The kubelets, in the hosts' namespaces, through e2e/lib/egress-proxy.py.
@@ -280,7 +297,7 @@ EOF
     --endpoint-reconciler-type none \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
     --client-ca-file "$DIR/pki/ca.crt" \
-    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction --allow-privileged=true \
+    --authorization-config "$DIR/authorization-config.yaml" --enable-admission-plugins NodeRestriction --allow-privileged=true \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.250.0.0/24 \

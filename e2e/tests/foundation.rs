@@ -1900,6 +1900,13 @@ fn a_remote_sites_agent_joins_with_a_credential_that_writes_only_its_own_host() 
             text.contains(&format!("yukumo-agent --host-name {h} --site remote")),
             "{text}"
         );
+        // The join asks the API server whether the agent's reads are
+        // scoped (here they are: no warning).
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("not scoped") && !err.contains("could not check"),
+            "{err}"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the kubeconfig holds a token");
@@ -1922,8 +1929,18 @@ fn a_remote_sites_agent_joins_with_a_credential_that_writes_only_its_own_host() 
     })
     .unwrap();
     println!("the remote agent's Host was Ready {took:?} after it started");
+    // Its own reads (watches of its nodes, Site, Volumes, the Sites' Hosts
+    // for the storage ACL) all stay within the webhook's scope.
+    std::thread::sleep(Duration::from_secs(3));
     let _ = agent.kill();
     let _ = agent.wait();
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = agent.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        !err.contains("forbidden") && !err.contains("Forbidden"),
+        "the remote agent was refused a read of its own: {err}"
+    );
 
     let as_host = |h: &str, args: &[&str]| {
         std::process::Command::new("kubectl")
@@ -1977,7 +1994,7 @@ spec:
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: remote-agents}}\n---
 apiVersion: yukumo.io/v1alpha1
 kind: Host
-metadata: {{name: r-2}}
+metadata: {{name: r-2, labels: {{yukumo.io/site: remote}}}}
 spec: {{site: remote}}
 ---
 {}{}apiVersion: yukumo.io/v1alpha1
@@ -1998,60 +2015,180 @@ spec: {{size: 1Gi, pool: nowhere}}
         );
     };
     let host_only = "the site agent of Host r-1 at Site remote may register and report only that Host, at that Site";
-    // `kubectl [-n NS] patch KIND NAME --subresource status` with a merge
-    // patch ("" for a cluster-scoped kind).
-    fn status_patch<'a>(ns: &'a str, kind: &'a str, name: &'a str, patch: &'a str) -> Vec<&'a str> {
-        let mut a = if ns.is_empty() {
-            vec![]
-        } else {
-            vec!["-n", ns]
-        };
-        a.extend_from_slice(&[
-            "patch",
-            kind,
-            name,
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            patch,
-        ]);
-        a
+    // A status write with no read before it (the agent's own writes are
+    // patches without one; `kubectl patch` would first read the object,
+    // which the webhook refuses for another host's): the admin reads the
+    // object, r-1 PUTs it with `status.<key>` set to its status subresource.
+    let status_put = |path: &str, key: &str, value: Value| {
+        let mut obj: Value =
+            serde_json::from_str(&env.kubectl_ok(&["get", "--raw", path]).unwrap()).unwrap();
+        obj["status"][key] = value;
+        let f = env.dir.join("remote-status.json");
+        std::fs::write(&f, obj.to_string()).unwrap();
+        as_r1(&[
+            "replace",
+            "--raw",
+            &format!("{path}/status"),
+            "-f",
+            f.to_str().unwrap(),
+        ])
+    };
+    let put_refused = |path: &str, key: &str, value: Value, want: &str| {
+        let out = status_put(path, key, value);
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success() && err.contains(want),
+            "PUT {path}/status as r-1: want {want:?}, got {err}"
+        );
+    };
+    let api = "/apis/yukumo.io/v1alpha1";
+    // Reads: only its own (the controller's authorization webhook, asked
+    // by the API server before RBAC). With its real token:
+    let names = |args: &[&str]| -> Vec<String> {
+        let out = as_r1(args);
+        assert!(
+            out.status.success(),
+            "{args:?} as r-1: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let name_only = ["-o", "name"];
+    assert_eq!(
+        names(&["get", "host", "r-1", "-o", "name"]),
+        ["host.yukumo.io/r-1"]
+    );
+    assert_eq!(
+        names(&["get", "hosts", "-l", "yukumo.io/site=remote", "-o", "name"]),
+        ["host.yukumo.io/r-1", "host.yukumo.io/r-2"],
+        "its Site's Hosts (their addresses make the storage ACL)"
+    );
+    assert_eq!(
+        names(&["get", "site", "remote", "-o", "name"]),
+        ["site.yukumo.io/remote"]
+    );
+    assert_eq!(
+        names(&["get", "vn", "-A", "-l", "yukumo.io/host=r-1", "-o", "name"]),
+        ["virtualnode.yukumo.io/on-r1"]
+    );
+    // One node read as the agent reads one (`scoped::get`): its host's
+    // label and its name.
+    assert_eq!(
+        names(&[
+            "-n",
+            "remote-agents",
+            "get",
+            "vn",
+            "-l",
+            "yukumo.io/host=r-1",
+            "--field-selector",
+            "metadata.name=on-r1",
+            "-o",
+            "name"
+        ]),
+        ["virtualnode.yukumo.io/on-r1"]
+    );
+    assert!(names(&[&["get", "networkgroups", "-A"][..], &name_only].concat()).len() < 1000);
+    assert!(
+        names(&[
+            "get",
+            "volumes",
+            "-A",
+            "-l",
+            "yukumo.io/storage-host=r-1",
+            "-o",
+            "name"
+        ])
+        .is_empty()
+    );
+    let hosts_only = "the site agent of Host r-1 at Site remote reads only its own Host by name, or its Site's Hosts by the label selector yukumo.io/site=remote";
+    let nodes_only = "the site agent of Host r-1 at Site remote reads VirtualNodes only with the label selector yukumo.io/host=r-1";
+    let site_only = "the site agent of Host r-1 at Site remote reads only its own Site, by name";
+    let volumes_only = "the site agent of Host r-1 at Site remote reads Volumes only with the label selector yukumo.io/storage-host=r-1";
+    let read_refusals: [(&[&str], &str); 11] = [
+        (&["get", "hosts"], hosts_only),
+        (&["get", "host", "r-2"], hosts_only),
+        (&["get", "host", "host-1"], hosts_only),
+        (&["get", "hosts", "-l", "yukumo.io/site=local"], hosts_only),
+        (&["get", "sites"], site_only),
+        (&["get", "site", "local"], site_only),
+        (&["get", "vn", "-A"], nodes_only),
+        (&["get", "vn", "-A", "-l", "yukumo.io/host=r-2"], nodes_only),
+        (&["-n", "remote-agents", "get", "vn", "on-r2"], nodes_only),
+        (&["get", "volumes", "-A"], volumes_only),
+        (
+            &["-n", "remote-agents", "get", "volume", "elsewhere"],
+            volumes_only,
+        ),
+    ];
+    for (args, why) in read_refusals {
+        refused(args, why);
     }
-    // Reads are allowed (the agent watches what it needs).
-    assert!(as_r1(&["get", "sites,hosts"]).status.success());
-    refused(
-        &status_patch("", "host", "r-2", r#"{"status":{"observedGeneration":1}}"#),
+    // The same by `kubectl auth can-i`, impersonating the agent's account.
+    let sa = "system:serviceaccount:yukumo-site-remote:r-1";
+    for (what, want) in [
+        (&["get", "hosts/r-1"][..], "yes"),
+        (&["get", "hosts/r-2"], "no"),
+        (&["list", "hosts"], "no"),
+        (&["get", "sites/remote"], "yes"),
+        (&["get", "sites/local"], "no"),
+        (&["list", "virtualnodes", "-A"], "no"),
+        (&["watch", "virtualnodes", "-A"], "no"),
+        (&["list", "networkgroups", "-A"], "yes"),
+        (&["list", "volumes", "-A"], "no"),
+        (&["get", "secrets", "-A"], "no"),
+    ] {
+        let out = env.kubectl(&[&["auth", "can-i"][..], what, &["--as", sa]].concat());
+        // "no - <the webhook's reason>" where it denied.
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let answer = got.split(" - ").next().unwrap_or_default();
+        assert_eq!(
+            answer,
+            want,
+            "can-i {what:?} as {sa}: {got} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if what[1] == "hosts/r-2" {
+            assert!(got.contains(hosts_only), "{got}");
+        }
+    }
+    // Nobody else's reads are its business: the local agents' account lists all.
+    let local = "system:serviceaccount:yukumo-system:yukumo-agent";
+    let out = env.kubectl(&["auth", "can-i", "list", "virtualnodes", "-A", "--as", local]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes");
+    put_refused(
+        &format!("{api}/hosts/r-2"),
+        "observedGeneration",
+        1.into(),
         host_only,
     );
-    refused(
-        &status_patch(
-            "remote-agents",
-            "vn",
-            "on-r2",
-            r#"{"status":{"host":"r-2"}}"#,
-        ),
+    put_refused(
+        &format!("{api}/namespaces/remote-agents/virtualnodes/on-r2"),
+        "host",
+        "r-2".into(),
         "the site agent of Host r-1 may update only the VirtualNodes placed on that Host",
     );
-    refused(
-        &status_patch(
-            "remote-agents",
-            "volume",
-            "elsewhere",
-            r#"{"status":{"observedGeneration":1}}"#,
-        ),
+    put_refused(
+        &format!("{api}/namespaces/remote-agents/volumes/elsewhere"),
+        "observedGeneration",
+        1.into(),
         "the site agent of Host r-1 may update only the Volumes whose storage that Host serves",
     );
     refused(&["delete", "host", "r-2"], "forbidden");
     refused(&["get", "secrets", "-A"], "forbidden");
     // Its own node's status is its to write.
-    let out = as_r1(&status_patch(
-        "remote-agents",
-        "vn",
-        "on-r1",
-        r#"{"status":{"host":"r-1"}}"#,
-    ));
+    let out = status_put(
+        &format!("{api}/namespaces/remote-agents/virtualnodes/on-r1"),
+        "host",
+        "r-1".into(),
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -445,6 +445,18 @@ spec:
     let (_, ok) = in_ns(&wan, &["ip", "link", "show", "h41"]);
     assert!(ok, "wgc-1's WAN link was watched");
     println!("wgc's endpoint: 0 UDP packets sent to it");
+    // The VM hosts' agents run with Site credentials, whose reads the
+    // controller's authorization webhook scopes: everything they did here
+    // (nodes, groups, their Site, tunnels) was within it.
+    let authz = std::fs::read_to_string(env.dir.join("logs/authz.log")).unwrap_or_default();
+    let denied: Vec<&str> = authz
+        .lines()
+        .filter(|l| l.contains("site agent read denied") && l.contains("vmwg-"))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "the VM hosts' agents were refused reads: {denied:#?}"
+    );
     for n in [fe, w] {
         let h = n["spec"]["host"].as_str().unwrap();
         vms.ok(h, &format!("ip netns del {}", guest(n)));
