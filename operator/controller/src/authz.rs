@@ -199,9 +199,15 @@ pub struct Serve {
     pub addr: SocketAddr,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// How often a handshake looks whether the files changed.
+    pub reload_every: std::time::Duration,
 }
 
-fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
+/// Certificate files are looked at for a change this often.
+pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The certificate and key read from their files.
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
@@ -213,21 +219,101 @@ fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
         "{}: no certificate in it",
         cert.display()
     );
-    let key = PrivateKeyDer::from_pem_file(key)
+    let der = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading the private key {}", key.display()))?;
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the webhook's certificate and key")
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .with_context(|| format!("the private key {}", key.display()))?;
+    let ck = rustls::sign::CertifiedKey::new(certs, signing);
+    ck.keys_match()
+        .with_context(|| format!("{} and {} do not match", cert.display(), key.display()))?;
+    Ok(Arc::new(ck))
+}
+
+/// When the files were last changed (both: a rotation writes both).
+fn stamp(cert: &Path, key: &Path) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(cert)?, m(key)?))
+}
+
+/// The webhook's certificate, read again when its files change (a rotated
+/// Secret, cert-manager): looked at on a handshake at most every `every`;
+/// a rotation that does not load keeps the last good one, with a warning.
+#[derive(Debug)]
+struct Reloading {
+    cert: PathBuf,
+    key: PathBuf,
+    every: std::time::Duration,
+    state: std::sync::Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    checked: std::time::Instant,
+    key: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl Reloading {
+    fn new(cert: &Path, key: &Path, every: std::time::Duration) -> Result<Self> {
+        let stamp = stamp(cert, key);
+        Ok(Self {
+            state: std::sync::Mutex::new(Loaded {
+                stamp,
+                checked: std::time::Instant::now(),
+                key: certified_key(cert, key)?,
+            }),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            every,
+        })
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Reloading {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.checked.elapsed() >= self.every {
+            s.checked = std::time::Instant::now();
+            let now = stamp(&self.cert, &self.key);
+            if now.is_some() && now != s.stamp {
+                match certified_key(&self.cert, &self.key) {
+                    Ok(k) => {
+                        s.key = k;
+                        s.stamp = now;
+                        tracing::info!(cert = %self.cert.display(), "authorization webhook: certificate reloaded");
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "authorization webhook: the changed certificate does not load; keeping the last one"
+                    ),
+                }
+            }
+        }
+        Some(s.key.clone())
+    }
+}
+
+fn tls_config(serve: &Serve) -> Result<rustls::ServerConfig> {
+    let certs = Reloading::new(&serve.cert, &serve.key, serve.reload_every)?;
+    Ok(rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(certs)))
 }
 
 /// Bind the webhook's address. `SO_REUSEPORT`: replicas on one machine
 /// (the local environment's controllers) share it, and while one is gone
 /// the others take its connections.
 pub fn bind(serve: &Serve) -> Result<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)> {
-    let tls = tls_config(&serve.cert, &serve.key)?;
+    let tls = tls_config(serve)?;
     let socket = if serve.addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -615,6 +701,7 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
+            reload_every: std::time::Duration::ZERO,
         };
         // A key that is not one is refused at start, naming the file.
         std::fs::write(dir.join("bad.key"), "nothing").unwrap();
@@ -689,6 +776,49 @@ mod tests {
         assert!(status.contains("400"), "{status}");
         let (status, _) = post("/elsewhere", review.to_string()).await;
         assert!(status.contains("404"), "{status}");
+
+        // Rotated files are served from the next handshake on; a broken
+        // rotation keeps the last good certificate.
+        let handshake = |trusted: rustls::pki_types::CertificateDer<'static>| async move {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(trusted).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(name, tcp)
+                .await
+                .is_ok()
+        };
+        let key2 = rcgen::KeyPair::generate().unwrap();
+        let cert2 = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key2)
+            .unwrap();
+        assert!(!handshake(cert2.der().clone()).await, "not served yet");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("tls.key"), key2.serialize_pem()).unwrap();
+        std::fs::write(dir.join("tls.crt"), cert2.pem()).unwrap();
+        assert!(
+            handshake(cert2.der().clone()).await,
+            "the rotated certificate served"
+        );
+        assert!(
+            !handshake(cert.der().clone()).await,
+            "the old one no longer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("tls.crt"), "not a certificate").unwrap();
+        assert!(
+            handshake(cert2.der().clone()).await,
+            "a broken rotation keeps the last good one"
+        );
         stop.send(true).unwrap();
         server.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);

@@ -93,7 +93,12 @@ async fn main() -> anyhow::Result<()> {
         else {
             anyhow::bail!("--authz-only needs --authz-addr, --authz-tls-cert and --authz-tls-key");
         };
-        let (listener, tls) = authz::bind(&authz::Serve { addr, cert, key })?;
+        let (listener, tls) = authz::bind(&authz::Serve {
+            addr,
+            cert,
+            key,
+            reload_every: authz::RELOAD_EVERY,
+        })?;
         authz::run(listener, tls, yukumo_telemetry::shutdown_signal()).await;
         return Ok(());
     }
@@ -121,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: *addr,
                 cert: cert.clone(),
                 key: key.clone(),
+                reload_every: authz::RELOAD_EVERY,
             })?;
             Some(tokio::spawn(authz::run(listener, tls, shutdown.clone())))
         }
