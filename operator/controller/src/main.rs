@@ -75,6 +75,18 @@ struct Args {
     authz_only: bool,
 }
 
+impl Args {
+    /// The authorization webhook's settings, when it is to be served.
+    fn authz_serve(&self) -> Option<authz::Serve> {
+        Some(authz::Serve {
+            addr: self.authz_addr?,
+            cert: self.authz_tls_cert.clone()?,
+            key: self.authz_tls_key.clone()?,
+            reload_every: authz::RELOAD_EVERY,
+        })
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     yukumo_telemetry::init_tracing();
@@ -88,17 +100,10 @@ async fn main() -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     if args.authz_only {
-        let (Some(addr), Some(cert), Some(key)) =
-            (args.authz_addr, args.authz_tls_cert, args.authz_tls_key)
-        else {
-            anyhow::bail!("--authz-only needs --authz-addr, --authz-tls-cert and --authz-tls-key");
-        };
-        let (listener, tls) = authz::bind(&authz::Serve {
-            addr,
-            cert,
-            key,
-            reload_every: authz::RELOAD_EVERY,
+        let serve = args.authz_serve().ok_or_else(|| {
+            anyhow::anyhow!("--authz-only needs --authz-addr, --authz-tls-cert and --authz-tls-key")
         })?;
+        let (listener, tls) = authz::bind(&serve)?;
         authz::run(listener, tls, yukumo_telemetry::shutdown_signal()).await;
         return Ok(());
     }
@@ -120,17 +125,12 @@ async fn main() -> anyhow::Result<()> {
     ));
     // Bound before campaigning, so a bad certificate stops the replica at
     // once, naming the file.
-    let authz = match (&args.authz_addr, &args.authz_tls_cert, &args.authz_tls_key) {
-        (Some(addr), Some(cert), Some(key)) => {
-            let (listener, tls) = authz::bind(&authz::Serve {
-                addr: *addr,
-                cert: cert.clone(),
-                key: key.clone(),
-                reload_every: authz::RELOAD_EVERY,
-            })?;
+    let authz = match args.authz_serve() {
+        Some(serve) => {
+            let (listener, tls) = authz::bind(&serve)?;
             Some(tokio::spawn(authz::run(listener, tls, shutdown.clone())))
         }
-        _ => None,
+        None => None,
     };
     tracing::info!(%identity, namespace = %args.namespace, "controller starting");
 
