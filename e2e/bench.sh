@@ -3,7 +3,7 @@
 #
 # Compute: starts a private environment (its own directory and ports) with 2
 # simulated libvirt hosts for real guests and 20 agents on their own
-# in-process test:///default hypervisors (site "bench"), runs
+# libvirt test-driver instances (site "bench"), runs
 # target/release/yukumo-bench against it, and removes the environment
 # afterwards, also on failure. Results: target/bench/compute.json.
 # Network: target/release/yukumo-netbench programs 1,000 NetworkGroups with

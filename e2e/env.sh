@@ -12,7 +12,8 @@
 #   e2e/env.sh start-controller ID [--dir D]   (process "controller-ID")
 #   e2e/env.sh start-agent HOST   [--dir D]    (process "agent-HOST")
 #   e2e/env.sh start-libvirtd HOST [--dir D]   (process "libvirtd-HOST")
-#   e2e/env.sh start-test-agent HOST SITE [--dir D]  (agent on test:///default)
+#   e2e/env.sh start-test-agent HOST SITE [--dir D]  (agent on libvirt's test driver)
+#   e2e/env.sh test-libvirt-uri HOST [--dir D]  (a test-driver instance's URI)
 #   e2e/env.sh start-vm-host HOST SITE INDEX [STORAGE_MIB] [--dir D] (process
 #              "vm-HOST": a VM with a kernel of its own, e2e/lib/vm-host.sh;
 #              with STORAGE_MIB a storage host: an LVM volume group and tgtd)
@@ -588,16 +589,54 @@ stop_site_host() { # name
   rm -rf "$hdir"
 }
 
-# An agent on its own in-process libvirt test driver (test:///default): a
-# host for scale benchmarks, with no guests, network namespace or libvirtd.
+# libvirt's test driver (domains and pools in memory) for agents without
+# guests: one session-mode libvirtd as user nobody, its folders in
+# $(test_libvirtd_dir), so it needs no namespace and touches nothing of the
+# machine's. Each agent opens its own instance (test:///FILE is private to
+# the connection that opened it).
+test_libvirtd_dir() { echo "/run/yukumo-lvt-$(echo "$DIR" | md5sum | cut -c1-8)"; }
+
+start_test_libvirtd() {
+  local d
+  d=$(test_libvirtd_dir)
+  if [ -S "$d/run/libvirt/libvirt-sock" ] && pid_alive "$(cat "$DIR/pids/libvirtd-test.pid" 2>/dev/null)"; then
+    return 0
+  fi
+  rm -rf "$d"
+  mkdir -p "$d/home" "$d/run" "$d/config" "$d/cache" "$d/nodes"
+  chown -R nobody:nogroup "$d"
+  spawn libvirtd-test setpriv --reuid=65534 --regid=65534 --clear-groups env -i \
+    HOME="$d/home" XDG_RUNTIME_DIR="$d/run" XDG_CONFIG_HOME="$d/config" XDG_CACHE_HOME="$d/cache" \
+    PATH=/usr/sbin:/usr/bin:/sbin:/bin libvirtd
+  wait_for 30 "the test libvirtd" test -S "$d/run/libvirt/libvirt-sock"
+}
+
+# The URI of a test-driver instance of its own for HOST (started if needed).
+test_libvirt_uri() { # host
+  local d
+  d=$(test_libvirtd_dir)
+  start_test_libvirtd
+  printf '<node/>\n' > "$d/nodes/$1.xml"
+  chmod 644 "$d/nodes/$1.xml"
+  echo "test+unix://$d/nodes/$1.xml?socket=$d/run/libvirt/libvirt-sock"
+}
+
+stop_test_libvirtd() {
+  stop_proc libvirtd-test
+  rm -rf "$(test_libvirtd_dir)"
+}
+
+# An agent on a libvirt test driver of its own (test_libvirt_uri): a host
+# for scale benchmarks, with no guests or network namespace.
 start_test_agent() { # name site
-  local host=$1 site=$2 hdir=$DIR/hosts/$1 mport
+  local host=$1 site=$2 hdir=$DIR/hosts/$1 mport uri
   mkdir -p "$hdir"
   echo "$site" > "$hdir/site"
+  uri=$(test_libvirt_uri "$host")
   mport=$(free_port)
   mkdir -p "$DIR/ports"; echo "$mport" > "$DIR/ports/agent-$host"
   spawn "agent-$host" env KUBECONFIG="$DIR/kubeconfig-agent" RUST_LOG="${RUST_LOG:-warn}" \
-    "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri test:///default --no-network \
+    "$(agent_binary)" --host-name "$host" --site "$site" --libvirt-uri "$uri" --no-network \
     --heartbeat-interval "${YUKUMO_HEARTBEAT:-10s}" --cpu-overcommit 8 --domain-type qemu \
     --metrics-addr "127.0.0.1:$mport" --state-dir "$hdir/agent"
   write_prom_targets
@@ -826,6 +865,7 @@ cmd_down() {
       [ -d "$f" ] && rm -f "/run/yukumo/$(basename "$f").sock" "/run/yukumo/$(basename "$f").console.sock"
     done
   done
+  stop_test_libvirtd
   # Routers the agents made: their DHCP servers (PID files in the agents'
   # state), then their namespaces (named after the hosts' namespaces).
   for f in "$DIR"/hosts/*/agent/net/*/dnsmasq.pid; do
@@ -878,6 +918,7 @@ main() {
     start-controller) load_state; start_controller "${args[0]}" ;;
     start-agent) load_state; start_agent "${args[0]}" ;;
     start-test-agent) load_state; start_test_agent "${args[0]}" "${args[1]}" ;;
+    test-libvirt-uri) load_state; test_libvirt_uri "${args[0]}" ;;
     start-libvirtd) load_state; start_libvirtd "${args[0]}" ;;
     start-site-host) load_state; start_site_host "${args[0]}" "${args[1]}" "${args[2]}" ;;
     stop-site-host) load_state; stop_site_host "${args[0]}" ;;

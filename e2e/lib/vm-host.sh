@@ -101,10 +101,20 @@ if [ -c /dev/ttyS1 ]; then
   (while true; do sh -c 'while read -r m c; do sh -c "\$(echo "\$c" | base64 -d)" </dev/null; echo "__\${m}__\$?"; done' </dev/ttyS1 >/dev/ttyS1 2>&1; done) &
 fi
 $storage
+# libvirt's test driver for the agent: a session-mode libvirtd as nobody,
+# its folders on /run (the agent's domains live in memory there).
+mkdir -p /run/yk-lvt/home /run/yk-lvt/run /run/yk-lvt/config /run/yk-lvt/cache
+printf '<node/>\\n' > /run/yk-lvt/node.xml
+chown -R nobody:nogroup /run/yk-lvt
+setpriv --reuid=65534 --regid=65534 --clear-groups env -i HOME=/run/yk-lvt/home \\
+  XDG_RUNTIME_DIR=/run/yk-lvt/run XDG_CONFIG_HOME=/run/yk-lvt/config XDG_CACHE_HOME=/run/yk-lvt/cache \\
+  PATH=/usr/sbin:/usr/bin:/sbin:/bin libvirtd >/run/yk-lvt.log 2>&1 &
+for _ in \$(seq 300); do [ -S /run/yk-lvt/run/libvirt/libvirt-sock ] && break; sleep 0.1; done
 echo "YUKUMO-VM-HOST ready \$(uname -r)"
 while true; do
   KUBECONFIG=$hdir/kubeconfig RUST_LOG=${RUST_LOG:-info} $(agent_binary) \\
-    --host-name $name --site $site --libvirt-uri test:///default \\
+    --host-name $name --site $site \\
+    --libvirt-uri 'test+unix:///run/yk-lvt/node.xml?socket=/run/yk-lvt/run/libvirt/libvirt-sock' \\
     $role --uplink ul0 --underlay-address 10.255.0.$i \\
     --heartbeat-interval ${YUKUMO_HEARTBEAT:-5s} --cpu-overcommit 8 --domain-type qemu \\
     --metrics-addr 10.0.2.15:9464 --state-dir /run/yukumo-agent

@@ -169,6 +169,22 @@ impl Env {
         c
     }
 
+    /// A libvirt test-driver instance of its own for an agent without
+    /// guests (`e2e/env.sh test-libvirt-uri`): its `--libvirt-uri`.
+    pub fn test_libvirt_uri(&self, host: &str) -> String {
+        let out = Command::new(self.root.join("e2e/env.sh"))
+            .args(["test-libvirt-uri", host, "--dir"])
+            .arg(&self.dir)
+            .output()
+            .expect("run e2e/env.sh test-libvirt-uri");
+        assert!(
+            out.status.success(),
+            "e2e/env.sh test-libvirt-uri: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Run `e2e/env.sh` with a subcommand against this environment.
     pub fn env_sh(&self, args: &[&str]) -> anyhow::Result<()> {
         let out = Command::new(self.root.join("e2e/env.sh"))

@@ -1715,18 +1715,20 @@ spec: {{size: 16Mi, pool: no-such-pool}}
 }
 
 /// An agent started with the environment's (the chart's) agent credentials
-/// and `--from-node-labels`, on the in-process test hypervisor. Killed (our
+/// and `--from-node-labels`, on libvirt's test driver. Killed (our
 /// own PID) and its Host and Node removed when dropped, also on failure.
-/// A real agent process with no libvirtd (`test:///default`) and no
-/// networking: it registers and heartbeats its Host with `kubeconfig`.
+/// A real agent process on libvirt's test driver (an instance of its own)
+/// with no networking: it registers and heartbeats its Host with
+/// `kubeconfig`.
 fn spawn_agent(env: &Env, kubeconfig: &Path, host: &str, args: &[&str]) -> std::process::Child {
     let state = env.dir.join(format!("agent-state-{host}"));
+    let uri = env.test_libvirt_uri(host);
     std::process::Command::new(env.root.join("target/release/yukumo-agent"))
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .args(["--host-name", host])
         .args(args)
-        .args(["--libvirt-uri", "test:///default", "--no-network"])
+        .args(["--libvirt-uri", &uri, "--no-network"])
         .args([
             "--metrics-addr",
             "127.0.0.1:0",

@@ -2,7 +2,7 @@
 //! `e2e/bench.sh`, which starts the environment it measures).
 //!
 //! Part 1, scale: 10 VirtualClusters × 200 nodes on the agents of site
-//! `bench` (each on its own in-process `test:///default` hypervisor), from
+//! `bench` (each on a libvirt test-driver instance of its own), from
 //! apply to every cluster Ready; the baseline in the same run is raw
 //! define+start of as many domains on the test driver plus raw creation of as
 //! many objects with the kube client (same write concurrency as the
@@ -182,11 +182,13 @@ fn baseline_domain_xml(i: usize, dir: &Path) -> String {
     )
 }
 
-/// Baseline part 1: raw define + start of `n` domains on an in-process test driver.
-fn raw_libvirt(n: usize) -> Result<Duration> {
+/// Baseline part 1: raw define + start of `n` domains on a test-driver
+/// instance of the environment's test libvirtd, as the agents have (libvirt's
+/// own client library, through the same daemon).
+fn raw_libvirt(uri: &str, n: usize) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
     let t = Instant::now();
-    let mut conn = virt::connect::Connect::open(Some("test:///default"))?;
+    let mut conn = virt::connect::Connect::open(Some(uri))?;
     for i in 0..n {
         let d = virt::domain::Domain::define_xml(&conn, &baseline_domain_xml(i, dir.path()))?;
         d.create()?;
@@ -400,8 +402,8 @@ async fn scale(env: &Env, client: &Client, o: &Opts) -> Result<Scale> {
     let url = format!("file://{}", image.display());
     let image_json = json!({"url": url, "checksum": checksum});
 
-    println!("baseline: raw define+start of {vms} domains on test:///default ...");
-    let baseline_libvirt = raw_libvirt(vms)?;
+    println!("baseline: raw define+start of {vms} domains on libvirt's test driver ...");
+    let baseline_libvirt = raw_libvirt(&env.test_libvirt_uri("bench-baseline"), vms)?;
     println!("  {:.2} s", baseline_libvirt.as_secs_f64());
     println!("baseline: raw creation of {vms} VirtualNode objects (16 in flight) ...");
     let baseline_objects = raw_objects(client, vms, &image_json).await?;

@@ -9,15 +9,14 @@
 //! when libvirt went away) and registers a domain lifecycle callback on every
 //! connection it opens, so events keep flowing across libvirtd restarts.
 
-#[allow(unsafe_code)]
 pub mod events;
 
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::libvirt::{self, Connect};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
-use virt::connect::Connect;
 
 pub use events::{HvEvent, Lifecycle};
 
@@ -49,7 +48,7 @@ struct Conn {
 impl Conn {
     /// The live connection: drops one libvirt reports dead, then (re)connects
     /// and registers the event callback on the new connection.
-    fn ensure(&mut self) -> Result<&Connect, virt::error::Error> {
+    fn ensure(&mut self) -> Result<&Connect, libvirt::Error> {
         if let Some(c) = self.conn.as_ref()
             && !c.is_alive().unwrap_or(false)
         {
@@ -57,7 +56,7 @@ impl Conn {
             self.close();
         }
         if self.conn.is_none() {
-            let c = Connect::open(Some(&self.uri))?;
+            let c = Connect::open(&self.uri)?;
             if let Some(tx) = &self.events {
                 match events::register_lifecycle(&c, tx.clone()) {
                     Ok(r) => {
@@ -136,12 +135,10 @@ impl Hypervisor {
     }
 
     /// Start the thread delivering domain lifecycle events to `events`: it
-    /// registers libvirt's event loop (before any connection is opened),
-    /// connects at once and keeps connected, re-registering the callback on
-    /// each new connection and sending [`HvEvent::Reconnected`] after a gap.
+    /// connects at once and keeps connected, registering for events on each
+    /// new connection and sending [`HvEvent::Reconnected`] after a gap.
     pub fn start_with_events(uri: &str, events: UnboundedSender<HvEvent>) -> Self {
-        let events = events::ensure_event_loop().then_some(events);
-        Self::spawn(uri, events)
+        Self::spawn(uri, Some(events))
     }
 
     fn spawn(uri: &str, events: Option<UnboundedSender<HvEvent>>) -> Self {
@@ -191,7 +188,7 @@ impl Hypervisor {
     /// Run `f` with a live connection on the libvirt thread.
     pub async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+        f: impl FnOnce(&Connect) -> Result<T, libvirt::Error> + Send + 'static,
     ) -> Result<T, HypervisorError> {
         let (reply, rx) = oneshot::channel();
         let uri = self.uri.clone();
@@ -248,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_driver_reports_capacity() {
-        let h = Hypervisor::start("test:///default");
+        let h = Hypervisor::start(&crate::libvirt::testd::default_uri());
         let info = h.info().await.expect("test driver");
         assert!(info.cpus > 0);
         assert!(info.memory_mib > 0);
@@ -282,10 +279,11 @@ mod tests {
     #[tokio::test]
     async fn lifecycle_events_are_delivered_and_survive_a_reconnect() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let h = Hypervisor::start_with_events("test:///default", tx);
+        let uri = crate::libvirt::testd::default_uri();
+        let h = Hypervisor::start_with_events(&uri, tx);
         // The test driver's state lives while a connection is open: this one
         // keeps the domain across the agent's reconnect.
-        let mut keep = Connect::open(Some("test:///default")).unwrap();
+        let mut keep = Connect::open(&uri).unwrap();
         let name = format!("yk-events-{}", std::process::id());
         let xml = format!(
             "<domain type='test'><name>{name}</name><memory>1024</memory>\
@@ -293,7 +291,7 @@ mod tests {
         );
         let uuid = h
             .call(move |c| {
-                let d = virt::domain::Domain::define_xml(c, &xml)?;
+                let d = libvirt::Domain::define_xml(c, &xml)?;
                 d.create()?;
                 d.get_uuid_string()
             })
@@ -304,7 +302,7 @@ mod tests {
             let h = h.clone();
             async move {
                 h.call(move |c| {
-                    let d = virt::domain::Domain::lookup_by_uuid_string(c, &id)?;
+                    let d = libvirt::Domain::lookup_by_uuid_string(c, &id)?;
                     d.destroy()?;
                     d.create()
                 })
@@ -316,7 +314,7 @@ mod tests {
         let stopped = HvEvent::Lifecycle {
             uuid: uuid.clone(),
             event: Lifecycle::Stopped,
-            detail: virt::sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED as i32,
+            detail: libvirt::sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED,
         };
         wait_for(&mut rx, stopped.clone())
             .await
@@ -333,7 +331,7 @@ mod tests {
             .expect("stopped event after the reconnect");
         let id = uuid.clone();
         h.call(move |c| {
-            let d = virt::domain::Domain::lookup_by_uuid_string(c, &id)?;
+            let d = libvirt::Domain::lookup_by_uuid_string(c, &id)?;
             d.destroy()?;
             d.undefine()
         })

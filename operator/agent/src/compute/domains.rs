@@ -8,7 +8,7 @@ use std::future::Future;
 #[cfg(test)]
 use std::sync::{Arc, Mutex};
 
-use virt::domain::Domain;
+use crate::libvirt::Domain;
 
 use super::decide::DomainSeen;
 use super::domain::{disks_in, marker};
@@ -49,12 +49,12 @@ pub trait Domains: Send + Sync + Clone + 'static {
     fn marked(&self, uid: &str) -> impl Future<Output = Result<bool, HypervisorError>> + Send;
 }
 
-fn inactive_xml(d: &Domain) -> Result<String, virt::error::Error> {
-    d.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+fn inactive_xml(d: &Domain) -> Result<String, crate::libvirt::Error> {
+    d.get_xml_desc(crate::libvirt::sys::VIR_DOMAIN_XML_INACTIVE)
 }
 
 /// Destroy (if running) and undefine; the calls made.
-fn remove_domain(d: &Domain, ops: &mut Vec<&'static str>) -> Result<(), virt::error::Error> {
+fn remove_domain(d: &Domain, ops: &mut Vec<&'static str>) -> Result<(), crate::libvirt::Error> {
     if d.is_active()? {
         d.destroy()?;
         ops.push("destroy");
@@ -124,15 +124,17 @@ impl Domains for Hypervisor {
                         .map(|_| ())?,
                     DomainOp::Destroy => Domain::lookup_by_uuid_string(c, &id)?.destroy()?,
                     DomainOp::AttachDisk { xml } => {
-                        Domain::lookup_by_uuid_string(c, &id)?
-                            .attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)?;
+                        Domain::lookup_by_uuid_string(c, &id)?.attach_device_flags(
+                            &xml,
+                            crate::libvirt::sys::VIR_DOMAIN_AFFECT_LIVE,
+                        )?;
                     }
                     DomainOp::DetachDisk { xml } => {
                         // Asynchronous: the guest acknowledges the unplug;
                         // asked again while pending, libvirt refuses, which
                         // is no news (the next observation tells).
                         if let Err(e) = Domain::lookup_by_uuid_string(c, &id)?
-                            .detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
+                            .detach_device_flags(&xml, crate::libvirt::sys::VIR_DOMAIN_AFFECT_LIVE)
                         {
                             tracing::debug!(error = %e, "detach pending");
                         }
@@ -141,7 +143,7 @@ impl Domains for Hypervisor {
                         Domain::lookup_by_uuid_string(c, &id)?.block_resize(
                             &target,
                             bytes,
-                            virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES,
+                            crate::libvirt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES,
                         )?;
                     }
                 }
@@ -165,8 +167,10 @@ impl Domains for Hypervisor {
 
     async fn list(&self) -> Result<HashMap<String, Listed>, HypervisorError> {
         self.call(|c| {
-            let active = c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
-            let inactive = c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)?;
+            let active =
+                c.list_all_domains(crate::libvirt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
+            let inactive =
+                c.list_all_domains(crate::libvirt::sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)?;
             let mut out = HashMap::new();
             for (doms, active) in [(active, true), (inactive, false)] {
                 for d in doms {
@@ -437,8 +441,9 @@ mod tests {
     #[tokio::test]
     async fn libvirt_test_driver_converges() {
         // The test driver's state lives while a connection is open.
-        let mut keep = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        converges(&Hypervisor::start("test:///default")).await;
+        let uri = crate::libvirt::testd::default_uri();
+        let mut keep = crate::libvirt::Connect::open(&uri).unwrap();
+        converges(&Hypervisor::start(&uri)).await;
         keep.close().unwrap();
     }
 }

@@ -339,13 +339,13 @@ pub async fn ensure_secrets(
         keys.push((user, raw));
     }
     hv.call(move |conn| {
-        use virt::secret::Secret;
+        use crate::libvirt::Secret;
         let mut written = Vec::new();
         for (user, raw) in keys {
             let usage = yukumo_api::site::ceph_secret_usage(&user);
             let s = match Secret::lookup_by_usage(
                 conn,
-                virt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32,
+                crate::libvirt::sys::VIR_SECRET_USAGE_TYPE_CEPH as i32,
                 &usage,
             ) {
                 Ok(s) => s,

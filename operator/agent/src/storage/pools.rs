@@ -5,8 +5,8 @@
 
 use std::future::Future;
 
-use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
+use crate::libvirt::StoragePool;
+use crate::libvirt::StorageVol;
 
 use yukumo_api::site::{PoolType, StoragePool as PoolSpec};
 
@@ -220,7 +220,7 @@ const IMAGES_POOL: &str = "yk-images";
 
 /// A full copy of `src` into pool `p` as `name` (qcow2), removed again if
 /// the copy fails half-way (the next pass makes it again).
-fn copy_volume(p: &StoragePool, src: &StorageVol, name: &str) -> Result<(), virt::error::Error> {
+fn copy_volume(p: &StoragePool, src: &StorageVol, name: &str) -> Result<(), crate::libvirt::Error> {
     let cap = src.get_info()?.capacity;
     let xml = format!(
         "<volume><name>{}</name><capacity unit='bytes'>{cap}</capacity><target>{}<permissions><mode>0600</mode></permissions></target></volume>",
@@ -345,8 +345,9 @@ mod tests {
     /// it has no resize: growing is proved on a real libvirtd, e2e).
     #[tokio::test]
     async fn decided_ops_converge_on_libvirt_test_driver() {
-        let mut keep = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        let hv = Hypervisor::start("test:///default");
+        let uri = crate::libvirt::testd::default_uri();
+        let mut keep = crate::libvirt::Connect::open(&uri).unwrap();
+        let hv = Hypervisor::start(&uri);
         let uid = "6f1c7e4a-0000-4000-8000-000000000003";
         let mut last = 0;
         for bytes in [64u64 << 20] {

@@ -1,0 +1,80 @@
+//! A private libvirt daemon for tests: libvirtd in session mode as user
+//! `nobody`, with its home, runtime and config folders in a temporary
+//! folder, so it touches nothing of the machine's and needs no namespace.
+//! Its drivers include libvirt's test driver (`test:///default`, in memory).
+//! It exits by itself 30 s after its last client left.
+
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    pub socket: String,
+    /// Kept, not waited for: the daemon outlives the tests that use it and
+    /// exits on its own (`--timeout`).
+    _process: std::process::Child,
+}
+
+/// The test process's daemon, started on first use.
+pub fn daemon() -> &'static Daemon {
+    static D: OnceLock<Daemon> = OnceLock::new();
+    D.get_or_init(start)
+}
+
+/// `test:///default` of the test daemon.
+pub fn default_uri() -> String {
+    format!("test+unix:///default?socket={}", daemon().socket)
+}
+
+fn start() -> Daemon {
+    let dir = std::env::temp_dir().join(format!("yk-libvirtd-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for d in ["home", "run", "config", "cache"] {
+        std::fs::create_dir_all(dir.join(d)).expect("test daemon folder");
+    }
+    let status = Command::new("chown")
+        .args(["-R", "nobody:nogroup"])
+        .arg(&dir)
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown of {}", dir.display());
+    let socket = dir.join("run/libvirt/libvirt-sock");
+    let log = std::fs::File::create(dir.join("libvirtd.log")).expect("log file");
+    let process = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "-i",
+        ])
+        .arg(format!("HOME={}", dir.join("home").display()))
+        .arg(format!("XDG_RUNTIME_DIR={}", dir.join("run").display()))
+        .arg(format!("XDG_CONFIG_HOME={}", dir.join("config").display()))
+        .arg(format!("XDG_CACHE_HOME={}", dir.join("cache").display()))
+        .args([
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "libvirtd",
+            "--timeout",
+            "30",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("libvirtd (package libvirt-daemon) and setpriv must be installed");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < until,
+            "the test libvirtd did not open {} (log: {})",
+            socket.display(),
+            dir.join("libvirtd.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon {
+        socket: socket.to_string_lossy().into_owned(),
+        _process: process,
+    }
+}
