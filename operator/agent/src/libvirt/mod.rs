@@ -40,6 +40,7 @@ mod proc_ {
     pub const DOMAIN_LOOKUP_BY_NAME: i32 = 23;
     pub const DOMAIN_LOOKUP_BY_UUID: i32 = 24;
     pub const DOMAIN_UNDEFINE: i32 = 35;
+    pub const CONNECT_SUPPORTS_FEATURE: i32 = 60;
     pub const AUTH_LIST: i32 = 66;
     pub const AUTH_POLKIT: i32 = 70;
     pub const STORAGE_POOL_DEFINE_XML: i32 = 77;
@@ -127,6 +128,9 @@ impl std::error::Error for Error {}
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// `virDrvFeature`: the peer speaks the keepalive program.
+const VIR_DRV_FEATURE_PROGRAM_KEEPALIVE: i32 = 10;
+
 /// An open connection.
 pub struct Connect {
     rpc: Arc<Rpc>,
@@ -143,6 +147,12 @@ pub struct NodeInfo {
 impl Connect {
     /// Connect to the daemon `uri` names and open its driver.
     pub fn open(uri: &str) -> Result<Connect> {
+        Self::open_with(uri, rpc::DEAD_AFTER)
+    }
+
+    /// [`Connect::open`], the daemon taken for dead after `dead_after` of
+    /// silence.
+    fn open_with(uri: &str, dead_after: std::time::Duration) -> Result<Connect> {
         let target = uri::parse(uri)?;
         let rpc = Arc::new(Rpc::connect(&target.socket)?);
         let c = Connect { rpc };
@@ -150,7 +160,20 @@ impl Connect {
         let mut a = Enc::default();
         a.opt_str(Some(&target.name)).u32(0);
         c.call(proc_::CONNECT_OPEN, &a)?;
+        c.keepalive(dead_after)?;
         Ok(c)
+    }
+
+    /// Tell the daemon the client answers keepalive pings (it then pings
+    /// an idle connection), and take its silence for death.
+    fn keepalive(&self, dead_after: std::time::Duration) -> Result<()> {
+        let mut a = Enc::default();
+        a.i32(VIR_DRV_FEATURE_PROGRAM_KEEPALIVE);
+        let r = self.call(proc_::CONNECT_SUPPORTS_FEATURE, &a)?;
+        if Dec::new(&r).bool()? {
+            self.rpc.start_keepalive(dead_after)?;
+        }
+        Ok(())
     }
 
     /// The socket's authentication: none, or polkit (which the daemon
@@ -705,6 +728,35 @@ impl Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon that answers nothing (stopped) is found dead within the
+    /// keepalive's limit, and the call waiting on it fails; one that pings
+    /// keeps an idle connection open.
+    #[test]
+    fn a_silent_daemon_is_found_dead_and_fails_the_waiting_call() {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        use std::time::{Duration, Instant};
+        let mut d = testd::start("keepalive");
+        let pid = Pid::from_raw(d.process.id() as i32);
+        let uri = format!("test+unix:///default?socket={}", d.socket);
+        let c = Connect::open_with(&uri, Duration::from_secs(3)).unwrap();
+        // Idle for longer than the limit and than the daemon's patience (5
+        // pings a second apart): its pings are answered, and keep it open.
+        std::thread::sleep(Duration::from_secs(8));
+        assert!(c.is_alive().unwrap());
+        c.get_lib_version().expect("alive after an idle spell");
+        kill(pid, Signal::SIGSTOP).unwrap();
+        let t = Instant::now();
+        let r = c.get_lib_version();
+        let took = t.elapsed();
+        kill(pid, Signal::SIGCONT).unwrap();
+        let _ = d.process.kill();
+        let _ = d.process.wait();
+        assert!(r.is_err(), "{r:?}");
+        assert!(!c.is_alive().unwrap());
+        assert!(took < Duration::from_secs(8), "found dead after {took:?}");
+    }
 
     #[test]
     fn uuids_round_trip() {

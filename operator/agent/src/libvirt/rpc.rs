@@ -5,12 +5,20 @@
 //! One reader thread per connection reads every packet; callers block on
 //! their own reply only. When the socket closes, every pending call fails
 //! and the connection reports itself dead.
+//!
+//! Keepalive, as libvirt's own client does it: once the daemon is told the
+//! client speaks the keepalive program ([`Rpc::start_keepalive`]), it pings
+//! the client when the connection is idle (every 5 s by default) and the
+//! reader answers each ping. A daemon that sends nothing at all for
+//! [`DEAD_AFTER`] — hung, or its host gone — is taken for dead: the socket
+//! is shut, and the calls waiting on it fail instead of blocking forever.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use super::Error;
 use super::xdr::{Dec, Enc};
@@ -28,22 +36,30 @@ const ERROR: i32 = 1;
 const HEADER: usize = 28;
 /// libvirt's own limit is 32 MiB; anything larger is a broken stream.
 const MAX_PACKET: usize = 64 << 20;
+/// The keepalive program: the daemon's PING, the client's PONG.
+const KEEPALIVE: u32 = 0x6b65_6570;
+const PING: i32 = 1;
+const PONG: i32 = 2;
+/// Silence after which a daemon that pings is taken for dead: libvirt's
+/// client gives up after 5 unanswered pings 5 s apart.
+pub const DEAD_AFTER: Duration = Duration::from_secs(30);
 
 /// Where a connection's event messages go: (procedure, payload).
 pub type EventSink = Box<dyn Fn(i32, &[u8]) + Send>;
 
 type Reply = Result<Vec<u8>, Error>;
 
-#[derive(Default)]
 struct Shared {
     pending: Mutex<HashMap<u32, mpsc::Sender<Reply>>>,
     dead: AtomicBool,
     events: Mutex<Option<EventSink>>,
+    writer: Mutex<UnixStream>,
+    /// When the last packet arrived.
+    heard: Mutex<Instant>,
 }
 
 /// One open socket to a libvirt daemon.
 pub struct Rpc {
-    writer: Mutex<UnixStream>,
     serial: AtomicU32,
     shared: Arc<Shared>,
 }
@@ -59,17 +75,54 @@ impl Rpc {
         let reader = stream
             .try_clone()
             .map_err(|e| Error::new(-1, format!("libvirt's socket {socket}: {e}")))?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            dead: AtomicBool::new(false),
+            events: Mutex::default(),
+            writer: Mutex::new(stream),
+            heard: Mutex::new(Instant::now()),
+        });
         let s = shared.clone();
         std::thread::Builder::new()
             .name("libvirt-rpc".into())
             .spawn(move || read_loop(reader, &s))
             .map_err(|e| Error::new(-1, format!("cannot start libvirt's reader thread: {e}")))?;
         Ok(Rpc {
-            writer: Mutex::new(stream),
             serial: AtomicU32::new(1),
             shared,
         })
+    }
+
+    /// Watch the daemon's keepalive pings (after it was told the client
+    /// answers them): silence for `dead_after` shuts the connection.
+    pub fn start_keepalive(&self, dead_after: Duration) -> Result<(), Error> {
+        let shared = Arc::downgrade(&self.shared);
+        std::thread::Builder::new()
+            .name("libvirt-keepalive".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep((dead_after / 6).max(Duration::from_millis(100)));
+                    let Some(s) = shared.upgrade() else { return };
+                    if s.dead.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let silent = s.heard.lock().expect("heard lock").elapsed();
+                    if silent > dead_after {
+                        tracing::warn!(
+                            silent_s = silent.as_secs(),
+                            "libvirt sent nothing, not even a keepalive ping; closing the connection"
+                        );
+                        let _ = s
+                            .writer
+                            .lock()
+                            .expect("writer lock")
+                            .shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| Error::new(-1, format!("cannot start libvirt's keepalive thread: {e}")))
     }
 
     /// Whether the daemon's end is still open.
@@ -107,7 +160,12 @@ impl Rpc {
             .u32(serial)
             .i32(OK);
         p.0.extend_from_slice(args);
-        let written = self.writer.lock().expect("writer lock").write_all(&p.0);
+        let written = self
+            .shared
+            .writer
+            .lock()
+            .expect("writer lock")
+            .write_all(&p.0);
         if let Err(e) = written {
             self.shared
                 .pending
@@ -122,6 +180,7 @@ impl Rpc {
     /// Stop reading: the reader thread sees the end and exits.
     pub fn shutdown(&self) {
         let _ = self
+            .shared
             .writer
             .lock()
             .expect("writer lock")
@@ -157,6 +216,7 @@ fn read_loop(mut sock: UnixStream, shared: &Shared) {
         if sock.read_exact(&mut body).is_err() {
             break;
         }
+        *shared.heard.lock().expect("heard lock") = Instant::now();
         if let Err(e) = dispatch(&body, shared) {
             tracing::warn!(error = %e, "a libvirt packet could not be read; closing");
             break;
@@ -173,8 +233,26 @@ fn dispatch(body: &[u8], shared: &Shared) -> Result<(), Error> {
     let (prog, _vers, proc_, kind, serial, status) =
         (d.u32()?, d.u32()?, d.i32()?, d.i32()?, d.u32()?, d.i32()?);
     let payload = &body[24..];
+    if prog == KEEPALIVE {
+        if proc_ == PING && kind == MESSAGE {
+            let mut p = Enc::default();
+            p.u32(HEADER as u32)
+                .u32(KEEPALIVE)
+                .u32(VERSION)
+                .i32(PONG)
+                .i32(MESSAGE)
+                .u32(0)
+                .i32(OK);
+            shared
+                .writer
+                .lock()
+                .expect("writer lock")
+                .write_all(&p.0)
+                .map_err(|e| Error::new(-1, format!("answering libvirt's keepalive: {e}")))?;
+        }
+        return Ok(());
+    }
     if prog != PROGRAM {
-        // Keepalive pings come only to clients that announced support.
         return Ok(());
     }
     match kind {

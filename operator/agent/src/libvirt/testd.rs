@@ -2,7 +2,8 @@
 //! `nobody`, with its home, runtime and config folders in a temporary
 //! folder, so it touches nothing of the machine's and needs no namespace.
 //! Its drivers include libvirt's test driver (`test:///default`, in memory).
-//! It exits by itself 30 s after its last client left.
+//! It exits by itself 30 s after its last client left, and pings idle
+//! clients every second (so every test also proves the client answers).
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -12,13 +13,13 @@ pub struct Daemon {
     pub socket: String,
     /// Kept, not waited for: the daemon outlives the tests that use it and
     /// exits on its own (`--timeout`).
-    _process: std::process::Child,
+    pub process: std::process::Child,
 }
 
 /// The test process's daemon, started on first use.
 pub fn daemon() -> &'static Daemon {
     static D: OnceLock<Daemon> = OnceLock::new();
-    D.get_or_init(start)
+    D.get_or_init(|| start("shared"))
 }
 
 /// `test:///default` of the test daemon.
@@ -26,12 +27,18 @@ pub fn default_uri() -> String {
     format!("test+unix:///default?socket={}", daemon().socket)
 }
 
-fn start() -> Daemon {
-    let dir = std::env::temp_dir().join(format!("yk-libvirtd-test-{}", std::process::id()));
+/// A daemon of the caller's own (`name` tells its folder apart).
+pub fn start(name: &str) -> Daemon {
+    let dir = std::env::temp_dir().join(format!("yk-libvirtd-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    for d in ["home", "run", "config", "cache"] {
+    for d in ["home", "run", "config/libvirt", "cache"] {
         std::fs::create_dir_all(dir.join(d)).expect("test daemon folder");
     }
+    std::fs::write(
+        dir.join("config/libvirt/libvirtd.conf"),
+        "keepalive_interval = 1\nkeepalive_count = 5\n",
+    )
+    .expect("libvirtd.conf");
     let status = Command::new("chown")
         .args(["-R", "nobody:nogroup"])
         .arg(&dir)
@@ -75,6 +82,6 @@ fn start() -> Daemon {
     }
     Daemon {
         socket: socket.to_string_lossy().into_owned(),
-        _process: process,
+        process,
     }
 }
