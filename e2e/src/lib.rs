@@ -140,17 +140,7 @@ impl Env {
     /// A kubeconfig for ServiceAccount `sa` of `ns`, bound to `role` there,
     /// with a fresh token (`e2e/env.sh user`, as the README shows).
     pub fn token_kubeconfig(&self, ns: &str, sa: &str, role: &str) -> PathBuf {
-        let out = Command::new(self.root.join("e2e/env.sh"))
-            .args(["user", ns, sa, role, "--dir"])
-            .arg(&self.dir)
-            .output()
-            .expect("run e2e/env.sh user");
-        assert!(
-            out.status.success(),
-            "e2e/env.sh user: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        PathBuf::from(self.env_sh_stdout(&["user", ns, sa, role]))
     }
 
     /// `kubectl yukumo` with another kubeconfig (another user).
@@ -172,14 +162,22 @@ impl Env {
     /// A libvirt test-driver instance of its own for an agent without
     /// guests (`e2e/env.sh test-libvirt-uri`): its `--libvirt-uri`.
     pub fn test_libvirt_uri(&self, host: &str) -> String {
+        self.env_sh_stdout(&["test-libvirt-uri", host])
+    }
+
+    /// `e2e/env.sh ARGS…` against this environment, which must succeed;
+    /// its output, trimmed.
+    fn env_sh_stdout(&self, args: &[&str]) -> String {
         let out = Command::new(self.root.join("e2e/env.sh"))
-            .args(["test-libvirt-uri", host, "--dir"])
+            .args(args)
+            .arg("--dir")
             .arg(&self.dir)
             .output()
-            .expect("run e2e/env.sh test-libvirt-uri");
+            .expect("run e2e/env.sh");
         assert!(
             out.status.success(),
-            "e2e/env.sh test-libvirt-uri: {}",
+            "e2e/env.sh {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
