@@ -737,7 +737,7 @@ mod tests {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         use std::time::{Duration, Instant};
-        let mut d = testd::start("keepalive");
+        let d = testd::start("keepalive");
         let pid = Pid::from_raw(d.process.id() as i32);
         let uri = format!("test+unix:///default?socket={}", d.socket);
         let c = Connect::open_with(&uri, Duration::from_secs(3)).unwrap();
@@ -751,8 +751,7 @@ mod tests {
         let r = c.get_lib_version();
         let took = t.elapsed();
         kill(pid, Signal::SIGCONT).unwrap();
-        let _ = d.process.kill();
-        let _ = d.process.wait();
+        d.stop();
         assert!(r.is_err(), "{r:?}");
         assert!(!c.is_alive().unwrap());
         assert!(took < Duration::from_secs(8), "found dead after {took:?}");

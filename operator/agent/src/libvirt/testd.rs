@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub struct Daemon {
     pub socket: String,
+    dir: std::path::PathBuf,
     /// Kept, not waited for: the daemon outlives the tests that use it and
     /// exits on its own (`--timeout`).
     pub process: std::process::Child,
@@ -27,9 +28,42 @@ pub fn default_uri() -> String {
     format!("test+unix:///default?socket={}", daemon().socket)
 }
 
+impl Daemon {
+    /// Stop a daemon of the caller's own and remove its folder.
+    pub fn stop(mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const PREFIX: &str = "yk-libvirtd-test-";
+
+/// Remove the folders of earlier test processes that are gone (a shared
+/// daemon outlives its tests; its folder is swept by the next run).
+fn sweep() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A daemon of the caller's own (`name` tells its folder apart).
 pub fn start(name: &str) -> Daemon {
-    let dir = std::env::temp_dir().join(format!("yk-libvirtd-test-{}-{name}", std::process::id()));
+    sweep();
+    let dir = std::env::temp_dir().join(format!("{PREFIX}{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     for d in ["home", "run", "config/libvirt", "cache"] {
         std::fs::create_dir_all(dir.join(d)).expect("test daemon folder");
@@ -83,5 +117,6 @@ pub fn start(name: &str) -> Daemon {
     Daemon {
         socket: socket.to_string_lossy().into_owned(),
         process,
+        dir,
     }
 }
