@@ -20,7 +20,7 @@ pub struct Daemon {
 /// The test process's daemon, started on first use.
 pub fn daemon() -> &'static Daemon {
     static D: OnceLock<Daemon> = OnceLock::new();
-    D.get_or_init(|| start("shared"))
+    D.get_or_init(|| spawn("shared", true))
 }
 
 /// `test:///default` of the test daemon.
@@ -60,8 +60,15 @@ fn sweep() {
     }
 }
 
-/// A daemon of the caller's own (`name` tells its folder apart).
+/// A daemon of the caller's own (`name` tells its folder apart); the
+/// caller stops it ([`Daemon::stop`]).
 pub fn start(name: &str) -> Daemon {
+    spawn(name, false)
+}
+
+/// With `remove_on_exit`, a shell as `nobody` runs the daemon and removes
+/// its folder once it exits (the shared daemon outlives the test process).
+fn spawn(name: &str, remove_on_exit: bool) -> Daemon {
     sweep();
     let dir = std::env::temp_dir().join(format!("{PREFIX}{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -93,12 +100,13 @@ pub fn start(name: &str) -> Daemon {
         .arg(format!("XDG_RUNTIME_DIR={}", dir.join("run").display()))
         .arg(format!("XDG_CONFIG_HOME={}", dir.join("config").display()))
         .arg(format!("XDG_CACHE_HOME={}", dir.join("cache").display()))
-        .args([
-            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-            "libvirtd",
-            "--timeout",
-            "30",
-        ])
+        .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+        .args(if remove_on_exit {
+            vec!["sh", "-c", "libvirtd --timeout 30; rm -rf -- \"$0\""]
+        } else {
+            vec!["libvirtd", "--timeout", "30"]
+        })
+        .args(remove_on_exit.then_some(&dir))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
