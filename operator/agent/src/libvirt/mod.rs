@@ -320,6 +320,56 @@ fn parse_uuid(s: &str) -> Result<[u8; 16]> {
     Ok(out)
 }
 
+/// An object of the daemon (`remote_nonnull_*`): a call on it sends the
+/// object, then the call's own arguments.
+trait Remote {
+    fn rpc(&self) -> &Arc<Rpc>;
+    fn encode(&self, a: &mut Enc);
+
+    fn call(&self, proc_: i32, rest: impl FnOnce(&mut Enc)) -> Result<Vec<u8>> {
+        let mut a = Enc::default();
+        self.encode(&mut a);
+        rest(&mut a);
+        self.rpc().call(proc_, &a.0)
+    }
+}
+
+impl Remote for Domain {
+    fn rpc(&self) -> &Arc<Rpc> {
+        &self.rpc
+    }
+    fn encode(&self, a: &mut Enc) {
+        a.str(&self.name).fixed(&self.uuid).i32(self.id);
+    }
+}
+
+impl Remote for StoragePool {
+    fn rpc(&self) -> &Arc<Rpc> {
+        &self.rpc
+    }
+    fn encode(&self, a: &mut Enc) {
+        a.str(&self.name).fixed(&self.uuid);
+    }
+}
+
+impl Remote for StorageVol {
+    fn rpc(&self) -> &Arc<Rpc> {
+        &self.rpc
+    }
+    fn encode(&self, a: &mut Enc) {
+        a.str(&self.pool).str(&self.name).str(&self.key);
+    }
+}
+
+impl Remote for Secret {
+    fn rpc(&self) -> &Arc<Rpc> {
+        &self.rpc
+    }
+    fn encode(&self, a: &mut Enc) {
+        a.fixed(&self.uuid).i32(self.usage_type).str(&self.usage_id);
+    }
+}
+
 /// A domain (`remote_nonnull_domain`).
 pub struct Domain {
     rpc: Arc<Rpc>,
@@ -346,18 +396,6 @@ impl Domain {
 
     fn one(rpc: &Arc<Rpc>, r: &[u8]) -> Result<Domain> {
         Domain::decode(rpc, &mut Dec::new(r))
-    }
-
-    fn encode(&self, a: &mut Enc) {
-        a.str(&self.name).fixed(&self.uuid).i32(self.id);
-    }
-
-    /// Call `proc_` with this domain followed by `rest`.
-    fn call(&self, proc_: i32, rest: impl FnOnce(&mut Enc)) -> Result<Vec<u8>> {
-        let mut a = Enc::default();
-        self.encode(&mut a);
-        rest(&mut a);
-        self.rpc.call(proc_, &a.0)
     }
 
     pub fn lookup_by_name(c: &Connect, name: &str) -> Result<Domain> {
@@ -464,17 +502,6 @@ impl StoragePool {
             name: d.string()?,
             uuid: d.fixed::<16>()?,
         })
-    }
-
-    fn encode(&self, a: &mut Enc) {
-        a.str(&self.name).fixed(&self.uuid);
-    }
-
-    fn call(&self, proc_: i32, rest: impl FnOnce(&mut Enc)) -> Result<Vec<u8>> {
-        let mut a = Enc::default();
-        self.encode(&mut a);
-        rest(&mut a);
-        self.rpc.call(proc_, &a.0)
     }
 
     pub fn lookup_by_name(c: &Connect, name: &str) -> Result<StoragePool> {
@@ -592,17 +619,6 @@ impl StorageVol {
         StorageVol::decode(rpc, &mut Dec::new(r))
     }
 
-    fn encode(&self, a: &mut Enc) {
-        a.str(&self.pool).str(&self.name).str(&self.key);
-    }
-
-    fn call(&self, proc_: i32, rest: impl FnOnce(&mut Enc)) -> Result<Vec<u8>> {
-        let mut a = Enc::default();
-        self.encode(&mut a);
-        rest(&mut a);
-        self.rpc.call(proc_, &a.0)
-    }
-
     pub fn create_xml(pool: &StoragePool, xml: &str, flags: u32) -> Result<StorageVol> {
         let r = pool.call(proc_::STORAGE_VOL_CREATE_XML, |a| {
             a.str(xml).u32(flags);
@@ -689,13 +705,6 @@ impl Secret {
             usage_type: d.i32()?,
             usage_id: d.string()?,
         })
-    }
-
-    fn call(&self, proc_: i32, rest: impl FnOnce(&mut Enc)) -> Result<Vec<u8>> {
-        let mut a = Enc::default();
-        a.fixed(&self.uuid).i32(self.usage_type).str(&self.usage_id);
-        rest(&mut a);
-        self.rpc.call(proc_, &a.0)
     }
 
     pub fn lookup_by_usage(c: &Connect, usage_type: i32, usage_id: &str) -> Result<Secret> {
