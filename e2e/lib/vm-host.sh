@@ -19,11 +19,12 @@
 #   ul0    on the environment's underlay bridge, 10.255.0.INDEX: the uplink
 #          that carries the tagged VLAN segments (and VXLAN);
 #   ext0   on the environment's outside bridge (the Site's external network);
-#   wan    on the environment's WAN bridge, 100.64.0.INDEX/24 (a gateway's
-#          WAN interface: its Site's tunnels to other Sites' gateways; not
-#          "wan0", the name of a router's external leg, which the Debian
-#          kernel refuses to create in a router namespace from a host
-#          namespace holding a link of that name).
+#   wan0   on the environment's WAN bridge, 100.64.0.INDEX/24 (a gateway's
+#          WAN interface: its Site's tunnels to other Sites' gateways). Its
+#          name is also that of a router's external leg, which the Debian
+#          kernel would refuse to create from a host namespace holding a link
+#          of that name: the agent creates it under a temporary name (proven
+#          here, this machine's kernel does not look names up that way).
 # Its agent is a remote Site's agent: it reaches the API server only through
 # mgmt0's guestfwd, with the credential `kubectl yukumo site join SITE NAME`
 # makes for it (its own ServiceAccount, kept by the chart's
@@ -43,7 +44,7 @@
 
 start_vm_host() { # name site index [storage MiB] (index: 10..250, the underlay address)
   local name=$1 site=$2 i=$3 disk=${4:-} hdir=$DIR/hosts/$1 p kernel initrd mport sock mac
-  local role="--gateway --wan-interface wan" storage="" drive=()
+  local role="--gateway --wan-interface wan0" storage="" drive=()
   p=$(netns_prefix)
   read -r kernel initrd < <("$ROOT/e2e/lib/vm-host-initrd.sh") || die "cannot build the VM host initramfs"
   mkdir -p "$hdir" /run/yukumo
@@ -84,14 +85,14 @@ for d in /sys/class/net/*; do
     $mac:01) ip link set "\${d##*/}" name mgmt0 ;;
     $mac:02) ip link set "\${d##*/}" name ul0 ;;
     $mac:03) ip link set "\${d##*/}" name ext0 ;;
-    $mac:04) ip link set "\${d##*/}" name wan ;;
+    $mac:04) ip link set "\${d##*/}" name wan0 ;;
   esac
 done
 ip link set lo up
 ip addr add 10.0.2.15/24 dev mgmt0 && ip link set mgmt0 up
 ip addr add 10.255.0.$i/24 dev ul0 && ip link set ul0 up
 ip link set ext0 up
-ip addr add 100.64.0.$i/24 dev wan && ip link set wan up
+ip addr add 100.64.0.$i/24 dev wan0 && ip link set wan0 up
 modprobe -a 8021q bridge vxlan veth macvlan nf_tables wireguard sch_netem sch_htb
 mkdir -p /run/netns /run/yukumo-agent
 if [ -c /dev/ttyS1 ]; then

@@ -125,7 +125,7 @@ fn a_wireguard_tunnel_between_vm_host_gateways_carries_the_group_and_nothing_in_
     );
     // ~20 ms between the Sites: each WAN interface delays by 10 ms.
     for h in &vms.names {
-        vms.ok(h, "tc qdisc replace dev wan root netem delay 10ms");
+        vms.ok(h, "tc qdisc replace dev wan0 root netem delay 10ms");
     }
     // A Site asking for WireGuard whose gateway has none: a condition
     // naming it, and no holder.
@@ -404,7 +404,7 @@ spec:
     ])
     .unwrap();
     wait_for(Duration::from_secs(60), "the cap on wga's WAN", || {
-        let (out, _) = vms.sh("vmwg-1", "tc class show dev wan");
+        let (out, _) = vms.sh("vmwg-1", "tc class show dev wan0");
         if out.contains("rate 50Mbit") {
             Ok(())
         } else {
@@ -420,7 +420,7 @@ spec:
         ),
     );
     assert_eq!(rc, 0, "frontend (wga) → worker (wgb), capped: {ping}");
-    let classes = vms.ok("vmwg-1", "tc -s class show dev wan");
+    let classes = vms.ok("vmwg-1", "tc -s class show dev wan0");
     let sent: u64 = classes
         .split("Sent ")
         .nth(1)

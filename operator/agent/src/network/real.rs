@@ -17,6 +17,7 @@ use netlink_packet_route::link::{
     VlanProtocol,
 };
 use netlink_packet_route::neighbour::NeighbourState;
+use sha2::Digest as _;
 use yukumo_api::net::MacAddr;
 
 use super::kernel::{Announce, Firewall, KernelError, Links, Namespaces, NsLinks, Result, Shaper};
@@ -216,6 +217,65 @@ fn create_request(
     Ok(Request::new(RouteNetlinkMessage::NewLink(m), CREATE, what))
 }
 
+/// The temporary name a router's macvlan is born under: unique per router
+/// namespace, stable across the agent's restarts (a leftover is found).
+fn macvlan_birth_name(netns: &str) -> String {
+    let h = sha2::Sha256::digest(netns.as_bytes());
+    format!("ykm{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+}
+
+/// Create a router's macvlan straight into its namespace under a temporary
+/// name, then rename it there. Kernels before 6.14 (Debian 12's 6.1 among
+/// them) look a new link's name up in the namespace the request is sent
+/// in, not in the one it is created in: `wan0` could not be made from a
+/// host namespace holding a `wan0` of its own (EEXIST). A link left under
+/// the temporary name by a creation cut short (the agent killed between its
+/// two steps) is removed first.
+async fn add_macvlan(host: &Netlink, op: &LinkOp, idx: &BTreeMap<String, u32>) -> Result<()> {
+    let LinkOp::AddMacvlan { name, netns, .. } = op else {
+        unreachable!("not a macvlan: {op:?}")
+    };
+    let birth = macvlan_birth_name(netns);
+    let router = Netlink::open(Some(netns)).await?;
+    let born = |links: Vec<crate::netlink::Link>| {
+        links.into_iter().find(|l| l.name == birth).map(|l| l.index)
+    };
+    if born(router.links().await?).is_some() {
+        router
+            .apply(vec![Request::new(
+                RouteNetlinkMessage::DelLink(netlink::link_named(&birth)),
+                0,
+                format!("delete the leftover {birth} in {netns}"),
+            )])
+            .await?;
+    }
+    let mut as_born = op.clone();
+    if let LinkOp::AddMacvlan { name, .. } = &mut as_born {
+        name.clone_from(&birth);
+    }
+    let mut fds = Vec::new();
+    let req = create_request(&as_born, idx, &mut fds)?;
+    host.apply(vec![req]).await?;
+    drop(fds);
+    let index = born(router.links().await?).ok_or_else(|| {
+        KernelError::io(
+            format!("macvlan {birth} in {netns} after its creation"),
+            std::io::Error::from_raw_os_error(libc::ENODEV),
+        )
+    })?;
+    let mut m = netlink_packet_route::link::LinkMessage::default();
+    m.header.index = index;
+    m.attributes.push(LinkAttribute::IfName(name.clone()));
+    router
+        .apply(vec![Request::new(
+            RouteNetlinkMessage::NewLink(m),
+            0,
+            format!("rename {birth} to {name} in {netns}"),
+        )])
+        .await?;
+    Ok(())
+}
+
 fn link_request(op: &LinkOp, idx: &BTreeMap<String, u32>) -> Result<Request> {
     Ok(match op {
         LinkOp::Delete(name) => Request::new(
@@ -282,9 +342,18 @@ impl NsLinks for RealNs {
             if these.is_empty() {
                 continue;
             }
+            if phase == 1 {
+                for op in these
+                    .iter()
+                    .filter(|o| matches!(o, LinkOp::AddMacvlan { .. }))
+                {
+                    add_macvlan(&self.nl, op, &idx).await?;
+                }
+            }
             let mut fds = Vec::new();
             let reqs = these
                 .iter()
+                .filter(|op| !matches!(op, LinkOp::AddMacvlan { .. }))
                 .map(|op| {
                     if phase == 1 {
                         create_request(op, &idx, &mut fds)
