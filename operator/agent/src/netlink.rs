@@ -211,17 +211,20 @@ impl Netlink {
     /// pipelined, in order; every one is awaited, the first failure is
     /// returned.
     pub async fn apply(&self, requests: Vec<Request>) -> Result<()> {
-        let results: Vec<Result<()>> =
-            futures::stream::iter(requests.into_iter().map(|r| async move {
-                self.exchange(r.msg, r.flags | NLM_F_ACK)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| NlError::new(r.what, e))
-            }))
-            .buffered(WINDOW)
-            .collect()
-            .await;
-        results.into_iter().collect()
+        self.apply_each(requests).await.into_iter().collect()
+    }
+
+    /// Send `requests` pipelined, in order, and return each one's result.
+    pub async fn apply_each(&self, requests: Vec<Request>) -> Vec<Result<()>> {
+        futures::stream::iter(requests.into_iter().map(|r| async move {
+            self.exchange(r.msg, r.flags | NLM_F_ACK)
+                .await
+                .map(|_| ())
+                .map_err(|e| NlError::new(r.what, e))
+        }))
+        .buffered(WINDOW)
+        .collect()
+        .await
     }
 
     /// Every link, without statistics.

@@ -224,14 +224,19 @@ fn macvlan_birth_name(netns: &str) -> String {
     format!("ykm{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
 }
 
-/// Create a router's macvlan straight into its namespace under a temporary
-/// name, then rename it there. Kernels before 6.14 (Debian 12's 6.1 among
-/// them) look a new link's name up in the namespace the request is sent
-/// in, not in the one it is created in: `wan0` could not be made from a
-/// host namespace holding a `wan0` of its own (EEXIST). A link left under
-/// the temporary name by a creation cut short (the agent killed between its
-/// two steps) is removed first.
-async fn add_macvlan(host: &Netlink, op: &LinkOp, idx: &BTreeMap<String, u32>) -> Result<()> {
+/// Create a router's macvlan when the kernel refused it by its name: under
+/// a temporary name, straight into the router's namespace, then renamed
+/// there. Kernels before 6.14 (Debian 12's 6.1 among them) look a new
+/// link's name up in the namespace the request is sent in, not in the one
+/// it is created in: `wan0` cannot be made from a host namespace holding a
+/// `wan0` of its own (EEXIST). A link left under the temporary name by a
+/// creation cut short (the agent killed between its two steps) is removed
+/// first.
+async fn add_macvlan_beside_its_name(
+    host: &Netlink,
+    op: &LinkOp,
+    idx: &BTreeMap<String, u32>,
+) -> Result<()> {
     let LinkOp::AddMacvlan { name, netns, .. } = op else {
         unreachable!("not a macvlan: {op:?}")
     };
@@ -342,18 +347,9 @@ impl NsLinks for RealNs {
             if these.is_empty() {
                 continue;
             }
-            if phase == 1 {
-                for op in these
-                    .iter()
-                    .filter(|o| matches!(o, LinkOp::AddMacvlan { .. }))
-                {
-                    add_macvlan(&self.nl, op, &idx).await?;
-                }
-            }
             let mut fds = Vec::new();
             let reqs = these
                 .iter()
-                .filter(|op| !matches!(op, LinkOp::AddMacvlan { .. }))
                 .map(|op| {
                     if phase == 1 {
                         create_request(op, &idx, &mut fds)
@@ -362,8 +358,20 @@ impl NsLinks for RealNs {
                     }
                 })
                 .collect::<Result<Vec<_>>>()?;
-            self.nl.apply(reqs).await?;
+            let results = self.nl.apply_each(reqs).await;
             drop(fds);
+            for (op, res) in these.iter().zip(results) {
+                match res {
+                    // A host link of the macvlan's name: made another way.
+                    Err(e)
+                        if e.errno() == Some(libc::EEXIST)
+                            && matches!(op, LinkOp::AddMacvlan { .. }) =>
+                    {
+                        add_macvlan_beside_its_name(&self.nl, op, &idx).await?
+                    }
+                    res => res?,
+                }
+            }
             if phase == 1 {
                 idx = self.indices().await?;
             }
