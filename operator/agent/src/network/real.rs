@@ -226,9 +226,9 @@ fn macvlan_birth_name(netns: &str) -> String {
 
 /// Create a router's macvlan when the kernel refused it by its name: under
 /// a temporary name, straight into the router's namespace, then renamed
-/// there. Kernels before 6.14 (Debian 12's 6.1 among them) look a new
-/// link's name up in the namespace the request is sent in, not in the one
-/// it is created in: `wan0` cannot be made from a host namespace holding a
+/// there. Older kernels (Debian 12's 6.1 among them; not this machine's
+/// 6.18) look a new link's name up in the namespace the request is sent
+/// in, not in the one it is created in: `wan0` cannot be made from a host namespace holding a
 /// `wan0` of its own (EEXIST). A link left under the temporary name by a
 /// creation cut short (the agent killed between its two steps) is removed
 /// first.
