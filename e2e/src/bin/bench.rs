@@ -70,25 +70,39 @@ fn opts() -> Result<Opts> {
     Ok(o)
 }
 
-/// Writes the API server counted, by resource, from `apiserver_request_total`.
-async fn api_writes() -> Result<BTreeMap<String, f64>> {
-    let text =
-        tokio::task::spawn_blocking(|| sh("kubectl", &["get", "--raw", "/metrics"])).await??;
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let label = |k: &str| {
+/// The API server's metrics text.
+async fn api_metrics() -> Result<String> {
+    tokio::task::spawn_blocking(|| sh("kubectl", &["get", "--raw", "/metrics"])).await?
+}
+
+/// The samples of metric `family` in a metrics text: each one's label
+/// lookup (a missing label is empty) and value.
+fn samples<'a>(
+    text: &'a str,
+    family: &'a str,
+) -> impl Iterator<Item = (impl Fn(&str) -> String + 'a, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(family)?.strip_prefix('{')?;
+        let (labels, value) = rest.rsplit_once("} ")?;
+        let label = move |k: &str| {
             labels
                 .split(',')
                 .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
                 .map(|v| v.trim_end_matches('"').to_string())
                 .unwrap_or_default()
         };
+        Some((label, value.trim().parse::<f64>().unwrap_or(0.0)))
+    })
+}
+
+/// Writes the API server counted, by resource, from `apiserver_request_total`.
+async fn api_writes() -> Result<BTreeMap<String, f64>> {
+    Ok(writes_in(&api_metrics().await?))
+}
+
+fn writes_in(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (label, value) in samples(text, "apiserver_request_total") {
         let verb = label("verb");
         if ![
             "POST",
@@ -108,52 +122,36 @@ async fn api_writes() -> Result<BTreeMap<String, f64>> {
         } else {
             continue;
         };
-        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+        *out.entry(key).or_default() += value;
     }
-    Ok(out)
+    out
 }
 
 /// Every request the API server served, by verb, resource and subresource
 /// (`apiserver_request_total`), and the watch events it sent, by kind
 /// (`apiserver_watch_events_total`): where its CPU goes.
 async fn api_requests() -> Result<BTreeMap<String, f64>> {
-    let text =
-        tokio::task::spawn_blocking(|| sh("kubectl", &["get", "--raw", "/metrics"])).await??;
+    Ok(requests_in(&api_metrics().await?))
+}
+
+fn requests_in(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let (family, rest) = if let Some(r) = line.strip_prefix("apiserver_request_total{") {
-            ("request", r)
-        } else if let Some(r) = line.strip_prefix("apiserver_watch_events_total{") {
-            ("watch-event", r)
-        } else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let label = |k: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
-                .map(|v| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let key = match family {
-            "request" => format!(
-                "{} {}{}",
-                label("verb"),
-                label("resource"),
-                Some(label("subresource"))
-                    .filter(|s| !s.is_empty())
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default()
-            ),
-            // `resource` in newer API servers, `kind` before.
-            _ => format!("watch-event {}{}", label("resource"), label("kind")),
-        };
-        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    for (label, value) in samples(text, "apiserver_request_total") {
+        let sub = label("subresource");
+        let key = format!(
+            "{} {}{}{sub}",
+            label("verb"),
+            label("resource"),
+            if sub.is_empty() { "" } else { "/" }
+        );
+        *out.entry(key).or_default() += value;
     }
-    Ok(out)
+    for (label, value) in samples(text, "apiserver_watch_events_total") {
+        // `resource` in newer API servers, `kind` before.
+        let key = format!("watch-event {}{}", label("resource"), label("kind"));
+        *out.entry(key).or_default() += value;
+    }
+    out
 }
 
 /// Writes by yukumo's reconcilers: its kinds and Events, without Host
@@ -1199,4 +1197,42 @@ async fn yukumo_guests_keep_configs(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((took, (captured, configs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"# HELP apiserver_request_total x
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="yukumo.io",resource="virtualnodes",scope="resource",subresource="",verb="APPLY",version="v1alpha1"} 2000
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="yukumo.io",resource="virtualnodes",scope="resource",subresource="status",verb="APPLY",version="v1alpha1"} 2003
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="yukumo.io",resource="networkgroups",scope="resource",subresource="",verb="GET",version="v1alpha1"} 229
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="events",scope="resource",subresource="",verb="POST",version="v1"} 42
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="configmaps",scope="resource",subresource="",verb="POST",version="v1"} 10
+apiserver_request_total_other{verb="POST",group="yukumo.io",resource="hosts"} 99
+apiserver_watch_events_total{group="yukumo.io",resource="virtualnodes",version="v1alpha1"} 12000
+"#;
+
+    #[test]
+    fn writes_are_yukumo_kinds_and_events_by_resource() {
+        let w = writes_in(METRICS);
+        assert_eq!(
+            w,
+            BTreeMap::from([
+                ("events".to_string(), 42.0),
+                ("virtualnodes".to_string(), 4003.0)
+            ])
+        );
+    }
+
+    #[test]
+    fn requests_are_by_verb_resource_and_subresource_with_watch_events() {
+        let r = requests_in(METRICS);
+        assert_eq!(r["APPLY virtualnodes"], 2000.0);
+        assert_eq!(r["APPLY virtualnodes/status"], 2003.0);
+        assert_eq!(r["GET networkgroups"], 229.0);
+        assert_eq!(r["POST configmaps"], 10.0);
+        assert_eq!(r["watch-event virtualnodes"], 12000.0);
+        assert_eq!(r.len(), 6, "{r:?}");
+    }
 }
